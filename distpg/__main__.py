@@ -1,0 +1,5 @@
+import sys
+
+from distpg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""TrajectoryBatch: the Arrow schema of rollouts, its validation, conversion to padded tensors for the
+learner, and Parquet writing.
+
+One row per sample (see SCHEMA). Batches cross the Ray object store as `pyarrow.RecordBatch` (zero-copy
+buffers); the learner calls `validate` on every batch and rejects a malformed one whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("sample_idx", pa.int32()),
+        ("worker_id", pa.int32()),
+        ("policy_version", pa.int64()),
+        ("prompt_tokens", pa.list_(pa.int32())),
+        ("completion_tokens", pa.list_(pa.int32())),
+        ("completion_logprobs", pa.list_(pa.float32())),  # log μ(token) under the sampling distribution
+        ("reward", pa.float32()),
+        ("reward_ok", pa.bool_()),
+        ("truncated", pa.bool_()),
+        ("prompt_text", pa.string()),
+        ("completion_text", pa.string()),
+    ]
+)
+
+
+class BatchError(ValueError):
+    """A trajectory batch does not match the schema or its invariants."""
+
+
+def make_batch(columns: dict[str, list]) -> pa.RecordBatch:
+    """Build a RecordBatch with SCHEMA from Python lists (one per field)."""
+    missing = [n for n in SCHEMA.names if n not in columns]
+    if missing:
+        raise BatchError(f"trajectory batch is missing field(s) {', '.join(missing)}")
+    return pa.RecordBatch.from_arrays([pa.array(columns[n], type=SCHEMA.field(n).type) for n in SCHEMA.names],
+                                      schema=SCHEMA)
+
+
+def validate(batch: pa.RecordBatch, vocab_size: int) -> None:
+    """Raise BatchError naming the first field that breaks the schema or an invariant."""
+    if not isinstance(batch, pa.RecordBatch):
+        raise BatchError(f"trajectory batch: expected a pyarrow.RecordBatch, got {type(batch).__name__}")
+    if batch.num_rows == 0:
+        raise BatchError("trajectory batch is empty")
+    for f in SCHEMA:
+        if f.name not in batch.schema.names:
+            raise BatchError(f"trajectory batch: field {f.name!r} is missing")
+        got = batch.schema.field(f.name).type
+        if got != f.type:
+            raise BatchError(f"trajectory batch: field {f.name!r} has type {got}, expected {f.type}")
+        if batch.column(f.name).null_count:
+            raise BatchError(f"trajectory batch: field {f.name!r} has null values")
+    n_tok = pc.list_value_length(batch.column("completion_tokens"))
+    n_lp = pc.list_value_length(batch.column("completion_logprobs"))
+    if not pc.all(pc.equal(n_tok, n_lp)).as_py():
+        raise BatchError("trajectory batch: completion_logprobs and completion_tokens differ in length")
+    if pc.min(pc.list_value_length(batch.column("prompt_tokens"))).as_py() < 1:
+        raise BatchError("trajectory batch: prompt_tokens has an empty prompt")
+    for name in ("prompt_tokens", "completion_tokens"):
+        flat = batch.column(name).flatten()
+        if len(flat):
+            lo, hi = pc.min(flat).as_py(), pc.max(flat).as_py()
+            if lo < 0 or hi >= vocab_size:
+                raise BatchError(f"trajectory batch: {name} has token id {lo if lo < 0 else hi}, "
+                                 f"outside the vocabulary [0, {vocab_size})")
+    logprobs = batch.column("completion_logprobs").flatten().to_numpy(zero_copy_only=False)
+    if len(logprobs) and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
+        raise BatchError("trajectory batch: completion_logprobs has values that are not finite log-probabilities")
+    rewards = batch.column("reward").to_numpy(zero_copy_only=False)
+    ok = batch.column("reward_ok").to_numpy(zero_copy_only=False)
+    if not np.isfinite(rewards[ok]).all():
+        raise BatchError("trajectory batch: reward is not finite where reward_ok is true")
+
+
+@dataclass
+class LearnerBatch:
+    """A padded view of one or more validated batches, B samples, L = longest prompt + completion.
+
+    tokens:          (B, L) int64, prompt then completion, right-padded with pad_id
+    response_mask:   (B, L) bool, True where tokens[:, j] is a completion token
+    old_logprobs:    (B, L) float32, log μ aligned with tokens (0 elsewhere)
+    rewards, ok:     (B,) float32 / bool
+    prompt_id:       (B,) int64
+    policy_version:  (B,) int64
+    """
+
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    ok: torch.Tensor
+    prompt_id: torch.Tensor
+    policy_version: torch.Tensor
+
+    def to(self, device) -> LearnerBatch:
+        return LearnerBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return col.to_numpy(zero_copy_only=False) if isinstance(col, pa.Array) else col.to_numpy()
+
+
+def to_learner_batch(batches: list[pa.RecordBatch], pad_id: int) -> LearnerBatch:
+    """Concatenate batches and pad them into tensors (no Python loop over samples)."""
+    table = pa.Table.from_batches(batches).combine_chunks()
+    p_len = _np(pc.list_value_length(table.column("prompt_tokens"))).astype(np.int64)
+    c_len = _np(pc.list_value_length(table.column("completion_tokens"))).astype(np.int64)
+    B, L = len(p_len), int((p_len + c_len).max())
+    tokens = np.full((B, L), pad_id, dtype=np.int64)
+    response = np.zeros((B, L), dtype=bool)
+    old_lp = np.zeros((B, L), dtype=np.float32)
+    # scatter the flattened lists into rows: row i gets its prompt at [0, p_i), completion at [p_i, p_i + c_i)
+    rows_p = np.repeat(np.arange(B), p_len)
+    cols_p = np.arange(len(rows_p)) - np.repeat(np.cumsum(p_len) - p_len, p_len)
+    tokens[rows_p, cols_p] = _np(table.column("prompt_tokens").combine_chunks().flatten())
+    rows_c = np.repeat(np.arange(B), c_len)
+    cols_c = np.arange(len(rows_c)) - np.repeat(np.cumsum(c_len) - c_len, c_len) + np.repeat(p_len, c_len)
+    tokens[rows_c, cols_c] = _np(table.column("completion_tokens").combine_chunks().flatten())
+    response[rows_c, cols_c] = True
+    old_lp[rows_c, cols_c] = _np(table.column("completion_logprobs").combine_chunks().flatten())
+    return LearnerBatch(
+        tokens=torch.from_numpy(tokens),
+        response_mask=torch.from_numpy(response),
+        old_logprobs=torch.from_numpy(old_lp),
+        rewards=torch.from_numpy(_np(table.column("reward")).astype(np.float32)),
+        ok=torch.from_numpy(_np(table.column("reward_ok")).astype(bool)),
+        prompt_id=torch.from_numpy(_np(table.column("prompt_id")).astype(np.int64)),
+        policy_version=torch.from_numpy(_np(table.column("policy_version")).astype(np.int64)),
+    )
+
+
+class RolloutWriter:
+    """Buffers trajectory batches and writes them to RUN_DIR/rollouts/steps_FIRST-LAST.parquet every
+    `flush_every` steps, each file written whole to a temporary name and renamed (always readable)."""
+
+    def __init__(self, directory: Path, flush_every: int) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.flush_every = flush_every
+        self._pending: list[pa.RecordBatch] = []
+        self._first_step: int | None = None
+        self._last_step: int | None = None
+
+    def add(self, step: int, batches: list[pa.RecordBatch]) -> None:
+        step_col = None
+        for b in batches:
+            step_col = pa.array(np.full(b.num_rows, step, dtype=np.int64))
+            self._pending.append(b.append_column("step", step_col))
+        if self._first_step is None:
+            self._first_step = step
+        self._last_step = step
+        if self._last_step - self._first_step + 1 >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"steps_{self._first_step:06d}-{self._last_step:06d}.parquet"
+        tmp = self.directory / f".{name}.tmp"
+        pq.write_table(pa.Table.from_batches(self._pending), tmp, compression="zstd")
+        tmp.replace(self.directory / name)
+        self._pending, self._first_step, self._last_step = [], None, None

@@ -1,0 +1,106 @@
+"""Checkpoints: atomic save, load, retention.
+
+Layout of one checkpoint (RUN_DIR/checkpoints/step_NNNNNN/):
+  model.safetensors   the policy's parameters (opens with safetensors, no pickle)
+  optimizer.pt        optimizer state, tensors only (loaded with torch.load(weights_only=True))
+  state.json          step, policy version, baseline state, seed
+
+A checkpoint is written into a temporary folder that is renamed into place when complete; then the
+`latest` file is replaced atomically to name it. A crash at any moment leaves `latest` naming a
+complete checkpoint. Retention deletes the oldest complete checkpoints beyond `keep`, never `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or incomplete."""
+
+
+def save(run_dir: Path, step: int, learner_state: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, apply retention. Returns its folder."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in learner_state["model"].items()}, str(tmp / "model.safetensors"))
+    torch.save(learner_state["optimizer"], tmp / "optimizer.pt")
+    state = {
+        "step": step,
+        "version": learner_state["version"],
+        "ema": learner_state["ema"],
+        "skipped_steps": learner_state.get("skipped_steps", 0),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _write_atomic(root / "latest", final.name + "\n")
+    _retain(root, keep, protect=final.name)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    """(learner state for Learner.load_state, run state) from a checkpoint folder. Never unpickles objects."""
+    path = Path(path)
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        if not (path / name).exists():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
+    state = json.loads((path / "state.json").read_text())
+    learner_state = {
+        "model": load_file(str(path / "model.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+        "version": state["version"],
+        "ema": state["ema"],
+        "skipped_steps": state.get("skipped_steps", 0),
+    }
+    return learner_state, state
+
+
+def load_model_weights(path: Path) -> dict:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _retain(root: Path, keep: int, protect: str) -> None:
+    complete = sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "state.json").exists())
+    for p in complete[: max(0, len(complete) - keep)]:
+        if p.name != protect:
+            shutil.rmtree(p, ignore_errors=True)

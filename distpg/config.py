@@ -1,0 +1,340 @@
+"""Configuration: frozen dataclasses (one per YAML section), loading, `--set` overrides and validation.
+
+Every field has a default and a one-line doc (`doc` in its metadata; `distpg train --help-config` prints
+them). Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the field and what
+is allowed, before Ray starts. Derived values (model presets) are resolved in `__post_init__`, so the
+resolved config written to the run folder is explicit. Nothing mutates a config after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from distpg.model import PRESETS
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or inconsistent with another."""
+
+
+def _f(default, doc: str, choices: tuple | None = None, **kw):
+    return field(default=default, metadata={"doc": doc, "choices": choices}, **kw)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = _f(0, "seed for model init, prompts and sampling: same config and seed, same numbers")
+    steps: int = _f(200, "number of training steps (one batch of rollouts and one update each)")
+    mode: str = _f("sync", "training loop: sync (rollout, then update, then broadcast)", ("sync",))
+    device: str = _f("auto", "auto: GPUs when the cluster has them, else CPU", ("auto", "cpu", "cuda"))
+    stop_reward: float | None = _f(
+        None, "stop early once the mean reward of the last 5 steps reaches this (null: run all steps)"
+    )
+    checkpoint_every: int = _f(100, "write a checkpoint every this many steps (and always at the end)")
+    keep_checkpoints: int = _f(3, "how many of the newest complete checkpoints to keep")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = _f("reverse", "built-in task (reverse, sort, addition) or 'module:attr' of your own")
+    length: int = _f(6, "reverse/sort: characters per prompt")
+    alphabet: str = _f("abcdef", "reverse/sort: characters the prompts are drawn from")
+    digits: int = _f(2, "addition: digits per operand")
+    num_eval: int = _f(128, "held-out evaluation prompts, never used for training")
+    eval_seed: int = _f(1234, "seed that picks the held-out prompts")
+    params: dict = _f(None, "extra parameters for a user task ('module:attr'), passed through as given")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _f("tiny", "size preset (n_layer x n_embd): " + ", ".join(
+        f"{k}={v['n_layer']}x{v['n_embd']}" for k, v in PRESETS.items()), tuple(PRESETS))
+    n_layer: int | None = _f(None, "transformer blocks (null: from the preset)")
+    n_head: int | None = _f(None, "attention heads (null: from the preset)")
+    n_embd: int | None = _f(None, "embedding width (null: from the preset)")
+    n_positions: int = _f(64, "longest prompt + completion the model can hold")
+
+    def __post_init__(self) -> None:
+        preset = PRESETS.get(self.preset)
+        if preset is None:
+            raise ConfigError(f"model.preset={self.preset!r}: allowed are {', '.join(PRESETS)}")
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = _f(2, "rollout worker actors")
+    prompts_per_step: int = _f(32, "prompts per training step, split across the workers")
+    group_size: int = _f(8, "samples per prompt (G)")
+    max_new_tokens: int | None = _f(None, "longest completion in tokens (null: the task's own budget)")
+    temperature: float = _f(1.0, "sampling temperature (1.0 samples from the policy itself)")
+    top_k: int = _f(0, "keep only the k most likely tokens (0: off)")
+    top_p: float = _f(1.0, "nucleus sampling mass (1.0: off)")
+    num_cpus_per_worker: float = _f(0.5, "CPUs reserved per worker; torch threads = max(1, round(this))")
+    num_gpus_per_worker: float = _f(0.25, "GPU fraction per worker when training on GPUs")
+    timeout_s: float = _f(300.0, "longest wait for one worker's batch before the run fails")
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    baseline: str = _f(
+        "group", "b in (r - b): none, ema (running mean), group (leave-one-out mean of the prompt's group)",
+        ("none", "ema", "group"),
+    )
+    ema_decay: float = _f(0.9, "ema baseline: b <- decay * b + (1 - decay) * batch mean reward")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = _f(1e-3, "Adam learning rate")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.99, "Adam beta2")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
+    micro_batch_size: int = _f(0, "samples per forward/backward pass, to fit memory (0: whole batch)")
+    num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")
+    num_gpus: float = _f(1.0, "GPUs for the learner when training on GPUs")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = _f(None, "cluster to join (null: $RAY_ADDRESS, else start a local Ray)")
+    num_cpus: int | None = _f(None, "CPUs of a local Ray runtime (null: this machine's)")
+    placement_strategy: str = _f("PACK", "placement group strategy for the actors", ("PACK", "SPREAD"))
+    dashboard: bool = _f(False, "start the dashboard with a local runtime (bound to 127.0.0.1)")
+    timeout_s: float = _f(300.0, "longest wait for any remote call other than sampling")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = _f(True, "write TensorBoard event files under RUN_DIR/tb")
+    rollouts: bool = _f(True, "write every trajectory to RUN_DIR/rollouts/*.parquet")
+    rollout_flush_every: int = _f(50, "steps of rollouts per Parquet file")
+    print_every: int = _f(10, "console progress line every this many steps")
+    samples: int = _f(4, "sample completions written to TensorBoard as text")
+    sample_every: int = _f(50, "steps between sample texts")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is dict:
+        return isinstance(value, dict) or value is None
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join("null" if t is type(None) else t.__name__ for t in typing.get_args(tp))
+    return tp.__name__
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys"
+            f"{' of ' + where if where else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp, path = hints[name], f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, path)
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and _type_ok(value, float) and tp is float:
+            value = float(value)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{path}={value!r}: allowed are {', '.join(map(str, choices))}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that need more than one field. Raises ConfigError."""
+    positive = {
+        "run.steps": cfg.run.steps,
+        "run.checkpoint_every": cfg.run.checkpoint_every,
+        "run.keep_checkpoints": cfg.run.keep_checkpoints,
+        "rollout.num_workers": cfg.rollout.num_workers,
+        "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+        "rollout.group_size": cfg.rollout.group_size,
+        "task.num_eval": cfg.task.num_eval,
+        "model.n_layer": cfg.model.n_layer,
+        "model.n_head": cfg.model.n_head,
+        "model.n_positions": cfg.model.n_positions,
+        "log.rollout_flush_every": cfg.log.rollout_flush_every,
+        "log.print_every": cfg.log.print_every,
+        "log.sample_every": cfg.log.sample_every,
+    }
+    for path, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{path}={value}: must be at least 1")
+    if cfg.rollout.max_new_tokens is not None and cfg.rollout.max_new_tokens < 1:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: must be at least 1 (or null)")
+    if cfg.algo.baseline == "group" and cfg.rollout.group_size < 2:
+        raise ConfigError(
+            f"algo.baseline=group needs rollout.group_size >= 2 (got {cfg.rollout.group_size}): the "
+            "leave-one-out baseline averages the other samples of the same prompt; use baseline ema or none"
+        )
+    if cfg.rollout.prompts_per_step < cfg.rollout.num_workers:
+        raise ConfigError(
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is less than rollout.num_workers="
+            f"{cfg.rollout.num_workers}: every worker needs at least one prompt per step"
+        )
+    ranges = {
+        "rollout.temperature": (cfg.rollout.temperature, 0.0, None),
+        "rollout.top_p": (cfg.rollout.top_p, 1e-9, 1.0),
+        "rollout.top_k": (cfg.rollout.top_k, 0, None),
+        "rollout.num_cpus_per_worker": (cfg.rollout.num_cpus_per_worker, 0.0, None),
+        "rollout.num_gpus_per_worker": (cfg.rollout.num_gpus_per_worker, 0.0, None),
+        "rollout.timeout_s": (cfg.rollout.timeout_s, 1e-3, None),
+        "algo.ema_decay": (cfg.algo.ema_decay, 0.0, 1.0),
+        "learner.lr": (cfg.learner.lr, 0.0, None),
+        "learner.grad_clip": (cfg.learner.grad_clip, 0.0, None),
+        "learner.weight_decay": (cfg.learner.weight_decay, 0.0, None),
+        "learner.beta1": (cfg.learner.beta1, 0.0, 1.0),
+        "learner.beta2": (cfg.learner.beta2, 0.0, 1.0),
+        "learner.micro_batch_size": (cfg.learner.micro_batch_size, 0, None),
+        "learner.num_cpus": (cfg.learner.num_cpus, 0.0, None),
+        "learner.num_gpus": (cfg.learner.num_gpus, 0.0, None),
+        "ray.timeout_s": (cfg.ray.timeout_s, 1e-3, None),
+    }
+    for path, (value, lo, hi) in ranges.items():
+        if value != value or value < lo or (hi is not None and value > hi):
+            allowed = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise ConfigError(f"{path}={value}: must be {allowed}")
+    if cfg.rollout.num_gpus_per_worker > 1 and cfg.rollout.num_gpus_per_worker != int(
+        cfg.rollout.num_gpus_per_worker
+    ):
+        raise ConfigError(
+            f"rollout.num_gpus_per_worker={cfg.rollout.num_gpus_per_worker}: Ray allows a fraction below 1 "
+            "or a whole number of GPUs"
+        )
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], YAML-typed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set rollout.num_workers=4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be SECTION.FIELD, e.g. task.length")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    return parts, value
+
+
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply --set items to a nested dict (a copy)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        parts, value = parse_set(item)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+            else:
+                child = node[p] = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict | None) -> Config:
+    return _build(Config, data or {}, "")
+
+
+def default_config_path() -> Path:
+    return Path(__file__).parent / "configs" / "default.yaml"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (default: the embedded one), apply --set overrides, validate."""
+    path = Path(path) if path is not None else default_config_path()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(merge_overrides(data, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe() -> str:
+    """Every field with its default and doc, for --help-config."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(section.default_factory):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {f.name}: {default!r:<12} # {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Scoring a policy on the task's held-out prompts (used by `distpg eval`); plain torch, no Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from distpg import checkpoint, rewards
+from distpg.config import Config, load_config
+from distpg.generate import generate
+from distpg.model import GPT, policy_from_config
+from distpg.rollout import sampling_params
+from distpg.tasks import make_task
+
+
+@dataclass
+class EvalResult:
+    reward_mean: float
+    exact_match: float
+    num_prompts: int
+    samples: list[tuple[str, str, str, float]]  # prompt, completion, target, reward
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """RUN_DIR or RUN_DIR/checkpoints/step_N -> (run folder, checkpoint folder)."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path.parent.parent, path
+    ckpt = checkpoint.latest(path)
+    if ckpt is None:
+        raise checkpoint.CheckpointError(f"{str(path)!r} is neither a checkpoint folder nor a run folder with a "
+                                         "complete checkpoint (RUN_DIR/checkpoints/latest)")
+    return path, ckpt
+
+
+def load_policy(path: Path) -> tuple[Config, GPT]:
+    run_dir, ckpt = resolve_checkpoint(path)
+    cfg = load_config(run_dir / "config.yaml")
+    task = make_task(cfg.task)
+    model = policy_from_config(cfg.model, task.tokenizer.vocab_size, cfg.run.seed)
+    model.load_state_dict(checkpoint.load_model_weights(ckpt))
+    return cfg, model.eval()
+
+
+def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256) -> EvalResult:
+    """Mean reward and exact-match rate on the held-out prompts (greedy by default)."""
+    task = make_task(cfg.task)
+    tok = task.tokenizer
+    params = replace(sampling_params(cfg, task), temperature=temperature)
+    prompts = task.eval_prompts()
+    gen = torch.Generator().manual_seed(seed)
+    completions: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        out = generate(model, [tok.encode(p) for p in chunk], params, gen, pad_id=tok.pad_id)
+        completions += [tok.decode(r) for r in out.rows()]
+    scores, ok, _ = rewards.score(task, prompts, completions)
+    targets = [task.target(p) for p in prompts]
+    exact = sum(c == t for c, t in zip(completions, targets)) / len(prompts)
+    valid = [r for r, k in zip(scores, ok) if k]
+    return EvalResult(
+        reward_mean=sum(valid) / max(1, len(valid)),
+        exact_match=exact,
+        num_prompts=len(prompts),
+        samples=list(zip(prompts, completions, targets, scores)),
+    )

@@ -1,0 +1,163 @@
+"""Learner: a plain class holding the policy being trained and its optimizer.
+
+`update(*batches)` validates the trajectory batches, computes advantages, recomputes log-probabilities
+in one batched forward (micro-batches only to fit memory), takes one optimizer step, bumps the policy
+version and returns the metrics and the new weights. A step whose loss or gradient is not finite is
+skipped: parameters, optimizer state and version stay as they were.
+
+The orchestrator makes it a Ray actor; tests construct it directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pyarrow as pa
+import torch
+
+from distpg import algo
+from distpg.batch import BatchError, LearnerBatch, to_learner_batch, validate
+from distpg.config import Config
+from distpg.model import policy_from_config, token_logprobs
+from distpg.tasks import make_task
+from distpg.weights import FlatParams, WeightsMessage
+
+
+def group_view(b: LearnerBatch) -> tuple[torch.Tensor, int]:
+    """Order of samples that puts the G samples of each prompt in one row of a (P, G) view.
+
+    Returns:
+        order (B,) indices sorted by prompt_id, and G.
+    Raises:
+        BatchError if the prompts do not all have the same number of samples.
+    """
+    order = torch.argsort(b.prompt_id, stable=True)
+    _, counts = torch.unique_consecutive(b.prompt_id[order], return_counts=True)
+    G = int(counts[0])
+    if not bool((counts == G).all()):
+        raise BatchError(f"trajectory batch: prompts have different numbers of samples ({counts.unique().tolist()})")
+    return order, G
+
+
+class Learner:
+    """The policy being trained, its optimizer, and the baseline state."""
+
+    def __init__(self, cfg: Config, num_threads: int = 1, device: str = "cpu") -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.cfg = cfg
+        self.device = device
+        self.vocab_size = make_task(cfg.task).tokenizer.vocab_size
+        self.model = policy_from_config(cfg.model, self.vocab_size, cfg.run.seed, device).train()
+        self.flat = FlatParams(self.model)
+        lc = cfg.learner
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lc.lr, betas=(lc.beta1, lc.beta2), weight_decay=lc.weight_decay
+        )
+        self.version = 0
+        self.ema: float | None = None
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------------ weights
+    def get_weights(self) -> WeightsMessage:
+        return self.flat.pack(self.version)
+
+    def get_version(self) -> int:
+        return self.version
+
+    # ------------------------------------------------------------------------------------------- update
+    def update(self, *batches: pa.RecordBatch) -> tuple[dict, WeightsMessage]:
+        """One policy-gradient step on the given batches; returns (metrics, new weights)."""
+        t0 = time.perf_counter()
+        for batch in batches:
+            validate(batch, self.vocab_size)
+        b = to_learner_batch(list(batches), pad_id=0)
+        order, G = group_view(b)
+        b = LearnerBatch(**{k: v[order] for k, v in b.__dict__.items()}).to(self.device)
+        B = b.tokens.shape[0]
+        staleness = (self.version - b.policy_version).float()
+        rewards, ok = b.rewards.view(-1, G), b.ok.view(-1, G)
+        adv, valid = algo.advantages(rewards, ok, self.cfg.algo.baseline, self.ema)
+        adv, valid = adv.reshape(B), valid.reshape(B)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = ent_sum = kl_sum = 0.0
+        mb = self.cfg.learner.micro_batch_size or B
+        for s in range(0, B, mb):
+            idx = slice(s, s + mb)
+            # trim the columns after the longest sequence of this micro-batch
+            L = int(b.response_mask[idx].any(0).nonzero().max()) + 1
+            tokens, mask = b.tokens[idx, :L], b.response_mask[idx, 1:L]
+            logits = self.model(tokens[:, :-1])  # (b, L-1, V)
+            logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
+            grad_mask = mask & valid[idx, None]
+            loss = algo.pg_loss(logp, grad_mask, adv[idx], num_samples=B)
+            loss.backward()
+            n = mask.shape[0] / B
+            loss_sum += loss.item()
+            with torch.no_grad():
+                ent_sum += algo.entropy(logits, mask).item() * n
+                kl_sum += algo.kl_k3(logp, b.old_logprobs[idx, 1:L], mask).item() * n
+
+        grad_norm = self._grad_norm()
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if finite:
+            if self.cfg.learner.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.grad_clip)
+            self.optimizer.step()
+            self.version += 1
+            if bool(ok.any()):
+                self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        learn_s = time.perf_counter() - t0
+        metrics = {
+            "learner/loss": loss_sum,
+            "learner/grad_norm": grad_norm,
+            "learner/entropy": ent_sum,
+            "learner/kl": kl_sum,
+            "learner/skipped_steps": self.skipped_steps,
+            "learner/baseline_ema": self.ema if self.ema is not None else 0.0,
+            "policy/version": self.version,
+            "rollout/staleness_mean": float(staleness.mean()),
+            "perf/learner_tokens_per_s": float(b.response_mask.shape[0] * b.tokens.shape[1]) / learn_s,
+            "perf/learner_compute_s": learn_s,
+        }
+        return metrics, self.get_weights()
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer, version, baseline."""
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "version": self.version,
+            "ema": self.ema,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state["model"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])
+        self.ema = state["ema"]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj

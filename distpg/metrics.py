@@ -1,0 +1,75 @@
+"""Metrics: one `log()` call writes a step's scalars to RUN_DIR/metrics.jsonl and TensorBoard, and prints
+the console progress line every `print_every` steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+# The contract of DESIGN.md: every step's record carries these keys.
+CONTRACT_METRICS = (
+    "step", "time_s", "rollout/reward_mean", "rollout/reward_std", "rollout/length_mean",
+    "rollout/failed_rewards", "learner/loss", "learner/grad_norm", "learner/entropy", "learner/kl",
+    "policy/version", "rollout/staleness_mean", "perf/step_s", "perf/rollout_s", "perf/learn_s",
+    "perf/sync_s", "perf/rollout_tokens_per_s", "perf/learner_tokens_per_s", "workers/alive",
+    "workers/restarts", "workers/nodes",
+)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, print_every: int,
+                 start_step: int = 0, stream=None) -> None:
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.print_every = print_every
+        self.start_step = start_step
+        self.stream = stream or sys.stdout
+        self.t_start = time.time()
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float], samples: list[tuple[str, str, float]] | None = None) -> dict:
+        """Record step `step` (1-based: steps completed). Returns the record written."""
+        record = {"step": step, "time_s": round(time.time() - self.t_start, 4), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+            if samples:
+                text = "\n\n".join(f"`{p}` → `{c}` (reward {r:.2f})" for p, c, r in samples)
+                self._tb.add_text("samples", text, step)
+        if step % self.print_every == 0 or step == self.total_steps:
+            self._print(record)
+        return record
+
+    def _print(self, r: dict) -> None:
+        done = r["step"] - self.start_step
+        rate = done / max(r["time_s"], 1e-9)
+        eta = (self.total_steps - r["step"]) / rate if rate > 0 else 0.0
+        print(
+            f"step {r['step']:>5}/{self.total_steps} | reward {r['rollout/reward_mean']:.3f}"
+            f" ± {r['rollout/reward_std']:.3f} | len {r['rollout/length_mean']:.1f}"
+            f" | loss {r['learner/loss']:+.4f} | {rate:.2f} steps/s"
+            f" | rollout {r['perf/rollout_s'] * 1000:.0f}ms learn {r['perf/learn_s'] * 1000:.0f}ms"
+            f" sync {r['perf/sync_s'] * 1000:.0f}ms | ETA {_fmt_duration(eta)}",
+            file=self.stream, flush=True,
+        )
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,207 @@
+"""The policy: a decoder-only transformer with exactly the GPT-2 architecture.
+
+Learned token and position embeddings, pre-LayerNorm blocks (LN -> causal self-attention -> residual,
+LN -> GELU(tanh) MLP -> residual), a final LayerNorm and an output layer tied to the token embedding.
+Module names follow Hugging Face's `GPT2LMHeadModel` (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, ...) so a
+GPT-2 checkpoint maps onto it name for name (HF stores its `Conv1D` weights transposed).
+
+Decoding uses a preallocated KV cache (`KVCache`): `forward(idx, cache=cache, pos=t)` writes the keys and
+values of the new tokens at cache positions [t, t + T) and attends to everything written before.
+Rows may be left-padded: `key_mask` marks the real cache slots and `positions` gives each token its
+position id, so padded and unpadded prompts give the same logits.
+
+The model knows nothing about distribution; the rollout workers and the learner wrap it from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Architecture hyper-parameters (GPT-2 names)."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+
+# Size presets, from a model that trains in seconds on one CPU core up to GPT-2 124M.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64),
+    "small": dict(n_layer=4, n_head=4, n_embd=256),
+    "medium": dict(n_layer=6, n_head=8, n_embd=512),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2 124M (with its 50257-token vocabulary)
+}
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, H, T_max, D) each."""
+
+    def __init__(self, shape: ModelShape, batch_size: int, max_len: int, device, dtype) -> None:
+        head_dim = shape.n_embd // shape.n_head
+        size = (shape.n_layer, batch_size, shape.n_head, max_len, head_dim)
+        self.k = torch.zeros(size, device=device, dtype=dtype)
+        self.v = torch.zeros(size, device=device, dtype=dtype)
+        self.max_len = max_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.n_head = shape.n_head
+        self.c_attn = nn.Linear(shape.n_embd, 3 * shape.n_embd)
+        self.c_proj = nn.Linear(shape.n_embd, shape.n_embd)
+
+    def forward(self, x, attn_mask, layer_cache=None, pos: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            cache_k[:, :, pos : pos + T] = k
+            cache_v[:, :, pos : pos + T] = v
+            k, v = cache_k[:, :, : pos + T], cache_v[:, :, : pos + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(shape.n_embd, 4 * shape.n_embd)
+        self.c_proj = nn.Linear(4 * shape.n_embd, shape.n_embd)
+
+    def forward(self, x):
+        # GPT-2's "gelu_new" is the tanh approximation.
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(shape.n_embd, eps=shape.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(shape)
+        self.ln_2 = nn.LayerNorm(shape.n_embd, eps=shape.layer_norm_epsilon)
+        self.mlp = MLP(shape)
+
+    def forward(self, x, attn_mask, layer_cache=None, pos: int = 0):
+        x = x + self.attn(self.ln_1(x), attn_mask, layer_cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: `forward(idx) -> logits (B, T, V)`."""
+
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self.wte = nn.Embedding(shape.vocab_size, shape.n_embd)
+        self.wpe = nn.Embedding(shape.n_positions, shape.n_embd)
+        self.h = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
+        self.ln_f = nn.LayerNorm(shape.n_embd, eps=shape.layer_norm_epsilon)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.shape.n_layer))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.shape, batch_size, max_len, p.device, p.dtype)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
+        """Logits for every input position.
+
+        Args:
+            idx: token ids (B, T).
+            positions: position ids (B, T); default `pos + arange(T)`.
+            key_mask: bool (B, pos + T), True where a key is a real token (False for left padding);
+                default all True.
+            cache: a `KVCache`; the new keys and values are written at [pos, pos + T).
+            pos: index of the first new token in the cache.
+        Returns:
+            logits (B, T, V) in the parameters' dtype.
+        """
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(pos, pos + T, device=idx.device).expand(B, T)
+        if pos + T > self.shape.n_positions:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds n_positions={self.shape.n_positions}")
+        attn_mask = _attention_mask(T, pos, key_mask, idx.device)
+        x = self.wte(idx) + self.wpe(positions)
+        for i, block in enumerate(self.h):
+            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, attn_mask, layer_cache, pos)
+        x = self.ln_f(x)
+        return F.linear(x, self.wte.weight)  # tied output embedding
+
+
+def _attention_mask(T: int, pos: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """Bool (B or 1, 1, T, pos + T): query t sees key s when s <= pos + t and s is a real token.
+
+    A query always sees itself, so a padding query never has an empty row (which would give NaN);
+    its output is ignored.
+    """
+    S = pos + T
+    q = torch.arange(pos, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    mask = (k <= q)[None, None]  # (1, 1, T, S)
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, None, :S]) | (k == q)[None, None]
+    return mask
+
+
+def build_model(shape: ModelShape, seed: int) -> GPT:
+    """A freshly initialised policy; the same seed gives the same parameters."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT(shape)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets]: (B, T, V), (B, T) -> (B, T), computed in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_from_config(model_cfg, vocab_size: int, seed: int, device: str = "cpu") -> GPT:
+    """The policy described by a `ModelConfig`, initialised from `seed`, on `device`."""
+    shape = ModelShape(
+        vocab_size=vocab_size,
+        n_layer=model_cfg.n_layer,
+        n_head=model_cfg.n_head,
+        n_embd=model_cfg.n_embd,
+        n_positions=model_cfg.n_positions,
+    )
+    return build_model(shape, seed).to(device)

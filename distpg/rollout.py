@@ -1,0 +1,100 @@
+"""RolloutWorker: a plain class that holds a copy of the policy, samples completions for prompts, scores
+them with the task's reward function and returns a TrajectoryBatch (Arrow).
+
+The orchestrator makes it a Ray actor; tests construct it directly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import torch
+
+from distpg import rewards
+from distpg.batch import make_batch
+from distpg.config import Config
+from distpg.generate import SamplingParams, generate
+from distpg.model import policy_from_config
+from distpg.tasks import make_task
+from distpg.weights import FlatParams, WeightsMessage
+
+
+def sampling_params(cfg: Config, task) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens or task.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_k=cfg.rollout.top_k,
+        top_p=cfg.rollout.top_p,
+        stop_token=task.tokenizer.eos_id,
+    )
+
+
+class RolloutWorker:
+    """Generates and scores rollouts with the policy version it was last given."""
+
+    def __init__(self, cfg: Config, worker_id: int, num_threads: int = 1, device: str = "cpu") -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self.device = device
+        self.task = make_task(cfg.task)
+        self.tokenizer = self.task.tokenizer
+        self.model = policy_from_config(cfg.model, self.tokenizer.vocab_size, cfg.run.seed, device).eval()
+        self.flat = FlatParams(self.model)
+        self.params = sampling_params(cfg, self.task)
+        self.version: int | None = None  # no weights received yet
+
+    def set_weights(self, msg: WeightsMessage) -> int:
+        """Load a published policy version; returns the version now held."""
+        self.flat.load(msg)
+        self.version = msg.version
+        return self.version
+
+    def get_version(self) -> int | None:
+        return self.version
+
+    def sample(self, prompts: list[str], prompt_ids: list[int], seed: int) -> pa.RecordBatch:
+        """G = rollout.group_size completions for each prompt, scored.
+
+        Args:
+            prompts: P prompt texts.
+            prompt_ids: P globally unique ids (the learner groups samples by them).
+            seed: decides every sampled token of this call.
+        Returns:
+            a RecordBatch of P·G rows (prompt-major), with `gen_s` and `reward_s` in its schema metadata.
+        """
+        if self.version is None:
+            raise RuntimeError(f"rollout worker {self.worker_id}: sample() called before set_weights()")
+        G = self.cfg.rollout.group_size
+        t0 = time.perf_counter()
+        prompt_tokens = [self.tokenizer.encode(p) for p in prompts]
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = generate(self.model, [t for t in prompt_tokens for _ in range(G)], self.params, generator,
+                       pad_id=self.tokenizer.pad_id)
+        completion_tokens = out.rows()
+        mask = out.mask.cpu()
+        logprobs = [row[mask_row].tolist() for row, mask_row in zip(out.logprobs.cpu(), mask)]
+        texts = [self.tokenizer.decode(t) for t in completion_tokens]
+        t1 = time.perf_counter()
+        rep_prompts = [p for p in prompts for _ in range(G)]
+        reward, ok, _ = rewards.score(self.task, rep_prompts, texts)
+        t2 = time.perf_counter()
+        batch = make_batch(
+            {
+                "prompt_id": [i for i in prompt_ids for _ in range(G)],
+                "sample_idx": list(range(G)) * len(prompts),
+                "worker_id": [self.worker_id] * len(rep_prompts),
+                "policy_version": [self.version] * len(rep_prompts),
+                "prompt_tokens": [t for t in prompt_tokens for _ in range(G)],
+                "completion_tokens": completion_tokens,
+                "completion_logprobs": logprobs,
+                "reward": reward,
+                "reward_ok": ok,
+                "truncated": out.truncated.cpu().tolist(),
+                "prompt_text": rep_prompts,
+                "completion_text": texts,
+            }
+        )
+        meta = {b"gen_s": str(t1 - t0).encode(), b"reward_s": str(t2 - t1).encode()}
+        return batch.replace_schema_metadata(meta)

@@ -1,0 +1,69 @@
+"""Tasks: a prompt source and a reward function, by name.
+
+Built in: `reverse`, `sort`, `addition` (see each module). A user's own task is named "module:attr", where
+`attr` is a callable taking the `TaskConfig` and returning an object with the `Task` interface below
+(a subclass of `CharTask` is the easiest way to get one).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from distpg.tasks.addition import AdditionTask
+from distpg.tasks.base import CharTask
+from distpg.tasks.reverse import ReverseTask
+from distpg.tasks.sort import SortTask
+from distpg.tokenizer import CharTokenizer
+
+BUILTIN_TASKS = {"reverse": ReverseTask, "sort": SortTask, "addition": AdditionTask}
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the rollout workers and `distpg eval` need from a task."""
+
+    name: str
+    tokenizer: CharTokenizer
+    max_prompt_len: int  # characters
+    max_new_tokens: int  # default completion budget in tokens (the <eos> included where the task needs one)
+
+    def sample_prompts(self, rng: np.random.Generator, n: int) -> list[str]: ...
+
+    def eval_prompts(self) -> list[str]: ...
+
+    def reward(self, prompt: str, completion: str) -> float: ...
+
+    def target(self, prompt: str) -> str: ...
+
+
+def make_task(cfg) -> Task:
+    """Build the task named by `cfg.name` (a built-in name or "module:attr")."""
+    name = cfg.name
+    if name in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name](cfg)
+    if ":" not in name:
+        raise ValueError(
+            f"task.name={name!r} is not a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) "
+            "and not of the form 'module:attr'"
+        )
+    module_name, attr = name.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"task.name={name!r}: cannot import module {module_name!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ValueError(f"task.name={name!r}: module {module_name!r} has no attribute {attr!r}")
+    task = factory(cfg)
+    missing = [m for m in Task.__annotations__ if not hasattr(task, m)] + [
+        m for m in ("sample_prompts", "eval_prompts", "reward", "target") if not callable(getattr(task, m, None))
+    ]
+    if missing:
+        raise ValueError(f"task.name={name!r}: the object it returned lacks {', '.join(missing)}")
+    return task
+
+
+__all__ = ["BUILTIN_TASKS", "CharTask", "Task", "make_task"]
