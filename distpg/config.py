@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,6 +170,20 @@ def _type_name(tp: Any) -> str:
     return tp.__name__
 
 
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce_float(value: Any, tp: Any) -> Any:
+    """For float fields: ints become floats, and so do strings like '3e-4' (YAML 1.1 reads them as text)."""
+    if tp is not float and float not in typing.get_args(tp):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        return float(value)
+    return value
+
+
 def _build(cls, data: Any, where: str):
     if data is None:
         data = {}
@@ -188,8 +203,7 @@ def _build(cls, data: Any, where: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, path)
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and _type_ok(value, float) and tp is float:
-            value = float(value)
+        value = _coerce_float(value, tp)
         if not _type_ok(value, tp):
             raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
         choices = fields[name].metadata.get("choices")

@@ -319,13 +319,13 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
     task = make_task(cfg.task)
     validate_with_task(cfg, task)
     address_given = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if not address_given:  # a local runtime: check the fit before starting Ray
+    if not address_given and not ray.is_initialized():  # a local runtime: check the fit before starting Ray
         import torch
 
         gpus = torch.cuda.device_count() if cfg.run.device != "cpu" else 0
         plan_placement(cfg, cfg.ray.num_cpus or os.cpu_count(), gpus)
     start_step = prepare_run_dir(cfg, Path(run_dir), resume)
-    started = init_ray(cfg, address)
+    started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
     trainer = None
     try:
         res = ray.cluster_resources()

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from distpg.config import ConfigError
 from distpg.tasks.addition import AdditionTask
 from distpg.tasks.base import CharTask
 from distpg.tasks.reverse import ReverseTask
@@ -43,9 +44,12 @@ def make_task(cfg) -> Task:
     """Build the task named by `cfg.name` (a built-in name or "module:attr")."""
     name = cfg.name
     if name in BUILTIN_TASKS:
-        return BUILTIN_TASKS[name](cfg)
+        try:
+            return BUILTIN_TASKS[name](cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if ":" not in name:
-        raise ValueError(
+        raise ConfigError(
             f"task.name={name!r} is not a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) "
             "and not of the form 'module:attr'"
         )
@@ -53,16 +57,19 @@ def make_task(cfg) -> Task:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"task.name={name!r}: cannot import module {module_name!r}: {e}") from None
+        raise ConfigError(f"task.name={name!r}: cannot import module {module_name!r}: {e}") from None
     factory = getattr(module, attr, None)
     if factory is None:
-        raise ValueError(f"task.name={name!r}: module {module_name!r} has no attribute {attr!r}")
-    task = factory(cfg)
+        raise ConfigError(f"task.name={name!r}: module {module_name!r} has no attribute {attr!r}")
+    try:
+        task = factory(cfg)
+    except Exception as e:  # a user's factory may raise anything: report it as a config problem
+        raise ConfigError(f"task.name={name!r}: building the task failed: {type(e).__name__}: {e}") from None
     missing = [m for m in Task.__annotations__ if not hasattr(task, m)] + [
         m for m in ("sample_prompts", "eval_prompts", "reward", "target") if not callable(getattr(task, m, None))
     ]
     if missing:
-        raise ValueError(f"task.name={name!r}: the object it returned lacks {', '.join(missing)}")
+        raise ConfigError(f"task.name={name!r}: the object it returned lacks {', '.join(missing)}")
     return task
 
 

@@ -1,0 +1,39 @@
+"""Shared fixtures: small configs and one real local Ray runtime per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distpg.config import config_from_dict, merge_overrides
+
+
+def small_config(*overrides: str):
+    """A config that trains in a few seconds: tiny model, 2 workers, few prompts."""
+    base = [
+        "run.steps=3",
+        "run.checkpoint_every=2",
+        "task.length=4",
+        "task.alphabet=abcd",
+        "task.num_eval=16",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=4",
+        "log.print_every=1",
+        "log.rollout_flush_every=2",
+    ]
+    return config_from_dict(merge_overrides({}, base + list(overrides)))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray runtime (2 CPUs, no dashboard), shared by the `ray` tests."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = str(Path(__file__).resolve().parent.parent)  # so workers can import tests.user_task
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,97 @@
+"""The `distpg` command as a user runs it: a real subprocess, a real local Ray, a real run folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distpg.metrics import CONTRACT_METRICS
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parent.parent
+
+SMALL = ["--set", "run.steps=6", "--set", "run.checkpoint_every=3", "--set", "task.length=4",
+         "--set", "task.alphabet=abcd", "--set", "task.num_eval=16", "--set", "rollout.prompts_per_step=8",
+         "--set", "rollout.group_size=4", "--set", "log.print_every=2", "--set", "log.sample_every=3"]
+
+
+def distpg(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    return subprocess.run([sys.executable, "-m", "distpg", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_train_then_eval(tmp_path):
+    run = tmp_path / "run"
+    p = distpg("train", *SMALL, "--run-dir", str(run))
+    assert p.returncode == 0, p.stderr[-3000:]
+    # progress lines with step, reward, steps/s and ETA
+    progress = [line for line in p.stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 3 and "steps/s" in progress[0] and "ETA" in progress[0] and "reward" in progress[0]
+    assert "step     6/6" in progress[-1]
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["task"]["length"] == 4 and cfg["model"]["n_layer"] == 2  # resolved, with the --set values
+
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(set(CONTRACT_METRICS) <= set(r) for r in records)
+    assert records[-1]["time_s"] > records[0]["time_s"] > 0
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "rollout/reward_mean" in tags["scalars"] and "perf/sync_s" in tags["scalars"]
+    assert [e.step for e in acc.Scalars("rollout/reward_mean")] == list(range(1, 7))
+    assert acc.Scalars("rollout/reward_mean")[-1].value == pytest.approx(records[-1]["rollout/reward_mean"])
+    assert "samples/text_summary" in tags["tensors"]  # sample completions as text
+
+    table = pq.read_table(run / "rollouts")
+    assert table.num_rows == 6 * 8 * 4
+    assert set(table.column("step").to_pylist()) == set(range(1, 7))
+
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        assert (run / "checkpoints" / "step_000003" / name).exists()
+
+    e = distpg("eval", str(run), "--samples", "3")
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert "held-out prompts: 16 | reward_mean" in e.stdout
+    assert len([x for x in e.stdout.splitlines() if "-> " in x and "target" in x]) == 3
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert distpg("train", *SMALL, "--set", "run.steps=3", "--run-dir", str(run)).returncode == 0
+    # extend the run: resume reads the run's own config, so raise its step budget there
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["run"]["steps"] = 5
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    p = distpg("train", "--resume", str(run))
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["policy/version"] for r in records] == [1, 2, 3, 4, 5]
+
+
+def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
+    p = distpg("train", *SMALL, "--set", "task.name=tests.user_task:always_fails", "--run-dir", str(tmp_path / "r"))
+    assert p.returncode == 1
+    assert "distpg: training failed: rollout of step 1 failed: RewardError" in p.stderr
+    assert "reward service unavailable" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_config_exits_2_without_starting_ray(tmp_path):
+    p = distpg("train", "--set", "rollout.num_workers=3", "--set", "ray.num_cpus=2",
+               "--run-dir", str(tmp_path / "r"), timeout=60)
+    assert p.returncode == 2
+    assert "rollout.num_workers=3 workers" in p.stderr and "the Ray cluster has 2" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()

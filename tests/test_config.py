@@ -1,0 +1,123 @@
+import pytest
+
+from distpg.cli import main
+from distpg.config import Config, ConfigError, config_from_dict, dump_config, load_config, merge_overrides
+from distpg.orchestrator import plan_placement
+
+
+def cfg_with(*overrides):
+    return config_from_dict(merge_overrides({}, list(overrides)))
+
+
+def test_embedded_default_loads_and_resolves_preset():
+    cfg = load_config()
+    assert cfg.task.name == "reverse" and cfg.rollout.num_workers >= 2
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (2, 64)  # the tiny preset, resolved
+
+
+def test_set_overrides_are_yaml_typed():
+    cfg = cfg_with("task.length=8", "task.alphabet=abcdef", "learner.lr=3e-4", "run.stop_reward=null",
+                   "ray.dashboard=true")
+    assert cfg.task.length == 8 and cfg.task.alphabet == "abcdef"
+    assert cfg.learner.lr == pytest.approx(3e-4) and cfg.run.stop_reward is None and cfg.ray.dashboard is True
+
+
+def test_int_is_accepted_for_float():
+    assert cfg_with("learner.lr=1").learner.lr == 1.0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = cfg_with("model.preset=small", "task.name=addition")
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("rollout.num_wrkers=2", "unknown key rollout.num_wrkers; valid keys of rollout: num_workers"),
+        ("bogus.x=1", "unknown key bogus"),
+        ("rollout.num_workers=two", "rollout.num_workers='two': expected int"),
+        ("rollout.num_workers=2.5", "rollout.num_workers=2.5: expected int"),
+        ("ray.dashboard=1", "ray.dashboard=1: expected bool"),
+        ("algo.baseline=median", "algo.baseline='median': allowed are none, ema, group"),
+        ("model.preset=huge", "model.preset='huge': allowed are"),
+        ("rollout.num_workers=0", "rollout.num_workers=0: must be at least 1"),
+        ("rollout.top_p=1.5", "rollout.top_p=1.5: must be between"),
+        ("learner.lr=-1", "learner.lr=-1.0: must be at least 0.0"),
+        ("model.n_head=3", "model.n_embd=64 must be divisible by model.n_head=3"),
+    ],
+)
+def test_bad_values_name_the_field(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        cfg_with(override)
+    assert fragment in str(e.value)
+
+
+def test_group_baseline_needs_group_size_two():
+    with pytest.raises(ConfigError, match=r"algo.baseline=group needs rollout.group_size >= 2 \(got 1\)"):
+        cfg_with("rollout.group_size=1")
+    assert cfg_with("rollout.group_size=1", "algo.baseline=ema").rollout.group_size == 1
+
+
+def test_more_workers_than_cpus_is_refused_with_the_limit():
+    cfg = cfg_with("rollout.num_workers=8", "rollout.prompts_per_step=32")
+    with pytest.raises(ConfigError) as e:
+        plan_placement(cfg, cpus=2, gpus=0)
+    msg = str(e.value)
+    assert "rollout.num_workers=8" in msg and "has 2" in msg and "at most 2 workers" in msg
+    assert plan_placement(cfg_with(), cpus=2, gpus=0).use_gpu is False
+
+
+def test_gpu_placement_uses_fractions_and_checks_the_total():
+    p = plan_placement(cfg_with("rollout.num_workers=3", "rollout.num_gpus_per_worker=0.25"), cpus=8, gpus=1.75)
+    assert p.use_gpu and p.learner["GPU"] == 1 and p.worker["GPU"] == 0.25
+    with pytest.raises(ConfigError, match="need 1.75 GPUs, but the Ray cluster has 1"):
+        plan_placement(cfg_with("rollout.num_workers=3", "rollout.num_gpus_per_worker=0.25"), cpus=8, gpus=1)
+    with pytest.raises(ConfigError, match="run.device=cuda but the Ray cluster has no GPUs"):
+        plan_placement(cfg_with("run.device=cuda"), cpus=8, gpus=0)
+
+
+def test_set_syntax_errors():
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        merge_overrides({}, ["rollout.num_workers"])
+    with pytest.raises(ConfigError, match="SECTION.FIELD"):
+        merge_overrides({}, ["steps=3"])
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.run.seed = 3  # type: ignore[misc]
+
+
+def test_cli_config_error_exits_2_before_ray(capsys, tmp_path):
+    code = main(["train", "--set", "rollout.group_size=1", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "distpg: error: algo.baseline=group needs rollout.group_size >= 2" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing was written: the error came before the run started
+
+
+def test_cli_unknown_task_exits_2(capsys, tmp_path):
+    code = main(["train", "--set", "task.name=nosuchtask", "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "task.name='nosuchtask' is not a built-in task (addition, reverse, sort)" in capsys.readouterr().err
+
+
+def test_help_config_lists_every_field(capsys):
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    for key in ("num_workers", "group_size", "baseline", "placement_strategy", "stop_reward"):
+        assert key in out
