@@ -78,7 +78,8 @@ def pg_loss(logprobs: torch.Tensor, response_mask: torch.Tensor, adv: torch.Tens
 def entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of softmax(logits) over the response tokens: (B, T, V), (B, T) -> scalar."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)  # (B, T)
+    # 0 · log 0 = 0: a token of probability 0 (logit -inf) must add 0, not 0 · -inf = NaN
+    ent = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # (B, T)
     m = response_mask.float()
     return (ent * m).sum() / m.sum().clamp(min=1)
 

@@ -1,4 +1,4 @@
-"""The `distpg` command: train, eval.
+"""The `distpg` command: train, eval, plot.
 
 Errors a user can fix (bad config, missing task, a reward function that always fails, an unreachable
 cluster) end with one paragraph naming the problem and exit code 2 (config) or 1 (run), never a
@@ -47,6 +47,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from distpg.plot import plot_runs
+
+    out = plot_runs([Path(r) for r in args.runs], Path(args.out), metric=args.metric, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distpg", description="Policy-gradient RL for language-model policies on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plot", help="plot learning curves of run folders into a PNG (needs matplotlib)")
+    pl.add_argument("runs", nargs="+", help="run folders")
+    pl.add_argument("-o", "--out", default="curve.png", help="PNG to write")
+    pl.add_argument("--metric", default="rollout/reward_mean")
+    pl.add_argument("--title")
+    pl.set_defaults(func=_plot)
     return p
 
 
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as e:
         print(f"distpg: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

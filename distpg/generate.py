@@ -74,7 +74,8 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 def sample_token(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row from (B, V) log-probabilities: argmax p / E, E ~ Exp(1) (exponential race)."""
-    e = torch.empty_like(logp).exponential_(1.0, generator=generator)
+    # clamp: a draw of exactly 0 would make p / E = 0 / 0 = NaN, which argmax would pick
+    e = torch.empty_like(logp).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(logp.dtype).tiny)
     return (logp.exp() / e).argmax(-1)
 
 

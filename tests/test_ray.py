@@ -38,8 +38,8 @@ def test_every_worker_holds_the_learners_version_after_each_step(ray_session, tm
 def test_training_run_folder_and_determinism(ray_session, tmp_path):
     cfg = small_config("run.steps=4")
     a = train(cfg, tmp_path / "a")
-    b = train(cfg, tmp_path / "b")
-    c = train(small_config("run.steps=4", "run.seed=1"), tmp_path / "c")
+    train(cfg, tmp_path / "b")
+    train(small_config("run.steps=4", "run.seed=1"), tmp_path / "c")
     assert a["steps"] == 4
 
     def records(run):

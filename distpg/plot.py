@@ -1,0 +1,45 @@
+"""Learning curves from run folders (`distpg plot`): reward against wall-clock seconds and steps.
+Needs matplotlib (`pip install distpg[plot]`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} not found: not a distpg run folder")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mean", title: str | None = None) -> Path:
+    """One PNG: `metric` against time_s (left) and step (right), one line per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("distpg plot needs matplotlib: pip install 'distpg[plot]'") from None
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for run in run_dirs:
+        records = read_metrics(run)
+        label = Path(run).name
+        ax_t.plot([r["time_s"] for r in records], [r[metric] for r in records], label=label)
+        ax_s.plot([r["step"] for r in records], [r[metric] for r in records], label=label)
+    ax_t.set_xlabel("wall-clock seconds since the first step")
+    ax_s.set_xlabel("step")
+    ax_t.set_ylabel(metric)
+    for ax in (ax_t, ax_s):
+        ax.grid(alpha=0.3)
+    ax_s.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,323 @@
+"""The sampler in `distpg.generate`: seeding, top-k/top-p filters (by hand and end to end), behaviour
+log-probabilities against a full no-cache forward, stop tokens, sampling frequencies, greedy decoding and
+`Generation.rows()`.
+
+Every reference here is recomputed independently: a plain full forward of prompt + completion, one
+prompt at a time, without KV cache or padding, and the filters re-derived in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distpg.generate import Generation, SamplingParams, generate, sample_token, sampling_logprobs
+from distpg.model import GPT, ModelShape, build_model
+
+SHAPE = ModelShape(vocab_size=16, n_layer=2, n_head=2, n_embd=32, n_positions=64)
+NEG_INF = float("-inf")
+
+
+def _randomize(model: torch.nn.Module, seed: int, scale: float) -> None:
+    """Redraw the weights so the next-token distributions are neither uniform nor one-hot."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "ln_" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(scale * noise)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    m = build_model(SHAPE, seed=0)
+    _randomize(m, seed=1, scale=0.15)
+    return m.eval()
+
+
+def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(SHAPE.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def _completion_logits(model: GPT, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Full forward (no cache, no padding) of prompt + completion: the logits that predicted each
+    completion token, (len(completion), V)."""
+    seq = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(seq)[0]
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)]
+
+
+def _first_token_probs(model: GPT, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(torch.tensor([prompt]))[0, -1].double(), -1)
+
+
+# ---------------------------------------------------------------- seeding
+
+
+def test_same_seed_same_samples_different_seed_different(model):
+    prompts = _prompts([3, 5, 1, 4], seed=0) * 4  # 16 rows
+    params = SamplingParams(max_new_tokens=12)
+    p0 = _first_token_probs(model, prompts[0])
+    assert p0.max() < 0.5  # enough randomness that two seeds cannot agree by chance
+
+    def run(seed: int, global_seed: int) -> Generation:
+        torch.manual_seed(global_seed)  # the global RNG must play no part
+        return generate(model, prompts, params, torch.Generator().manual_seed(seed))
+
+    a, b, c = run(seed=1, global_seed=0), run(seed=1, global_seed=99), run(seed=2, global_seed=0)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+    # rows with the same prompt draw independently
+    assert not torch.equal(a.tokens[0], a.tokens[4])
+
+
+# ---------------------------------------------------------------- filters, by hand
+
+
+def test_sampling_logprobs_top_k_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0], [0.0, -2.0, 5.0, 4.0, 4.5]])
+    got = sampling_logprobs(logits, SamplingParams(max_new_tokens=1, top_k=2))
+    # row 0 keeps logits 3 and 2: log p = -log(1 + e^-1) and -1 - log(1 + e^-1)
+    # row 1 keeps logits 5 and 4.5: log p = -log(1 + e^-0.5) and -0.5 - log(1 + e^-0.5)
+    a, b = math.log1p(math.exp(-1)), math.log1p(math.exp(-0.5))
+    expected = torch.tensor([[NEG_INF, -a, -1 - a, NEG_INF, NEG_INF], [NEG_INF, NEG_INF, -b, NEG_INF, -0.5 - b]])
+    torch.testing.assert_close(got, expected)
+    assert got.dtype == torch.float32
+
+
+P5 = [0.15, 0.5, 0.05, 0.2, 0.1]  # a shuffled distribution: sorted 0.5, 0.2, 0.15, 0.1, 0.05
+
+
+@pytest.mark.parametrize(
+    "top_p,temperature,expected_p",
+    [
+        # mass before each token in sorted order: 0, 0.5, 0.7, 0.85, 0.95; keep while it is < top_p
+        (0.45, 1.0, [0, 1, 0, 0, 0]),  # only the first token (always kept)
+        (0.6, 1.0, [0, 5 / 7, 0, 2 / 7, 0]),  # 0.5 + 0.2
+        (0.75, 1.0, [0.15 / 0.85, 0.5 / 0.85, 0, 0.2 / 0.85, 0]),  # 0.5 + 0.2 + 0.15
+        (0.99, 1.0, P5),  # the last token's preceding mass 0.95 < 0.99: all kept
+        # temperature first: T = 0.5 squares the probabilities -> .25, .04, .0225, .01, .0025 (sum .325),
+        # i.e. .769, .123, .069, ...; with top_p 0.8 the mass before the third is .892, so two are kept
+        # (at T = 1 the same top_p would keep three)
+        (0.8, 0.5, [0, 0.25 / 0.29, 0, 0.04 / 0.29, 0]),
+    ],
+)
+def test_sampling_logprobs_top_p_by_hand(top_p, temperature, expected_p):
+    logits = torch.tensor([P5]).log() + 3.0  # a shift changes nothing
+    got = sampling_logprobs(logits, SamplingParams(max_new_tokens=1, temperature=temperature, top_p=top_p))
+    expected = torch.tensor([expected_p]).log()
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    torch.testing.assert_close(got.exp(), expected.exp())
+
+
+def test_sampling_logprobs_top_k_then_top_p_by_hand():
+    # top_k 3 keeps .5, .2, .15 -> renormalised .588, .235, .176; top_p 0.8: mass before the third is
+    # .824 >= .8, so it is dropped: .5 and .2 remain
+    logits = torch.tensor([P5]).log()
+    got = sampling_logprobs(logits, SamplingParams(max_new_tokens=1, top_k=3, top_p=0.8))
+    torch.testing.assert_close(got.exp(), torch.tensor([[0, 5 / 7, 0, 2 / 7, 0]]))
+
+
+def test_sampling_logprobs_temperature_zero_is_one_hot_on_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 2.0, 2.5]])
+    got = sampling_logprobs(logits, SamplingParams(max_new_tokens=1, temperature=0.0))
+    expected = torch.tensor([[NEG_INF, 0.0, NEG_INF], [0.0, NEG_INF, NEG_INF]])
+    assert torch.equal(got, expected)
+
+
+def test_sample_token_never_picks_excluded_tokens():
+    logp = torch.tensor([[NEG_INF, -0.1, NEG_INF, -2.4], [0.0, NEG_INF, NEG_INF, NEG_INF]]).expand(5000, 2, 4)
+    tok = sample_token(logp.reshape(10000, 4), torch.Generator().manual_seed(0)).view(5000, 2)
+    assert set(tok[:, 0].tolist()) == {1, 3}
+    assert set(tok[:, 1].tolist()) == {0}
+
+
+# ---------------------------------------------------------------- filters, end to end
+
+
+def _allowed(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Bool (..., V): the tokens a top-k/top-p sampler may pick, recomputed in float64.
+
+    In descending order of probability: the first top_k tokens, renormalised; of those, each token whose
+    higher-ranked tokens hold less than top_p of that mass.
+    """
+    probs = torch.softmax(logits.double() / temperature, -1)
+    p, order = probs.sort(-1, descending=True)
+    if top_k:
+        p[..., top_k:] = 0.0
+        p = p / p.sum(-1, keepdim=True)
+    mass_before = torch.cat([torch.zeros_like(p[..., :1]), p.cumsum(-1)[..., :-1]], -1)
+    keep = (p > 0) & (mass_before < top_p)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 3, 1.0), (1.0, 0, 0.6), (0.7, 5, 0.8)],
+)
+def test_samples_stay_inside_top_k_and_top_p(model, temperature, top_k, top_p):
+    prompts = _prompts([2, 6], seed=1)
+    R, N = 500, 4  # rows per prompt
+    params = SamplingParams(max_new_tokens=N, temperature=temperature, top_k=top_k, top_p=top_p)
+    # both prompts in one batch: the short one is left-padded
+    gen = generate(model, [p for p in prompts for _ in range(R)], params, torch.Generator().manual_seed(0))
+    assert gen.mask.all()
+
+    for j, prompt in enumerate(prompts):
+        completions = gen.tokens[j * R : (j + 1) * R]  # (R, N)
+        with torch.no_grad():  # full forward, no cache, no padding
+            logits = model(torch.cat([torch.tensor([prompt]).expand(R, -1), completions], 1))
+        allowed = _allowed(logits[:, len(prompt) - 1 : -1], temperature, top_k, top_p)  # (R, N, V)
+        assert allowed.gather(-1, completions[..., None]).all()
+        # the filter matters: without it the first token would fall outside the allowed set often
+        probs = torch.softmax(logits[0, len(prompt) - 1].double() / temperature, -1)
+        assert probs[~allowed[0, 0]].sum() > 0.1
+        assert len({tuple(r) for r in completions.tolist()}) >= 10  # many distinct completions checked
+
+
+# ---------------------------------------------------------------- behaviour log-probabilities
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (0.7, 4)])
+def test_logprobs_match_full_forward(model, temperature, top_k):
+    prompts = _prompts([1, 4, 7, 2, 5, 3], seed=2) * 3
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, stop_token=3)
+    gen = generate(model, prompts, params, torch.Generator().manual_seed(4))
+    assert not gen.mask.all() and gen.mask.any(1).all()  # some rows stopped early
+
+    for i, (prompt, row) in enumerate(zip(prompts, gen.rows())):
+        logits = _completion_logits(model, prompt, row) / temperature
+        if top_k:
+            kth = logits.topk(top_k, -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, NEG_INF)
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(row)[:, None]).squeeze(-1)
+        n = len(row)
+        torch.testing.assert_close(gen.logprobs[i, :n], expected, atol=1e-5, rtol=0)
+        assert (gen.logprobs[i, n:] == 0).all()
+    assert gen.logprobs.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- stop token
+
+
+def test_rows_stop_at_stop_token(model):
+    prompts = _prompts([3, 1, 6, 2], seed=3) * 8
+    N, stop, pad = 8, 5, 13
+    params = SamplingParams(max_new_tokens=N, stop_token=stop)
+    gen = generate(model, prompts, params, torch.Generator().manual_seed(1), pad)
+    assert gen.tokens.shape == gen.mask.shape == gen.logprobs.shape == (len(prompts), N)
+
+    stopped = 0
+    for i in range(len(prompts)):
+        toks = gen.tokens[i].tolist()
+        if stop in toks:
+            s = toks.index(stop)
+            stopped += 1
+            assert gen.mask[i, : s + 1].all() and not gen.mask[i, s + 1 :].any()
+            assert all(t == pad for t in toks[s + 1 :])
+            assert not gen.truncated[i]
+        else:
+            assert gen.mask[i].all()
+            assert gen.truncated[i]
+    # both kinds of rows occur, and some stop before the last column
+    assert 0 < stopped < len(prompts)
+    assert (gen.mask.sum(1) < N - 1).any()
+
+    # the stop token only ends rows: the same seed without it samples the same tokens up to the stop
+    free = generate(model, prompts, SamplingParams(max_new_tokens=N), torch.Generator().manual_seed(1), pad)
+    assert torch.equal(free.tokens[gen.mask], gen.tokens[gen.mask])
+    assert free.mask.all() and free.truncated.all()  # without a stop token every row is truncated
+
+
+def test_all_rows_stopping_early_still_returns_full_width(model):
+    prompts = _prompts([3, 5], seed=4)
+    greedy = SamplingParams(max_new_tokens=1, temperature=0.0)
+    # the stop token is each prompt's greedy first token, so every row stops at column 0
+    for prompt in prompts:
+        first = generate(model, [prompt], greedy, torch.Generator()).rows()[0][0]
+        params = SamplingParams(max_new_tokens=9, temperature=0.0, stop_token=first)
+        gen = generate(model, [prompt] * 3, params, torch.Generator(), pad_id=15, check_every=2)
+        assert gen.tokens.shape == (3, 9)
+        assert gen.mask[:, 0].all() and not gen.mask[:, 1:].any()
+        assert (gen.tokens[:, 0] == first).all() and (gen.tokens[:, 1:] == 15).all()
+        assert not gen.truncated.any()
+
+
+# ---------------------------------------------------------------- sampling frequencies
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_first_token_frequencies_match_softmax(model, temperature):
+    prompt = _prompts([4], seed=5)[0]
+    n = 20_000
+    params = SamplingParams(max_new_tokens=1, temperature=temperature)
+    gen = generate(model, [prompt] * n, params, torch.Generator().manual_seed(7))
+    counts = torch.bincount(gen.tokens[:, 0], minlength=SHAPE.vocab_size).double()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1].double()
+    expected = n * torch.softmax(logits / temperature, -1)
+    assert expected.min() >= 5  # every cell is large enough for the chi-square approximation
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    # 15 degrees of freedom: mean 15, P(chi2 > 60) < 1e-6 (Wilson-Hilferty). Seeds are fixed, so this is
+    # deterministic; the bound only says the fixed draw is not a lucky one.
+    assert chi2 < 60, (chi2, counts.tolist(), expected.tolist())
+    # the same counts are far from the distribution at another temperature: the test can tell them apart
+    other = n * torch.softmax(logits / (temperature * 1.3), -1)
+    assert ((counts - other) ** 2 / other).sum().item() > 200
+
+
+# ---------------------------------------------------------------- greedy
+
+
+def test_temperature_zero_is_greedy(model):
+    prompts = _prompts([1, 5, 8, 3], seed=6)
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    gen = generate(model, prompts, greedy, torch.Generator().manual_seed(0))
+    for prompt, row in zip(prompts, gen.rows()):
+        assert len(row) == 10
+        assert _completion_logits(model, prompt, row).argmax(-1).tolist() == row
+    assert (gen.logprobs == 0).all()  # all mass on the argmax
+    # a different generator changes nothing
+    again = generate(model, prompts, greedy, torch.Generator().manual_seed(9))
+    assert torch.equal(again.tokens, gen.tokens)
+
+
+# ---------------------------------------------------------------- Generation.rows and inputs
+
+
+def test_rows_by_hand():
+    gen = Generation(
+        tokens=torch.tensor([[5, 2, 0, 0], [1, 1, 1, 1], [2, 0, 0, 0]]),
+        logprobs=torch.zeros(3, 4),
+        mask=torch.tensor([[True, True, False, False], [True] * 4, [True, False, False, False]]),
+        truncated=torch.tensor([False, True, False]),
+    )
+    assert gen.rows() == [[5, 2], [1, 1, 1, 1], [2]]
+
+
+def test_rows_end_at_the_stop_token(model):
+    prompts = _prompts([2, 4, 3], seed=7) * 6
+    stop = 5
+    gen = generate(model, prompts, SamplingParams(max_new_tokens=8, stop_token=stop), torch.Generator().manual_seed(2))
+    rows = gen.rows()
+    assert any(r[-1] == stop for r in rows) and any(stop not in r for r in rows)
+    for row, toks, truncated in zip(rows, gen.tokens.tolist(), gen.truncated.tolist()):
+        if truncated:
+            assert row == toks and stop not in row
+        else:
+            assert row == toks[: toks.index(stop) + 1]
+
+
+def test_generate_rejects_empty_prompt(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], SamplingParams(max_new_tokens=2), torch.Generator())
