@@ -71,7 +71,8 @@ def pg_loss(logprobs: torch.Tensor, response_mask: torch.Tensor, adv: torch.Tens
     Returns:
         scalar loss whose gradient is −g.
     """
-    seq_logprob = (logprobs * response_mask).sum(dim=1)  # (B,)
+    # where, not multiply: a masked position may hold -inf, and -inf * 0 would be NaN
+    seq_logprob = torch.where(response_mask.bool(), logprobs, 0.0).sum(dim=1)  # (B,)
     return -(adv.detach() * seq_logprob).sum() / num_samples
 
 

@@ -16,6 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from distpg.ragged import ragged_index
+
 SCHEMA = pa.schema(
     [
         ("prompt_id", pa.int64()),
@@ -121,11 +123,8 @@ def to_learner_batch(batches: list[pa.RecordBatch], pad_id: int) -> LearnerBatch
     response = np.zeros((B, L), dtype=bool)
     old_lp = np.zeros((B, L), dtype=np.float32)
     # scatter the flattened lists into rows: row i gets its prompt at [0, p_i), completion at [p_i, p_i + c_i)
-    rows_p = np.repeat(np.arange(B), p_len)
-    cols_p = np.arange(len(rows_p)) - np.repeat(np.cumsum(p_len) - p_len, p_len)
-    tokens[rows_p, cols_p] = _np(table.column("prompt_tokens").combine_chunks().flatten())
-    rows_c = np.repeat(np.arange(B), c_len)
-    cols_c = np.arange(len(rows_c)) - np.repeat(np.cumsum(c_len) - c_len, c_len) + np.repeat(p_len, c_len)
+    tokens[ragged_index(p_len)] = _np(table.column("prompt_tokens").combine_chunks().flatten())
+    rows_c, cols_c = ragged_index(c_len, starts=p_len)
     tokens[rows_c, cols_c] = _np(table.column("completion_tokens").combine_chunks().flatten())
     response[rows_c, cols_c] = True
     old_lp[rows_c, cols_c] = _np(table.column("completion_logprobs").combine_chunks().flatten())

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from distpg.model import GPT
+from distpg.ragged import ragged_index
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,15 @@ def sample_token(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> ids (B, Tp) and a bool mask (B, Tp) of real tokens."""
-    Tp = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), Tp), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), Tp), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, Tp - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, Tp - len(p) :] = True
+    lengths = np.array([len(p) for p in prompts])
+    B, Tp = len(prompts), int(lengths.max())
+    # scatter the concatenated prompts into their right-aligned slots, no loop over rows
+    rows, cols = ragged_index(lengths, starts=Tp - lengths)
+    ids = np.full((B, Tp), pad_id, dtype=np.int64)
+    ids[rows, cols] = np.fromiter((t for p in prompts for t in p), dtype=np.int64, count=int(lengths.sum()))
+    mask = np.zeros((B, Tp), dtype=bool)
+    mask[rows, cols] = True
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     return ids.to(device), mask.to(device)
 
 

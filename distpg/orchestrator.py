@@ -271,6 +271,18 @@ class Trainer:
         remove_placement_group(self.pg)
 
 
+def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources: dict, local: bool) -> str:
+    where = "local Ray" if local else "Ray cluster"
+    m = cfg.model
+    return (
+        f"distpg: {cfg.rollout.num_workers} rollout workers on {len(set(trainer.worker_nodes))} node(s) + 1 learner, "
+        f"{where} with {resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs "
+        f"({'GPU' if placement.use_gpu else 'CPU'} training); task {cfg.task.name}; model {m.n_layer}x{m.n_embd}; "
+        f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} samples per step; "
+        f"baseline {cfg.algo.baseline}; {cfg.run.steps} steps"
+    )
+
+
 def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
     table = pa.Table.from_batches(batches)
     reward = table.column("reward").to_numpy()
@@ -331,6 +343,7 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0))
         trainer = Trainer(cfg, Path(run_dir), placement)
+        print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     finally:
         if trainer is not None:

@@ -10,6 +10,23 @@ import pytest
 from distpg.config import config_from_dict, merge_overrides
 
 
+def randomize_parameters(model, seed: int, scale: float) -> None:
+    """Redraw every parameter so next-token distributions are neither uniform nor one-hot:
+    matrices N(0, scale), biases N(0, 0.1), LayerNorm weights 1 + N(0, 0.1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "ln_" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(scale * noise)
+
+
 def small_config(*overrides: str):
     """A config that trains in a few seconds: tiny model, 2 workers, few prompts."""
     base = [

@@ -15,29 +15,16 @@ import torch
 
 from distpg.generate import Generation, SamplingParams, generate, sample_token, sampling_logprobs
 from distpg.model import GPT, ModelShape, build_model
+from tests.conftest import randomize_parameters
 
 SHAPE = ModelShape(vocab_size=16, n_layer=2, n_head=2, n_embd=32, n_positions=64)
 NEG_INF = float("-inf")
 
 
-def _randomize(model: torch.nn.Module, seed: int, scale: float) -> None:
-    """Redraw the weights so the next-token distributions are neither uniform nor one-hot."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "ln_" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(scale * noise)
-
-
 @pytest.fixture(scope="module")
 def model() -> GPT:
     m = build_model(SHAPE, seed=0)
-    _randomize(m, seed=1, scale=0.15)
+    randomize_parameters(m, seed=1, scale=0.15)
     return m.eval()
 
 

@@ -1,7 +1,7 @@
 """The GPT-2 policy in `distpg.model`: logits against Hugging Face transformers, KV-cache decoding, left
 padding, the tied output layer, presets and seeding, and the n_positions limit.
 
-Weights are drawn larger than GPT-2's N(0, 0.02) init (see `_randomize`) so that attention is far from
+Weights are drawn larger than GPT-2's N(0, 0.02) init (see `randomize_parameters` in conftest) so that attention is far from
 uniform and logits spread over several units: with the stock init every logit is near 0 and a broken mask
 or a wrong transpose could hide under the tolerance.
 """
@@ -16,24 +16,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from distpg.generate import SamplingParams, generate
 from distpg.model import GPT, PRESETS, ModelShape, build_model, token_logprobs
+from tests.conftest import randomize_parameters
 
 SHAPE = ModelShape(vocab_size=50, n_layer=2, n_head=4, n_embd=64, n_positions=32)
 # HF stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every parameter: matrices N(0, 0.2), biases N(0, 0.1), LayerNorm weights 1 + N(0, 0.1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "ln_" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.2 * noise)
 
 
 def _hf_config(shape: ModelShape, **kw) -> GPT2Config:
@@ -71,7 +58,7 @@ def _from_hf(hf: GPT2LMHeadModel, shape: ModelShape) -> GPT:
 def hf_pair() -> tuple[GPT2LMHeadModel, GPT]:
     # eager attention: HF's own softmax(QK^T)V, independent of the SDPA kernel distpg uses
     hf = GPT2LMHeadModel(_hf_config(SHAPE, attn_implementation="eager"))
-    _randomize(hf, seed=0)
+    randomize_parameters(hf, seed=0, scale=0.2)
     hf.eval()
     return hf, _from_hf(hf, SHAPE)
 
@@ -79,7 +66,7 @@ def hf_pair() -> tuple[GPT2LMHeadModel, GPT]:
 @pytest.fixture(scope="module")
 def model() -> GPT:
     m = build_model(SHAPE, seed=0)
-    _randomize(m, seed=1)
+    randomize_parameters(m, seed=1, scale=0.2)
     return m.eval()
 
 

@@ -1,0 +1,212 @@
+"""Hand-worked checks of the REINFORCE math in distpg.algo (no model, no Ray).
+
+Every expected value is worked out by hand in the comments next to it.
+"""
+
+import math
+
+import pytest
+import torch
+
+from distpg import algo
+
+NAN = float("nan")
+INF = float("inf")
+
+
+def _close(actual, expected):
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- advantages
+def test_none_baseline_is_the_reward():
+    rewards = torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64)  # (P=1, G=3)
+    ok = torch.ones(1, 3, dtype=torch.bool)
+    adv, valid = algo.advantages(rewards, ok, "none")
+    # b = 0, so A = r
+    _close(adv, [[1.0, 0.5, 0.0]])
+    assert adv.dtype == torch.float32
+    assert valid.tolist() == [[True, True, True]]
+
+
+def test_ema_baseline_without_value_is_zero_and_with_value_subtracts_it():
+    rewards = torch.tensor([[1.0, 0.5], [0.0, 0.25]])  # (P=2, G=2)
+    ok = torch.ones(2, 2, dtype=torch.bool)
+    adv, valid = algo.advantages(rewards, ok, "ema", ema_value=None)
+    # no earlier batch: b = 0, A = r
+    _close(adv, [[1.0, 0.5], [0.0, 0.25]])
+    assert valid.all()
+    adv, valid = algo.advantages(rewards, ok, "ema", ema_value=0.25)
+    # b = 0.25 for every sample: 1 - 0.25 = 0.75, 0.5 - 0.25 = 0.25, 0 - 0.25 = -0.25, 0.25 - 0.25 = 0
+    _close(adv, [[0.75, 0.25], [-0.25, 0.0]])
+    assert valid.all()
+
+
+def test_group_baseline_is_the_leave_one_out_mean():
+    rewards = torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.4, 0.9]])  # (P=2, G=3)
+    ok = torch.ones(2, 3, dtype=torch.bool)
+    adv, valid = algo.advantages(rewards, ok, "group")
+    # row 0: b_0 = (0.5 + 0.0) / 2 = 0.25 -> 1.0 - 0.25 = 0.75
+    #        b_1 = (1.0 + 0.0) / 2 = 0.5  -> 0.5 - 0.5  = 0.0
+    #        b_2 = (1.0 + 0.5) / 2 = 0.75 -> 0.0 - 0.75 = -0.75
+    # row 1: b_0 = (0.4 + 0.9) / 2 = 0.65 -> 0.2 - 0.65 = -0.45
+    #        b_1 = (0.2 + 0.9) / 2 = 0.55 -> 0.4 - 0.55 = -0.15
+    #        b_2 = (0.2 + 0.4) / 2 = 0.3  -> 0.9 - 0.3  = 0.6
+    _close(adv, [[0.75, 0.0, -0.75], [-0.45, -0.15, 0.6]])
+    assert valid.all()
+    # the full group mean (including self) would give row 0 = [0.5, 0.0, -0.5]: a different, biased answer
+    assert not torch.allclose(adv[0], torch.tensor([0.5, 0.0, -0.5]))
+
+
+def test_group_baseline_skips_failed_rewards():
+    # row 0: sample 1 failed (its reward is NaN); row 1: sample 2 failed with a finite garbage reward 7.0
+    rewards = torch.tensor([[1.0, NAN, 0.0, 0.5], [0.3, 0.8, 7.0, 0.1]])  # (P=2, G=4)
+    ok = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    adv, valid = algo.advantages(rewards, ok, "group")
+    # row 0, the other ok samples only (n_ok = 3, so each baseline averages 2 rewards):
+    #   b_0 = (0.0 + 0.5) / 2 = 0.25 -> 1.0 - 0.25 = 0.75
+    #   sample 1 failed -> 0
+    #   b_2 = (1.0 + 0.5) / 2 = 0.75 -> 0.0 - 0.75 = -0.75
+    #   b_3 = (1.0 + 0.0) / 2 = 0.5  -> 0.5 - 0.5  = 0.0
+    # row 1: b_0 = (0.8 + 0.1) / 2 = 0.45 -> 0.3 - 0.45 = -0.15
+    #        b_1 = (0.3 + 0.1) / 2 = 0.2  -> 0.8 - 0.2  = 0.6
+    #        sample 2 failed -> 0 (and 7.0 is in no baseline)
+    #        b_3 = (0.3 + 0.8) / 2 = 0.55 -> 0.1 - 0.55 = -0.45
+    _close(adv, [[0.75, 0.0, -0.75, 0.0], [-0.15, 0.6, 0.0, -0.45]])
+    assert valid.tolist() == ok.tolist()
+
+
+def test_group_with_a_single_ok_sample_carries_no_gradient():
+    rewards = torch.tensor([[0.3, 0.8, 0.1], [0.5, 0.5, 0.5], [1.0, 0.0, 0.5]])  # (P=3, G=3)
+    ok = torch.tensor([[False, True, False], [False, False, False], [True, True, True]])
+    adv, valid = algo.advantages(rewards, ok, "group")
+    # row 0: one ok sample has no "other" samples to form a baseline -> not valid, A = 0
+    # row 1: nothing ok -> nothing valid
+    # row 2: b = [(0 + .5)/2, (1 + .5)/2, (1 + 0)/2] = [0.25, 0.75, 0.5] -> A = [0.75, -0.75, 0.0]
+    assert valid.tolist() == [[False, False, False], [False, False, False], [True, True, True]]
+    _close(adv, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.75, -0.75, 0.0]])
+
+
+@pytest.mark.parametrize("baseline, ema_value", [("none", None), ("ema", 0.5)])
+def test_none_and_ema_zero_failed_samples(baseline, ema_value):
+    rewards = torch.tensor([[1.0, NAN, 0.25]])  # (P=1, G=3)
+    ok = torch.tensor([[True, False, True]])
+    adv, valid = algo.advantages(rewards, ok, baseline, ema_value=ema_value)
+    b = 0.0 if ema_value is None else ema_value
+    # ok samples: r - b; the failed one: 0 (not NaN, not -b)
+    _close(adv, [[1.0 - b, 0.0, 0.25 - b]])
+    assert valid.tolist() == [[True, False, True]]
+
+
+def test_unknown_baseline_is_named_in_the_error():
+    rewards, ok = torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"'leave_one_out'.*none, ema, group"):
+        algo.advantages(rewards, ok, "leave_one_out")
+
+
+# ---------------------------------------------------------------------------------------- ema_update
+def test_ema_update_first_call_sets_then_blends():
+    ema = algo.ema_update(None, 0.8, decay=0.9)
+    assert ema == pytest.approx(0.8)  # first batch: b = its mean
+    ema = algo.ema_update(ema, 0.2, decay=0.9)
+    assert ema == pytest.approx(0.74)  # 0.9 * 0.8 + 0.1 * 0.2 = 0.72 + 0.02
+    ema = algo.ema_update(ema, 1.0, decay=0.9)
+    assert ema == pytest.approx(0.766)  # 0.9 * 0.74 + 0.1 * 1.0 = 0.666 + 0.1
+    # a running value of 0.0 is a value, not "no value yet": 0.5 * 0.0 + 0.5 * 1.0
+    assert algo.ema_update(0.0, 1.0, decay=0.5) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------- pg_loss
+# B = 2 samples, T = 3 tokens; the last token of sample 0 is not part of its completion.
+LOGPROBS = [[-1.0, -2.0, -0.5], [-0.25, -1.5, -3.0]]
+MASK = [[True, True, False], [True, True, True]]
+ADV = [2.0, -1.0]
+
+
+def test_pg_loss_value_and_gradient():
+    logprobs = torch.tensor(LOGPROBS, requires_grad=True)
+    adv = torch.tensor(ADV, requires_grad=True)
+    loss = algo.pg_loss(logprobs, torch.tensor(MASK), adv, num_samples=2)
+    # sequence sums: sample 0: -1 - 2 = -3 (the masked -0.5 is left out); sample 1: -0.25 - 1.5 - 3 = -4.75
+    # loss = -(2 * -3 + -1 * -4.75) / 2 = -(-6 + 4.75) / 2 = 0.625
+    assert loss.item() == pytest.approx(0.625)
+    loss.backward()
+    # d loss / d logprob_{i,t} = -A_i * mask_{i,t} / B:
+    #   sample 0: -2 / 2 = -1 on the two completion tokens, 0 on the masked one
+    #   sample 1: +1 / 2 = 0.5 on all three
+    _close(logprobs.grad, [[-1.0, -1.0, 0.0], [0.5, 0.5, 0.5]])
+    assert adv.grad is None  # the advantages are constants of the surrogate
+
+
+def test_pg_loss_float_mask_matches_bool_mask():
+    logprobs = torch.tensor(LOGPROBS)
+    bool_loss = algo.pg_loss(logprobs, torch.tensor(MASK), torch.tensor(ADV), num_samples=2)
+    float_loss = algo.pg_loss(logprobs, torch.tensor(MASK).float(), torch.tensor(ADV), num_samples=2)
+    assert float_loss.item() == pytest.approx(bool_loss.item()) == pytest.approx(0.625)
+
+
+def test_pg_loss_normalises_by_num_samples_so_micro_batches_add_up():
+    logprobs, mask, adv = torch.tensor(LOGPROBS, requires_grad=True), torch.tensor(MASK), torch.tensor(ADV)
+    # the same two samples as part of a batch of B = 4: half the loss and half the gradient
+    loss = algo.pg_loss(logprobs, mask, adv, num_samples=4)
+    assert loss.item() == pytest.approx(0.3125)  # 0.625 * 2 / 4
+    loss.backward()
+    _close(logprobs.grad, [[-0.5, -0.5, 0.0], [0.25, 0.25, 0.25]])  # -A_i * mask / 4
+    # two micro-batches of one sample each, normalised by the whole batch, add up to the full loss:
+    # sample 0: -(2 * -3) / 2 = 3.0; sample 1: -(-1 * -4.75) / 2 = -2.375; 3.0 - 2.375 = 0.625
+    parts = [algo.pg_loss(logprobs[i : i + 1], mask[i : i + 1], adv[i : i + 1], num_samples=2) for i in (0, 1)]
+    assert [p.item() for p in parts] == pytest.approx([3.0, -2.375])
+    assert sum(p.item() for p in parts) == pytest.approx(0.625)
+
+
+# ------------------------------------------------------------------------------------------- entropy
+def test_entropy_of_uniform_and_one_hot_distributions():
+    # (B=1, T=3, V=4): uniform over 4 tokens, one-hot, uniform over 2 tokens
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, -INF, -INF, -INF], [3.0, 3.0, -INF, -INF]]])
+    ln2 = math.log(2.0)
+    # per-token entropies: ln 4 = 2 ln 2, 0 (0 * log 0 counts as 0), ln 2
+    # mask [1, 1, 0]: (2 ln 2 + 0) / 2 = ln 2
+    assert algo.entropy(logits, torch.tensor([[True, True, False]])).item() == pytest.approx(ln2)
+    # mask [1, 0, 1]: (2 ln 2 + ln 2) / 2 = 1.5 ln 2
+    assert algo.entropy(logits, torch.tensor([[True, False, True]])).item() == pytest.approx(1.5 * ln2)
+    # mask [0, 1, 0]: the one-hot token alone has entropy 0
+    assert algo.entropy(logits, torch.tensor([[False, True, False]])).item() == pytest.approx(0.0)
+    # nothing masked in: 0, not NaN
+    assert algo.entropy(logits, torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_entropy_of_nearly_one_hot_finite_logits():
+    # p = softmax([30, 0, 0, 0]) = (1 - 3e, e, e, e) with e = 1 / (e^30 + 3) ~ 9.4e-14: H ~ 3 e * 31 ~ 8.7e-12
+    logits = torch.tensor([[[30.0, 0.0, 0.0, 0.0]]])
+    assert algo.entropy(logits, torch.ones(1, 1)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- kl_k3
+def test_kl_k3_is_zero_for_identical_policies():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, -7.0]])
+    assert algo.kl_k3(logp, logp.clone(), torch.ones(2, 3)).item() == 0.0
+
+
+def test_kl_k3_hand_example():
+    ref = torch.tensor([[-1.0, -2.0, -0.5]])
+    # rho = pi / ref = 2, 0.5, 4 at the three tokens
+    logp = ref + torch.log(torch.tensor([[2.0, 0.5, 4.0]]))
+    # k3(rho) = (rho - 1) - ln rho:
+    #   rho = 2:   1 - ln 2          = 0.30685
+    #   rho = 0.5: -0.5 + ln 2       = 0.19315
+    #   rho = 4:   3 - ln 4          = 1.61371
+    # mask [1, 1, 0]: (1 - ln 2 - 0.5 + ln 2) / 2 = 0.5 / 2 = 0.25
+    assert algo.kl_k3(logp, ref, torch.tensor([[True, True, False]])).item() == pytest.approx(0.25, abs=1e-6)
+    # all three: (0.5 + 3 - 2 ln 2) / 3 = (3.5 - 1.386294) / 3 = 0.704569
+    expected = (3.5 - 2 * math.log(2.0)) / 3
+    assert algo.kl_k3(logp, ref, torch.ones(1, 3)).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_k3_is_positive_when_policies_differ():
+    gen = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 5, generator=gen) * 3
+    ref = -torch.rand(4, 5, generator=gen) * 3
+    mask = torch.ones(4, 5)
+    # (rho - 1) - ln rho >= 0 with equality only at rho = 1, which random log-probs never hit
+    assert algo.kl_k3(logp, ref, mask).item() > 0.0
+    assert algo.kl_k3(ref, logp, mask).item() > 0.0
