@@ -1,7 +1,7 @@
 """The GPT-2 policy in `distpg.model`: logits against Hugging Face transformers, KV-cache decoding, left
 padding, the tied output layer, presets and seeding, and the n_positions limit.
 
-Weights are drawn larger than GPT-2's N(0, 0.02) init (see `randomize_parameters` in conftest) so that attention is far from
+Weights are drawn larger than GPT-2's N(0, 0.02) init (`randomize_parameters` in conftest) so that attention is far from
 uniform and logits spread over several units: with the stock init every logit is near 0 and a broken mask
 or a wrong transpose could hide under the tolerance.
 """
