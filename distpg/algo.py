@@ -92,3 +92,61 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, response_mask: torch.Tenso
     k3 = log_ratio.exp() - 1.0 - log_ratio
     m = response_mask.float()
     return (k3 * m).sum() / m.sum().clamp(min=1)
+
+
+OFF_POLICY = ("truncated", "clipped", "none")
+
+
+def off_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    adv: torch.Tensor,
+    stale: torch.Tensor,
+    num_samples: int,
+    mode: str = "truncated",
+    cap: float = 1.0,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy-gradient loss for samples drawn from an older policy μ (asynchronous training).
+
+    With per-token ratios ρ_t = πθ(a_t) / μ(a_t) (μ from the sampler's stored log-probabilities):
+    - truncated: −1/B Σ_i A_i Σ_t min(ρ_t, cap) log πθ(a_t), the ratio detached: truncated importance
+      sampling as in V-trace's ρ̄ (cap 1 never up-weights a token, which keeps the variance bounded).
+    - clipped:   −1/B Σ_i Σ_t min(ρ_t A_i, clip(ρ_t, 1 − ε, 1 + ε) A_i), PPO's clipped surrogate.
+    - none:      the on-policy loss, ignoring the lag (biased).
+    Fresh samples (`stale` False: drawn with the learner's current weights) always use the plain
+    REINFORCE term, so a batch without stale samples gives exactly `pg_loss`.
+
+    Args:
+        logprobs, old_logprobs: (B, T) log πθ (differentiable) and log μ.
+        response_mask: (B, T) tokens that count.
+        adv: (B,) advantages.
+        stale: (B,) bool, True where the sample's policy version is older than the learner's.
+        num_samples: B in the 1/B normaliser.
+    Returns:
+        (loss, corrected) where corrected is the number of response tokens of stale samples whose ratio
+        was truncated (ρ > cap) or clipped (outside [1 − ε, 1 + ε] on the side that binds).
+    """
+    if mode not in OFF_POLICY:
+        raise ValueError(f"algo.off_policy={mode!r}: allowed are {', '.join(OFF_POLICY)}")
+    if mode == "none" or not bool(stale.any()):
+        return pg_loss(logprobs, response_mask, adv, num_samples), torch.zeros(())
+    mask = response_mask.bool()
+    stale_tok = mask & stale[:, None]
+    log_ratio = torch.where(stale_tok, logprobs - old_logprobs, 0.0)
+    ratio = log_ratio.exp()
+    a = adv.detach()[:, None]
+    logp = torch.where(mask, logprobs, 0.0)
+    if mode == "truncated":
+        coef = torch.where(stale_tok, ratio.detach().clamp(max=cap), 1.0)
+        loss = -(a * coef * logp).sum() / num_samples
+        corrected = (stale_tok & (ratio > cap)).sum()
+    else:
+        clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+        surrogate = torch.minimum(ratio * a, clipped * a)
+        # fresh tokens: A log π (gradient A ∇log π); stale tokens: the clipped surrogate (gradient ρ A ∇log π)
+        per_token = torch.where(stale_tok, surrogate, a * logp)
+        loss = -torch.where(mask, per_token, 0.0).sum() / num_samples
+        corrected = (stale_tok & ((ratio * a) != surrogate)).sum()
+    return loss, corrected

@@ -94,6 +94,7 @@ class LearnerBatch:
     old_logprobs:    (B, L) float32, log μ aligned with tokens (0 elsewhere)
     rewards, ok:     (B,) float32 / bool
     prompt_id:       (B,) int64
+    sample_idx:      (B,) int64
     policy_version:  (B,) int64
     """
 
@@ -103,6 +104,7 @@ class LearnerBatch:
     rewards: torch.Tensor
     ok: torch.Tensor
     prompt_id: torch.Tensor
+    sample_idx: torch.Tensor
     policy_version: torch.Tensor
 
     def to(self, device) -> LearnerBatch:
@@ -135,6 +137,7 @@ def to_learner_batch(batches: list[pa.RecordBatch], pad_id: int) -> LearnerBatch
         rewards=torch.from_numpy(_np(table.column("reward")).astype(np.float32)),
         ok=torch.from_numpy(_np(table.column("reward_ok")).astype(bool)),
         prompt_id=torch.from_numpy(_np(table.column("prompt_id")).astype(np.int64)),
+        sample_idx=torch.from_numpy(_np(table.column("sample_idx")).astype(np.int64)),
         policy_version=torch.from_numpy(_np(table.column("policy_version")).astype(np.int64)),
     )
 

@@ -34,7 +34,10 @@ def _f(default, doc: str, choices: tuple | None = None, **kw):
 class RunConfig:
     seed: int = _f(0, "seed for model init, prompts and sampling: same config and seed, same numbers")
     steps: int = _f(200, "number of training steps (one batch of rollouts and one update each)")
-    mode: str = _f("sync", "training loop: sync (rollout, then update, then broadcast)", ("sync",))
+    mode: str = _f(
+        "sync", "sync: rollout, then update, then broadcast; async: workers keep generating while the learner "
+        "trains, at most algo.max_staleness versions behind", ("sync", "async"),
+    )
     device: str = _f("auto", "auto: GPUs when the cluster has them, else CPU", ("auto", "cpu", "cuda"))
     stop_reward: float | None = _f(
         None, "stop early once the mean reward of the last 5 steps reaches this (null: run all steps)"
@@ -95,6 +98,13 @@ class AlgoConfig:
         ("none", "ema", "group"),
     )
     ema_decay: float = _f(0.9, "ema baseline: b <- decay * b + (1 - decay) * batch mean reward")
+    max_staleness: int = _f(1, "async: a batch is at most this many policy versions older than the learner")
+    off_policy: str = _f(
+        "truncated", "async correction of stale samples: truncated (IS ratio capped at is_cap), clipped (PPO), none",
+        ("truncated", "clipped", "none"),
+    )
+    is_cap: float = _f(1.0, "truncated: cap on the per-token importance ratio pi/mu (V-trace's rho-bar)")
+    clip_eps: float = _f(0.2, "clipped: PPO clip range epsilon")
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,7 @@ class LogConfig:
     print_every: int = _f(10, "console progress line every this many steps")
     samples: int = _f(4, "sample completions written to TensorBoard as text")
     sample_every: int = _f(50, "steps between sample texts")
+    ledger: bool = _f(False, "write RUN_DIR/ledger.parquet: every (prompt_id, sample_idx, step) the learner consumed")
 
 
 @dataclass(frozen=True)
@@ -258,6 +269,9 @@ def _validate(cfg: Config) -> None:
         "rollout.num_gpus_per_worker": (cfg.rollout.num_gpus_per_worker, 0.0, None),
         "rollout.timeout_s": (cfg.rollout.timeout_s, 1e-3, None),
         "algo.ema_decay": (cfg.algo.ema_decay, 0.0, 1.0),
+        "algo.max_staleness": (cfg.algo.max_staleness, 0, None),
+        "algo.is_cap": (cfg.algo.is_cap, 1e-6, None),
+        "algo.clip_eps": (cfg.algo.clip_eps, 0.0, 1.0),
         "learner.lr": (cfg.learner.lr, 0.0, None),
         "learner.grad_clip": (cfg.learner.grad_clip, 0.0, None),
         "learner.weight_decay": (cfg.learner.weight_decay, 0.0, None),

@@ -57,6 +57,7 @@ class Learner:
         self.version = 0
         self.ema: float | None = None
         self.skipped_steps = 0
+        self.ledger: list[torch.Tensor] | None = [] if cfg.log.ledger else None
 
     # ------------------------------------------------------------------------------------------ weights
     def get_weights(self) -> WeightsMessage:
@@ -64,6 +65,12 @@ class Learner:
 
     def get_version(self) -> int:
         return self.version
+
+    def get_ledger(self) -> list[tuple[int, int, int]]:
+        """Every (prompt_id, sample_idx, version) consumed by an update (with log.ledger on)."""
+        if not self.ledger:
+            return []
+        return [tuple(r) for r in torch.cat(self.ledger, dim=1).T.tolist()]
 
     # ------------------------------------------------------------------------------------------- update
     def update(self, *batches: pa.RecordBatch) -> tuple[dict, WeightsMessage]:
@@ -75,13 +82,19 @@ class Learner:
         order, G = group_view(b)
         b = LearnerBatch(**{k: v[order] for k, v in b.__dict__.items()}).to(self.device)
         B = b.tokens.shape[0]
-        staleness = (self.version - b.policy_version).float()
+        staleness = self.version - b.policy_version  # (B,) versions behind the learner
+        if bool((staleness < 0).any()):
+            raise BatchError(f"trajectory batch: policy_version {int(b.policy_version.max())} is newer than the "
+                             f"learner's {self.version}")
+        stale = staleness > 0
         rewards, ok = b.rewards.view(-1, G), b.ok.view(-1, G)
         adv, valid = algo.advantages(rewards, ok, self.cfg.algo.baseline, self.ema)
         adv, valid = adv.reshape(B), valid.reshape(B)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = ent_sum = kl_sum = 0.0
+        corrected = 0
+        ac = self.cfg.algo
         mb = self.cfg.learner.micro_batch_size or B
         for s in range(0, B, mb):
             idx = slice(s, s + mb)
@@ -91,7 +104,11 @@ class Learner:
             logits = self.model(tokens[:, :-1])  # (b, L-1, V)
             logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
             grad_mask = mask & valid[idx, None]
-            loss = algo.pg_loss(logp, grad_mask, adv[idx], num_samples=B)
+            loss, n_corrected = algo.off_policy_loss(
+                logp, b.old_logprobs[idx, 1:L], grad_mask, adv[idx], stale[idx], num_samples=B,
+                mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps,
+            )
+            corrected += int(n_corrected)
             loss.backward()
             n = mask.shape[0] / B
             loss_sum += loss.item()
@@ -108,6 +125,8 @@ class Learner:
             self.version += 1
             if bool(ok.any()):
                 self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
+            if self.ledger is not None:  # (prompt_id, sample_idx, version the update produced)
+                self.ledger.append(torch.stack([b.prompt_id, b.sample_idx, torch.full_like(b.prompt_id, self.version)]))
         else:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -120,7 +139,9 @@ class Learner:
             "learner/skipped_steps": self.skipped_steps,
             "learner/baseline_ema": self.ema if self.ema is not None else 0.0,
             "policy/version": self.version,
-            "rollout/staleness_mean": float(staleness.mean()),
+            "rollout/staleness_mean": float(staleness.float().mean()),
+            "rollout/staleness_max": int(staleness.max()),
+            "learner/offpolicy_corrected_frac": corrected / max(1, int((b.response_mask & stale[:, None]).sum())),
             "perf/learner_tokens_per_s": float(b.response_mask.shape[0] * b.tokens.shape[1]) / learn_s,
             "perf/learner_compute_s": learn_s,
         }

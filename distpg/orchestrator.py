@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -198,15 +199,14 @@ class Trainer:
         version = wait(self.learner.get_version.remote(), cfg.ray.timeout_s, "asking the learner its version")
         self.broadcast(weights_ref, version)
 
-        logger = MetricsLogger(self.run_dir, cfg.run.steps, cfg.log.tensorboard, cfg.log.print_every,
-                               start_step=start_step)
-        writer = RolloutWriter(self.run_dir / "rollouts", cfg.log.rollout_flush_every) if cfg.log.rollouts else None
+        self.open_outputs(start_step)
+        steps = self.async_steps(start_step, version) if cfg.run.mode == "async" else self.sync_steps(start_step)
         recent = deque(maxlen=5)
         record: dict = {}
         step = start_step
         try:
-            for step in range(start_step + 1, cfg.run.steps + 1):
-                record = self.step(step, logger, writer)
+            for record in steps:
+                step = record["step"]
                 recent.append(record["rollout/reward_mean"])
                 if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
                     self.save(step)
@@ -215,42 +215,136 @@ class Trainer:
                     print(f"mean reward of the last {len(recent)} steps reached run.stop_reward="
                           f"{cfg.run.stop_reward}; stopping at step {step}", flush=True)
                     break
+            steps.close()
             self.save(step)
+            if cfg.log.ledger:
+                self.write_ledger()
         finally:
-            if writer is not None:
-                writer.flush()
-            logger.close()
+            if self.writer is not None:
+                self.writer.flush()
+            self.logger.close()
         return {"steps": step, "final_reward": record.get("rollout/reward_mean"), "run_dir": str(self.run_dir)}
 
-    def step(self, step: int, logger: MetricsLogger, writer: RolloutWriter | None) -> dict:
+    def open_outputs(self, start_step: int) -> None:
+        """Metrics logger, rollout writer and the busy-time counters of a run starting after `start_step`."""
+        cfg = self.cfg
+        self.logger = MetricsLogger(self.run_dir, cfg.run.steps, cfg.log.tensorboard, cfg.log.print_every,
+                                    start_step=start_step)
+        self.writer = RolloutWriter(self.run_dir / "rollouts", cfg.log.rollout_flush_every) if cfg.log.rollouts \
+            else None
+        self.t_start, self.worker_busy_s, self.learner_busy_s = time.perf_counter(), 0.0, 0.0
+
+    # ------------------------------------------------------------------------------------ sync mode
+    def sync_steps(self, start_step: int):
+        """Synchronous loop: each step waits for every worker, then the learner, then the broadcast."""
+        for step in range(start_step + 1, self.cfg.run.steps + 1):
+            yield self.sync_step(step)
+
+    def sample_part(self, step: int, wid: int):
+        """Issue worker `wid`'s share of step `step` (its prompts and seed depend only on seed, step, wid)."""
+        prompts, ids = step_prompts(self.task, self.cfg, step)
+        n = len(self.workers)
+        return self.workers[wid].sample.remote(split(prompts, n)[wid], split(ids, n)[wid],
+                                               sample_seed(self.cfg.run.seed, step, wid))
+
+    def sync_step(self, step: int) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts, ids = step_prompts(self.task, cfg, step)
-        refs = [
-            w.sample.remote(p, i, sample_seed(cfg.run.seed, step, wid))
-            for wid, (w, p, i) in enumerate(zip(self.workers, split(prompts, len(self.workers)),
-                                                split(ids, len(self.workers))))
-        ]
+        refs = [self.sample_part(step, wid) for wid in range(len(self.workers))]
         batches: list[pa.RecordBatch] = wait(refs, cfg.rollout.timeout_s, f"rollout of step {step}")
         t1 = time.perf_counter()
         metrics_ref, weights_ref = self.learner.update.options(num_returns=2).remote(*refs)
-        # while the learner works: rollout statistics and Parquet
-        stats = rollout_stats(batches)
-        rollout_tokens = stats.pop("_tokens")
-        if writer is not None:
-            writer.add(step, batches)
+        if self.writer is not None:  # while the learner works
+            self.writer.add(step, batches)
         lm = wait(metrics_ref, cfg.ray.timeout_s, f"learner update of step {step}")
         t2 = time.perf_counter()
         self.broadcast(weights_ref, lm["policy/version"])
         t3 = time.perf_counter()
+        timing = {"perf/step_s": t3 - t0, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": t3 - t2}
+        return self.log_step(step, batches, lm, timing)
+
+    # ----------------------------------------------------------------------------------- async mode
+    def async_steps(self, start_step: int, version: int):
+        """Asynchronous loop with bounded staleness.
+
+        Worker w may start step s once it has been handed weights of version >= s - 1 - K (K =
+        algo.max_staleness): the learner consumes step s at version s - 1, so no batch is ever more than K
+        versions old and nothing is thrown away. Workers queue up to two calls, so they go straight from
+        one batch to the next; weights go out (one object, N readers) as soon as each update finishes.
+        With K = 0 this is the synchronous schedule exactly: same prompts, seeds, versions and numbers.
+        """
+        cfg, n, K = self.cfg, len(self.workers), self.cfg.algo.max_staleness
+        last = cfg.run.steps
+        next_step = [start_step + 1] * n  # next step each worker will sample
+        handed = [version] * n  # newest weights version issued to each worker (set_weights is queued in order)
+        in_flight = [0] * n
+        pending: dict = {}  # ObjectRef -> what it is
+        parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
+        issued_at: dict[int, float] = {}
+        update = None  # (step, metrics_ref, t_launch) of the update in flight
+        next_update, t_prev, sync_s = start_step + 1, time.perf_counter(), 0.0
+        while next_update <= last:
+            for w in range(n):
+                while in_flight[w] < 2 and next_step[w] <= last and handed[w] >= next_step[w] - 1 - K:
+                    s = next_step[w]
+                    pending[self.sample_part(s, w)] = ("sample", s, w)
+                    issued_at.setdefault(s, time.perf_counter())
+                    in_flight[w] += 1
+                    next_step[w] += 1
+            if update is None and len(parts.get(next_update, {})) == n:
+                refs = [parts[next_update][w][0] for w in range(n)]
+                metrics_ref, weights_ref = self.learner.update.options(num_returns=2).remote(*refs)
+                update = (next_update, metrics_ref, weights_ref, time.perf_counter())
+                pending[metrics_ref] = ("update",)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.rollout.timeout_s)
+            if not ready:
+                raise TrainingError(f"async training: nothing finished within {cfg.rollout.timeout_s:g}s "
+                                    f"(waiting on {len(pending)} calls)")
+            ref = ready[0]
+            kind = pending.pop(ref)
+            if kind[0] == "sample":
+                _, s, w = kind
+                in_flight[w] -= 1
+                parts.setdefault(s, {})[w] = (ref, wait(ref, cfg.ray.timeout_s, f"rollout of step {s}"))
+                if len(parts[s]) == n:
+                    issued_at[s] = time.perf_counter() - issued_at[s]  # now: the step's rollout time
+            elif kind[0] == "ack":
+                _, v, t_sent = kind
+                held = wait(ref, cfg.ray.timeout_s, "broadcasting weights")
+                if held < v:
+                    raise TrainingError(f"a worker reports version {held} after being handed version {v}")
+                sync_s = time.perf_counter() - t_sent
+            else:
+                s, metrics_ref, weights_ref, t_launch = update
+                lm = wait(metrics_ref, cfg.ray.timeout_s, f"learner update of step {s}")
+                now = time.perf_counter()
+                for w, worker in enumerate(self.workers):
+                    pending[worker.set_weights.remote(weights_ref)] = ("ack", lm["policy/version"], now)
+                    handed[w] = lm["policy/version"]
+                batches = [parts[s][w][1] for w in range(n)]
+                if self.writer is not None:
+                    self.writer.add(s, batches)
+                timing = {"perf/step_s": now - t_prev, "perf/rollout_s": issued_at.pop(s),
+                          "perf/learn_s": now - t_launch, "perf/sync_s": sync_s}
+                del parts[s]
+                update, next_update, t_prev = None, next_update + 1, now
+                yield self.log_step(s, batches, lm, timing)
+
+    # -------------------------------------------------------------------------------------- logging
+    def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:
+        cfg = self.cfg
+        stats = rollout_stats(batches)
+        rollout_tokens = stats.pop("_tokens")
+        self.worker_busy_s += sum(_meta_seconds(b) for b in batches)
+        self.learner_busy_s += lm["perf/learner_compute_s"]
+        elapsed = time.perf_counter() - self.t_start
         metrics = {
             **stats,
             **lm,
-            "perf/step_s": t3 - t0,
-            "perf/rollout_s": t1 - t0,
-            "perf/learn_s": t2 - t1,
-            "perf/sync_s": t3 - t2,
-            "perf/rollout_tokens_per_s": rollout_tokens / (t1 - t0),
+            **timing,
+            "perf/rollout_tokens_per_s": rollout_tokens / timing["perf/rollout_s"],
+            "perf/worker_idle_frac": max(0.0, 1.0 - self.worker_busy_s / (len(self.workers) * elapsed)),
+            "perf/learner_idle_frac": max(0.0, 1.0 - self.learner_busy_s / elapsed),
             "workers/alive": len(self.workers),
             "workers/restarts": 0,
             "workers/nodes": len(set(self.worker_nodes)),
@@ -259,7 +353,16 @@ class Trainer:
         if cfg.log.samples and (step % cfg.log.sample_every == 0 or step == 1):
             first = batches[0].slice(0, cfg.log.samples).to_pydict()
             samples = list(zip(first["prompt_text"], first["completion_text"], first["reward"]))
-        return logger.log(step, metrics, samples)
+        return self.logger.log(step, metrics, samples)
+
+    def write_ledger(self) -> None:
+        import pyarrow.parquet as pq
+
+        rows = wait(self.learner.get_ledger.remote(), self.cfg.ray.timeout_s, "fetching the learner's ledger")
+        cols = list(zip(*rows)) if rows else [[], [], []]
+        table = pa.table({"prompt_id": pa.array(cols[0], pa.int64()), "sample_idx": pa.array(cols[1], pa.int32()),
+                          "version": pa.array(cols[2], pa.int64())})
+        pq.write_table(table, self.run_dir / "ledger.parquet")
 
     def save(self, step: int) -> None:
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
@@ -271,6 +374,12 @@ class Trainer:
         remove_placement_group(self.pg)
 
 
+def _meta_seconds(batch: pa.RecordBatch) -> float:
+    """Seconds a worker spent on a batch (generation + rewards), from the batch's schema metadata."""
+    meta = batch.schema.metadata or {}
+    return float(meta.get(b"gen_s", 0)) + float(meta.get(b"reward_s", 0))
+
+
 def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources: dict, local: bool) -> str:
     where = "local Ray" if local else "Ray cluster"
     m = cfg.model
@@ -279,7 +388,8 @@ def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources:
         f"{where} with {resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs "
         f"({'GPU' if placement.use_gpu else 'CPU'} training); task {cfg.task.name}; model {m.n_layer}x{m.n_embd}; "
         f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} samples per step; "
-        f"baseline {cfg.algo.baseline}; {cfg.run.steps} steps"
+        f"baseline {cfg.algo.baseline}; {cfg.run.steps} steps; mode {cfg.run.mode}"
+        + (f" (max_staleness {cfg.algo.max_staleness}, {cfg.algo.off_policy})" if cfg.run.mode == "async" else "")
     )
 
 
@@ -287,7 +397,7 @@ def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
     table = pa.Table.from_batches(batches)
     reward = table.column("reward").to_numpy()
     ok = table.column("reward_ok").to_numpy()
-    lengths = np.array([len(x) for x in table.column("completion_tokens").to_pylist()])
+    lengths = pc.list_value_length(table.column("completion_tokens")).to_numpy()
     r = reward[ok]
     return {
         "rollout/reward_mean": float(r.mean()) if len(r) else float("nan"),

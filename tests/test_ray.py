@@ -8,7 +8,7 @@ import torch
 
 from distpg.batch import BatchError, make_batch
 from distpg.learner import Learner
-from distpg.metrics import CONTRACT_METRICS, MetricsLogger
+from distpg.metrics import CONTRACT_METRICS
 from distpg.orchestrator import Trainer, TrainingError, plan_placement, train
 from distpg.rollout import RolloutWorker
 from tests.conftest import small_config
@@ -22,14 +22,14 @@ def test_every_worker_holds_the_learners_version_after_each_step(ray_session, tm
     trainer = Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
     try:
         trainer.broadcast(trainer.learner.get_weights.remote(), 0)
-        logger = MetricsLogger(tmp_path, cfg.run.steps, tensorboard=False, print_every=100)
+        trainer.open_outputs(0)
         for step in range(1, 5):
-            record = trainer.step(step, logger, writer=None)
+            record = trainer.sync_step(step)
             learner_version = ray.get(trainer.learner.get_version.remote(), timeout=60)
             held = ray.get([w.get_version.remote() for w in trainer.workers], timeout=60)
             assert learner_version == step == record["policy/version"]
             assert held == [step, step]
-        logger.close()
+        trainer.logger.close()
         assert len(trainer.workers) == 2 and record["workers/alive"] == 2
     finally:
         trainer.close()
