@@ -88,7 +88,8 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling mass (1.0: off)")
     num_cpus_per_worker: float = _f(0.5, "CPUs reserved per worker; torch threads = max(1, round(this))")
     num_gpus_per_worker: float = _f(0.25, "GPU fraction per worker when training on GPUs")
-    timeout_s: float = _f(300.0, "longest wait for one worker's batch before the run fails")
+    timeout_s: float = _f(300.0, "longest wait for one worker's batch; a worker that takes longer is replaced")
+    max_restarts: int = _f(20, "replacements of dead or hung workers allowed per run before it stops")
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,7 @@ def _validate(cfg: Config) -> None:
         "rollout.timeout_s": (cfg.rollout.timeout_s, 1e-3, None),
         "algo.ema_decay": (cfg.algo.ema_decay, 0.0, 1.0),
         "algo.max_staleness": (cfg.algo.max_staleness, 0, None),
+        "rollout.max_restarts": (cfg.rollout.max_restarts, 0, None),
         "algo.is_cap": (cfg.algo.is_cap, 1e-6, None),
         "algo.clip_eps": (cfg.algo.clip_eps, 0.0, 1.0),
         "learner.lr": (cfg.learner.lr, 0.0, None),

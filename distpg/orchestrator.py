@@ -21,7 +21,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -159,36 +168,96 @@ class Trainer:
             strategy=cfg.ray.placement_strategy,
         )
         wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
-        device = "cuda" if placement.use_gpu else "cpu"
-
-        def on_bundle(i: int, res: dict):
-            return dict(
-                num_cpus=res["CPU"],
-                num_gpus=res.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            )
-
-        threads = lambda cpus: max(1, round(cpus))  # noqa: E731
-        self.learner = ray.remote(Learner).options(**on_bundle(0, placement.learner)).remote(
-            cfg, threads(placement.learner["CPU"]), device
+        self.placement = placement
+        self.device = "cuda" if placement.use_gpu else "cpu"
+        self.learner = ray.remote(Learner).options(**self.on_bundle(0, placement.learner)).remote(
+            cfg, _threads(placement.learner["CPU"]), self.device
         )
-        self.workers = [
-            ray.remote(RolloutWorker).options(**on_bundle(i + 1, placement.worker)).remote(
-                cfg, i, threads(placement.worker["CPU"]), device
-            )
-            for i in range(cfg.rollout.num_workers)
-        ]
-        self.worker_nodes = wait(
-            [w.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()) for w in self.workers],
-            cfg.ray.timeout_s, "starting the rollout workers",
+        self.restarts = 0
+        self.weights_ref = None  # the newest published weights: what a restarted worker is handed
+        self.workers = [self.start_worker(i) for i in range(cfg.rollout.num_workers)]
+        self.worker_nodes = [None] * len(self.workers)
+        for w, ref in enumerate([_node_of(w) for w in self.workers]):
+            try:
+                self.worker_nodes[w] = ray.get(ref, timeout=cfg.ray.timeout_s)
+            except (*WORKER_FAULTS, GetTimeoutError) as e:
+                self.restart_worker(w, f"failed to start ({type(e).__name__})")
+
+    def on_bundle(self, i: int, res: dict) -> dict:
+        return dict(
+            num_cpus=res["CPU"],
+            num_gpus=res.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
         )
+
+    def start_worker(self, wid: int):
+        return ray.remote(RolloutWorker).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
+            self.cfg, wid, _threads(self.placement.worker["CPU"]), self.device
+        )
+
+    def restart_worker(self, wid: int, reason: str) -> None:
+        """Replace worker `wid` (dead or hung) in its own bundle and hand it the current weights.
+
+        Its unfinished work is reissued by the caller with the same prompts and seed, so every sample is
+        produced and counted exactly once, and a sync run's numbers are those of a run without the fault.
+        """
+        self.restarts += 1
+        budget = self.cfg.rollout.max_restarts
+        if self.restarts > budget:
+            raise TrainingError(f"rollout worker {wid} {reason}, and the restart budget rollout.max_restarts="
+                                f"{budget} is spent; the latest checkpoint is intact (distpg train --resume)")
+        print(f"distpg: rollout worker {wid} {reason}; replacing it (restart {self.restarts}/{budget})", flush=True)
+        ray.kill(self.workers[wid], no_restart=True)
+        self.workers[wid] = self.start_worker(wid)
+        self.worker_nodes[wid] = wait(_node_of(self.workers[wid]), self.cfg.ray.timeout_s,
+                                      f"restarting rollout worker {wid}")
+        if self.weights_ref is not None:
+            wait(self.workers[wid].set_weights.remote(self.weights_ref), self.cfg.ray.timeout_s,
+                 f"handing weights to the restarted rollout worker {wid}")
 
     def broadcast(self, weights_ref, version: int) -> None:
-        """Hand one weights object to every worker; check each now holds `version`."""
-        held = wait([w.set_weights.remote(weights_ref) for w in self.workers], self.cfg.ray.timeout_s,
-                    "broadcasting weights")
-        if any(v != version for v in held):
-            raise TrainingError(f"after broadcasting version {version} the workers hold versions {held}")
+        """Hand one weights object to every worker; check each now holds `version`. A worker that died is
+        replaced (and handed the same object)."""
+        self.weights_ref = weights_ref
+        acks = {w: worker.set_weights.remote(weights_ref) for w, worker in enumerate(self.workers)}
+        for w, ref in acks.items():
+            try:
+                held = ray.get(ref, timeout=self.cfg.ray.timeout_s)
+            except WORKER_FAULTS as e:
+                self.restart_worker(w, f"died ({type(e).__name__})")
+                continue
+            except GetTimeoutError:
+                self.restart_worker(w, f"did not load weights within {self.cfg.ray.timeout_s:g}s")
+                continue
+            except RayTaskError as e:
+                raise TrainingError(f"broadcasting weights failed on worker {w}: {e.cause}") from None
+            if held != version:
+                raise TrainingError(f"after broadcasting version {version} worker {w} holds version {held}")
+
+    def collect(self, step: int) -> tuple[list, list[pa.RecordBatch]]:
+        """Every worker's share of step `step`: (refs, batches) in worker order. A worker that dies or hangs
+        past rollout.timeout_s is replaced and its share reissued."""
+        n, timeout = len(self.workers), self.cfg.rollout.timeout_s
+        refs = {w: self.sample_part(step, w) for w in range(n)}
+        done: dict[int, tuple] = {}
+        while refs:
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+            ready = set(ready)
+            for w, ref in list(refs.items()):
+                if ref not in ready:
+                    self.restart_worker(w, f"did not return its share of step {step} within {timeout:g}s")
+                    refs[w] = self.sample_part(step, w)
+                    continue
+                try:
+                    done[w] = (ref, ray.get(ref, timeout=timeout))
+                    del refs[w]
+                except WORKER_FAULTS as e:
+                    self.restart_worker(w, f"died during step {step} ({type(e).__name__})")
+                    refs[w] = self.sample_part(step, w)
+                except RayTaskError as e:
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    raise TrainingError(f"rollout of step {step} failed: {type(cause).__name__}: {cause}") from None
+        return [done[w][0] for w in range(n)], [done[w][1] for w in range(n)]
 
     def run(self, start_step: int = 0) -> dict:
         cfg = self.cfg
@@ -250,8 +319,7 @@ class Trainer:
     def sync_step(self, step: int) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        refs = [self.sample_part(step, wid) for wid in range(len(self.workers))]
-        batches: list[pa.RecordBatch] = wait(refs, cfg.rollout.timeout_s, f"rollout of step {step}")
+        refs, batches = self.collect(step)
         t1 = time.perf_counter()
         metrics_ref, weights_ref = self.learner.update.options(num_returns=2).remote(*refs)
         if self.writer is not None:  # while the learner works
@@ -265,70 +333,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- async mode
     def async_steps(self, start_step: int, version: int):
-        """Asynchronous loop with bounded staleness.
-
-        Worker w may start step s once it has been handed weights of version >= s - 1 - K (K =
-        algo.max_staleness): the learner consumes step s at version s - 1, so no batch is ever more than K
-        versions old and nothing is thrown away. Workers queue up to two calls, so they go straight from
-        one batch to the next; weights go out (one object, N readers) as soon as each update finishes.
-        With K = 0 this is the synchronous schedule exactly: same prompts, seeds, versions and numbers.
-        """
-        cfg, n, K = self.cfg, len(self.workers), self.cfg.algo.max_staleness
-        last = cfg.run.steps
-        next_step = [start_step + 1] * n  # next step each worker will sample
-        handed = [version] * n  # newest weights version issued to each worker (set_weights is queued in order)
-        in_flight = [0] * n
-        pending: dict = {}  # ObjectRef -> what it is
-        parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
-        issued_at: dict[int, float] = {}
-        update = None  # (step, metrics_ref, t_launch) of the update in flight
-        next_update, t_prev, sync_s = start_step + 1, time.perf_counter(), 0.0
-        while next_update <= last:
-            for w in range(n):
-                while in_flight[w] < 2 and next_step[w] <= last and handed[w] >= next_step[w] - 1 - K:
-                    s = next_step[w]
-                    pending[self.sample_part(s, w)] = ("sample", s, w)
-                    issued_at.setdefault(s, time.perf_counter())
-                    in_flight[w] += 1
-                    next_step[w] += 1
-            if update is None and len(parts.get(next_update, {})) == n:
-                refs = [parts[next_update][w][0] for w in range(n)]
-                metrics_ref, weights_ref = self.learner.update.options(num_returns=2).remote(*refs)
-                update = (next_update, metrics_ref, weights_ref, time.perf_counter())
-                pending[metrics_ref] = ("update",)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.rollout.timeout_s)
-            if not ready:
-                raise TrainingError(f"async training: nothing finished within {cfg.rollout.timeout_s:g}s "
-                                    f"(waiting on {len(pending)} calls)")
-            ref = ready[0]
-            kind = pending.pop(ref)
-            if kind[0] == "sample":
-                _, s, w = kind
-                in_flight[w] -= 1
-                parts.setdefault(s, {})[w] = (ref, wait(ref, cfg.ray.timeout_s, f"rollout of step {s}"))
-                if len(parts[s]) == n:
-                    issued_at[s] = time.perf_counter() - issued_at[s]  # now: the step's rollout time
-            elif kind[0] == "ack":
-                _, v, t_sent = kind
-                held = wait(ref, cfg.ray.timeout_s, "broadcasting weights")
-                if held < v:
-                    raise TrainingError(f"a worker reports version {held} after being handed version {v}")
-                sync_s = time.perf_counter() - t_sent
-            else:
-                s, metrics_ref, weights_ref, t_launch = update
-                lm = wait(metrics_ref, cfg.ray.timeout_s, f"learner update of step {s}")
-                now = time.perf_counter()
-                for w, worker in enumerate(self.workers):
-                    pending[worker.set_weights.remote(weights_ref)] = ("ack", lm["policy/version"], now)
-                    handed[w] = lm["policy/version"]
-                batches = [parts[s][w][1] for w in range(n)]
-                if self.writer is not None:
-                    self.writer.add(s, batches)
-                timing = {"perf/step_s": now - t_prev, "perf/rollout_s": issued_at.pop(s),
-                          "perf/learn_s": now - t_launch, "perf/sync_s": sync_s}
-                del parts[s]
-                update, next_update, t_prev = None, next_update + 1, now
-                yield self.log_step(s, batches, lm, timing)
+        """Asynchronous loop with bounded staleness; see `AsyncPipeline`."""
+        pipeline = AsyncPipeline(self, start_step, version)
+        while pipeline.next_update <= self.cfg.run.steps:
+            record = pipeline.advance()
+            if record is not None:
+                yield record
 
     # -------------------------------------------------------------------------------------- logging
     def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:
@@ -346,7 +356,7 @@ class Trainer:
             "perf/worker_idle_frac": max(0.0, 1.0 - self.worker_busy_s / (len(self.workers) * elapsed)),
             "perf/learner_idle_frac": max(0.0, 1.0 - self.learner_busy_s / elapsed),
             "workers/alive": len(self.workers),
-            "workers/restarts": 0,
+            "workers/restarts": self.restarts,
             "workers/nodes": len(set(self.worker_nodes)),
         }
         samples = None
@@ -374,6 +384,18 @@ class Trainer:
         remove_placement_group(self.pg)
 
 
+WORKER_FAULTS = (RayActorError, WorkerCrashedError, OutOfMemoryError, ObjectLostError, NodeDiedError)
+
+
+def _threads(cpus: float) -> int:
+    """torch threads for an actor given `cpus` CPUs."""
+    return max(1, round(cpus))
+
+
+def _node_of(actor):
+    return actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
+
+
 def _meta_seconds(batch: pa.RecordBatch) -> float:
     """Seconds a worker spent on a batch (generation + rewards), from the batch's schema metadata."""
     meta = batch.schema.metadata or {}
@@ -391,6 +413,122 @@ def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources:
         f"baseline {cfg.algo.baseline}; {cfg.run.steps} steps; mode {cfg.run.mode}"
         + (f" (max_staleness {cfg.algo.max_staleness}, {cfg.algo.off_policy})" if cfg.run.mode == "async" else "")
     )
+
+
+class AsyncPipeline:
+    """The asynchronous schedule: workers generate ahead of the learner, never more than K versions behind.
+
+    Worker w may start step s once it has been handed weights of version >= s - 1 - K (K =
+    algo.max_staleness): the learner consumes step s at version s - 1, so no batch is ever more than K
+    versions old and nothing generated is thrown away. Workers queue up to two calls, so they go straight
+    from one batch to the next; weights go out (one object, N readers) as soon as each update finishes.
+    With K = 0 this is the synchronous schedule exactly: same prompts, seeds, versions and numbers.
+    A worker that dies, or holds a share longer than rollout.timeout_s, is replaced and its unfinished
+    shares are reissued with the same prompts and seeds.
+    """
+
+    def __init__(self, trainer: Trainer, start_step: int, version: int) -> None:
+        self.t, self.cfg = trainer, trainer.cfg
+        n = len(trainer.workers)
+        self.next_step = [start_step + 1] * n  # the next step each worker will sample
+        self.handed = [version] * n  # newest weights version issued to each worker (calls run in order)
+        self.version = version
+        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_issued) | ("ack", ...) | ("update",)
+        self.parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
+        self.rollout_t: dict[int, float] = {}  # step -> first issue time, then its rollout seconds
+        self.update = None  # (step, metrics_ref, weights_ref, t_launch) of the update in flight
+        self.next_update, self.t_prev, self.sync_s = start_step + 1, time.perf_counter(), 0.0
+
+    def in_flight(self, w: int) -> list[int]:
+        return [k[1] for k in self.pending.values() if k[0] == "sample" and k[2] == w]
+
+    def issue(self, s: int, w: int) -> None:
+        self.pending[self.t.sample_part(s, w)] = ("sample", s, w, time.perf_counter())
+        self.rollout_t.setdefault(s, time.perf_counter())
+
+    def advance(self) -> dict | None:
+        """Issue what the bound allows, wait for one result, handle it; returns a step's record or None."""
+        cfg, n, K = self.cfg, len(self.t.workers), self.cfg.algo.max_staleness
+        for w in range(n):
+            while len(self.in_flight(w)) < 2 and self.next_step[w] <= cfg.run.steps and \
+                    self.handed[w] >= self.next_step[w] - 1 - K:
+                self.issue(self.next_step[w], w)
+                self.next_step[w] += 1
+        if self.update is None and len(self.parts.get(self.next_update, {})) == n:
+            refs = [self.parts[self.next_update][w][0] for w in range(n)]
+            metrics_ref, weights_ref = self.t.learner.update.options(num_returns=2).remote(*refs)
+            self.update = (self.next_update, metrics_ref, weights_ref, time.perf_counter())
+            self.pending[metrics_ref] = ("update",)
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=min(5.0, cfg.rollout.timeout_s))
+        if not ready:
+            self.replace_hung()
+            return None
+        ref = ready[0]
+        kind = self.pending.pop(ref)
+        if kind[0] == "sample":
+            self.on_sample(ref, kind[1], kind[2])
+        elif kind[0] == "ack":
+            self.on_ack(ref, kind[1], kind[2])
+        else:
+            return self.on_update()
+        return None
+
+    def on_sample(self, ref, s: int, w: int) -> None:
+        try:
+            batch = ray.get(ref, timeout=self.cfg.ray.timeout_s)
+        except WORKER_FAULTS as e:
+            self.replace(w, f"died during step {s} ({type(e).__name__})", also=[s])
+            return
+        except RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            raise TrainingError(f"rollout of step {s} failed: {type(cause).__name__}: {cause}") from None
+        self.parts.setdefault(s, {})[w] = (ref, batch)
+        if len(self.parts[s]) == len(self.t.workers):
+            self.rollout_t[s] = time.perf_counter() - self.rollout_t[s]
+
+    def on_ack(self, ref, w: int, t_sent: float) -> None:
+        try:
+            ray.get(ref, timeout=self.cfg.ray.timeout_s)
+            self.sync_s = time.perf_counter() - t_sent
+        except WORKER_FAULTS as e:
+            self.replace(w, f"died while loading weights ({type(e).__name__})")
+
+    def on_update(self) -> dict:
+        s, metrics_ref, weights_ref, t_launch = self.update
+        lm = wait(metrics_ref, self.cfg.ray.timeout_s, f"learner update of step {s}")
+        now = time.perf_counter()
+        self.version, self.t.weights_ref = lm["policy/version"], weights_ref
+        for w, worker in enumerate(self.t.workers):
+            self.pending[worker.set_weights.remote(weights_ref)] = ("ack", w, now)
+            self.handed[w] = self.version
+        batches = [self.parts[s][w][1] for w in range(len(self.t.workers))]
+        if self.t.writer is not None:
+            self.t.writer.add(s, batches)
+        timing = {"perf/step_s": now - self.t_prev, "perf/rollout_s": self.rollout_t.pop(s),
+                  "perf/learn_s": now - t_launch, "perf/sync_s": self.sync_s}
+        del self.parts[s]
+        self.update, self.next_update, self.t_prev = None, self.next_update + 1, now
+        return self.t.log_step(s, batches, lm, timing)
+
+    def replace_hung(self) -> None:
+        now, timeout = time.perf_counter(), self.cfg.rollout.timeout_s
+        for kind in list(self.pending.values()):
+            if kind[0] == "sample" and now - kind[3] > timeout:
+                self.replace(kind[2], f"held its share of step {kind[1]} longer than {timeout:g}s")
+                return
+        if self.update is not None and now - self.update[3] > self.cfg.ray.timeout_s:
+            raise TrainingError(f"learner update of step {self.update[0]} did not finish within "
+                                f"{self.cfg.ray.timeout_s:g}s")
+
+    def replace(self, w: int, reason: str, also: list[int] = ()) -> None:
+        """Replace worker w and reissue its unfinished shares (and `also`) with the current weights."""
+        lost = sorted(set(also) | set(self.in_flight(w)))
+        self.pending = {r: k for r, k in self.pending.items()
+                        if not ((k[0] == "sample" and k[2] == w) or (k[0] == "ack" and k[1] == w))}
+        self.t.restart_worker(w, reason)
+        self.handed[w] = self.version
+        for s in lost:
+            self.issue(s, w)
 
 
 def rollout_stats(batches: list[pa.RecordBatch]) -> dict:

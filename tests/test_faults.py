@@ -1,0 +1,113 @@
+"""Faults on real Ray: rollout worker processes killed by pid mid-run, in sync and async mode."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from distpg.orchestrator import TrainingError, train
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.ray
+
+FOUR_WORKERS = ("rollout.num_workers=4", "rollout.num_cpus_per_worker=0.25", "rollout.prompts_per_step=8",
+                "log.ledger=true", "run.checkpoint_every=100")
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def worker_pids() -> list[int]:
+    """Rollout worker processes of this test session's Ray only: their raylet is a child of this process
+    (other Ray runtimes on the machine are left alone)."""
+    out = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True).stdout
+    mine = []
+    for pid in map(int, out.split()):
+        try:
+            if _ppid(_ppid(pid)) == os.getpid():
+                mine.append(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return mine
+
+
+class Chaos(threading.Thread):
+    """Kill one rollout worker process (SIGKILL, by pid) every `every` seconds until stopped."""
+
+    def __init__(self, every: float, run_dir) -> None:
+        super().__init__(daemon=True)
+        self.every, self.run_dir, self.kills = every, run_dir, 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        # start once training has begun (a worker killed while starting up is replaced too, but that is
+        # not what this test is about)
+        metrics = self.run_dir / "metrics.jsonl"
+        while not (metrics.exists() and metrics.stat().st_size > 0):
+            if self.stop.wait(0.2):
+                return
+        while not self.stop.is_set():
+            pids = worker_pids()
+            if pids:
+                try:
+                    os.kill(pids[self.kills % len(pids)], signal.SIGKILL)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+            self.stop.wait(self.every)
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def consumed_and_generated(run):
+    gen, con = pq.read_table(run / "rollouts"), pq.read_table(run / "ledger.parquet")
+    return (list(zip(con.column("prompt_id").to_pylist(), con.column("sample_idx").to_pylist())),
+            list(zip(gen.column("prompt_id").to_pylist(), gen.column("sample_idx").to_pylist())))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
+    steps = 30
+    cfg = small_config(f"run.steps={steps}", *FOUR_WORKERS, f"run.mode={mode}", "algo.max_staleness=2")
+    chaos = Chaos(every=2.5, run_dir=tmp_path / "chaos")
+    chaos.start()
+    try:
+        train(cfg, tmp_path / "chaos")
+    finally:
+        chaos.stop.set()
+        chaos.join()
+    recs = records(tmp_path / "chaos")
+    assert chaos.kills >= 2, "the chaos thread should have killed workers during the run"
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    assert recs[-1]["workers/restarts"] >= 1 and recs[-1]["workers/alive"] == 4
+    consumed, generated = consumed_and_generated(tmp_path / "chaos")
+    per_run = steps * 8 * cfg.rollout.group_size
+    assert len(consumed) == len(set(consumed)) == per_run  # every sample consumed exactly once
+    assert set(consumed) == set(generated) and len(generated) == per_run
+
+    if mode == "sync":  # reissued shares use the same prompts, seeds and weights: the numbers are unchanged
+        train(small_config(f"run.steps={steps}", *FOUR_WORKERS), tmp_path / "clean")
+        clean = records(tmp_path / "clean")
+        assert [r["learner/loss"] for r in recs] == [r["learner/loss"] for r in clean]
+        assert recs[-1]["rollout/reward_mean"] == clean[-1]["rollout/reward_mean"]
+
+
+def test_restart_budget_stops_the_run_with_a_clear_error(ray_session, tmp_path):
+    cfg = small_config("run.steps=300", *FOUR_WORKERS, "rollout.max_restarts=1")
+    chaos = Chaos(every=1.0, run_dir=tmp_path / "r")
+    chaos.start()
+    try:
+        with pytest.raises(TrainingError, match=r"restart budget rollout.max_restarts=1 is spent"):
+            train(cfg, tmp_path / "r")
+    finally:
+        chaos.stop.set()
+        chaos.join()
+    assert not list((tmp_path / "r").rglob(".tmp-*")), "no half-written checkpoint is left behind"
