@@ -116,6 +116,8 @@ class LearnerConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     micro_batch_size: int = _f(0, "samples per forward/backward pass, to fit memory (0: whole batch)")
+    max_consecutive_skips: int = _f(
+        10, "updates skipped in a row for a non-finite loss or gradient before the run stops")
     num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")
     num_gpus: float = _f(1.0, "GPUs for the learner when training on GPUs")
 
@@ -272,6 +274,7 @@ def _validate(cfg: Config) -> None:
         "algo.ema_decay": (cfg.algo.ema_decay, 0.0, 1.0),
         "algo.max_staleness": (cfg.algo.max_staleness, 0, None),
         "rollout.max_restarts": (cfg.rollout.max_restarts, 0, None),
+        "learner.max_consecutive_skips": (cfg.learner.max_consecutive_skips, 0, None),
         "algo.is_cap": (cfg.algo.is_cap, 1e-6, None),
         "algo.clip_eps": (cfg.algo.clip_eps, 0.0, 1.0),
         "learner.lr": (cfg.learner.lr, 0.0, None),

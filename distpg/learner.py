@@ -57,6 +57,7 @@ class Learner:
         self.version = 0
         self.ema: float | None = None
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.ledger: list[torch.Tensor] | None = [] if cfg.log.ledger else None
 
     # ------------------------------------------------------------------------------------------ weights
@@ -127,8 +128,17 @@ class Learner:
                 self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
             if self.ledger is not None:  # (prompt_id, sample_idx, version the update produced)
                 self.ledger.append(torch.stack([b.prompt_id, b.sample_idx, torch.full_like(b.prompt_id, self.version)]))
+            self.consecutive_skips = 0
         else:
             self.skipped_steps += 1
+            self.consecutive_skips += 1
+            limit = self.cfg.learner.max_consecutive_skips
+            if self.consecutive_skips > limit:
+                raise FloatingPointError(
+                    f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient "
+                    f"(loss {loss_sum}, grad norm {grad_norm}) and were skipped; learner.max_consecutive_skips="
+                    f"{limit}. Lower learner.lr, check the reward scale, or resume from the latest checkpoint"
+                )
         self.optimizer.zero_grad(set_to_none=True)
         learn_s = time.perf_counter() - t0
         metrics = {
