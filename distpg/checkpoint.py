@@ -32,9 +32,9 @@ def save(run_dir: Path, step: int, learner_state: dict, keep: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:06d}"
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write; never named by `latest`
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in learner_state["model"].items()}, str(tmp / "model.safetensors"))
     torch.save(learner_state["optimizer"], tmp / "optimizer.pt")

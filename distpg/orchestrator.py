@@ -568,8 +568,19 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
 
         kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= start]
         metrics.write_text("".join(line + "\n" for line in kept))
+    # and its rollouts after that step: they will be generated again
     for f in (run_dir / "rollouts").glob("steps_*.parquet"):
-        if int(f.stem.split("_")[1].split("-")[0]) > start:
+        first, last = (int(x) for x in f.stem.split("_")[1].split("-"))
+        if first > start:
+            f.unlink()
+        elif last > start:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(f)
+            kept = table.filter(pc.less_equal(table.column("step"), start))
+            tmp = f.with_name(f".{f.name}.tmp")
+            pq.write_table(kept, tmp, compression="zstd")
+            tmp.replace(f.with_name(f"steps_{first:06d}-{start:06d}.parquet"))
             f.unlink()
     return start
 

@@ -1,0 +1,133 @@
+"""Exact resume: a run killed with SIGKILL (also in the middle of writing a checkpoint) and resumed ends
+with parameters bitwise equal to an uninterrupted run with the same seed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ["--set", "run.steps=9", "--set", "run.checkpoint_every=3", "--set", "run.keep_checkpoints=2",
+          "--set", "task.length=4", "--set", "task.alphabet=abcd", "--set", "task.num_eval=16",
+          "--set", "rollout.prompts_per_step=8", "--set", "rollout.group_size=4", "--set", "log.print_every=1",
+          "--set", "log.rollout_flush_every=2"]
+
+CRASH_IN_CHECKPOINT = """
+import os, sys
+import torch
+real_save = torch.save
+def crashing_save(obj, path, *args, **kwargs):  # die half-way through writing checkpoint 6
+    if "step_000006" in str(path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        os._exit(137)
+    return real_save(obj, path, *args, **kwargs)
+torch.save = crashing_save
+from distpg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def env():
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def start(args, script=None):
+    cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "distpg", *args]
+    # its own session, so that the run and the Ray processes it started can be killed together
+    return subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def run_to_end(args, script=None):
+    p = start(args, script)
+    try:
+        out, _ = p.communicate(timeout=300)
+    finally:
+        kill_group(p)  # whatever the driver left behind
+    return p.returncode, out
+
+
+def steps_logged(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def final_params(run: Path):
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run / "checkpoints" / latest / "model.safetensors"))
+
+
+def losses(run: Path):
+    return [json.loads(x)["learner/loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("clean") / "run"
+    code, out = run_to_end(["train", *CONFIG, "--run-dir", str(run)])
+    assert code == 0, out[-3000:]
+    return run
+
+
+def assert_same_run(resumed: Path, clean: Path):
+    a, b = final_params(resumed), final_params(clean)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(resumed) == losses(clean)  # step by step, including the steps redone after the kill
+
+
+def test_sigkill_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    p = start(["train", *CONFIG, "--run-dir", str(run)])
+    deadline = time.time() + 240
+    while steps_logged(run) < 5 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    kill_group(p)
+    assert 5 <= steps_logged(run) < 9, "the kill should land after checkpoint 3 and before the end"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    code, out = run_to_end(["train", "--resume", str(run)])
+    assert code == 0, out[-3000:]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 10))
+    assert_same_run(run, uninterrupted)
+    rollouts = pq.read_table(run / "rollouts")
+    keys = list(zip(rollouts.column("prompt_id").to_pylist(), rollouts.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys)) == 9 * 8 * 4  # the steps redone after the kill are not duplicated
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    code, out = run_to_end(["train", *CONFIG, "--run-dir", str(run)], script=CRASH_IN_CHECKPOINT)
+    assert code == 137, out[-3000:]
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000003"  # the half-written one never became latest
+    assert list(ckpts.glob(".tmp-step_000006-*")), "the crash left its temporary folder"
+    assert not (ckpts / "step_000006").exists()
+    code, out = run_to_end(["train", "--resume", str(run)])
+    assert code == 0, out[-3000:]
+    assert not list(ckpts.glob(".tmp-*"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000006", "step_000009"]  # keep = 2
+    assert_same_run(run, uninterrupted)
