@@ -90,6 +90,11 @@ class RolloutConfig:
     num_gpus_per_worker: float = _f(0.25, "GPU fraction per worker when training on GPUs")
     timeout_s: float = _f(300.0, "longest wait for one worker's batch; a worker that takes longer is replaced")
     max_restarts: int = _f(20, "replacements of dead or hung workers allowed per run before it stops")
+    reward_isolation: str = _f(
+        "auto", "where rewards run: process (a killable child with a timeout), none (in the worker), "
+        "auto (process for user tasks, none for the built-in ones)", ("auto", "process", "none"),
+    )
+    reward_timeout_s: float = _f(30.0, "longest a batch's rewards may take in a child process; then it is killed")
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,7 @@ def _validate(cfg: Config) -> None:
         "rollout.num_cpus_per_worker": (cfg.rollout.num_cpus_per_worker, 0.0, None),
         "rollout.num_gpus_per_worker": (cfg.rollout.num_gpus_per_worker, 0.0, None),
         "rollout.timeout_s": (cfg.rollout.timeout_s, 1e-3, None),
+        "rollout.reward_timeout_s": (cfg.rollout.reward_timeout_s, 1e-3, None),
         "algo.ema_decay": (cfg.algo.ema_decay, 0.0, 1.0),
         "algo.max_staleness": (cfg.algo.max_staleness, 0, None),
         "rollout.max_restarts": (cfg.rollout.max_restarts, 0, None),

@@ -119,15 +119,19 @@ class Learner:
 
         grad_norm = self._grad_norm()
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
-        if finite:
+        # The version counts updates attempted: a skipped one publishes unchanged weights under the next
+        # version, so version == step always holds (the async schedule relies on it).
+        self.version += 1
+        if self.ledger is not None:  # (prompt_id, sample_idx, version of this update): consumed once, used or not
+            self.ledger.append(torch.stack([b.prompt_id, b.sample_idx, torch.full_like(b.prompt_id, self.version)]))
+        if not bool(valid.any()):
+            pass  # no sample carries gradient (every reward failed): an optimizer step would only replay momentum
+        elif finite:
             if self.cfg.learner.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.grad_clip)
             self.optimizer.step()
-            self.version += 1
             if bool(ok.any()):
                 self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
-            if self.ledger is not None:  # (prompt_id, sample_idx, version the update produced)
-                self.ledger.append(torch.stack([b.prompt_id, b.sample_idx, torch.full_like(b.prompt_id, self.version)]))
             self.consecutive_skips = 0
         else:
             self.skipped_steps += 1

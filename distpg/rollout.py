@@ -43,6 +43,8 @@ class RolloutWorker:
         self.model = policy_from_config(cfg.model, self.tokenizer.vocab_size, cfg.run.seed, device).eval()
         self.flat = FlatParams(self.model)
         self.params = sampling_params(cfg, self.task)
+        iso = cfg.rollout.reward_isolation
+        self.reward_isolation = ("process" if ":" in cfg.task.name else "none") if iso == "auto" else iso
         self.version: int | None = None  # no weights received yet
 
     def set_weights(self, msg: WeightsMessage) -> int:
@@ -78,7 +80,8 @@ class RolloutWorker:
         texts = [self.tokenizer.decode(t) for t in completion_tokens]
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
-        reward, ok, _ = rewards.score(self.task, rep_prompts, texts)
+        reward, ok, _ = rewards.score(self.task, rep_prompts, texts, self.reward_isolation,
+                                      self.cfg.rollout.reward_timeout_s)
         t2 = time.perf_counter()
         batch = make_batch(
             {

@@ -44,3 +44,43 @@ def broken_factory(cfg):
 
 def not_a_task(cfg):
     return object()
+
+
+class Misbehaving(Echo):
+    """A reward function that misbehaves on purpose, chosen by task.params['fault']."""
+
+    name = "misbehaving"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.fault = (cfg.params or {}).get("fault", "none")
+
+    def reward(self, prompt, completion):
+        import os
+        import signal
+        import time
+
+        if self.fault == "hang":
+            time.sleep(3600)
+        if self.fault == "suicide":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault == "some_raise" and prompt[0] < "m":
+            raise KeyError(prompt)
+        if self.fault == "nan":
+            return float("nan") if prompt[0] < "m" else None
+        return super().reward(prompt, completion)
+
+
+def misbehaving(cfg):
+    return Misbehaving(cfg)
+
+
+class WrongLength(Echo):
+    name = "wrong_length"
+
+    def reward_batch(self, prompts, completions):
+        return [1.0] * (len(prompts) - 1)
+
+
+def wrong_length(cfg):
+    return WrongLength(cfg)

@@ -1,0 +1,73 @@
+"""Reward functions that misbehave: each fault masks its samples, nothing blocks, no child is left behind."""
+
+import json
+import multiprocessing as mp
+import time
+
+import pytest
+
+from distpg.config import TaskConfig
+from distpg.orchestrator import train
+from distpg.rewards import RewardError, score
+from distpg.tasks import make_task
+from tests.conftest import small_config
+
+PROMPTS = ["abc=", "xyz=", "aaa=", "zzz="]  # two below "m", two above
+COMPLETIONS = ["ok", "ok", "no", "ok"]
+
+
+def misbehaving(fault):
+    return make_task(TaskConfig(name="tests.user_task:misbehaving", params={"fault": fault}))
+
+
+def no_children_left():
+    return not mp.active_children()
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_raising_on_some_samples_masks_only_those(isolation):
+    rewards, ok, errors = score(misbehaving("some_raise"), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
+    assert ok == [False, True, False, True] and rewards == [0.0, 1.0, 0.0, 1.0]
+    assert len(errors) == 2 and errors[0].startswith("KeyError")
+    assert no_children_left()
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_nan_and_none_are_masked_and_all_failed_is_an_error(isolation):
+    with pytest.raises(RewardError, match="failed on all 4 samples"):
+        score(misbehaving("nan"), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
+
+
+def test_wrong_length_fails_the_batch():
+    task = make_task(TaskConfig(name="tests.user_task:wrong_length"))
+    with pytest.raises(RewardError, match="reward_batch returned 3 values for 4 samples"):
+        score(task, PROMPTS, COMPLETIONS, "process", timeout_s=20)
+
+
+def test_a_hanging_reward_is_killed_at_the_timeout():
+    t0 = time.perf_counter()
+    rewards, ok, errors = score(misbehaving("hang"), PROMPTS, COMPLETIONS, "process", timeout_s=1.0)
+    elapsed = time.perf_counter() - t0
+    assert ok == [False] * 4 and "did not finish within rollout.reward_timeout_s=1s" in errors[0]
+    assert elapsed < 1.0 + 30  # the function sleeps an hour: returning at all proves the timeout fired
+    assert no_children_left()
+
+
+def test_a_reward_that_kills_its_own_process_is_contained():
+    rewards, ok, errors = score(misbehaving("suicide"), PROMPTS, COMPLETIONS, "process", timeout_s=20)
+    assert ok == [False] * 4 and "the reward process died (exit code -9)" in errors[0]
+    assert no_children_left()
+
+
+@pytest.mark.ray
+def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
+    cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: hang}",
+                       "rollout.reward_timeout_s=1", "run.steps=2")
+    t0 = time.perf_counter()
+    train(cfg, tmp_path / "r")
+    elapsed = time.perf_counter() - t0
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["rollout/failed_rewards"] == 16 for r in recs)  # every sample masked, counted
+    assert [r["policy/version"] for r in recs] == [1, 2]
+    assert elapsed < 2 * (1 + 30) + 60  # not the hour the reward function asked for
