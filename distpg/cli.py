@@ -55,6 +55,13 @@ def _plot(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from distpg.bench import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distpg", description="Policy-gradient RL for language-model policies on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--metric", default="rollout/reward_mean")
     pl.add_argument("--title")
     pl.set_defaults(func=_plot)
+
+    from distpg.bench import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="benchmarks, each a ratio against a reference measured in the same run")
+    bench_arguments(b)
+    b.set_defaults(func=_bench)
     return p
 
 

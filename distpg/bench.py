@@ -1,0 +1,487 @@
+"""`distpg bench`: each figure printed as a ratio against a reference measured in the same run.
+
+- sampler: tokens/s of `distpg.generate` against Hugging Face `transformers` `generate()` (sampling at
+  temperature 1 with no top-k/top-p, KV cache on, exactly `new_tokens` tokens per row) with identical
+  weights: a randomly initialised `GPT2LMHeadModel` (nothing is downloaded) copied into distpg's GPT.
+- weights: publishing one policy version to N rollout workers (the learner packs its flat buffer, one
+  object-store put, N workers load it) against one plain `ray.put` + `ray.get` of the same bytes.
+- step: one synchronous training step (1 rollout worker, the real `Trainer` on Ray) against a
+  single-process loop without Ray doing the same work with the same classes: the cost of distribution.
+  Also the share of step time spent on weight sync with the default config.
+- learner: tokens/s of `Learner.update` against a plain supervised step (forward, masked cross-entropy,
+  backward, AdamW step) on the same padded batch.
+
+Machines are noisy (other processes share the cores), so each pair of measurements is interleaved
+(reference, ours, reference, ours, ...) and each side is scored by its best repetition; every
+repetition is kept in the JSON. Ratios are "higher is better" for speeds and "lower is better" for
+overheads; each figure names which, and the goal of the performance issue it answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distpg.config import ConfigError
+
+GPT2_VOCAB = 50257
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+BENCHES = ("sampler", "weights", "step", "learner")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def best_of(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock seconds of each function, `repeats` times, interleaved so load spikes hit all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def figure(name: str, ours: float, reference: float, unit: str, better: str, goal: float | None, **extra) -> dict:
+    """One result: ours and the reference in `unit`, their ratio, and whether the goal is met."""
+    ratio = ours / reference
+    met = None if goal is None else (ratio >= goal if better == "higher" else ratio <= goal)
+    return {"name": name, "ours": ours, "reference": reference, "unit": unit, "ratio": ratio,
+            "better": better, "goal": goal, "goal_met": met, **extra}
+
+
+def print_figure(f: dict) -> None:
+    goal = "" if f["goal"] is None else (
+        f"  goal {'>=' if f['better'] == 'higher' else '<='} {f['goal']:g}x: {'met' if f['goal_met'] else 'NOT met'}")
+    print(f"  {f['name']:<44} ours {f['ours']:>12,.4g}  ref {f['reference']:>12,.4g} {f['unit']:<10}"
+          f" ratio {f['ratio']:6.3f}x ({f['better']} is better){goal}", flush=True)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
+
+# ------------------------------------------------------------------------------------------ sampler
+
+
+@dataclass(frozen=True)
+class SamplerCase:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab: int
+    batch: int
+    new_tokens: int
+    prompt_len: int = 8
+
+
+SAMPLER_CASES = {
+    "tiny": SamplerCase(2, 4, 64, GPT2_VOCAB, 64, 64),
+    "small": SamplerCase(4, 4, 256, GPT2_VOCAB, 64, 64),
+    # the 4x256 model with a character vocabulary, the kind of policy `distpg train` trains
+    "small-charvocab": SamplerCase(4, 4, 256, 16, 64, 64),
+    # 16 new tokens keep GPT-2 124M at batch 64 to about a minute on 2 CPU cores
+    "gpt2": SamplerCase(12, 12, 768, GPT2_VOCAB, 64, 16),
+    "quick": SamplerCase(2, 2, 32, 64, 8, 8),  # for tests
+}
+
+
+def hf_pair(case: SamplerCase, device: str, seed: int = 0):
+    """A random-init Hugging Face GPT2LMHeadModel and distpg's GPT with the same weights."""
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distpg.model import GPT, ModelShape
+
+    transformers.logging.set_verbosity_error()
+    n_pos = case.prompt_len + case.new_tokens
+    cfg = GPT2Config(vocab_size=case.vocab, n_layer=case.n_layer, n_head=case.n_head, n_embd=case.n_embd,
+                     n_positions=n_pos, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(cfg).eval().to(device)
+    shape = ModelShape(vocab_size=case.vocab, n_layer=case.n_layer, n_head=case.n_head, n_embd=case.n_embd,
+                       n_positions=n_pos)
+    state = {}
+    for name, w in hf.state_dict().items():
+        if name == "lm_head.weight":  # tied to wte
+            continue
+        name = name.removeprefix("transformer.")
+        # HF's Conv1D stores (in, out), the transpose of nn.Linear
+        state[name] = w.t().contiguous() if name.endswith(CONV1D) else w.clone()
+    ours = GPT(shape).to(device)
+    ours.load_state_dict(state, strict=True)
+    ours.eval()
+    with torch.inference_mode():  # same weights, same logits
+        x = torch.randint(case.vocab, (2, case.prompt_len), device=device)
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    assert diff < 1e-3, f"distpg and transformers disagree by {diff} on the same weights"
+    return hf, ours
+
+
+def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> dict:
+    from distpg.generate import SamplingParams, generate
+
+    torch.set_num_threads(threads)
+    case = SAMPLER_CASES[case_name]
+    hf, ours = hf_pair(case, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    prompts = torch.randint(case.vocab, (case.batch, case.prompt_len), generator=torch.Generator().manual_seed(1))
+    ids = prompts.to(device)
+    params = SamplingParams(max_new_tokens=case.new_tokens)
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens,
+                              use_cache=True, pad_token_id=0)
+        assert out.shape[1] == case.prompt_len + case.new_tokens
+        _sync(device)
+
+    def run_ours():
+        out = generate(ours, prompts.tolist(), params, g)
+        assert bool(out.mask.all())
+        _sync(device)
+
+    times = best_of({"hf": run_hf, "ours": run_ours}, repeats)
+    n_tok = case.batch * case.new_tokens
+    return figure(f"sampler {case_name} ({case.n_layer}x{case.n_embd}, V={case.vocab}, B={case.batch}, "
+                  f"{case.new_tokens} new)", n_tok / min(times["ours"]), n_tok / min(times["hf"]), "tokens/s",
+                  "higher", 2.0 if case_name == "small" else None, case=asdict(case), times_s=times)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+class _Publisher:
+    """Stands in for the learner: a model behind FlatParams, publishing `pack(version)`."""
+
+    def __init__(self, shape, threads: int) -> None:
+        from distpg.model import build_model
+        from distpg.weights import FlatParams
+
+        torch.set_num_threads(threads)
+        self.flat = FlatParams(build_model(shape, seed=0))
+        self.version = 0
+
+    def get_weights(self):
+        self.version += 1
+        return self.flat.pack(self.version)
+
+
+class _Subscriber:
+    """Stands in for a rollout worker: `set_weights` exactly as RolloutWorker does it."""
+
+    def __init__(self, shape, threads: int) -> None:
+        from distpg.model import build_model
+        from distpg.weights import FlatParams
+
+        torch.set_num_threads(threads)
+        self.flat = FlatParams(build_model(shape, seed=1))
+
+    def set_weights(self, msg) -> int:
+        self.flat.load(msg)
+        return msg.version
+
+    def ping(self) -> int:
+        return 0
+
+
+WEIGHT_SIZES = {  # name -> model.preset and vocabulary (the default task's is 9 characters)
+    "default": ("tiny", 9),
+    "small-gpt2vocab": ("small", GPT2_VOCAB),
+    "gpt2": ("gpt2", GPT2_VOCAB),
+    "quick": ("tiny", 9),
+}
+
+
+def bench_weights(size: str, workers: list[int], repeats: int) -> list[dict]:
+    import ray
+
+    from distpg.model import PRESETS, ModelShape
+
+    preset, vocab = WEIGHT_SIZES[size]
+    shape = ModelShape(vocab_size=vocab, n_positions=64, **PRESETS[preset])
+    pub = ray.remote(_Publisher).options(num_cpus=0).remote(shape, 1)
+    subs = [ray.remote(_Subscriber).options(num_cpus=0).remote(shape, 1) for _ in range(max(workers))]
+    ray.get([s.ping.remote() for s in subs] + [pub.get_weights.remote()], timeout=600)
+    nbytes = 4 * sum(int(np.prod(s)) for s in _param_shapes(shape))
+    buf = np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)
+
+    def plain():
+        ray.get(ray.put(buf), timeout=600)
+
+    results = []
+    for n in workers:
+        def broadcast(n=n):
+            ref = pub.get_weights.remote()
+            ray.get([s.set_weights.remote(ref) for s in subs[:n]], timeout=600)
+
+        times = best_of({"plain": plain, "ours": broadcast}, repeats)
+        results.append(figure(f"weights {size} ({nbytes / 2**20:.1f} MiB) to {n} worker(s)",
+                              min(times["ours"]) * 1e3, min(times["plain"]) * 1e3, "ms", "lower", 1.2,
+                              bytes=nbytes, workers=n, times_s=times))
+    for a in [pub, *subs]:
+        ray.kill(a)
+    return results
+
+
+def _param_shapes(shape) -> list[tuple[int, ...]]:
+    from distpg.model import build_model
+
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in build_model(shape, seed=0).parameters()]
+
+
+# ------------------------------------------------------------------------------------------ step
+
+
+QUIET = ["log.print_every=1000000", "log.samples=0"]
+
+
+def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
+    """The real Trainer on Ray (1 rollout worker) against the same classes in one process, interleaved
+    step by step. Both see the same prompts and seeds, so they compute the same numbers (checked); neither
+    writes TensorBoard or Parquet."""
+    import ray
+
+    from distpg.config import load_config
+    from distpg.learner import Learner
+    from distpg.orchestrator import Trainer, plan_placement, rollout_stats, sample_seed, step_prompts
+    from distpg.rollout import RolloutWorker
+
+    cfg = load_config(None, ["rollout.num_workers=1", "log.tensorboard=false", "log.rollouts=false", *QUIET,
+                             *overrides])
+    res = ray.cluster_resources()
+    placement = plan_placement(cfg, res.get("CPU", 0), 0)
+    worker = RolloutWorker(cfg, 0, max(1, round(cfg.rollout.num_cpus_per_worker)))
+    learner = Learner(cfg, max(1, round(cfg.learner.num_cpus)))
+    worker.set_weights(learner.get_weights())
+
+    def local_step(step: int) -> dict:
+        prompts, ids = step_prompts(worker.task, cfg, step)
+        batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, step, 0))
+        metrics, weights = learner.update(batch)
+        stats = rollout_stats([batch])
+        worker.set_weights(weights)
+        return {**stats, **metrics}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), placement)
+        try:
+            trainer.broadcast(trainer.learner.get_weights.remote(), 0)
+            trainer.open_outputs(0)
+            ray_s, local_s, sync, same = [], [], [], True
+            for step in range(1, warmup + steps + 1):
+                t0 = time.perf_counter()
+                r = trainer.sync_step(step)
+                t1 = time.perf_counter()
+                lo = local_step(step)
+                t2 = time.perf_counter()
+                same &= all(r[k] == lo[k] for k in ("rollout/reward_mean", "learner/loss"))
+                if step > warmup:
+                    ray_s.append(t1 - t0)
+                    local_s.append(t2 - t1)
+                    sync.append(r["perf/sync_s"] / r["perf/step_s"])
+            trainer.logger.close()
+        finally:
+            trainer.close()
+    return figure(f"sync step, 1 worker, Ray vs one process ({cfg.model.preset})", statistics.median(ray_s) * 1e3,
+                  statistics.median(local_s) * 1e3, "ms/step", "lower", 1.10, same_numbers=same, steps=steps,
+                  ray_s=ray_s, local_s=local_s, sync_fraction=statistics.median(sync))
+
+
+def bench_sync_fraction(overrides: list[str], steps: int, warmup: int) -> dict:
+    """perf/sync_s as a share of perf/step_s with the default config (2 rollout workers, its logging
+    included) on Ray."""
+    import ray
+
+    from distpg.config import load_config
+    from distpg.orchestrator import Trainer, plan_placement
+
+    cfg = load_config(None, [*QUIET, *overrides])
+    res = ray.cluster_resources()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), plan_placement(cfg, res.get("CPU", 0), 0))
+        try:
+            trainer.broadcast(trainer.learner.get_weights.remote(), 0)
+            trainer.open_outputs(0)
+            sync, total = [], []
+            for step in range(1, warmup + steps + 1):
+                r = trainer.sync_step(step)
+                if step > warmup:
+                    sync.append(r["perf/sync_s"])
+                    total.append(r["perf/step_s"])
+            trainer.logger.close()
+        finally:
+            trainer.close()
+    frac = sum(sync) / sum(total)
+    return {"name": f"weight sync share of step time, default config ({cfg.rollout.num_workers} workers)",
+            "ours": frac, "reference": 1.0, "unit": "fraction", "ratio": frac, "better": "lower", "goal": 0.05,
+            "goal_met": frac <= 0.05, "steps": steps, "sync_s": sync, "step_s": total}
+
+
+# ------------------------------------------------------------------------------------------ learner
+
+
+def bench_learner(overrides: list[str], repeats: int) -> dict:
+    import torch.nn.functional as F
+
+    from distpg.batch import to_learner_batch
+    from distpg.config import load_config
+    from distpg.learner import Learner
+    from distpg.model import policy_from_config
+    from distpg.orchestrator import sample_seed, step_prompts
+    from distpg.rollout import RolloutWorker
+
+    cfg = load_config(None, list(overrides))
+    threads = max(1, round(cfg.learner.num_cpus))
+    worker = RolloutWorker(cfg, 0, threads)
+    learner = Learner(cfg, threads)
+    worker.set_weights(learner.get_weights())
+    prompts, ids = step_prompts(worker.task, cfg, 1)
+    batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, 1, 0))
+
+    # the reference: a plain supervised step on the same padded tokens, same model and optimizer settings
+    b = to_learner_batch([batch], pad_id=0)
+    tokens, mask = b.tokens, b.response_mask[:, 1:]
+    model = policy_from_config(cfg.model, worker.tokenizer.vocab_size, cfg.run.seed).train()
+    lc = cfg.learner
+    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=(lc.beta1, lc.beta2), weight_decay=lc.weight_decay)
+
+    def supervised():
+        opt.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        (nll * mask.flatten()).sum().div(mask.sum()).backward()
+        opt.step()
+
+    torch.set_num_threads(threads)
+    times = best_of({"supervised": supervised, "learner": lambda: learner.update(batch)}, repeats)
+    n_tok = tokens.numel()
+    return figure(f"learner ({cfg.model.preset}, {tokens.shape[0]} samples x {tokens.shape[1]} tokens)",
+                  n_tok / min(times["learner"]), n_tok / min(times["supervised"]), "tokens/s", "higher", 0.8,
+                  times_s=times)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("benches", nargs="*", metavar="{sampler,weights,step,learner,all}", default=[],
+                   help="which benchmarks to run (default: all)")
+    p.add_argument("--sampler-sizes", default="tiny,small,small-charvocab,gpt2",
+                   help=f"comma-separated sampler cases: {', '.join(SAMPLER_CASES)}")
+    p.add_argument("--weight-sizes", default="default,small-gpt2vocab,gpt2",
+                   help=f"comma-separated weight sizes: {', '.join(WEIGHT_SIZES)}")
+    p.add_argument("--workers", default="1,2,4", help="weights: numbers of workers to broadcast to")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best one counts)")
+    p.add_argument("--steps", type=int, default=20, help="step: timed training steps (after 5 warm-up steps)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="sampler: torch threads")
+    p.add_argument("--device", default="cpu", help="sampler: cpu or cuda")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="step/learner: config overrides on top of the default config (repeatable)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (a smoke test)")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the chosen benchmarks, print each figure as it comes, write the JSON; returns the results."""
+    bad = [b for b in args.benches if b not in (*BENCHES, "all")]
+    if bad:
+        raise ConfigError(f"distpg bench: unknown benchmark {bad[0]!r}; allowed: {', '.join(BENCHES)}, all")
+    chosen = BENCHES if not args.benches or "all" in args.benches else tuple(b for b in BENCHES if b in args.benches)
+    quick = args.quick
+    repeats = 1 if quick else args.repeats
+    sets = (["task.length=4", "task.alphabet=abcd", "rollout.prompts_per_step=4", "rollout.group_size=2"]
+            if quick else []) + list(args.set)
+    out = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick, "results": {}}
+    print(f"distpg bench on {out['machine']['cpu']} ({out['machine']['cores']} cores"
+          f"{', ' + out['machine']['gpu'] if out['machine']['gpu'] else ''}), torch {torch.__version__}", flush=True)
+    t_start = time.perf_counter()
+    if "sampler" in chosen:
+        print("sampler: distpg generate vs transformers generate(), same weights", flush=True)
+        sizes = ["quick"] if quick else _names(args.sampler_sizes, SAMPLER_CASES)
+        res = out["results"]["sampler"] = []
+        for s in sizes:
+            res.append(bench_sampler(s, repeats, args.threads, args.device))
+            print_figure(res[-1])
+    if chosen != ("sampler",) and any(b in chosen for b in ("weights", "step")):
+        _with_ray(chosen, args, out, quick, repeats, sets)
+    if "learner" in chosen:
+        print("learner: Learner.update vs a plain supervised step on the same batch", flush=True)
+        res = out["results"]["learner"] = []
+        for extra in ([[]] if quick else [[], ["model.preset=small"]]):
+            res.append(bench_learner(sets + extra, max(repeats, 3)))
+            print_figure(res[-1])
+    out["elapsed_s"] = time.perf_counter() - t_start
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"distpg bench: done in {out['elapsed_s']:.0f}s; results in {args.json}", flush=True)
+    return out
+
+
+def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = not ray.is_initialized()
+    if started:  # "local": a fresh runtime of our own, never someone else's cluster
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
+    try:
+        if "weights" in chosen:
+            print("weights: one version to N workers vs one plain ray.put + ray.get of the same bytes", flush=True)
+            res = out["results"]["weights"] = []
+            workers = [1, 2] if quick else [int(n) for n in args.workers.split(",")]
+            for size in ["quick"] if quick else _names(args.weight_sizes, WEIGHT_SIZES):
+                for f in bench_weights(size, workers, max(repeats, 5)):
+                    res.append(f)
+                    print_figure(f)
+        if "step" in chosen:
+            print("step: synchronous training step on Ray vs one process without Ray", flush=True)
+            res = out["results"]["step"] = []
+            steps, warmup = (3, 1) if quick else (args.steps, 5)
+            res.append(bench_step(sets, steps, warmup))
+            print_figure(res[-1])
+            res.append(bench_sync_fraction(sets, steps, warmup))
+            print_figure(res[-1])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _names(csv: str, known: dict) -> list[str]:
+    names = [s.strip() for s in csv.split(",") if s.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"distpg bench: unknown size {bad[0]!r}; allowed: {', '.join(known)}")
+    return names
