@@ -12,7 +12,21 @@ Baselines, each unbiased:
 - ema:   b = running mean of the rewards of *earlier* batches (so independent of this batch's samples).
 - group: b_i = mean reward of the other G−1 samples of the same prompt (leave-one-out); the samples of a
          group are drawn independently, so b_i is independent of τ_i.
+- value: b_{i,t} = V(s_{i,t}), a learned value of the prefix before token t (per-token advantages); V
+         depends only on the prefix, so E[V(s_t) ∇ log π(a_t | s_t)] = 0.
 Samples whose reward failed (`ok` False) get no advantage and are left out of every baseline.
+
+Optional terms:
+- KL to a frozen reference policy π_ref, estimated per token by k1 = log π − log π_ref or
+  k3 = ρ − 1 − log ρ (ρ = π_ref / π). Both have expectation KL(π‖π_ref) under π. Its exact gradient is
+  E[K(τ) ∇ log π(τ)] + E[∇K(τ)] with K = Σ_t k_t: the first part enters through the rewards
+  (r − β K, "score function"), the second through `kl_pathwise` in the loss.
+- entropy bonus: − coef · mean per-token entropy (the usual per-state bonus, not the gradient of the
+  sequence entropy).
+- whitening: advantages divided by the reward std of the batch or the group: the common GRPO trick;
+  it rescales each group's gradient by a random factor and is biased, so it is off by default.
+- aggregation: `seq_sum` (−1/B Σ_i Σ_t A log π: the unbiased estimator of ∇J) or `token_mean`
+  (−Σ_i Σ_t A log π / Σ_i T_i, as the group-relative methods use: length-weighted, biased).
 
 Shapes: P prompts, G samples per prompt (group_size), B = P·G samples, T completion tokens.
 """
@@ -21,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-BASELINES = ("none", "ema", "group")
+BASELINES = ("none", "ema", "group", "value")
 
 
 def advantages(
@@ -48,6 +62,8 @@ def advantages(
         n_ok = ok.sum(dim=1, keepdim=True)  # (P, 1)
         others = (r.sum(dim=1, keepdim=True) - r) / (n_ok - 1).clamp(min=1)
         b, valid = others, ok & (n_ok >= 2)
+    elif baseline == "value":  # per-token: the caller subtracts V(s_t) with `value_advantages`
+        b, valid = torch.zeros_like(r), ok
     else:
         raise ValueError(f"algo.baseline={baseline!r}: allowed are {', '.join(BASELINES)}")
     return torch.where(valid, r - b, 0.0), valid
@@ -60,20 +76,91 @@ def ema_update(ema_value: float | None, batch_mean: float, decay: float) -> floa
     return decay * ema_value + (1.0 - decay) * float(batch_mean)
 
 
-def pg_loss(logprobs: torch.Tensor, response_mask: torch.Tensor, adv: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """REINFORCE surrogate with sequence-sum aggregation: −1/B Σ_i A_i Σ_t log π(a_{i,t}).
+AGGREGATIONS = ("seq_sum", "token_mean")
+
+
+def pg_loss(logprobs: torch.Tensor, response_mask: torch.Tensor, adv: torch.Tensor, num_samples: int,
+            agg: str = "seq_sum", num_tokens: int | None = None) -> torch.Tensor:
+    """REINFORCE surrogate: −1/B Σ_i Σ_t A_{i,t} log π(a_{i,t}) (seq_sum) or −Σ_i Σ_t A log π / N_tokens
+    (token_mean).
 
     Args:
         logprobs: (B, T) log πθ of the taken tokens (differentiable).
         response_mask: (B, T) bool/float, 1 on completion tokens that count.
-        adv: (B,) advantages (no gradient flows through them).
+        adv: (B,) per-sample or (B, T) per-token advantages (no gradient flows through them).
         num_samples: B in the 1/B normaliser (the whole batch, also when called per micro-batch).
+        agg: "seq_sum" or "token_mean".
+        num_tokens: for token_mean, the response tokens of the whole batch.
     Returns:
         scalar loss whose gradient is −g.
     """
+    mask = response_mask.bool()
     # where, not multiply: a masked position may hold -inf, and -inf * 0 would be NaN
-    seq_logprob = torch.where(response_mask.bool(), logprobs, 0.0).sum(dim=1)  # (B,)
-    return -(adv.detach() * seq_logprob).sum() / num_samples
+    logp = torch.where(mask, logprobs, 0.0)
+    adv = adv.detach()
+    if adv.dim() == 1:
+        total = (adv * logp.sum(dim=1)).sum()
+    else:
+        total = torch.where(mask, adv * logp, 0.0).sum()
+    return -total / _normaliser(agg, num_samples, num_tokens)
+
+
+def _normaliser(agg: str, num_samples: int, num_tokens: int | None) -> float:
+    if agg == "seq_sum":
+        return num_samples
+    if agg == "token_mean":
+        assert num_tokens is not None, "token_mean needs num_tokens"
+        return max(1, num_tokens)
+    raise ValueError(f"algo.loss_agg={agg!r}: allowed are {', '.join(AGGREGATIONS)}")
+
+
+def value_advantages(returns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages r_i − V(s_{i,t}): (B,), (B, T) -> (B, T); V gets no gradient from here."""
+    return returns[:, None] - values.detach()
+
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(π‖π_ref) from tokens sampled from π: (B, T), (B, T) -> (B, T).
+
+    k1 = log π − log π_ref; k3 = ρ − 1 − log ρ with ρ = π_ref / π (non-negative). Both have expectation
+    KL(π(·|s)‖π_ref(·|s)) at each state. Differentiable in `logprobs`.
+    """
+    log_ratio = ref_logprobs - logprobs  # log ρ
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return log_ratio.exp() - 1.0 - log_ratio
+    raise ValueError(f"algo.kl_estimator={estimator!r}: allowed are {', '.join(KL_ESTIMATORS)}")
+
+
+def kl_pathwise(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor, estimator: str,
+                num_samples: int) -> torch.Tensor:
+    """The E[∇K] part of the KL gradient as a loss: 1/B Σ_i Σ_t k_t (differentiated through log π).
+    Add β times this to the loss and subtract β·K_i (detached) from the rewards for the exact gradient."""
+    k = kl_per_token(logprobs, ref_logprobs.detach(), estimator)
+    return torch.where(response_mask.bool(), k, 0.0).sum() / num_samples
+
+
+WHITEN = ("none", "batch", "group")
+
+
+def whiten(adv: torch.Tensor, rewards: torch.Tensor, ok: torch.Tensor, mode: str, eps: float = 1e-6) -> torch.Tensor:
+    """Divide (P, G) advantages by the std of the valid rewards of the batch or of each group (biased)."""
+    if mode == "none":
+        return adv
+    r = torch.where(ok, rewards.float(), torch.nan)
+    if mode == "batch":
+        std = r[ok].std() if int(ok.sum()) > 1 else torch.tensor(1.0)
+        return adv / (std + eps)
+    if mode == "group":
+        mean = torch.nanmean(r, dim=1, keepdim=True)
+        n = ok.sum(dim=1, keepdim=True).clamp(min=2)
+        std = (torch.nansum((r - mean) ** 2, dim=1, keepdim=True) / (n - 1)).sqrt()
+        return adv / (std + eps)
+    raise ValueError(f"algo.whiten={mode!r}: allowed are {', '.join(WHITEN)}")
 
 
 def entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -107,6 +194,8 @@ def off_policy_loss(
     mode: str = "truncated",
     cap: float = 1.0,
     clip_eps: float = 0.2,
+    agg: str = "seq_sum",
+    num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy-gradient loss for samples drawn from an older policy μ (asynchronous training).
 
@@ -121,9 +210,9 @@ def off_policy_loss(
     Args:
         logprobs, old_logprobs: (B, T) log πθ (differentiable) and log μ.
         response_mask: (B, T) tokens that count.
-        adv: (B,) advantages.
+        adv: (B,) or (B, T) advantages.
         stale: (B,) bool, True where the sample's policy version is older than the learner's.
-        num_samples: B in the 1/B normaliser.
+        num_samples, agg, num_tokens: the normaliser, as in `pg_loss`.
     Returns:
         (loss, corrected) where corrected is the number of response tokens of stale samples whose ratio
         was truncated (ρ > cap) or clipped (outside [1 − ε, 1 + ε] on the side that binds).
@@ -131,22 +220,23 @@ def off_policy_loss(
     if mode not in OFF_POLICY:
         raise ValueError(f"algo.off_policy={mode!r}: allowed are {', '.join(OFF_POLICY)}")
     if mode == "none" or not bool(stale.any()):
-        return pg_loss(logprobs, response_mask, adv, num_samples), torch.zeros(())
+        return pg_loss(logprobs, response_mask, adv, num_samples, agg, num_tokens), torch.zeros(())
     mask = response_mask.bool()
     stale_tok = mask & stale[:, None]
     log_ratio = torch.where(stale_tok, logprobs - old_logprobs, 0.0)
     ratio = log_ratio.exp()
-    a = adv.detach()[:, None]
+    a = adv.detach()[:, None] if adv.dim() == 1 else adv.detach()
+    norm = _normaliser(agg, num_samples, num_tokens)
     logp = torch.where(mask, logprobs, 0.0)
     if mode == "truncated":
         coef = torch.where(stale_tok, ratio.detach().clamp(max=cap), 1.0)
-        loss = -(a * coef * logp).sum() / num_samples
+        loss = -torch.where(mask, a * coef * logp, 0.0).sum() / norm
         corrected = (stale_tok & (ratio > cap)).sum()
     else:
         clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
         surrogate = torch.minimum(ratio * a, clipped * a)
         # fresh tokens: A log π (gradient A ∇log π); stale tokens: the clipped surrogate (gradient ρ A ∇log π)
         per_token = torch.where(stale_tok, surrogate, a * logp)
-        loss = -torch.where(mask, per_token, 0.0).sum() / num_samples
+        loss = -torch.where(mask, per_token, 0.0).sum() / norm
         corrected = (stale_tok & ((ratio * a) != surrogate)).sum()
     return loss, corrected

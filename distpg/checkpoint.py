@@ -2,6 +2,7 @@
 
 Layout of one checkpoint (RUN_DIR/checkpoints/step_NNNNNN/):
   model.safetensors   the policy's parameters (opens with safetensors, no pickle)
+  value_head.safetensors  the value head, with algo.baseline=value
   optimizer.pt        optimizer state, tensors only (loaded with torch.load(weights_only=True))
   state.json          step, policy version, baseline state, seed
 
@@ -37,6 +38,9 @@ def save(run_dir: Path, step: int, learner_state: dict, keep: int) -> Path:
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in learner_state["model"].items()}, str(tmp / "model.safetensors"))
+    if learner_state.get("value_head"):
+        head = {k: v.contiguous() for k, v in learner_state["value_head"].items()}
+        save_file(head, str(tmp / "value_head.safetensors"))
     torch.save(learner_state["optimizer"], tmp / "optimizer.pt")
     state = {
         "step": step,
@@ -72,6 +76,8 @@ def load(path: Path) -> tuple[dict, dict]:
     state = json.loads((path / "state.json").read_text())
     learner_state = {
         "model": load_file(str(path / "model.safetensors")),
+        "value_head": load_file(str(path / "value_head.safetensors")) if (path / "value_head.safetensors").exists()
+        else None,
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
         "version": state["version"],
         "ema": state["ema"],

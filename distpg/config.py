@@ -48,13 +48,17 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = _f("reverse", "built-in task (reverse, sort, addition) or 'module:attr' of your own")
+    name: str = _f("reverse", "built-in task (reverse, sort, addition, prompts) or 'module:attr' of your own")
     length: int = _f(6, "reverse/sort: characters per prompt")
     alphabet: str = _f("abcdef", "reverse/sort: characters the prompts are drawn from")
     digits: int = _f(2, "addition: digits per operand")
     num_eval: int = _f(128, "held-out evaluation prompts, never used for training")
     eval_seed: int = _f(1234, "seed that picks the held-out prompts")
     params: dict = _f(None, "extra parameters for a user task ('module:attr'), passed through as given")
+    prompts_path: str | None = _f(
+        None, "prompts: a JSONL or Parquet file with a 'prompt' column and an optional 'reference' column")
+    reward: str | None = _f(
+        None, "prompts: 'module:attr' of a function reward(prompt, completion, reference) -> float")
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,17 @@ class ModelConfig:
     n_layer: int | None = _f(None, "transformer blocks (null: from the preset)")
     n_head: int | None = _f(None, "attention heads (null: from the preset)")
     n_embd: int | None = _f(None, "embedding width (null: from the preset)")
-    n_positions: int = _f(64, "longest prompt + completion the model can hold")
+    n_positions: int | None = _f(None, "longest prompt + completion the model can hold (null: 64)")
+    init_from: str | None = _f(
+        None, "a local Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer.json) to start from: "
+        "its weights and tokenizer; the shape fields then come from it and the preset is ignored")
 
     def __post_init__(self) -> None:
+        if self.init_from is not None:
+            self._shape_from_folder()
+            return
+        if self.n_positions is None:
+            object.__setattr__(self, "n_positions", 64)
         preset = PRESETS.get(self.preset)
         if preset is None:
             raise ConfigError(f"model.preset={self.preset!r}: allowed are {', '.join(PRESETS)}")
@@ -75,6 +87,22 @@ class ModelConfig:
                 object.__setattr__(self, key, value)
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+
+    def _shape_from_folder(self) -> None:
+        from distpg.hf import read_shape
+
+        if not self.init_from.strip():
+            raise ConfigError("model.init_from='': name a folder, or null to start from a fresh model")
+        try:
+            shape = read_shape(self.init_from)
+        except ValueError as e:
+            raise ConfigError(f"model.init_from={self.init_from!r}: {e}") from None
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+            given, stored = getattr(self, key), getattr(shape, key)
+            if given is not None and given != stored:
+                raise ConfigError(f"model.{key}={given} but model.init_from={self.init_from!r} has {key}={stored}; "
+                                  f"leave model.{key} null")
+            object.__setattr__(self, key, stored)
 
 
 @dataclass(frozen=True)
@@ -95,14 +123,25 @@ class RolloutConfig:
         "auto (process for user tasks, none for the built-in ones)", ("auto", "process", "none"),
     )
     reward_timeout_s: float = _f(30.0, "longest a batch's rewards may take in a child process; then it is killed")
+    node_resource: str | list | None = _f(
+        None, "custom Ray resource a worker's node must have (e.g. distpg_node_1); a list pins workers to its "
+        "entries round-robin; null: any node")
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
     baseline: str = _f(
-        "group", "b in (r - b): none, ema (running mean), group (leave-one-out mean of the prompt's group)",
-        ("none", "ema", "group"),
+        "group", "b in (r - b): none, ema (running mean), group (leave-one-out mean of the prompt's group), "
+        "value (a learned value head on the policy trunk: per-token advantages)", ("none", "ema", "group", "value"),
     )
+    value_coef: float = _f(0.5, "value baseline: weight of the value head's squared-error loss")
+    kl_coef: float = _f(0.0, "weight of the KL penalty to the frozen initial policy (0: off)")
+    kl_estimator: str = _f("k3", "per-token KL estimator: k1 (log ratio) or k3 ((rho - 1) - log rho)", ("k1", "k3"))
+    entropy_coef: float = _f(0.0, "entropy bonus weight (0: off)")
+    whiten: str = _f("none", "divide advantages by the reward std of the batch or group (biased)",
+                     ("none", "batch", "group"))
+    loss_agg: str = _f("seq_sum", "seq_sum: -1/B sum_i sum_t A log pi (unbiased); token_mean: divide by the "
+                       "number of tokens (length-weighted, biased)", ("seq_sum", "token_mean"))
     ema_decay: float = _f(0.9, "ema baseline: b <- decay * b + (1 - decay) * batch mean reward")
     max_staleness: int = _f(1, "async: a batch is at most this many policy versions older than the learner")
     off_policy: str = _f(
@@ -125,6 +164,7 @@ class LearnerConfig:
         10, "updates skipped in a row for a non-finite loss or gradient before the run stops")
     num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")
     num_gpus: float = _f(1.0, "GPUs for the learner when training on GPUs")
+    node_resource: str | None = _f(None, "custom Ray resource the learner's node must have (null: any node)")
 
 
 @dataclass(frozen=True)
@@ -279,6 +319,9 @@ def _validate(cfg: Config) -> None:
         "rollout.reward_timeout_s": (cfg.rollout.reward_timeout_s, 1e-3, None),
         "algo.ema_decay": (cfg.algo.ema_decay, 0.0, 1.0),
         "algo.max_staleness": (cfg.algo.max_staleness, 0, None),
+        "algo.value_coef": (cfg.algo.value_coef, 0.0, None),
+        "algo.kl_coef": (cfg.algo.kl_coef, 0.0, None),
+        "algo.entropy_coef": (cfg.algo.entropy_coef, 0.0, None),
         "rollout.max_restarts": (cfg.rollout.max_restarts, 0, None),
         "learner.max_consecutive_skips": (cfg.learner.max_consecutive_skips, 0, None),
         "algo.is_cap": (cfg.algo.is_cap, 1e-6, None),
@@ -304,6 +347,32 @@ def _validate(cfg: Config) -> None:
             f"rollout.num_gpus_per_worker={cfg.rollout.num_gpus_per_worker}: Ray allows a fraction below 1 "
             "or a whole number of GPUs"
         )
+    if cfg.learner.num_gpus > 1 and cfg.learner.num_gpus != int(cfg.learner.num_gpus):
+        raise ConfigError(f"learner.num_gpus={cfg.learner.num_gpus}: Ray allows a fraction below 1 or a whole number")
+    _validate_node_resources(cfg)
+
+
+def node_resources(cfg: Config) -> tuple[list[str], str | None]:
+    """(the workers' node resources, round-robin; empty: any node) and the learner's (None: any node)."""
+    workers = cfg.rollout.node_resource
+    return ([workers] if isinstance(workers, str) else list(workers or [])), cfg.learner.node_resource
+
+
+def _validate_node_resources(cfg: Config) -> None:
+    workers, learner = node_resources(cfg)
+    if isinstance(cfg.rollout.node_resource, list) and not workers:
+        raise ConfigError("rollout.node_resource=[]: name at least one resource, or null for any node")
+    for path, name in [("rollout.node_resource", w) for w in workers] + [("learner.node_resource", learner)]:
+        if name is None:
+            continue
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{path}: {name!r} is not a resource name (a non-empty string, e.g. distpg_node_1)")
+        if name in _BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ConfigError(f"{path}={name!r} is a built-in Ray resource; name a custom one (ray start "
+                              "--resources='{\"distpg_node_1\": 1}')")
+
+
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:

@@ -10,6 +10,7 @@ The orchestrator makes it a Ray actor; tests construct it directly.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -19,8 +20,8 @@ import torch
 from distpg import algo
 from distpg.batch import BatchError, LearnerBatch, to_learner_batch, validate
 from distpg.config import Config
-from distpg.model import policy_from_config, token_logprobs
-from distpg.tasks import make_task
+from distpg.model import token_logprobs
+from distpg.policy import initial_policy
 from distpg.weights import FlatParams, WeightsMessage
 
 
@@ -47,18 +48,30 @@ class Learner:
         torch.set_num_threads(max(1, num_threads))
         self.cfg = cfg
         self.device = device
-        self.vocab_size = make_task(cfg.task).tokenizer.vocab_size
-        self.model = policy_from_config(cfg.model, self.vocab_size, cfg.run.seed, device).train()
+        self.model = initial_policy(cfg, device)[1].train()
+        self.vocab_size = self.model.shape.vocab_size  # every token id a batch may hold
         self.flat = FlatParams(self.model)
-        lc = cfg.learner
+        ac, lc = cfg.algo, cfg.learner
+        # a frozen copy of the initial policy for the KL penalty (also after a resume: built before loading)
+        self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if ac.kl_coef > 0 else None
+        # the value baseline: a linear head on the policy's final hidden states (detached: the value loss
+        # trains the head only and never changes the policy)
+        self.value_head = torch.nn.Linear(cfg.model.n_embd, 1).to(device) if ac.baseline == "value" else None
+        if self.value_head is not None:
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lc.lr, betas=(lc.beta1, lc.beta2), weight_decay=lc.weight_decay
+            self.trainable(), lr=lc.lr, betas=(lc.beta1, lc.beta2), weight_decay=lc.weight_decay
         )
         self.version = 0
         self.ema: float | None = None
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.ledger: list[torch.Tensor] | None = [] if cfg.log.ledger else None
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        head = list(self.value_head.parameters()) if self.value_head is not None else []
+        return list(self.model.parameters()) + head
 
     # ------------------------------------------------------------------------------------------ weights
     def get_weights(self) -> WeightsMessage:
@@ -88,33 +101,66 @@ class Learner:
             raise BatchError(f"trajectory batch: policy_version {int(b.policy_version.max())} is newer than the "
                              f"learner's {self.version}")
         stale = staleness > 0
-        rewards, ok = b.rewards.view(-1, G), b.ok.view(-1, G)
-        adv, valid = algo.advantages(rewards, ok, self.cfg.algo.baseline, self.ema)
+        ac = self.cfg.algo
+        mb = self.cfg.learner.micro_batch_size or B
+        chunks = [slice(s, s + mb) for s in range(0, B, mb)]
+        lengths = [int(b.response_mask[idx].any(0).nonzero().max()) + 1 for idx in chunks]  # trim padding
+        num_tokens = int(b.response_mask.sum())
+
+        # KL to the reference policy: K_i = Σ_t k_t with log π from the sampler (= πθ on-policy); its
+        # score-function part enters through the rewards, its pathwise part through the loss below.
+        ref_lp = torch.zeros_like(b.old_logprobs)
+        kl_seq = torch.zeros(B, device=b.tokens.device)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                for idx, L in zip(chunks, lengths):
+                    tokens = b.tokens[idx, :L]
+                    ref_lp[idx, 1:L] = token_logprobs(self.ref_model(tokens[:, :-1]), tokens[:, 1:])
+                k = algo.kl_per_token(b.old_logprobs, ref_lp, ac.kl_estimator)
+                kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
+        returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
+        rewards, ok = returns.view(-1, G), b.ok.view(-1, G)
+        adv, valid = algo.advantages(rewards, ok, ac.baseline, self.ema)
+        adv = algo.whiten(adv, rewards, ok, ac.whiten)
         adv, valid = adv.reshape(B), valid.reshape(B)
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = ent_sum = kl_sum = 0.0
+        loss_sum = ent_sum = kl_sum = value_loss_sum = 0.0
         corrected = 0
-        ac = self.cfg.algo
-        mb = self.cfg.learner.micro_batch_size or B
-        for s in range(0, B, mb):
-            idx = slice(s, s + mb)
-            # trim the columns after the longest sequence of this micro-batch
-            L = int(b.response_mask[idx].any(0).nonzero().max()) + 1
+        for idx, L in zip(chunks, lengths):
             tokens, mask = b.tokens[idx, :L], b.response_mask[idx, 1:L]
-            logits = self.model(tokens[:, :-1])  # (b, L-1, V)
+            if self.value_head is not None:
+                logits, hidden = self.model(tokens[:, :-1], return_hidden=True)  # (b, L-1, V), (b, L-1, C)
+            else:
+                logits = self.model(tokens[:, :-1])  # (b, L-1, V)
             logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
             grad_mask = mask & valid[idx, None]
-            loss, n_corrected = algo.off_policy_loss(
-                logp, b.old_logprobs[idx, 1:L], grad_mask, adv[idx], stale[idx], num_samples=B,
-                mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps,
+            sample_adv = adv[idx]
+            loss = torch.zeros((), device=logp.device)
+            if self.value_head is not None:
+                values = self.value_head(hidden.detach()).squeeze(-1)  # (b, L-1): V(s_t) for the token at t
+                sample_adv = algo.value_advantages(returns[idx], values)
+                err = torch.where(grad_mask, values - returns[idx, None], 0.0)
+                value_loss = ac.value_coef * (err**2).sum() / max(1, num_tokens)
+                loss = loss + value_loss
+                value_loss_sum += value_loss.item()
+            pg, n_corrected = algo.off_policy_loss(
+                logp, b.old_logprobs[idx, 1:L], grad_mask, sample_adv, stale[idx], num_samples=B,
+                mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps, agg=ac.loss_agg, num_tokens=num_tokens,
             )
+            loss = loss + pg
             corrected += int(n_corrected)
-            loss.backward()
             n = mask.shape[0] / B
+            if self.ref_model is not None:
+                norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
+                loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[idx, 1:L], grad_mask, ac.kl_estimator, norm)
+            ent = algo.entropy(logits, mask)
+            if ac.entropy_coef > 0:
+                loss = loss - ac.entropy_coef * ent * n
+            loss.backward()
             loss_sum += loss.item()
             with torch.no_grad():
-                ent_sum += algo.entropy(logits, mask).item() * n
+                ent_sum += ent.item() * n
                 kl_sum += algo.kl_k3(logp, b.old_logprobs[idx, 1:L], mask).item() * n
 
         grad_norm = self._grad_norm()
@@ -128,7 +174,7 @@ class Learner:
             pass  # no sample carries gradient (every reward failed): an optimizer step would only replay momentum
         elif finite:
             if self.cfg.learner.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.trainable(), self.cfg.learner.grad_clip)
             self.optimizer.step()
             if bool(ok.any()):
                 self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
@@ -151,6 +197,8 @@ class Learner:
             "learner/entropy": ent_sum,
             "learner/kl": kl_sum,
             "learner/skipped_steps": self.skipped_steps,
+            "learner/value_loss": value_loss_sum,
+            "learner/kl_ref": float(kl_seq.mean()),
             "learner/baseline_ema": self.ema if self.ema is not None else 0.0,
             "policy/version": self.version,
             "rollout/staleness_mean": float(staleness.float().mean()),
@@ -172,6 +220,8 @@ class Learner:
         """Everything needed to continue exactly: weights, optimizer, version, baseline."""
         return {
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "value_head": {k: v.detach().cpu().clone() for k, v in self.value_head.state_dict().items()}
+            if self.value_head is not None else None,
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "version": self.version,
             "ema": self.ema,
@@ -182,6 +232,8 @@ class Learner:
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(state["model"][name])
+        if self.value_head is not None and state.get("value_head"):
+            self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
         self.ema = state["ema"]

@@ -11,6 +11,7 @@ Rows may be left-padded: `key_mask` marks the real cache slots and `positions` g
 position id, so padded and unpadded prompts give the same logits.
 
 The model knows nothing about distribution; the rollout workers and the learner wrap it from outside.
+Loading and exporting Hugging Face GPT-2 folders lives in `distpg.hf`.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class GPT(nn.Module):
         key_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         pos: int = 0,
-    ) -> torch.Tensor:
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits for every input position.
 
         Args:
@@ -150,8 +152,9 @@ class GPT(nn.Module):
                 default all True.
             cache: a `KVCache`; the new keys and values are written at [pos, pos + T).
             pos: index of the first new token in the cache.
+            return_hidden: also return the final hidden states (B, T, C) after ln_f (for a value head).
         Returns:
-            logits (B, T, V) in the parameters' dtype.
+            logits (B, T, V) in the parameters' dtype (and the hidden states with return_hidden).
         """
         B, T = idx.shape
         if positions is None:
@@ -164,7 +167,8 @@ class GPT(nn.Module):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, attn_mask, layer_cache, pos)
         x = self.ln_f(x)
-        return F.linear(x, self.wte.weight)  # tied output embedding
+        logits = F.linear(x, self.wte.weight)  # tied output embedding
+        return (logits, x) if return_hidden else logits
 
 
 def _attention_mask(T: int, pos: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
@@ -196,7 +200,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def policy_from_config(model_cfg, vocab_size: int, seed: int, device: str = "cpu") -> GPT:
-    """The policy described by a `ModelConfig`, initialised from `seed`, on `device`."""
+    """The policy described by a `ModelConfig`, on `device`: the weights of the GPT-2 folder
+    `model_cfg.init_from` when set (then `seed` is unused and `vocab_size`, the tokenizer's, must fit the
+    model's), else a fresh model initialised from `seed`."""
+    if model_cfg.init_from:
+        from distpg.hf import load_gpt2
+
+        model = load_gpt2(model_cfg.init_from)
+        if vocab_size > model.shape.vocab_size:
+            raise ValueError(f"model.init_from={model_cfg.init_from!r}: the tokenizer has {vocab_size} tokens, "
+                             f"the model only {model.shape.vocab_size}")
+        return model.to(device)
     shape = ModelShape(
         vocab_size=vocab_size,
         n_layer=model_cfg.n_layer,

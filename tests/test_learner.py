@@ -79,3 +79,58 @@ def test_recomputed_logprobs_match_the_samplers():
     metrics, _ = learner.update(batch)
     # k3 KL between the sampler's stored log-probs and the learner's recomputation: ~0 on-policy
     assert 0 <= metrics["learner/kl"] < 1e-6
+
+
+def test_value_head_learns_the_return_and_survives_a_checkpoint(tmp_path):
+    from distpg import checkpoint
+
+    learner, worker = setup("algo.baseline=value", "learner.lr=0.01")
+    batch = worker.sample(["abcd=", "bcda=", "cdab=", "dabc="], [0, 1, 2, 3], seed=0)
+    first, _ = learner.update(batch)
+    for _ in range(100):
+        last, _ = learner.update(batch)
+    assert last["learner/value_loss"] < 0.7 * first["learner/value_loss"]
+    path = checkpoint.save(tmp_path, 31, learner.state(), keep=2)
+    assert (path / "value_head.safetensors").exists()
+    other, _ = setup("algo.baseline=value")
+    other.load_state(checkpoint.load(path)[0])
+    assert torch.equal(other.value_head.weight, learner.value_head.weight)
+
+
+def test_kl_penalty_keeps_the_policy_near_the_reference():
+    from distpg.batch import to_learner_batch
+    from distpg.model import token_logprobs
+
+    def train_and_measure(*overrides):
+        learner, worker = setup("learner.lr=0.01", *overrides)
+        ref = [p.detach().clone() for p in learner.model.parameters()]
+        prompts = ["abcd=", "bcda=", "cdab=", "dabc=", "aabb=", "ccdd="]
+        for step in range(20):  # on-policy: the worker always holds the learner's weights
+            worker.set_weights(learner.get_weights())
+            learner.update(worker.sample(prompts, list(range(6 * step, 6 * step + 6)), seed=step))
+        worker.set_weights(learner.get_weights())
+        batch = worker.sample(prompts, list(range(6)), seed=999)
+        lb = to_learner_batch([batch], pad_id=0)
+        tokens, mask = lb.tokens, lb.response_mask[:, 1:]
+        with torch.no_grad():
+            logp = token_logprobs(learner.model(tokens[:, :-1]), tokens[:, 1:])
+            for p, r in zip(learner.model.parameters(), ref):
+                p.copy_(r)
+            ref_logp = token_logprobs(learner.model(tokens[:, :-1]), tokens[:, 1:])
+        # k1 summed over each completion, on samples of π: an unbiased estimate of KL(π‖π_ref)
+        return float(torch.where(mask, logp - ref_logp, 0.0).sum(1).mean())
+
+    free = train_and_measure()
+    tied = train_and_measure("algo.kl_coef=1.0", "algo.kl_estimator=k3")
+    assert free > 0.5 and tied < 0.5 * free, (free, tied)
+
+
+def test_token_mean_aggregation_differs_from_seq_sum_only_by_normalisation():
+    a, worker = setup()
+    b, _ = setup("algo.loss_agg=token_mean")
+    batch = worker.sample(["abcd=", "bcda="], [0, 1], seed=2)
+    ma, _ = a.update(batch)
+    mb, _ = b.update(batch)
+    # the same sum, divided by the number of completion tokens instead of the number of samples
+    n_tokens = sum(len(t) for t in batch.column("completion_tokens").to_pylist())
+    assert mb["learner/loss"] == pytest.approx(ma["learner/loss"] * batch.num_rows / n_tokens, rel=1e-5)
