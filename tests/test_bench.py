@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,3 +58,79 @@ def test_bench_rejects_unknown_names(tmp_path):
 
     assert main(["bench", "nonsense", "--json", str(tmp_path / "x.json")]) == 2
     assert main(["bench", "sampler", "--sampler-sizes", "huge", "--json", str(tmp_path / "x.json")]) == 2
+
+
+# ---------------------------------------------------------------- the fast paths the benchmarks measure
+# (kept here with the benchmarks: each checks that an optimisation changed no result)
+
+
+def _stopping_model():
+    from distpg.model import ModelShape, build_model
+    from tests.conftest import randomize_parameters
+
+    m = build_model(ModelShape(vocab_size=16, n_layer=2, n_head=2, n_embd=32, n_positions=64), seed=0)
+    randomize_parameters(m, seed=1, scale=0.15)
+    return m.eval()
+
+
+@pytest.mark.parametrize("lengths", [[1, 4, 7, 2, 5, 3], [4] * 6])  # left-padded, and no padding at all
+def test_dropping_stopped_rows_changes_no_sample(monkeypatch, lengths):
+    import distpg.generate as G
+
+    model = _stopping_model()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(16, (n,), generator=g).tolist() for n in lengths] * 6
+    params = G.SamplingParams(max_new_tokens=24, stop_token=4)
+    batch_sizes = []
+    forward = G._last_logits
+    monkeypatch.setattr(G, "_last_logits", lambda m, idx, *a: batch_sizes.append(idx.shape[0]) or forward(m, idx, *a))
+    dropping = G.generate(model, prompts, params, torch.Generator().manual_seed(4), check_every=2)
+    assert min(batch_sizes) < len(prompts) // 2  # rows were dropped, more than once
+    batch_sizes.clear()
+    full = G.generate(model, prompts, params, torch.Generator().manual_seed(4), check_every=10**6)
+    assert min(batch_sizes) == len(prompts)
+    assert torch.equal(dropping.tokens, full.tokens) and torch.equal(dropping.mask, full.mask)
+    assert torch.equal(dropping.truncated, full.truncated) and dropping.truncated.any()
+    torch.testing.assert_close(dropping.logprobs, full.logprobs, atol=1e-5, rtol=0)
+    # and they are the log-probabilities of a plain forward of each prompt + completion
+    for i, (prompt, row) in enumerate(zip(prompts, dropping.rows())):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + row]))[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(row)[:, None]).squeeze(-1)
+        torch.testing.assert_close(dropping.logprobs[i, : len(row)], expected, atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_by_hand():
+    from distpg.generate import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]] * 5 + [[2.0, 0.0, 0.0, 0.0]])  # unnormalised rows work
+    u = torch.tensor([0.0, 0.49, 0.5, 0.999, 1 - 2**-53, 0.7], dtype=torch.float64)
+    # row 0-4: cumulative 0, .5, .5, 1 -> u < .5 picks 1, u >= .5 picks 3; never the zero-mass 0 or 2
+    assert inverse_cdf(probs, u).tolist() == [1, 1, 3, 3, 3, 0]
+
+
+def test_weights_checksum_of_pack_and_what_it_detects():
+    from distpg.weights import CHUNK_BYTES, FlatParams, checksum
+
+    # more than one packing chunk, and a last partial block: the fused pack agrees with checksum()
+    model = torch.nn.Linear(700, 800)
+    flat = FlatParams(model)
+    assert flat.flat.numel() * 4 > 2 * CHUNK_BYTES and flat.flat.numel() * 4 % 512
+    msg = flat.pack(1)
+    assert msg.checksum == checksum(msg.buffer) and torch.equal(torch.from_numpy(msg.buffer), flat.flat)
+
+    buf = msg.buffer
+    words = buf.view(np.uint64)
+
+    def changed(edit) -> bool:
+        other = buf.copy()
+        edit(other)
+        return checksum(other) != msg.checksum
+
+    assert changed(lambda b: b.__setitem__(3, b[3] + 1))  # one value
+    assert changed(lambda b: b.__setitem__(len(b) - 1, 0.5))  # in the last partial block
+    assert changed(lambda b: b.view(np.uint8).__setitem__(1000, b.view(np.uint8)[1000] ^ 1))  # one bit
+    for i, j in [(0, 1), (5, 63), (2, 64), (10, 100_000)]:  # swaps within a block and across blocks
+        assert words[i] != words[j]
+        assert changed(lambda b, i=i, j=j: b.view(np.uint64).__setitem__([i, j], b.view(np.uint64)[[j, i]]))
+    assert not changed(lambda b: None)
