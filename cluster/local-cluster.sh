@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# A real multi-node Ray cluster on this machine: a head and N worker nodes, each a `ray start` process
-# tree with its own ports and a custom resource naming it (distpg_node_0 is the head, distpg_node_1..N
-# the workers), for multi-node tests and demos.
+# A real multi-node Ray cluster on this machine: a head and N worker nodes, each its own `ray start` process
+# tree with its own ports, its own temp dir ($DIR/node_I) and a custom resource naming it (distpg_node_0 is
+# the head, distpg_node_1..N the workers), for multi-node tests, demos and scaling runs.
 #
 #   cluster/local-cluster.sh start [N]   start a head and N worker nodes (default 2); prints the addresses
 #   cluster/local-cluster.sh stop        stop every process of this cluster (and nothing else)
 #   cluster/local-cluster.sh status      `ray status` of this cluster
 #
-# Token authentication is on: the script writes a fresh token to $DIR/auth_token and every node and client
-# it starts uses it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH). Clients must do the same (cluster/submit.sh
-# does); set DISTPG_CLUSTER_AUTH=off to start a cluster without authentication.
+# Loopback only: every port of every node (GCS, raylets, object managers, dashboard, agents, metrics, the
+# Ray client server) listens on 127.0.0.1, nothing on the machine's network address. Ray's CLI rewrites
+# 127.0.0.1 and localhost to the machine's routable address, so the head is started with Ray's own switch
+# for single-machine clusters (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: keep 127.0.0.1) and the workers and
+# clients join through `LOCALHOST:PORT`, which resolves to 127.0.0.1 but is not the literal Ray rewrites.
+# Use the printed address (RAY_ADDRESS) as is.
 #
-# Environment: DISTPG_CLUSTER_DIR (state and Ray temp dir, default /tmp/distpg-cluster),
-# DISTPG_CLUSTER_CPUS (CPUs per node, default 1), DISTPG_CLUSTER_PORT (GCS port, default: a free one).
-# Ports are chosen free at start; `stop` kills exactly the process trees this script started, so other
-# Ray runtimes on the machine are left alone (unlike `ray stop`).
+# Token authentication is on: the script writes a fresh token to $DIR/auth_token and every node it starts
+# uses it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH). Clients must do the same (cluster/submit.sh does);
+# set DISTPG_CLUSTER_AUTH=off to start a cluster without authentication.
+#
+# Environment: DISTPG_CLUSTER_DIR (state and Ray temp dirs, default /tmp/distpg-cluster), DISTPG_CLUSTER_CPUS
+# (CPUs per node, default 1), DISTPG_CLUSTER_OBJECT_STORE_MB (object store per node, default 256),
+# DISTPG_CLUSTER_PORT (GCS port, default: a free one), DISTPG_CLUSTER_TIMEOUT (seconds each `ray start`
+# may take, default 120). `stop` kills exactly the process trees this script started, so other Ray
+# runtimes on the machine are left alone (unlike `ray stop`, which stops every Ray of the machine).
 set -euo pipefail
 
 DIR="${DISTPG_CLUSTER_DIR:-/tmp/distpg-cluster}"
 CPUS="${DISTPG_CLUSTER_CPUS:-1}"
+STORE_MB="${DISTPG_CLUSTER_OBJECT_STORE_MB:-256}"
+TIMEOUT="${DISTPG_CLUSTER_TIMEOUT:-120}"
 PY="${PYTHON:-python3}"
 RAY="${RAY:-ray}"
 
@@ -30,9 +40,9 @@ descendants() {  # a pid and all its descendants
   for child in $(pgrep -P "$pid" 2>/dev/null); do descendants "$child"; done
 }
 
-cluster_pids() {  # every process whose command line names this cluster's dir or GCS address, and descendants
-  local pid pattern="$DIR"
-  [ -f "$DIR/address" ] && pattern="$DIR|address=$(cat "$DIR/address")( |$)"
+cluster_pids() {  # every process whose command line names this cluster's dir or GCS port, and descendants
+  local pid pattern="$DIR/"
+  [ -f "$DIR/gcs_port" ] && pattern="$DIR/|(LOCALHOST|127\.0\.0\.1):$(cat "$DIR/gcs_port")( |$)"
   for pid in $(pgrep -f -- "$pattern" 2>/dev/null); do
     [ "$pid" = "$$" ] || descendants "$pid"
   done | sort -u
@@ -40,40 +50,48 @@ cluster_pids() {  # every process whose command line names this cluster's dir or
 
 start_node() {  # $1 = node index (0 = head)
   local i=$1 args
+  # every port a node opens is named here, so two clusters (or another Ray) on the machine never collide
   args=(--num-cpus="$CPUS" --resources="{\"distpg_node_$i\": 1}" --disable-usage-stats
+        --temp-dir="$DIR/node_$i" --object-store-memory=$((STORE_MB * 1024 * 1024))
+        --node-manager-port="$(free_port)" --object-manager-port="$(free_port)"
         --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)"
         --metrics-export-port="$(free_port)" --runtime-env-agent-port="$(free_port)")
   if [ "$i" = 0 ]; then
-    "$RAY" start --head --port="$GCS_PORT" --temp-dir="$DIR/ray" --include-dashboard=true \
-      --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --ray-client-server-port="$(free_port)" \
-      "${args[@]}" > "$DIR/node_$i.log" 2>&1
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 AUTOSCALER_METRIC_PORT="$(free_port)" DASHBOARD_METRIC_PORT="$(free_port)" \
+      timeout "$TIMEOUT" "$RAY" start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
+      --ray-client-server-port="$(free_port)" "${args[@]}" > "$DIR/node_$i.log" 2>&1
   else
-    "$RAY" start --address="$ADDRESS" "${args[@]}" > "$DIR/node_$i.log" 2>&1
-  fi || { echo "node $i failed to start; its log:" >&2; tail -20 "$DIR/node_$i.log" >&2; exit 1; }
+    timeout "$TIMEOUT" "$RAY" start --address="$ADDRESS" "${args[@]}" > "$DIR/node_$i.log" 2>&1
+  fi || { echo "node $i failed to start (or took over ${TIMEOUT}s); its log:" >&2; tail -20 "$DIR/node_$i.log" >&2
+          "$0" stop >&2 || true; exit 1; }
 }
 
 case "${1:-}" in
   start)
     N="${2:-2}"
-    if [ -f "$DIR/address" ] && [ -n "$(cluster_pids)" ]; then
-      echo "a cluster is already running from $DIR (address $(cat "$DIR/address")); stop it first" >&2; exit 1
+    [[ "$N" =~ ^[0-9]+$ ]] || { echo "local-cluster.sh: N must be a number of worker nodes, got '$N'" >&2; exit 2; }
+    if [ -n "$(cluster_pids)" ]; then
+      echo "a cluster is already running from $DIR (address $(cat "$DIR/address" 2>/dev/null)); stop it first" >&2
+      exit 1
     fi
     rm -rf "$DIR"; mkdir -p "$DIR"
     if [ "${DISTPG_CLUSTER_AUTH:-on}" = on ]; then
-      "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$DIR/auth_token"; chmod 600 "$DIR/auth_token"
+      (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$DIR/auth_token")
       export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
     else
       export RAY_AUTH_MODE=disabled
     fi
+    export RAY_USAGE_STATS_ENABLED=0
     GCS_PORT="${DISTPG_CLUSTER_PORT:-$(free_port)}"; DASH_PORT="$(free_port)"
+    echo "$GCS_PORT" > "$DIR/gcs_port"
+    ADDRESS="LOCALHOST:$GCS_PORT"
     start_node 0
-    ADDRESS="$(grep -o "ray start --address='[^']*'" "$DIR/node_0.log" | head -1 | sed "s/.*='\(.*\)'/\1/")"
-    [ -n "$ADDRESS" ] || ADDRESS="127.0.0.1:$GCS_PORT"
     for i in $(seq 1 "$N"); do start_node "$i"; done
     echo "$ADDRESS" > "$DIR/address"
     echo "http://127.0.0.1:$DASH_PORT" > "$DIR/dashboard"
-    echo "cluster up: head + $N worker nodes ($CPUS CPU each)"
-    echo "RAY_ADDRESS=$ADDRESS                  # for distpg train / ray.init"
+    echo "cluster up: head + $N worker nodes ($CPUS CPU each), every port on 127.0.0.1; state in $DIR"
+    echo "RAY_ADDRESS=$ADDRESS                   # for distpg train --address / distpg doctor / ray.init"
     echo "RAY_API_SERVER_ADDRESS=$(cat "$DIR/dashboard")   # for ray job submit (cluster/submit.sh)"
     [ -f "$DIR/auth_token" ] && echo "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token   # clients need the token"
     ;;
@@ -81,17 +99,20 @@ case "${1:-}" in
     pids="$(cluster_pids)"
     if [ -z "$pids" ]; then echo "no cluster processes under $DIR"; exit 0; fi
     kill -TERM $pids 2>/dev/null || true
+    alive=""
     for _ in $(seq 1 20); do
-      alive=""; for p in $pids; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
+      alive=""; for p in $pids; do [ -d "/proc/$p" ] && ! grep -q '^State:.*Z' "/proc/$p/status" 2>/dev/null \
+        && alive="$alive $p"; done
       [ -z "$alive" ] && break; sleep 0.5
     done
     [ -n "$alive" ] && kill -KILL $alive 2>/dev/null || true
     echo "stopped $(echo "$pids" | wc -w) processes"
     ;;
   status)
+    [ -f "$DIR/address" ] || { echo "no cluster state under $DIR" >&2; exit 1; }
     [ -f "$DIR/auth_token" ] && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
-    RAY_ADDRESS="$(cat "$DIR/address")" "$RAY" status
+    RAY_ADDRESS="$(cat "$DIR/address")" timeout "$TIMEOUT" "$RAY" status
     ;;
   *)
-    sed -n '2,14p' "$0"; exit 2 ;;
+    sed -n '2,9p' "$0"; exit 2 ;;
 esac

@@ -62,6 +62,19 @@ def _bench(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from distpg.doctor import run
+
+    cfg = load_config(args.config, args.set) if args.config or args.set else None
+    return run(args.address, cfg, args.config or "the default config", timeout=args.timeout, as_json=args.json)
+
+
+def _scale(args) -> int:
+    from distpg.scale import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distpg", description="Policy-gradient RL for language-model policies on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, each a ratio against a reference measured in the same run")
     bench_arguments(b)
     b.set_defaults(func=_bench)
+
+    d = sub.add_parser("doctor", help="check a Ray cluster (nodes, resources, versions, dashboard, auth) before a run")
+    d.add_argument("config", nargs="?", help="also check that this config's actors fit the cluster")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    d.add_argument("--address", help="Ray cluster (GCS address; default: $RAY_ADDRESS, else a local runtime)")
+    d.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the cluster and each node")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=_doctor)
+
+    from distpg.scale import add_arguments as scale_arguments
+
+    sc = sub.add_parser("scale", help="scaling sweep over rollout workers (and nodes): throughput, efficiency, plot")
+    scale_arguments(sc)
+    sc.set_defaults(func=_scale)
     return p
 
 

@@ -36,7 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distpg import checkpoint
 from distpg.batch import RolloutWriter
-from distpg.config import Config, ConfigError, dump_config
+from distpg.config import Config, ConfigError, dump_config, node_resources
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger
 from distpg.rollout import RolloutWorker, sampling_params
@@ -93,18 +93,39 @@ def validate_with_task(cfg: Config, task) -> None:
         )
 
 
+NODE_RESOURCE_UNIT = 0.001  # of a node's custom resource per pinned bundle: pins it, leaves room for 1000
+
+
 @dataclass(frozen=True)
 class Placement:
     use_gpu: bool
-    learner: dict  # Ray resources of the learner bundle
-    worker: dict  # Ray resources of each worker bundle
+    learner: dict  # Ray resources of the learner bundle (with its node resource when pinned)
+    worker: dict  # Ray resources of each worker bundle, without a node resource
+    worker_nodes: tuple = ()  # node resources the workers are pinned to, round-robin (empty: any node)
+
+    def worker_bundle(self, i: int) -> dict:
+        if not self.worker_nodes:
+            return dict(self.worker)
+        return {**self.worker, self.worker_nodes[i % len(self.worker_nodes)]: NODE_RESOURCE_UNIT}
+
+    def bundles(self, num_workers: int) -> list[dict]:
+        """The placement group: bundle 0 is the learner, bundle i + 1 worker i."""
+        return [self.learner] + [self.worker_bundle(i) for i in range(num_workers)]
 
 
-def plan_placement(cfg: Config, cpus: float, gpus: float) -> Placement:
-    """Resources of each actor, checked against what the cluster has. Raises ConfigError."""
+def cluster_nodes() -> list[dict]:
+    """Total resources of each alive node of the connected Ray cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | None = None) -> Placement:
+    """Resources of each actor, checked against what the cluster has (totals `cpus`, `gpus`; with `nodes`,
+    each alive node's resources, also whether each bundle fits on some node and the pinned ones on theirs).
+    Raises ConfigError before any actor starts."""
     use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and gpus > 0)
     if cfg.run.device == "cuda" and gpus <= 0:
         raise ConfigError("run.device=cuda but the Ray cluster has no GPUs; use run.device=auto or cpu")
+    worker_nodes, learner_node = node_resources(cfg)
     learner = {"CPU": cfg.learner.num_cpus}
     worker = {"CPU": cfg.rollout.num_cpus_per_worker}
     if use_gpu:
@@ -129,7 +150,46 @@ def plan_placement(cfg: Config, cpus: float, gpus: float) -> Placement:
                 f"learner.num_gpus={learner['GPU']:g} + rollout.num_workers={n} x rollout.num_gpus_per_worker="
                 f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}"
             )
-    return Placement(use_gpu, learner, worker)
+    if learner_node is not None:
+        learner[learner_node] = NODE_RESOURCE_UNIT
+    placement = Placement(use_gpu, learner, worker, tuple(worker_nodes))
+    if nodes is not None:
+        _check_nodes(placement, n, nodes)
+    return placement
+
+
+def _check_nodes(placement: Placement, n: int, nodes: list[dict]) -> None:
+    """Does every bundle fit on some node, and do the bundles pinned to a node resource fit on the nodes
+    that have it? Raises ConfigError naming the field."""
+    if not nodes:
+        raise ConfigError("the Ray cluster has no alive nodes")
+    custom = sorted({k for node in nodes for k in node if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                     and not k.startswith("node:")})
+    groups: dict[str, list[dict]] = {}  # node resource -> the bundles pinned to it
+    for path, bundle in [("learner", placement.learner)] + [
+            ("rollout", placement.worker_bundle(i)) for i in range(n)]:
+        pin = next((k for k in bundle if k not in ("CPU", "GPU")), None)
+        field = f"{path}.node_resource"
+        candidates = [node for node in nodes if pin is None or node.get(pin, 0) > 0]
+        if pin is not None and not candidates:
+            raise ConfigError(f"{field}={pin!r}: no alive node of the cluster has this resource; its custom "
+                              f"resources are: {', '.join(custom) or 'none'}")
+        for res, what in (("CPU", "num_cpus" if path == "learner" else "num_cpus_per_worker"),
+                          ("GPU", "num_gpus" if path == "learner" else "num_gpus_per_worker")):
+            want, best = bundle.get(res, 0), max(node.get(res, 0) for node in candidates)
+            if want > best + 1e-9:
+                where = f" with {pin!r}" if pin else ""
+                raise ConfigError(f"{path}.{what}={want:g}: no single node{where} has that many {res}s (the "
+                                  f"largest has {best:g}); an actor runs on one node")
+        if pin is not None:
+            groups.setdefault(pin, []).append(bundle)
+    for pin, bundles in groups.items():
+        for res in ("CPU", "GPU"):
+            need = sum(b.get(res, 0) for b in bundles)
+            have = sum(node.get(res, 0) for node in nodes if node.get(pin, 0) > 0)
+            if need > have + 1e-9:
+                raise ConfigError(f"{len(bundles)} actor(s) pinned to node resource {pin!r} (rollout/learner"
+                                  f".node_resource) need {need:g} {res}s, but the nodes with it have {have:g}")
 
 
 def init_ray(cfg: Config, address: str | None) -> bool:
@@ -163,10 +223,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.task = make_task(cfg.task)
-        self.pg = placement_group(
-            [placement.learner] + [placement.worker] * cfg.rollout.num_workers,
-            strategy=cfg.ray.placement_strategy,
-        )
+        self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
         wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
         self.placement = placement
         self.device = "cuda" if placement.use_gpu else "cpu"
@@ -594,13 +651,14 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         import torch
 
         gpus = torch.cuda.device_count() if cfg.run.device != "cpu" else 0
-        plan_placement(cfg, cfg.ray.num_cpus or os.cpu_count(), gpus)
+        cpus = cfg.ray.num_cpus or os.cpu_count()
+        plan_placement(cfg, cpus, gpus, nodes=[{"CPU": cpus, "GPU": gpus}])
     start_step = prepare_run_dir(cfg, Path(run_dir), resume)
     started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
     trainer = None
     try:
         res = ray.cluster_resources()
-        placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0))
+        placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
         trainer = Trainer(cfg, Path(run_dir), placement)
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)

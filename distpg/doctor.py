@@ -1,0 +1,354 @@
+"""`distpg doctor`: check a Ray cluster (or the local runtime `distpg train` would start) before a long run.
+
+It reports every node (address, CPUs, GPUs, object store and memory, custom resources) and, from a tiny task
+pinned to each node, the Python, Ray and torch versions that node runs; whether the dashboard listens on
+loopback only; whether the cluster demands a token (an HTTP request without one is refused); and, given a
+config, whether the run's actors fit. Each finding is `ok`, `warn` (the run can go on: a version mismatch,
+authentication off, a dashboard open to the network) or `FAIL` (the run would fail: the cluster cannot be
+reached, a node cannot run tasks or lacks torch, the config does not fit). The exit code is 1 when any
+finding is FAIL, else 0.
+
+Every wait has a timeout. An address nothing listens on fails within about a second (a TCP probe comes
+before `ray.init`, which would otherwise retry for minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import ray
+
+from distpg.config import Config, ConfigError
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+class DoctorError(RuntimeError):
+    """The cluster cannot be checked at all (unreachable, refused); the message says why and what to do."""
+
+
+@dataclass
+class Report:
+    address: str
+    nodes: list[dict] = field(default_factory=list)
+    findings: list[tuple[str, str]] = field(default_factory=list)  # (level, text)
+
+    def add(self, level: str, text: str) -> None:
+        self.findings.append((level, text))
+
+    @property
+    def failed(self) -> bool:
+        return any(level == FAIL for level, _ in self.findings)
+
+
+# ------------------------------------------------------------------------------------------ connecting
+
+
+def probe(address: str, timeout: float) -> None:
+    """Fail fast on an address nothing listens on: a TCP connect to the GCS, then to the address Ray itself
+    would dial (its CLI and ray.init rewrite 127.0.0.1 and localhost to the machine's routable address)."""
+    from ray._common.network_utils import parse_address
+    from ray._private.services import canonicalize_bootstrap_address
+
+    parsed = parse_address(address) if ":" in address else None
+    if parsed is None or not str(parsed[1]).isdigit():
+        raise DoctorError(f"--address {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
+                          "that cluster/local-cluster.sh prints, or 10.0.0.5:6379)")
+    host, port = parsed[0], int(parsed[1])
+    _tcp(host, port, timeout, f"cannot reach the Ray cluster at {address!r}")
+    dialed = canonicalize_bootstrap_address(address)
+    if dialed and dialed != address:
+        dhost, dport = parse_address(dialed)
+        _tcp(dhost, int(dport), timeout,
+             f"{address!r} answers, but Ray rewrites it to {dialed!r}, where nothing listens: the cluster listens "
+             f"on loopback only; connect with LOCALHOST:{port} (the form cluster/local-cluster.sh prints)")
+
+
+def _tcp(host: str, port: int, timeout: float, what: str) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise DoctorError(f"{what}: {reason} (TCP connect to {host}:{port}, {timeout:g}s timeout); is the "
+                          "cluster up, and is this its GCS address (default port 6379)?") from None
+
+
+def connect(address: str | None, timeout: float) -> str | None:
+    """Join the cluster at `address`, or start a local runtime as `distpg train` would (dashboard on
+    127.0.0.1). Returns the dashboard URL. A connect that outlives `timeout` ends the process with exit 1:
+    ray.init cannot be interrupted otherwise."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        probe(address, min(timeout, 5.0))
+    done = threading.Event()
+
+    def give_up() -> None:
+        if not done.is_set():
+            print(f"distpg doctor: FAIL: connecting to {address or 'a local Ray runtime'} did not finish within "
+                  f"{timeout:g}s (--timeout): what answers there may not be a Ray GCS, or the cluster refuses this "
+                  "client (token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH)",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if address:
+            ctx = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        else:
+            ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                           logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as e:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+                    "(cluster/local-cluster.sh writes $DISTPG_CLUSTER_DIR/auth_token)")
+        raise DoctorError(f"cannot connect to the Ray cluster at {address!r}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+    finally:
+        done.set()
+        watchdog.cancel()
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _versions() -> dict:
+    """Runs on each node."""
+    out = {"python": platform.python_version(), "ray": ray.__version__, "host": socket.gethostname(),
+           "cores": os.cpu_count()}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["cuda_devices"] = torch.cuda.device_count()
+    except ImportError:
+        out["torch"] = None
+    return out
+
+
+def inspect_nodes(report: Report, timeout: float) -> None:
+    """One row per node, and the version probe on each alive one."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe_task = ray.remote(num_cpus=0)(_versions)
+    nodes = ray.nodes()
+    refs = {}
+    for n in nodes:
+        if n.get("Alive"):
+            refs[n["NodeID"]] = probe_task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    ready = set(ready)
+    for n in nodes:
+        res = n.get("Resources", {})
+        row = {
+            "node_id": n["NodeID"], "address": f"{n.get('NodeManagerAddress')}:{n.get('NodeManagerPort')}",
+            "alive": bool(n.get("Alive")), "head": "node:__internal_head__" in res,
+            "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0),
+            "object_store_bytes": res.get("object_store_memory", 0), "memory_bytes": res.get("memory", 0),
+            "custom": {k: v for k, v in sorted(res.items()) if k not in BUILTIN and not k.startswith("node:")},
+        }
+        ref = refs.get(n["NodeID"])
+        if ref is not None and ref in ready:
+            try:
+                row.update(ray.get(ref, timeout=timeout))
+            except ray.exceptions.RayError as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        elif ref is not None:
+            row["error"] = f"a task pinned to this node did not finish within {timeout:g}s"
+        report.nodes.append(row)
+
+
+def judge_nodes(report: Report) -> None:
+    alive = [n for n in report.nodes if n["alive"]]
+    dead = len(report.nodes) - len(alive)
+    if not alive:
+        report.add(FAIL, "the cluster has no alive nodes")
+        return
+    cpus, gpus = sum(n["cpus"] for n in alive), sum(n["gpus"] for n in alive)
+    store = sum(n["object_store_bytes"] for n in alive)
+    report.add(OK if cpus > 0 else FAIL, f"{len(alive)} alive node(s): {cpus:g} CPUs, {gpus:g} GPUs, "
+               f"{_size(store)} object store" + ("" if cpus > 0 else "; no CPUs: no actor can start"))
+    if dead:
+        report.add(WARN, f"{dead} dead node(s) are still listed by the GCS")
+    for n in alive:
+        if "error" in n:
+            report.add(FAIL, f"node {n['node_id'][:8]} ({n['address']}) cannot run tasks: {n['error']}")
+        elif n.get("torch") is None:
+            report.add(FAIL, f"node {n['node_id'][:8]} ({n['address']}) cannot import torch; install distpg's "
+                             "dependencies on every node")
+        elif n["gpus"] and not n.get("cuda_devices"):
+            report.add(WARN, f"node {n['node_id'][:8]} declares {n['gpus']:g} GPUs but torch sees no CUDA device")
+    here = {"python": platform.python_version(), "ray": ray.__version__}
+    try:
+        import torch
+
+        here["torch"] = torch.__version__
+    except ImportError:
+        here["torch"] = None
+    for key in ("python", "ray", "torch"):
+        seen = {n.get(key) for n in alive if "error" not in n} | {here[key]}
+        if len(seen) > 1:
+            per_node = ", ".join(f"{n['node_id'][:8]}={n.get(key)}" for n in alive if "error" not in n)
+            report.add(WARN, f"{key} versions differ: driver={here[key]}, {per_node}")
+        else:
+            report.add(OK, f"{key} {here[key]} on the driver and every node")
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses of sockets listening on `port` on this machine (Linux /proc; [] elsewhere)."""
+    found = []
+    for name, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = open(name).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state != "0A" or int(p, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            if v6:  # four little-endian 32-bit words
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                found.append(socket.inet_ntop(socket.AF_INET6, raw))
+            else:
+                found.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+    return found
+
+
+def _is_loopback(addr: str) -> bool:
+    return addr in ("localhost", "::1") or addr.startswith("127.") or addr.startswith("::ffff:127.")
+
+
+def check_dashboard(report: Report, url: str | None, timeout: float) -> None:
+    """Where the dashboard listens, and whether it refuses a request that carries no token."""
+    if not url:
+        report.add(WARN, "the cluster has no dashboard: `ray job submit` cannot reach it")
+        return
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    host = parsed.hostname or ""
+    on_this_machine = _is_loopback(host) or host in _local_addresses()
+    local = _listeners(parsed.port) if on_this_machine and parsed.port else []
+    if local:
+        where = ", ".join(sorted(set(local)))
+        ok = all(_is_loopback(a) for a in local)
+        report.add(OK if ok else WARN, f"dashboard {url} listens on {where}" + (
+            "" if ok else ": reachable from the network; bind it to 127.0.0.1 and use an SSH tunnel"))
+    else:
+        ok = _is_loopback(host)
+        report.add(OK if ok else WARN, f"dashboard at {url}" + (" (loopback)" if ok else
+                   ": not on loopback; make sure only a tunnel or a private network reaches it"))
+    try:  # a request without credentials: 401/403 means the cluster demands a token
+        req = urllib.request.Request(url.rstrip("/") + "/api/version")
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=timeout) as r:
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        report.add(WARN, f"the dashboard at {url} did not answer within {timeout:g}s ({e})")
+        return
+    if status in (401, 403):
+        report.add(OK, f"token authentication is on (the dashboard answered {status} to a request without a token)")
+    else:
+        report.add(WARN, f"token authentication is off (the dashboard answered {status} without a token): anyone "
+                         "who can reach the cluster's ports can run code on it; start it with RAY_AUTH_MODE=token")
+
+
+def _local_addresses() -> set[str]:
+    try:
+        return {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return set()
+
+
+def check_config(report: Report, cfg: Config, label: str) -> None:
+    from distpg.orchestrator import cluster_nodes, plan_placement
+
+    res = ray.cluster_resources()
+    try:
+        placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
+    except ConfigError as e:
+        report.add(FAIL, f"{label} does not fit this cluster: {e}")
+        return
+    n = cfg.rollout.num_workers
+    cpus = placement.learner["CPU"] + n * placement.worker["CPU"]
+    gpus = placement.learner.get("GPU", 0) + n * placement.worker.get("GPU", 0)
+    report.add(OK, f"{label} fits: {n} workers + the learner reserve {cpus:g} of {res.get('CPU', 0):g} CPUs"
+               + (f" and {gpus:g} of {res.get('GPU', 0):g} GPUs" if placement.use_gpu else " (CPU training)"))
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KiB", "MiB") else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_report(report: Report) -> str:
+    cols = ["node", "address", "role", "CPU", "GPU", "object store", "memory", "python", "ray", "torch", "custom"]
+    rows = []
+    for n in report.nodes:
+        rows.append([n["node_id"][:8], n["address"], ("head" if n["head"] else "worker") + ("" if n["alive"] else
+                     " (dead)"), f"{n['cpus']:g}", f"{n['gpus']:g}", _size(n["object_store_bytes"]),
+                     _size(n["memory_bytes"]), str(n.get("python", "?")), str(n.get("ray", "?")),
+                     str(n.get("torch", "?")), ",".join(n["custom"]) or "-"])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    lines = [f"distpg doctor: {report.address}"]
+    if rows:
+        lines += ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"{level:<4}  {text}" for level, text in report.findings]
+    fails = sum(level == FAIL for level, _ in report.findings)
+    warns = sum(level == WARN for level, _ in report.findings)
+    lines.append(f"distpg doctor: {fails} problem(s), {warns} warning(s)")
+    return "\n".join(lines)
+
+
+def run(address: str | None, cfg: Config | None = None, config_label: str = "the config", timeout: float = 60.0,
+        as_json: bool = False) -> int:
+    """Check the cluster at `address` ($RAY_ADDRESS when None; a local runtime when neither), print the
+    report, return the exit code (1 if anything would make a run fail)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    report = Report(address=f"Ray cluster at {address}" if address else "local Ray runtime (as distpg train starts)")
+    try:
+        url = connect(address, timeout)
+    except DoctorError as e:
+        report.add(FAIL, str(e))
+        print(json.dumps({"address": address, "nodes": [], "findings": report.findings}) if as_json
+              else format_report(report))
+        return 1
+    try:
+        inspect_nodes(report, timeout)
+        judge_nodes(report)
+        check_dashboard(report, url, min(timeout, 10.0))
+        if cfg is not None:
+            check_config(report, cfg, config_label)
+    finally:
+        ray.shutdown()
+    if as_json:
+        print(json.dumps({"address": address, "dashboard": url, "nodes": report.nodes,
+                          "findings": report.findings, "failed": report.failed}, indent=1))
+    else:
+        print(format_report(report))
+    return 1 if report.failed else 0

@@ -1,0 +1,328 @@
+"""`distpg scale`: a scaling experiment as one command.
+
+It trains the same config again and again with 1, 2, ... rollout workers (and, on a cluster whose nodes
+carry `distpg_node_I` resources as cluster/local-cluster.sh gives them, on 1, 2, ... nodes), each run a real
+`orchestrator.train` on Ray, and reads each run's metrics.jsonl:
+
+- rollout tokens/s and trajectories/s: completion tokens (samples) generated per second of the rollout
+  phase, summed over the measured steps (the first `--warmup` steps of each run are not measured);
+- the step time and its split into rollout, learn and weight sync (means over the measured steps);
+- parallel efficiency E(N) = T(N) / (N T(1)), with T the rollout tokens/s and T(1) the run with one worker
+  on one node (or the smallest run of the sweep when that one is not in it).
+
+Weak scaling by default: every worker gets `--prompts-per-worker` prompts per step, so N workers sample N
+times the batch (the learner's batch grows too, and with it the learn time). `--strong` keeps the
+config's prompts_per_step and splits it N ways. Runs are synchronous (run.mode=sync), so the split is clean.
+
+On plain local Ray the runtime is given max(cores, learner + N x CPUs per worker) logical CPUs, so that
+N workers can start even past the number of cores: that is the point of the experiment, and why the
+efficiency falls once the workers outnumber the cores. Outputs: scaling.csv, scaling.json, scaling.png
+and one run folder per point under --out, and a table on the console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distpg.config import Config, ConfigError, config_from_dict, load_config
+
+NODE_RESOURCE = re.compile(r"^distpg_node_(\d+)$")
+
+
+@dataclass
+class Point:
+    workers: int
+    nodes: int | None  # node resources the workers were pinned to (None: wherever Ray put them)
+    nodes_used: int  # distinct nodes hosting the workers (metrics workers/nodes)
+    prompts_per_step: int
+    trajectories_per_step: int
+    measured_steps: int
+    rollout_tokens_per_s: float
+    trajectories_per_s: float  # per second of the rollout phase
+    train_trajectories_per_s: float  # per second of whole steps (rollout + learn + sync)
+    step_s: float
+    rollout_s: float
+    learn_s: float
+    sync_s: float
+    efficiency: float = float("nan")
+    run_dir: str = ""
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+
+def with_values(cfg: Config, values: dict) -> Config:
+    """A copy of `cfg` with dotted fields replaced, validated like any config."""
+    data = cfg.to_dict()
+    for key, value in values.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    return config_from_dict(data)
+
+
+def node_resources_of(nodes: list[dict]) -> list[str]:
+    """The distpg_node_I resources of a cluster, by I."""
+    names = {k for n in nodes for k in n if NODE_RESOURCE.match(k)}
+    return sorted(names, key=lambda k: int(NODE_RESOURCE.match(k).group(1)))
+
+
+def plan_points(base: Config, workers: list[int], node_counts: list[int | None], node_names: list[str],
+                prompts_per_worker: int | None, cpus_per_worker: float) -> list[tuple[int, int | None, Config]]:
+    """(workers, nodes, config) of every point. With a node count k the workers are pinned round-robin to the
+    first k node resources, and only N >= k is run (fewer workers than nodes is the k = N point again)."""
+    points = []
+    for k in node_counts:
+        for n in workers:
+            if k is not None and n < k:
+                continue
+            values = {
+                "rollout.num_workers": n,
+                "rollout.num_cpus_per_worker": cpus_per_worker,
+                "rollout.node_resource": node_names[:k] if k is not None else None,
+                "run.mode": "sync",
+                "run.stop_reward": None,
+                "run.checkpoint_every": 10**6,
+                "log.tensorboard": False,
+                "log.rollouts": False,
+                "log.print_every": 10**6,
+                "ray.placement_strategy": "SPREAD" if k is not None and k > 1 else base.ray.placement_strategy,
+            }
+            if prompts_per_worker is not None:
+                values["rollout.prompts_per_step"] = n * prompts_per_worker
+            points.append((n, k, with_values(base, values)))
+    return points
+
+
+def measure(cfg: Config, run_dir: Path, warmup: int, nodes: int | None) -> Point:
+    """Train `cfg` into `run_dir` (its console output goes to run_dir/train.log) and summarise its metrics."""
+    from distpg.orchestrator import train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
+        train(cfg, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return summarise(records[warmup:], cfg, nodes, str(run_dir))
+
+
+def summarise(records: list[dict], cfg: Config, nodes: int | None, run_dir: str = "") -> Point:
+    """One point from the measured steps' metrics records."""
+    if not records:
+        raise ConfigError("no measured steps: --steps must exceed --warmup")
+    col = lambda key: np.array([r[key] for r in records], dtype=float)  # noqa: E731
+    rollout_s, step_s = col("perf/rollout_s"), col("perf/step_s")
+    tokens = col("perf/rollout_tokens_per_s") * rollout_s
+    per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    return Point(
+        workers=cfg.rollout.num_workers, nodes=nodes, nodes_used=int(max(r["workers/nodes"] for r in records)),
+        prompts_per_step=cfg.rollout.prompts_per_step, trajectories_per_step=per_step,
+        measured_steps=len(records),
+        rollout_tokens_per_s=float(tokens.sum() / rollout_s.sum()),
+        trajectories_per_s=float(per_step * len(records) / rollout_s.sum()),
+        train_trajectories_per_s=float(per_step * len(records) / step_s.sum()),
+        step_s=float(step_s.mean()), rollout_s=float(rollout_s.mean()), learn_s=float(col("perf/learn_s").mean()),
+        sync_s=float(col("perf/sync_s").mean()), run_dir=run_dir,
+    )
+
+
+def add_efficiency(points: list[Point]) -> Point:
+    """E(N) = T(N) / (N T(1)) against the one-worker, one-node point (else the smallest); returns that point."""
+    base = min(points, key=lambda p: (p.workers, p.nodes or 0))
+    for p in points:
+        p.efficiency = p.rollout_tokens_per_s * base.workers / (p.workers * base.rollout_tokens_per_s)
+    return base
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    gpu = f"{gpus} GPU(s)" if gpus else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}"
+
+
+def format_table(points: list[Point]) -> str:
+    head = ["workers", "nodes", "on nodes", "tokens/s", "traj/s", "train traj/s", "step ms", "rollout ms",
+            "learn ms", "sync ms", "efficiency"]
+    rows = [[str(p.workers), "any" if p.nodes is None else str(p.nodes), str(p.nodes_used),
+             f"{p.rollout_tokens_per_s:,.0f}", f"{p.trajectories_per_s:,.0f}", f"{p.train_trajectories_per_s:,.0f}",
+             f"{p.step_s * 1e3:.0f}", f"{p.rollout_s * 1e3:.0f}", f"{p.learn_s * 1e3:.0f}", f"{p.sync_s * 1e3:.0f}",
+             f"{p.efficiency:.2f}"] for p in points]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(points: list[Point], out: Path, meta: dict) -> list[Path]:
+    """scaling.csv, scaling.json and scaling.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(p) for p in points]
+    with open(out / "scaling.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "scaling.json").write_text(json.dumps({**meta, "points": rows}, indent=1))
+    return [out / "scaling.csv", out / "scaling.json", plot(points, out / "scaling.png", meta)]
+
+
+def plot(points: list[Point], path: Path, meta: dict) -> Path:
+    """Rollout tokens/s (with the ideal N x T(1)) and parallel efficiency against workers, a line per node count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
+    base = min(points, key=lambda p: (p.workers, p.nodes or 0))
+    xs = sorted({p.workers for p in points})
+    ax_t.plot(xs, [base.rollout_tokens_per_s * x / base.workers for x in xs], "k--", lw=1, label="ideal: N x T(1)")
+    for k in sorted({p.nodes for p in points}, key=lambda k: k or 0):
+        line = sorted((p for p in points if p.nodes == k), key=lambda p: p.workers)
+        label = "any node" if k is None else f"{k} node{'s' if k > 1 else ''}"
+        ax_t.plot([p.workers for p in line], [p.rollout_tokens_per_s for p in line], "o-", label=label)
+        ax_e.plot([p.workers for p in line], [p.efficiency for p in line], "o-", label=label)
+    ax_e.axhline(1.0, color="k", ls="--", lw=1)
+    cores = os.cpu_count() or 0
+    for ax in (ax_t, ax_e):
+        ax.axvline(cores, color="grey", ls=":", lw=1)
+        ax.set_xlabel("rollout workers (N)")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    ax_t.text(cores, ax_t.get_ylim()[1] * 0.97, f" {cores} cores", va="top", fontsize=8, color="grey")
+    ax_t.set_ylabel("rollout tokens/s")
+    ax_e.set_ylabel("parallel efficiency T(N) / (N T(1))")
+    ax_e.set_ylim(0, 1.15)
+    ax_t.legend(fontsize=8)
+    ax_e.legend(fontsize=8)
+    fig.suptitle(f"distpg scale: {meta['where']}\n{meta['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: expected comma-separated whole numbers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{what} {text!r}: every entry must be at least 1")
+    return sorted(set(values))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config to scale (default: the embedded default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local runtime)")
+    p.add_argument("--workers", default="1,2,3,4", help="numbers of rollout workers to sweep (default 1,2,3,4)")
+    p.add_argument("--nodes", default="auto",
+                   help="numbers of nodes to pin the workers to, e.g. 1,2,3 (needs distpg_node_I resources); "
+                        "auto: every count on a multi-node cluster with them, else none; none: no pinning")
+    p.add_argument("--steps", type=int, default=10, help="training steps per point, warm-up included (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps of each point not measured (default 2)")
+    p.add_argument("--prompts-per-worker", type=int, default=16,
+                   help="weak scaling: prompts per worker per step (default 16)")
+    p.add_argument("--strong", action="store_true", help="strong scaling: keep the config's prompts_per_step")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="rollout.num_cpus_per_worker of every point; torch threads = max(1, round(this))")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the cluster connection")
+    p.add_argument("--out", help="output folder (default: runs/scale-TIMESTAMP)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from distpg.orchestrator import cluster_nodes, plan_placement
+
+    base = load_config(args.config, args.set)
+    workers = _ints(args.workers, "--workers")
+    if args.steps <= args.warmup:
+        raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}: nothing would be measured")
+    if args.prompts_per_worker < 1:
+        raise ConfigError(f"--prompts-per-worker {args.prompts_per_worker}: must be at least 1")
+    base = with_values(base, {"run.steps": args.steps})
+    out = Path(args.out or f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}")
+    address = args.address or base.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from distpg.doctor import DoctorError, connect
+
+        try:
+            connect(address, args.timeout)
+        except DoctorError as e:
+            raise ConfigError(str(e)) from None
+        where = f"Ray cluster at {address}"
+    else:
+        logical = max(os.cpu_count() or 1, int(np.ceil(base.learner.num_cpus + max(workers) * args.cpus_per_worker)))
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        where = f"local Ray, {logical} logical CPUs"
+    try:
+        nodes = cluster_nodes()
+        names = node_resources_of(nodes)
+        if args.nodes == "auto":
+            node_counts = list(range(1, len(names) + 1)) if len(names) > 1 else [None]
+        elif args.nodes == "none":
+            node_counts = [None]
+        else:
+            node_counts = _ints(args.nodes, "--nodes")
+            if max(node_counts) > len(names):
+                raise ConfigError(f"--nodes {args.nodes}: the cluster has {len(names)} nodes with distpg_node_I "
+                                  "resources (cluster/local-cluster.sh gives each node one)")
+        where += f", {len(nodes)} node(s)"
+        res = ray.cluster_resources()
+        plan = plan_points(base, workers, node_counts, names, None if args.strong else args.prompts_per_worker,
+                           args.cpus_per_worker)
+        points: list[Point] = []
+        print(f"distpg scale: {len(plan)} points on {where}; {machine()}", flush=True)
+        for n, k, cfg in plan:
+            label = f"{n} worker(s)" + ("" if k is None else f" on {k} node(s)")
+            try:
+                plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=nodes)
+            except ConfigError as e:
+                print(f"  {label}: skipped, does not fit: {e}", flush=True)
+                continue
+            t0 = time.perf_counter()
+            p = measure(cfg, out / "runs" / (f"w{n}" if k is None else f"n{k}-w{n}"), args.warmup, k)
+            points.append(p)
+            print(f"  {label}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} ms "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    finally:
+        ray.shutdown()
+    if not points:
+        raise ConfigError("no point of the sweep fits the cluster; lower --workers or --cpus-per-worker")
+    add_efficiency(points)
+    meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
+            "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
+            "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)"}
+    files = write_outputs(points, out, meta)
+    print(format_table(points))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
