@@ -212,6 +212,7 @@ def plot(points: list[Point], path: Path, meta: dict) -> Path:
         ax.set_xlabel("rollout workers (N)")
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
+    ax_t.set_ylim(bottom=0)
     ax_t.text(cores, ax_t.get_ylim()[1] * 0.97, f" {cores} cores", va="top", fontsize=8, color="grey")
     ax_t.set_ylabel("rollout tokens/s")
     ax_e.set_ylabel("parallel efficiency T(N) / (N T(1))")

@@ -1,0 +1,101 @@
+"""`distpg doctor` without a cluster: how it judges what it found, how fast it gives up on a bad address, and a
+real run against the local runtime `distpg train` would start. (Against a 3-node cluster: test_cluster.py.)"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distpg.doctor import FAIL, OK, WARN, Report, _listeners, format_report, judge_nodes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def node(**kw):
+    import platform
+
+    import ray
+    import torch
+
+    base = {"node_id": "a" * 56, "address": "10.0.0.1:1234", "alive": True, "head": True, "cpus": 8, "gpus": 0,
+            "object_store_bytes": 2**30, "memory_bytes": 2**34, "custom": {}, "python": platform.python_version(),
+            "ray": ray.__version__, "torch": torch.__version__}
+    return {**base, **kw}
+
+
+def levels(report):
+    return [level for level, _ in report.findings]
+
+
+def test_matching_nodes_are_ok():
+    r = Report("test", nodes=[node(), node(node_id="b" * 56, head=False, gpus=1, cuda_devices=1)])
+    judge_nodes(r)
+    assert levels(r) == [OK] * 4 and "2 alive node(s): 16 CPUs, 1 GPUs, 2.0 GiB object store" in r.findings[0][1]
+    assert not r.failed
+
+
+def test_a_version_mismatch_is_a_warning_and_a_node_without_torch_a_failure():
+    r = Report("test", nodes=[node(), node(node_id="b" * 56, python="3.10.1")])
+    judge_nodes(r)
+    assert levels(r).count(WARN) == 1 and not r.failed
+    assert any("python versions differ" in t and "bbbbbbbb=3.10.1" in t for _, t in r.findings)
+    r = Report("test", nodes=[node(), node(node_id="b" * 56, torch=None)])
+    judge_nodes(r)
+    assert r.failed and any("bbbbbbbb" in t and "cannot import torch" in t for lv, t in r.findings if lv == FAIL)
+    r = Report("test", nodes=[node(error="a task pinned to this node did not finish within 5s")])
+    judge_nodes(r)
+    assert r.failed and "cannot run tasks" in format_report(r)
+
+
+def test_no_alive_node_is_a_failure():
+    r = Report("test", nodes=[node(alive=False)])
+    judge_nodes(r)
+    assert r.failed and "no alive nodes" in r.findings[0][1]
+
+
+def test_listeners_reads_the_bound_address_from_proc():
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux /proc")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert _listeners(s.getsockname()[1]) == ["127.0.0.1"]
+
+
+def doctor(*args, timeout=120, **env):
+    e = {**os.environ, **env}
+    e.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "distpg", "doctor", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=e)
+
+
+def test_a_bad_address_fails_fast_with_a_clear_message():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    p = doctor("--address", f"LOCALHOST:{port}", timeout=60)
+    assert p.returncode == 1
+    assert f"cannot reach the Ray cluster at 'LOCALHOST:{port}': Connection refused" in p.stdout, p.stdout + p.stderr
+    assert time.perf_counter() - t0 < 15  # python + imports included; ray.init alone would retry for minutes
+    p = doctor("--address", "headnode", timeout=60)
+    assert p.returncode == 1 and "--address 'headnode' is not HOST:PORT" in p.stdout
+
+
+@pytest.mark.ray
+def test_doctor_on_the_local_runtime_reports_it_and_a_config_that_does_not_fit(tmp_path):
+    p = doctor("--set", "rollout.num_workers=16", "--json", timeout=180)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]  # the config does not fit: a failure
+    report = json.loads(p.stdout)
+    (n,) = report["nodes"]
+    assert n["alive"] and n["head"] and n["cpus"] == os.cpu_count() and n["torch"] and n["ray"]
+    findings = report["findings"]
+    assert [lv for lv, t in findings if "listens on 127.0.0.1" in t] == [OK], findings
+    assert any("token authentication is" in t for _, t in findings), findings
+    assert [lv for lv, t in findings if "does not fit" in t] == [FAIL], findings
+    assert all(lv == OK for lv, t in findings if "versions" in t or " on the driver and every node" in t)

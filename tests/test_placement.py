@@ -1,0 +1,99 @@
+"""Placement: bundles pinned to node resources, checks against each node's resources before any actor
+starts (CPUs, whole and fractional GPUs, custom resources), and torch threads = the CPUs an actor got."""
+
+import pytest
+
+from distpg.config import ConfigError
+from distpg.orchestrator import NODE_RESOURCE_UNIT, Trainer, plan_placement, train
+from tests.conftest import small_config
+
+# three 2-CPU nodes as cluster/local-cluster.sh starts them; the last one has a GPU
+NODES = [{"CPU": 2, "distpg_node_0": 1, "memory": 1e9}, {"CPU": 2, "distpg_node_1": 1},
+         {"CPU": 2, "GPU": 1, "distpg_node_2": 1}]
+
+
+def test_workers_are_pinned_round_robin_and_the_learner_where_asked():
+    cfg = small_config("rollout.num_workers=3", "rollout.num_cpus_per_worker=1", "run.device=cpu",
+                       "rollout.node_resource=[distpg_node_1, distpg_node_2]", "learner.node_resource=distpg_node_0")
+    p = plan_placement(cfg, cpus=6, gpus=1, nodes=NODES)
+    u = NODE_RESOURCE_UNIT
+    assert p.bundles(3) == [{"CPU": 1.0, "distpg_node_0": u}, {"CPU": 1.0, "distpg_node_1": u},
+                            {"CPU": 1.0, "distpg_node_2": u}, {"CPU": 1.0, "distpg_node_1": u}]
+    one = plan_placement(small_config("rollout.node_resource=distpg_node_2", "run.device=cpu"), 6, 1, NODES)
+    assert [b.get("distpg_node_2") for b in one.bundles(2)] == [None, u, u]
+    free = plan_placement(small_config("run.device=cpu"), 6, 1, NODES)
+    assert free.bundles(2) == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]  # no pinning: Ray decides
+
+
+def test_a_node_resource_the_cluster_lacks_is_named_with_the_ones_it_has():
+    with pytest.raises(ConfigError, match=r"rollout.node_resource='gpu_pool': no alive node .* distpg_node_0, "
+                                          r"distpg_node_1, distpg_node_2"):
+        plan_placement(small_config("rollout.node_resource=gpu_pool", "run.device=cpu"), 6, 1, NODES)
+    with pytest.raises(ConfigError, match="learner.node_resource='x'"):
+        plan_placement(small_config("learner.node_resource=x", "run.device=cpu"), 6, 1, NODES)
+
+
+def test_pinned_actors_must_fit_on_the_nodes_they_are_pinned_to():
+    # 3 one-CPU workers on the one 2-CPU node with distpg_node_1: 6 CPUs in the cluster, but not there
+    cfg = small_config("rollout.num_workers=3", "rollout.num_cpus_per_worker=1", "run.device=cpu",
+                       "rollout.node_resource=distpg_node_1")
+    with pytest.raises(ConfigError, match="3 actor.* pinned to node resource 'distpg_node_1'.* need 3 CPUs, but "
+                                          "the nodes with it have 2"):
+        plan_placement(cfg, cpus=6, gpus=0, nodes=NODES)
+
+
+def test_an_actor_must_fit_on_one_node():
+    with pytest.raises(ConfigError, match=r"learner.num_cpus=3: no single node has that many CPUs \(the largest "
+                                          r"has 2\)"):
+        plan_placement(small_config("learner.num_cpus=3", "run.device=cpu"), cpus=6, gpus=0, nodes=NODES)
+
+
+def test_gpu_requests_whole_and_fractional_are_checked_per_node():
+    two_gpu_nodes = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
+    # fractional: learner 0.5 + 2 workers x 0.25 = 1 GPU; fits on either node
+    p = plan_placement(small_config("learner.num_gpus=0.5"), cpus=8, gpus=2, nodes=two_gpu_nodes)
+    assert p.use_gpu and p.learner["GPU"] == 0.5 and p.worker["GPU"] == 0.25
+    # whole: 2 GPUs for the learner; the cluster has 2, but no node has 2
+    with pytest.raises(ConfigError, match=r"learner.num_gpus=2: no single node has that many GPUs"):
+        plan_placement(small_config("learner.num_gpus=2", "rollout.num_gpus_per_worker=0"), 8, 2, two_gpu_nodes)
+    # workers pinned to a node resource whose nodes have no GPU
+    with pytest.raises(ConfigError, match=r"rollout.num_gpus_per_worker=0.25: no single node with 'distpg_node_1' "):
+        plan_placement(small_config("rollout.node_resource=distpg_node_1", "learner.num_gpus=0.5"), 6, 1, NODES)
+    with pytest.raises(ConfigError, match="need 1.5 GPUs, but the Ray cluster has 1"):  # the total comes first
+        plan_placement(small_config(), cpus=6, gpus=1, nodes=NODES)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.node_resource=[]", "name at least one resource"),
+    ("rollout.node_resource=GPU", "built-in Ray resource"),
+    ("rollout.node_resource=[distpg_node_1, 3]", "3 is not a resource name"),
+    ("learner.node_resource=[a, b]", "expected str or null"),
+    ("learner.num_gpus=1.5", "a fraction below 1 or a whole number"),
+])
+def test_node_resource_and_gpu_fields_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        small_config(override)
+
+
+@pytest.mark.ray
+def test_a_missing_node_resource_fails_before_any_actor_starts(ray_session, tmp_path):
+    with pytest.raises(ConfigError, match="rollout.node_resource='distpg_node_7': no alive node"):
+        train(small_config("rollout.node_resource=distpg_node_7"), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert ray_session.available_resources().get("CPU") == 2  # nothing was reserved
+
+
+@pytest.mark.ray
+def test_torch_threads_are_the_cpus_each_actor_was_given(ray_session, tmp_path):
+    import torch  # noqa: F401  (imported in the actors)
+
+    cfg = small_config("rollout.num_workers=1", "rollout.num_cpus_per_worker=1.5", "learner.num_cpus=0.5",
+                       "run.device=cpu")
+    trainer = Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+    try:
+        threads = lambda actor: ray_session.get(  # noqa: E731
+            actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()), timeout=60)
+        assert threads(trainer.workers[0]) == 2  # round(1.5)
+        assert threads(trainer.learner) == 1  # a fraction of a CPU still gets one thread
+    finally:
+        trainer.close()

@@ -1,0 +1,109 @@
+"""`distpg scale`: the sweep it plans, the figures it derives from metrics records (worked by hand), its
+outputs, and a real sweep on plain local Ray. (On a 3-node cluster: test_cluster.py.)"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distpg.config import ConfigError
+from distpg.scale import Point, add_efficiency, format_table, node_resources_of, plan_points, summarise, write_outputs
+from tests.conftest import small_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_weak_scaling_plan_grows_the_batch_and_pins_workers_to_the_first_k_nodes():
+    names = ["distpg_node_0", "distpg_node_1", "distpg_node_2"]
+    plan = plan_points(small_config(), [1, 2, 3], [1, 2], names, prompts_per_worker=4, cpus_per_worker=1.0)
+    assert [(n, k) for n, k, _ in plan] == [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)]  # no N < k
+    for n, k, cfg in plan:
+        assert cfg.rollout.num_workers == n and cfg.rollout.prompts_per_step == 4 * n
+        assert cfg.rollout.node_resource == names[:k] and cfg.rollout.num_cpus_per_worker == 1.0
+        assert cfg.run.mode == "sync" and cfg.run.stop_reward is None and not cfg.log.rollouts
+        assert cfg.ray.placement_strategy == ("SPREAD" if k > 1 else "PACK")
+    strong = plan_points(small_config(), [1, 2], [None], [], prompts_per_worker=None, cpus_per_worker=0.5)
+    assert [cfg.rollout.prompts_per_step for _, _, cfg in strong] == [4, 4]  # the config's, split N ways
+    assert all(cfg.rollout.node_resource is None for _, _, cfg in strong)
+
+
+def test_node_resources_are_found_and_ordered_by_index():
+    nodes = [{"CPU": 2, "distpg_node_10": 1}, {"CPU": 2, "distpg_node_2": 1, "gpu_pool": 1}, {"CPU": 1}]
+    assert node_resources_of(nodes) == ["distpg_node_2", "distpg_node_10"]
+
+
+def record(rollout_s, tokens, step_s, learn_s, sync_s, nodes=1):
+    return {"perf/rollout_s": rollout_s, "perf/rollout_tokens_per_s": tokens / rollout_s, "perf/step_s": step_s,
+            "perf/learn_s": learn_s, "perf/sync_s": sync_s, "workers/nodes": nodes}
+
+
+def test_summary_sums_over_steps_before_dividing():
+    cfg = small_config("rollout.num_workers=2")  # 4 prompts x 4 samples = 16 trajectories per step
+    p = summarise([record(0.1, 100, 0.2, 0.08, 0.02), record(0.3, 500, 0.4, 0.08, 0.02, nodes=2)], cfg, nodes=2)
+    # 600 tokens in 0.4 s of rollout; 32 trajectories in 0.4 s of rollout and in 0.6 s of whole steps
+    assert p.rollout_tokens_per_s == pytest.approx(1500)
+    assert p.trajectories_per_s == pytest.approx(80) and p.train_trajectories_per_s == pytest.approx(32 / 0.6)
+    assert (p.step_s, p.rollout_s, p.learn_s, p.sync_s) == pytest.approx((0.3, 0.2, 0.08, 0.02))
+    assert (p.workers, p.nodes, p.nodes_used, p.measured_steps, p.trajectories_per_step) == (2, 2, 2, 2, 16)
+    with pytest.raises(ConfigError, match="no measured steps"):
+        summarise([], cfg, None)
+
+
+def point(workers, tokens_per_s, nodes=None):
+    return Point(workers, nodes, 1, 4, 16, 2, tokens_per_s, 1.0, 1.0, 0.1, 0.05, 0.04, 0.01)
+
+
+def test_efficiency_is_throughput_over_n_times_the_one_worker_point():
+    pts = [point(1, 1000), point(2, 1800), point(4, 2000)]
+    assert add_efficiency(pts) is pts[0]
+    assert [p.efficiency for p in pts] == pytest.approx([1.0, 0.9, 0.5])  # 1800/2000, 2000/4000
+    pts = [point(2, 1800), point(4, 2000)]  # no one-worker point: against the smallest, E(2) = 1
+    add_efficiency(pts)
+    assert [p.efficiency for p in pts] == pytest.approx([1.0, 2000 * 2 / (4 * 1800)])
+
+
+def test_outputs_csv_json_png_and_table(tmp_path):
+    pts = [point(1, 1000, 1), point(2, 1800, 1), point(2, 1700, 2)]
+    add_efficiency(pts)
+    files = write_outputs(pts, tmp_path, {"where": "test", "machine": "test machine"})
+    assert [f.name for f in files] == ["scaling.csv", "scaling.json", "scaling.png"]
+    rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
+    assert [(r["workers"], r["nodes"], r["efficiency"]) for r in rows] == [("1", "1", "1.0"), ("2", "1", "0.9"),
+                                                                            ("2", "2", "0.85")]
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    assert data["machine"] == "test machine" and len(data["points"]) == 3
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_table(pts).splitlines()
+    assert "tokens/s" in table[0] and "efficiency" in table[0] and table[2].split()[-1] == "0.90"
+
+
+@pytest.mark.ray
+def test_scale_on_plain_local_ray(tmp_path):
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--workers", "1,2", "--steps", "3", "--warmup", "1",
+                        "--prompts-per-worker", "4", "--set", "task.length=4", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "efficiency" in p.stdout and "wrote " in p.stdout
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    assert data["where"].startswith("local Ray") and data["scaling"] == "weak"
+    pts = data["points"]
+    assert [(pt["workers"], pt["nodes"], pt["measured_steps"]) for pt in pts] == [(1, None, 2), (2, None, 2)]
+    assert pts[0]["efficiency"] == 1.0 and 0 < pts[1]["efficiency"] < 1.5
+    assert [pt["trajectories_per_step"] for pt in pts] == [4 * 8, 8 * 8]  # weak scaling: 4 prompts per worker
+    for pt in pts:  # each point is a real run folder
+        assert len((Path(pt["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_scale_rejects_a_sweep_that_measures_nothing(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--steps", "2", "--warmup", "2", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and "--steps 2 must exceed --warmup 2" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--workers", "1,x"], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and "--workers '1,x'" in p.stderr
