@@ -336,6 +336,9 @@ class Trainer:
                 recent.append(record["rollout/reward_mean"])
                 if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
                     self.save(step)
+                if cfg.run.max_time_s is not None and time.perf_counter() - self.t_start >= cfg.run.max_time_s:
+                    print(f"run.max_time_s={cfg.run.max_time_s:g} reached; stopping at step {step}", flush=True)
+                    break
                 if cfg.run.stop_reward is not None and len(recent) == recent.maxlen and \
                         np.mean(recent) >= cfg.run.stop_reward:
                     print(f"mean reward of the last {len(recent)} steps reached run.stop_reward="
