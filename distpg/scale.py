@@ -14,7 +14,9 @@ Weak scaling by default: every worker gets `--prompts-per-worker` prompts per st
 times the batch (the learner's batch grows too, and with it the learn time). `--strong` keeps the
 config's prompts_per_step and splits it N ways. Runs are synchronous (run.mode=sync), so the split is clean.
 
-On plain local Ray the runtime is given max(cores, learner + N x CPUs per worker) logical CPUs, so that
+On a shared machine other work disturbs the figures: `--repeats R` runs the whole sweep R times, interleaved,
+and keeps each point's fastest run (all of them are in scaling.json); the load average before and after is
+recorded too. On plain local Ray the runtime is given max(cores, learner + N x CPUs per worker) logical CPUs, so that
 N workers can start even past the number of cores: that is the point of the experiment, and why the
 efficiency falls once the workers outnumber the cores. Outputs: scaling.csv, scaling.json, scaling.png
 and one run folder per point under --out, and a table on the console.
@@ -30,7 +32,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ class Point:
     sync_s: float
     efficiency: float = float("nan")
     run_dir: str = ""
+    tries_tokens_per_s: list = field(default_factory=list)  # rollout tokens/s of every try (--repeats)
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -133,6 +136,14 @@ def summarise(records: list[dict], cfg: Config, nodes: int | None, run_dir: str 
         step_s=float(step_s.mean()), rollout_s=float(rollout_s.mean()), learn_s=float(col("perf/learn_s").mean()),
         sync_s=float(col("perf/sync_s").mean()), run_dir=run_dir,
     )
+
+
+def best(tries: list[Point]) -> Point:
+    """The try with the highest rollout tokens/s (the one least disturbed by other work on the machine); every
+    try's figure is kept in `tries_tokens_per_s`."""
+    top = max(tries, key=lambda p: p.rollout_tokens_per_s)
+    top.tries_tokens_per_s = [p.rollout_tokens_per_s for p in tries]
+    return top
 
 
 def add_efficiency(points: list[Point]) -> Point:
@@ -219,7 +230,12 @@ def plot(points: list[Point], path: Path, meta: dict) -> Path:
     ax_e.set_ylim(0, 1.15)
     ax_t.legend(fontsize=8)
     ax_e.legend(fontsize=8)
-    fig.suptitle(f"distpg scale: {meta['where']}\n{meta['machine']}", fontsize=9)
+    load = meta.get("load_average") or []
+    load_text = ""
+    if len(load) == 2 and None not in load:
+        load_text = f"; load average {load[0]:.1f} before, {load[1]:.1f} after"
+    fig.suptitle(f"distpg scale ({meta.get('scaling', 'weak')} scaling): {meta['where']}\n{meta['machine']}{load_text}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -227,6 +243,10 @@ def plot(points: list[Point], path: Path, meta: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+
+
+def _label(n: int, k: int | None) -> str:
+    return f"{n} worker(s)" + ("" if k is None else f" on {k} node(s)")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -254,6 +274,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strong", action="store_true", help="strong scaling: keep the config's prompts_per_step")
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
                    help="rollout.num_cpus_per_worker of every point; torch threads = max(1, round(this))")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per point, interleaved across the sweep; the fastest counts (default 1)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the cluster connection")
     p.add_argument("--out", help="output folder (default: runs/scale-TIMESTAMP)")
 
@@ -267,6 +289,8 @@ def main(args: argparse.Namespace) -> int:
     workers = _ints(args.workers, "--workers")
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}: nothing would be measured")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
     if args.prompts_per_worker < 1:
         raise ConfigError(f"--prompts-per-worker {args.prompts_per_worker}: must be at least 1")
     base = with_values(base, {"run.steps": args.steps})
@@ -301,20 +325,26 @@ def main(args: argparse.Namespace) -> int:
         res = ray.cluster_resources()
         plan = plan_points(base, workers, node_counts, names, None if args.strong else args.prompts_per_worker,
                            args.cpus_per_worker)
-        points: list[Point] = []
-        print(f"distpg scale: {len(plan)} points on {where}; {machine()}", flush=True)
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        print(f"distpg scale: {len(plan)} points on {where}; {machine()}; load average {load_before}", flush=True)
+        fitting = []
         for n, k, cfg in plan:
-            label = f"{n} worker(s)" + ("" if k is None else f" on {k} node(s)")
             try:
                 plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=nodes)
+                fitting.append((n, k, cfg))
             except ConfigError as e:
-                print(f"  {label}: skipped, does not fit: {e}", flush=True)
-                continue
-            t0 = time.perf_counter()
-            p = measure(cfg, out / "runs" / (f"w{n}" if k is None else f"n{k}-w{n}"), args.warmup, k)
-            points.append(p)
-            print(f"  {label}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} ms "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(f"  {_label(n, k)}: skipped, does not fit: {e}", flush=True)
+        # repeats go round the whole sweep (1, 2, .., 1, 2, ..) so a busy spell on the machine hits every point
+        tries: dict[tuple, list[Point]] = {}
+        for r in range(args.repeats):
+            for n, k, cfg in fitting:
+                t0 = time.perf_counter()
+                name = (f"w{n}" if k is None else f"n{k}-w{n}") + (f"-r{r}" if args.repeats > 1 else "")
+                p = measure(cfg, out / "runs" / name, args.warmup, k)
+                tries.setdefault((n, k), []).append(p)
+                print(f"  {_label(n, k)}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} "
+                      f"ms ({time.perf_counter() - t0:.0f}s)", flush=True)
+        points = [best(ps) for ps in tries.values()]
     finally:
         ray.shutdown()
     if not points:
@@ -322,6 +352,8 @@ def main(args: argparse.Namespace) -> int:
     add_efficiency(points)
     meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
             "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
+            # 1-minute load average of the machine before and after: other work on the cores skews the figures
+            "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
             "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)"}
     files = write_outputs(points, out, meta)
     print(format_table(points))

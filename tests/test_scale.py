@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from distpg.config import ConfigError
-from distpg.scale import Point, add_efficiency, format_table, node_resources_of, plan_points, summarise, write_outputs
+from distpg.scale import (
+    Point,
+    add_efficiency,
+    best,
+    format_table,
+    node_resources_of,
+    plan_points,
+    summarise,
+    write_outputs,
+)
 from tests.conftest import small_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +73,12 @@ def test_efficiency_is_throughput_over_n_times_the_one_worker_point():
     pts = [point(2, 1800), point(4, 2000)]  # no one-worker point: against the smallest, E(2) = 1
     add_efficiency(pts)
     assert [p.efficiency for p in pts] == pytest.approx([1.0, 2000 * 2 / (4 * 1800)])
+
+
+def test_the_fastest_try_of_a_point_counts_and_all_are_kept():
+    tries = [point(2, 1500), point(2, 1800), point(2, 900)]
+    top = best(tries)
+    assert top is tries[1] and top.tries_tokens_per_s == [1500, 1800, 900]
 
 
 def test_outputs_csv_json_png_and_table(tmp_path):
