@@ -1,4 +1,4 @@
-"""The `distpg` command: train, eval, plot.
+"""The `distpg` command: train, eval, export, plot.
 
 Errors a user can fix (bad config, missing task, a reward function that always fails, an unreachable
 cluster) end with one paragraph naming the problem and exit code 2 (config) or 1 (run), never a
@@ -44,6 +44,15 @@ def _eval(args) -> int:
           f"exact_match {res.exact_match:.4f}")
     for prompt, completion, target, reward in res.samples[: args.samples]:
         print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {reward:.2f})")
+    return 0
+
+
+def _export(args) -> int:
+    from distpg.hf import export_policy
+
+    out = export_policy(Path(args.path), Path(args.out))
+    print(f"wrote {out}: config.json, model.safetensors, tokenizer.json (transformers: "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}); distpg: --set model.init_from={out})")
     return 0
 
 
@@ -95,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="write a policy as a Hugging Face GPT-2 folder (opens with transformers)")
+    x.add_argument("path", help="a run folder (uses its latest checkpoint) or a checkpoint folder")
+    x.add_argument("out", help="folder to write config.json, model.safetensors and tokenizer.json into")
+    x.set_defaults(func=_export)
 
     pl = sub.add_parser("plot", help="plot learning curves of run folders into a PNG (needs matplotlib)")
     pl.add_argument("runs", nargs="+", help="run folders")

@@ -10,9 +10,9 @@ import torch
 from distpg import checkpoint, rewards
 from distpg.config import Config, load_config
 from distpg.generate import generate
-from distpg.model import GPT, policy_from_config
+from distpg.model import GPT
+from distpg.policy import initial_policy, task_for
 from distpg.rollout import sampling_params
-from distpg.tasks import make_task
 
 
 @dataclass
@@ -38,15 +38,14 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 def load_policy(path: Path) -> tuple[Config, GPT]:
     run_dir, ckpt = resolve_checkpoint(path)
     cfg = load_config(run_dir / "config.yaml")
-    task = make_task(cfg.task)
-    model = policy_from_config(cfg.model, task.tokenizer.vocab_size, cfg.run.seed)
+    _, model = initial_policy(cfg)
     model.load_state_dict(checkpoint.load_model_weights(ckpt))
     return cfg, model.eval()
 
 
 def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256) -> EvalResult:
     """Mean reward and exact-match rate on the held-out prompts (greedy by default)."""
-    task = make_task(cfg.task)
+    task = task_for(cfg)
     tok = task.tokenizer
     params = replace(sampling_params(cfg, task), temperature=temperature)
     prompts = task.eval_prompts()

@@ -39,8 +39,8 @@ from distpg.batch import RolloutWriter
 from distpg.config import Config, ConfigError, dump_config, node_resources
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger
+from distpg.policy import task_for
 from distpg.rollout import RolloutWorker, sampling_params
-from distpg.tasks import make_task
 
 
 class TrainingError(RuntimeError):
@@ -222,7 +222,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, placement: Placement) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task = make_task(cfg.task)
+        self.task = task_for(cfg)
         self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
         wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
         self.placement = placement
@@ -647,7 +647,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
 
 def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False) -> dict:
     """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed)."""
-    task = make_task(cfg.task)
+    task = task_for(cfg)
     validate_with_task(cfg, task)
     address_given = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if not address_given and not ray.is_initialized():  # a local runtime: check the fit before starting Ray

@@ -15,8 +15,7 @@ from distpg import rewards
 from distpg.batch import make_batch
 from distpg.config import Config
 from distpg.generate import SamplingParams, generate
-from distpg.model import policy_from_config
-from distpg.tasks import make_task
+from distpg.policy import initial_policy
 from distpg.weights import FlatParams, WeightsMessage
 
 
@@ -38,9 +37,9 @@ class RolloutWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.device = device
-        self.task = make_task(cfg.task)
+        self.task, self.model = initial_policy(cfg, device)
+        self.model.eval()
         self.tokenizer = self.task.tokenizer
-        self.model = policy_from_config(cfg.model, self.tokenizer.vocab_size, cfg.run.seed, device).eval()
         self.flat = FlatParams(self.model)
         self.params = sampling_params(cfg, self.task)
         iso = cfg.rollout.reward_isolation

@@ -1,11 +1,33 @@
-"""Character tokenizer for the built-in tasks: one id per character, plus <pad> (0) and <eos> (1).
+"""Tokenizers: a character tokenizer for the built-in tasks, and any Hugging Face tokenizer.json (GPT-2's
+byte-level BPE among them) for real checkpoints, behind the same small interface (`Tokenizer`).
 
-`<eos>` ends a completion; the sampler stops a row on it. Decoding drops both special tokens.
+`CharTokenizer`: one id per character, plus <pad> (0) and <eos> (1). `HFTokenizer`: a `tokenizers.Tokenizer`
+with the model's end-of-text id as eos (GPT-2: <|endoftext|>). In both, eos ends a completion (the sampler
+stops a row on it), and decoding stops at the first eos and drops special tokens.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers
+
 PAD, EOS = "<pad>", "<eos>"
+
+
+class Tokenizer(Protocol):
+    """What the sampler, the rollout workers and the tasks need from a tokenizer."""
+
+    pad_id: int  # left padding of prompts in a batch (masked out) and filler after a stopped row
+    eos_id: int  # ends a completion
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
 
 class CharTokenizer:
@@ -41,3 +63,52 @@ class CharTokenizer:
             if i != self.pad_id:
                 out.append(self.itos[i])
         return "".join(out)
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """The same tokenizer as a `tokenizers.Tokenizer` (WordLevel, one token per character), so an exported
+        policy's tokenizer.json opens with `tokenizers` and transformers and gives the same ids."""
+        # "<unk>" is not in the vocabulary: an unknown character is an error, as in `encode`
+        tok = tokenizers.Tokenizer(models.WordLevel(vocab=dict(self.stoi), unk_token="<unk>"))
+        # every character is its own piece ([\s\S]: newlines too); decoding joins them without spaces
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens([PAD, EOS])
+        return tok
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` (e.g. from a checkpoint's tokenizer.json) with CharTokenizer's interface.
+
+    Args:
+        tokenizer: the tokenizer; `encode` applies its post-processor as `tokenizers` and transformers do.
+        eos_id: end-of-text token (GPT-2: <|endoftext|>, 50256).
+        pad_id: padding token; GPT-2 has none, so the default is eos_id (padding is always masked).
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_id: int, pad_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        for what, i in (("eos", self.eos_id), ("pad", self.pad_id)):
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"tokenizer: {what} id {i} is outside its vocabulary of {self.vocab_size}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of the ids, stopping at the first eos and skipping padding and other special tokens."""
+        out = []
+        for i in ids:
+            if i == self.eos_id:
+                break
+            if i != self.pad_id:
+                out.append(i)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        return self.tokenizer

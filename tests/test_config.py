@@ -113,7 +113,7 @@ def test_cli_config_error_exits_2_before_ray(capsys, tmp_path):
 def test_cli_unknown_task_exits_2(capsys, tmp_path):
     code = main(["train", "--set", "task.name=nosuchtask", "--run-dir", str(tmp_path / "r")])
     assert code == 2
-    assert "task.name='nosuchtask' is not a built-in task (addition, reverse, sort)" in capsys.readouterr().err
+    assert "task.name='nosuchtask' is not a built-in task (addition, prompts, reverse, sort)" in capsys.readouterr().err
 
 
 def test_help_config_lists_every_field(capsys):

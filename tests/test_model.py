@@ -15,12 +15,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from distpg.generate import SamplingParams, generate
+from distpg.hf import CONV1D, from_hf_state
 from distpg.model import GPT, PRESETS, ModelShape, build_model, token_logprobs
 from tests.conftest import randomize_parameters
 
 SHAPE = ModelShape(vocab_size=50, n_layer=2, n_head=4, n_embd=64, n_positions=32)
-# HF stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def _hf_config(shape: ModelShape, **kw) -> GPT2Config:
@@ -41,14 +40,9 @@ def _hf_config(shape: ModelShape, **kw) -> GPT2Config:
 
 
 def _from_hf(hf: GPT2LMHeadModel, shape: ModelShape) -> GPT:
-    """distpg's GPT with the weights of a HF GPT2LMHeadModel (name for name, Conv1D transposed)."""
-    state = {}
-    for name, w in hf.state_dict().items():
-        if name == "lm_head.weight":  # tied to wte: distpg has no separate output matrix
-            assert torch.equal(w, hf.transformer.wte.weight)
-            continue
-        name = name.removeprefix("transformer.")
-        state[name] = w.t().contiguous() if name.endswith(CONV1D) else w.clone()
+    """distpg's GPT with the weights of a HF GPT2LMHeadModel (name for name, Conv1D transposed; the tied
+    lm_head checked equal to wte): `distpg.hf.from_hf_state`, which `model.init_from` uses too."""
+    state = {k: v.clone() for k, v in from_hf_state(hf.state_dict()).items()}
     model = GPT(shape)
     model.load_state_dict(state, strict=True)  # strict: every distpg parameter came from HF
     return model.eval()

@@ -1,8 +1,11 @@
 """Tasks: a prompt source and a reward function, by name.
 
-Built in: `reverse`, `sort`, `addition` (see each module). A user's own task is named "module:attr", where
-`attr` is a callable taking the `TaskConfig` and returning an object with the `Task` interface below
-(a subclass of `CharTask` is the easiest way to get one).
+Built in: `reverse`, `sort`, `addition` (see each module) and `prompts` (your own prompts file and reward
+function). A user's own task is named "module:attr", where `attr` is a callable taking the `TaskConfig` and
+returning an object with the `Task` interface below (a subclass of `CharTask` is the easiest way to get one).
+
+A policy that comes with its own tokenizer (`model.init_from`) encodes every task's text with it: `make_task`
+hands it to the `prompts` task and puts it in place of any other task's character tokenizer.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import numpy as np
 from distpg.config import ConfigError
 from distpg.tasks.addition import AdditionTask
 from distpg.tasks.base import CharTask
+from distpg.tasks.prompts import PromptsTask
 from distpg.tasks.reverse import ReverseTask
 from distpg.tasks.sort import SortTask
-from distpg.tokenizer import CharTokenizer
+from distpg.tokenizer import Tokenizer
 
-BUILTIN_TASKS = {"reverse": ReverseTask, "sort": SortTask, "addition": AdditionTask}
+BUILTIN_TASKS = {"reverse": ReverseTask, "sort": SortTask, "addition": AdditionTask, "prompts": PromptsTask}
 
 
 @runtime_checkable
@@ -27,8 +31,8 @@ class Task(Protocol):
     """What the rollout workers and `distpg eval` need from a task."""
 
     name: str
-    tokenizer: CharTokenizer
-    max_prompt_len: int  # characters
+    tokenizer: Tokenizer
+    max_prompt_len: int  # tokens (characters, for a character tokenizer)
     max_new_tokens: int  # default completion budget in tokens (the <eos> included where the task needs one)
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> list[str]: ...
@@ -40,12 +44,25 @@ class Task(Protocol):
     def target(self, prompt: str) -> str: ...
 
 
-def make_task(cfg) -> Task:
-    """Build the task named by `cfg.name` (a built-in name or "module:attr")."""
+def make_task(cfg, tokenizer: Tokenizer | None = None) -> Task:
+    """Build the task named by `cfg.name` (a built-in name or "module:attr").
+
+    Args:
+        cfg: the TaskConfig.
+        tokenizer: the policy's own tokenizer (model.init_from), used for the task's text; None: the task's own.
+    """
+    task = _build_task(cfg, tokenizer)
+    if tokenizer is not None:
+        task.tokenizer = tokenizer
+    return task
+
+
+def _build_task(cfg, tokenizer: Tokenizer | None) -> Task:
     name = cfg.name
     if name in BUILTIN_TASKS:
         try:
-            return BUILTIN_TASKS[name](cfg)
+            # the prompts task measures its prompts and references in the policy's tokens
+            return PromptsTask(cfg, tokenizer) if name == "prompts" else BUILTIN_TASKS[name](cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if ":" not in name:
@@ -73,4 +90,4 @@ def make_task(cfg) -> Task:
     return task
 
 
-__all__ = ["BUILTIN_TASKS", "CharTask", "Task", "make_task"]
+__all__ = ["BUILTIN_TASKS", "CharTask", "PromptsTask", "Task", "make_task"]

@@ -1,0 +1,225 @@
+"""Hugging Face GPT-2 folders: load one into distpg's policy and tokenizer, export a distpg policy as one.
+
+A folder holds what `GPT2LMHeadModel.save_pretrained` and a tokenizer's `save_pretrained` write, and what the
+GPT-2 repositories on the Hub hold: `config.json`, `model.safetensors` and `tokenizer.json`. Only the
+`safetensors` and `tokenizers` libraries are used, not transformers, and nothing is downloaded: the folder is
+local (fetch a Hub model yourself, e.g. `hf download openai-community/gpt2 --local-dir gpt2`).
+
+Names: distpg's modules are GPT2LMHeadModel's without the `transformer.` prefix (`wte`, `h.N.attn.c_attn`,
+...). HF's `Conv1D` stores its weight as (in, out), the transpose of `nn.Linear`'s (out, in). Both tie the
+output layer to `wte`, so `lm_head.weight` is not stored, or must equal `wte.weight` when it is. Older
+checkpoints (the Hub's `gpt2`) also store each layer's causal mask as `h.N.attn.bias`; it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tokenizers
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from distpg.model import GPT, ModelShape
+from distpg.tokenizer import HFTokenizer, Tokenizer
+
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# HF's Conv1D layers: weight stored (in, out)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints, not parameters
+
+
+def read_config(folder: str | Path) -> dict:
+    """config.json of a GPT-2 folder, checked for what distpg's GPT can represent. Raises ValueError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is not a folder")
+    missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)})")
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(folder / 'config.json')!r} is not readable JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(folder / 'config.json')!r}: expected a JSON object")
+    unsupported = {
+        "model_type": (cfg.get("model_type", "gpt2"), "gpt2"),
+        "activation_function": (cfg.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "scale_attn_weights": (cfg.get("scale_attn_weights", True), True),
+        "scale_attn_by_inverse_layer_idx": (cfg.get("scale_attn_by_inverse_layer_idx", False), False),
+        "add_cross_attention": (cfg.get("add_cross_attention", False), False),
+        "tie_word_embeddings": (cfg.get("tie_word_embeddings", True), True),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+            raise ValueError(f"{str(folder / 'config.json')!r}: {key}={value!r} is not GPT-2 as distpg implements it "
+                             f"(allowed: {allowed!r})")
+    for key in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions"):
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise ValueError(f"{str(folder / 'config.json')!r}: {key}={cfg.get(key)!r}, expected a positive integer")
+    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
+        raise ValueError(f"{str(folder / 'config.json')!r}: n_inner={cfg['n_inner']} but distpg's MLP is 4 x n_embd")
+    return cfg
+
+
+def read_shape(folder: str | Path) -> ModelShape:
+    """The architecture of a GPT-2 folder (config.json), with every tensor of model.safetensors checked
+    against it from the file's header (no weights are read). Raises ValueError."""
+    cfg = read_config(folder)
+    shape = ModelShape(
+        vocab_size=cfg["vocab_size"],
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        n_embd=cfg["n_embd"],
+        n_positions=cfg["n_positions"],
+        layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
+    )
+    path = Path(folder) / "model.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+    expected = {name: tuple(_hf_layout(name, p.shape)) for name, p in _meta_model(shape).state_dict().items()}
+    got = {}
+    for name, size in stored.items():
+        name = name.removeprefix("transformer.")
+        if name == "lm_head.weight" or name.endswith(_MASK_BUFFERS):
+            continue
+        got[name] = size
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(got) if expected[n] != got[n])
+    if missing or extra or wrong:
+        parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if names]
+        raise ValueError(f"{str(path)!r} does not match its config.json ({'; '.join(parts)})")
+    return shape
+
+
+def _meta_model(shape: ModelShape) -> GPT:
+    with torch.device("meta"):
+        return GPT(shape)
+
+
+def _hf_layout(name: str, size: torch.Size) -> torch.Size:
+    return size[::-1] if name.endswith(CONV1D) else size
+
+
+def from_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A GPT2LMHeadModel (or GPT2Model) state dict in distpg's names and layout.
+
+    Raises:
+        ValueError if `lm_head.weight` is stored and differs from `wte.weight` (an untied output layer).
+    """
+    out = {}
+    for name, w in state.items():
+        name = name.removeprefix("transformer.")
+        if name.endswith(_MASK_BUFFERS) or name == "lm_head.weight":
+            continue
+        out[name] = w.t().contiguous() if name.endswith(CONV1D) else w
+    head = state.get("lm_head.weight")
+    if head is not None and "wte.weight" in out and not torch.equal(head, out["wte.weight"]):
+        raise ValueError("lm_head.weight differs from wte.weight: distpg's GPT ties the output layer to wte")
+    return out
+
+
+def to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
+    """distpg's parameters in GPT2LMHeadModel's names and layout (lm_head left out: it is tied to wte)."""
+    return {
+        "transformer." + name: (w.t() if name.endswith(CONV1D) else w).detach().contiguous()
+        for name, w in model.state_dict().items()
+    }
+
+
+def load_gpt2(folder: str | Path) -> GPT:
+    """The policy stored in a GPT-2 folder, on the CPU, float32, in eval mode. Raises ValueError."""
+    shape = read_shape(folder)
+    model = _meta_model(shape).to_empty(device="cpu")
+    state = from_hf_state(load_file(str(Path(folder) / "model.safetensors")))
+    model.load_state_dict(state, strict=True)  # strict: every parameter comes from the file
+    return model.float().eval()
+
+
+def load_tokenizer(folder: str | Path) -> HFTokenizer:
+    """tokenizer.json of a GPT-2 folder, with eos and pad from config.json's eos_token_id and pad_token_id;
+    eos defaults to the <|endoftext|> token, pad to eos. Raises ValueError."""
+    cfg = read_config(folder)
+    path = Path(folder) / "tokenizer.json"
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"{str(path)!r} is not a tokenizer.json the tokenizers library reads: {e}") from None
+    eos_id = cfg.get("eos_token_id")
+    if isinstance(eos_id, list):  # some configs list several end tokens: the first is the one to emit
+        eos_id = eos_id[0] if eos_id else None
+    if eos_id is None:
+        eos_id = tok.token_to_id("<|endoftext|>")
+    if eos_id is None:
+        raise ValueError(f"{str(folder)!r}: config.json has no eos_token_id and tokenizer.json no <|endoftext|>")
+    try:
+        tokenizer = HFTokenizer(tok, eos_id, cfg.get("pad_token_id"))
+    except ValueError as e:  # eos or pad outside the vocabulary
+        raise ValueError(f"{str(folder)!r}: {e}") from None
+    if tokenizer.vocab_size > cfg["vocab_size"]:
+        raise ValueError(f"{str(path)!r} has {tokenizer.vocab_size} tokens but the model only {cfg['vocab_size']} "
+                         "(config.json vocab_size)")
+    return tokenizer
+
+
+def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
+    """Write `model` and `tokenizer` as a GPT-2 folder that transformers opens
+    (`AutoModelForCausalLM.from_pretrained(folder)`, `AutoTokenizer.from_pretrained(folder)`) and that
+    `model.init_from` loads back. A character tokenizer is written as an equivalent WordLevel tokenizer.json
+    (one token per character). Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    s = model.shape
+    hf_tok = tokenizer.to_tokenizers()
+    eos, pad = hf_tok.id_to_token(tokenizer.eos_id), hf_tok.id_to_token(tokenizer.pad_id)
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": s.vocab_size,
+        "n_positions": s.n_positions,
+        "n_embd": s.n_embd,
+        "n_layer": s.n_layer,
+        "n_head": s.n_head,
+        "n_inner": None,
+        "layer_norm_epsilon": s.layer_norm_epsilon,
+        "activation_function": "gelu_new",
+        # distpg trains without dropout; these keep transformers' fine-tuning the same model
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.eos_id,  # GPT-2's convention: <|endoftext|> starts and ends a text
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "model_max_length": s.n_positions,
+        "clean_up_tokenization_spaces": False,
+    }
+    save_file(to_hf_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    hf_tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return folder
+
+
+def export_policy(path: str | Path, out: str | Path) -> Path:
+    """`distpg export`: the policy of a run folder (its latest checkpoint) or a checkpoint folder, with its
+    tokenizer, as a GPT-2 folder at `out`."""
+    from distpg.evaluate import load_policy
+    from distpg.policy import task_for
+
+    cfg, model = load_policy(Path(path))
+    return export_gpt2(model, task_for(cfg).tokenizer, out)

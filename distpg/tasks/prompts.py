@@ -1,0 +1,175 @@
+"""`prompts`: your own prompts from a file, scored by your own reward function, without writing a task class.
+
+    task:
+      name: prompts
+      prompts_path: configs/data/reverse_words.jsonl   # or .parquet
+      reward: distpg.examples.rewards:match_reference  # module:attr
+
+The file has one row per prompt: a `prompt` (text) and optionally a `reference` (any JSON value, e.g. the
+answer; null when absent); other columns are ignored. JSONL files hold one JSON object per line (blank lines
+are skipped); Parquet files are read with pyarrow. A prompt that appears twice is kept once, and must have the
+same reference both times.
+
+Reward: `reward(prompt, completion, reference) -> float`, imported from "module:attr" (the module must be
+importable by the workers: installed, on PYTHONPATH, or in a job's working dir). It runs in a child process
+with a timeout (`rollout.reward_isolation: auto`), so a crash or a hang costs a batch, not the run.
+
+Held out: `task.num_eval` distinct prompts, picked once with `task.eval_seed`, are the evaluation prompts
+(`distpg eval`); training samples prompts (with repeats) from the rest only.
+
+Tokenizer: the policy's (model.init_from's tokenizer.json) when given, else a character tokenizer over every
+character of the prompts and text references, so a fresh model can be trained on the file too.
+
+Completion budget: the longest reference in tokens + 1 (room for eos), or 32 tokens when no row has a
+reference; `rollout.max_new_tokens` overrides it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+
+from distpg.tokenizer import CharTokenizer, Tokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 32  # without references to measure
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, object]]:
+    """(prompt, reference or None) rows of a JSONL or Parquet file, in file order, duplicates dropped.
+
+    Raises:
+        ValueError naming task.prompts_path and the row at fault.
+    """
+    path = Path(path)
+    where = f"task.prompts_path={str(path)!r}"
+    if not path.is_file():
+        raise ValueError(f"{where}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = _read_jsonl(path, where)
+    elif suffix in (".parquet", ".pq"):
+        rows = _read_parquet(path, where)
+    else:
+        raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .parquet")
+    out: dict[str, tuple[int, object]] = {}
+    for n, (prompt, reference) in enumerate(rows, 1):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{where}: row {n}: 'prompt' must be non-empty text, got {prompt!r}")
+        if prompt in out and out[prompt][1] != reference:
+            raise ValueError(f"{where}: rows {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
+                             "different references; keep one")
+        out.setdefault(prompt, (n, reference))
+    if not out:
+        raise ValueError(f"{where}: the file has no rows")
+    return [(p, ref) for p, (_, ref) in out.items()]
+
+
+def _read_jsonl(path: Path, where: str) -> list[tuple]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: line {n} is not JSON: {e}") from None
+            if not isinstance(obj, dict) or "prompt" not in obj:
+                raise ValueError(f"{where}: line {n}: expected an object with a 'prompt' key, got {line.strip()[:80]}")
+            rows.append((obj["prompt"], obj.get("reference")))
+    return rows
+
+
+def _read_parquet(path: Path, where: str) -> list[tuple]:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow raises ArrowInvalid and OSError subclasses for a bad file
+        raise ValueError(f"{where}: not a readable Parquet file: {e}") from None
+    if "prompt" not in names:
+        raise ValueError(f"{where}: no 'prompt' column (columns: {', '.join(names)})")
+    table = pq.read_table(path, columns=[c for c in ("prompt", "reference") if c in names])
+    prompts = table.column("prompt").to_pylist()
+    refs = table.column("reference").to_pylist() if "reference" in names else [None] * len(prompts)
+    return list(zip(prompts, refs))
+
+
+def load_reward(spec: str | None):
+    """The function named by task.reward ("module:attr"), checked to accept (prompt, completion, reference).
+
+    Raises:
+        ValueError naming task.reward and what is wrong.
+    """
+    example = "e.g. distpg.examples.rewards:match_reference"
+    if not spec:
+        raise ValueError(f"task.name=prompts needs task.reward: 'module:attr' of a function reward(prompt, "
+                         f"completion, reference) -> float, {example}")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"task.reward={spec!r} is not of the form 'module:attr' ({example})")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"task.reward={spec!r}: cannot import module {module_name!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"task.reward={spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"task.reward={spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    try:
+        inspect.signature(fn).bind("prompt", "completion", None)
+    except TypeError:
+        raise ValueError(f"task.reward={spec!r}: {attr}{inspect.signature(fn)} cannot be called as "
+                         "reward(prompt, completion, reference)") from None
+    except ValueError:  # no signature to inspect (some builtins): trust it
+        pass
+    return fn
+
+
+class PromptsTask:
+    """Prompts (and references) from a file, a user's reward function, a fixed held-out split."""
+
+    name = "prompts"
+
+    def __init__(self, cfg, tokenizer: Tokenizer | None = None) -> None:
+        if not cfg.prompts_path:
+            raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
+                             "column (and optionally 'reference')")
+        self.reward_fn = load_reward(cfg.reward)
+        rows = read_prompts(cfg.prompts_path)
+        self.references = dict(rows)
+        if len(rows) <= cfg.num_eval:
+            raise ValueError(f"task.prompts_path={cfg.prompts_path!r} has {len(rows)} distinct prompts, too few to "
+                             f"hold out task.num_eval={cfg.num_eval} for evaluation and train on the rest; "
+                             "lower task.num_eval")
+        held_out = set(np.random.default_rng(cfg.eval_seed).permutation(len(rows))[: cfg.num_eval].tolist())
+        self._eval = [p for i, (p, _) in enumerate(rows) if i in held_out]  # in file order
+        self._train = [p for i, (p, _) in enumerate(rows) if i not in held_out]
+        if tokenizer is None:
+            text = "".join(p + (r if isinstance(r, str) else "") for p, r in rows)
+            tokenizer = CharTokenizer(text)
+        self.tokenizer = tokenizer
+        self.max_prompt_len = max(len(tokenizer.encode(p)) for p, _ in rows)  # tokens
+        refs = [r for _, r in rows if isinstance(r, str)]
+        self.max_new_tokens = (max(len(tokenizer.encode(r)) for r in refs) + 1 if refs
+                               else DEFAULT_MAX_NEW_TOKENS)
+
+    def sample_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        """n training prompts, drawn uniformly with repeats; never a held-out one."""
+        return [self._train[i] for i in rng.integers(0, len(self._train), n)]
+
+    def eval_prompts(self) -> list[str]:
+        return list(self._eval)
+
+    def reward(self, prompt: str, completion: str) -> float:
+        return self.reward_fn(prompt, completion, self.references[prompt])
+
+    def target(self, prompt: str) -> str:
+        """The reference as text ("" without one): what `distpg eval` shows and counts exact matches against."""
+        ref = self.references[prompt]
+        return "" if ref is None else ref if isinstance(ref, str) else json.dumps(ref)

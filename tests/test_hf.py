@@ -1,0 +1,307 @@
+"""Hugging Face GPT-2 folders (`distpg.hf`): a random GPT-2 saved by transformers loads into distpg with the
+same logits and greedy continuation, its tokenizer.json encodes and decodes as the `tokenizers` reference does,
+a distpg policy exported as a folder opens in transformers with the same logits, and a training run that starts
+from such a folder works end to end through `distpg train`.
+
+The tokenizer is a GPT-2-style byte-level BPE trained in the test on a few strings (no download; a small
+vocabulary keeps the output layer light), with <|endoftext|> as eos. Weights are drawn larger than GPT-2's
+init (`randomize_parameters`) so logits spread over several units and the 1e-4 tolerance is tight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from distpg.config import ConfigError, ModelConfig, config_from_dict, load_config
+from distpg.examples.make_tiny_gpt2 import EOT, byte_level_bpe
+from distpg.generate import SamplingParams, generate
+from distpg.hf import export_gpt2, load_gpt2, load_tokenizer, read_shape
+from distpg.learner import Learner
+from distpg.model import ModelShape, build_model
+from distpg.rollout import RolloutWorker
+from distpg.tokenizer import CharTokenizer, HFTokenizer
+from tests.conftest import randomize_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = [
+    "Repeat the word: river\nAnswer: river",
+    "The quick brown fox jumps over the lazy dog.",
+    "naïve café, 東京 and 🚀 rockets; tabs\tand  double  spaces\n\nnew lines",
+    "def f(x):\n    return x ** 2  # squares",
+] * 4
+SAMPLES = ["", " ", "river", " river", "Hello, world!", "Unseen wörds ✓ 🚀\n\n  trailing  ", "a\tb\r\nc", EOT + "x"]
+
+
+@pytest.fixture(scope="module")
+def bpe() -> HFTokenizer:
+    return byte_level_bpe(TEXTS, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, bpe) -> tuple[Path, GPT2LMHeadModel]:
+    """A random GPT2LMHeadModel and its tokenizer, saved by transformers."""
+    folder = tmp_path_factory.mktemp("hf-gpt2")
+    config = GPT2Config(vocab_size=bpe.vocab_size, n_layer=2, n_head=4, n_embd=64, n_positions=48,
+                        bos_token_id=bpe.eos_id, eos_token_id=bpe.eos_id, attn_implementation="eager")
+    hf = GPT2LMHeadModel(config)
+    randomize_parameters(hf, seed=0, scale=0.2)
+    hf.eval()
+    hf.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe.tokenizer, eos_token=EOT).save_pretrained(folder)
+    return folder, hf
+
+
+# ---------------------------------------------------------------- loading a transformers GPT-2
+
+
+def test_logits_match_transformers(hf_folder):
+    folder, hf = hf_folder
+    ours = load_gpt2(folder)
+    assert ours.shape == ModelShape(vocab_size=hf.config.vocab_size, n_layer=2, n_head=4, n_embd=64, n_positions=48)
+    idx = torch.randint(hf.config.vocab_size, (3, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = hf(idx).logits, ours(idx)
+    assert got.dtype == torch.float32 and expected.std() > 1.0
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_greedy_continuation_matches_transformers(hf_folder):
+    folder, hf = hf_folder
+    ours, tok = load_gpt2(folder), load_tokenizer(folder)
+    prompts = [tok.encode(t) for t in ("Repeat the word:", "The quick brown fox", "naïve 🚀")]
+    n_new = 10
+    # distpg decodes the three prompts as one left-padded batch on the KV cache; HF decodes each alone
+    got = generate(ours, prompts, SamplingParams(max_new_tokens=n_new, temperature=0.0),
+                   torch.Generator().manual_seed(0)).rows()
+    assert len({tuple(r) for r in got}) == 3  # the prompts lead to different continuations
+    for prompt, row in zip(prompts, got):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new,
+                              eos_token_id=None, pad_token_id=tok.pad_id)
+        assert row == out[0, len(prompt):].tolist()
+
+
+def test_tokenizer_matches_the_tokenizers_reference(hf_folder):
+    folder, _ = hf_folder
+    ours = load_tokenizer(folder)
+    reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = reference.token_to_id(EOT)
+    assert ours.eos_id == ours.pad_id == eos  # GPT-2 has no pad token: padding reuses eos (always masked)
+    assert ours.vocab_size == reference.get_vocab_size()
+    for text in SAMPLES + TEXTS[:4]:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text).ids, text
+        if EOT not in text:
+            assert ours.decode(ids) == reference.decode(ids) == text  # byte-level BPE: an exact round trip
+    ids = ours.encode("river") + [eos] + ours.encode(" lake")
+    assert ours.decode(ids) == "river"  # a completion ends at eos
+
+
+def test_hub_style_names_load_too(hf_folder, tmp_path):
+    """The Hub's `gpt2` stores GPT2Model names (no `transformer.` prefix), each layer's causal-mask buffer
+    `h.N.attn.bias`, and sometimes an explicit (tied) `lm_head.weight`."""
+    folder, hf = hf_folder
+    state = load_file(str(folder / "model.safetensors"))
+    hub = {k.removeprefix("transformer."): v for k, v in state.items()}
+    P = hf.config.n_positions
+    for i in range(hf.config.n_layer):
+        hub[f"h.{i}.attn.bias"] = torch.tril(torch.ones(P, P)).view(1, 1, P, P)
+    hub["lm_head.weight"] = hub["wte.weight"].clone()
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    save_file(hub, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    a, b = load_gpt2(folder), load_gpt2(tmp_path)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+    hub["lm_head.weight"] = hub["lm_head.weight"] + 1  # an untied output layer: not GPT-2 as distpg has it
+    save_file(hub, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        load_gpt2(tmp_path)
+
+
+# ---------------------------------------------------------------- exporting a distpg policy
+
+
+def _policy(vocab_size: int, seed: int = 3):
+    model = build_model(ModelShape(vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=64, n_positions=40), seed)
+    randomize_parameters(model, seed=seed, scale=0.2)
+    return model.eval()
+
+
+def _transformers_logits(folder: Path, idx: torch.Tensor) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert isinstance(hf, GPT2LMHeadModel)
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def test_export_opens_in_transformers_with_the_same_logits(bpe, tmp_path):
+    model = _policy(bpe.vocab_size)
+    export_gpt2(model, bpe, tmp_path / "out")
+    idx = torch.randint(bpe.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(idx)
+    assert ours.std() > 1.0
+    assert (_transformers_logits(tmp_path / "out", idx) - ours).abs().max().item() < 1e-4
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in SAMPLES[:-1]:
+        assert hf_tok(text)["input_ids"] == bpe.encode(text)
+    assert hf_tok.eos_token_id == bpe.eos_id
+    # and back into distpg: the very same parameters and tokenizer
+    again = load_gpt2(tmp_path / "out")
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert load_tokenizer(tmp_path / "out").encode(SAMPLES[5]) == bpe.encode(SAMPLES[5])
+
+
+def test_export_of_a_char_tokenizer_policy(tmp_path):
+    chars = CharTokenizer("abcdef= \n")
+    model = _policy(chars.vocab_size)
+    export_gpt2(model, chars, tmp_path)
+    idx = torch.randint(chars.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (_transformers_logits(tmp_path, idx) - model(idx)).abs().max().item() < 1e-4
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    reference = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    assert (loaded.pad_id, loaded.eos_id) == (chars.pad_id, chars.eos_id) == (hf_tok.pad_token_id, hf_tok.eos_token_id)
+    for text in ("abc=", "f e d\n", ""):
+        ids = chars.encode(text)
+        assert reference.encode(text).ids == hf_tok(text)["input_ids"] == loaded.encode(text) == ids
+        assert loaded.decode(ids + [chars.eos_id, 2]) == hf_tok.decode(ids) == text
+
+
+# ---------------------------------------------------------------- model.init_from
+
+
+def test_config_takes_the_shape_from_the_folder(hf_folder):
+    folder, _ = hf_folder
+    m = ModelConfig(init_from=str(folder))
+    assert (m.n_layer, m.n_head, m.n_embd, m.n_positions) == (2, 4, 64, 48)
+    assert ModelConfig(init_from=str(folder), n_layer=2, n_positions=48) == m  # the resolved config reloads
+    assert ModelConfig().n_positions == 64  # without init_from, as before
+
+
+@pytest.mark.parametrize(
+    "setup,kw,message",
+    [
+        (None, {}, r"model.init_from='.*nowhere': '.*nowhere' is not a folder"),
+        ("rm tokenizer.json", {}, r"lacks tokenizer.json"),
+        ("activation", {}, r"activation_function='relu' is not GPT-2 as distpg implements it"),
+        ("truncate", {}, r"does not match its config.json \(missing: h.1.attn.c_attn.bias"),
+        ("copy", {"n_layer": 3}, r"model.n_layer=3 but model.init_from=.* has n_layer=2; leave model.n_layer null"),
+        ("copy", {"n_positions": 64}, r"model.n_positions=64 but .* has n_positions=48"),
+    ],
+)
+def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
+    folder, _ = hf_folder
+    target = tmp_path / "nowhere"
+    if setup is not None:
+        target = tmp_path / "copy"
+        target.mkdir()
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (target / name).write_bytes((folder / name).read_bytes())
+        if setup == "rm tokenizer.json":
+            (target / "tokenizer.json").unlink()
+        elif setup == "activation":
+            cfg = json.loads((target / "config.json").read_text())
+            (target / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+        elif setup == "truncate":
+            state = load_file(str(target / "model.safetensors"))
+            state = {k: v for k, v in state.items() if not k.startswith("transformer.h.1.")}
+            save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"model": {"init_from": str(target), **kw}})
+    with pytest.raises(ConfigError, match="model.init_from=''"):
+        ModelConfig(init_from="")
+
+
+def test_learner_and_workers_start_from_the_folder(hf_folder, tmp_path):
+    """No Ray: the learner and a rollout worker built from one config hold the folder's weights and
+    tokenizer, sample prompts from a file and take an update."""
+    folder, _ = hf_folder
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Repeat the word: {w}\nAnswer:", "reference": w}) + "\n"
+                               for w in ("river", "fox", "dog", "lazy", "quick", "brown")))
+    cfg = config_from_dict({
+        "task": {"name": "prompts", "prompts_path": str(prompts), "num_eval": 2,
+                 "reward": "distpg.examples.rewards:match_reference"},
+        "model": {"init_from": str(folder)},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "num_workers": 1, "max_new_tokens": 6},
+    })
+    learner, worker = Learner(cfg), RolloutWorker(cfg, worker_id=0)
+    reference = load_gpt2(folder).state_dict()
+    for model in (learner.model, worker.model):
+        for name, p in model.state_dict().items():
+            assert torch.equal(p, reference[name]), name
+    assert isinstance(worker.tokenizer, HFTokenizer) and worker.tokenizer.eos_id == load_tokenizer(folder).eos_id
+    worker.set_weights(learner.get_weights())
+    batch = worker.sample(["Repeat the word: river\nAnswer:", "Repeat the word: fox\nAnswer:"], [0, 1], seed=0)
+    assert batch.num_rows == 4 and all(batch.column("reward_ok").to_pylist())
+    metrics, weights = learner.update(batch)
+    assert weights.version == 1 and all(v == v for v in metrics.values() if isinstance(v, float))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _run(*args, timeout=240):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.ray
+def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path):
+    """The shipped worked example: make a small GPT-2 folder, `distpg train configs/gpt2-prompts.yaml` from it
+    with the bundled prompts and reward function, then `distpg eval` and `distpg export` the result."""
+    folder, run, out = tmp_path / "tiny-gpt2", tmp_path / "run", tmp_path / "exported"
+    p = _run("-m", "distpg.examples.make_tiny_gpt2", str(folder))
+    assert p.returncode == 0, p.stderr[-3000:]
+    shape = read_shape(folder)
+    assert shape.n_layer == 2 and 256 < shape.vocab_size <= 512
+
+    p = _run("-m", "distpg", "train", "configs/gpt2-prompts.yaml", "--run-dir", str(run),
+             "--set", f"model.init_from={folder}", "--set", "run.steps=4", "--set", "run.checkpoint_every=2",
+             "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4", "--set", "log.print_every=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "task prompts; model 2x64" in p.stdout
+    cfg = load_config(run / "config.yaml")
+    assert cfg.model.init_from == str(folder) and cfg.model.n_positions == shape.n_positions
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["rollout/failed_rewards"] == 0 for r in records)  # the reward function ran on every sample
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run / "rollouts")
+    assert table.num_rows == 4 * 4 * 4
+    bundled = {json.loads(line)["prompt"] for line in (ROOT / "configs/data/repeat_words.jsonl").open()}
+    assert set(table.column("prompt_text").to_pylist()) <= bundled
+    tok = load_tokenizer(folder)
+    assert table.column("prompt_tokens")[0].as_py() == tok.encode(table.column("prompt_text")[0].as_py())
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
+
+    p = _run("-m", "distpg", "eval", str(run), "--samples", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "held-out prompts: 32 | reward_mean" in p.stdout
+
+    p = _run("-m", "distpg", "export", str(run), str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    from distpg.evaluate import load_policy
+
+    _, trained = load_policy(run)
+    idx = torch.tensor([tok.encode("Repeat the word: river\nAnswer:")])
+    with torch.no_grad():
+        assert (_transformers_logits(out, idx) - trained(idx)).abs().max().item() < 1e-4

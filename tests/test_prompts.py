@@ -1,0 +1,162 @@
+"""The `prompts` task: prompts and references from JSONL or Parquet, a user's reward function by
+"module:attr", a fixed held-out split, the tokenizer it is given or its own, and errors that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distpg import rewards
+from distpg.config import ConfigError, TaskConfig
+from distpg.examples.make_tiny_gpt2 import byte_level_bpe
+from distpg.examples.rewards import match_reference
+from distpg.tasks import make_task
+from distpg.tokenizer import CharTokenizer
+
+ROWS = [{"prompt": f"say {w}:", "reference": w} for w in
+        ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi", "lynx"]]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prompts_task(path, tokenizer=None, **kw):
+    kw = {"reward": "tests.user_rewards:length_of_reference", "num_eval": 4, **kw}
+    return make_task(TaskConfig(name="prompts", prompts_path=path and str(path), **kw), tokenizer)
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    return write_jsonl(tmp_path / "p.jsonl", ROWS)
+
+
+def test_jsonl_and_parquet_give_the_same_task(jsonl, tmp_path):
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "extra": 1} for r in ROWS]), parquet)  # other columns ignored
+    a, b = prompts_task(jsonl), prompts_task(parquet)
+    assert a.eval_prompts() == b.eval_prompts()
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    assert a.sample_prompts(rng_a, 50) == b.sample_prompts(rng_b, 50)
+    assert a.target("say lynx:") == b.target("say lynx:") == "lynx"
+    assert a.reward("say lynx:", "abcd") == 1.0 and a.reward("say lynx:", "abc") == 0.0  # reward(p, c, ref)
+
+
+def test_held_out_prompts_are_fixed_by_the_seed_and_never_sampled(jsonl):
+    t = prompts_task(jsonl, eval_seed=7)
+    held = t.eval_prompts()
+    assert len(held) == 4 == len(set(held))
+    assert held == prompts_task(jsonl, eval_seed=7).eval_prompts()  # the same split every time
+    assert held != prompts_task(jsonl, eval_seed=8).eval_prompts()
+    seen = set(t.sample_prompts(np.random.default_rng(0), 2000))
+    assert seen == {r["prompt"] for r in ROWS} - set(held)  # every training prompt, no held-out one
+
+
+def test_char_tokenizer_over_the_file_and_budgets(jsonl):
+    t = prompts_task(jsonl)
+    assert isinstance(t.tokenizer, CharTokenizer)
+    for r in ROWS:  # every prompt and reference encodes
+        assert t.tokenizer.decode(t.tokenizer.encode(r["prompt"] + r["reference"])) == r["prompt"] + r["reference"]
+    assert t.max_prompt_len == len("say lynx:")
+    assert t.max_new_tokens == len("ibis") + 1  # longest reference, then eos
+
+
+def test_uses_the_tokenizer_it_is_given(jsonl):
+    bpe = byte_level_bpe([r["prompt"] + " " + r["reference"] for r in ROWS] * 5, vocab_size=300)
+    t = prompts_task(jsonl, tokenizer=bpe)
+    assert t.tokenizer is bpe
+    assert t.max_prompt_len == max(len(bpe.encode(r["prompt"])) for r in ROWS) < len("say lynx:")  # in tokens
+    assert t.max_new_tokens == max(len(bpe.encode(r["reference"])) for r in ROWS) + 1
+
+
+def test_a_built_in_task_takes_the_policys_tokenizer():
+    bpe = byte_level_bpe(["abcdef=" * 20], vocab_size=270)
+    t = make_task(TaskConfig(name="reverse", length=4, alphabet="abcd", num_eval=8), bpe)
+    assert t.tokenizer is bpe
+    p = t.eval_prompts()[0]
+    assert bpe.decode(t.tokenizer.encode(p)) == p
+
+
+def test_without_references(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {i}"} for i in range(10)])
+    t = prompts_task(path, reward="tests.user_rewards:needs_reference", num_eval=2)
+    assert t.max_new_tokens == 32 and t.target(t.eval_prompts()[0]) == ""
+    with pytest.raises(ValueError, match="no reference"):  # masked by distpg.rewards, not a crash
+        t.reward(t.eval_prompts()[0], "x")
+
+
+def test_duplicates_are_kept_once_unless_their_references_differ(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS + ROWS[:3])
+    t = prompts_task(path)
+    assert len(t.eval_prompts()) + len(set(t.sample_prompts(np.random.default_rng(0), 2000))) == len(ROWS)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ROWS + [{"prompt": "say ant:", "reference": "emmet"}])
+    with pytest.raises(ConfigError, match=r"rows 1 and 13 have the same prompt 'say ant:' but different references"):
+        prompts_task(bad)
+
+
+def test_rewards_run_in_a_child_process(jsonl):
+    # the default for a user's reward function (rollout.reward_isolation auto): the task survives a fork
+    t = prompts_task(jsonl, reward="distpg.examples.rewards:match_reference")
+    prompts = t.eval_prompts()
+    completions = [" " + t.target(p) + " " for p in prompts[:2]] + ["zzzz", ""]
+    got, ok, _ = rewards.score(t, prompts, completions, isolation="process", timeout_s=30)
+    assert ok == [True] * 4
+    assert got == [1.0, 1.0] + [match_reference(p, c, t.target(p)) for p, c in zip(prompts[2:], completions[2:])]
+
+
+def test_match_reference_partial_credit():
+    assert match_reference("", " lynx\n", "lynx") == 1.0
+    assert match_reference("", "lynn", "lynx") == 0.75
+    assert match_reference("", "lynxes", "lynx") == 4 / 6  # extra characters cost as much as missing ones
+    with pytest.raises(ValueError, match="needs a reference"):
+        match_reference("", "x", None)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"prompts_path": None}, r"task.name=prompts needs task.prompts_path"),
+        ({"prompts_path": "nope.jsonl"}, r"task.prompts_path='nope.jsonl': no such file"),
+        ({"reward": None}, r"task.name=prompts needs task.reward: 'module:attr'"),
+        ({"reward": "tests.user_rewards"}, r"task.reward='tests.user_rewards' is not of the form 'module:attr'"),
+        ({"reward": "no.such.module:f"}, r"task.reward='no.such.module:f': cannot import module 'no.such.module'"),
+        ({"reward": "tests.user_rewards:nope"}, r"module 'tests.user_rewards' has no attribute 'nope'"),
+        ({"reward": "tests.user_rewards:NOT_CALLABLE"}, r"'NOT_CALLABLE' is a int, not a function"),
+        ({"reward": "tests.user_rewards:two_arguments"},
+         r"two_arguments\(prompt, completion\) cannot be called as reward\(prompt, completion, reference\)"),
+        ({"num_eval": 12}, r"has 12 distinct prompts, too few to hold out task.num_eval=12"),
+    ],
+)
+def test_errors_name_the_field(jsonl, kw, message):
+    kw = {"prompts_path": str(jsonl), **kw}
+    with pytest.raises(ConfigError, match=message):
+        prompts_task(kw.pop("prompts_path"), **kw)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("p.csv", "prompt\nx\n", r"unknown file type '.csv'; allowed: .jsonl, .ndjson, .parquet"),
+        ("p.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"line 2 is not JSON"),
+        ("p.jsonl", '{"prompt": "a"}\n\n{"question": "b"}\n', r"line 3: expected an object with a 'prompt' key"),
+        ("p.jsonl", '{"prompt": ""}\n', r"row 1: 'prompt' must be non-empty text, got ''"),
+        ("p.jsonl", '{"prompt": 5}\n', r"row 1: 'prompt' must be non-empty text, got 5"),
+        ("p.jsonl", "\n", r"the file has no rows"),
+        ("p.parquet", None, r"no 'prompt' column \(columns: question\)"),
+        ("q.parquet", "not parquet", r"not a readable Parquet file"),
+    ],
+)
+def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        pq.write_table(pa.table({"question": ["a"]}), path)
+    else:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*" + name + "'") as e:
+        prompts_task(path)
+    assert e.match(message)
