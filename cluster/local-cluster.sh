@@ -6,6 +6,7 @@
 #   cluster/local-cluster.sh start [N]   start a head and N worker nodes (default 2); prints the addresses
 #   cluster/local-cluster.sh stop        stop every process of this cluster (and nothing else)
 #   cluster/local-cluster.sh status      `ray status` of this cluster
+#   cluster/local-cluster.sh stop-node I kill worker node I (SIGKILL, its whole process tree): a node lost
 #
 # Loopback only: every port of every node (GCS, raylets, object managers, dashboard, agents, metrics, the
 # Ray client server) listens on 127.0.0.1, nothing on the machine's network address. Ray's CLI rewrites
@@ -40,10 +41,16 @@ descendants() {  # a pid and all its descendants
   for child in $(pgrep -P "$pid" 2>/dev/null); do descendants "$child"; done
 }
 
-cluster_pids() {  # every process whose command line names this cluster's dir or GCS port, and descendants
-  local pid pattern="$DIR/"
-  [ -f "$DIR/gcs_port" ] && pattern="$DIR/|(LOCALHOST|127\.0\.0\.1):$(cat "$DIR/gcs_port")( |$)"
-  for pid in $(pgrep -f -- "$pattern" 2>/dev/null); do
+cluster_pids() {  # this cluster's processes and their descendants; prints nothing once it is gone
+  local pid pattern="$DIR/" recorded=""
+  # The GCS port and the pids recorded at start count only while processes naming this cluster's dir live:
+  # a stale state dir must never match another cluster that reuses the port (or a reused pid).
+  pgrep -f -- "$DIR/" > /dev/null 2>&1 || return 0
+  if [ -f "$DIR/gcs_port" ]; then pattern="$DIR/|LOCALHOST:$(cat "$DIR/gcs_port")( |$)"; fi
+  for pid in $(cat "$DIR/pids" 2>/dev/null); do
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qi ray && recorded="$recorded $pid"
+  done
+  for pid in $(pgrep -f -- "$pattern" 2>/dev/null) $recorded; do
     [ "$pid" = "$$" ] || descendants "$pid"
   done | sort -u
 }
@@ -88,6 +95,9 @@ case "${1:-}" in
     ADDRESS="LOCALHOST:$GCS_PORT"
     start_node 0
     for i in $(seq 1 "$N"); do start_node "$i"; done
+    # record every process now, while the GCS port is surely ours: Ray's client server names only the
+    # head's 127.0.0.1:PORT, which a later cluster could reuse
+    { cluster_pids; pgrep -f -- "127\.0\.0\.1:$GCS_PORT( |$)"; } | sort -u > "$DIR/pids"
     echo "$ADDRESS" > "$DIR/address"
     echo "http://127.0.0.1:$DASH_PORT" > "$DIR/dashboard"
     echo "cluster up: head + $N worker nodes ($CPUS CPU each), every port on 127.0.0.1; state in $DIR"
@@ -106,7 +116,16 @@ case "${1:-}" in
       [ -z "$alive" ] && break; sleep 0.5
     done
     [ -n "$alive" ] && kill -KILL $alive 2>/dev/null || true
+    rm -f "$DIR/pids" "$DIR/gcs_port" "$DIR/address"  # this state describes nothing any more
     echo "stopped $(echo "$pids" | wc -w) processes"
+    ;;
+  stop-node)
+    I="${2:-}"
+    [[ "$I" =~ ^[1-9][0-9]*$ ]] || { echo "local-cluster.sh: stop-node takes a worker node index >= 1, got '$I'" >&2; exit 2; }
+    pids="$(for pid in $(pgrep -f -- "$DIR/node_$I/" 2>/dev/null); do descendants "$pid"; done | sort -u)"
+    [ -n "$pids" ] || { echo "no processes of node $I under $DIR" >&2; exit 1; }
+    kill -KILL $pids 2>/dev/null || true
+    echo "killed node $I ($(echo "$pids" | wc -w) processes)"
     ;;
   status)
     [ -f "$DIR/address" ] || { echo "no cluster state under $DIR" >&2; exit 1; }
@@ -114,5 +133,5 @@ case "${1:-}" in
     RAY_ADDRESS="$(cat "$DIR/address")" timeout "$TIMEOUT" "$RAY" status
     ;;
   *)
-    sed -n '2,9p' "$0"; exit 2 ;;
+    sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -265,9 +265,21 @@ class Trainer:
                                 f"{budget} is spent; the latest checkpoint is intact (distpg train --resume)")
         print(f"distpg: rollout worker {wid} {reason}; replacing it (restart {self.restarts}/{budget})", flush=True)
         ray.kill(self.workers[wid], no_restart=True)
-        self.workers[wid] = self.start_worker(wid)
-        self.worker_nodes[wid] = wait(_node_of(self.workers[wid]), self.cfg.ray.timeout_s,
-                                      f"restarting rollout worker {wid}")
+        # After a node loss Ray re-places the bundle only once it has declared the node dead: a replacement
+        # started before that lands on the dead node and dies too, so try again a few times, backing off.
+        for attempt in range(6):
+            self.workers[wid] = self.start_worker(wid)
+            try:
+                self.worker_nodes[wid] = ray.get(_node_of(self.workers[wid]), timeout=self.cfg.ray.timeout_s)
+                break
+            except WORKER_FAULTS as e:
+                if attempt == 5:
+                    raise TrainingError(f"restarting rollout worker {wid} failed 6 times; last: "
+                                        f"{type(e).__name__}") from None
+                time.sleep(2**attempt)
+            except GetTimeoutError:
+                raise TrainingError(f"restarting rollout worker {wid}: it did not start within "
+                                    f"{self.cfg.ray.timeout_s:g}s (does the cluster still have room for it?)") from None
         if self.weights_ref is not None:
             wait(self.workers[wid].set_weights.remote(self.weights_ref), self.cfg.ray.timeout_s,
                  f"handing weights to the restarted rollout worker {wid}")

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 pytestmark = pytest.mark.cluster
@@ -195,3 +196,33 @@ def test_scale_on_the_cluster_sweeps_nodes(cluster, tmp_path):
     assert all(pt["rollout_tokens_per_s"] > 0 and pt["measured_steps"] == 2 for pt in points.values())
     assert (out / "scaling.png").stat().st_size > 10_000 and (out / "scaling.csv").exists()
     assert "3 node(s)" in data["where"]
+
+
+def test_training_survives_losing_a_worker_node(cluster, tmp_path):
+    """Last in this module: it kills worker node 2 of the shared cluster mid-run."""
+    env, cluster_dir, _ = cluster
+    run = tmp_path / "node-loss"
+    cmd = [sys.executable, "-m", "distpg", "train", "--run-dir", str(run),
+           "--set", "run.steps=40", "--set", "run.stop_reward=null", "--set", "ray.placement_strategy=SPREAD",
+           "--set", "learner.node_resource=distpg_node_0", "--set", "rollout.num_workers=2",
+           "--set", "rollout.num_cpus_per_worker=1", "--set", "log.ledger=true", "--set", "log.print_every=1",
+           "--set", "rollout.timeout_s=60"]
+    proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.1)
+    killed = sh("cluster/local-cluster.sh", "stop-node", "2", env=env)
+    assert killed.returncode == 0, killed.stderr
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    assert recs[-1]["workers/restarts"] >= 1, "a worker ran on the lost node and was replaced"
+    assert recs[-1]["workers/alive"] == 2
+    ledger = pq.read_table(run / "ledger.parquet")
+    keys = list(zip(ledger.column("prompt_id").to_pylist(), ledger.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys)) == 40 * 32 * 8  # every sample consumed once across the node loss
