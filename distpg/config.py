@@ -86,6 +86,9 @@ class ModelConfig:
         for key, value in preset.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        for key in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)}: must be at least 1")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
 
