@@ -62,14 +62,15 @@ def figure(name: str, ours: float, reference: float, unit: str, better: str, goa
     ratio = ours / reference
     met = None if goal is None else (ratio >= goal if better == "higher" else ratio <= goal)
     return {"name": name, "ours": ours, "reference": reference, "unit": unit, "ratio": ratio,
-            "better": better, "goal": goal, "goal_met": met, **extra}
+            "better": better, "goal": goal, "goal_met": met, "load_avg_1m": os.getloadavg()[0], **extra}
 
 
 def print_figure(f: dict) -> None:
     goal = "" if f["goal"] is None else (
         f"  goal {'>=' if f['better'] == 'higher' else '<='} {f['goal']:g}x: {'met' if f['goal_met'] else 'NOT met'}")
-    print(f"  {f['name']:<44} ours {f['ours']:>12,.4g}  ref {f['reference']:>12,.4g} {f['unit']:<10}"
-          f" ratio {f['ratio']:6.3f}x ({f['better']} is better){goal}", flush=True)
+    note = f"; {f['note']}" if f.get("note") else ""
+    print(f"  {f['name']:<44} ours {f['ours']:>10,.4g}  ref {f['reference']:>10,.4g} {f['unit']:<9}"
+          f" ratio {f['ratio']:6.3f}x ({f['better']} is better){goal}{note}", flush=True)
 
 
 def machine() -> dict:
@@ -240,16 +241,23 @@ def bench_weights(size: str, workers: list[int], repeats: int) -> list[dict]:
     def plain():
         ray.get(ray.put(buf), timeout=600)
 
+    published = pub.get_weights.remote()
     results = []
     for n in workers:
-        def broadcast(n=n):
+        def publish(n=n):  # the learner packs and puts a new version, n workers load it
             ref = pub.get_weights.remote()
             ray.get([s.set_weights.remote(ref) for s in subs[:n]], timeout=600)
 
-        times = best_of({"plain": plain, "ours": broadcast}, repeats)
+        def deliver(n=n):  # n workers load a version already in the object store (what perf/sync_s times)
+            ray.get([s.set_weights.remote(published) for s in subs[:n]], timeout=600)
+
+        times = best_of({"plain": plain, "publish": publish, "deliver": deliver}, repeats)
+        deliver_ms = min(times["deliver"]) * 1e3
         results.append(figure(f"weights {size} ({nbytes / 2**20:.1f} MiB) to {n} worker(s)",
-                              min(times["ours"]) * 1e3, min(times["plain"]) * 1e3, "ms", "lower", 1.2,
-                              bytes=nbytes, workers=n, times_s=times))
+                              min(times["publish"]) * 1e3, min(times["plain"]) * 1e3, "ms", "lower", 1.2,
+                              bytes=nbytes, workers=n, deliver_ms=deliver_ms,
+                              deliver_ratio=deliver_ms / (min(times["plain"]) * 1e3), times_s=times,
+                              note=f"deliver only {deliver_ms:.3g} ms ({deliver_ms / min(times['plain']) / 1e3:.2f}x)"))
     for a in [pub, *subs]:
         ray.kill(a)
     return results
@@ -289,18 +297,24 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
 
     def local_step(step: int) -> dict:
         prompts, ids = step_prompts(worker.task, cfg, step)
+        t0 = time.perf_counter()
         batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, step, 0))
+        t1 = time.perf_counter()
         metrics, weights = learner.update(batch)
         stats = rollout_stats([batch])
+        t2 = time.perf_counter()
         worker.set_weights(weights)
-        return {**stats, **metrics}
+        t3 = time.perf_counter()
+        return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": t3 - t2}
 
+    phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), placement)
         try:
             trainer.broadcast(trainer.learner.get_weights.remote(), 0)
             trainer.open_outputs(0)
-            ray_s, local_s, sync, same = [], [], [], True
+            ray_s, local_s, same = [], [], True
+            ray_ph, local_ph = {k: [] for k in phases}, {k: [] for k in phases}
             for step in range(1, warmup + steps + 1):
                 t0 = time.perf_counter()
                 r = trainer.sync_step(step)
@@ -311,13 +325,18 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
                 if step > warmup:
                     ray_s.append(t1 - t0)
                     local_s.append(t2 - t1)
-                    sync.append(r["perf/sync_s"] / r["perf/step_s"])
+                    for k in phases:
+                        ray_ph[k].append(r[k])
+                        local_ph[k].append(lo[k])
             trainer.logger.close()
         finally:
             trainer.close()
+    med = {side: {k.split("/")[1][:-2]: statistics.median(v) * 1e3 for k, v in ph.items()}
+           for side, ph in (("ray", ray_ph), ("local", local_ph))}
+    note = " ".join(f"{k} {med['ray'][k]:.1f}/{med['local'][k]:.1f}" for k in med["ray"]) + " ms (Ray/one process)"
     return figure(f"sync step, 1 worker, Ray vs one process ({cfg.model.preset})", statistics.median(ray_s) * 1e3,
                   statistics.median(local_s) * 1e3, "ms/step", "lower", 1.10, same_numbers=same, steps=steps,
-                  ray_s=ray_s, local_s=local_s, sync_fraction=statistics.median(sync))
+                  ray_s=ray_s, local_s=local_s, phases_ms=med, note=note)
 
 
 def bench_sync_fraction(overrides: list[str], steps: int, warmup: int) -> dict:
@@ -401,7 +420,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which benchmarks to run (default: all)")
     p.add_argument("--sampler-sizes", default="tiny,small,small-charvocab,gpt2",
                    help=f"comma-separated sampler cases: {', '.join(SAMPLER_CASES)}")
-    p.add_argument("--weight-sizes", default="default,small-gpt2vocab,gpt2",
+    p.add_argument("--weight-sizes", default="default,small-gpt2vocab",
                    help=f"comma-separated weight sizes: {', '.join(WEIGHT_SIZES)}")
     p.add_argument("--workers", default="1,2,4", help="weights: numbers of workers to broadcast to")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best one counts)")
