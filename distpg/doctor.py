@@ -232,7 +232,7 @@ def _listeners(port: int) -> list[str]:
 
 
 def _is_loopback(addr: str) -> bool:
-    return addr in ("localhost", "::1") or addr.startswith("127.") or addr.startswith("::ffff:127.")
+    return addr.lower() in ("localhost", "::1") or addr.startswith("127.") or addr.startswith("::ffff:127.")
 
 
 def check_dashboard(report: Report, url: str | None, timeout: float) -> None:
@@ -271,11 +271,36 @@ def check_dashboard(report: Report, url: str | None, timeout: float) -> None:
                          "who can reach the cluster's ports can run code on it; start it with RAY_AUTH_MODE=token")
 
 
+def check_gcs(report: Report) -> None:
+    """Where the GCS port listens, when the head runs on this machine (its other ports follow the same rule:
+    loopback only when the head's node address is 127.0.0.1)."""
+    from ray._common.network_utils import parse_address
+
+    host, port = parse_address(ray.get_runtime_context().gcs_address)
+    if not (_is_loopback(host) or host in _local_addresses()):
+        return  # a remote head: its sockets cannot be read from here
+    local = sorted(set(_listeners(int(port))))
+    if not local:
+        return
+    if all(_is_loopback(a) for a in local):
+        report.add(OK, f"the GCS (port {port}) listens on {', '.join(local)} only")
+    else:
+        where = ", ".join("all interfaces" if a in ("::", "0.0.0.0") else a for a in local)
+        report.add(WARN, f"the GCS (port {port}) and the head's other Ray ports listen on {where}, reachable from "
+                         "the network and guarded by token authentication alone (cluster/local-cluster.sh keeps "
+                         "every port on 127.0.0.1)")
+
+
 def _local_addresses() -> set[str]:
+    """Addresses of this machine: its hostname's, and the address Ray found for this driver's node."""
+    found = set()
     try:
-        return {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+        found = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
     except OSError:
-        return set()
+        pass
+    if ray.is_initialized():
+        found.add(ray.util.get_node_ip_address())
+    return found
 
 
 def check_config(report: Report, cfg: Config, label: str) -> None:
@@ -342,6 +367,7 @@ def run(address: str | None, cfg: Config | None = None, config_label: str = "the
         inspect_nodes(report, timeout)
         judge_nodes(report)
         check_dashboard(report, url, min(timeout, 10.0))
+        check_gcs(report)
         if cfg is not None:
             check_config(report, cfg, config_label)
     finally:

@@ -168,6 +168,7 @@ def test_doctor_finds_the_three_nodes(cluster):
     assert all(n["torch"] and n["ray"] and n["python"] for n in nodes)
     text = " | ".join(t for _, t in report["findings"])
     assert "token authentication is on" in text and "listens on 127.0.0.1" in text and "fits" in text
+    assert "the GCS (port" in text and "listens on ::ffff:127.0.0.1 only" in text
     assert not report["failed"]
 
 

@@ -99,3 +99,4 @@ def test_doctor_on_the_local_runtime_reports_it_and_a_config_that_does_not_fit(t
     assert any("token authentication is" in t for _, t in findings), findings
     assert [lv for lv, t in findings if "does not fit" in t] == [FAIL], findings
     assert all(lv == OK for lv, t in findings if "versions" in t or " on the driver and every node" in t)
+    assert any("the GCS (port" in t for _, t in findings), findings  # a local runtime: on this machine
