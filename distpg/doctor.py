@@ -171,6 +171,7 @@ def inspect_nodes(report: Report, timeout: float) -> None:
         elif ref is not None:
             row["error"] = f"a task pinned to this node did not finish within {timeout:g}s"
         report.nodes.append(row)
+    report.nodes.sort(key=lambda r: (not r["head"], not r["alive"], sorted(r["custom"]), r["address"]))
 
 
 def judge_nodes(report: Report) -> None:
