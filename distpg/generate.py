@@ -2,11 +2,12 @@
 preallocated KV cache.
 
 Sampling happens on the model's device with an explicit `torch.Generator` (same seed, same samples) by
-inverse-CDF sampling: one uniform draw per row against the float64 cumulative sum of the probabilities,
-which never picks a token of probability 0 and needs no host sync. (An exponential race, argmax p / E
-with E ~ Exp(1), needs one random draw per vocabulary entry: 13x slower on a CPU at GPT-2's 50257 tokens,
-and `torch.multinomial` is slower still.) The only host syncs are one before decoding (are the prompts
-padded?) and an "all rows stopped?" check every `check_every` tokens.
+inverse-CDF sampling: one uniform draw per row against the cumulative sum of the probabilities (float64,
+two levels for large vocabularies), which never picks a token of probability 0 and needs no host sync.
+(An exponential race, argmax p / E with E ~ Exp(1), needs one random draw per vocabulary entry: 13x
+slower on a CPU at GPT-2's 50257 tokens, and `torch.multinomial` is slower still.) The only host syncs
+are one before decoding (are the prompts padded?) and an "all rows stopped?" check every `check_every`
+tokens.
 
 Where it pays, the decode loop does less than a plain `model(...)` call per token: the attention mask is
 built once (and dropped when no prompt is padded), the output layer runs on the last position only, and
@@ -83,8 +84,23 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return torch.log_softmax(logits, dim=-1)
 
 
+CDF_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF search
+
+
+def _search(cdf: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the first entry of each row of `cdf` (B, n) above u · total, and u · total (B, 1)."""
+    total = cdf[:, -1:]
+    # u · total < total, so some entry exceeds it; nextafter guards the rounding of the product
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True), target
+
+
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row: the first index whose cumulative probability exceeds u · total.
+
+    Large vocabularies take two levels, which reads the probabilities once instead of writing a float64
+    cumulative sum of all of them: pick a block of CDF_BLOCK tokens by its mass, then the token inside
+    the block with what is left of u (the same u, rescaled: the same token up to rounding).
 
     Args:
         probs: (B, V) non-negative, unnormalised is fine.
@@ -92,11 +108,22 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) int64 tokens; a token of probability 0 spans an empty interval and is never picked.
     """
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # float64: no rounding drift over 50k entries
-    total = cdf[:, -1:]
-    # u · total < total, so some cdf entry exceeds it; nextafter guards the rounding of the product
-    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    B, V = probs.shape
+    K = CDF_BLOCK
+    if V <= 2 * K:
+        return _search(probs.cumsum(-1, dtype=torch.float64), u)[0].squeeze(-1)
+    nb = V // K
+    mass = probs[:, : nb * K].reshape(B, nb, K).sum(-1)  # (B, nb) float32 sums of 256 entries
+    if V > nb * K:
+        mass = torch.cat([mass, probs[:, nb * K :].sum(-1, keepdim=True)], dim=1)
+    mass = mass.double()
+    cdf = mass.cumsum(-1)
+    block, target = _search(cdf, u)  # (B, 1) each
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    rest = ((target - before) / mass.gather(1, block)).clamp(0.0, 1.0).squeeze(-1)  # u within the block
+    cols = block * K + torch.arange(K, device=probs.device)  # (B, K)
+    inside = probs.gather(1, cols.clamp(max=V - 1)).masked_fill(cols >= V, 0.0)
+    return (cols.gather(1, _search(inside.cumsum(-1, dtype=torch.float64), rest)[0])).squeeze(-1)
 
 
 def sample_token(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -134,3 +134,26 @@ def test_weights_checksum_of_pack_and_what_it_detects():
         assert words[i] != words[j]
         assert changed(lambda b, i=i, j=j: b.view(np.uint64).__setitem__([i, j], b.view(np.uint64)[[j, i]]))
     assert not changed(lambda b: None)
+
+
+def test_two_level_inverse_cdf_agrees_with_one_cumulative_sum():
+    from distpg.generate import CDF_BLOCK, _search, inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    for V in (2 * CDF_BLOCK + 1, 5 * CDF_BLOCK, 50257):  # with and without a last partial block
+        probs = torch.softmax(3 * torch.randn(256, V, generator=g), -1)
+        probs[:, ::7] = 0.0  # tokens that must never be picked
+        probs[:3, CDF_BLOCK : 2 * CDF_BLOCK] = 0.0  # a whole block without mass
+        u = torch.rand(256, generator=g, dtype=torch.float64)
+        tok = inverse_cdf(probs, u)
+        assert torch.equal(tok, _search(probs.cumsum(-1, dtype=torch.float64), u)[0].squeeze(-1))
+        assert (probs.gather(1, tok[:, None]) > 0).all()
+    # frequencies: mass on tokens in different blocks, the last one in the partial block
+    V, cells = 2 * CDF_BLOCK + 10, [3, CDF_BLOCK, 2 * CDF_BLOCK - 1, 2 * CDF_BLOCK + 9]
+    probs = torch.zeros(1, V)
+    probs[0, cells] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 100_000
+    counts = torch.bincount(inverse_cdf(probs.expand(n, V), torch.rand(n, generator=g, dtype=torch.float64)),
+                            minlength=V)
+    assert counts.sum() == counts[cells].sum() == n
+    torch.testing.assert_close(counts[cells] / n, probs[0, cells], atol=0.006, rtol=0)  # > 4 sigma
