@@ -154,22 +154,21 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
     g = torch.Generator(device=device).manual_seed(0)
     prompts = torch.randint(case.vocab, (case.batch, case.prompt_len), generator=torch.Generator().manual_seed(1))
     ids = prompts.to(device)
-    params = SamplingParams(max_new_tokens=case.new_tokens)
 
-    def run_hf():
+    def run_hf(n: int = case.new_tokens):
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens,
-                              use_cache=True, pad_token_id=0)
-        assert out.shape[1] == case.prompt_len + case.new_tokens
+                              top_p=1.0, max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=0)
+        assert out.shape[1] == case.prompt_len + n
         _sync(device)
 
-    def run_ours():
-        out = generate(ours, prompts.tolist(), params, g)
+    def run_ours(n: int = case.new_tokens):
+        out = generate(ours, prompts.tolist(), SamplingParams(max_new_tokens=n), g)
         assert bool(out.mask.all())
         _sync(device)
 
-    times = best_of({"hf": run_hf, "ours": run_ours}, repeats)
+    run_hf(2), run_ours(2)  # warm-up: a short run each is enough to allocate and load everything
+    times = best_of({"hf": run_hf, "ours": run_ours}, repeats, warmup=0)
     n_tok = case.batch * case.new_tokens
     return figure(f"sampler {case_name} ({case.n_layer}x{case.n_embd}, V={case.vocab}, B={case.batch}, "
                   f"{case.new_tokens} new)", n_tok / min(times["ours"]), n_tok / min(times["hf"]), "tokens/s",
@@ -426,7 +425,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default="1,2,4", help="weights: numbers of workers to broadcast to")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best one counts)")
     p.add_argument("--steps", type=int, default=20, help="step: timed training steps (after 5 warm-up steps)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="sampler: torch threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="sampler: torch threads (default 1, as a rollout worker with the default 0.5 CPU runs)")
     p.add_argument("--device", default="cpu", help="sampler: cpu or cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="step/learner: config overrides on top of the default config (repeatable)")
