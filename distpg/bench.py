@@ -39,6 +39,7 @@ from distpg.config import ConfigError
 GPT2_VOCAB = 50257
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BENCHES = ("sampler", "weights", "step", "learner")
+EXTRA_BENCHES = ("async", "variance")  # longer; run only when named
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -416,8 +417,15 @@ def bench_learner(overrides: list[str], repeats: int) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("benches", nargs="*", metavar="{sampler,weights,step,learner,all}", default=[],
-                   help="which benchmarks to run (default: all)")
+    p.add_argument("benches", nargs="*", metavar="{sampler,weights,step,learner,all,async,variance}", default=[],
+                   help="which benchmarks to run (default: all = sampler weights step learner; async and "
+                   "variance run only when named)")
+    p.add_argument("--max-staleness", type=int, default=2, help="async: algo.max_staleness of the async run")
+    p.add_argument("--race", action="store_true",
+                   help="async: also race sync and async to a reward of 0.9 on the default task (seeds 0-3)")
+    p.add_argument("--policy", help="variance: a run folder or checkpoint whose policy to measure on "
+                   "(default: the config's initial policy)")
+    p.add_argument("--batches", type=int, default=40, help="variance: independent batches per baseline")
     p.add_argument("--sampler-sizes", default="tiny,small,small-charvocab,gpt2",
                    help=f"comma-separated sampler cases: {', '.join(SAMPLER_CASES)}")
     p.add_argument("--weight-sizes", default="default,small-gpt2vocab",
@@ -436,10 +444,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the chosen benchmarks, print each figure as it comes, write the JSON; returns the results."""
-    bad = [b for b in args.benches if b not in (*BENCHES, "all")]
+    bad = [b for b in args.benches if b not in (*BENCHES, *EXTRA_BENCHES, "all")]
     if bad:
-        raise ConfigError(f"distpg bench: unknown benchmark {bad[0]!r}; allowed: {', '.join(BENCHES)}, all")
-    chosen = BENCHES if not args.benches or "all" in args.benches else tuple(b for b in BENCHES if b in args.benches)
+        raise ConfigError(f"distpg bench: unknown benchmark {bad[0]!r}; allowed: "
+                          f"{', '.join(BENCHES + EXTRA_BENCHES)}, all")
+    extra = tuple(b for b in EXTRA_BENCHES if b in args.benches)
+    if not args.benches or "all" in args.benches:
+        chosen = BENCHES
+    else:
+        chosen = tuple(b for b in BENCHES if b in args.benches)
     quick = args.quick
     repeats = 1 if quick else args.repeats
     sets = (["task.length=4", "task.alphabet=abcd", "rollout.prompts_per_step=4", "rollout.group_size=2"]
@@ -463,6 +476,20 @@ def run(args: argparse.Namespace) -> dict:
         for extra in ([[]] if quick else [[], ["model.preset=small"]]):
             res.append(bench_learner(sets + extra, max(repeats, 3)))
             print_figure(res[-1])
+    if "async" in extra:
+        from distpg.bench_async import bench_async, learning_race
+
+        print(f"async: the same config in sync and async mode (max_staleness {args.max_staleness})", flush=True)
+        out["results"]["async"] = bench_async(list(args.set), max_staleness=args.max_staleness)
+        if args.race:
+            out["results"]["async_race"] = learning_race(list(args.set), max_staleness=args.max_staleness,
+                                                         seeds=(0, 1, 2, 3))
+    if "variance" in extra:
+        from distpg.config import config_from_dict, merge_overrides
+        from distpg.variance import bench_variance
+
+        cfg = config_from_dict(merge_overrides({}, list(args.set)))
+        out["results"]["variance"] = bench_variance(cfg, batches=args.batches, policy=args.policy)
     out["elapsed_s"] = time.perf_counter() - t_start
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"distpg bench: done in {out['elapsed_s']:.0f}s; results in {args.json}", flush=True)

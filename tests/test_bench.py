@@ -157,3 +157,24 @@ def test_two_level_inverse_cdf_agrees_with_one_cumulative_sum():
                             minlength=V)
     assert counts.sum() == counts[cells].sum() == n
     torch.testing.assert_close(counts[cells] / n, probs[0, cells], atol=0.006, rtol=0)  # > 4 sigma
+
+
+@pytest.mark.ray
+def test_bench_async_and_variance_write_their_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    sets = ["--set", "run.steps=12", "--set", "task.length=4", "--set", "task.alphabet=abcd",
+            "--set", "task.num_eval=16", "--set", "rollout.prompts_per_step=8", "--set", "rollout.group_size=4"]
+    p = subprocess.run([sys.executable, "-m", "distpg", "bench", "async", "variance", "--batches", "4", *sets,
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    a = res["async"]
+    assert a["sync"]["trajectories_per_s"] > 0 and a["async"]["trajectories_per_s"] > 0
+    assert a["speedup"] == pytest.approx(a["async"]["steps_per_s"] / a["sync"]["steps_per_s"])
+    assert a["ideal_overlap_bound"] >= 1.0 and a["async"]["staleness_mean"] > 0  # async really ran ahead
+    v = res["variance"]["baselines"]
+    assert set(v) == {"none", "ema", "group", "value"} and v["none"]["ratio_to_none"] == 1.0
+    assert all(np.isfinite(x["variance"]) and x["variance"] > 0 for x in v.values())
+    assert "ideal overlap bound" in p.stdout and "ratio to none" in p.stdout
