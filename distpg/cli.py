@@ -59,7 +59,8 @@ def _export(args) -> int:
 def _plot(args) -> int:
     from distpg.plot import plot_runs
 
-    out = plot_runs([Path(r) for r in args.runs], Path(args.out), metric=args.metric, title=args.title)
+    out = plot_runs([Path(r) for r in args.runs], Path(args.out), metric=args.metric, title=args.title,
+                    smooth=args.smooth)
     print(f"wrote {out}")
     return 0
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--out", default="curve.png", help="PNG to write")
     pl.add_argument("--metric", default="rollout/reward_mean")
     pl.add_argument("--title")
+    pl.add_argument("--smooth", type=int, default=1, help="trailing moving average over this many steps")
     pl.set_defaults(func=_plot)
 
     from distpg.bench import add_arguments as bench_arguments

@@ -14,8 +14,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mean", title: str | None = None) -> Path:
-    """One PNG: `metric` against time_s (left) and step (right), one line per run."""
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over `window` steps (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mean", title: str | None = None,
+              smooth: int = 1) -> Path:
+    """One PNG: `metric` against time_s (left) and step (right), one line per run, optionally smoothed by a
+    trailing moving average of `smooth` steps."""
     try:
         import matplotlib
 
@@ -27,11 +40,12 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
     for run in run_dirs:
         records = read_metrics(run)
         label = Path(run).name
-        ax_t.plot([r["time_s"] for r in records], [r[metric] for r in records], label=label)
-        ax_s.plot([r["step"] for r in records], [r[metric] for r in records], label=label)
+        values = _smooth([r[metric] for r in records], max(1, smooth))
+        ax_t.plot([r["time_s"] for r in records], values, label=label)
+        ax_s.plot([r["step"] for r in records], values, label=label)
     ax_t.set_xlabel("wall-clock seconds since the first step")
     ax_s.set_xlabel("step")
-    ax_t.set_ylabel(metric)
+    ax_t.set_ylabel(metric + (f" ({smooth}-step moving average)" if smooth > 1 else ""))
     for ax in (ax_t, ax_s):
         ax.grid(alpha=0.3)
     ax_s.legend(fontsize=8)
