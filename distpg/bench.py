@@ -173,7 +173,7 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
     n_tok = case.batch * case.new_tokens
     return figure(f"sampler {case_name} ({case.n_layer}x{case.n_embd}, V={case.vocab}, B={case.batch}, "
                   f"{case.new_tokens} new)", n_tok / min(times["ours"]), n_tok / min(times["hf"]), "tokens/s",
-                  "higher", 2.0 if case_name == "small" else None, case=asdict(case), times_s=times)
+                  "higher", 2.0 if case_name.startswith("small") else None, case=asdict(case), times_s=times)
 
 
 def _sync(device: str) -> None:
@@ -367,7 +367,8 @@ def bench_sync_fraction(overrides: list[str], steps: int, warmup: int) -> dict:
     frac = sum(sync) / sum(total)
     return {"name": f"weight sync share of step time, default config ({cfg.rollout.num_workers} workers)",
             "ours": frac, "reference": 1.0, "unit": "fraction", "ratio": frac, "better": "lower", "goal": 0.05,
-            "goal_met": frac <= 0.05, "steps": steps, "sync_s": sync, "step_s": total}
+            "goal_met": frac <= 0.05, "load_avg_1m": os.getloadavg()[0], "steps": steps, "sync_s": sync,
+            "step_s": total}
 
 
 # ------------------------------------------------------------------------------------------ learner
@@ -510,7 +511,7 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
             res = out["results"]["weights"] = []
             workers = [1, 2] if quick else [int(n) for n in args.workers.split(",")]
             for size in ["quick"] if quick else _names(args.weight_sizes, WEIGHT_SIZES):
-                for f in bench_weights(size, workers, max(repeats, 5)):
+                for f in bench_weights(size, workers, repeats if quick else max(repeats, 5)):
                     res.append(f)
                     print_figure(f)
         if "step" in chosen:

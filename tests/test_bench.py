@@ -178,3 +178,12 @@ def test_bench_async_and_variance_write_their_figures(tmp_path):
     assert set(v) == {"none", "ema", "group", "value"} and v["none"]["ratio_to_none"] == 1.0
     assert all(np.isfinite(x["variance"]) and x["variance"] > 0 for x in v.values())
     assert "ideal overlap bound" in p.stdout and "ratio to none" in p.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampler_bench_on_cuda():
+    from distpg.bench import bench_sampler
+
+    f = bench_sampler("quick", repeats=1, threads=1, device="cuda")
+    assert f["ours"] > 0 and f["reference"] > 0
