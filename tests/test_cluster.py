@@ -7,6 +7,7 @@ One cluster serves the whole module (starting one takes ~20 s on 2 cores); the t
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def cluster():
             time.sleep(0.5)
             left = cluster_pids(cluster_dir, gcs_port)
         assert not left, f"processes left behind: {sorted(left)}"
+        shutil.rmtree(cluster_dir, ignore_errors=True)  # only once everything is gone (else: kept for the logs)
 
 
 def client_env(env: dict, cluster_dir: Path) -> dict:
