@@ -280,6 +280,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: runs/scale-TIMESTAMP)")
 
 
+def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> str:
+    """Join the cluster (--address, ray.address, $RAY_ADDRESS) or start a local runtime big enough for the
+    largest point. Returns where the sweep runs, in words."""
+    import ray
+
+    address = args.address or base.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from distpg.doctor import DoctorError, connect
+
+        try:
+            connect(address, args.timeout)
+        except DoctorError as e:
+            raise ConfigError(str(e)) from None
+        return f"Ray cluster at {address}"
+    logical = max(os.cpu_count() or 1, int(np.ceil(base.learner.num_cpus + max(workers) * args.cpus_per_worker)))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    return f"local Ray, {logical} logical CPUs"
+
+
+def _node_counts(text: str, names: list[str]) -> list[int | None]:
+    """--nodes: auto (every count when the cluster has 2+ distpg_node_I resources), none, or a list."""
+    if text == "auto":
+        return list(range(1, len(names) + 1)) if len(names) > 1 else [None]
+    if text == "none":
+        return [None]
+    counts = _ints(text, "--nodes")
+    if max(counts) > len(names):
+        raise ConfigError(f"--nodes {text}: the cluster has {len(names)} nodes with distpg_node_I resources "
+                          "(cluster/local-cluster.sh gives each node one)")
+    return counts
+
+
+def _load() -> float | None:
+    """The machine's 1-minute load average (other work on the cores skews the figures)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def main(args: argparse.Namespace) -> int:
     import ray
 
@@ -295,37 +333,16 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--prompts-per-worker {args.prompts_per_worker}: must be at least 1")
     base = with_values(base, {"run.steps": args.steps})
     out = Path(args.out or f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}")
-    address = args.address or base.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        from distpg.doctor import DoctorError, connect
-
-        try:
-            connect(address, args.timeout)
-        except DoctorError as e:
-            raise ConfigError(str(e)) from None
-        where = f"Ray cluster at {address}"
-    else:
-        logical = max(os.cpu_count() or 1, int(np.ceil(base.learner.num_cpus + max(workers) * args.cpus_per_worker)))
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        where = f"local Ray, {logical} logical CPUs"
+    where = _start_ray(args, base, workers)
     try:
         nodes = cluster_nodes()
         names = node_resources_of(nodes)
-        if args.nodes == "auto":
-            node_counts = list(range(1, len(names) + 1)) if len(names) > 1 else [None]
-        elif args.nodes == "none":
-            node_counts = [None]
-        else:
-            node_counts = _ints(args.nodes, "--nodes")
-            if max(node_counts) > len(names):
-                raise ConfigError(f"--nodes {args.nodes}: the cluster has {len(names)} nodes with distpg_node_I "
-                                  "resources (cluster/local-cluster.sh gives each node one)")
+        node_counts = _node_counts(args.nodes, names)
         where += f", {len(nodes)} node(s)"
         res = ray.cluster_resources()
         plan = plan_points(base, workers, node_counts, names, None if args.strong else args.prompts_per_worker,
                            args.cpus_per_worker)
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        load_before = _load()
         print(f"distpg scale: {len(plan)} points on {where}; {machine()}; load average {load_before}", flush=True)
         fitting = []
         for n, k, cfg in plan:
@@ -353,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
     meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
             "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
             # 1-minute load average of the machine before and after: other work on the cores skews the figures
-            "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+            "load_average": [load_before, _load()],
             "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)"}
     files = write_outputs(points, out, meta)
     print(format_table(points))

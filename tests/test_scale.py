@@ -40,6 +40,16 @@ def test_weak_scaling_plan_grows_the_batch_and_pins_workers_to_the_first_k_nodes
     assert all(cfg.rollout.node_resource is None for _, _, cfg in strong)
 
 
+def test_node_counts_to_sweep():
+    from distpg.scale import _node_counts
+
+    three = ["distpg_node_0", "distpg_node_1", "distpg_node_2"]
+    assert _node_counts("auto", three) == [1, 2, 3] and _node_counts("auto", three[:1]) == [None]
+    assert _node_counts("none", three) == [None] and _node_counts("2,1,2", three) == [1, 2]
+    with pytest.raises(ConfigError, match="--nodes 4: the cluster has 3 nodes with distpg_node_I"):
+        _node_counts("4", three)
+
+
 def test_node_resources_are_found_and_ordered_by_index():
     nodes = [{"CPU": 2, "distpg_node_10": 1}, {"CPU": 2, "distpg_node_2": 1, "gpu_pool": 1}, {"CPU": 1}]
     assert node_resources_of(nodes) == ["distpg_node_2", "distpg_node_10"]
