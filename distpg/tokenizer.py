@@ -16,6 +16,17 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 PAD, EOS = "<pad>", "<eos>"
 
 
+
+def until_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """The ids before the first eos, without padding."""
+    out = []
+    for i in ids:
+        if i == eos_id:
+            break
+        if i != pad_id:
+            out.append(i)
+    return out
+
 class Tokenizer(Protocol):
     """What the sampler, the rollout workers and the tasks need from a tokenizer."""
 
@@ -56,13 +67,7 @@ class CharTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids, stopping at the first <eos> and skipping <pad>."""
-        out = []
-        for i in ids:
-            if i == self.eos_id:
-                break
-            if i != self.pad_id:
-                out.append(self.itos[i])
-        return "".join(out)
+        return "".join(self.itos[i] for i in until_eos(ids, self.eos_id, self.pad_id))
 
     def to_tokenizers(self) -> tokenizers.Tokenizer:
         """The same tokenizer as a `tokenizers.Tokenizer` (WordLevel, one token per character), so an exported
@@ -102,13 +107,7 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Text of the ids, stopping at the first eos and skipping padding and other special tokens."""
-        out = []
-        for i in ids:
-            if i == self.eos_id:
-                break
-            if i != self.pad_id:
-                out.append(i)
-        return self.tokenizer.decode(out, skip_special_tokens=True)
+        return self.tokenizer.decode(until_eos(ids, self.eos_id, self.pad_id), skip_special_tokens=True)
 
     def to_tokenizers(self) -> tokenizers.Tokenizer:
         return self.tokenizer

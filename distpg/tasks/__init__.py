@@ -10,14 +10,13 @@ hands it to the `prompts` task and puts it in place of any other task's characte
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from distpg.config import ConfigError
 from distpg.tasks.addition import AdditionTask
-from distpg.tasks.base import CharTask
+from distpg.tasks.base import CharTask, load_attr
 from distpg.tasks.prompts import PromptsTask
 from distpg.tasks.reverse import ReverseTask
 from distpg.tasks.sort import SortTask
@@ -70,14 +69,10 @@ def _build_task(cfg, tokenizer: Tokenizer | None) -> Task:
             f"task.name={name!r} is not a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) "
             "and not of the form 'module:attr'"
         )
-    module_name, attr = name.split(":", 1)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"task.name={name!r}: cannot import module {module_name!r}: {e}") from None
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise ConfigError(f"task.name={name!r}: module {module_name!r} has no attribute {attr!r}")
+        factory = load_attr(name, "task.name")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         task = factory(cfg)
     except Exception as e:  # a user's factory may raise anything: report it as a config problem

@@ -3,9 +3,30 @@ that never include them, and the positional partial-credit reward."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 
 from distpg.tokenizer import CharTokenizer
+
+
+def load_attr(spec: str, field: str):
+    """The object named by `spec` = "module:attr" (a user's task factory or reward function).
+
+    Raises:
+        ValueError naming `field`, the module or attribute, and what is wrong.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{field}={spec!r} is not of the form 'module:attr'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{field}={spec!r}: cannot import module {module_name!r}: {e}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"{field}={spec!r}: module {module_name!r} has no attribute {attr!r}")
+    return obj
 
 
 def positional_reward(completion: str, target: str) -> float:

@@ -26,13 +26,13 @@ reference; `rollout.max_new_tokens` overrides it.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 from pathlib import Path
 
 import numpy as np
 
+from distpg.tasks.base import load_attr
 from distpg.tokenizer import CharTokenizer, Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 32  # without references to measure
@@ -109,16 +109,11 @@ def load_reward(spec: str | None):
     if not spec:
         raise ValueError(f"task.name=prompts needs task.reward: 'module:attr' of a function reward(prompt, "
                          f"completion, reference) -> float, {example}")
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"task.reward={spec!r} is not of the form 'module:attr' ({example})")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"task.reward={spec!r}: cannot import module {module_name!r}: {e}") from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise ValueError(f"task.reward={spec!r}: module {module_name!r} has no attribute {attr!r}")
+        fn = load_attr(spec, "task.reward")
+    except ValueError as e:
+        raise ValueError(f"{e} ({example})") from None
+    attr = spec.partition(":")[2]
     if not callable(fn):
         raise ValueError(f"task.reward={spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     try:
