@@ -45,8 +45,8 @@ def reward(prompt_index: torch.Tensor | int, completions: torch.Tensor) -> torch
     return ((completions * torch.tensor([1, 2, 3])).sum(-1) + prompt_index).remainder(5).float() / 4
 
 
-def policy() -> GPT:
-    model = build_model(ModelShape(vocab_size=V, n_layer=1, n_head=1, n_embd=8, n_positions=8), seed=0)
+def policy(seed: int = 0) -> GPT:
+    model = build_model(ModelShape(vocab_size=V, n_layer=1, n_head=1, n_embd=8, n_positions=8), seed=seed)
     # GPT-2's N(0, 0.02) initialisation gives an almost uniform policy; scaling every weight matrix 25x
     # (std 0.5) makes it far from uniform (see test_enumeration_is_a_distribution), a stronger test.
     with torch.no_grad():
@@ -209,12 +209,7 @@ BETA = 0.3  # KL coefficient
 
 def reference_policy() -> GPT:
     """π_ref: another far-from-uniform policy of the same shape."""
-    model = build_model(ModelShape(vocab_size=V, n_layer=1, n_head=1, n_embd=8, n_positions=8), seed=7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(25.0)
-    return model.requires_grad_(False)
+    return policy(seed=7).requires_grad_(False)
 
 
 def completion_values(model: GPT, head: torch.nn.Linear, prompt, completions: torch.Tensor) -> torch.Tensor:
