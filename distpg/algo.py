@@ -175,8 +175,7 @@ def entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over response tokens of the k3 estimator of KL(ref ‖ π) from samples of ref:
     (ρ − 1) − log ρ with ρ = π / ref. Non-negative, zero when the two agree."""
-    log_ratio = (logp - ref_logp).float()
-    k3 = log_ratio.exp() - 1.0 - log_ratio
+    k3 = kl_per_token(ref_logp.float(), logp.float(), "k3")  # samples of ref, against π
     m = response_mask.float()
     return (k3 * m).sum() / m.sum().clamp(min=1)
 
