@@ -163,7 +163,7 @@ def _last_logits(model: GPT, idx, positions, attn_mask, cache_k, cache_v, pos: i
     """`model(idx, ...)[:, -1]` on the cache tensors, with the output layer on the last position only.
 
     idx, positions (b, T); attn_mask broadcastable to (b, 1, T, pos + T) or None; cache_k, cache_v
-    (n_layer, b, H, T_max, D). Returns logits (b, V).
+    (n_layer, T_max, b, H, D). Returns logits (b, V).
     """
     x = model.wte(idx) + model.wpe(positions)
     for i, block in enumerate(model.h):
@@ -240,7 +240,8 @@ def generate(
             if n_live <= stopped.numel() // 2:  # at least half stopped: drop them from batch and cache
                 keep = (~stopped).nonzero().squeeze(-1)
                 rows = keep if rows is None else rows[keep]
-                cache_k, cache_v, tok, stopped = cache_k[:, keep], cache_v[:, keep], tok[keep], stopped[keep]
+                cache_k, cache_v = cache_k[:, :, keep], cache_v[:, :, keep]  # (n_layer, T_max, b, H, D)
+                tok, stopped = tok[keep], stopped[keep]
                 keys = None if keys is None else keys[keep]
         pos_in = new_positions[:, t : t + 1] if rows is None else new_positions[rows, t : t + 1]
         attn_mask = None if keys is None else keys[..., : Tp + t + 1]
