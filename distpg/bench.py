@@ -101,6 +101,7 @@ class SamplerCase:
     batch: int
     new_tokens: int
     prompt_len: int = 8
+    dtype: str = "float32"  # both sides sample in this precision (rollout.dtype)
 
 
 SAMPLER_CASES = {
@@ -108,6 +109,9 @@ SAMPLER_CASES = {
     "small": SamplerCase(4, 4, 256, GPT2_VOCAB, 64, 64),
     # the 4x256 model with a character vocabulary, the kind of policy `distpg train` trains
     "small-charvocab": SamplerCase(4, 4, 256, 16, 64, 64),
+    # the same two in bfloat16 (rollout.dtype=bfloat16), against transformers in bfloat16 and in float32
+    "small-bf16": SamplerCase(4, 4, 256, GPT2_VOCAB, 64, 64, dtype="bfloat16"),
+    "small-charvocab-bf16": SamplerCase(4, 4, 256, 16, 64, 64, dtype="bfloat16"),
     # 16 new tokens keep GPT-2 124M at batch 64 to about a minute on 2 CPU cores
     "gpt2": SamplerCase(12, 12, 768, GPT2_VOCAB, 64, 16),
     "quick": SamplerCase(2, 2, 32, 64, 8, 8),  # for tests
@@ -156,10 +160,11 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
     prompts = torch.randint(case.vocab, (case.batch, case.prompt_len), generator=torch.Generator().manual_seed(1))
     ids = prompts.to(device)
 
-    def run_hf(n: int = case.new_tokens):
+    def run_hf(n: int = case.new_tokens, model=None):
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=0)
+            out = (model or hf).generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                         top_k=0, top_p=1.0, max_new_tokens=n, min_new_tokens=n, use_cache=True,
+                                         pad_token_id=0)
         assert out.shape[1] == case.prompt_len + n
         _sync(device)
 
@@ -168,12 +173,27 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
         assert bool(out.mask.all())
         _sync(device)
 
-    run_hf(2), run_ours(2)  # warm-up: a short run each is enough to allocate and load everything
-    times = best_of({"hf": run_hf, "ours": run_ours}, repeats, warmup=0)
+    fns = {"hf": run_hf, "ours": run_ours}
+    if case.dtype != "float32":  # the reference in the same precision; float32 transformers as a second one
+        import copy
+
+        hf32, hf = hf, copy.deepcopy(hf).to(getattr(torch, case.dtype))
+        ours.to(getattr(torch, case.dtype))
+        fns["hf_float32"] = lambda n=case.new_tokens: run_hf(n, hf32)
+    for f in fns.values():  # warm-up: a short run each is enough to allocate and load everything
+        f(2)
+    times = best_of(fns, repeats, warmup=0)
     n_tok = case.batch * case.new_tokens
+    extra, note = {}, ""
+    if "hf_float32" in times:
+        vs32 = min(times["hf_float32"]) / min(times["ours"])
+        extra = {"ratio_vs_hf_float32": vs32, "hf_float32_tokens_per_s": n_tok / min(times["hf_float32"])}
+        note = f"against float32 transformers {vs32:.2f}x"
+    dtype = "" if case.dtype == "float32" else f", {case.dtype}"
     return figure(f"sampler {case_name} ({case.n_layer}x{case.n_embd}, V={case.vocab}, B={case.batch}, "
-                  f"{case.new_tokens} new)", n_tok / min(times["ours"]), n_tok / min(times["hf"]), "tokens/s",
-                  "higher", 2.0 if case_name.startswith("small") else None, case=asdict(case), times_s=times)
+                  f"{case.new_tokens} new{dtype})", n_tok / min(times["ours"]), n_tok / min(times["hf"]), "tokens/s",
+                  "higher", 2.0 if case_name.startswith("small") else None, case=asdict(case), times_s=times,
+                  note=note, **extra)
 
 
 def _sync(device: str) -> None:

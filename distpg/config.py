@@ -118,6 +118,11 @@ class RolloutConfig:
     temperature: float = _f(1.0, "sampling temperature (1.0 samples from the policy itself)")
     top_k: int = _f(0, "keep only the k most likely tokens (0: off)")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0: off)")
+    dtype: str = _f(
+        "float32", "precision the workers sample in; bfloat16 halves the bytes each decode step reads (the learner "
+        "stays float32 and corrects every sample by pi/mu as algo.off_policy says, as it does stale ones)",
+        ("float32", "bfloat16"),
+    )
     num_cpus_per_worker: float = _f(0.5, "CPUs reserved per worker; torch threads = max(1, round(this))")
     num_gpus_per_worker: float = _f(0.25, "GPU fraction per worker when training on GPUs")
     timeout_s: float = _f(300.0, "longest wait for one worker's batch; a worker that takes longer is replaced")

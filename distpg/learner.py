@@ -100,7 +100,9 @@ class Learner:
         if bool((staleness < 0).any()):
             raise BatchError(f"trajectory batch: policy_version {int(b.policy_version.max())} is newer than the "
                              f"learner's {self.version}")
-        stale = staleness > 0
+        # samples drawn from another policy than the learner's: older versions, or the same version sampled
+        # in a lower precision (rollout.dtype), which is a slightly different distribution mu
+        stale = staleness > 0 if self.cfg.rollout.dtype == "float32" else torch.ones_like(staleness, dtype=torch.bool)
         ac = self.cfg.algo
         mb = self.cfg.learner.micro_batch_size or B
         chunks = [slice(s, s + mb) for s in range(0, B, mb)]

@@ -38,7 +38,8 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.device = device
         self.task, self.model = initial_policy(cfg, device)
-        self.model.eval()
+        # a lower sampling precision holds its own copy: each load converts the published float32 weights
+        self.model.to(getattr(torch, cfg.rollout.dtype)).eval()
         self.tokenizer = self.task.tokenizer
         self.flat = FlatParams(self.model)
         self.params = sampling_params(cfg, self.task)

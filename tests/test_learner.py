@@ -81,6 +81,22 @@ def test_recomputed_logprobs_match_the_samplers():
     assert 0 <= metrics["learner/kl"] < 1e-6
 
 
+def test_bfloat16_sampler_holds_bfloat16_weights_and_the_learner_corrects_every_sample():
+    learner, worker = setup("rollout.dtype=bfloat16", "model.n_embd=64", "model.n_head=4")
+    assert all(p.dtype == torch.bfloat16 for p in worker.model.parameters())
+    # the published float32 weights, rounded once to bfloat16 on load
+    flat = torch.cat([p.detach().reshape(-1) for p in learner.model.parameters()])
+    held = torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()])
+    assert torch.equal(held, flat.to(torch.bfloat16))
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=1)
+    metrics, _ = learner.update(batch)
+    # mu (bfloat16) is close to pi (float32) but not equal: every token goes through the pi/mu correction
+    assert 1e-9 < metrics["learner/kl"] < 1e-2
+    assert metrics["learner/offpolicy_corrected_frac"] > 0
+    learner32, worker32 = setup("model.n_embd=64", "model.n_head=4")  # float32: on-policy, nothing corrected
+    assert learner32.update(worker32.sample(["abcd="], [2], seed=1))[0]["learner/offpolicy_corrected_frac"] == 0
+
+
 def test_value_head_learns_the_return_and_survives_a_checkpoint(tmp_path):
     from distpg import checkpoint
 
