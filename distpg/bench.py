@@ -184,16 +184,73 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
         f(2)
     times = best_of(fns, repeats, warmup=0)
     n_tok = case.batch * case.new_tokens
-    extra, note = {}, ""
+    # two bounds: the bytes that must be read over the measured read bandwidth, and the matrix-product
+    # operations over the measured matrix-product rate
+    dt = getattr(torch, case.dtype)
+    bandwidth, flops = read_bandwidth(device), matmul_flops(device, dt)
+    bound = n_tok / (decode_bytes(case, torch.finfo(dt).bits // 8) / bandwidth)
+    compute_bound = n_tok / (decode_flops(case) / flops)
+    ours_tps = n_tok / min(times["ours"])
+    extra = {"bandwidth_GBps": bandwidth / 1e9, "bound_tokens_per_s": bound, "of_bound": ours_tps / bound,
+             "matmul_GFLOPs": flops / 1e9, "compute_bound_tokens_per_s": compute_bound,
+             "of_compute_bound": ours_tps / compute_bound}
+    note = (f"{ours_tps / bound:.0%} of the bandwidth bound {bound:,.0f} tok/s ({bandwidth / 1e9:.1f} GB/s), "
+            f"{ours_tps / compute_bound:.0%} of the compute bound {compute_bound:,.0f} ({flops / 1e9:.0f} GFLOP/s)")
     if "hf_float32" in times:
         vs32 = min(times["hf_float32"]) / min(times["ours"])
-        extra = {"ratio_vs_hf_float32": vs32, "hf_float32_tokens_per_s": n_tok / min(times["hf_float32"])}
-        note = f"against float32 transformers {vs32:.2f}x"
+        extra |= {"ratio_vs_hf_float32": vs32, "hf_float32_tokens_per_s": n_tok / min(times["hf_float32"])}
+        note += f"; against float32 transformers {vs32:.2f}x"
     dtype = "" if case.dtype == "float32" else f", {case.dtype}"
     return figure(f"sampler {case_name} ({case.n_layer}x{case.n_embd}, V={case.vocab}, B={case.batch}, "
-                  f"{case.new_tokens} new{dtype})", n_tok / min(times["ours"]), n_tok / min(times["hf"]), "tokens/s",
+                  f"{case.new_tokens} new{dtype})", ours_tps, n_tok / min(times["hf"]), "tokens/s",
                   "higher", 2.0 if case_name.startswith("small") else None, case=asdict(case), times_s=times,
                   note=note, **extra)
+
+
+def read_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
+    """Bytes per second one reduction over a `nbytes` float32 buffer reads (best of 5): the memory bandwidth
+    the sampler can use (on a CPU, with the threads torch is set to)."""
+    buf = torch.ones(nbytes // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        buf.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def matmul_flops(device: str, dtype: torch.dtype, n: int = 1024) -> float:
+    """Floating-point operations per second of an n x n x n matrix product (best of 5)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def decode_flops(case: SamplerCase) -> int:
+    """Floating-point operations of a generation's matrix products: the linear layers of every token of
+    the batch (the output layer on the last prompt position and each new token only) and attention."""
+    C, L, B = case.n_embd, case.n_layer, case.batch
+    linear = 2 * 12 * C * C * L * B * (case.prompt_len + case.new_tokens - 1)
+    head = 2 * C * case.vocab * B * case.new_tokens
+    attn = sum(2 * 2 * L * B * (case.prompt_len + t + 1) * C for t in range(case.new_tokens - 1))
+    return linear + head + attn
+
+
+def decode_bytes(case: SamplerCase, elem: int) -> int:
+    """Bytes a generation must read at least: every parameter once per forward (the prefill and each new
+    token but the last), plus the keys and values of every cached position at each decode step."""
+    C, L = case.n_embd, case.n_layer
+    params = case.vocab * C + (case.prompt_len + case.new_tokens) * C + L * (12 * C * C + 13 * C) + 2 * C
+    kv = sum(2 * L * case.batch * (case.prompt_len + t + 1) * C for t in range(case.new_tokens - 1))
+    return elem * (params * case.new_tokens + kv)
 
 
 def _sync(device: str) -> None:
