@@ -234,14 +234,15 @@ def matmul_flops(device: str, dtype: torch.dtype, n: int = 1024) -> float:
     return 2 * n**3 / best
 
 
-def decode_flops(case: SamplerCase) -> int:
+def decode_flops(case: SamplerCase, attention: bool = True) -> int:
     """Floating-point operations of a generation's matrix products: the linear layers of every token of
-    the batch (the output layer on the last prompt position and each new token only) and attention."""
+    the batch (the output layer on the last prompt position and each new token only) and, with
+    `attention`, the decode steps' products of queries with cached keys and of weights with values."""
     C, L, B = case.n_embd, case.n_layer, case.batch
     linear = 2 * 12 * C * C * L * B * (case.prompt_len + case.new_tokens - 1)
     head = 2 * C * case.vocab * B * case.new_tokens
     attn = sum(2 * 2 * L * B * (case.prompt_len + t + 1) * C for t in range(case.new_tokens - 1))
-    return linear + head + attn
+    return linear + head + (attn if attention else 0)
 
 
 def decode_bytes(case: SamplerCase, elem: int) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from distpg.bench import SAMPLER_CASES, figure, hf_pair
+from distpg.bench import SAMPLER_CASES, decode_bytes, decode_flops, figure, hf_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +30,25 @@ def test_hf_pair_has_identical_weights():
     x = torch.randint(SAMPLER_CASES["quick"].vocab, (3, 5))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_bounds_count_what_generate_does():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distpg.generate import SamplingParams, generate
+
+    case = SAMPLER_CASES["quick"]
+    _, model = hf_pair(case, "cpu")
+    prompts = torch.randint(case.vocab, (case.batch, case.prompt_len)).tolist()
+    with FlopCounterMode(display=False) as counter:  # counts the matrix products torch runs
+        generate(model, prompts, SamplingParams(max_new_tokens=case.new_tokens), torch.Generator().manual_seed(0))
+    assert decode_flops(case, attention=False) == counter.get_total_flops()
+    assert decode_flops(case) > counter.get_total_flops()  # plus the cached attention, not a matrix product
+    # one forward reads every parameter once; each decode step adds the cache written so far
+    n_params = sum(p.numel() for p in model.parameters())
+    cache = model.new_cache(case.batch, case.prompt_len + case.new_tokens)
+    kv = sum(2 * cache.k[:, : case.prompt_len + t + 1].numel() for t in range(case.new_tokens - 1))
+    assert decode_bytes(case, elem=2) == 2 * (n_params * case.new_tokens + kv)
 
 
 @pytest.mark.ray
