@@ -585,8 +585,9 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = not ray.is_initialized()
     if started:  # "local": a fresh runtime of our own, never someone else's cluster
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+        from distpg.orchestrator import start_local_ray
+
+        start_local_ray(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         if "weights" in chosen:
             print("weights: one version to N workers vs one plain ray.put + ray.get of the same bytes", flush=True)

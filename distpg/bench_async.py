@@ -7,13 +7,13 @@ from the stage times measured in the sync run: what perfect overlap of generatio
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from distpg.config import Config, config_from_dict, merge_overrides
+from distpg.orchestrator import start_local_ray
 
 # 1 worker + 1 learner = 2 busy threads on a 2-core machine, and a batch size at which generating and
 # learning take about the same time on 2 cores: the setting where overlap can pay the most.
@@ -54,8 +54,7 @@ def bench_async(overrides: list[str] | None = None, max_staleness: int = 2, warm
         merge_overrides(base, ["run.mode=async", f"algo.max_staleness={max_staleness}"]))
     started = not ray.is_initialized()
     if started:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        start_local_ray(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="distpg-bench-async-") as tmp:
             train(sync_cfg, Path(tmp) / "sync")
@@ -99,8 +98,7 @@ def learning_race(overrides: list[str] | None = None, max_staleness: int = 2, th
 
     started = not ray.is_initialized()
     if started:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        start_local_ray(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="distpg-race-") as tmp:

@@ -107,8 +107,10 @@ def connect(address: str | None, timeout: float) -> str | None:
         if address:
             ctx = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         else:
-            ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                           logging_level="ERROR", log_to_driver=False)
+            from distpg.orchestrator import start_local_ray
+
+            ctx = start_local_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                                  logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as e:
         hint = ""
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,24 +194,62 @@ def _check_nodes(placement: Placement, n: int, nodes: list[dict]) -> None:
 
 
 def init_ray(cfg: Config, address: str | None) -> bool:
-    """Join the cluster named by --address, ray.address or $RAY_ADDRESS, else start a local runtime bound
-    to 127.0.0.1. Returns True when a local runtime was started here."""
+    """Join the cluster named by --address, ray.address or $RAY_ADDRESS (an address nothing listens on fails
+    within seconds), else start a local runtime that listens on 127.0.0.1 only. Returns True when a local
+    runtime was started here."""
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
+        if address != "auto" and "://" not in address:  # ray.init would retry an unreachable GCS for minutes
+            from distpg.doctor import DoctorError, probe
+
+            try:
+                probe(address, timeout=min(10.0, cfg.ray.timeout_s))
+            except DoctorError as e:
+                raise TrainingError(str(e)) from None
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         except (ConnectionError, RayError, ValueError) as e:
             raise TrainingError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
         return False
-    ray.init(
-        num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-        include_dashboard=cfg.ray.dashboard,
-        dashboard_host="127.0.0.1",
-        logging_level="WARNING",
-        log_to_driver=True,
-    )
+    start_local_ray(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
+                    dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=True)
     return True
+
+
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(**kwargs):
+    """`ray.init(address="local", **kwargs)`: a fresh runtime on this machine that serves this machine only.
+
+    Ray then takes 127.0.0.1 as the node address, so its GCS, raylet, object manager and workers listen on
+    loopback instead of every interface. (Ray's switch for this is the one it uses on macOS and Windows; it
+    reads it when imported, hence the module constant as well as the environment the runtime's processes
+    inherit.) Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to keep Ray's default. Both are restored afterwards,
+    so joining a real cluster later in this process is unaffected."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    with _loopback_node():
+        return ray.init(address="local", **kwargs)
+
+
+@contextmanager
+def _loopback_node():
+    from ray._private import ray_constants
+
+    if os.environ.get(LOCAL_ONLY_ENV) == "1":
+        yield
+        return
+    saved = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
 
 
 # ----------------------------------------------------------------------------------------- the loop

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from distpg.config import Config, ConfigError, config_from_dict, load_config
+from distpg.orchestrator import start_local_ray
 
 NODE_RESOURCE = re.compile(r"^distpg_node_(\d+)$")
 
@@ -283,8 +284,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> str:
     """Join the cluster (--address, ray.address, $RAY_ADDRESS) or start a local runtime big enough for the
     largest point. Returns where the sweep runs, in words."""
-    import ray
-
     address = args.address or base.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         from distpg.doctor import DoctorError, connect
@@ -295,8 +294,7 @@ def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> st
             raise ConfigError(str(e)) from None
         return f"Ray cluster at {address}"
     logical = max(os.cpu_count() or 1, int(np.ceil(base.learner.num_cpus + max(workers) * args.cpus_per_worker)))
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    start_local_ray(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return f"local Ray, {logical} logical CPUs"
 
 

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,13 +77,43 @@ def test_a_bad_address_fails_fast_with_a_clear_message():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
+    # ray.init alone would retry for minutes: the 60 s limit of the subprocess would stop it first
     p = doctor("--address", f"LOCALHOST:{port}", timeout=60)
     assert p.returncode == 1
     assert f"cannot reach the Ray cluster at 'LOCALHOST:{port}': Connection refused" in p.stdout, p.stdout + p.stderr
-    assert time.perf_counter() - t0 < 15  # python + imports included; ray.init alone would retry for minutes
+    # `distpg train` checks the address the same way before ray.init
+    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", f"LOCALHOST:{port}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode != 0 and f"cannot reach the Ray cluster at 'LOCALHOST:{port}'" in p.stderr, p.stderr[-2000:]
     p = doctor("--address", "headnode", timeout=60)
     assert p.returncode == 1 and "--address 'headnode' is not HOST:PORT" in p.stdout
+
+
+LISTENING = """
+import json, os, ray
+import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported
+from ray._private import ray_constants
+from distpg.orchestrator import start_local_ray
+start_local_ray(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+ray.get(ray.remote(lambda: 1).remote(), timeout=120)  # a worker process too
+tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in tree}
+restored = ray_constants.ENABLE_RAY_CLUSTER and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+print(json.dumps({"listening": sorted(listening), "node_ip": ray.util.get_node_ip_address(), "restored": restored}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_the_local_runtime_listens_on_loopback_only():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    p = subprocess.run([sys.executable, "-c", LISTENING], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                       env={**env, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["node_ip"] == "127.0.0.1"
+    assert out["listening"] and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in out["listening"]), out
+    assert out["restored"]  # a later ray.init(address=...) in the same process sees Ray's own default
 
 
 @pytest.mark.ray
