@@ -211,7 +211,9 @@ class _Subscriber:
         self.flat = FlatParams(build_model(shape, seed=1))
 
     def set_weights(self, msg) -> int:
-        self.flat.load(msg)
+        from distpg.weights import packed_elsewhere
+
+        self.flat.load(msg, verify=packed_elsewhere(msg), share=True)
         return msg.version
 
     def ping(self) -> int:

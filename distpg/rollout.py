@@ -16,7 +16,7 @@ from distpg.batch import make_batch
 from distpg.config import Config
 from distpg.generate import SamplingParams, generate
 from distpg.policy import initial_policy
-from distpg.weights import FlatParams, WeightsMessage
+from distpg.weights import FlatParams, WeightsMessage, packed_elsewhere
 
 
 def sampling_params(cfg: Config, task) -> SamplingParams:
@@ -47,8 +47,12 @@ class RolloutWorker:
         self.version: int | None = None  # no weights received yet
 
     def set_weights(self, msg: WeightsMessage) -> int:
-        """Load a published policy version; returns the version now held."""
-        self.flat.load(msg)
+        """Load a published policy version; returns the version now held.
+
+        On the CPU the parameters become views of the message's buffer (no copy; see distpg.weights); the
+        checksum is re-read only if the message was packed on another node.
+        """
+        self.flat.load(msg, verify=packed_elsewhere(msg), share=self.device == "cpu")
         self.version = msg.version
         return self.version
 
