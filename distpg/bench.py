@@ -300,19 +300,19 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
     placement = plan_placement(cfg, res.get("CPU", 0), 0)
     worker = RolloutWorker(cfg, 0, max(1, round(cfg.rollout.num_cpus_per_worker)))
     learner = Learner(cfg, max(1, round(cfg.learner.num_cpus)))
-    worker.set_weights(learner.get_weights())
+    weights = learner.get_weights()
 
-    def local_step(step: int) -> dict:
+    def local_step(step: int) -> dict:  # as Trainer.sync_step: the weights go along with the sample call
+        nonlocal weights
         prompts, ids = step_prompts(worker.task, cfg, step)
         t0 = time.perf_counter()
-        batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, step, 0))
+        batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, step, 0), weights)
         t1 = time.perf_counter()
         metrics, weights = learner.update(batch)
         stats = rollout_stats([batch])
         t2 = time.perf_counter()
-        worker.set_weights(weights)
-        t3 = time.perf_counter()
-        return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": t3 - t2}
+        return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1,
+                "perf/sync_s": float(batch.schema.metadata[b"sync_s"])}
 
     phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s")
     with tempfile.TemporaryDirectory() as tmp:

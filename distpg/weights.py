@@ -91,6 +91,16 @@ def this_node() -> str | None:
     return ray.get_runtime_context().get_node_id()
 
 
+def receive(handed: WeightsMessage | list, timeout_s: float) -> WeightsMessage:
+    """A weights message handed to a worker: the message itself, or `[ref]`, an object-store reference in a
+    list, which Ray passes on unresolved so that the worker fetches it here (and times the fetch)."""
+    if isinstance(handed, WeightsMessage):
+        return handed
+    import ray
+
+    return ray.get(handed[0], timeout=timeout_s)
+
+
 def packed_elsewhere(msg: WeightsMessage) -> bool:
     """Were `msg`'s bytes possibly changed on their way here? True unless it was packed on this process's
     Ray node (then a reader maps the very bytes the learner checksummed)."""
