@@ -42,3 +42,16 @@ def test_sample_before_any_weights_is_an_error():
     worker = RolloutWorker(small_config(), 0)
     with pytest.raises(RuntimeError, match="before set_weights"):
         worker.sample(PROMPTS, IDS, seed=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_worker_on_cuda_copies_the_handed_weights_to_the_device():
+    cfg = small_config()
+    learner, cpu, gpu = Learner(cfg), RolloutWorker(cfg, 0), RolloutWorker(cfg, 0, device="cuda")
+    v0 = learner.get_weights()
+    _, v1 = learner.update(cpu.sample(PROMPTS, IDS, seed=0, weights=v0))
+    gpu.sample(PROMPTS, IDS, seed=1, weights=v1)
+    assert gpu.version == 1 and gpu.flat.held is None and gpu.flat.flat.is_cuda
+    for a, b in zip(learner.model.parameters(), gpu.model.parameters()):
+        assert b.is_cuda and torch.equal(a.detach().cpu(), b.cpu())
