@@ -1,5 +1,7 @@
 """RolloutWorker as a plain class: weights handed along with a sample call, zero-copy loading."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,6 +38,18 @@ def test_weights_handed_with_sample_are_loaded_first_without_a_copy():
     with pytest.raises(WeightsError, match="holds policy v1 and was handed the older v0"):
         worker.sample(PROMPTS, IDS, seed=3, weights=v0)
     assert worker.version == 1
+
+
+def test_a_corrupted_message_from_another_node_is_refused():
+    cfg = small_config()
+    learner, worker = Learner(cfg), RolloutWorker(cfg, 0)
+    v0 = learner.get_weights()
+    _, v1 = learner.update(worker.sample(PROMPTS, IDS, seed=0, weights=v0))
+    corrupted = dataclasses.replace(v1, buffer=v1.buffer.copy(), node="another node")
+    corrupted.buffer[7] += 1.0
+    with pytest.raises(WeightsError, match="v1: checksum mismatch"):
+        worker.sample(PROMPTS, IDS, seed=1, weights=corrupted)
+    assert worker.version == 0 and worker.flat.held is v0
 
 
 def test_sample_before_any_weights_is_an_error():
