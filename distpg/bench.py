@@ -3,9 +3,12 @@
 - sampler: tokens/s of `distpg.generate` against Hugging Face `transformers` `generate()` (sampling at
   temperature 1 with no top-k/top-p, KV cache on, exactly `new_tokens` tokens per row) with identical
   weights: a randomly initialised `GPT2LMHeadModel` (nothing is downloaded) copied into distpg's GPT.
-- weights: N rollout workers loading one published policy version from the object store (what
-  `perf/sync_s` times in training) against one plain `ray.put` + `ray.get` of the same bytes; also the
-  whole publication (the learner packs its flat buffer and puts it, then the N workers load it).
+- weights: N rollout workers loading one published policy version from the object store, a `set_weights`
+  call each (what async mode and a restarted worker do), and a new version handed along with a call as
+  synchronous training does (the slowest worker's fetch + load, timed on the workers: what `perf/sync_s`
+  times), both against one plain `ray.put` + `ray.get` of the same bytes; the notes add Ray's own cost
+  of a call per worker carrying the reference, and the whole publication (the learner packs its flat
+  buffer and puts it, then the N workers load it).
 - step: one synchronous training step (1 rollout worker, the real `Trainer` on Ray) against a
   single-process loop without Ray doing the same work with the same classes: the cost of distribution.
   Also the share of step time spent on weight sync with the default config.
@@ -289,10 +292,20 @@ class _Subscriber:
         self.flat = FlatParams(build_model(shape, seed=1))
 
     def set_weights(self, msg) -> int:
-        self.flat.load(msg)
+        from distpg.weights import packed_elsewhere
+
+        self.flat.load(msg, verify=packed_elsewhere(msg), share=True)
         return msg.version
 
-    def ping(self) -> int:
+    def take(self, handed: list) -> float:
+        """Seconds to fetch `[ref]` and load it, as RolloutWorker.sample does with weights handed along."""
+        from distpg.weights import receive
+
+        t0 = time.perf_counter()
+        self.set_weights(receive(handed, 600))
+        return time.perf_counter() - t0
+
+    def ping(self, msg=None) -> int:
         return 0
 
 
@@ -321,26 +334,44 @@ def bench_weights(size: str, workers: list[int], repeats: int) -> list[dict]:
         ray.get(ray.put(buf), timeout=600)
 
     published = pub.get_weights.remote()
-    all_times = {}
+    all_times, handed_s = {}, {}
     for n in workers:
         def publish(n=n):  # the learner packs and puts a new version, n workers load it
             ref = pub.get_weights.remote()
             ray.get([s.set_weights.remote(ref) for s in subs[:n]], timeout=600)
 
-        def deliver(n=n):  # n workers load a version already in the object store (what perf/sync_s times)
+        def deliver(n=n):  # n workers load a version already in the object store, a set_weights call each
             ray.get([s.set_weights.remote(published) for s in subs[:n]], timeout=600)
 
-        all_times[n] = best_of({"plain": plain, "publish": publish, "deliver": deliver}, repeats)
+        def floor(n=n):  # Ray's own cost of those calls: the same reference to n workers, nothing loaded
+            ray.get([s.ping.remote(published) for s in subs[:n]], timeout=600)
+
+        handed_s[n] = []
+
+        def hand(n=n):  # a new version handed along with a call (sync training): the slowest fetch + load
+            ref = pub.get_weights.remote()
+            ray.wait([ref], timeout=600, fetch_local=False)  # published (not what this figure times)
+            handed_s[n].append(max(ray.get([s.take.remote([ref]) for s in subs[:n]], timeout=600)))
+
+        all_times[n] = best_of({"plain": plain, "publish": publish, "deliver": deliver, "floor": floor,
+                                "hand": hand}, repeats)
+        handed_s[n] = handed_s[n][-repeats:]  # the warm-up left out
     # the reference is the same for every N: score it by its best repetition over all of them
     plain_ms = min(t for times in all_times.values() for t in times["plain"]) * 1e3
     results = []
+    mib = f"{nbytes / 2**20:.1f} MiB"
     for n, times in all_times.items():
-        publish_ms = min(times["publish"]) * 1e3
-        note = f"with the learner's pack and put {publish_ms:.3g} ms ({publish_ms / plain_ms:.2f}x)"
-        results.append(figure(f"weights {size} ({nbytes / 2**20:.1f} MiB) to {n} worker(s)",
+        publish_ms, floor_ms = min(times["publish"]) * 1e3, min(times["floor"]) * 1e3
+        note = (f"an empty call per worker with the same reference {floor_ms:.3g} ms ({floor_ms / plain_ms:.2f}x); "
+                f"with the learner's pack and put {publish_ms:.3g} ms ({publish_ms / plain_ms:.2f}x)")
+        results.append(figure(f"weights {size} ({mib}) to {n} worker(s), a call each",
                               min(times["deliver"]) * 1e3, plain_ms, "ms", "lower", 1.2, bytes=nbytes, workers=n,
-                              publish_ms=publish_ms, publish_ratio=publish_ms / plain_ms, times_s=times,
-                              note=note))
+                              publish_ms=publish_ms, publish_ratio=publish_ms / plain_ms, floor_ms=floor_ms,
+                              times_s=times, note=note))
+    for n, seconds in handed_s.items():
+        results.append(figure(f"weights {size} ({mib}) handed with the sample call, {n} worker(s)",
+                              min(seconds) * 1e3, plain_ms, "ms", "lower", 1.2, bytes=nbytes, workers=n,
+                              worker_s=seconds, note="the slowest worker's fetch + load (what perf/sync_s times)"))
     for a in [pub, *subs]:
         ray.kill(a)
     return results
@@ -376,19 +407,19 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
     placement = plan_placement(cfg, res.get("CPU", 0), 0)
     worker = RolloutWorker(cfg, 0, max(1, round(cfg.rollout.num_cpus_per_worker)))
     learner = Learner(cfg, max(1, round(cfg.learner.num_cpus)))
-    worker.set_weights(learner.get_weights())
+    weights = learner.get_weights()
 
-    def local_step(step: int) -> dict:
+    def local_step(step: int) -> dict:  # as Trainer.sync_step: the weights go along with the sample call
+        nonlocal weights
         prompts, ids = step_prompts(worker.task, cfg, step)
         t0 = time.perf_counter()
-        batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, step, 0))
+        batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, step, 0), weights)
         t1 = time.perf_counter()
         metrics, weights = learner.update(batch)
         stats = rollout_stats([batch])
         t2 = time.perf_counter()
-        worker.set_weights(weights)
-        t3 = time.perf_counter()
-        return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": t3 - t2}
+        return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1,
+                "perf/sync_s": float(batch.schema.metadata[b"sync_s"])}
 
     phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s")
     with tempfile.TemporaryDirectory() as tmp:

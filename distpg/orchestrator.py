@@ -1,8 +1,8 @@
 """The driver: starts (or joins) Ray, places one learner and N rollout workers as actors in a placement
 group, and runs the synchronous training loop:
 
-    sample (N workers in parallel) -> update (learner) -> broadcast weights (one object, N readers)
-    -> log -> checkpoint
+    sample (N workers in parallel; each call carries the newest weights, one object for N readers)
+    -> update (learner) -> log -> checkpoint
 
 Every wait on a remote call has a timeout. The driver never needs a GPU. Everything the loop computes
 is decided by the config and the seed: prompts of step k come from rng(seed, k), and worker w samples
@@ -271,6 +271,7 @@ class Trainer:
         )
         self.restarts = 0
         self.weights_ref = None  # the newest published weights: what a restarted worker is handed
+        self.version: int | None = None  # their policy version
         self.workers = [self.start_worker(i) for i in range(cfg.rollout.num_workers)]
         self.worker_nodes = [None] * len(self.workers)
         for w, ref in enumerate([_node_of(w) for w in self.workers]):
@@ -326,7 +327,7 @@ class Trainer:
     def broadcast(self, weights_ref, version: int) -> None:
         """Hand one weights object to every worker; check each now holds `version`. A worker that died is
         replaced (and handed the same object)."""
-        self.weights_ref = weights_ref
+        self.weights_ref, self.version = weights_ref, version
         acks = {w: worker.set_weights.remote(weights_ref) for w, worker in enumerate(self.workers)}
         for w, ref in acks.items():
             try:
@@ -343,10 +344,13 @@ class Trainer:
                 raise TrainingError(f"after broadcasting version {version} worker {w} holds version {held}")
 
     def collect(self, step: int) -> tuple[list, list[pa.RecordBatch]]:
-        """Every worker's share of step `step`: (refs, batches) in worker order. A worker that dies or hangs
-        past rollout.timeout_s is replaced and its share reissued."""
+        """Every worker's share of step `step`, sampled with the newest weights (handed along with each sample
+        call): (refs, batches) in worker order. A worker that dies or hangs past rollout.timeout_s is replaced
+        and its share reissued. Raises TrainingError if a worker sampled with another policy version."""
         n, timeout = len(self.workers), self.cfg.rollout.timeout_s
-        refs = {w: self.sample_part(step, w) for w in range(n)}
+        # [ref]: Ray hands the reference over unresolved, so the worker times its fetch (perf/sync_s)
+        handed = [self.weights_ref]
+        refs = {w: self.sample_part(step, w, handed) for w in range(n)}
         done: dict[int, tuple] = {}
         while refs:
             ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
@@ -354,17 +358,22 @@ class Trainer:
             for w, ref in list(refs.items()):
                 if ref not in ready:
                     self.restart_worker(w, f"did not return its share of step {step} within {timeout:g}s")
-                    refs[w] = self.sample_part(step, w)
+                    refs[w] = self.sample_part(step, w, handed)
                     continue
                 try:
                     done[w] = (ref, ray.get(ref, timeout=timeout))
                     del refs[w]
                 except WORKER_FAULTS as e:
                     self.restart_worker(w, f"died during step {step} ({type(e).__name__})")
-                    refs[w] = self.sample_part(step, w)
+                    refs[w] = self.sample_part(step, w, handed)
                 except RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
                     raise TrainingError(f"rollout of step {step} failed: {type(cause).__name__}: {cause}") from None
+        for w, (_, batch) in done.items():
+            held = set(batch.column("policy_version").unique().to_pylist())
+            if held - {self.version}:
+                raise TrainingError(f"rollout worker {w} sampled step {step} with policy version(s) {sorted(held)} "
+                                    f"after being handed version {self.version}")
         return [done[w][0] for w in range(n)], [done[w][1] for w in range(n)]
 
     def run(self, start_step: int = 0) -> dict:
@@ -416,18 +425,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ sync mode
     def sync_steps(self, start_step: int):
-        """Synchronous loop: each step waits for every worker, then the learner, then the broadcast."""
+        """Synchronous loop: each step waits for every worker, then the learner."""
         for step in range(start_step + 1, self.cfg.run.steps + 1):
             yield self.sync_step(step)
 
-    def sample_part(self, step: int, wid: int):
-        """Issue worker `wid`'s share of step `step` (its prompts and seed depend only on seed, step, wid)."""
+    def sample_part(self, step: int, wid: int, weights=None):
+        """Issue worker `wid`'s share of step `step` (its prompts and seed depend only on seed, step, wid),
+        handing it `weights` to load first (None: it samples with the version it holds)."""
         prompts, ids = step_prompts(self.task, self.cfg, step)
         n = len(self.workers)
         return self.workers[wid].sample.remote(split(prompts, n)[wid], split(ids, n)[wid],
-                                               sample_seed(self.cfg.run.seed, step, wid))
+                                               sample_seed(self.cfg.run.seed, step, wid), weights)
 
     def sync_step(self, step: int) -> dict:
+        """One synchronous step: sample (with the weights of the previous update, handed along with the sample
+        calls: no round trip of their own), update, log.
+
+        perf/rollout_s runs from issuing the sample calls to the last batch; perf/sync_s is the longest any
+        worker spent fetching and loading the weights at the start of its call (a part of perf/rollout_s);
+        perf/learn_s runs from issuing the update to its metrics; perf/step_s is their sum."""
         cfg = self.cfg
         t0 = time.perf_counter()
         refs, batches = self.collect(step)
@@ -437,9 +453,9 @@ class Trainer:
             self.writer.add(step, batches)
         lm = wait(metrics_ref, cfg.ray.timeout_s, f"learner update of step {step}")
         t2 = time.perf_counter()
-        self.broadcast(weights_ref, lm["policy/version"])
-        t3 = time.perf_counter()
-        timing = {"perf/step_s": t3 - t0, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": t3 - t2}
+        self.weights_ref, self.version = weights_ref, lm["policy/version"]  # go out with the next sample calls
+        sync_s = max(_meta_seconds(b, (b"sync_s",)) for b in batches)
+        timing = {"perf/step_s": t2 - t0, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": sync_s}
         return self.log_step(step, batches, lm, timing)
 
     # ----------------------------------------------------------------------------------- async mode
@@ -507,10 +523,10 @@ def _node_of(actor):
     return actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
 
 
-def _meta_seconds(batch: pa.RecordBatch) -> float:
-    """Seconds a worker spent on a batch (generation + rewards), from the batch's schema metadata."""
+def _meta_seconds(batch: pa.RecordBatch, keys: tuple[bytes, ...] = (b"gen_s", b"reward_s")) -> float:
+    """Seconds a worker spent on a batch (by default generation + rewards), from the batch's schema metadata."""
     meta = batch.schema.metadata or {}
-    return float(meta.get(b"gen_s", 0)) + float(meta.get(b"reward_s", 0))
+    return sum(float(meta.get(k, 0)) for k in keys)
 
 
 def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources: dict, local: bool) -> str:

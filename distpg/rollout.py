@@ -16,7 +16,7 @@ from distpg.batch import make_batch
 from distpg.config import Config
 from distpg.generate import SamplingParams, generate
 from distpg.policy import initial_policy
-from distpg.weights import FlatParams, WeightsMessage
+from distpg.weights import FlatParams, WeightsError, WeightsMessage, packed_elsewhere, receive
 
 
 def sampling_params(cfg: Config, task) -> SamplingParams:
@@ -48,24 +48,42 @@ class RolloutWorker:
         self.version: int | None = None  # no weights received yet
 
     def set_weights(self, msg: WeightsMessage) -> int:
-        """Load a published policy version; returns the version now held."""
-        self.flat.load(msg)
+        """Load a published policy version; returns the version now held.
+
+        On the CPU the parameters become views of the message's buffer (no copy; see distpg.weights); the
+        checksum is re-read only if the message was packed on another node.
+        """
+        self.flat.load(msg, verify=packed_elsewhere(msg), share=self.device == "cpu")
         self.version = msg.version
         return self.version
 
     def get_version(self) -> int | None:
         return self.version
 
-    def sample(self, prompts: list[str], prompt_ids: list[int], seed: int) -> pa.RecordBatch:
+    def sample(self, prompts: list[str], prompt_ids: list[int], seed: int,
+               weights: WeightsMessage | list | None = None) -> pa.RecordBatch:
         """G = rollout.group_size completions for each prompt, scored.
 
         Args:
             prompts: P prompt texts.
             prompt_ids: P globally unique ids (the learner groups samples by them).
             seed: decides every sampled token of this call.
+            weights: the policy version to sample with, handed along with the call (saves a separate
+                set_weights round trip): a WeightsMessage or `[ref]` to one in the object store (see
+                `distpg.weights.receive`); loaded unless it is the version held already. None: the version
+                held.
         Returns:
-            a RecordBatch of P·G rows (prompt-major), with `gen_s` and `reward_s` in its schema metadata.
+            a RecordBatch of P·G rows (prompt-major) whose policy_version is the version sampled with, with
+            `sync_s` (receiving and loading `weights`), `gen_s` and `reward_s` in its schema metadata.
         """
+        t_sync = time.perf_counter()
+        if weights is not None:
+            msg = receive(weights, self.cfg.ray.timeout_s)
+            if self.version is not None and msg.version < self.version:
+                raise WeightsError(f"rollout worker {self.worker_id} holds policy v{self.version} and was handed "
+                                   f"the older v{msg.version}")
+            if msg.version != self.version:
+                self.set_weights(msg)
         if self.version is None:
             raise RuntimeError(f"rollout worker {self.worker_id}: sample() called before set_weights()")
         G = self.cfg.rollout.group_size
@@ -99,5 +117,6 @@ class RolloutWorker:
                 "completion_text": texts,
             }
         )
-        meta = {b"gen_s": str(t1 - t0).encode(), b"reward_s": str(t2 - t1).encode()}
+        meta = {b"sync_s": str(t0 - t_sync).encode(), b"gen_s": str(t1 - t0).encode(),
+                b"reward_s": str(t2 - t1).encode()}
         return batch.replace_schema_metadata(meta)

@@ -6,7 +6,8 @@ carry `distpg_node_I` resources as cluster/local-cluster.sh gives them, on 1, 2,
 
 - rollout tokens/s and trajectories/s: completion tokens (samples) generated per second of the rollout
   phase, summed over the measured steps (the first `--warmup` steps of each run are not measured);
-- the step time and its split into rollout, learn and weight sync (means over the measured steps);
+- the step time, its split into rollout and learn, and the weight sync within the rollout (means over the
+  measured steps);
 - parallel efficiency E(N) = T(N) / (N T(1)), with T the rollout tokens/s and T(1) the run with one worker
   on one node (or the smallest run of the sweep when that one is not in it).
 
@@ -53,7 +54,7 @@ class Point:
     measured_steps: int
     rollout_tokens_per_s: float
     trajectories_per_s: float  # per second of the rollout phase
-    train_trajectories_per_s: float  # per second of whole steps (rollout + learn + sync)
+    train_trajectories_per_s: float  # per second of whole steps (rollout, weight sync included, + learn)
     step_s: float
     rollout_s: float
     learn_s: float

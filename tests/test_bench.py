@@ -63,7 +63,8 @@ def test_bench_quick_writes_json(tmp_path):
     assert data["machine"]["cores"] >= 1 and data["quick"] is True
     assert set(data["results"]) == {"sampler", "weights", "step", "learner"}
     figures = [f for group in data["results"].values() for f in group]
-    assert len(figures) == 6  # sampler, weights to 1 and 2 workers, step, sync share, learner
+    # sampler; weights to 1 and 2 workers, a call each and handed with the sample call; step, sync share; learner
+    assert len(figures) == 8
     for f in figures:
         assert f["better"] in ("higher", "lower")
         assert f["ours"] > 0 and f["reference"] > 0 and math.isclose(f["ratio"], f["ours"] / f["reference"])

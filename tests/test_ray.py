@@ -16,7 +16,7 @@ from tests.conftest import small_config
 pytestmark = pytest.mark.ray
 
 
-def test_every_worker_holds_the_learners_version_after_each_step(ray_session, tmp_path):
+def test_every_step_samples_with_the_version_handed_along(ray_session, tmp_path):
     ray = ray_session
     cfg = small_config("run.steps=4")
     trainer = Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
@@ -27,10 +27,19 @@ def test_every_worker_holds_the_learners_version_after_each_step(ray_session, tm
             record = trainer.sync_step(step)
             learner_version = ray.get(trainer.learner.get_version.remote(), timeout=60)
             held = ray.get([w.get_version.remote() for w in trainer.workers], timeout=60)
-            assert learner_version == step == record["policy/version"]
-            assert held == [step, step]
+            assert learner_version == step == record["policy/version"] == trainer.version
+            # the new version goes out with the next sample calls; this step sampled with the previous one,
+            # which the learner held when it updated (staleness 0)
+            assert held == [step - 1, step - 1] and record["rollout/staleness_mean"] == 0
         trainer.logger.close()
         assert len(trainer.workers) == 2 and record["workers/alive"] == 2
+        assert 0 <= record["perf/sync_s"] <= record["perf/rollout_s"] < record["perf/step_s"]
+
+        # a worker that samples with another version than it was handed stops the run
+        trainer.version += 1  # what the driver believes it handed; the workers get the version they hold
+        with pytest.raises(TrainingError, match=r"rollout worker 0 sampled step 5 with policy version\(s\) "
+                           r"\[4\] after being handed version 5"):
+            trainer.collect(5)
     finally:
         trainer.close()
 
