@@ -50,10 +50,12 @@ class RolloutWorker:
     def set_weights(self, msg: WeightsMessage) -> int:
         """Load a published policy version; returns the version now held.
 
-        On the CPU the parameters become views of the message's buffer (no copy; see distpg.weights); the
-        checksum is re-read only if the message was packed on another node.
+        On the CPU in float32 the parameters become views of the message's buffer (no copy; see
+        distpg.weights), else it is copied (and converted to rollout.dtype); the checksum is re-read only if
+        the message was packed on another node.
         """
-        self.flat.load(msg, verify=packed_elsewhere(msg), share=self.device == "cpu")
+        share = self.device == "cpu" and self.cfg.rollout.dtype == "float32"  # else a converting copy
+        self.flat.load(msg, verify=packed_elsewhere(msg), share=share)
         self.version = msg.version
         return self.version
 
