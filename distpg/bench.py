@@ -540,7 +540,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="variance: a run folder or checkpoint whose policy to measure on "
                    "(default: the config's initial policy)")
     p.add_argument("--batches", type=int, default=40, help="variance: independent batches per baseline")
-    p.add_argument("--sampler-sizes", default="tiny,small,small-charvocab,gpt2",
+    p.add_argument("--sampler-sizes", default="tiny,small,small-charvocab,small-bf16,small-charvocab-bf16,gpt2",
                    help=f"comma-separated sampler cases: {', '.join(SAMPLER_CASES)}")
     p.add_argument("--weight-sizes", default="default,small-gpt2vocab",
                    help=f"comma-separated weight sizes: {', '.join(WEIGHT_SIZES)}")
