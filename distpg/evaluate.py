@@ -23,6 +23,12 @@ class EvalResult:
     samples: list[tuple[str, str, str, float]]  # prompt, completion, target, reward
 
 
+def exact_match(completion: str, target: str) -> bool:
+    """The completion is the target, up to whitespace at either end (a GPT-2-style tokenizer's completion
+    usually starts with a space; a reference in a prompts file usually does not)."""
+    return completion.strip() == target.strip()
+
+
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     """RUN_DIR or RUN_DIR/checkpoints/step_N -> (run folder, checkpoint folder)."""
     path = Path(path)
@@ -44,7 +50,7 @@ def load_policy(path: Path) -> tuple[Config, GPT]:
 
 
 def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256) -> EvalResult:
-    """Mean reward and exact-match rate on the held-out prompts (greedy by default)."""
+    """Mean reward and exact-match rate (see `exact_match`) on the held-out prompts (greedy by default)."""
     task = task_for(cfg)
     tok = task.tokenizer
     params = replace(sampling_params(cfg, task), temperature=temperature)
@@ -57,7 +63,7 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
         completions += [tok.decode(r) for r in out.rows()]
     scores, ok, _ = rewards.score(task, prompts, completions)
     targets = [task.target(p) for p in prompts]
-    exact = sum(c == t for c, t in zip(completions, targets)) / len(prompts)
+    exact = sum(map(exact_match, completions, targets)) / len(prompts)
     valid = [r for r, k in zip(scores, ok) if k]
     return EvalResult(
         reward_mean=sum(valid) / max(1, len(valid)),
