@@ -478,7 +478,8 @@ def bench_sync_fraction(overrides: list[str], steps: int, warmup: int) -> dict:
         finally:
             trainer.close()
     frac = sum(sync) / sum(total)
-    return {"name": f"weight sync share of step time, default config ({cfg.rollout.num_workers} workers)",
+    what = "default config" if not overrides else "default config with " + " ".join(overrides)
+    return {"name": f"weight sync share of step time, {what} ({cfg.rollout.num_workers} workers)",
             "ours": frac, "reference": 1.0, "unit": "fraction", "ratio": frac, "better": "lower", "goal": 0.05,
             "goal_met": frac <= 0.05, "load_avg_1m": os.getloadavg()[0], "steps": steps, "sync_s": sync,
             "step_s": total}
