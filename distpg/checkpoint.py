@@ -4,7 +4,7 @@ Layout of one checkpoint (RUN_DIR/checkpoints/step_NNNNNN/):
   model.safetensors   the policy's parameters (opens with safetensors, no pickle)
   value_head.safetensors  the value head, with algo.baseline=value
   optimizer.pt        optimizer state, tensors only (loaded with torch.load(weights_only=True))
-  state.json          step, policy version, baseline state, seed
+  state.json          step, policy version, baseline state, seed; the driver's run.stop_reward window
 
 A checkpoint is written into a temporary folder that is renamed into place when complete; then the
 `latest` file is replaced atomically to name it. A crash at any moment leaves `latest` naming a
@@ -28,8 +28,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing or incomplete."""
 
 
-def save(run_dir: Path, step: int, learner_state: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, apply retention. Returns its folder."""
+def save(run_dir: Path, step: int, learner_state: dict, keep: int, run_state: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, apply retention. Returns its folder.
+    `run_state` (JSON-able: the driver's own state, e.g. the stop_reward window) goes into state.json."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:06d}"
@@ -47,6 +48,7 @@ def save(run_dir: Path, step: int, learner_state: dict, keep: int) -> Path:
         "version": learner_state["version"],
         "ema": learner_state["ema"],
         "skipped_steps": learner_state.get("skipped_steps", 0),
+        **(run_state or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _fsync_dir(tmp)

@@ -30,8 +30,9 @@ def _train(args) -> int:
         run_dir = Path(args.run_dir or f"runs/{cfg.task.name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"distpg: run folder {run_dir}", flush=True)
     summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
-    print(f"distpg: done after {summary['steps']} steps; final reward {summary['final_reward']:.3f}; "
-          f"run folder {summary['run_dir']}", flush=True)
+    final = summary["final_reward"]
+    print(f"distpg: done after {summary['steps']} steps; final reward "
+          f"{'n/a' if final is None else format(final, '.3f')}; run folder {summary['run_dir']}", flush=True)
     return 0
 
 

@@ -378,24 +378,23 @@ class Trainer:
 
     def run(self, start_step: int = 0) -> dict:
         cfg = self.cfg
+        recent = deque(maxlen=5)  # rewards of the last steps, for run.stop_reward
         if start_step > 0:
-            state, _ = checkpoint.load(checkpoint.latest(self.run_dir))
+            state, run_state = checkpoint.load(checkpoint.latest(self.run_dir))
             wait(self.learner.load_state.remote(state), cfg.ray.timeout_s, "loading the checkpoint into the learner")
+            recent.extend(run_state.get("recent_rewards", []))
         weights_ref = self.learner.get_weights.remote()
         version = wait(self.learner.get_version.remote(), cfg.ray.timeout_s, "asking the learner its version")
         self.broadcast(weights_ref, version)
 
         self.open_outputs(start_step)
         steps = self.async_steps(start_step, version) if cfg.run.mode == "async" else self.sync_steps(start_step)
-        recent = deque(maxlen=5)
         record: dict = {}
         step = start_step
         try:
             for record in steps:
                 step = record["step"]
                 recent.append(record["rollout/reward_mean"])
-                if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
-                    self.save(step)
                 if cfg.run.max_time_s is not None and time.perf_counter() - self.t_start >= cfg.run.max_time_s:
                     print(f"run.max_time_s={cfg.run.max_time_s:g} reached; stopping at step {step}", flush=True)
                     break
@@ -404,8 +403,10 @@ class Trainer:
                     print(f"mean reward of the last {len(recent)} steps reached run.stop_reward="
                           f"{cfg.run.stop_reward}; stopping at step {step}", flush=True)
                     break
+                if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
+                    self.save(step, {"recent_rewards": list(recent)})
             steps.close()
-            self.save(step)
+            self.save(step, {"recent_rewards": list(recent)})  # with the window: see ended_run
             if cfg.log.ledger:
                 self.write_ledger()
         finally:
@@ -501,9 +502,9 @@ class Trainer:
                           "version": pa.array(cols[2], pa.int64())})
         pq.write_table(table, self.run_dir / "ledger.parquet")
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, run_state: dict | None = None) -> None:
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
-        checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints)
+        checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
     def close(self) -> None:
         for actor in [self.learner, *self.workers]:
@@ -712,6 +713,33 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     return start
 
 
+def ended_run(cfg: Config, run_dir: Path) -> dict | None:
+    """The summary of a run with nothing left to resume: at its latest checkpoint it has reached run.steps,
+    or the mean reward of its last 5 steps is at run.stop_reward (both as its config.yaml says now, so that
+    raising them there trains on). None when there is training left. Says so on stdout."""
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        return None
+    import json
+
+    state = json.loads((ckpt / "state.json").read_text())
+    step, recent = int(state["step"]), state.get("recent_rewards", [])
+    if step >= cfg.run.steps:
+        why = f"run.steps={cfg.run.steps}"
+    elif cfg.run.stop_reward is not None and len(recent) == 5 and np.mean(recent) >= cfg.run.stop_reward:
+        why = f"mean reward of its last 5 steps {np.mean(recent):.3f} >= run.stop_reward={cfg.run.stop_reward}"
+    else:
+        return None
+    final = None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        final = next((r.get("rollout/reward_mean") for r in reversed(rows) if r["step"] <= step), None)
+    print(f"distpg: nothing to resume: the run ended at step {step} ({why}); to train on, raise run.steps or "
+          f"run.stop_reward in {run_dir / 'config.yaml'}", flush=True)
+    return {"steps": step, "final_reward": final, "run_dir": str(run_dir)}
+
+
 def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False) -> dict:
     """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed)."""
     task = task_for(cfg)
@@ -723,6 +751,8 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         gpus = torch.cuda.device_count() if cfg.run.device != "cpu" else 0
         cpus = cfg.ray.num_cpus or os.cpu_count()
         plan_placement(cfg, cpus, gpus, nodes=[{"CPU": cpus, "GPU": gpus}])
+    if resume and (summary := ended_run(cfg, Path(run_dir))) is not None:
+        return summary
     start_step = prepare_run_dir(cfg, Path(run_dir), resume)
     started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
     trainer = None

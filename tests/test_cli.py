@@ -81,6 +81,33 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert [r["policy/version"] for r in records] == [1, 2, 3, 4, 5]
 
 
+def test_resume_of_an_ended_run_has_nothing_to_do_until_its_config_asks_for_more(tmp_path):
+    run = tmp_path / "run"
+    # stop_reward 0: the mean of the last 5 steps reaches it at step 5, before run.steps=6
+    p = distpg("train", *SMALL, "--set", "run.stop_reward=0.0", "--set", "run.keep_checkpoints=5",
+               "--run-dir", str(run))
+    assert p.returncode == 0 and "stopping at step 5" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # every checkpoint carries the stop_reward window, so a resumed run stops where the original did
+    window = json.loads((run / "checkpoints" / "step_000003" / "state.json").read_text())["recent_rewards"]
+    assert window == [r["rollout/reward_mean"] for r in records[:3]]
+
+    p = distpg("train", "--resume", str(run))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "nothing to resume: the run ended at step 5" in p.stdout and "Traceback" not in p.stderr
+    assert f"final reward {records[-1]['rollout/reward_mean']:.3f}" in p.stdout
+    assert (run / "metrics.jsonl").read_text().count("\n") == 5  # untouched
+    # once its config no longer stops it, the run trains on to run.steps
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["run"]["stop_reward"] = None
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    p = distpg("train", "--resume", str(run))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    p = distpg("train", "--resume", str(run))  # run.steps reached
+    assert p.returncode == 0 and "nothing to resume: the run ended at step 6 (run.steps=6)" in p.stdout
+
+
 def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
     p = distpg("train", *SMALL, "--set", "task.name=tests.user_task:always_fails", "--run-dir", str(tmp_path / "r"))
     assert p.returncode == 1
