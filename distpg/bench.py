@@ -123,7 +123,12 @@ SAMPLER_CASES = {
 
 def hf_pair(case: SamplerCase, device: str, seed: int = 0):
     """A random-init Hugging Face GPT2LMHeadModel and distpg's GPT with the same weights."""
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("the sampler benchmark compares against Hugging Face transformers, which is not "
+                          "installed: pip install transformers (or pip install -e '.[dev]'); the other benchmarks "
+                          "run without it: distpg bench weights step learner") from None
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from distpg.model import GPT, ModelShape

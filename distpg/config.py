@@ -9,6 +9,7 @@ resolved config written to the run folder is explicit. Nothing mutates a config 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import types
@@ -447,11 +448,14 @@ def dump_config(cfg: Config) -> str:
 
 
 def describe() -> str:
-    """Every field with its default and doc, for --help-config."""
-    lines = []
+    """Every field with the value `distpg train` uses when not told otherwise (the embedded default config)
+    and its doc, as YAML, for --help-config."""
+    cfg = load_config(None)
+    lines = ["# what `distpg train` runs without CONFIG or --set: the embedded configs/default.yaml over the "
+             "built-in defaults"]
     for section in dataclasses.fields(Config):
         lines.append(f"{section.name}:")
-        for f in dataclasses.fields(section.default_factory):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"  {f.name}: {default!r:<12} # {f.metadata.get('doc', '')}")
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            lines.append(f"  {f.name}: {json.dumps(getattr(values, f.name)):<12} # {f.metadata.get('doc', '')}")
     return "\n".join(lines)

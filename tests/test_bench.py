@@ -207,3 +207,11 @@ def test_sampler_bench_on_cuda():
 
     f = bench_sampler("quick", repeats=1, threads=1, device="cuda")
     assert f["ours"] > 0 and f["reference"] > 0
+
+
+def test_sampler_bench_without_transformers_says_what_to_install(monkeypatch):
+    from distpg.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install transformers .*distpg bench weights step learner"):
+        hf_pair(SAMPLER_CASES["quick"], "cpu")

@@ -121,3 +121,13 @@ def test_help_config_lists_every_field(capsys):
     out = capsys.readouterr().out
     for key in ("num_workers", "group_size", "baseline", "placement_strategy", "stop_reward"):
         assert key in out
+
+
+def test_help_config_is_yaml_of_what_train_runs_by_default():
+    import yaml
+
+    from distpg.config import describe
+
+    listed = yaml.safe_load(describe())
+    assert listed == load_config(None).to_dict()  # the embedded default config, not the bare dataclass defaults
+    assert listed["run"]["steps"] == 400 and listed["run"]["stop_reward"] == 0.97 and listed["ray"]["address"] is None
