@@ -28,7 +28,6 @@ def _train(args) -> int:
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir or f"runs/{cfg.task.name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"distpg: run folder {run_dir}", flush=True)
     summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     final = summary["final_reward"]
     print(f"distpg: done after {summary['steps']} steps; final reward "

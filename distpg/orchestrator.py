@@ -12,6 +12,7 @@ step k with seed(seed, k, w), so the same config and seed give the same numbers.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -751,17 +752,25 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         gpus = torch.cuda.device_count() if cfg.run.device != "cpu" else 0
         cpus = cfg.ray.num_cpus or os.cpu_count()
         plan_placement(cfg, cpus, gpus, nodes=[{"CPU": cpus, "GPU": gpus}])
-    if resume and (summary := ended_run(cfg, Path(run_dir))) is not None:
+    run_dir = Path(run_dir)
+    if resume and (summary := ended_run(cfg, run_dir)) is not None:
         return summary
-    start_step = prepare_run_dir(cfg, Path(run_dir), resume)
-    started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
-    trainer = None
+    created = not run_dir.exists()
+    start_step = prepare_run_dir(cfg, run_dir, resume)
+    print(f"distpg: run folder {run_dir}", flush=True)
+    started, trainer = False, None
     try:
+        started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
         trainer = Trainer(cfg, Path(run_dir), placement)
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
+    except BaseException:
+        if created and [p.name for p in run_dir.iterdir()] == ["config.yaml"]:  # failed before its first step
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
+        raise
     finally:
         if trainer is not None:
             trainer.close()

@@ -73,7 +73,7 @@ def doctor(*args, timeout=120, **env):
                           timeout=timeout, cwd=ROOT, env=e)
 
 
-def test_a_bad_address_fails_fast_with_a_clear_message():
+def test_a_bad_address_fails_fast_with_a_clear_message(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -82,9 +82,12 @@ def test_a_bad_address_fails_fast_with_a_clear_message():
     assert p.returncode == 1
     assert f"cannot reach the Ray cluster at 'LOCALHOST:{port}': Connection refused" in p.stdout, p.stdout + p.stderr
     # `distpg train` checks the address the same way before ray.init
-    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", f"LOCALHOST:{port}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", f"LOCALHOST:{port}", "--run-dir",
+                        str(run)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode != 0 and f"cannot reach the Ray cluster at 'LOCALHOST:{port}'" in p.stderr, p.stderr[-2000:]
+    assert not run.exists()  # a run that never started leaves no folder behind
     p = doctor("--address", "headnode", timeout=60)
     assert p.returncode == 1 and "--address 'headnode' is not HOST:PORT" in p.stdout
 
