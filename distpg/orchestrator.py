@@ -541,6 +541,7 @@ def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources:
         f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} samples per step; "
         f"baseline {cfg.algo.baseline}; {cfg.run.steps} steps; mode {cfg.run.mode}"
         + (f" (max_staleness {cfg.algo.max_staleness}, {cfg.algo.off_policy})" if cfg.run.mode == "async" else "")
+        + (f"; workers sample in {cfg.rollout.dtype}" if cfg.rollout.dtype != "float32" else "")
     )
 
 
