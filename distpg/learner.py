@@ -102,7 +102,7 @@ class Learner:
                              f"learner's {self.version}")
         # samples drawn from another policy than the learner's: older versions, or the same version sampled
         # in a lower precision (rollout.dtype), which is a slightly different distribution mu
-        stale = staleness > 0 if self.cfg.rollout.dtype == "float32" else torch.ones_like(staleness, dtype=torch.bool)
+        stale = (staleness > 0) | (self.cfg.rollout.dtype != "float32")
         ac = self.cfg.algo
         mb = self.cfg.learner.micro_batch_size or B
         chunks = [slice(s, s + mb) for s in range(0, B, mb)]

@@ -54,8 +54,7 @@ class RolloutWorker:
         distpg.weights), else it is copied (and converted to rollout.dtype); the checksum is re-read only if
         the message was packed on another node.
         """
-        share = self.device == "cpu" and self.cfg.rollout.dtype == "float32"  # else a converting copy
-        self.flat.load(msg, verify=packed_elsewhere(msg), share=share)
+        self.flat.load(msg, verify=packed_elsewhere(msg), share=True)
         self.version = msg.version
         return self.version
 

@@ -182,19 +182,18 @@ class FlatParams:
     def load(self, msg: WeightsMessage, verify: bool = True, share: bool = False) -> None:
         """Make the parameters hold `msg`'s weights, after `check(msg, verify)`.
 
-        share=False: one copy into the model's own buffer (and to its device). share=True (a float32 model
-        on the CPU): no copy, the parameters become views of `msg.buffer`, and `msg` is held until the next
-        load so that its bytes stay in the object store. Shared parameters must not be written in place:
-        they are the object store's memory, which every worker on the node reads.
+        share=False: one copy into the model's own buffer (and to its device and dtype). share=True: where
+        the model is float32 on the CPU, no copy: the parameters become views of `msg.buffer`, and `msg` is
+        held until the next load so that its bytes stay in the object store (elsewhere the copy is needed
+        and made). Shared parameters must not be written in place: they are the object store's memory,
+        which every worker on the node reads.
         """
         self.check(msg, verify)
         # The buffer may be a read-only view of the object store: wrap it without copying.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             src = torch.frombuffer(msg.buffer, dtype=torch.float32)
-        if share:
-            assert self.flat.device.type == "cpu" and self.flat.dtype == torch.float32, \
-                f"share=True needs a float32 model on the CPU, not {self.flat.dtype} on {self.flat.device}"
+        if share and self.flat.device.type == "cpu" and self.flat.dtype == torch.float32:
             self._bind(src)
             self.held = msg
             return
