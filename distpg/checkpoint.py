@@ -69,13 +69,18 @@ def latest(run_dir: Path) -> Path | None:
     return path if (path / "state.json").exists() else None
 
 
+def run_state(path: Path) -> dict:
+    """The run state (state.json) of a checkpoint folder, without loading its tensors."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def load(path: Path) -> tuple[dict, dict]:
     """(learner state for Learner.load_state, run state) from a checkpoint folder. Never unpickles objects."""
     path = Path(path)
     for name in ("model.safetensors", "optimizer.pt", "state.json"):
         if not (path / name).exists():
             raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
-    state = json.loads((path / "state.json").read_text())
+    state = run_state(path)
     learner_state = {
         "model": load_file(str(path / "model.safetensors")),
         "value_head": load_file(str(path / "value_head.safetensors")) if (path / "value_head.safetensors").exists()

@@ -379,7 +379,7 @@ class Trainer:
 
     def run(self, start_step: int = 0) -> dict:
         cfg = self.cfg
-        recent = deque(maxlen=5)  # rewards of the last steps, for run.stop_reward
+        recent = deque(maxlen=STOP_WINDOW)  # rewards of the last steps, for run.stop_reward
         if start_step > 0:
             state, run_state = checkpoint.load(checkpoint.latest(self.run_dir))
             wait(self.learner.load_state.remote(state), cfg.ray.timeout_s, "loading the checkpoint into the learner")
@@ -399,8 +399,7 @@ class Trainer:
                 if cfg.run.max_time_s is not None and time.perf_counter() - self.t_start >= cfg.run.max_time_s:
                     print(f"run.max_time_s={cfg.run.max_time_s:g} reached; stopping at step {step}", flush=True)
                     break
-                if cfg.run.stop_reward is not None and len(recent) == recent.maxlen and \
-                        np.mean(recent) >= cfg.run.stop_reward:
+                if stop_reward_reached(cfg, recent):
                     print(f"mean reward of the last {len(recent)} steps reached run.stop_reward="
                           f"{cfg.run.stop_reward}; stopping at step {step}", flush=True)
                     break
@@ -689,8 +688,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise ConfigError(f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir}/checkpoints")
-    _, state = checkpoint.load(ckpt)
-    start = int(state["step"])
+    start = int(checkpoint.run_state(ckpt)["step"])
     # forget what the interrupted run logged after its last checkpoint
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -715,21 +713,30 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     return start
 
 
+STOP_WINDOW = 5  # run.stop_reward compares the mean reward of this many last steps
+
+
+def stop_reward_reached(cfg: Config, recent) -> bool:
+    """Has the mean reward of the last STOP_WINDOW steps (`recent`, oldest first) reached run.stop_reward?"""
+    return cfg.run.stop_reward is not None and len(recent) == STOP_WINDOW and np.mean(recent) >= cfg.run.stop_reward
+
+
 def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     """The summary of a run with nothing left to resume: at its latest checkpoint it has reached run.steps,
-    or the mean reward of its last 5 steps is at run.stop_reward (both as its config.yaml says now, so that
+    or `stop_reward_reached` (both as its config.yaml says now, so that
     raising them there trains on). None when there is training left. Says so on stdout."""
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         return None
     import json
 
-    state = json.loads((ckpt / "state.json").read_text())
+    state = checkpoint.run_state(ckpt)
     step, recent = int(state["step"]), state.get("recent_rewards", [])
     if step >= cfg.run.steps:
         why = f"run.steps={cfg.run.steps}"
-    elif cfg.run.stop_reward is not None and len(recent) == 5 and np.mean(recent) >= cfg.run.stop_reward:
-        why = f"mean reward of its last 5 steps {np.mean(recent):.3f} >= run.stop_reward={cfg.run.stop_reward}"
+    elif stop_reward_reached(cfg, recent):
+        why = (f"mean reward of its last {STOP_WINDOW} steps {np.mean(recent):.3f} >= "
+               f"run.stop_reward={cfg.run.stop_reward}")
     else:
         return None
     final = None
