@@ -224,31 +224,34 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
                   note=note, **extra)
 
 
+def _best_seconds(fn: Callable[[], object], device: str, repeats: int = 5) -> float:
+    """The shortest of `repeats` timed calls of `fn`, the device synchronised around each."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def read_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     """Bytes per second one reduction over a `nbytes` float32 buffer reads (best of 5): the memory bandwidth
     the sampler can use (on a CPU, with the threads torch is set to)."""
     buf = torch.ones(nbytes // 4, device=device)
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        buf.sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+    return nbytes / _best_seconds(buf.sum, device)
 
 
 def matmul_flops(device: str, dtype: torch.dtype, n: int = 1024) -> float:
     """Floating-point operations per second of an n x n x n matrix product (best of 5)."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / _best_seconds(lambda: a @ b, device)
+
+
+def _cached_positions(case: SamplerCase) -> int:
+    """Cache positions the decode steps attend to, summed over the steps (each new token but the last)."""
+    return sum(case.prompt_len + t + 1 for t in range(case.new_tokens - 1))
 
 
 def decode_flops(case: SamplerCase, attention: bool = True) -> int:
@@ -258,7 +261,7 @@ def decode_flops(case: SamplerCase, attention: bool = True) -> int:
     C, L, B = case.n_embd, case.n_layer, case.batch
     linear = 2 * 12 * C * C * L * B * (case.prompt_len + case.new_tokens - 1)
     head = 2 * C * case.vocab * B * case.new_tokens
-    attn = sum(2 * 2 * L * B * (case.prompt_len + t + 1) * C for t in range(case.new_tokens - 1))
+    attn = 2 * 2 * L * B * C * _cached_positions(case)
     return linear + head + (attn if attention else 0)
 
 
@@ -267,7 +270,7 @@ def decode_bytes(case: SamplerCase, elem: int) -> int:
     token but the last), plus the keys and values of every cached position at each decode step."""
     C, L = case.n_embd, case.n_layer
     params = case.vocab * C + (case.prompt_len + case.new_tokens) * C + L * (12 * C * C + 13 * C) + 2 * C
-    kv = sum(2 * L * case.batch * (case.prompt_len + t + 1) * C for t in range(case.new_tokens - 1))
+    kv = 2 * L * case.batch * C * _cached_positions(case)
     return elem * (params * case.new_tokens + kv)
 
 
@@ -630,7 +633,6 @@ def run(args: argparse.Namespace) -> dict:
 def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> None:
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = not ray.is_initialized()
     if started:  # "local": a fresh runtime of our own, never someone else's cluster
         from distpg.orchestrator import start_local_ray
