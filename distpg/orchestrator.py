@@ -69,10 +69,13 @@ def split(items: list, parts: int) -> list[list]:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def wait(refs, timeout: float, what: str):
-    """ray.get with a timeout; failures become a TrainingError that names what failed and why."""
+def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException], ...] = ()):
+    """ray.get with a timeout; failures become a TrainingError that names what failed and why, except
+    those of a type in `passthrough`, which the caller handles."""
     try:
         return ray.get(refs, timeout=timeout)
+    except passthrough:
+        raise
     except GetTimeoutError:
         raise TrainingError(f"{what} did not finish within {timeout:g}s (raise ray.timeout_s or "
                             "rollout.timeout_s if the work is just slow)") from None
@@ -322,8 +325,11 @@ class Trainer:
                 raise TrainingError(f"restarting rollout worker {wid}: it did not start within "
                                     f"{self.cfg.ray.timeout_s:g}s (does the cluster still have room for it?)") from None
         if self.weights_ref is not None:
-            wait(self.workers[wid].set_weights.remote(self.weights_ref), self.cfg.ray.timeout_s,
-                 f"handing weights to the restarted rollout worker {wid}")
+            try:
+                wait(self.workers[wid].set_weights.remote(self.weights_ref), self.cfg.ray.timeout_s,
+                     f"handing weights to the restarted rollout worker {wid}", passthrough=WORKER_FAULTS)
+            except WORKER_FAULTS as e:  # the replacement died too: one more fault, against the same budget
+                self.restart_worker(wid, f"died while being handed the weights ({type(e).__name__})")
 
     def broadcast(self, weights_ref, version: int) -> None:
         """Hand one weights object to every worker; check each now holds `version`. A worker that died is
