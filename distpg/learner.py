@@ -20,6 +20,7 @@ import torch
 from distpg import algo
 from distpg.batch import BatchError, LearnerBatch, to_learner_batch, validate
 from distpg.config import Config
+from distpg.memory import retain_freed_memory
 from distpg.model import token_logprobs
 from distpg.policy import initial_policy
 from distpg.weights import FlatParams, WeightsMessage
@@ -45,6 +46,7 @@ class Learner:
     """The policy being trained, its optimizer, and the baseline state."""
 
     def __init__(self, cfg: Config, num_threads: int = 1, device: str = "cpu") -> None:
+        retain_freed_memory()  # see distpg.memory: no page faults for each step's tensors
         torch.set_num_threads(max(1, num_threads))
         self.cfg = cfg
         self.device = device

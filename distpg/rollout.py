@@ -15,6 +15,7 @@ from distpg import rewards
 from distpg.batch import make_batch
 from distpg.config import Config
 from distpg.generate import SamplingParams, generate
+from distpg.memory import retain_freed_memory
 from distpg.policy import initial_policy
 from distpg.weights import FlatParams, WeightsError, WeightsMessage, packed_elsewhere, receive
 
@@ -33,6 +34,7 @@ class RolloutWorker:
     """Generates and scores rollouts with the policy version it was last given."""
 
     def __init__(self, cfg: Config, worker_id: int, num_threads: int = 1, device: str = "cpu") -> None:
+        retain_freed_memory()  # see distpg.memory: no page faults for each step's tensors
         torch.set_num_threads(max(1, num_threads))
         self.cfg = cfg
         self.worker_id = worker_id
