@@ -407,13 +407,10 @@ def _param_shapes(shape) -> list[tuple[int, ...]]:
 QUIET = ["log.print_every=1000000", "log.samples=0"]
 
 
-STEP_BLOCK = 10  # steps timed together, Ray then one process by turns
-
-
 def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
-    """The real Trainer on Ray (1 rollout worker) against the same classes in one process, by turns in
-    blocks of STEP_BLOCK steps (the figure: the median over blocks of the time per step). Both see the same
-    prompts and seeds, so they compute the same numbers (checked); neither writes TensorBoard or Parquet."""
+    """The real Trainer on Ray (1 rollout worker) against the same classes in one process, interleaved
+    step by step. Both see the same prompts and seeds, so they compute the same numbers (checked); neither
+    writes TensorBoard or Parquet."""
     import ray
 
     from distpg.config import load_config
@@ -442,11 +439,6 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
                 "perf/sync_s": float(batch.schema.metadata[b"sync_s"])}
 
     phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s")
-    # blocks of steps, Ray then one process: within a block Ray issues each step's sample call early (as
-    # training does), and no block's calls are still running while the other side is timed
-    block = max(1, min(STEP_BLOCK, steps))
-    spans = [range(1, warmup + 1)] if warmup else []
-    spans += [range(a, min(a + block, warmup + steps + 1)) for a in range(warmup + 1, warmup + steps + 1, block)]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), placement)
         try:
@@ -454,19 +446,19 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
             trainer.open_outputs(0)
             ray_s, local_s, same = [], [], True
             ray_ph, local_ph = {k: [] for k in phases}, {k: [] for k in phases}
-            for i, span in enumerate(spans):
+            for step in range(1, warmup + steps + 1):
                 t0 = time.perf_counter()
-                rs = [trainer.sync_step(step, ahead=step < span[-1]) for step in span]
+                r = trainer.sync_step(step)
                 t1 = time.perf_counter()
-                los = [local_step(step) for step in span]
+                lo = local_step(step)
                 t2 = time.perf_counter()
-                same &= all(r[k] == lo[k] for r, lo in zip(rs, los) for k in ("rollout/reward_mean", "learner/loss"))
-                if i > 0 or not warmup:
-                    ray_s.append((t1 - t0) / len(span))
-                    local_s.append((t2 - t1) / len(span))
+                same &= all(r[k] == lo[k] for k in ("rollout/reward_mean", "learner/loss"))
+                if step > warmup:
+                    ray_s.append(t1 - t0)
+                    local_s.append(t2 - t1)
                     for k in phases:
-                        ray_ph[k] += [r[k] for r in rs]
-                        local_ph[k] += [lo[k] for lo in los]
+                        ray_ph[k].append(r[k])
+                        local_ph[k].append(lo[k])
             trainer.logger.close()
         finally:
             trainer.close()
@@ -495,7 +487,7 @@ def bench_sync_fraction(overrides: list[str], steps: int, warmup: int) -> dict:
             trainer.open_outputs(0)
             sync, total = [], []
             for step in range(1, warmup + steps + 1):
-                r = trainer.sync_step(step, ahead=step < warmup + steps)
+                r = trainer.sync_step(step)
                 if step > warmup:
                     sync.append(r["perf/sync_s"])
                     total.append(r["perf/step_s"])
@@ -572,7 +564,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated weight sizes: {', '.join(WEIGHT_SIZES)}")
     p.add_argument("--workers", default="1,2,4", help="weights: numbers of workers to broadcast to")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best one counts)")
-    p.add_argument("--steps", type=int, default=40, help="step: timed training steps (after 5 warm-up steps)")
+    p.add_argument("--steps", type=int, default=20, help="step: timed training steps (after 5 warm-up steps)")
     p.add_argument("--threads", type=int, default=1,
                    help="sampler: torch threads (default 1, as a rollout worker with the default 0.5 CPU runs)")
     p.add_argument("--device", default="cpu", help="sampler: cpu or cuda")

@@ -276,8 +276,6 @@ class Trainer:
         self.restarts = 0
         self.weights_ref = None  # the newest published weights: what a restarted worker is handed
         self.version: int | None = None  # their policy version
-        self.ahead = None  # (step, {worker: sample ref}): a step's sample calls, issued early (sync_step)
-        self.t_published: float | None = None  # when the driver learned that the last update finished
         self.workers = [self.start_worker(i) for i in range(cfg.rollout.num_workers)]
         self.worker_nodes = [None] * len(self.workers)
         for w, ref in enumerate([_node_of(w) for w in self.workers]):
@@ -359,11 +357,7 @@ class Trainer:
         n, timeout = len(self.workers), self.cfg.rollout.timeout_s
         # [ref]: Ray hands the reference over unresolved, so the worker times its fetch (perf/sync_s)
         handed = [self.weights_ref]
-        ahead, self.ahead = self.ahead, None
-        if ahead is not None and ahead[0] == step:  # issued by the previous step (see sync_step)
-            refs = dict(ahead[1])
-        else:
-            refs = {w: self.sample_part(step, w, handed) for w in range(n)}
+        refs = {w: self.sample_part(step, w, handed) for w in range(n)}
         done: dict[int, tuple] = {}
         while refs:
             ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
@@ -439,9 +433,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ sync mode
     def sync_steps(self, start_step: int):
         """Synchronous loop: each step waits for every worker, then the learner."""
-        last = self.cfg.run.steps
-        for step in range(start_step + 1, last + 1):
-            yield self.sync_step(step, ahead=step < last)
+        for step in range(start_step + 1, self.cfg.run.steps + 1):
+            yield self.sync_step(step)
 
     def sample_part(self, step: int, wid: int, weights=None):
         """Issue worker `wid`'s share of step `step` (its prompts and seed depend only on seed, step, wid),
@@ -451,32 +444,25 @@ class Trainer:
         return self.workers[wid].sample.remote(split(prompts, n)[wid], split(ids, n)[wid],
                                                sample_seed(self.cfg.run.seed, step, wid), weights)
 
-    def sync_step(self, step: int, ahead: bool = True) -> dict:
-        """One synchronous step: sample, update, log. Every sample call carries the weights of the previous
-        update, and with `ahead` the sample calls of step + 1 go out as soon as this update is issued: each
-        worker waits for the weights to exist and starts the moment the learner publishes them, with no
-        round trip through the driver (which logs meanwhile). The numbers are those of issuing them after.
+    def sync_step(self, step: int) -> dict:
+        """One synchronous step: sample (with the weights of the previous update, handed along with the sample
+        calls: no round trip of their own), update, log.
 
-        perf/rollout_s runs from the moment the weights sampled with were known to exist (or the sample
-        calls were issued) to the last batch; perf/sync_s is the longest any worker spent fetching and
-        loading the weights (a part of perf/rollout_s); perf/learn_s runs from issuing the update to its
-        metrics; perf/step_s is their sum."""
+        perf/rollout_s runs from issuing the sample calls to the last batch; perf/sync_s is the longest any
+        worker spent fetching and loading the weights at the start of its call (a part of perf/rollout_s);
+        perf/learn_s runs from issuing the update to its metrics; perf/step_s is their sum."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        started = self.t_published if self.ahead is not None and self.ahead[0] == step else t0
         refs, batches = self.collect(step)
         t1 = time.perf_counter()
         metrics_ref, weights_ref = self.learner.update.options(num_returns=2).remote(*refs)
-        if ahead:
-            self.ahead = (step + 1, {w: self.sample_part(step + 1, w, [weights_ref]) for w in range(len(self.workers))})
         if self.writer is not None:  # while the learner works
             self.writer.add(step, batches)
         lm = wait(metrics_ref, cfg.ray.timeout_s, f"learner update of step {step}")
-        t2 = self.t_published = time.perf_counter()
+        t2 = time.perf_counter()
         self.weights_ref, self.version = weights_ref, lm["policy/version"]  # go out with the next sample calls
         sync_s = max(_meta_seconds(b, (b"sync_s",)) for b in batches)
-        timing = {"perf/step_s": t2 - started, "perf/rollout_s": t1 - started, "perf/learn_s": t2 - t1,
-                  "perf/sync_s": sync_s}
+        timing = {"perf/step_s": t2 - t0, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": sync_s}
         return self.log_step(step, batches, lm, timing)
 
     # ----------------------------------------------------------------------------------- async mode

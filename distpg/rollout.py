@@ -17,7 +17,7 @@ from distpg.config import Config
 from distpg.generate import SamplingParams, generate
 from distpg.memory import retain_freed_memory
 from distpg.policy import initial_policy
-from distpg.weights import FlatParams, WeightsError, WeightsMessage, await_published, packed_elsewhere, receive
+from distpg.weights import FlatParams, WeightsError, WeightsMessage, packed_elsewhere, receive
 
 
 def sampling_params(cfg: Config, task) -> SamplingParams:
@@ -77,11 +77,8 @@ class RolloutWorker:
                 held.
         Returns:
             a RecordBatch of P·G rows (prompt-major) whose policy_version is the version sampled with, with
-            `wait_s` (waiting for `weights` to be published), `sync_s` (fetching and loading them), `gen_s` and
-            `reward_s` in its schema metadata.
+            `sync_s` (receiving and loading `weights`), `gen_s` and `reward_s` in its schema metadata.
         """
-        t_wait = time.perf_counter()
-        await_published(weights, self.cfg.ray.timeout_s)
         t_sync = time.perf_counter()
         if weights is not None:
             msg = receive(weights, self.cfg.ray.timeout_s)
@@ -123,6 +120,6 @@ class RolloutWorker:
                 "completion_text": texts,
             }
         )
-        meta = {b"wait_s": str(t_sync - t_wait).encode(), b"sync_s": str(t0 - t_sync).encode(),
-                b"gen_s": str(t1 - t0).encode(), b"reward_s": str(t2 - t1).encode()}
+        meta = {b"sync_s": str(t0 - t_sync).encode(), b"gen_s": str(t1 - t0).encode(),
+                b"reward_s": str(t2 - t1).encode()}
         return batch.replace_schema_metadata(meta)

@@ -91,19 +91,6 @@ def this_node() -> str | None:
     return ray.get_runtime_context().get_node_id()
 
 
-def await_published(handed: WeightsMessage | list | None, timeout_s: float) -> None:
-    """Wait (without fetching) until the weights in `[ref]` exist: a sample call may be issued while the
-    learner is still computing the version it hands along (see Trainer.sync_step)."""
-    if not isinstance(handed, list):
-        return
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    ready, _ = ray.wait(handed, timeout=timeout_s, fetch_local=False)
-    if not ready:
-        raise GetTimeoutError(f"the weights handed along were not published within {timeout_s:g}s")
-
-
 def receive(handed: WeightsMessage | list, timeout_s: float) -> WeightsMessage:
     """A weights message handed to a worker: the message itself, or `[ref]`, an object-store reference in a
     list, which Ray passes on unresolved so that the worker fetches it here (and times the fetch)."""
