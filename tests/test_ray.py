@@ -9,7 +9,16 @@ import torch
 from distpg.batch import BatchError, make_batch
 from distpg.learner import Learner
 from distpg.metrics import CONTRACT_METRICS
-from distpg.orchestrator import Trainer, TrainingError, plan_placement, train
+from distpg.orchestrator import (
+    Trainer,
+    TrainingError,
+    plan_placement,
+    rollout_stats,
+    sample_seed,
+    split,
+    step_prompts,
+    train,
+)
 from distpg.rollout import RolloutWorker
 from tests.conftest import small_config
 
@@ -20,6 +29,10 @@ def test_every_step_samples_with_the_version_handed_along(ray_session, tmp_path)
     ray = ray_session
     cfg = small_config("run.steps=4")
     trainer = Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+    # the same steps in one process without Ray: the distributed loop must not change a number
+    workers = [RolloutWorker(cfg, w, 1) for w in range(2)]
+    learner = Learner(cfg, 1)
+    weights = learner.get_weights()
     try:
         trainer.broadcast(trainer.learner.get_weights.remote(), 0)
         trainer.open_outputs(0)
@@ -31,10 +44,14 @@ def test_every_step_samples_with_the_version_handed_along(ray_session, tmp_path)
             # the new version goes out with the next sample calls; this step sampled with the previous one,
             # which the learner held when it updated (staleness 0)
             assert held == [step - 1, step - 1] and record["rollout/staleness_mean"] == 0
-        trainer.logger.close()
-        assert len(trainer.workers) == 2 and record["workers/alive"] == 2
-        assert 0 <= record["perf/sync_s"] <= record["perf/rollout_s"] < record["perf/step_s"]
 
+            prompts, ids = step_prompts(trainer.task, cfg, step)
+            batches = [w.sample(split(prompts, 2)[i], split(ids, 2)[i], sample_seed(cfg.run.seed, step, i), weights)
+                       for i, w in enumerate(workers)]
+            metrics, weights = learner.update(*batches)
+            assert metrics["learner/loss"] == record["learner/loss"]
+            assert metrics["learner/grad_norm"] == record["learner/grad_norm"]
+            assert rollout_stats(batches)["rollout/reward_mean"] == record["rollout/reward_mean"]
         # a worker that samples with another version than it was handed stops the run
         trainer.version += 1  # what the driver believes it handed; the workers get the version they hold
         with pytest.raises(TrainingError, match=r"rollout worker 0 sampled step 5 with policy version\(s\) "
