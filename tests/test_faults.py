@@ -9,7 +9,8 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from distpg.orchestrator import TrainingError, train
+from distpg.orchestrator import Trainer, TrainingError, plan_placement, train
+from distpg.rollout import RolloutWorker
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.ray
@@ -112,3 +113,42 @@ def test_restart_budget_stops_the_run_with_a_clear_error(ray_session, tmp_path):
         chaos.stop.set()
         chaos.join()
     assert not list((tmp_path / "r").rglob(".tmp-*")), "no half-written checkpoint is left behind"
+
+
+class DiesOnSetWeights(RolloutWorker):
+    """A replacement worker whose process exits while it is being handed the weights."""
+
+    def set_weights(self, msg):
+        os._exit(1)
+
+
+@pytest.mark.parametrize("budget", [2, 1])
+def test_a_replacement_that_dies_while_handed_the_weights_is_one_more_fault(ray_session, tmp_path, budget):
+    ray = ray_session
+    cfg = small_config(f"rollout.max_restarts={budget}")
+    trainer = Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+    started = []
+
+    def start_worker(wid):  # the first replacement dies in set_weights, the next one is a plain worker
+        started.append(wid)
+        cls = DiesOnSetWeights if len(started) == 1 else RolloutWorker
+        return ray.remote(cls).options(**trainer.on_bundle(wid + 1, trainer.placement.worker)).remote(
+            cfg, wid, 1, "cpu")
+
+    try:
+        trainer.broadcast(trainer.learner.get_weights.remote(), 0)
+        trainer.start_worker = start_worker
+        if budget == 1:
+            with pytest.raises(TrainingError, match=r"rollout worker 0 died while being handed the weights "
+                               r"\(.*\), and the restart budget rollout.max_restarts=1 is spent"):
+                trainer.restart_worker(0, "was lost")
+            return
+        trainer.restart_worker(0, "was lost")
+        assert trainer.restarts == 2 and started == [0, 0]
+        assert ray.get([w.get_version.remote() for w in trainer.workers], timeout=60) == [0, 0]
+        trainer.open_outputs(0)
+        record = trainer.sync_step(1)  # the second replacement samples its share
+        assert record["workers/alive"] == 2 and record["policy/version"] == 1
+        trainer.logger.close()
+    finally:
+        trainer.close()
