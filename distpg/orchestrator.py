@@ -556,7 +556,9 @@ class AsyncPipeline:
     Worker w may start step s once it has been handed weights of version >= s - 1 - K (K =
     algo.max_staleness): the learner consumes step s at version s - 1, so no batch is ever more than K
     versions old and nothing generated is thrown away. Workers queue up to two calls, so they go straight
-    from one batch to the next; weights go out (one object, N readers) as soon as each update finishes.
+    from one batch to the next. Each new version goes to a worker with the next sample call issued to it
+    (one object, N readers, no call of its own): a worker's calls run in order, so that call is the first
+    to sample after the update either way.
     With K = 0 this is the synchronous schedule exactly: same prompts, seeds, versions and numbers.
     A worker that dies, or holds a share longer than rollout.timeout_s, is replaced and its unfinished
     shares are reissued with the same prompts and seeds.
@@ -566,19 +568,23 @@ class AsyncPipeline:
         self.t, self.cfg = trainer, trainer.cfg
         n = len(trainer.workers)
         self.next_step = [start_step + 1] * n  # the next step each worker will sample
-        self.handed = [version] * n  # newest weights version issued to each worker (calls run in order)
+        self.handed = [version] * n  # newest weights version handed to each worker (calls run in order)
         self.version = version
-        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_issued) | ("ack", ...) | ("update",)
+        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_issued) | ("update",)
         self.parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
         self.rollout_t: dict[int, float] = {}  # step -> first issue time, then its rollout seconds
         self.update = None  # (step, metrics_ref, weights_ref, t_launch) of the update in flight
-        self.next_update, self.t_prev, self.sync_s = start_step + 1, time.perf_counter(), 0.0
+        self.next_update, self.t_prev = start_step + 1, time.perf_counter()
 
     def in_flight(self, w: int) -> list[int]:
         return [k[1] for k in self.pending.values() if k[0] == "sample" and k[2] == w]
 
     def issue(self, s: int, w: int) -> None:
-        self.pending[self.t.sample_part(s, w)] = ("sample", s, w, time.perf_counter())
+        """Issue worker w's share of step s, handing it the newest weights unless it has them already."""
+        weights = None
+        if self.handed[w] < self.version:
+            weights, self.handed[w] = [self.t.weights_ref], self.version
+        self.pending[self.t.sample_part(s, w, weights)] = ("sample", s, w, time.perf_counter())
         self.rollout_t.setdefault(s, time.perf_counter())
 
     def advance(self) -> dict | None:
@@ -586,7 +592,7 @@ class AsyncPipeline:
         cfg, n, K = self.cfg, len(self.t.workers), self.cfg.algo.max_staleness
         for w in range(n):
             while len(self.in_flight(w)) < 2 and self.next_step[w] <= cfg.run.steps and \
-                    self.handed[w] >= self.next_step[w] - 1 - K:
+                    self.version >= self.next_step[w] - 1 - K:  # the version the call will carry
                 self.issue(self.next_step[w], w)
                 self.next_step[w] += 1
         if self.update is None and len(self.parts.get(self.next_update, {})) == n:
@@ -602,8 +608,6 @@ class AsyncPipeline:
         kind = self.pending.pop(ref)
         if kind[0] == "sample":
             self.on_sample(ref, kind[1], kind[2])
-        elif kind[0] == "ack":
-            self.on_ack(ref, kind[1], kind[2])
         else:
             return self.on_update()
         return None
@@ -621,26 +625,17 @@ class AsyncPipeline:
         if len(self.parts[s]) == len(self.t.workers):
             self.rollout_t[s] = time.perf_counter() - self.rollout_t[s]
 
-    def on_ack(self, ref, w: int, t_sent: float) -> None:
-        try:
-            ray.get(ref, timeout=self.cfg.ray.timeout_s)
-            self.sync_s = time.perf_counter() - t_sent
-        except WORKER_FAULTS as e:
-            self.replace(w, f"died while loading weights ({type(e).__name__})")
-
     def on_update(self) -> dict:
         s, metrics_ref, weights_ref, t_launch = self.update
         lm = wait(metrics_ref, self.cfg.ray.timeout_s, f"learner update of step {s}")
         now = time.perf_counter()
-        self.version, self.t.weights_ref = lm["policy/version"], weights_ref
-        for w, worker in enumerate(self.t.workers):
-            self.pending[worker.set_weights.remote(weights_ref)] = ("ack", w, now)
-            self.handed[w] = self.version
+        self.version, self.t.weights_ref = lm["policy/version"], weights_ref  # out with the next calls
         batches = [self.parts[s][w][1] for w in range(len(self.t.workers))]
         if self.t.writer is not None:
             self.t.writer.add(s, batches)
         timing = {"perf/step_s": now - self.t_prev, "perf/rollout_s": self.rollout_t.pop(s),
-                  "perf/learn_s": now - t_launch, "perf/sync_s": self.sync_s}
+                  "perf/learn_s": now - t_launch,
+                  "perf/sync_s": max(_meta_seconds(b, (b"sync_s",)) for b in batches)}
         del self.parts[s]
         self.update, self.next_update, self.t_prev = None, self.next_update + 1, now
         return self.t.log_step(s, batches, lm, timing)
@@ -658,8 +653,7 @@ class AsyncPipeline:
     def replace(self, w: int, reason: str, also: list[int] = ()) -> None:
         """Replace worker w and reissue its unfinished shares (and `also`) with the current weights."""
         lost = sorted(set(also) | set(self.in_flight(w)))
-        self.pending = {r: k for r, k in self.pending.items()
-                        if not ((k[0] == "sample" and k[2] == w) or (k[0] == "ack" and k[1] == w))}
+        self.pending = {r: k for r, k in self.pending.items() if not (k[0] == "sample" and k[2] == w)}
         self.t.restart_worker(w, reason)
         self.handed[w] = self.version
         for s in lost:

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from distpg import algo
-from distpg.orchestrator import train
+from distpg.orchestrator import Trainer, plan_placement, train
+from distpg.rollout import RolloutWorker
 from tests.conftest import small_config
 
 ASYNC = ("run.mode=async", "log.ledger=true", "run.checkpoint_every=100")
@@ -107,3 +108,49 @@ def test_unknown_off_policy_mode():
     t = torch.zeros(1, 1)
     with pytest.raises(ValueError, match="algo.off_policy='vtrace': allowed are truncated, clipped, none"):
         algo.off_policy_loss(t, t, t.bool(), torch.zeros(1), torch.tensor([True]), 1, mode="vtrace")
+
+
+class CountsSetWeights(RolloutWorker):
+    """A rollout worker that counts the set_weights calls made to it from outside (not from its sample)."""
+
+    outside = 0
+    in_sample = False
+
+    def set_weights(self, msg):
+        self.outside += not self.in_sample
+        return super().set_weights(msg)
+
+    def sample(self, *args, **kwargs):
+        self.in_sample = True
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            self.in_sample = False
+
+    def get_outside(self):
+        return self.outside
+
+
+@pytest.mark.ray
+def test_async_workers_get_each_version_with_a_sample_call(ray_session, tmp_path, monkeypatch):
+    ray = ray_session
+    cfg = small_config("run.steps=6", *ASYNC, "algo.max_staleness=1")
+
+    def start_worker(self, wid):
+        return ray.remote(CountsSetWeights).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
+            self.cfg, wid, 1, self.device)
+
+    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    trainer = Trainer(cfg, tmp_path / "r", plan_placement(cfg, cpus=2, gpus=0))
+    try:
+        (tmp_path / "r").mkdir()
+        trainer.run()
+        # the run's first broadcast is the only set_weights call: every later version rode on a sample call
+        assert ray.get([w.get_outside.remote() for w in trainer.workers], timeout=60) == [1, 1]
+        held = ray.get([w.get_version.remote() for w in trainer.workers], timeout=60)
+        assert min(held) >= 6 - 1 - 1  # the last steps sampled with recent versions (K = 1)
+    finally:
+        trainer.close()
+    recs = records(tmp_path / "r")
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert all(r["perf/sync_s"] >= 0 for r in recs) and any(r["perf/sync_s"] > 0 for r in recs[1:])
