@@ -4,11 +4,11 @@
   temperature 1 with no top-k/top-p, KV cache on, exactly `new_tokens` tokens per row) with identical
   weights: a randomly initialised `GPT2LMHeadModel` (nothing is downloaded) copied into distpg's GPT.
 - weights: N rollout workers loading one published policy version from the object store, a `set_weights`
-  call each (what async mode and a restarted worker do), and a new version handed along with a call as
-  synchronous training does (the slowest worker's fetch + load, timed on the workers: what `perf/sync_s`
-  times), both against one plain `ray.put` + `ray.get` of the same bytes; the notes add Ray's own cost
-  of a call per worker carrying the reference, and the whole publication (the learner packs its flat
-  buffer and puts it, then the N workers load it).
+  call each (what a run's first broadcast and a restarted worker do), and a new version handed along
+  with a call as training does, sync and async (the slowest worker's fetch + load, timed on the workers:
+  what `perf/sync_s` times), both against one plain `ray.put` + `ray.get` of the same bytes; the notes
+  add Ray's own cost of a call per worker carrying the reference, and the whole publication (the
+  learner packs its flat buffer and puts it, then the N workers load it).
 - step: one synchronous training step (1 rollout worker, the real `Trainer` on Ray) against a
   single-process loop without Ray doing the same work with the same classes: the cost of distribution.
   Also the share of step time spent on weight sync with the default config.
