@@ -309,9 +309,7 @@ class _Subscriber:
         self.flat = FlatParams(build_model(shape, seed=1))
 
     def set_weights(self, msg) -> int:
-        from distpg.weights import packed_elsewhere
-
-        self.flat.load(msg, verify=packed_elsewhere(msg), share=True)
+        self.flat.load_published(msg)
         return msg.version
 
     def take(self, handed: list) -> float:
@@ -415,7 +413,7 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
 
     from distpg.config import load_config
     from distpg.learner import Learner
-    from distpg.orchestrator import Trainer, plan_placement, rollout_stats, sample_seed, step_prompts
+    from distpg.orchestrator import Trainer, plan_placement, rollout_stats, sample_seed, step_prompts, sync_seconds
     from distpg.rollout import RolloutWorker
 
     cfg = load_config(None, ["rollout.num_workers=1", "log.tensorboard=false", "log.rollouts=false", *QUIET,
@@ -436,7 +434,7 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
         stats = rollout_stats([batch])
         t2 = time.perf_counter()
         return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1,
-                "perf/sync_s": float(batch.schema.metadata[b"sync_s"])}
+                "perf/sync_s": sync_seconds([batch])}
 
     phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s")
     with tempfile.TemporaryDirectory() as tmp:

@@ -461,8 +461,8 @@ class Trainer:
         lm = wait(metrics_ref, cfg.ray.timeout_s, f"learner update of step {step}")
         t2 = time.perf_counter()
         self.weights_ref, self.version = weights_ref, lm["policy/version"]  # go out with the next sample calls
-        sync_s = max(_meta_seconds(b, (b"sync_s",)) for b in batches)
-        timing = {"perf/step_s": t2 - t0, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1, "perf/sync_s": sync_s}
+        timing = {"perf/step_s": t2 - t0, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1,
+                  "perf/sync_s": sync_seconds(batches)}
         return self.log_step(step, batches, lm, timing)
 
     # ----------------------------------------------------------------------------------- async mode
@@ -534,6 +534,11 @@ def _meta_seconds(batch: pa.RecordBatch, keys: tuple[bytes, ...] = (b"gen_s", b"
     """Seconds a worker spent on a batch (by default generation + rewards), from the batch's schema metadata."""
     meta = batch.schema.metadata or {}
     return sum(float(meta.get(k, 0)) for k in keys)
+
+
+def sync_seconds(batches: list[pa.RecordBatch]) -> float:
+    """perf/sync_s: the longest any worker spent fetching and loading the weights handed with its call."""
+    return max(_meta_seconds(b, (b"sync_s",)) for b in batches)
 
 
 def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources: dict, local: bool) -> str:
@@ -635,7 +640,7 @@ class AsyncPipeline:
             self.t.writer.add(s, batches)
         timing = {"perf/step_s": now - self.t_prev, "perf/rollout_s": self.rollout_t.pop(s),
                   "perf/learn_s": now - t_launch,
-                  "perf/sync_s": max(_meta_seconds(b, (b"sync_s",)) for b in batches)}
+                  "perf/sync_s": sync_seconds(batches)}
         del self.parts[s]
         self.update, self.next_update, self.t_prev = None, self.next_update + 1, now
         return self.t.log_step(s, batches, lm, timing)

@@ -17,7 +17,7 @@ from distpg.config import Config
 from distpg.generate import SamplingParams, generate
 from distpg.memory import retain_freed_memory
 from distpg.policy import initial_policy
-from distpg.weights import FlatParams, WeightsError, WeightsMessage, packed_elsewhere, receive
+from distpg.weights import FlatParams, WeightsError, WeightsMessage, receive
 
 
 def sampling_params(cfg: Config, task) -> SamplingParams:
@@ -56,7 +56,7 @@ class RolloutWorker:
         distpg.weights), else it is copied (and converted to rollout.dtype); the checksum is re-read only if
         the message was packed on another node.
         """
-        self.flat.load(msg, verify=packed_elsewhere(msg), share=True)
+        self.flat.load_published(msg)
         self.version = msg.version
         return self.version
 

@@ -179,6 +179,11 @@ class FlatParams:
         if verify and checksum(buf) != msg.checksum:
             raise WeightsError(f"weights v{msg.version}: checksum mismatch (corrupted in transit)")
 
+    def load_published(self, msg: WeightsMessage) -> None:
+        """Load a message as a rollout worker does: without a copy where possible (`share`), re-reading the
+        checksum only if it was packed on another node (`packed_elsewhere`)."""
+        self.load(msg, verify=packed_elsewhere(msg), share=True)
+
     def load(self, msg: WeightsMessage, verify: bool = True, share: bool = False) -> None:
         """Make the parameters hold `msg`'s weights, after `check(msg, verify)`.
 
