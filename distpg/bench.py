@@ -408,9 +408,11 @@ QUIET = ["log.print_every=1000000", "log.samples=0"]
 def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
     """The real Trainer on Ray (1 rollout worker) against the same classes in one process, interleaved
     step by step. Both see the same prompts and seeds, so they compute the same numbers (checked); neither
-    writes TensorBoard or Parquet."""
+    writes TensorBoard or Parquet. With rollout.colocate=true in `overrides` the one process runs the same
+    `ColocatedLearner.step` the learner's actor runs."""
     import ray
 
+    from distpg.colocated import ColocatedLearner
     from distpg.config import load_config
     from distpg.learner import Learner
     from distpg.orchestrator import Trainer, plan_placement, rollout_stats, sample_seed, step_prompts, sync_seconds
@@ -420,22 +422,32 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
                              *overrides])
     res = ray.cluster_resources()
     placement = plan_placement(cfg, res.get("CPU", 0), 0)
-    worker = RolloutWorker(cfg, 0, max(1, round(cfg.rollout.num_cpus_per_worker)))
-    learner = Learner(cfg, max(1, round(cfg.learner.num_cpus)))
+    if cfg.rollout.colocate:
+        learner = worker = ColocatedLearner(cfg, max(1, round(cfg.learner.num_cpus)))
+    else:
+        worker = RolloutWorker(cfg, 0, max(1, round(cfg.rollout.num_cpus_per_worker)))
+        learner = Learner(cfg, max(1, round(cfg.learner.num_cpus)))
     weights = learner.get_weights()
+    worker.set_weights(weights)
 
     def local_step(step: int) -> dict:  # as Trainer.sync_step: the weights go along with the sample call
         nonlocal weights
-        prompts, ids = step_prompts(worker.task, cfg, step)
+        prompts, ids = step_prompts(task, cfg, step)
+        seed = sample_seed(cfg.run.seed, step, 0)
         t0 = time.perf_counter()
-        batch = worker.sample(prompts, ids, sample_seed(cfg.run.seed, step, 0), weights)
-        t1 = time.perf_counter()
-        metrics, weights = learner.update(batch)
+        if cfg.rollout.colocate:  # as Trainer.single_call_step
+            batch, metrics = learner.step(prompts, ids, seed)
+            t1 = t0 + sum(float(batch.schema.metadata[k]) for k in (b"sync_s", b"gen_s", b"reward_s"))
+        else:
+            batch = worker.sample(prompts, ids, seed, weights)
+            t1 = time.perf_counter()
+            metrics, weights = learner.update(batch)
         stats = rollout_stats([batch])
         t2 = time.perf_counter()
         return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1,
                 "perf/sync_s": sync_seconds([batch])}
 
+    task = (learner.worker if cfg.rollout.colocate else worker).task
     phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), placement)
@@ -463,7 +475,9 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
     med = {side: {k.split("/")[1][:-2]: statistics.median(v) * 1e3 for k, v in ph.items()}
            for side, ph in (("ray", ray_ph), ("local", local_ph))}
     note = " ".join(f"{k} {med['ray'][k]:.1f}/{med['local'][k]:.1f}" for k in med["ray"]) + " ms (Ray/one process)"
-    return figure(f"sync step, 1 worker, Ray vs one process ({cfg.model.preset})", statistics.median(ray_s) * 1e3,
+    where = ", in the learner (rollout.colocate)" if cfg.rollout.colocate else ""
+    return figure(f"sync step, 1 worker{where}, Ray vs one process ({cfg.model.preset})",
+                  statistics.median(ray_s) * 1e3,
                   statistics.median(local_s) * 1e3, "ms/step", "lower", 1.10, same_numbers=same, steps=steps,
                   ray_s=ray_s, local_s=local_s, phases_ms=med, note=note)
 
@@ -649,8 +663,9 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
             print("step: synchronous training step on Ray vs one process without Ray", flush=True)
             res = out["results"]["step"] = []
             steps, warmup = (3, 1) if quick else (args.steps, 5)
-            res.append(bench_step(sets, steps, warmup))
-            print_figure(res[-1])
+            for colocate in ("false", "true"):
+                res.append(bench_step([*sets, f"rollout.colocate={colocate}"], steps, warmup))
+                print_figure(res[-1])
             res.append(bench_sync_fraction(sets, steps, warmup))
             print_figure(res[-1])
     finally:

@@ -124,6 +124,10 @@ class RolloutConfig:
         "stays float32 and corrects every sample by pi/mu as algo.off_policy says, as it does stale ones)",
         ("float32", "bfloat16"),
     )
+    colocate: bool = _f(
+        False, "run rollout worker 0 in the learner's actor (sync mode): it samples with the learner's own "
+        "weights, with no process, model copy or weights transfer of its own, and with one worker a step is one "
+        "call; it uses the learner's CPUs/GPU share, the other workers are actors as usual")
     num_cpus_per_worker: float = _f(0.5, "CPUs reserved per worker; torch threads = max(1, round(this))")
     num_gpus_per_worker: float = _f(0.25, "GPU fraction per worker when training on GPUs")
     timeout_s: float = _f(300.0, "longest wait for one worker's batch; a worker that takes longer is replaced")
@@ -319,6 +323,9 @@ def _validate(cfg: Config) -> None:
             f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is less than rollout.num_workers="
             f"{cfg.rollout.num_workers}: every worker needs at least one prompt per step"
         )
+    if cfg.rollout.colocate and cfg.run.mode == "async":
+        raise ConfigError("rollout.colocate=true needs run.mode=sync: in async mode the learner trains while "
+                          "the workers sample, so a worker in its process would hold it up")
     ranges = {
         "rollout.temperature": (cfg.rollout.temperature, 0.0, None),
         "rollout.top_p": (cfg.rollout.top_p, 1e-9, 1.0),

@@ -316,8 +316,7 @@ def check_config(report: Report, cfg: Config, label: str) -> None:
         report.add(FAIL, f"{label} does not fit this cluster: {e}")
         return
     n = cfg.rollout.num_workers
-    cpus = placement.learner["CPU"] + n * placement.worker["CPU"]
-    gpus = placement.learner.get("GPU", 0) + n * placement.worker.get("GPU", 0)
+    cpus, gpus = placement.reserved(n, "CPU"), placement.reserved(n, "GPU")
     report.add(OK, f"{label} fits: {n} workers + the learner reserve {cpus:g} of {res.get('CPU', 0):g} CPUs"
                + (f" and {gpus:g} of {res.get('GPU', 0):g} GPUs" if placement.use_gpu else " (CPU training)"))
 

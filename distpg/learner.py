@@ -91,6 +91,10 @@ class Learner:
     # ------------------------------------------------------------------------------------------- update
     def update(self, *batches: pa.RecordBatch) -> tuple[dict, WeightsMessage]:
         """One policy-gradient step on the given batches; returns (metrics, new weights)."""
+        return self.learn(*batches), self.get_weights()
+
+    def learn(self, *batches: pa.RecordBatch) -> dict:
+        """One policy-gradient step on the given batches; returns its metrics (`update` also publishes)."""
         t0 = time.perf_counter()
         for batch in batches:
             validate(batch, self.vocab_size)
@@ -211,7 +215,7 @@ class Learner:
             "perf/learner_tokens_per_s": float(b.response_mask.shape[0] * b.tokens.shape[1]) / learn_s,
             "perf/learner_compute_s": learn_s,
         }
-        return metrics, self.get_weights()
+        return metrics
 
     def _grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -38,6 +38,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distpg import checkpoint
 from distpg.batch import RolloutWriter
+from distpg.colocated import ColocatedLearner
 from distpg.config import Config, ConfigError, dump_config, node_resources
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger
@@ -107,6 +108,18 @@ class Placement:
     learner: dict  # Ray resources of the learner bundle (with its node resource when pinned)
     worker: dict  # Ray resources of each worker bundle, without a node resource
     worker_nodes: tuple = ()  # node resources the workers are pinned to, round-robin (empty: any node)
+    colocated: bool = False  # rollout worker 0 runs in the learner's actor (rollout.colocate)
+
+    def own_actors(self, num_workers: int) -> range:
+        """The workers that get an actor and a bundle of their own."""
+        return range(1 if self.colocated else 0, num_workers)
+
+    def bundle_index(self, wid: int) -> int:
+        return wid + (0 if self.colocated else 1)
+
+    def reserved(self, num_workers: int, res: str) -> float:
+        """How much of resource `res` ("CPU" or "GPU") the learner and the workers reserve together."""
+        return self.learner.get(res, 0) + len(self.own_actors(num_workers)) * self.worker.get(res, 0)
 
     def worker_bundle(self, i: int) -> dict:
         if not self.worker_nodes:
@@ -114,8 +127,8 @@ class Placement:
         return {**self.worker, self.worker_nodes[i % len(self.worker_nodes)]: NODE_RESOURCE_UNIT}
 
     def bundles(self, num_workers: int) -> list[dict]:
-        """The placement group: bundle 0 is the learner, bundle i + 1 worker i."""
-        return [self.learner] + [self.worker_bundle(i) for i in range(num_workers)]
+        """The placement group: bundle 0 is the learner, bundle `bundle_index(i)` worker i."""
+        return [self.learner] + [self.worker_bundle(i) for i in self.own_actors(num_workers)]
 
 
 def cluster_nodes() -> list[dict]:
@@ -139,25 +152,28 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
     for name, res in (("learner.num_cpus", learner), ("rollout.num_cpus_per_worker", worker)):
         if not any(v > 0 for v in res.values()):
             raise ConfigError(f"{name}=0 with no GPU: every actor needs some CPU (a fraction is fine)")
-    n = cfg.rollout.num_workers
-    need_cpu = learner["CPU"] + n * worker["CPU"]
+    n, colocated = cfg.rollout.num_workers, cfg.rollout.colocate
+    placement = Placement(use_gpu, learner, worker, tuple(worker_nodes), colocated)
+    own = len(placement.own_actors(n))
+    workers = f"rollout.num_workers={n} workers" + (" (one of them in the learner: rollout.colocate)" if colocated
+                                                     else "")
+    need_cpu = placement.reserved(n, "CPU")
     if need_cpu > cpus + 1e-9:
+        most = int((cpus - learner["CPU"]) // max(worker["CPU"], 1e-9)) + colocated
         raise ConfigError(
-            f"rollout.num_workers={n} workers x rollout.num_cpus_per_worker={worker['CPU']:g} CPUs + "
+            f"{workers}, {own} x rollout.num_cpus_per_worker={worker['CPU']:g} CPUs + "
             f"learner.num_cpus={learner['CPU']:g} need {need_cpu:g} CPUs, but the Ray cluster has {cpus:g}; "
-            f"allowed: at most {int((cpus - learner['CPU']) // max(worker['CPU'], 1e-9))} workers at this size, "
-            "or lower rollout.num_cpus_per_worker"
+            f"allowed: at most {most} workers at this size, or lower rollout.num_cpus_per_worker"
         )
     if use_gpu:
-        need_gpu = learner["GPU"] + n * worker["GPU"]
+        need_gpu = placement.reserved(n, "GPU")
         if need_gpu > gpus + 1e-9:
             raise ConfigError(
-                f"learner.num_gpus={learner['GPU']:g} + rollout.num_workers={n} x rollout.num_gpus_per_worker="
+                f"learner.num_gpus={learner['GPU']:g} + {workers}, {own} x rollout.num_gpus_per_worker="
                 f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}"
             )
     if learner_node is not None:
         learner[learner_node] = NODE_RESOURCE_UNIT
-    placement = Placement(use_gpu, learner, worker, tuple(worker_nodes))
     if nodes is not None:
         _check_nodes(placement, n, nodes)
     return placement
@@ -172,7 +188,7 @@ def _check_nodes(placement: Placement, n: int, nodes: list[dict]) -> None:
                      and not k.startswith("node:")})
     groups: dict[str, list[dict]] = {}  # node resource -> the bundles pinned to it
     for path, bundle in [("learner", placement.learner)] + [
-            ("rollout", placement.worker_bundle(i)) for i in range(n)]:
+            ("rollout", placement.worker_bundle(i)) for i in placement.own_actors(n)]:
         pin = next((k for k in bundle if k not in ("CPU", "GPU")), None)
         field = f"{path}.node_resource"
         candidates = [node for node in nodes if pin is None or node.get(pin, 0) > 0]
@@ -270,13 +286,18 @@ class Trainer:
         wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
         self.placement = placement
         self.device = "cuda" if placement.use_gpu else "cpu"
-        self.learner = ray.remote(Learner).options(**self.on_bundle(0, placement.learner)).remote(
+        learner_cls = ColocatedLearner if placement.colocated else Learner
+        self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
             cfg, _threads(placement.learner["CPU"]), self.device
         )
         self.restarts = 0
         self.weights_ref = None  # the newest published weights: what a restarted worker is handed
         self.version: int | None = None  # their policy version
-        self.workers = [self.start_worker(i) for i in range(cfg.rollout.num_workers)]
+        # with rollout.colocate, worker 0 is the learner's actor; its calls are those of a worker
+        self.workers = [self.learner if placement.colocated and i == 0 else self.start_worker(i)
+                        for i in range(cfg.rollout.num_workers)]
+        # one worker in the learner and no other: a step is one call (ColocatedLearner.step)
+        self.single_call = placement.colocated and cfg.rollout.num_workers == 1
         self.worker_nodes = [None] * len(self.workers)
         for w, ref in enumerate([_node_of(w) for w in self.workers]):
             try:
@@ -292,7 +313,8 @@ class Trainer:
         )
 
     def start_worker(self, wid: int):
-        return ray.remote(RolloutWorker).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
+        return ray.remote(RolloutWorker).options(**self.on_bundle(self.placement.bundle_index(wid),
+                                                                  self.placement.worker)).remote(
             self.cfg, wid, _threads(self.placement.worker["CPU"]), self.device
         )
 
@@ -302,6 +324,10 @@ class Trainer:
         Its unfinished work is reissued by the caller with the same prompts and seed, so every sample is
         produced and counted exactly once, and a sync run's numbers are those of a run without the fault.
         """
+        if self.workers[wid] is self.learner:
+            raise TrainingError(f"rollout worker {wid}, which runs in the learner's actor (rollout.colocate), "
+                                f"{reason}: the learner is lost with it; the latest checkpoint is intact "
+                                "(distpg train --resume)")
         self.restarts += 1
         budget = self.cfg.rollout.max_restarts
         if self.restarts > budget:
@@ -452,6 +478,8 @@ class Trainer:
         worker spent fetching and loading the weights at the start of its call (a part of perf/rollout_s);
         perf/learn_s runs from issuing the update to its metrics; perf/step_s is their sum."""
         cfg = self.cfg
+        if self.single_call:
+            return self.single_call_step(step)
         t0 = time.perf_counter()
         refs, batches = self.collect(step)
         t1 = time.perf_counter()
@@ -464,6 +492,29 @@ class Trainer:
         timing = {"perf/step_s": t2 - t0, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1,
                   "perf/sync_s": sync_seconds(batches)}
         return self.log_step(step, batches, lm, timing)
+
+    def single_call_step(self, step: int) -> dict:
+        """The synchronous step when the only worker runs in the learner (rollout.colocate, one worker): one
+        call samples and learns. perf/rollout_s is the worker's time in it (loading the weights, generating,
+        scoring), perf/learn_s the rest of the step (the update and the call's round trip)."""
+        cfg = self.cfg
+        prompts, ids = step_prompts(self.task, cfg, step)
+        t0 = time.perf_counter()
+        refs = self.learner.step.options(num_returns=2).remote(prompts, ids, sample_seed(cfg.run.seed, step, 0))
+        batch, lm = wait(refs, cfg.rollout.timeout_s + cfg.ray.timeout_s,
+                         f"step {step} (sampling and update in the learner's actor)")
+        step_s = time.perf_counter() - t0
+        held = set(batch.column("policy_version").unique().to_pylist())
+        if held - {self.version}:
+            raise TrainingError(f"the learner's rollout worker sampled step {step} with policy version(s) "
+                                f"{sorted(held)}, expected {self.version}")
+        self.version = lm["policy/version"]
+        if self.writer is not None:
+            self.writer.add(step, [batch])
+        rollout_s = _meta_seconds(batch, (b"sync_s", b"gen_s", b"reward_s"))
+        timing = {"perf/step_s": step_s, "perf/rollout_s": rollout_s, "perf/learn_s": step_s - rollout_s,
+                  "perf/sync_s": sync_seconds([batch])}
+        return self.log_step(step, [batch], lm, timing)
 
     # ----------------------------------------------------------------------------------- async mode
     def async_steps(self, start_step: int, version: int):
@@ -513,7 +564,7 @@ class Trainer:
         checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
     def close(self) -> None:
-        for actor in [self.learner, *self.workers]:
+        for actor in [self.learner, *(w for w in self.workers if w is not self.learner)]:
             ray.kill(actor)
         remove_placement_group(self.pg)
 
@@ -552,6 +603,7 @@ def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources:
         f"baseline {cfg.algo.baseline}; {cfg.run.steps} steps; mode {cfg.run.mode}"
         + (f" (max_staleness {cfg.algo.max_staleness}, {cfg.algo.off_policy})" if cfg.run.mode == "async" else "")
         + (f"; workers sample in {cfg.rollout.dtype}" if cfg.rollout.dtype != "float32" else "")
+        + ("; rollout worker 0 runs in the learner's actor (rollout.colocate)" if placement.colocated else "")
     )
 
 

@@ -63,6 +63,15 @@ class RolloutWorker:
     def get_version(self) -> int | None:
         return self.version
 
+    def take(self, weights: WeightsMessage | list) -> None:
+        """Load the weights handed along with a sample call, unless they are the version held already."""
+        msg = receive(weights, self.cfg.ray.timeout_s)
+        if self.version is not None and msg.version < self.version:
+            raise WeightsError(f"rollout worker {self.worker_id} holds policy v{self.version} and was handed "
+                               f"the older v{msg.version}")
+        if msg.version != self.version:
+            self.set_weights(msg)
+
     def sample(self, prompts: list[str], prompt_ids: list[int], seed: int,
                weights: WeightsMessage | list | None = None) -> pa.RecordBatch:
         """G = rollout.group_size completions for each prompt, scored.
@@ -81,12 +90,7 @@ class RolloutWorker:
         """
         t_sync = time.perf_counter()
         if weights is not None:
-            msg = receive(weights, self.cfg.ray.timeout_s)
-            if self.version is not None and msg.version < self.version:
-                raise WeightsError(f"rollout worker {self.worker_id} holds policy v{self.version} and was handed "
-                                   f"the older v{msg.version}")
-            if msg.version != self.version:
-                self.set_weights(msg)
+            self.take(weights)
         if self.version is None:
             raise RuntimeError(f"rollout worker {self.worker_id}: sample() called before set_weights()")
         G = self.cfg.rollout.group_size

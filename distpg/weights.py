@@ -136,7 +136,9 @@ class FlatParams:
                 manifest.append((name, tuple(p.shape), offset))
                 offset += p.numel()
         self.manifest = tuple(manifest)
-        self.held: WeightsMessage | None = None  # the message whose buffer the parameters view (shared)
+        # what owns the buffer the parameters view when it is not their own: a message (`load(share=True)`,
+        # held so that the object store keeps its bytes) or another FlatParams (`follow`)
+        self.held: WeightsMessage | FlatParams | None = None
         self._bind(flat)
 
     def _bind(self, flat: torch.Tensor) -> None:
@@ -184,6 +186,17 @@ class FlatParams:
         checksum only if it was packed on another node (`packed_elsewhere`)."""
         self.load(msg, verify=packed_elsewhere(msg), share=True)
 
+    def follow(self, other: FlatParams) -> None:
+        """Hold the weights of `other`, the FlatParams of another model of the same shape in this process (a
+        colocated rollout worker following its learner): the parameters become views of `other`'s buffer
+        where dtype and device match (no copy: they change when `other` changes, so sample only between
+        updates), else one converting copy into this model's own buffer."""
+        if other.manifest != self.manifest:
+            raise WeightsError("the models differ in shape; first parameter: "
+                               f"{other.manifest[:1]} vs {self.manifest[:1]}")
+        src = other.flat.detach()
+        self._take(src, other, share=src.dtype == self.flat.dtype and src.device == self.flat.device)
+
     def load(self, msg: WeightsMessage, verify: bool = True, share: bool = False) -> None:
         """Make the parameters hold `msg`'s weights, after `check(msg, verify)`.
 
@@ -198,11 +211,15 @@ class FlatParams:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             src = torch.frombuffer(msg.buffer, dtype=torch.float32)
-        if share and self.flat.device.type == "cpu" and self.flat.dtype == torch.float32:
+        self._take(src, msg, share and self.flat.device.type == "cpu" and self.flat.dtype == torch.float32)
+
+    def _take(self, src: torch.Tensor, owner: WeightsMessage | FlatParams, share: bool) -> None:
+        """View `src` (held by `owner`, kept alive in `held`) with share, else copy it into our own buffer."""
+        if share:
             self._bind(src)
-            self.held = msg
+            self.held = owner
             return
-        if self.held is not None:  # the parameters view a message: give them their own buffer again
+        if self.held is not None:  # the parameters view another buffer: give them their own again
             self._bind(torch.empty_like(self.flat))
             self.held = None
         with torch.no_grad():

@@ -63,14 +63,17 @@ def test_bench_quick_writes_json(tmp_path):
     assert data["machine"]["cores"] >= 1 and data["quick"] is True
     assert set(data["results"]) == {"sampler", "weights", "step", "learner"}
     figures = [f for group in data["results"].values() for f in group]
-    # sampler; weights to 1 and 2 workers, a call each and handed with the sample call; step, sync share; learner
-    assert len(figures) == 8
+    # sampler; weights to 1 and 2 workers, a call each and handed with the sample call; step with worker and
+    # learner apart and colocated, sync share; learner
+    assert len(figures) == 9
     for f in figures:
         assert f["better"] in ("higher", "lower")
         assert f["ours"] > 0 and f["reference"] > 0 and math.isclose(f["ratio"], f["ours"] / f["reference"])
         assert f["name"] in p.stdout
-    step = data["results"]["step"][0]
-    assert step["same_numbers"] is True  # Ray and the single-process loop computed the same step
+    apart, together = data["results"]["step"][:2]
+    assert "rollout.colocate" in together["name"] and "rollout.colocate" not in apart["name"]
+    for step in (apart, together):  # Ray and the single-process loop computed the same steps
+        assert step["same_numbers"] is True
 
 
 def test_bench_rejects_unknown_names(tmp_path):

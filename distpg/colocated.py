@@ -1,0 +1,69 @@
+"""A learner that also runs rollout worker 0 in its own process (`rollout.colocate: true`).
+
+Sync mode samples and learns in turns, so the learner's process is idle while the workers sample. With
+`rollout.colocate` worker 0 lives in the learner's actor instead of an actor of its own (as in veRL's
+hybrid engine or OpenRLHF's colocated models): it samples with the learner's own parameters (views of
+the same buffer when it samples in the learner's dtype, else one converting copy per version), so it
+needs no process, no model copy and no weights transfer, and with one worker a whole step is one call
+(`step`), with no weights published at all. The learner's resources (CPUs, GPU share) serve both.
+
+The numbers are those of the same run with worker 0 as an actor of its own: the same prompts, seeds and
+weights (tested).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from distpg.config import Config
+from distpg.learner import Learner
+from distpg.rollout import RolloutWorker
+from distpg.weights import WeightsError, WeightsMessage
+
+LEARNERS_OWN = "the learner's own"  # what `step` hands its worker: any weights handed mean the learner's
+
+
+class _FollowingWorker(RolloutWorker):
+    """Rollout worker 0 inside the learner's process: whatever weights it is handed, it takes the
+    learner's current ones (the driver only ever hands the learner's newest version)."""
+
+    def __init__(self, learner: Learner, cfg: Config, num_threads: int, device: str) -> None:
+        super().__init__(cfg, 0, num_threads, device)
+        self.learner = learner
+
+    def take(self, weights) -> None:
+        if self.version != self.learner.version:
+            self.follow()
+
+    def set_weights(self, msg: WeightsMessage) -> int:
+        if msg.version != self.learner.version:
+            raise WeightsError(f"the colocated rollout worker 0 was handed v{msg.version}; its learner holds "
+                               f"v{self.learner.version}")
+        return self.follow()
+
+    def follow(self) -> int:
+        self.flat.follow(self.learner.flat)
+        self.version = self.learner.version
+        return self.version
+
+
+class ColocatedLearner(Learner):
+    """The learner, plus rollout worker 0's `sample` and `set_weights`, and `step` (sample + learn)."""
+
+    def __init__(self, cfg: Config, num_threads: int = 1, device: str = "cpu") -> None:
+        super().__init__(cfg, num_threads, device)
+        self.worker = _FollowingWorker(self, cfg, num_threads, device)
+
+    def set_weights(self, msg: WeightsMessage) -> int:
+        return self.worker.set_weights(msg)
+
+    def sample(self, prompts: list[str], prompt_ids: list[int], seed: int, weights=None) -> pa.RecordBatch:
+        """Worker 0's share (see `RolloutWorker.sample`), sampled with this learner's current weights when
+        `weights` is given (it is not fetched: it is this learner's own newest version)."""
+        return self.worker.sample(prompts, prompt_ids, seed, weights)
+
+    def step(self, prompts: list[str], prompt_ids: list[int], seed: int) -> tuple[pa.RecordBatch, dict]:
+        """A whole synchronous step when worker 0 is the only worker: sample with the current weights, learn
+        from the batch. Returns (batch, metrics); nothing is published (no other process needs weights)."""
+        batch = self.worker.sample(prompts, prompt_ids, seed, LEARNERS_OWN)
+        return batch, self.learn(batch)

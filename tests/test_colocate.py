@@ -1,0 +1,147 @@
+"""rollout.colocate: rollout worker 0 in the learner's actor, on a real local Ray runtime."""
+
+import json
+
+import pytest
+import torch
+
+from distpg.colocated import ColocatedLearner
+from distpg.config import ConfigError
+from distpg.orchestrator import Trainer, TrainingError, plan_placement, sample_seed, step_prompts, train
+from distpg.weights import FlatParams, WeightsError
+from tests.conftest import small_config
+
+KEYS = ("learner/loss", "learner/grad_norm", "rollout/reward_mean", "policy/version", "rollout/staleness_max")
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("extra", [["rollout.num_workers=1"], ["rollout.num_workers=2"],
+                                   ["rollout.num_workers=1", "rollout.dtype=bfloat16"]],
+                         ids=["1-worker", "2-workers", "1-worker-bf16"])
+def test_a_colocated_run_computes_the_numbers_of_separate_actors(ray_session, tmp_path, extra):
+    cfg = small_config("run.steps=4", *extra)
+    train(cfg, tmp_path / "apart")
+    train(small_config("run.steps=4", "rollout.colocate=true", *extra), tmp_path / "together")
+    apart, together = records(tmp_path / "apart"), records(tmp_path / "together")
+    assert len(together) == 4
+    for a, t in zip(apart, together):
+        assert {k: a[k] for k in KEYS} == {k: t[k] for k in KEYS}
+    assert [t["policy/version"] for t in together] == [1, 2, 3, 4]
+
+
+@pytest.mark.ray
+def test_colocation_reserves_no_actor_for_worker_0_and_a_single_worker_step_is_one_call(ray_session, tmp_path):
+    ray = ray_session
+    cfg = small_config("rollout.num_workers=1", "rollout.colocate=true")
+    placement = plan_placement(cfg, cpus=2, gpus=0)
+    assert placement.bundles(1) == [{"CPU": 1.0}]  # the learner's bundle only
+    two = plan_placement(small_config("rollout.colocate=true"), cpus=2, gpus=0)
+    assert two.bundles(2) == [{"CPU": 1.0}, {"CPU": 0.5}] and two.bundle_index(1) == 1
+    trainer = Trainer(cfg, tmp_path, placement)
+    try:
+        assert trainer.workers == [trainer.learner] and trainer.single_call
+        trainer.broadcast(trainer.learner.get_weights.remote(), 0)
+        trainer.open_outputs(0)
+        calls, learner = [], trainer.learner
+
+        class Counting:  # counts the remote calls the step makes to the learner's actor
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(learner, name)
+
+        trainer.learner = Counting()
+        try:
+            record = trainer.sync_step(1)
+        finally:
+            trainer.learner = learner
+        assert calls == ["step"] and record["policy/version"] == 1
+        # the worker samples with the learner's very parameters (no copy) after the update
+        shares = ray.get(learner.__ray_call__.remote(
+            lambda self: self.worker.flat.flat.data_ptr() == self.flat.flat.data_ptr()), timeout=60)
+        assert shares
+        assert record["perf/step_s"] == pytest.approx(record["perf/rollout_s"] + record["perf/learn_s"])
+        trainer.logger.close()
+    finally:
+        trainer.close()
+
+
+@pytest.mark.ray
+def test_losing_the_learner_that_hosts_worker_0_stops_the_run_naming_it(ray_session, tmp_path):
+    ray = ray_session
+    cfg = small_config("rollout.colocate=true", "rollout.num_workers=2")
+    trainer = Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+    try:
+        trainer.broadcast(trainer.learner.get_weights.remote(), 0)
+        trainer.open_outputs(0)
+        trainer.sync_step(1)
+        ray.kill(trainer.learner, no_restart=True)
+        with pytest.raises(TrainingError, match=r"rollout worker 0, which runs in the learner's actor "
+                           r"\(rollout.colocate\), died during step 2.*--resume"):
+            trainer.sync_step(2)
+        assert trainer.restarts == 0  # not replaced as a worker would be
+        trainer.logger.close()
+    finally:
+        trainer.close()
+
+
+def test_colocate_needs_sync_mode_and_frees_a_workers_share():
+    with pytest.raises(ConfigError, match=r"rollout.colocate=true needs run.mode=sync"):
+        small_config("rollout.colocate=true", "run.mode=async")
+    # 2 CPUs: the learner (1) and 2 workers (0.5 each) fit; 3 workers only when one is in the learner
+    with pytest.raises(ConfigError, match=r"need 2.5 CPUs, but the Ray cluster has 2"):
+        plan_placement(small_config("rollout.num_workers=3", "rollout.prompts_per_step=6"), cpus=2, gpus=0)
+    p = plan_placement(small_config("rollout.num_workers=3", "rollout.prompts_per_step=6", "rollout.colocate=true"),
+                       cpus=2, gpus=0)
+    assert p.reserved(3, "CPU") == 2.0 and len(p.bundles(3)) == 3
+
+
+def test_the_colocated_worker_samples_as_a_separate_one_in_one_process():
+    """Without Ray: ColocatedLearner.step gives the batch and update of a RolloutWorker + Learner pair."""
+    from distpg.learner import Learner
+    from distpg.rollout import RolloutWorker
+
+    cfg = small_config("rollout.num_workers=1")
+    both = ColocatedLearner(cfg)
+    both.set_weights(both.get_weights())
+    worker, learner = RolloutWorker(cfg, 0), Learner(cfg)
+    weights = learner.get_weights()
+    for step in (1, 2, 3):
+        prompts, ids = step_prompts(both.worker.task, cfg, step)
+        seed = sample_seed(cfg.run.seed, step, 0)
+        batch, metrics = both.step(prompts, ids, seed)
+        ref_batch = worker.sample(prompts, ids, seed, weights)
+        ref_metrics, weights = learner.update(ref_batch)
+        assert batch.column("completion_tokens").equals(ref_batch.column("completion_tokens"))
+        assert metrics["learner/loss"] == ref_metrics["learner/loss"]
+        assert batch.column("policy_version").to_pylist() == [step - 1] * batch.num_rows
+    with pytest.raises(WeightsError, match=r"handed v2; its learner holds v3"):
+        both.set_weights(learner.get_weights().__class__(2, weights.buffer, weights.manifest, weights.checksum))
+
+
+def test_follow_shares_a_buffer_of_the_same_dtype_and_copies_into_another():
+    from distpg.model import GPT, ModelShape
+
+    shape = ModelShape(vocab_size=11, n_layer=1, n_head=2, n_embd=8, n_positions=16)
+    torch.manual_seed(0)
+    src, same, half = GPT(shape), GPT(shape), GPT(shape).to(torch.bfloat16)
+    fs, f32, f16 = FlatParams(src), FlatParams(same), FlatParams(half)
+    f32.follow(fs)
+    assert f32.flat.data_ptr() == fs.flat.data_ptr()
+    with torch.no_grad():
+        src.wte.weight.add_(1.0)  # an update in place is seen without another follow
+    assert torch.equal(same.wte.weight, src.wte.weight)
+    f16.follow(fs)
+    assert f16.flat.dtype == torch.bfloat16 and f16.flat.data_ptr() != fs.flat.data_ptr()
+    assert torch.equal(half.wte.weight, src.wte.weight.to(torch.bfloat16))
+    other = FlatParams(GPT(ModelShape(vocab_size=12, n_layer=1, n_head=2, n_embd=8, n_positions=16)))
+    with pytest.raises(WeightsError, match="differ in shape"):
+        f32.follow(other)
+    # a worker that followed and then loads a message copies into a buffer of its own, never the learner's
+    before = src.wte.weight.detach().clone()
+    msg = FlatParams(GPT(shape)).pack(7)
+    f32.load(msg, share=False)
+    assert torch.equal(src.wte.weight, before) and f32.flat.data_ptr() != fs.flat.data_ptr()
