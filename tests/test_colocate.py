@@ -145,3 +145,28 @@ def test_follow_shares_a_buffer_of_the_same_dtype_and_copies_into_another():
     msg = FlatParams(GPT(shape)).pack(7)
     f32.load(msg, share=False)
     assert torch.equal(src.wte.weight, before) and f32.flat.data_ptr() != fs.flat.data_ptr()
+
+
+@pytest.mark.ray
+def test_a_colocated_run_stopped_after_a_checkpoint_resumes_exactly(ray_session, tmp_path, monkeypatch):
+    from distpg import checkpoint
+
+    cfg = small_config("run.steps=4", "run.checkpoint_every=2", "rollout.num_workers=1", "rollout.colocate=true")
+    train(cfg, tmp_path / "whole")
+    save = Trainer.save
+
+    def save_then_fail(self, step, run_state=None):
+        save(self, step, run_state)
+        if step == 2:
+            raise RuntimeError("stopped after the checkpoint of step 2")
+
+    monkeypatch.setattr(Trainer, "save", save_then_fail)
+    with pytest.raises(RuntimeError, match="stopped after"):
+        train(cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    train(cfg, tmp_path / "cut", resume=True)
+    whole, cut = records(tmp_path / "whole"), records(tmp_path / "cut")
+    assert [{k: r[k] for k in KEYS} for r in cut] == [{k: r[k] for k in KEYS} for r in whole]
+    a = checkpoint.load(checkpoint.latest(tmp_path / "whole"))[0]["model"]
+    b = checkpoint.load(checkpoint.latest(tmp_path / "cut"))[0]["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
