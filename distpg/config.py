@@ -127,7 +127,7 @@ class RolloutConfig:
     colocate: bool = _f(
         False, "run rollout worker 0 in the learner's actor (sync mode): it samples with the learner's own "
         "weights, with no process, model copy or weights transfer of its own, and with one worker a step is one "
-        "call; it uses the learner's CPUs/GPU share, the other workers are actors as usual")
+        "call; it uses the learner's CPUs/GPU share and node, the other workers are actors as usual")
     num_cpus_per_worker: float = _f(0.5, "CPUs reserved per worker; torch threads = max(1, round(this))")
     num_gpus_per_worker: float = _f(0.25, "GPU fraction per worker when training on GPUs")
     timeout_s: float = _f(300.0, "longest wait for one worker's batch; a worker that takes longer is replaced")
