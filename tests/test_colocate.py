@@ -170,3 +170,15 @@ def test_a_colocated_run_stopped_after_a_checkpoint_resumes_exactly(ray_session,
     a = checkpoint.load(checkpoint.latest(tmp_path / "whole"))[0]["model"]
     b = checkpoint.load(checkpoint.latest(tmp_path / "cut"))[0]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_colocated_worker_views_the_learners_device_buffer():
+    cfg = small_config("rollout.num_workers=1")
+    both = ColocatedLearner(cfg, device="cuda")
+    both.set_weights(both.get_weights())
+    prompts, ids = step_prompts(both.worker.task, cfg, 1)
+    batch, metrics = both.step(prompts, ids, sample_seed(cfg.run.seed, 1, 0))
+    assert both.worker.flat.flat.is_cuda and both.worker.flat.flat.data_ptr() == both.flat.flat.data_ptr()
+    assert metrics["policy/version"] == 1 and batch.num_rows == len(prompts) * cfg.rollout.group_size
