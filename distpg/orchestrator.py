@@ -154,23 +154,24 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
             raise ConfigError(f"{name}=0 with no GPU: every actor needs some CPU (a fraction is fine)")
     n, colocated = cfg.rollout.num_workers, cfg.rollout.colocate
     placement = Placement(use_gpu, learner, worker, tuple(worker_nodes), colocated)
-    own = len(placement.own_actors(n))
-    workers = f"rollout.num_workers={n} workers" + (" (one of them in the learner: rollout.colocate)" if colocated
-                                                     else "")
+    # with rollout.colocate, worker 0 reserves nothing of its own
+    workers = (f"rollout.num_workers={n} workers (worker 0 in the learner: rollout.colocate), {n - 1}" if colocated
+               else f"rollout.num_workers={n} workers")
+    hint = "" if colocated or cfg.run.mode != "sync" else " (or rollout.colocate=true: worker 0 runs in the learner)"
     need_cpu = placement.reserved(n, "CPU")
     if need_cpu > cpus + 1e-9:
         most = int((cpus - learner["CPU"]) // max(worker["CPU"], 1e-9)) + colocated
         raise ConfigError(
-            f"{workers}, {own} x rollout.num_cpus_per_worker={worker['CPU']:g} CPUs + "
+            f"{workers} x rollout.num_cpus_per_worker={worker['CPU']:g} CPUs + "
             f"learner.num_cpus={learner['CPU']:g} need {need_cpu:g} CPUs, but the Ray cluster has {cpus:g}; "
-            f"allowed: at most {most} workers at this size, or lower rollout.num_cpus_per_worker"
+            f"allowed: at most {most} workers at this size, or lower rollout.num_cpus_per_worker{hint}"
         )
     if use_gpu:
         need_gpu = placement.reserved(n, "GPU")
         if need_gpu > gpus + 1e-9:
             raise ConfigError(
-                f"learner.num_gpus={learner['GPU']:g} + {workers}, {own} x rollout.num_gpus_per_worker="
-                f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}"
+                f"learner.num_gpus={learner['GPU']:g} + {workers} x rollout.num_gpus_per_worker="
+                f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}{hint}"
             )
     if learner_node is not None:
         learner[learner_node] = NODE_RESOURCE_UNIT
@@ -596,7 +597,8 @@ def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources:
     where = "local Ray" if local else "Ray cluster"
     m = cfg.model
     return (
-        f"distpg: {cfg.rollout.num_workers} rollout workers on {len(set(trainer.worker_nodes))} node(s) + 1 learner, "
+        f"distpg: {cfg.rollout.num_workers} rollout worker{'s' if cfg.rollout.num_workers != 1 else ''} on "
+        f"{len(set(trainer.worker_nodes))} node(s) + 1 learner, "
         f"{where} with {resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs "
         f"({'GPU' if placement.use_gpu else 'CPU'} training); task {cfg.task.name}; model {m.n_layer}x{m.n_embd}; "
         f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} samples per step; "

@@ -92,7 +92,7 @@ def test_colocate_needs_sync_mode_and_frees_a_workers_share():
     with pytest.raises(ConfigError, match=r"rollout.colocate=true needs run.mode=sync"):
         small_config("rollout.colocate=true", "run.mode=async")
     # 2 CPUs: the learner (1) and 2 workers (0.5 each) fit; 3 workers only when one is in the learner
-    with pytest.raises(ConfigError, match=r"need 2.5 CPUs, but the Ray cluster has 2"):
+    with pytest.raises(ConfigError, match=r"need 2.5 CPUs, but the Ray cluster has 2; .*or rollout.colocate=true"):
         plan_placement(small_config("rollout.num_workers=3", "rollout.prompts_per_step=6"), cpus=2, gpus=0)
     p = plan_placement(small_config("rollout.num_workers=3", "rollout.prompts_per_step=6", "rollout.colocate=true"),
                        cpus=2, gpus=0)
