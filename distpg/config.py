@@ -177,7 +177,8 @@ class LearnerConfig:
     max_consecutive_skips: int = _f(
         10, "updates skipped in a row for a non-finite loss or gradient before the run stops")
     num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")
-    num_gpus: float = _f(1.0, "GPUs for the learner when training on GPUs")
+    num_gpus: float = _f(0.5, "GPUs for the learner when training on GPUs (0.5: with the default 2 workers at "
+                          "0.25 each, one GPU holds the whole run)")
     node_resource: str | None = _f(None, "custom Ray resource the learner's node must have (null: any node)")
 
 

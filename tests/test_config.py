@@ -71,10 +71,16 @@ def test_more_workers_than_cpus_is_refused_with_the_limit():
 
 
 def test_gpu_placement_uses_fractions_and_checks_the_total():
-    p = plan_placement(cfg_with("rollout.num_workers=3", "rollout.num_gpus_per_worker=0.25"), cpus=8, gpus=1.75)
-    assert p.use_gpu and p.learner["GPU"] == 1 and p.worker["GPU"] == 0.25
-    with pytest.raises(ConfigError, match="need 1.75 GPUs, but the Ray cluster has 1"):
-        plan_placement(cfg_with("rollout.num_workers=3", "rollout.num_gpus_per_worker=0.25"), cpus=8, gpus=1)
+    # the default config fits on one GPU: learner 0.5 + 2 workers x 0.25
+    p = plan_placement(cfg_with(), cpus=4, gpus=1, nodes=[{"CPU": 4, "GPU": 1}])
+    assert p.use_gpu and p.learner["GPU"] == 0.5 and p.worker["GPU"] == 0.25 and p.reserved(2, "GPU") == 1
+    p = plan_placement(cfg_with("rollout.num_workers=3", "learner.num_gpus=1"), cpus=8, gpus=1.75)
+    assert p.learner["GPU"] == 1
+    with pytest.raises(ConfigError, match=r"need 1.25 GPUs, but the Ray cluster has 1.*or rollout.colocate=true"):
+        plan_placement(cfg_with("rollout.num_workers=3"), cpus=8, gpus=1)
+    # with worker 0 in the learner, 3 workers fit on one GPU
+    assert plan_placement(cfg_with("rollout.num_workers=3", "rollout.colocate=true"), cpus=8, gpus=1).reserved(
+        3, "GPU") == 1
     with pytest.raises(ConfigError, match="run.device=cuda but the Ray cluster has no GPUs"):
         plan_placement(cfg_with("run.device=cuda"), cpus=8, gpus=0)
 

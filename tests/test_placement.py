@@ -59,8 +59,8 @@ def test_gpu_requests_whole_and_fractional_are_checked_per_node():
     # workers pinned to a node resource whose nodes have no GPU
     with pytest.raises(ConfigError, match=r"rollout.num_gpus_per_worker=0.25: no single node with 'distpg_node_1' "):
         plan_placement(small_config("rollout.node_resource=distpg_node_1", "learner.num_gpus=0.5"), 6, 1, NODES)
-    with pytest.raises(ConfigError, match="need 1.5 GPUs, but the Ray cluster has 1"):  # the total comes first
-        plan_placement(small_config(), cpus=6, gpus=1, nodes=NODES)
+    with pytest.raises(ConfigError, match="need 1.25 GPUs, but the Ray cluster has 1"):  # the total comes first
+        plan_placement(small_config("rollout.num_workers=3"), cpus=6, gpus=1, nodes=NODES)
 
 
 @pytest.mark.parametrize("override, message", [
