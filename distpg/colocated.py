@@ -58,9 +58,10 @@ class ColocatedLearner(Learner):
         return self.worker.set_weights(msg)
 
     def sample(self, prompts: list[str], prompt_ids: list[int], seed: int, weights=None) -> pa.RecordBatch:
-        """Worker 0's share (see `RolloutWorker.sample`), sampled with this learner's current weights when
-        `weights` is given (it is not fetched: it is this learner's own newest version)."""
-        return self.worker.sample(prompts, prompt_ids, seed, weights)
+        """Worker 0's share (see `RolloutWorker.sample`), always sampled with this learner's current weights
+        and labelled with its version (handed `weights` are not fetched: they are this learner's own; with
+        none, the worker still follows, since its parameters view the learner's and change with each update)."""
+        return self.worker.sample(prompts, prompt_ids, seed, LEARNERS_OWN)
 
     def step(self, prompts: list[str], prompt_ids: list[int], seed: int) -> tuple[pa.RecordBatch, dict]:
         """A whole synchronous step when worker 0 is the only worker: sample with the current weights, learn

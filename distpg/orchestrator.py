@@ -173,6 +173,11 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
                 f"learner.num_gpus={learner['GPU']:g} + {workers} x rollout.num_gpus_per_worker="
                 f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}{hint}"
             )
+    pinned = [worker_nodes[i % len(worker_nodes)] for i in range(n)] if worker_nodes else []
+    if lost := set(pinned) - {pinned[i] for i in placement.own_actors(len(pinned))}:  # only worker 0 had it
+        raise ConfigError(f"rollout.node_resource={cfg.rollout.node_resource!r}: {sorted(lost)[0]!r} pins no "
+                          "rollout worker, because with rollout.colocate worker 0 runs in the learner's actor, on "
+                          "its node (learner.node_resource); list the resources of workers 1.. only")
     if learner_node is not None:
         learner[learner_node] = NODE_RESOURCE_UNIT
     if nodes is not None:
@@ -327,8 +332,8 @@ class Trainer:
         """
         if self.workers[wid] is self.learner:
             raise TrainingError(f"rollout worker {wid}, which runs in the learner's actor (rollout.colocate), "
-                                f"{reason}: the learner is lost with it; the latest checkpoint is intact "
-                                "(distpg train --resume)")
+                                f"{reason}; it cannot be replaced without the learner, so the run stops; the latest "
+                                "checkpoint is intact (distpg train --resume)")
         self.restarts += 1
         budget = self.cfg.rollout.max_restarts
         if self.restarts > budget:
@@ -502,14 +507,18 @@ class Trainer:
         prompts, ids = step_prompts(self.task, cfg, step)
         t0 = time.perf_counter()
         refs = self.learner.step.options(num_returns=2).remote(prompts, ids, sample_seed(cfg.run.seed, step, 0))
-        batch, lm = wait(refs, cfg.rollout.timeout_s + cfg.ray.timeout_s,
-                         f"step {step} (sampling and update in the learner's actor)")
+        try:
+            batch, lm = wait(refs, cfg.rollout.timeout_s + cfg.ray.timeout_s,
+                             f"step {step} (sampling and update in the learner's actor)", passthrough=WORKER_FAULTS)
+        except WORKER_FAULTS as e:
+            self.restart_worker(0, f"died during step {step} ({type(e).__name__})")  # raises: it is the learner
         step_s = time.perf_counter() - t0
         held = set(batch.column("policy_version").unique().to_pylist())
         if held - {self.version}:
             raise TrainingError(f"the learner's rollout worker sampled step {step} with policy version(s) "
                                 f"{sorted(held)}, expected {self.version}")
         self.version = lm["policy/version"]
+        self.weights_ref = None  # nothing is published: no other worker needs weights (frees the first version)
         if self.writer is not None:
             self.writer.add(step, [batch])
         rollout_s = _meta_seconds(batch, (b"sync_s", b"gen_s", b"reward_s"))
@@ -533,6 +542,8 @@ class Trainer:
         rollout_tokens = stats.pop("_tokens")
         self.worker_busy_s += sum(_meta_seconds(b) for b in batches)
         self.learner_busy_s += lm["perf/learner_compute_s"]
+        if self.placement.colocated:  # the learner's actor also sampled worker 0's share
+            self.learner_busy_s += _meta_seconds(batches[0])
         elapsed = time.perf_counter() - self.t_start
         metrics = {
             **stats,

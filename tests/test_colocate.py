@@ -27,7 +27,7 @@ def test_a_colocated_run_computes_the_numbers_of_separate_actors(ray_session, tm
     train(cfg, tmp_path / "apart")
     train(small_config("run.steps=4", "rollout.colocate=true", *extra), tmp_path / "together")
     apart, together = records(tmp_path / "apart"), records(tmp_path / "together")
-    assert len(together) == 4
+    assert len(apart) == len(together) == 4
     for a, t in zip(apart, together):
         assert {k: a[k] for k in KEYS} == {k: t[k] for k in KEYS}
     assert [t["policy/version"] for t in together] == [1, 2, 3, 4]
@@ -63,7 +63,11 @@ def test_colocation_reserves_no_actor_for_worker_0_and_a_single_worker_step_is_o
         shares = ray.get(learner.__ray_call__.remote(
             lambda self: self.worker.flat.flat.data_ptr() == self.flat.flat.data_ptr()), timeout=60)
         assert shares
-        assert record["perf/step_s"] == pytest.approx(record["perf/rollout_s"] + record["perf/learn_s"])
+        # nothing was published for the step: the driver holds no weights reference any more
+        assert trainer.weights_ref is None and trainer.version == 1
+        # the worker is labelled with the version it sampled with even when handed nothing
+        batch = ray.get(learner.sample.remote(["abcd"], [99], 0), timeout=60)
+        assert set(batch.column("policy_version").to_pylist()) == {1}
         trainer.logger.close()
     finally:
         trainer.close()
@@ -182,3 +186,19 @@ def test_on_cuda_the_colocated_worker_views_the_learners_device_buffer():
     batch, metrics = both.step(prompts, ids, sample_seed(cfg.run.seed, 1, 0))
     assert both.worker.flat.flat.is_cuda and both.worker.flat.flat.data_ptr() == both.flat.flat.data_ptr()
     assert metrics["policy/version"] == 1 and batch.num_rows == len(prompts) * cfg.rollout.group_size
+
+
+def test_a_node_resource_only_worker_0_would_have_used_is_refused_when_colocated():
+    nodes = [{"CPU": 4, "distpg_node_1": 1}, {"CPU": 4, "distpg_node_2": 1}]
+    with pytest.raises(ConfigError, match=r"'distpg_node_1' pins no rollout worker, because with rollout.colocate"):
+        plan_placement(small_config("rollout.colocate=true", "rollout.node_resource=[distpg_node_1, distpg_node_2]"),
+                       cpus=8, gpus=0, nodes=nodes)
+    with pytest.raises(ConfigError, match=r"'distpg_node_1' pins no rollout worker"):
+        plan_placement(small_config("rollout.colocate=true", "rollout.num_workers=1",
+                                    "rollout.node_resource=distpg_node_1"), cpus=8, gpus=0, nodes=nodes)
+    # worker 1 keeps its pin; the same list without colocation pins both
+    both = "rollout.node_resource=[distpg_node_1, distpg_node_2]"
+    p = plan_placement(small_config("rollout.colocate=true", "rollout.num_workers=3", "rollout.prompts_per_step=6",
+                                    both), cpus=8, gpus=0, nodes=nodes)
+    assert [b.get("distpg_node_2", 0) > 0 for b in p.bundles(3)[1:]] == [True, False]
+    plan_placement(small_config("rollout.node_resource=[distpg_node_1, distpg_node_2]"), cpus=8, gpus=0, nodes=nodes)
