@@ -33,7 +33,23 @@ TIMEOUT="${DISTPG_CLUSTER_TIMEOUT:-120}"
 PY="${PYTHON:-python3}"
 RAY="${RAY:-ray}"
 
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A free loopback port that this script has not handed out yet for this cluster ($DIR/ports): the kernel may
+# give a closed port out again, and Ray refuses to start a node whose components were given the same port.
+free_port() {
+  "$PY" -c '
+import os, socket, sys
+used = set(open(sys.argv[1]).read().split()) if os.path.exists(sys.argv[1]) else set()
+while True:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    if str(port) not in used:
+        break
+with open(sys.argv[1], "a") as f:
+    f.write(f"{port}\n")
+print(port)' "$DIR/ports"
+}
 
 descendants() {  # a pid and all its descendants
   local pid=$1 child
