@@ -147,20 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "help_config", False):
         print(describe())
         return 0
-    from distpg.checkpoint import CheckpointError
-    from distpg.orchestrator import TrainingError
-
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as e:
+    except (ConfigError, FileNotFoundError, ImportError, *_loaded("distpg.checkpoint", "CheckpointError")) as e:
         print(f"distpg: error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except _loaded("distpg.orchestrator", "TrainingError") as e:
         print(f"distpg: training failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("distpg: interrupted", file=sys.stderr)
         return 130
+
+
+def _loaded(module: str, name: str) -> tuple[type[BaseException], ...]:
+    """`module.name` if the command imported that module (else it cannot have raised it): so that a command
+    that needs neither Ray nor pyarrow, such as `distpg bench sampler` on a machine with only torch and
+    transformers, does not import them."""
+    mod = sys.modules.get(module)
+    return (getattr(mod, name),) if mod is not None else ()
 
 
 if __name__ == "__main__":

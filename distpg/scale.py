@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 from distpg.config import Config, ConfigError, config_from_dict, load_config
-from distpg.orchestrator import start_local_ray
 
 NODE_RESOURCE = re.compile(r"^distpg_node_(\d+)$")
 
@@ -295,6 +294,8 @@ def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> st
             raise ConfigError(str(e)) from None
         return f"Ray cluster at {address}"
     logical = max(os.cpu_count() or 1, int(np.ceil(base.learner.num_cpus + max(workers) * args.cpus_per_worker)))
+    from distpg.orchestrator import start_local_ray
+
     start_local_ray(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return f"local Ray, {logical} logical CPUs"
 

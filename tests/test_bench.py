@@ -76,6 +76,47 @@ def test_bench_quick_writes_json(tmp_path):
         assert step["same_numbers"] is True
 
 
+WITHOUT_RAY = """
+import sys
+class Missing:  # as on a GPU machine that has torch and transformers but neither Ray nor pyarrow
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "pyarrow", "tensorboard"):
+            raise ImportError("No module named " + repr(name))
+sys.meta_path.insert(0, Missing())
+from distpg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_sampler_bench_needs_neither_ray_nor_pyarrow(tmp_path):
+    out, env = tmp_path / "s.json", {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", WITHOUT_RAY, "bench", "sampler", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(out.read_text())["results"]["sampler"][0]["ratio"] > 0
+    # the training command does need them, and says which is missing
+    p = subprocess.run([sys.executable, "-c", WITHOUT_RAY, "train"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env=env)
+    assert p.returncode == 2 and "No module named" in p.stderr
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_script_fetches_its_wheels_and_runs_the_sampler_bench(tmp_path):
+    """cluster/gpu-bench.sh as on a GPU machine, here on the CPU with this machine's Python: prepare downloads
+    transformers' wheels (not torch), run installs them into a folder of its own and writes the figures."""
+    env = {**os.environ, "BENCH_DIR": str(tmp_path / "bench"), "PYVER": f"{sys.version_info[0]}.{sys.version_info[1]}",
+           "PYTHON": sys.executable, "DEVICE": "cpu", "SIZES": "quick", "REPEATS": "1", "OUT": str(tmp_path)}
+    p = subprocess.run(["bash", "cluster/gpu-bench.sh", "prepare"], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    wheels = [w.name for w in (tmp_path / "bench" / "wheels").iterdir()]
+    assert any(w.startswith("transformers-") for w in wheels) and not any(w.startswith("torch-") for w in wheels)
+    p = subprocess.run(["bash", "cluster/gpu-bench.sh", "run"], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "gpu-sampler.json").read_text())["results"]["sampler"][0]["ratio"] > 0
+
+
 def test_bench_rejects_unknown_names(tmp_path):
     from distpg.cli import main
 
