@@ -430,7 +430,15 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
     from distpg.colocated import ColocatedLearner
     from distpg.config import load_config
     from distpg.learner import Learner
-    from distpg.orchestrator import Trainer, plan_placement, rollout_stats, sample_seed, step_prompts, sync_seconds
+    from distpg.orchestrator import (
+        Trainer,
+        call_seconds,
+        plan_placement,
+        rollout_stats,
+        sample_seed,
+        step_prompts,
+        sync_seconds,
+    )
     from distpg.rollout import RolloutWorker
 
     cfg = load_config(None, ["rollout.num_workers=1", "log.tensorboard=false", "log.rollouts=false", *QUIET,
@@ -452,7 +460,7 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         if cfg.rollout.colocate:  # as Trainer.single_call_step
             batch, metrics = learner.step(prompts, ids, seed)
-            t1 = t0 + sum(float(batch.schema.metadata[k]) for k in (b"sync_s", b"gen_s", b"reward_s"))
+            t1 = t0 + call_seconds(batch)
         else:
             batch = worker.sample(prompts, ids, seed, weights)
             t1 = time.perf_counter()

@@ -66,5 +66,5 @@ class ColocatedLearner(Learner):
     def step(self, prompts: list[str], prompt_ids: list[int], seed: int) -> tuple[pa.RecordBatch, dict]:
         """A whole synchronous step when worker 0 is the only worker: sample with the current weights, learn
         from the batch. Returns (batch, metrics); nothing is published (no other process needs weights)."""
-        batch = self.worker.sample(prompts, prompt_ids, seed, LEARNERS_OWN)
+        batch = self.sample(prompts, prompt_ids, seed)
         return batch, self.learn(batch)

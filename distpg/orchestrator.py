@@ -121,10 +121,13 @@ class Placement:
         """How much of resource `res` ("CPU" or "GPU") the learner and the workers reserve together."""
         return self.learner.get(res, 0) + len(self.own_actors(num_workers)) * self.worker.get(res, 0)
 
+    def worker_node(self, i: int) -> str | None:
+        """The node resource worker i is pinned to (round-robin over worker_nodes), or None."""
+        return self.worker_nodes[i % len(self.worker_nodes)] if self.worker_nodes else None
+
     def worker_bundle(self, i: int) -> dict:
-        if not self.worker_nodes:
-            return dict(self.worker)
-        return {**self.worker, self.worker_nodes[i % len(self.worker_nodes)]: NODE_RESOURCE_UNIT}
+        node = self.worker_node(i)
+        return dict(self.worker) if node is None else {**self.worker, node: NODE_RESOURCE_UNIT}
 
     def bundles(self, num_workers: int) -> list[dict]:
         """The placement group: bundle 0 is the learner, bundle `bundle_index(i)` worker i."""
@@ -173,8 +176,9 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
                 f"learner.num_gpus={learner['GPU']:g} + {workers} x rollout.num_gpus_per_worker="
                 f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}{hint}"
             )
-    pinned = [worker_nodes[i % len(worker_nodes)] for i in range(n)] if worker_nodes else []
-    if lost := set(pinned) - {pinned[i] for i in placement.own_actors(len(pinned))}:  # only worker 0 had it
+    # a node resource that only worker 0 would have been pinned to
+    pinned = {placement.worker_node(i) for i in range(n)} - {None}
+    if lost := pinned - {placement.worker_node(i) for i in placement.own_actors(n)}:
         raise ConfigError(f"rollout.node_resource={cfg.rollout.node_resource!r}: {sorted(lost)[0]!r} pins no "
                           "rollout worker, because with rollout.colocate worker 0 runs in the learner's actor, on "
                           "its node (learner.node_resource); list the resources of workers 1.. only")
@@ -409,11 +413,15 @@ class Trainer:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
                     raise TrainingError(f"rollout of step {step} failed: {type(cause).__name__}: {cause}") from None
         for w, (_, batch) in done.items():
-            held = set(batch.column("policy_version").unique().to_pylist())
-            if held - {self.version}:
-                raise TrainingError(f"rollout worker {w} sampled step {step} with policy version(s) {sorted(held)} "
-                                    f"after being handed version {self.version}")
+            self.check_version(step, w, batch)
         return [done[w][0] for w in range(n)], [done[w][1] for w in range(n)]
+
+    def check_version(self, step: int, wid: int, batch: pa.RecordBatch) -> None:
+        """Raise TrainingError unless worker `wid` sampled its share of `step` with the version it was handed."""
+        held = set(batch.column("policy_version").unique().to_pylist())
+        if held - {self.version}:
+            raise TrainingError(f"rollout worker {wid} sampled step {step} with policy version(s) {sorted(held)} "
+                                f"after being handed version {self.version}")
 
     def run(self, start_step: int = 0) -> dict:
         cfg = self.cfg
@@ -513,15 +521,12 @@ class Trainer:
         except WORKER_FAULTS as e:
             self.restart_worker(0, f"died during step {step} ({type(e).__name__})")  # raises: it is the learner
         step_s = time.perf_counter() - t0
-        held = set(batch.column("policy_version").unique().to_pylist())
-        if held - {self.version}:
-            raise TrainingError(f"the learner's rollout worker sampled step {step} with policy version(s) "
-                                f"{sorted(held)}, expected {self.version}")
+        self.check_version(step, 0, batch)
         self.version = lm["policy/version"]
         self.weights_ref = None  # nothing is published: no other worker needs weights (frees the first version)
         if self.writer is not None:
             self.writer.add(step, [batch])
-        rollout_s = _meta_seconds(batch, (b"sync_s", b"gen_s", b"reward_s"))
+        rollout_s = call_seconds(batch)
         timing = {"perf/step_s": step_s, "perf/rollout_s": rollout_s, "perf/learn_s": step_s - rollout_s,
                   "perf/sync_s": sync_seconds([batch])}
         return self.log_step(step, [batch], lm, timing)
@@ -597,6 +602,11 @@ def _meta_seconds(batch: pa.RecordBatch, keys: tuple[bytes, ...] = (b"gen_s", b"
     """Seconds a worker spent on a batch (by default generation + rewards), from the batch's schema metadata."""
     meta = batch.schema.metadata or {}
     return sum(float(meta.get(k, 0)) for k in keys)
+
+
+def call_seconds(batch: pa.RecordBatch) -> float:
+    """A worker's whole time in the sample call that made `batch`: loading the weights, generating, scoring."""
+    return _meta_seconds(batch, (b"sync_s", b"gen_s", b"reward_s"))
 
 
 def sync_seconds(batches: list[pa.RecordBatch]) -> float:
