@@ -39,29 +39,34 @@ def worker_pids() -> list[int]:
 
 
 class Chaos(threading.Thread):
-    """Kill one rollout worker process (SIGKILL, by pid) every `every` seconds, at most `max_kills` times."""
+    """Kill one rollout worker process (SIGKILL, by pid) each time the run has logged `every_steps` more steps,
+    the first once training has begun, at most `max_kills` times. Counted in steps, not seconds, so that a
+    fast run still sees its kills and a slow machine's replacements are not outpaced by them."""
 
-    def __init__(self, every: float, run_dir, max_kills: int = 1000) -> None:
+    def __init__(self, every_steps: int, run_dir, max_kills: int = 1000) -> None:
         super().__init__(daemon=True)
-        self.every, self.run_dir, self.kills, self.max_kills = every, run_dir, 0, max_kills
+        self.every_steps, self.run_dir, self.kills, self.max_kills = every_steps, run_dir, 0, max_kills
         self.stop = threading.Event()
 
-    def run(self) -> None:
-        # start once training has begun (a worker killed while starting up is replaced too, but that is
-        # not what this test is about)
+    def steps(self) -> int:
         metrics = self.run_dir / "metrics.jsonl"
-        while not (metrics.exists() and metrics.stat().st_size > 0):
-            if self.stop.wait(0.2):
-                return
+        return metrics.read_bytes().count(b"\n") if metrics.exists() else 0
+
+    def run(self) -> None:
+        # a worker killed while starting up is replaced too, but that is not what this test is about
+        last = None
         while not self.stop.is_set() and self.kills < self.max_kills:
-            pids = worker_pids()
-            if pids:
-                try:
-                    os.kill(pids[self.kills % len(pids)], signal.SIGKILL)
-                    self.kills += 1
-                except ProcessLookupError:
-                    pass
-            self.stop.wait(self.every)
+            step = self.steps()
+            if step > 0 and (last is None or step - last >= self.every_steps):
+                pids = worker_pids()
+                if pids:
+                    try:
+                        os.kill(pids[self.kills % len(pids)], signal.SIGKILL)
+                        self.kills += 1
+                        last = step
+                    except ProcessLookupError:
+                        pass
+            self.stop.wait(0.02)
 
 
 def records(run):
@@ -78,8 +83,8 @@ def consumed_and_generated(run):
 def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
     steps = 30
     cfg = small_config(f"run.steps={steps}", *FOUR_WORKERS, f"run.mode={mode}", "algo.max_staleness=2")
-    # a bounded number of kills: on a loaded machine a replacement can take longer than the kill interval
-    chaos = Chaos(every=2.5, run_dir=tmp_path / "chaos", max_kills=4)
+    # four kills, at about steps 1, 8, 15 and 22 of 30
+    chaos = Chaos(every_steps=7, run_dir=tmp_path / "chaos", max_kills=4)
     chaos.start()
     try:
         train(cfg, tmp_path / "chaos")
@@ -87,7 +92,7 @@ def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
         chaos.stop.set()
         chaos.join()
     recs = records(tmp_path / "chaos")
-    assert chaos.kills >= 2, "the chaos thread should have killed workers during the run"
+    assert chaos.kills == 4, "the chaos thread should have killed workers during the run"
     assert [r["step"] for r in recs] == list(range(1, steps + 1))
     assert recs[-1]["workers/restarts"] >= 1 and recs[-1]["workers/alive"] == 4
     consumed, generated = consumed_and_generated(tmp_path / "chaos")
@@ -104,7 +109,7 @@ def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
 
 def test_restart_budget_stops_the_run_with_a_clear_error(ray_session, tmp_path):
     cfg = small_config("run.steps=300", *FOUR_WORKERS, "rollout.max_restarts=1")
-    chaos = Chaos(every=1.0, run_dir=tmp_path / "r")
+    chaos = Chaos(every_steps=2, run_dir=tmp_path / "r")
     chaos.start()
     try:
         with pytest.raises(TrainingError, match=r"restart budget rollout.max_restarts=1 is spent"):
