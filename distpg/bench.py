@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distpg import kernels
 from distpg.config import ConfigError
 
 GPT2_VOCAB = 50257
@@ -197,6 +198,17 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
         _sync(device)
 
     fns = {"hf": run_hf, "ours": run_ours}
+    kernel_status = kernels.status() if device == "cpu" else "not used (not a CPU)"
+    if kernel_status.startswith("C"):  # the same sampler on PyTorch's ops, as rollout.cpu_kernels=false does
+
+        def run_ours_torch_ops(n: int = case.new_tokens):
+            kernels.enabled = False
+            try:
+                run_ours(n)
+            finally:
+                kernels.enabled = True
+
+        fns["ours_torch_ops"] = run_ours_torch_ops
     if case.dtype != "float32":  # the reference in the same precision; float32 transformers as a second one
         import copy
 
@@ -223,6 +235,13 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
         vs32 = min(times["hf_float32"]) / min(times["ours"])
         extra |= {"ratio_vs_hf_float32": vs32, "hf_float32_tokens_per_s": n_tok / min(times["hf_float32"])}
         note += f"; against float32 transformers {vs32:.2f}x"
+    extra["cpu_kernels"] = kernel_status
+    if "ours_torch_ops" in times:
+        gain = min(times["ours_torch_ops"]) / min(times["ours"])
+        extra |= {"cpu_kernels_speedup": gain, "ours_torch_ops_tokens_per_s": n_tok / min(times["ours_torch_ops"])}
+        note += f"; C kernels {gain:.2f}x over PyTorch ops"
+    elif device == "cpu":
+        note += f"; C kernels {kernel_status}"
     dtype = "" if case.dtype == "float32" else f", {case.dtype}"
     return figure(f"sampler {case_name} ({case.n_layer}x{case.n_embd}, V={case.vocab}, B={case.batch}, "
                   f"{case.new_tokens} new{dtype})", ours_tps, n_tok / min(times["hf"]), "tokens/s",

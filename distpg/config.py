@@ -124,6 +124,10 @@ class RolloutConfig:
         "stays float32 and corrects every sample by pi/mu as algo.off_policy says, as it does stale ones)",
         ("float32", "bfloat16"),
     )
+    cpu_kernels: bool = _f(
+        True, "on a CPU, sample with distpg's C kernels for the decode attention and GELU, built on first use "
+        "with the machine's C compiler ($CC or cc) into ~/.cache/distpg; without one (a warning says so), or when "
+        "false, PyTorch's ops: the same samples up to float rounding, slower")
     colocate: bool = _f(
         False, "run rollout worker 0 in the learner's actor (sync mode): it samples with the learner's own "
         "weights, with no process, model copy or weights transfer of its own, and with one worker a step is one "

@@ -1,8 +1,9 @@
 """`distpg doctor`: check a Ray cluster (or the local runtime `distpg train` would start) before a long run.
 
 It reports every node (address, CPUs, GPUs, object store and memory, custom resources) and, from a tiny task
-pinned to each node, the Python, Ray and torch versions that node runs; whether the dashboard listens on
-loopback only; whether the cluster demands a token (an HTTP request without one is refused); and, given a
+pinned to each node, the Python, Ray and torch versions that node runs and whether its CPU decode kernels build
+(`distpg.kernels`, built there for that CPU; a node without them samples slower: warn); whether the dashboard
+listens on loopback only; whether the cluster demands a token (an HTTP request without one is refused); and, given a
 config, whether the run's actors fit. Each finding is `ok`, `warn` (the run can go on: a version mismatch,
 authentication off, a dashboard open to the network) or `FAIL` (the run would fail: the cluster cannot be
 reached, a node cannot run tasks or lacks torch, the config does not fit). The exit code is 1 when any
@@ -139,6 +140,13 @@ def _versions() -> dict:
         out["cuda_devices"] = torch.cuda.device_count()
     except ImportError:
         out["torch"] = None
+        return out
+    try:  # builds the CPU decode kernels for this node's CPU, or says why it cannot (distpg.kernels)
+        from distpg import kernels
+
+        out["cpu_kernels"] = kernels.status()
+    except ImportError as e:
+        out["cpu_kernels"] = f"off: distpg cannot be imported here ({e})"
     return out
 
 
@@ -196,6 +204,9 @@ def judge_nodes(report: Report) -> None:
                              "dependencies on every node")
         elif n["gpus"] and not n.get("cuda_devices"):
             report.add(WARN, f"node {n['node_id'][:8]} declares {n['gpus']:g} GPUs but torch sees no CUDA device")
+        if str(n.get("cpu_kernels", "")).startswith("off"):
+            report.add(WARN, f"node {n['node_id'][:8]} ({n['address']}) samples on its CPUs with PyTorch ops, "
+                             f"slower: its CPU decode kernels are {n['cpu_kernels']} (see rollout.cpu_kernels)")
     here = {"python": platform.python_version(), "ray": ray.__version__}
     try:
         import torch
@@ -333,13 +344,15 @@ def _size(n: float) -> str:
 
 
 def format_report(report: Report) -> str:
-    cols = ["node", "address", "role", "CPU", "GPU", "object store", "memory", "python", "ray", "torch", "custom"]
+    cols = ["node", "address", "role", "CPU", "GPU", "object store", "memory", "python", "ray", "torch",
+            "CPU kernels", "custom"]
     rows = []
     for n in report.nodes:
         rows.append([n["node_id"][:8], n["address"], ("head" if n["head"] else "worker") + ("" if n["alive"] else
                      " (dead)"), f"{n['cpus']:g}", f"{n['gpus']:g}", _size(n["object_store_bytes"]),
                      _size(n["memory_bytes"]), str(n.get("python", "?")), str(n.get("ray", "?")),
-                     str(n.get("torch", "?")), ",".join(n["custom"]) or "-"])
+                     str(n.get("torch", "?")), str(n.get("cpu_kernels", "?")).split(" ")[0].rstrip(":"),
+                     ",".join(n["custom"]) or "-"])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [f"distpg doctor: {report.address}"]
     if rows:

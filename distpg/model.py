@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distpg import kernels
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -95,6 +97,16 @@ def _decode_attention(q, k, v, attn_mask):
     """Attention of one query per row over the time-major cache: q (B, H, D), k, v (S, B, H, D), attn_mask
     bool broadcastable to (B, 1, 1, S) or None -> (B, H, D).
 
+    On a CPU, in float32 or bfloat16 without autograd, a C kernel (`distpg.kernels`) reads the keys and the
+    values once each; elsewhere, or where it cannot be built, `_decode_attention_torch`.
+    """
+    out = kernels.decode_attention(q, k, v, attn_mask)
+    return _decode_attention_torch(q, k, v, attn_mask) if out is None else out
+
+
+def _decode_attention_torch(q, k, v, attn_mask):
+    """`_decode_attention` in PyTorch ops (any device, dtype and autograd).
+
     The same result as `F.scaled_dot_product_attention` up to float rounding, which on a CPU runs a flash
     kernel built for long queries and needs the cache as (B, H, S, D), a strided view here: instead, the
     scores are one elementwise product and sum over the contiguous keys, the softmax runs in float32 over
@@ -114,8 +126,11 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * shape.n_embd, shape.n_embd)
 
     def forward(self, x):
-        # GPT-2's "gelu_new" is the tanh approximation.
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        h = self.c_fc(x)
+        # GPT-2's "gelu_new" is the tanh approximation; without autograd on a CPU, in place in C (distpg.kernels)
+        if not kernels.gelu_tanh_(h):
+            h = F.gelu(h, approximate="tanh")
+        return self.c_proj(h)
 
 
 class Block(nn.Module):

@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 import torch
 
-from distpg import rewards
+from distpg import kernels, rewards
 from distpg.batch import make_batch
 from distpg.config import Config
 from distpg.generate import SamplingParams, generate
@@ -42,6 +42,9 @@ class RolloutWorker:
         self.task, self.model = initial_policy(cfg, device)
         # a lower sampling precision holds its own copy: each load converts the published float32 weights
         self.model.to(getattr(torch, cfg.rollout.dtype)).eval()
+        kernels.enabled = cfg.rollout.cpu_kernels
+        if device == "cpu" and kernels.enabled:
+            kernels.load()  # built (or found in the cache) now rather than in the first sample call
         self.tokenizer = self.task.tokenizer
         self.flat = FlatParams(self.model)
         self.params = sampling_params(cfg, self.task)

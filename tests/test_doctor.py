@@ -51,6 +51,16 @@ def test_a_version_mismatch_is_a_warning_and_a_node_without_torch_a_failure():
     assert r.failed and "cannot run tasks" in format_report(r)
 
 
+def test_a_node_without_cpu_kernels_is_a_warning():
+    r = Report("test", nodes=[node(cpu_kernels="C (/x/decode.so)"),
+                              node(node_id="b" * 56, cpu_kernels="off: no C compiler on PATH (set CC)")])
+    judge_nodes(r)
+    warns = [t for lv, t in r.findings if lv == WARN]
+    assert not r.failed and len(warns) == 1 and "bbbbbbbb" in warns[0] and "no C compiler" in warns[0]
+    table = format_report(r)
+    assert "CPU kernels" in table and " off " in table and " C " in table
+
+
 def test_no_alive_node_is_a_failure():
     r = Report("test", nodes=[node(alive=False)])
     judge_nodes(r)
@@ -126,6 +136,7 @@ def test_doctor_on_the_local_runtime_reports_it_and_a_config_that_does_not_fit(t
     report = json.loads(p.stdout)
     (n,) = report["nodes"]
     assert n["alive"] and n["head"] and n["cpus"] == os.cpu_count() and n["torch"] and n["ray"]
+    assert n["cpu_kernels"].startswith("C ("), n  # built (or found built) on the node by the probe
     findings = report["findings"]
     assert [lv for lv, t in findings if "listens on 127.0.0.1" in t] == [OK], findings
     assert any("token authentication is" in t for _, t in findings), findings

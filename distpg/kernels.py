@@ -1,0 +1,233 @@
+"""C kernels for the CPU decode step: the one-query attention over the KV cache and the tanh GELU.
+
+On a CPU, PyTorch runs a decode step's attention as several elementwise passes with temporaries the size of
+the cache, and its tanh is scalar. `csrc/decode.c` does each in one vectorised pass (float32 and bfloat16).
+It is compiled here on first use with the machine's C compiler (`$CC`, else `cc`), for the machine's own
+CPU (`-march=native`), into a per-user cache keyed by the source, the compiler and the CPU, and loaded with
+ctypes: no build step at install, no Python headers, and each node of a cluster builds for its own CPU.
+
+A freshly loaded library must reproduce PyTorch's result on a small case before it is used. Without a
+compiler, or when the build or that check fails, the model keeps PyTorch's ops and a warning says why: the
+samples are then the same up to float rounding, only slower. `rollout.cpu_kernels: false` (see
+`distpg.rollout`) turns the kernels off in a worker; `status()` says which path a process takes.
+
+The kernels serve inference only (no autograd): the sampler's decode steps. The learner's forward is
+untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode.c"
+# -fno-trapping-math and -fno-math-errno let the compiler vectorise floor and the exp polynomial (PyTorch
+# itself is built with the former); -fopenmp-simd reads the `omp simd` hints without linking an OpenMP runtime
+FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
+# tried in order: the machine's own CPU, then portable code
+ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
+COMPILE_TIMEOUT_S = 120.0
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status = "not loaded yet"
+_tried = False
+enabled = True  # rollout.cpu_kernels; a process-wide switch set by the rollout worker
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $DISTPG_CACHE_DIR, else $XDG_CACHE_HOME/distpg, else ~/.cache/distpg."""
+    root = os.environ.get("DISTPG_CACHE_DIR")
+    if root:
+        return Path(root) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "distpg" / "kernels"
+
+
+def compiler() -> str | None:
+    """The C compiler: $CC, else the one Python was built with, else `cc`; None if none is on PATH."""
+    for cand in (os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else what platform knows."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines()[:40] if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags",
+                                                                                    "Features", "CPU part")]
+        if keep:
+            return "\n".join(keep)
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _build(cc: str) -> Path:
+    """Compile the source for this machine (or reuse the cached build); returns the library's path."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    errors = []
+    for arch in ARCH_FLAGS:
+        flags = FLAGS + arch
+        key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
+                                        (source, cc, version, " ".join(flags), _cpu_identity()))).hexdigest()[:16]
+        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"distpg-kernels-{os.getuid()}"):
+            target = folder / f"decode-{key}.so"
+            if target.exists():
+                return target
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            except OSError as e:
+                errors.append(f"{folder}: {e}")
+                continue
+            os.close(fd)
+            try:
+                done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                      timeout=COMPILE_TIMEOUT_S)
+                if done.returncode == 0:
+                    os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+                    return target
+                errors.append(f"{' '.join(arch) or 'portable'}: {done.stderr.strip()[-300:]}")
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            break  # the compiler failed, not the folder: try the next flags
+    raise RuntimeError("; ".join(errors) or "no writable cache folder")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    for suffix in _DTYPES.values():
+        fn = getattr(lib, f"distpg_decode_attention_{suffix}")
+        fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i64, f32, ptr]
+        fn.restype = None
+        fn = getattr(lib, f"distpg_gelu_tanh_{suffix}")
+        fn.argtypes = [ptr, i64]
+        fn.restype = None
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """The library against PyTorch on a small padded case, both dtypes; raises if they disagree."""
+    from distpg.model import _decode_attention_torch
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 7, 3, 2, 32, generator=g).unbind(0)  # (S, B, H, D)
+    q = torch.randn(3, 2, 32, generator=g)
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    x = torch.linspace(-8, 8, 101)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        ref = _decode_attention_torch(q.double(), k.double(), v.double(), mask)
+        got = _attention(lib, q.to(dtype), k.to(dtype), v.to(dtype), mask)
+        if got is None or not torch.allclose(got.double(), ref, atol=tol, rtol=tol):
+            raise RuntimeError(f"the built decode_attention ({dtype}) disagrees with PyTorch")
+        y = x.to(dtype, copy=True)
+        _gelu(lib, y)
+        if not torch.allclose(y.double(), torch.nn.functional.gelu(x.double(), approximate="tanh"), atol=tol, rtol=tol):
+            raise RuntimeError(f"the built gelu_tanh ({dtype}) disagrees with PyTorch")
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernels' library, built and checked on first call; None where they are unavailable (logged once)."""
+    global _lib, _status, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        cc = compiler()
+        if cc is None:
+            _status = "off: no C compiler on PATH (set CC)"
+        else:
+            try:
+                path = _build(cc)
+                lib = ctypes.CDLL(str(path))
+                _declare(lib)
+                _self_check(lib)
+                _lib, _status = lib, f"C ({path})"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _status = f"off: {e}"
+        _tried = True
+        if _lib is None:
+            log.warning("distpg: CPU decode kernels unavailable, sampling with PyTorch ops (slower on a CPU): %s",
+                        _status.removeprefix("off: "))
+        return _lib
+
+
+def status() -> str:
+    """Which path this process's CPU decode steps take: 'C (library)', 'off: why', or 'disabled'."""
+    if not enabled:
+        return "disabled (rollout.cpu_kernels: false)"
+    load()
+    return _status
+
+
+def _usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    t = tensors[0]
+    if not enabled or t.device.type != "cpu" or t.dtype not in _DTYPES or torch.is_grad_enabled() and any(
+            x.requires_grad for x in tensors):
+        return None
+    if any(x.dtype != t.dtype for x in tensors):
+        return None
+    return load()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`distpg.model._decode_attention` in C: q (B, H, D), k, v (S, B, H, D) with the same strides and D
+    contiguous, attn_mask bool broadcastable to (B, 1, 1, S) or None. Returns (B, H, D), or None where the
+    kernel does not apply (not CPU float32/bfloat16, autograd on, another layout, or no library)."""
+    lib = _usable(q, k, v)
+    return None if lib is None else _attention(lib, q, k, v, attn_mask)
+
+
+def gelu_tanh_(x: torch.Tensor) -> bool:
+    """GPT-2's tanh GELU in place on a contiguous CPU float32/bfloat16 tensor; False (x untouched) where the
+    kernel does not apply."""
+    lib = _usable(x)
+    return lib is not None and _gelu(lib, x)
+
+
+def _attention(lib, q, k, v, attn_mask):
+    S, B, H, D = k.shape
+    if (k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or q.shape != (B, H, D) or S == 0
+            or attn_mask is not None and attn_mask.dtype != torch.bool):
+        return None
+    mask, mask_stride = None, 0
+    if attn_mask is not None:
+        mask = attn_mask.expand(B, 1, 1, S)[:, 0, 0]  # (B, S): bool is one byte, 0 or 1
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_stride = mask.stride(0)
+    out = torch.empty((B, H, D), dtype=q.dtype)
+    scratch = torch.empty(B * H * (S + D), dtype=torch.float32)
+    fn = getattr(lib, f"distpg_decode_attention_{_DTYPES[q.dtype]}")
+    fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, D, S,
+       k.stride(0), k.stride(1), k.stride(2), None if mask is None else mask.data_ptr(), mask_stride, D ** -0.5,
+       scratch.data_ptr())
+    return out
+
+
+def _gelu(lib, x) -> bool:
+    if not x.is_contiguous():
+        return False
+    getattr(lib, f"distpg_gelu_tanh_{_DTYPES[x.dtype]}")(x.data_ptr(), x.numel())
+    return True

@@ -1,0 +1,199 @@
+"""The C kernels of the CPU decode step (`distpg.kernels`, `distpg/csrc/decode.c`).
+
+The attention is checked against the PyTorch formula evaluated in float64 (itself checked against
+`F.scaled_dot_product_attention` in test_model), the GELU against `F.gelu(approximate="tanh")` in float64,
+over the layouts the sampler hands them (cache slices, a strided q, padding masks, rows dropped from the
+batch) and head sizes with and without a vector remainder. The build is exercised for real in subprocesses:
+a fresh cache, the cache reused, no compiler, and a miscompiled library that the self-check must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distpg import kernels
+from distpg.generate import SamplingParams, generate
+from distpg.model import ModelShape, _decode_attention_torch, build_model
+from tests.conftest import randomize_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on():
+    if kernels.load() is None:
+        pytest.fail(f"the kernels should build on this machine: {kernels.status()}")
+    kernels.enabled = True
+    yield
+    kernels.enabled = True
+
+
+def _case(B, H, D, S, dtype, *, t_max=None, padded=False, seed=0):
+    """q as the sampler makes it (a strided slice of the fused q|k|v projection), k and v as the first S
+    positions of a (t_max, B, H, D) cache, and a padding mask with at least one real slot per row."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, 3 * H * D, generator=g)
+    q = qkv[..., : H * D].view(B, 1, H, D)[:, 0]
+    t_max = t_max or S + 3
+    cache_k, cache_v = torch.randn(2, t_max, B, H, D, generator=g).unbind(0)
+    mask = None
+    if padded:
+        keys = torch.rand(B, t_max, generator=g) > 0.4
+        keys[:, S - 1] = True
+        mask = keys[:, None, None, :S]
+    return q.to(dtype), cache_k.to(dtype)[:S], cache_v.to(dtype)[:S], mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,D,S", [(64, 4, 64, 40), (5, 3, 16, 1), (4, 2, 24, 9), (3, 2, 8, 17), (2, 1, 128, 70),
+                                     (3, 12, 64, 33)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_attention_matches_float64(dtype, B, H, D, S, padded):
+    q, k, v, mask = _case(B, H, D, S, dtype, padded=padded)
+    got = kernels.decode_attention(q, k, v, mask)
+    assert got is not None and got.dtype == dtype and got.shape == (B, H, D)
+    ref = _decode_attention_torch(q.double(), k.double(), v.double(), mask)
+    torch.testing.assert_close(got.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    if padded:  # a padding slot has no weight: changing its values changes nothing
+        v2 = v.clone()
+        v2[~mask[:, 0, 0].t()] = 1e4
+        assert torch.equal(kernels.decode_attention(q, k, v2, mask), got)
+
+
+def test_decode_attention_on_rows_dropped_from_the_batch():
+    """After rows stop, the sampler keeps the others: the cache becomes cache[:, :, keep] and the mask
+    keys[keep]."""
+    q, k, v, mask = _case(16, 4, 64, 12, torch.float32, padded=True)
+    keep = torch.tensor([0, 3, 4, 9, 15])
+    got = kernels.decode_attention(q[keep], k[:, keep], v[:, keep], mask[keep])
+    torch.testing.assert_close(got, kernels.decode_attention(q, k, v, mask)[keep], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_matches_float64(dtype):
+    x = torch.cat([torch.linspace(-30, 30, 2001), torch.randn(5000) * 3, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    x = x.to(dtype)
+    xd = x.double()
+    # x (1 + tanh u) / 2 = x sigmoid(2u): the same function, without 1 + tanh u cancelling to 0 in the left tail
+    ref = xd * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3))
+    torch.testing.assert_close(ref, torch.nn.functional.gelu(xd, approximate="tanh"), atol=1e-12, rtol=1e-12)
+    y = x.clone()
+    assert kernels.gelu_tanh_(y)
+    # atol 1e-35: far in the left tail the kernel's exp saturates at e^88, leaving x / e^88 instead of 0
+    if dtype == torch.float32:  # in the left tail u's rounding is amplified by e^2u: 6e-6 relative at x = -9
+        torch.testing.assert_close(y.double(), ref, atol=1e-35, rtol=1e-5)
+        # (PyTorch's own float32 tanh GELU is off by up to 2e6 ulps at x = -4: 1 + tanh u cancels)
+        mid = x.abs() <= 1  # within 2 float32 ulps where nothing is amplified
+        assert ((y.double() - ref).abs()[mid] <= 2 * 2**-23 * ref.abs()[mid] + 1e-38).all()
+    else:  # within one bfloat16 rounding of the exact value
+        assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-35).all()
+
+
+def test_kernels_leave_autograd_and_other_layouts_to_pytorch():
+    q, k, v, _ = _case(2, 2, 16, 5, torch.float32)
+    assert kernels.decode_attention(q.clone().requires_grad_(), k, v, None) is None
+    assert kernels.decode_attention(q.double(), k.double(), v.double(), None) is None
+    assert kernels.decode_attention(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, None) is None
+    x = torch.randn(8, 4, requires_grad=True)
+    h = x * 2
+    assert not kernels.gelu_tanh_(h)
+    assert not kernels.gelu_tanh_(torch.randn(8, 4).t())
+    # a training forward through the model still backpropagates (the learner's path)
+    m = build_model(ModelShape(16, 2, 2, 32, 32), seed=0)
+    m(torch.randint(16, (2, 6))).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_with_and_without_kernels(dtype):
+    """The same samples either way in float32; in bfloat16 the same up to rounding of the logits."""
+    m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0)
+    randomize_parameters(m, seed=1, scale=0.15)
+    m = m.eval().to(dtype)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 16, (n,), generator=g).tolist() for n in (3, 7, 5, 7, 2, 6)] * 4
+    params = SamplingParams(max_new_tokens=20, stop_token=0)
+    out = {}
+    for on in (True, False):
+        kernels.enabled = on
+        out[on] = generate(m, prompts, params, torch.Generator().manual_seed(0))
+    if dtype == torch.float32:
+        assert torch.equal(out[True].tokens, out[False].tokens)
+        torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-5, rtol=0)
+    else:
+        first = out[True].tokens[:, 0] == out[False].tokens[:, 0]
+        assert first.float().mean() > 0.9
+
+
+def _probe(env: dict, source: Path | None = None) -> dict:
+    """kernels.status() and a sample in a fresh interpreter with `env` (and optionally another source)."""
+    code = (
+        "import json, logging, sys, torch\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from pathlib import Path\n"
+        "from distpg import kernels\n"
+        + (f"kernels.SOURCE = Path({str(source)!r})\n" if source else "")
+        + "from distpg.generate import SamplingParams, generate\n"
+        "from distpg.model import ModelShape, build_model\n"
+        "m = build_model(ModelShape(16, 2, 2, 32, 32), seed=0).eval()\n"
+        "out = generate(m, [[1, 2, 3]] * 4, SamplingParams(max_new_tokens=5), torch.Generator().manual_seed(0))\n"
+        "print(json.dumps({'status': kernels.status(), 'tokens': out.tokens.tolist()}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"stderr": done.stderr}
+
+
+def test_build_goes_to_a_fresh_cache_then_is_reused(tmp_path):
+    env = {"DISTPG_CACHE_DIR": str(tmp_path)}
+    first = _probe(env)
+    built = list((tmp_path / "kernels").glob("decode-*.so"))
+    assert first["status"].startswith("C (") and len(built) == 1 and str(built[0]) in first["status"]
+    stamp = built[0].stat().st_mtime_ns
+    second = _probe(env)
+    assert second["status"] == first["status"] and second["tokens"] == first["tokens"]
+    assert list((tmp_path / "kernels").glob("*")) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def test_no_compiler_falls_back_to_pytorch_with_a_warning(tmp_path):
+    bindir = tmp_path / "bin"  # a PATH holding only this Python
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    env = {"DISTPG_CACHE_DIR": str(tmp_path), "CC": "", "PATH": str(bindir)}
+    off = _probe(env)
+    assert off["status"].startswith("off: no C compiler"), off["status"]
+    assert "CPU decode kernels unavailable" in off["stderr"]
+    assert not (tmp_path / "kernels").exists()
+    on = _probe({"DISTPG_CACHE_DIR": str(tmp_path)})
+    assert on["status"].startswith("C (") and on["tokens"] == off["tokens"]
+
+
+def test_a_wrong_build_is_refused_by_the_self_check(tmp_path):
+    bad = tmp_path / "decode.c"
+    text = kernels.SOURCE.read_text()
+    assert "dot * scale" in text
+    bad.write_text(text.replace("dot * scale", "dot * scale * 2.0f"))  # compiles, but attends wrongly
+    res = _probe({"DISTPG_CACHE_DIR": str(tmp_path)}, source=bad)
+    assert res["status"].startswith("off: ") and "disagrees with PyTorch" in res["status"]
+    assert "CPU decode kernels unavailable" in res["stderr"]
+    assert res["tokens"] == _probe({"DISTPG_CACHE_DIR": str(tmp_path)})["tokens"]
+
+
+def test_rollout_config_switch(tmp_path):
+    from distpg.rollout import RolloutWorker
+    from tests.conftest import small_config
+
+    RolloutWorker(small_config("rollout.cpu_kernels=false"), 0)
+    assert not kernels.enabled and kernels.status().startswith("disabled")
+    RolloutWorker(small_config(), 0)
+    assert kernels.enabled and kernels.status().startswith("C (")
