@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from distpg import kernels
 from distpg.doctor import FAIL, OK, WARN, Report, _listeners, format_report, judge_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +137,8 @@ def test_doctor_on_the_local_runtime_reports_it_and_a_config_that_does_not_fit(t
     report = json.loads(p.stdout)
     (n,) = report["nodes"]
     assert n["alive"] and n["head"] and n["cpus"] == os.cpu_count() and n["torch"] and n["ray"]
-    assert n["cpu_kernels"].startswith("C ("), n  # built (or found built) on the node by the probe
+    if kernels.compiler():  # built (or found built) on the node by the probe
+        assert n["cpu_kernels"].startswith("C ("), n
     findings = report["findings"]
     assert [lv for lv, t in findings if "listens on 127.0.0.1" in t] == [OK], findings
     assert any("token authentication is" in t for _, t in findings), findings
