@@ -9,7 +9,7 @@
  *   q (B, H, D) with element strides qb (row), qh (head) and D contiguous; k, v: element strides ss
  *   (position), sb (row), sh (head), D contiguous;
  *   mask: NULL or bytes with row stride msb, 0 = a padding slot never attended to; out (B, H, D) contiguous;
- *   scratch: B * H * (S + D) floats.
+ *   scratch: B * H * (S + 2 D) floats.
  * gelu_tanh: GPT-2's tanh GELU, in place, written as x * sigmoid(2u) = x * (1 + tanh u) / 2.
  */
 #include <math.h>
@@ -91,17 +91,22 @@ static inline float hsum(vf x) { /* halving tree: three vector additions, then f
         const int64_t BH = B * H, DV = D - D % 16; /* DV: the part of D done in vectors */                           \
         float *scores = scratch;  /* (B * H, S) */                                                                   \
         float *acc = scratch + BH * S;  /* (B * H, D) */                                                             \
+        /* q as float32 times the scale, once, instead of at every position */                                       \
+        float *qs = scratch + BH * (S + D); /* (B * H, D) */                                                         \
+        for (int64_t b = 0; b < B; b++)                                                                              \
+            for (int64_t h = 0; h < H; h++)                                                                          \
+                for (int64_t d = 0; d < D; d++) qs[(b * H + h) * D + d] = LOAD(q[b * qb + h * qh + d]) * scale;      \
         /* scores: the keys are read once, position by position, in memory order */                                  \
         for (int64_t s = 0; s < S; s++)                                                                              \
             for (int64_t b = 0; b < B; b++)                                                                          \
                 for (int64_t h = 0; h < H; h++) {                                                                    \
                     const T *kk = k + s * ss + b * sb + h * sh;                                                      \
-                    const T *qq = q + b * qb + h * qh;                                                               \
+                    const float *qq = qs + (b * H + h) * D;                                                          \
                     vf dv = {0};                                                                                     \
-                    for (int64_t d = 0; d < DV; d += 16) dv += VLOAD(qq + d) * VLOAD(kk + d);                        \
+                    for (int64_t d = 0; d < DV; d += 16) dv += load_f32(qq + d) * VLOAD(kk + d);                     \
                     float dot = hsum(dv);                                                                            \
-                    for (int64_t d = DV; d < D; d++) dot += LOAD(qq[d]) * LOAD(kk[d]);                               \
-                    scores[(b * H + h) * S + s] = dot * scale;                                                       \
+                    for (int64_t d = DV; d < D; d++) dot += qq[d] * LOAD(kk[d]);                                     \
+                    scores[(b * H + h) * S + s] = dot;                                                               \
                 }                                                                                                    \
         /* softmax over positions, padding slots excluded */                                                         \
         for (int64_t i = 0; i < BH; i++) {                                                                           \
