@@ -185,8 +185,9 @@ def test_no_compiler_falls_back_to_pytorch_with_a_warning(tmp_path):
 def test_a_wrong_build_is_refused_by_the_self_check(tmp_path):
     bad = tmp_path / "decode.c"
     text = kernels.SOURCE.read_text()
-    assert "dot * scale" in text
-    bad.write_text(text.replace("dot * scale", "dot * scale * 2.0f"))  # compiles, but attends wrongly
+    marker = "h * qh + d]) * scale"  # where q is scaled by 1/sqrt(D)
+    assert text.count(marker) == 1
+    bad.write_text(text.replace(marker, marker + " * 2.0f"))  # compiles, but attends wrongly
     res = _probe({"DISTPG_CACHE_DIR": str(tmp_path)}, source=bad)
     assert res["status"].startswith("off: ") and "disagrees with PyTorch" in res["status"]
     assert "CPU decode kernels unavailable" in res["stderr"]
