@@ -11,8 +11,9 @@ compiler, or when the build or that check fails, the model keeps PyTorch's ops a
 samples are then the same up to float rounding, only slower. `rollout.cpu_kernels: false` (see
 `distpg.rollout`) turns the kernels off in a worker; `status()` says which path a process takes.
 
-The kernels serve inference only (no autograd): the sampler's decode steps. The learner's forward is
-untouched.
+The kernels serve forwards without autograd only: the sampler's decode steps, and the GELU of any forward
+that needs no gradient (the learner's frozen reference policy for `algo.kl_coef`). Training forwards keep
+PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialised
+    fcntl = None
 
 import torch
 
@@ -79,38 +85,64 @@ def _cpu_identity() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _build(cc: str) -> Path:
-    """Compile the source for this machine (or reuse the cached build); returns the library's path."""
-    source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+def _safe_folder(folder: Path) -> None:
+    """Create `folder` (0700) if needed and refuse it unless this user owns it and nobody else may write to
+    it: a library found there is loaded into every worker."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise OSError(f"{folder} belongs to another user")
+    if st.st_mode & 0o022:
+        raise OSError(f"{folder} is writable by other users (chmod go-w it)")
+
+
+def _key(cc: str, version: str, flags: list[str]) -> str:
+    parts = (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(flags).encode(), _cpu_identity().encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _build(cc: str, rebuild: bool = False) -> Path:
+    """The library for this machine: from the cache, else compiled into it (with `rebuild`, compiled again
+    over a cached file that would not load). One process compiles while the others wait on a lock file; a
+    compiler error is remembered next to the cache (`decode-KEY.failed`: delete it to try again)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, errors="replace", timeout=30).stdout
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
     errors = []
-    for arch in ARCH_FLAGS:
-        flags = FLAGS + arch
-        key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
-                                        (source, cc, version, " ".join(flags), _cpu_identity()))).hexdigest()[:16]
-        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"distpg-kernels-{os.getuid()}"):
-            target = folder / f"decode-{key}.so"
-            if target.exists():
-                return target
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            except OSError as e:
-                errors.append(f"{folder}: {e}")
-                continue
-            os.close(fd)
-            try:
-                done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                      timeout=COMPILE_TIMEOUT_S)
-                if done.returncode == 0:
-                    os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"distpg-kernels-{uid}"):
+        try:
+            _safe_folder(folder)
+        except OSError as e:
+            errors.append(str(e))
+            continue
+        with open(folder / "build.lock", "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            for arch in ARCH_FLAGS:
+                flags = FLAGS + arch
+                key = _key(cc, version, flags)
+                target, failed = folder / f"decode-{key}.so", folder / f"decode-{key}.failed"
+                if target.exists() and not rebuild:
                     return target
-                errors.append(f"{' '.join(arch) or 'portable'}: {done.stderr.strip()[-300:]}")
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            break  # the compiler failed, not the folder: try the next flags
-    raise RuntimeError("; ".join(errors) or "no writable cache folder")
+                if failed.exists():
+                    errors.append(f"{' '.join(arch) or 'portable'}: failed before, see {failed}")
+                    continue
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+                os.close(fd)
+                try:
+                    done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                          text=True, errors="replace", timeout=COMPILE_TIMEOUT_S)
+                    if done.returncode == 0:
+                        with open(tmp, "rb") as f:
+                            os.fsync(f.fileno())  # whole on disk before it takes the cached name
+                        os.replace(tmp, target)
+                        return target
+                    failed.write_text(f"{cc} {' '.join(flags)}\n{done.stderr}")
+                    errors.append(f"{' '.join(arch) or 'portable'}: {done.stderr.strip()[-300:]}")
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+        break  # the folder was usable: the compiler is what failed
+    raise RuntimeError("; ".join(errors) or "no usable cache folder")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -129,16 +161,17 @@ def _self_check(lib: ctypes.CDLL) -> None:
     from distpg.model import _decode_attention_torch
 
     g = torch.Generator().manual_seed(0)
-    k, v = torch.randn(2, 7, 3, 2, 32, generator=g).unbind(0)  # (S, B, H, D)
-    q = torch.randn(3, 2, 32, generator=g)
     mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
     mask[0, ..., :2] = False
     x = torch.linspace(-8, 8, 101)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        ref = _decode_attention_torch(q.double(), k.double(), v.double(), mask)
-        got = _attention(lib, q.to(dtype), k.to(dtype), v.to(dtype), mask)
-        if got is None or not torch.allclose(got.double(), ref, atol=tol, rtol=tol):
-            raise RuntimeError(f"the built decode_attention ({dtype}) disagrees with PyTorch")
+        for D in (32, 24):  # a head size with its own unrolled branch, and one with a remainder
+            k, v = torch.randn(2, 7, 3, 2, D, generator=g).unbind(0)  # (S, B, H, D)
+            q = torch.randn(3, 2, D, generator=g)
+            ref = _decode_attention_torch(q.double(), k.double(), v.double(), mask)
+            got = _attention(lib, q.to(dtype), k.to(dtype), v.to(dtype), mask)
+            if got is None or not torch.allclose(got.double(), ref, atol=tol, rtol=tol):
+                raise RuntimeError(f"the built decode_attention ({dtype}, D={D}) disagrees with PyTorch")
         y = x.to(dtype, copy=True)
         _gelu(lib, y)
         if not torch.allclose(y.double(), torch.nn.functional.gelu(x.double(), approximate="tanh"), atol=tol, rtol=tol):
@@ -157,14 +190,17 @@ def load() -> ctypes.CDLL | None:
         if cc is None:
             _status = "off: no C compiler on PATH (set CC)"
         else:
-            try:
-                path = _build(cc)
-                lib = ctypes.CDLL(str(path))
-                _declare(lib)
-                _self_check(lib)
-                _lib, _status = lib, f"C ({path})"
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _status = f"off: {e}"
+            for attempt in range(2):
+                try:
+                    path = _build(cc, rebuild=attempt > 0)
+                    lib = ctypes.CDLL(str(path))
+                    _declare(lib)
+                    _self_check(lib)
+                    _lib, _status = lib, f"C ({path})"
+                    break
+                except Exception as e:  # noqa: BLE001 - whatever goes wrong, sampling falls back to PyTorch
+                    _status = f"off: {type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else f"off: {e}"
+                    # a cached file that does not load or check (truncated, stale) is compiled once more
         _tried = True
         if _lib is None:
             log.warning("distpg: CPU decode kernels unavailable, sampling with PyTorch ops (slower on a CPU): %s",
@@ -208,7 +244,8 @@ def gelu_tanh_(x: torch.Tensor) -> bool:
 
 def _attention(lib, q, k, v, attn_mask):
     S, B, H, D = k.shape
-    if (k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1 or q.shape != (B, H, D) or S == 0
+    if (k.stride() != v.stride() or k.shape != v.shape or k.stride(-1) != 1 or q.stride(-1) != 1
+            or q.shape != (B, H, D) or S == 0
             or attn_mask is not None and attn_mask.dtype != torch.bool):
         return None
     mask, mask_stride = None, 0

@@ -17,7 +17,7 @@ import time
 import pyarrow as pa
 import torch
 
-from distpg import algo
+from distpg import algo, kernels
 from distpg.batch import BatchError, LearnerBatch, to_learner_batch, validate
 from distpg.config import Config
 from distpg.memory import retain_freed_memory
@@ -50,6 +50,7 @@ class Learner:
         torch.set_num_threads(max(1, num_threads))
         self.cfg = cfg
         self.device = device
+        kernels.enabled = cfg.rollout.cpu_kernels  # the reference policy's forward (no autograd) may use them
         self.model = initial_policy(cfg, device)[1].train()
         self.vocab_size = self.model.shape.vocab_size  # every token id a batch may hold
         self.flat = FlatParams(self.model)

@@ -63,7 +63,12 @@ static inline vf load_f32(const float *p) { vf x; memcpy(&x, p, sizeof x); retur
 static inline vf load_bf16(const bf16 *p) {
     vh h;
     memcpy(&h, p, sizeof h);
+#if defined(__clang__) || __GNUC__ >= 9
     vu u = __builtin_convertvector(h, vu) << 16;
+#else /* older GCC: the same widening, element by element */
+    vu u;
+    for (int i = 0; i < 16; i++) u[i] = (uint32_t)h[i] << 16;
+#endif
     vf x;
     memcpy(&x, &u, sizeof x);
     return x;
