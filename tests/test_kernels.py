@@ -261,3 +261,23 @@ def test_a_compiler_error_is_remembered(tmp_path):
     assert failed and "this is not C" in failed[0].read_text()
     second = _probe(env, source=bad)  # not compiled again: the marker says why, and how to retry
     assert "failed before, see" in second["status"] and not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_workers_starting_together_build_once(tmp_path):
+    """Four processes on an empty cache at once, as a node's rollout workers start: one compiles, the others
+    wait on the lock and load its file."""
+    code = "from distpg import kernels; print(kernels.status())"
+    log = tmp_path / "compiles.log"
+    cc = tmp_path / "cc"  # the real compiler, counting its compilations
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *--version*) ;; *) echo 1 >> {log} ;; esac\n'
+                  f'exec {kernels.compiler()} "$@"\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "DISTPG_CACHE_DIR": str(tmp_path), "CC": str(cc)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    statuses = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    built = list((tmp_path / "kernels").glob("decode-*.so"))
+    assert len(built) == 1 and statuses == {f"C ({built[0]})"}, statuses
+    assert log.read_text().count("1") == 1  # compiled once
+    assert not list((tmp_path / "kernels").glob("tmp*"))  # no half-written file left behind
