@@ -96,16 +96,14 @@ def _safe_folder(folder: Path) -> None:
         raise OSError(f"{folder} is writable by other users (chmod go-w it)")
 
 
-def _key(cc: str, version: str, flags: list[str]) -> str:
-    parts = (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(flags).encode(), _cpu_identity().encode())
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-
-
 def _build(cc: str, rebuild: bool = False) -> Path:
     """The library for this machine: from the cache, else compiled into it (with `rebuild`, compiled again
     over a cached file that would not load). One process compiles while the others wait on a lock file; a
     compiler error is remembered next to the cache (`decode-KEY.failed`: delete it to try again)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, errors="replace", timeout=30).stdout
+    # the cache key of each set of flags: the source, the compiler, the flags and the CPU
+    base = b"\0".join((SOURCE.read_bytes(), cc.encode(), version.encode(), _cpu_identity().encode()))
+    keys = [hashlib.sha256(base + b"\0" + " ".join(FLAGS + arch).encode()).hexdigest()[:16] for arch in ARCH_FLAGS]
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     errors = []
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"distpg-kernels-{uid}"):
@@ -117,9 +115,8 @@ def _build(cc: str, rebuild: bool = False) -> Path:
         with open(folder / "build.lock", "a") as lock:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-            for arch in ARCH_FLAGS:
+            for arch, key in zip(ARCH_FLAGS, keys):
                 flags = FLAGS + arch
-                key = _key(cc, version, flags)
                 target, failed = folder / f"decode-{key}.so", folder / f"decode-{key}.failed"
                 if target.exists() and not rebuild:
                     return target
