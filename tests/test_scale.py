@@ -119,7 +119,9 @@ def test_scale_on_plain_local_ray(tmp_path):
     assert data["where"].startswith("local Ray") and data["scaling"] == "weak"
     pts = data["points"]
     assert [(pt["workers"], pt["nodes"], pt["measured_steps"]) for pt in pts] == [(1, None, 2), (2, None, 2)]
-    assert pts[0]["efficiency"] == 1.0 and 0 < pts[1]["efficiency"] < 1.5
+    # efficiency is T(2) / (2 T(1)) of the recorded throughputs; its size is timing, which the test does not judge
+    assert pts[0]["efficiency"] == 1.0 and pts[1]["efficiency"] > 0
+    assert pts[1]["efficiency"] == pytest.approx(pts[1]["rollout_tokens_per_s"] / (2 * pts[0]["rollout_tokens_per_s"]))
     assert [pt["trajectories_per_step"] for pt in pts] == [4 * 8, 8 * 8]  # weak scaling: 4 prompts per worker
     for pt in pts:  # each point is a real run folder
         assert len((Path(pt["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 3
