@@ -126,8 +126,10 @@ class RolloutConfig:
     )
     cpu_kernels: bool = _f(
         True, "on a CPU, sample with distpg's C kernels for the decode attention and GELU, built on first use "
-        "with the machine's C compiler ($CC or cc) into ~/.cache/distpg; without one (a warning says so), or when "
-        "false, PyTorch's ops: the same samples up to float rounding, slower")
+        "with the machine's C compiler ($CC or cc) into ~/.cache/distpg, and with the weight matrices laid out "
+        "once per policy version for oneDNN's matrix products (a second copy of the weights in each worker); "
+        "without a compiler or oneDNN (a warning says so), or when false, PyTorch's ops: the same samples up to "
+        "float rounding, slower")
     colocate: bool = _f(
         False, "run rollout worker 0 in the learner's actor (sync mode): it samples with the learner's own "
         "weights, with no process, model copy or weights transfer of its own, and with one worker a step is one "

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from distpg.model import GPT, _attention_mask
+from distpg import kernels
+from distpg.model import GPT, _attention_mask, decode_weights, output_layer
 from distpg.ragged import ragged_index
 
 
@@ -168,7 +168,7 @@ def _last_logits(model: GPT, idx, positions, attn_mask, cache_k, cache_v, pos: i
     x = model.wte(idx) + model.wpe(positions)
     for i, block in enumerate(model.h):
         x = block(x, attn_mask, (cache_k[i], cache_v[i]), pos)
-    return F.linear(model.ln_f(x[:, -1]), model.wte.weight)  # tied output embedding
+    return output_layer(model, model.ln_f(x[:, -1]))
 
 
 @torch.inference_mode()
@@ -179,6 +179,7 @@ def generate(
     generator: torch.Generator,
     pad_id: int = 0,
     check_every: int = 4,
+    weights_key: object = None,
 ) -> Generation:
     """Sample one completion per prompt (repeat a prompt G times to get a group).
 
@@ -190,11 +191,20 @@ def generate(
         pad_id: token written after a row stopped.
         check_every: how often (in tokens) to check on the host whether every row has stopped, and
             whether enough have stopped to drop them from the batch.
+        weights_key: on a CPU the weight matrices are laid out for oneDNN once (`kernels.packed_weights`)
+            and kept for the next call with the same key: pass a value that changes whenever the model's
+            weights do (a policy version); None lays them out for this call only.
     Returns:
         a `Generation` with (B, max_new_tokens) tokens, log-probabilities and mask.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    with kernels.packed_weights(model, decode_weights(model), weights_key, len(prompts)):
+        return _generate(model, prompts, params, generator, pad_id, check_every)
+
+
+def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+              pad_id: int, check_every: int) -> Generation:
     device = model.wte.weight.device
     N = params.max_new_tokens
     idx, prompt_mask = left_pad(prompts, pad_id, device)

@@ -1,4 +1,5 @@
-"""C kernels for the CPU decode step: the one-query attention over the KV cache and the tanh GELU.
+"""CPU fast paths for the decode step: C kernels for the one-query attention over the KV cache and the tanh
+GELU, and oneDNN matrix products on pre-packed weights.
 
 On a CPU, PyTorch runs a decode step's attention as several elementwise passes with temporaries the size of
 the cache, and its tanh is scalar. `csrc/decode.c` does each in one vectorised pass (float32 and bfloat16).
@@ -14,6 +15,14 @@ samples are then the same up to float rounding, only slower. `rollout.cpu_kernel
 The kernels serve forwards without autograd only: the sampler's decode steps, and the GELU of any forward
 that needs no gradient (the learner's frozen reference policy for `algo.kl_coef`). Training forwards keep
 PyTorch's ops.
+
+Pre-packed weights (`packed_weights`, `linear`): a decode step multiplies a few dozen rows by every weight
+matrix, and `F.linear` lets the BLAS re-lay each weight out into its own blocked format on every call (for
+the output layer, the vocabulary-sized embedding: 51 MB per token at GPT-2's vocabulary and 4x256). Inside
+`packed_weights(...)`, the no-grad CPU products of the given weights run on oneDNN (PyTorch's own CPU
+library, the ops `torch.compile` emits for frozen CPU models) against copies laid out once per weight
+version, with the c_fc GELU fused into its product. Governed by the same switch (`rollout.cpu_kernels`),
+checked against `F.linear` before first use, and skipped with a warning where oneDNN is missing.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 try:
@@ -206,11 +218,13 @@ def load() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """Which path this process's CPU decode steps take: 'C (library)', 'off: why', or 'disabled'."""
+    """Which paths this process's CPU decode steps take: 'C (library)' or 'off: why' for the C kernels, then
+    the matrix products' ('; matmuls: oneDNN pre-packed' or '; matmuls: PyTorch (why)'); or 'disabled'."""
     if not enabled:
         return "disabled (rollout.cpu_kernels: false)"
     load()
-    return _status
+    why = packing_unavailable(torch.float32)
+    return f"{_status}; matmuls: " + ("oneDNN pre-packed" if why is None else f"PyTorch ({why})")
 
 
 def _usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
@@ -265,3 +279,96 @@ def _gelu(lib, x) -> bool:
         return False
     getattr(lib, f"distpg_gelu_tanh_{_DTYPES[x.dtype]}")(x.data_ptr(), x.numel())
     return True
+
+
+# ------------------------------------------------------------------------- pre-packed matrix products
+
+_PACK_OK: dict[torch.dtype, str | None] = {}  # dtype -> None (usable) or why not, decided once per process
+_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> (key, data pointers, [packed])
+_active = threading.local()  # .packs: {id(weight): packed weight} inside `packed_weights`, else absent/None
+
+
+def packing_unavailable(dtype: torch.dtype) -> str | None:
+    """None if oneDNN's pre-packed products serve `dtype` here (checked against `F.linear` on first call),
+    else why not."""
+    if dtype not in _PACK_OK:
+        with _lock:
+            if dtype not in _PACK_OK:
+                _PACK_OK[dtype] = _check_packing(dtype)
+                if _PACK_OK[dtype] is not None:
+                    log.warning("distpg: pre-packed %s matrix products unavailable, sampling with F.linear: %s",
+                                dtype, _PACK_OK[dtype])
+    return _PACK_OK[dtype]
+
+
+def _check_packing(dtype: torch.dtype) -> str | None:
+    if dtype not in _DTYPES:
+        return f"{dtype} is not float32 or bfloat16"
+    try:
+        ops = torch.ops.mkldnn
+        if not torch.backends.mkldnn.is_available():
+            return "this PyTorch has no oneDNN (mkldnn)"
+        if dtype == torch.bfloat16 and not ops._is_mkldnn_bf16_supported():
+            return "oneDNN has no bfloat16 on this CPU"
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+        x = torch.randn(3, 2, 24, generator=g)
+        packed = ops._reorder_linear_weight(w.to(dtype), 4)  # packed for 4 rows, used with 6
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        tol = 1e-4 if dtype == torch.float32 else 6e-2
+        for act, want in (("none", ref), ("gelu", torch.nn.functional.gelu(ref, approximate="tanh"))):
+            got = ops._linear_pointwise(x.to(dtype), packed, b.to(dtype), act, [], "tanh" if act == "gelu" else "")
+            if got.shape != want.shape or not torch.allclose(got.double(), want, atol=tol, rtol=tol):
+                return f"oneDNN's packed product ({act}) disagrees with F.linear"
+    except Exception as e:  # noqa: BLE001 - an op missing or refused in this PyTorch build: F.linear it is
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+@contextmanager
+def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, rows: int) -> Iterator[None]:
+    """Within this block, `linear` multiplies by pre-packed copies of `weights` (2-d, out x in) in this thread.
+
+    The copies are kept (beside `owner`, while it lives: any object that takes a weak reference, such as
+    the model) for the next block with the same `key` and the same weight tensors; another `key` packs them
+    again. The caller changes `key` whenever the weights' values
+    change (the rollout worker passes its policy version); `key=None` packs for this block only. `rows` is the
+    batch the layout is chosen for (any batch works). A no-op unless the kernels are enabled, the weights
+    are CPU float32/bfloat16, and oneDNN passed its check.
+    """
+    w0 = weights[0]
+    if (not enabled or w0.device.type != "cpu" or w0.requires_grad and torch.is_grad_enabled()
+            or packing_unavailable(w0.dtype) is not None):
+        yield
+        return
+    ptrs = tuple((w.data_ptr(), w.dtype, tuple(w.shape)) for w in weights)
+    cached = _packs.get(owner) if key is not None else None
+    if cached is not None and cached[0] == key and cached[1] == ptrs:
+        packed = cached[2]
+    else:
+        _packs.pop(owner, None)  # the old copies go before the new ones are made
+        with torch.no_grad():
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach(), max(1, rows)) for w in weights]
+        if key is not None:
+            _packs[owner] = (key, ptrs, packed)
+    outer = getattr(_active, "packs", None)
+    _active.packs = {id(w): p for w, p in zip(weights, packed)}
+    try:
+        yield
+    finally:
+        _active.packs = outer
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gelu: bool = False) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` (then GPT-2's tanh GELU with `gelu`) on `weight`'s pre-packed copy inside
+    `packed_weights`; None where that does not apply (no pack of this weight active, autograd on, or `x`
+    not of the weight's dtype)."""
+    packs = getattr(_active, "packs", None)
+    if packs is None or torch.is_grad_enabled() and x.requires_grad:
+        return None
+    packed = packs.get(id(weight))
+    if packed is None or x.dtype != packed.dtype:
+        return None
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu" if gelu else "none", [],
+                                              "tanh" if gelu else "")

@@ -77,20 +77,26 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask, layer_cache=None, pos: int = 0):
         B, T, C = x.shape
         H = self.n_head
-        q, k, v = (t.view(B, T, H, C // H) for t in self.c_attn(x).split(C, dim=2))  # (B, T, H, D)
+        q, k, v = (t.view(B, T, H, C // H) for t in _linear(x, self.c_attn).split(C, dim=2))  # (B, T, H, D)
         if layer_cache is not None:
             cache_k, cache_v = layer_cache  # (T_max, B, H, D)
             cache_k[pos : pos + T] = k.transpose(0, 1)
             cache_v[pos : pos + T] = v.transpose(0, 1)
             k, v = cache_k[: pos + T], cache_v[: pos + T]  # (S, B, H, D)
             if T == 1:
-                return self.c_proj(_decode_attention(q[:, 0], k, v, attn_mask).view(B, 1, C))
+                return _linear(_decode_attention(q[:, 0], k, v, attn_mask).view(B, 1, C), self.c_proj)
             k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         # (B, H, T, D) for the attention kernel
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return _linear(y.transpose(1, 2).reshape(B, T, C), self.c_proj)
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer(x)`, on its pre-packed weight inside `kernels.packed_weights` (the sampler's decode steps)."""
+    out = kernels.linear(x, layer.weight, layer.bias)
+    return layer(x) if out is None else out
 
 
 def _decode_attention(q, k, v, attn_mask):
@@ -126,11 +132,14 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * shape.n_embd, shape.n_embd)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        # GPT-2's "gelu_new" is the tanh approximation; without autograd on a CPU, in place in C (distpg.kernels)
-        if not kernels.gelu_tanh_(h):
-            h = F.gelu(h, approximate="tanh")
-        return self.c_proj(h)
+        # GPT-2's "gelu_new" is the tanh approximation; without autograd on a CPU, fused into the product on a
+        # pre-packed weight, else in place in C (distpg.kernels)
+        h = kernels.linear(x, self.c_fc.weight, self.c_fc.bias, gelu=True)
+        if h is None:
+            h = self.c_fc(x)
+            if not kernels.gelu_tanh_(h):
+                h = F.gelu(h, approximate="tanh")
+        return _linear(h, self.c_proj)
 
 
 class Block(nn.Module):
@@ -208,8 +217,19 @@ class GPT(nn.Module):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, attn_mask, layer_cache, pos)
         x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)  # tied output embedding
+        logits = output_layer(self, x)
         return (logits, x) if return_hidden else logits
+
+
+def output_layer(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states: the output layer, tied to the token embedding."""
+    out = kernels.linear(x, model.wte.weight)
+    return F.linear(x, model.wte.weight) if out is None else out
+
+
+def decode_weights(model: GPT) -> list[torch.Tensor]:
+    """The weight matrices a decode step multiplies by: every linear layer's and the tied output layer's."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)] + [model.wte.weight]
 
 
 def _attention_mask(T: int, pos: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:

@@ -101,7 +101,7 @@ class RolloutWorker:
         prompt_tokens = [self.tokenizer.encode(p) for p in prompts]
         generator = torch.Generator(device=self.device).manual_seed(seed)
         out = generate(self.model, [t for t in prompt_tokens for _ in range(G)], self.params, generator,
-                       pad_id=self.tokenizer.pad_id)
+                       pad_id=self.tokenizer.pad_id, weights_key=self.version)
         completion_tokens = out.rows()
         mask = out.mask.cpu()
         logprobs = [row[mask_row].tolist() for row, mask_row in zip(out.logprobs.cpu(), mask)]

@@ -21,7 +21,7 @@ import torch
 
 from distpg import kernels
 from distpg.generate import SamplingParams, generate
-from distpg.model import ModelShape, _decode_attention_torch, build_model
+from distpg.model import ModelShape, _decode_attention_torch, build_model, decode_weights
 from tests.conftest import randomize_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,14 +153,91 @@ def test_decode_logits_with_and_without_kernels(dtype, tol):
     with torch.inference_mode():
         for on in (True, False):
             kernels.enabled = on
+            packs = kernels.packed_weights(m, decode_weights(m), None, B)  # as generate() does: oneDNN products
+            packs.__enter__()
             cache = m.new_cache(B, Tp + N)
             steps = [m(idx[:, :Tp], positions=positions[:, :Tp], key_mask=key_mask[:, :Tp], cache=cache)[:, -1]]
             for t in range(Tp, Tp + N - 1):
                 steps.append(m(idx[:, t : t + 1], positions=positions[:, t : t + 1], key_mask=key_mask[:, : t + 1],
                                cache=cache, pos=t)[:, -1])
+            packs.__exit__(None, None, None)
             logits[on] = torch.stack(steps).float()
     assert logits[True].abs().max() > 1  # logits with something to get wrong
     torch.testing.assert_close(logits[True], logits[False], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_float64(dtype):
+    """oneDNN's product on a pre-packed weight against float64, within float rounding of the inputs' sum of
+    |products|: a decode step's rows, a prefill's (more rows than the layout was chosen for), a strided row
+    slice (the output layer's input), no bias (the tied output layer), and the GELU fused into the product."""
+    if kernels.packing_unavailable(dtype):
+        pytest.skip(kernels.packing_unavailable(dtype))
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(96, 40, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    head = torch.randn(50, 40, generator=g).to(dtype)
+    eps = 2**-23 if dtype == torch.float32 else 2**-8  # the output's rounding
+    with torch.inference_mode(), kernels.packed_weights(torch.nn.Module(), [w, head], None, rows=8):
+        for x in (torch.randn(8, 1, 40, generator=g), torch.randn(3, 11, 40, generator=g),
+                  torch.randn(5, 4, 40, generator=g)[:, -1]):
+            x = x.to(dtype)
+            for weight, bias in ((w, b), (head, None)):
+                ref = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+                size = x.double().abs() @ weight.double().abs().t() + (0 if bias is None else bias.double().abs())
+                bound = 1e-6 * size + eps * ref.abs()  # float32 accumulation, then the output's rounding
+                got = kernels.linear(x, weight, bias)
+                assert got.dtype == dtype and got.shape == ref.shape
+                assert ((got.double() - ref).abs() <= bound).all()
+            got = kernels.linear(x, w, b, gelu=True)
+            ref = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), w.double(), b.double()),
+                                           approximate="tanh")
+            assert ((got.double() - ref).abs() <= 1e-6 * size.max() + eps * 4 * ref.abs() + 1e-6).all()
+        # only the weights it packed, only in their dtype, never under autograd
+        assert kernels.linear(x, torch.randn(96, 40).to(dtype), b) is None
+        assert kernels.linear(x.double(), w, b) is None
+    assert kernels.linear(x, w, b) is None  # outside the block
+    with kernels.packed_weights(torch.nn.Module(), [w], None, rows=8):
+        assert kernels.linear(torch.randn(2, 40).to(dtype).requires_grad_(), w, b) is None
+
+
+def test_packed_weights_are_kept_per_key_and_repacked_when_it_changes():
+    """The layout is made once per key: reused for the same key and weight memory, made again for another
+    key (weights overwritten in place, as a copying load does) or another tensor (zero-copy load); with
+    key None it is never kept."""
+    m = build_model(ModelShape(16, 2, 2, 32, 32), seed=0).eval()
+    ws = decode_weights(m)
+    assert len(ws) == 2 * 4 + 1 and ws[-1] is m.wte.weight  # four linear layers per block, the output layer
+    prompts, params = [[1, 2, 3]] * 4, SamplingParams(max_new_tokens=6)
+
+    def sample(key):
+        return generate(m, prompts, params, torch.Generator().manual_seed(0), weights_key=key).tokens
+
+    first = sample(1)
+    kept = kernels._packs[m][2]
+    assert torch.equal(sample(1), first) and kernels._packs[m][2] is kept
+    with torch.no_grad():  # new values in the same memory, under a new key
+        m.wte.weight.mul_(-3.0)
+    second = sample(2)
+    assert kernels._packs[m][2] is not kept
+    kernels.enabled = False
+    assert torch.equal(sample(2), second)  # the same as PyTorch's products on the new weights
+    kernels.enabled = True
+    kept = kernels._packs[m][2]
+    m.wte.weight.data = m.wte.weight.data.clone()  # the same key, new memory: laid out again
+    assert torch.equal(sample(2), second) and kernels._packs[m][2] is not kept
+    sample(None)
+    assert m not in kernels._packs
+
+
+def test_without_onednn_the_products_fall_back_with_a_warning(caplog, monkeypatch):
+    assert kernels._check_packing(torch.float64) == "torch.float64 is not float32 or bfloat16"
+    monkeypatch.setattr(kernels, "_PACK_OK", {})
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    m = build_model(ModelShape(16, 2, 2, 32, 32), seed=0).eval()
+    out = generate(m, [[1, 2, 3]] * 4, SamplingParams(max_new_tokens=4), torch.Generator().manual_seed(0))
+    assert bool(out.mask.all()) and m not in kernels._packs
+    assert "matmuls: PyTorch (this PyTorch has no oneDNN (mkldnn))" in kernels.status()
+    assert "pre-packed torch.float32 matrix products unavailable" in caplog.text
 
 
 def _probe(env: dict, source: Path | None = None) -> dict:
@@ -278,6 +355,6 @@ def test_workers_starting_together_build_once(tmp_path):
     statuses = {p.communicate(timeout=300)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
     built = list((tmp_path / "kernels").glob("decode-*.so"))
-    assert len(built) == 1 and statuses == {f"C ({built[0]})"}, statuses
+    assert len(built) == 1 and {s.split(";")[0] for s in statuses} == {f"C ({built[0]})"}, statuses
     assert log.read_text().count("1") == 1  # compiled once
     assert not list((tmp_path / "kernels").glob("tmp*"))  # no half-written file left behind

@@ -27,8 +27,15 @@ def test_weights_handed_with_sample_are_loaded_first_without_a_copy():
     start = v1.buffer.ctypes.data
     assert all(start <= p.data_ptr() < start + v1.nbytes for p in worker.model.parameters())
 
-    copied.flat.load(v1, share=False)  # the same version through the copying load
+    # the same versions through the copying load, which overwrites the same parameter memory: the weights
+    # laid out for oneDNN for v0 (kernels.packed_weights) must not serve v1
+    copied.flat.load(v0, share=False)
+    copied.version = 0
+    copied.sample(PROMPTS, IDS, seed=0)
+    pointers = [p.data_ptr() for p in copied.model.parameters()]
+    copied.flat.load(v1, share=False)
     copied.version = 1
+    assert [p.data_ptr() for p in copied.model.parameters()] == pointers
     other = copied.sample(PROMPTS, IDS, seed=1)
     assert batch.replace_schema_metadata(None).equals(other.replace_schema_metadata(None))
     assert all(torch.equal(a, b) for a, b in zip(worker.model.parameters(), copied.model.parameters()))
