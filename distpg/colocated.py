@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from distpg import kernels
 from distpg.config import Config
 from distpg.learner import Learner
 from distpg.rollout import RolloutWorker
@@ -42,6 +43,7 @@ class _FollowingWorker(RolloutWorker):
         return self.follow()
 
     def follow(self) -> int:
+        kernels.release(self.model)
         self.flat.follow(self.learner.flat)
         self.version = self.learner.version
         return self.version
@@ -61,7 +63,14 @@ class ColocatedLearner(Learner):
         """Worker 0's share (see `RolloutWorker.sample`), always sampled with this learner's current weights
         and labelled with its version (handed `weights` are not fetched: they are this learner's own; with
         none, the worker still follows, since its parameters view the learner's and change with each update)."""
-        return self.worker.sample(prompts, prompt_ids, seed, LEARNERS_OWN)
+        try:
+            return self.worker.sample(prompts, prompt_ids, seed, LEARNERS_OWN)
+        finally:  # the next update changes the weights in place: their pre-packed copy goes, not kept over learn()
+            kernels.release(self.worker.model)
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)  # new values in the same memory, perhaps under the version held
+        kernels.release(self.worker.model)
 
     def step(self, prompts: list[str], prompt_ids: list[int], seed: int) -> tuple[pa.RecordBatch, dict]:
         """A whole synchronous step when worker 0 is the only worker: sample with the current weights, learn

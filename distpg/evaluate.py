@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from distpg import checkpoint, rewards
+from distpg import checkpoint, kernels, rewards
 from distpg.config import Config, load_config
 from distpg.generate import generate
 from distpg.model import GPT
@@ -58,11 +58,14 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
     gen = torch.Generator().manual_seed(seed)
     completions: list[str] = []
     same_weights = object()  # the weights do not change during this loop: laid out for oneDNN once
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        out = generate(model, [tok.encode(p) for p in chunk], params, gen, pad_id=tok.pad_id,
-                       weights_key=same_weights)
-        completions += [tok.decode(r) for r in out.rows()]
+    try:
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s : s + batch_size]
+            out = generate(model, [tok.encode(p) for p in chunk], params, gen, pad_id=tok.pad_id,
+                           weights_key=same_weights)
+            completions += [tok.decode(r) for r in out.rows()]
+    finally:
+        kernels.release(model)
     scores, ok, _ = rewards.score(task, prompts, completions)
     targets = [task.target(p) for p in prompts]
     exact = sum(map(exact_match, completions, targets)) / len(prompts)

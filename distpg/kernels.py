@@ -359,13 +359,20 @@ def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, 
         _active.packs = outer
 
 
+def release(owner: object) -> None:
+    """Drop the pre-packed copies kept for `owner` (a rollout worker does when its weights change, so that a
+    version's copies do not outlive it)."""
+    _packs.pop(owner, None)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            gelu: bool = False) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` (then GPT-2's tanh GELU with `gelu`) on `weight`'s pre-packed copy inside
-    `packed_weights`; None where that does not apply (no pack of this weight active, autograd on, or `x`
-    not of the weight's dtype)."""
+    `packed_weights`; None where that does not apply (no pack of this weight active, autograd on for any
+    operand, or `x` not of the weight's dtype)."""
     packs = getattr(_active, "packs", None)
-    if packs is None or torch.is_grad_enabled() and x.requires_grad:
+    if packs is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                     or bias is not None and bias.requires_grad):
         return None
     packed = packs.get(id(weight))
     if packed is None or x.dtype != packed.dtype:

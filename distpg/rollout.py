@@ -59,6 +59,7 @@ class RolloutWorker:
         distpg.weights), else it is copied (and converted to rollout.dtype); the checksum is re-read only if
         the message was packed on another node.
         """
+        kernels.release(self.model)  # the previous version's pre-packed weights (generate) go first
         self.flat.load_published(msg)
         self.version = msg.version
         return self.version

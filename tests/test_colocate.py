@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from distpg import kernels
 from distpg.colocated import ColocatedLearner
 from distpg.config import ConfigError
 from distpg.orchestrator import Trainer, TrainingError, plan_placement, sample_seed, step_prompts, train
@@ -122,8 +123,28 @@ def test_the_colocated_worker_samples_as_a_separate_one_in_one_process():
         assert batch.column("completion_tokens").equals(ref_batch.column("completion_tokens"))
         assert metrics["learner/loss"] == ref_metrics["learner/loss"]
         assert batch.column("policy_version").to_pylist() == [step - 1] * batch.num_rows
+        # the sampled version's pre-packed weights are not kept over the update (memory)
+        assert both.worker.model not in kernels._packs
     with pytest.raises(WeightsError, match=r"handed v2; its learner holds v3"):
         both.set_weights(learner.get_weights().__class__(2, weights.buffer, weights.manifest, weights.checksum))
+
+
+def test_a_colocated_worker_samples_a_state_loaded_under_the_version_it_holds():
+    """load_state writes new values into the parameters the worker views, perhaps under the version the
+    worker already sampled: it must sample the loaded weights (no pre-packed copy of the old ones)."""
+    cfg = small_config("rollout.num_workers=1")
+    a, b = ColocatedLearner(cfg), ColocatedLearner(small_config("rollout.num_workers=1", "run.seed=5"))
+    prompts, ids = step_prompts(a.worker.task, cfg, 1)
+    a.sample(prompts, ids, seed=3)
+    state = b.state()
+    state["version"] = a.version  # b's weights under the version a holds
+    a.load_state(state)
+    got = a.sample(prompts, ids, seed=3)
+    fresh = ColocatedLearner(cfg)
+    fresh.load_state(state)
+    want = fresh.sample(prompts, ids, seed=3)
+    assert got.column("completion_tokens").equals(want.column("completion_tokens"))
+    assert got.column("completion_logprobs").equals(want.column("completion_logprobs"))
 
 
 def test_follow_shares_a_buffer_of_the_same_dtype_and_copies_into_another():

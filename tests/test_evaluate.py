@@ -2,6 +2,7 @@
 
 import pytest
 
+from distpg import kernels
 from distpg.evaluate import evaluate, exact_match
 from distpg.learner import Learner
 from distpg.policy import task_for
@@ -30,6 +31,7 @@ def test_evaluate_counts_exact_matches_of_the_greedy_completions():
     # greedy decoding is deterministic: the same policy gives the same completions
     again = evaluate(cfg, learner.model)
     assert [s[1] for s in again.samples] == [s[1] for s in result.samples]
+    assert learner.model not in kernels._packs  # the pre-packed weights do not outlive the call
     # the reward is the task's own on each completion
     task = task_for(cfg)
     assert [task.reward(p, c) for p, c, _, _ in result.samples] == [r for *_, r in result.samples]

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from distpg import kernels
 from distpg.learner import Learner
 from distpg.rollout import RolloutWorker
 from distpg.weights import WeightsError
@@ -32,6 +33,7 @@ def test_weights_handed_with_sample_are_loaded_first_without_a_copy():
     copied.flat.load(v0, share=False)
     copied.version = 0
     copied.sample(PROMPTS, IDS, seed=0)
+    assert kernels.packing_unavailable(torch.float32) or copied.model in kernels._packs  # v0's, kept
     pointers = [p.data_ptr() for p in copied.model.parameters()]
     copied.flat.load(v1, share=False)
     copied.version = 1
@@ -42,6 +44,8 @@ def test_weights_handed_with_sample_are_loaded_first_without_a_copy():
 
     worker.sample(PROMPTS, IDS, seed=2, weights=v1)  # the version held: nothing to load
     assert worker.flat.held is v1
+    copied.set_weights(v0)  # a new version drops the old one's pre-packed weights before it loads
+    assert copied.model not in kernels._packs
     with pytest.raises(WeightsError, match="holds policy v1 and was handed the older v0"):
         worker.sample(PROMPTS, IDS, seed=3, weights=v0)
     assert worker.version == 1
