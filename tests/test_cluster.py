@@ -178,11 +178,12 @@ def test_doctor_names_the_address_ray_would_rewrite(cluster):
     """127.0.0.1:PORT answers, but Ray's client dials the routable address instead: say so, fast."""
     env, cluster_dir, gcs_port = cluster
     t0 = time.perf_counter()
-    p = sh(sys.executable, "-m", "distpg", "doctor", "--address", f"127.0.0.1:{gcs_port}", "--timeout", "20",
-           env=client_env(env, cluster_dir), timeout=60)
+    p = sh(sys.executable, "-m", "distpg", "doctor", "--address", f"127.0.0.1:{gcs_port}", "--timeout", "120",
+           env=client_env(env, cluster_dir), timeout=240)
     assert p.returncode == 1
-    assert f"connect with LOCALHOST:{gcs_port}" in p.stdout, p.stdout + p.stderr
-    assert time.perf_counter() - t0 < 20
+    assert f"connect with LOCALHOST:{gcs_port}" in p.stdout, p.stdout + p.stderr  # the TCP probe's finding
+    # well before the 120 s connect timeout a failed ray.init would wait out (the margin: a loaded CI machine)
+    assert time.perf_counter() - t0 < 60
 
 
 def test_scale_on_the_cluster_sweeps_nodes(cluster, tmp_path):
