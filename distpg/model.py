@@ -77,26 +77,29 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask, layer_cache=None, pos: int = 0):
         B, T, C = x.shape
         H = self.n_head
-        q, k, v = (t.view(B, T, H, C // H) for t in _linear(x, self.c_attn).split(C, dim=2))  # (B, T, H, D)
+        qkv = _linear(x, self.c_attn.weight, self.c_attn.bias)
+        q, k, v = (t.view(B, T, H, C // H) for t in qkv.split(C, dim=2))  # (B, T, H, D)
         if layer_cache is not None:
             cache_k, cache_v = layer_cache  # (T_max, B, H, D)
             cache_k[pos : pos + T] = k.transpose(0, 1)
             cache_v[pos : pos + T] = v.transpose(0, 1)
             k, v = cache_k[: pos + T], cache_v[: pos + T]  # (S, B, H, D)
             if T == 1:
-                return _linear(_decode_attention(q[:, 0], k, v, attn_mask).view(B, 1, C), self.c_proj)
+                y = _decode_attention(q[:, 0], k, v, attn_mask).view(B, 1, C)
+                return _linear(y, self.c_proj.weight, self.c_proj.bias)
             k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         # (B, H, T, D) for the attention kernel
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)
-        return _linear(y.transpose(1, 2).reshape(B, T, C), self.c_proj)
+        return _linear(y.transpose(1, 2).reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """`layer(x)`, on its pre-packed weight inside `kernels.packed_weights` (the sampler's decode steps)."""
-    out = kernels.linear(x, layer.weight, layer.bias)
-    return layer(x) if out is None else out
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, on the weight's pre-packed copy inside `kernels.packed_weights` (the
+    sampler's decode steps)."""
+    out = kernels.linear(x, weight, bias)
+    return F.linear(x, weight, bias) if out is None else out
 
 
 def _decode_attention(q, k, v, attn_mask):
@@ -139,7 +142,7 @@ class MLP(nn.Module):
             h = self.c_fc(x)
             if not kernels.gelu_tanh_(h):
                 h = F.gelu(h, approximate="tanh")
-        return _linear(h, self.c_proj)
+        return _linear(h, self.c_proj.weight, self.c_proj.bias)
 
 
 class Block(nn.Module):
@@ -223,8 +226,7 @@ class GPT(nn.Module):
 
 def output_layer(model: GPT, x: torch.Tensor) -> torch.Tensor:
     """Logits from final hidden states: the output layer, tied to the token embedding."""
-    out = kernels.linear(x, model.wte.weight)
-    return F.linear(x, model.wte.weight) if out is None else out
+    return _linear(x, model.wte.weight)
 
 
 def decode_weights(model: GPT) -> list[torch.Tensor]:
