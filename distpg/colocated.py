@@ -42,8 +42,15 @@ class _FollowingWorker(RolloutWorker):
                                f"v{self.learner.version}")
         return self.follow()
 
+    def sample(self, *args, **kwargs) -> pa.RecordBatch:
+        """`RolloutWorker.sample`, then the pre-packed weights (see `kernels.packed_weights`) go: the learner
+        changes these parameters in place (each update, `load_state`), and they are not kept over learn()."""
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            kernels.release(self.model)
+
     def follow(self) -> int:
-        kernels.release(self.model)
         self.flat.follow(self.learner.flat)
         self.version = self.learner.version
         return self.version
@@ -63,14 +70,7 @@ class ColocatedLearner(Learner):
         """Worker 0's share (see `RolloutWorker.sample`), always sampled with this learner's current weights
         and labelled with its version (handed `weights` are not fetched: they are this learner's own; with
         none, the worker still follows, since its parameters view the learner's and change with each update)."""
-        try:
-            return self.worker.sample(prompts, prompt_ids, seed, LEARNERS_OWN)
-        finally:  # the next update changes the weights in place: their pre-packed copy goes, not kept over learn()
-            kernels.release(self.worker.model)
-
-    def load_state(self, state: dict) -> None:
-        super().load_state(state)  # new values in the same memory, perhaps under the version held
-        kernels.release(self.worker.model)
+        return self.worker.sample(prompts, prompt_ids, seed, LEARNERS_OWN)
 
     def step(self, prompts: list[str], prompt_ids: list[int], seed: int) -> tuple[pa.RecordBatch, dict]:
         """A whole synchronous step when worker 0 is the only worker: sample with the current weights, learn
