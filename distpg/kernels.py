@@ -331,9 +331,9 @@ def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, 
 
     The copies are kept (beside `owner`, while it lives: any object that takes a weak reference, such as
     the model) for the next block with the same `key` and the same weight tensors; another `key` packs them
-    again. The caller changes `key` whenever the weights' values
-    change (the rollout worker passes its policy version); `key=None` packs for this block only. `rows` is the
-    batch the layout is chosen for (any batch works). A no-op unless the kernels are enabled, the weights
+    again. The caller changes `key` whenever the weights' values change (the rollout worker passes its policy
+    version); `key=None` packs for this block only. `rows` is the batch the layout is chosen for (any batch
+    works). A no-op unless the kernels are enabled, the weights
     are CPU float32/bfloat16, and oneDNN passed its check.
     """
     w0 = weights[0]
