@@ -9,10 +9,12 @@ slower on a CPU at GPT-2's 50257 tokens, and `torch.multinomial` is slower still
 are one before decoding (are the prompts padded?) and an "all rows stopped?" check every `check_every`
 tokens.
 
-Where it pays, the decode loop does less than a plain `model(...)` call per token: the attention mask is
-built once (and dropped when no prompt is padded), the output layer runs on the last position only, and
-when at least half of the rows still being decoded have stopped, they are dropped from the batch and the
-cache (the random draws stay per row, so dropping rows changes no sample).
+Where it pays, the decode loop does less than a plain `model(...)` call per token: each token's forward is
+`decode_step` (functional calls instead of module calls, the cache written by the attention kernel; the
+same logits), the attention mask is built once (and dropped when no prompt is padded), the output layer
+runs on the last position only, and when at least half of the rows still being decoded have stopped, they
+are dropped from the batch and the cache (the random draws stay per row, so dropping rows changes no
+sample).
 
 The returned log-probabilities are under the distribution actually sampled from, i.e. after temperature,
 top-k and top-p: these are the behaviour-policy log-probabilities μ that the learner needs for
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from distpg import kernels
-from distpg.model import GPT, _attention_mask, decode_weights, output_layer
+from distpg.model import GPT, _attention_mask, decode_layers, decode_step, decode_weights, output_layer
 from distpg.ragged import ragged_index
 
 
@@ -159,15 +161,16 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-def _last_logits(model: GPT, idx, positions, attn_mask, cache_k, cache_v, pos: int) -> torch.Tensor:
-    """`model(idx, ...)[:, -1]` on the cache tensors, with the output layer on the last position only.
+def _prefill(model: GPT, idx, positions, attn_mask, cache_k, cache_v) -> torch.Tensor:
+    """`model(idx, ...)[:, -1]` on the cache tensors (from position 0), with the output layer on the last
+    position only.
 
     idx, positions (b, T); attn_mask broadcastable to (b, 1, T, pos + T) or None; cache_k, cache_v
     (n_layer, T_max, b, H, D). Returns logits (b, V).
     """
     x = model.wte(idx) + model.wpe(positions)
     for i, block in enumerate(model.h):
-        x = block(x, attn_mask, (cache_k[i], cache_v[i]), pos)
+        x = block(x, attn_mask, (cache_k[i], cache_v[i]), 0)
     return output_layer(model, model.ln_f(x[:, -1]))
 
 
@@ -228,7 +231,8 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
 
     prefill_mask = _attention_mask(Tp, 0, key_mask if padded else None, device)
-    logits = _last_logits(model, idx, positions, prefill_mask, cache_k, cache_v, 0)
+    logits = _prefill(model, idx, positions, prefill_mask, cache_k, cache_v)
+    layers = decode_layers(model)
     for t in range(N):
         tok, logp = _sample(logits, params, uniforms[t] if rows is None else uniforms[t, rows])
         alive = None
@@ -253,9 +257,9 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
                 cache_k, cache_v = cache_k[:, :, keep], cache_v[:, :, keep]  # (n_layer, T_max, b, H, D)
                 tok, stopped = tok[keep], stopped[keep]
                 keys = None if keys is None else keys[keep]
-        pos_in = new_positions[:, t : t + 1] if rows is None else new_positions[rows, t : t + 1]
+        pos_in = new_positions[:, t] if rows is None else new_positions[rows, t]
         attn_mask = None if keys is None else keys[..., : Tp + t + 1]
-        logits = _last_logits(model, tok[:, None], pos_in, attn_mask, cache_k, cache_v, Tp + t)
+        logits = decode_step(model, layers, tok, pos_in, attn_mask, cache_k, cache_v, Tp + t)
     if params.stop_token is None:
         mask.fill_(True)
         truncated = torch.ones(B, dtype=torch.bool, device=device)

@@ -158,7 +158,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     for suffix in _DTYPES.values():
         fn = getattr(lib, f"distpg_decode_attention_{suffix}")
-        fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i64, f32, ptr]
+        fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, i64, f32, ptr, i64]
         fn.restype = None
         fn = getattr(lib, f"distpg_gelu_tanh_{suffix}")
         fn.argtypes = [ptr, i64]
@@ -166,7 +166,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
-    """The library against PyTorch on a small padded case, both dtypes; raises if they disagree."""
+    """The library against PyTorch on a small padded case, both dtypes, with and without writing the new key and
+    value; raises if they disagree."""
     from distpg.model import _decode_attention_torch
 
     g = torch.Generator().manual_seed(0)
@@ -175,11 +176,16 @@ def _self_check(lib: ctypes.CDLL) -> None:
     x = torch.linspace(-8, 8, 101)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         for D in (32, 24):  # a head size with its own unrolled branch, and one with a remainder
-            k, v = torch.randn(2, 7, 3, 2, D, generator=g).unbind(0)  # (S, B, H, D)
-            q = torch.randn(3, 2, D, generator=g)
+            k, v = torch.randn(2, 7, 3, 2, D, generator=g).to(dtype).unbind(0)  # (S, B, H, D)
+            qkv = torch.randn(3, 3 * 2 * D, generator=g).to(dtype)  # the new position's q, k, v of each row
+            q, new_k, new_v = (t.view(3, 2, D) for t in qkv.split(2 * D, dim=1))
+            k_new, v_new = k.clone(), v.clone()
+            got_new = _attention(lib, q, k_new, v_new, mask, knew=2 * D)  # writes the last position first
+            k[-1], v[-1] = new_k, new_v
+            got = _attention(lib, q, k, v, mask)
             ref = _decode_attention_torch(q.double(), k.double(), v.double(), mask)
-            got = _attention(lib, q.to(dtype), k.to(dtype), v.to(dtype), mask)
-            if got is None or not torch.allclose(got.double(), ref, atol=tol, rtol=tol):
+            if (got is None or not torch.allclose(got.double(), ref, atol=tol, rtol=tol)
+                    or not (torch.equal(k_new, k) and torch.equal(v_new, v) and torch.equal(got_new, got))):
                 raise RuntimeError(f"the built decode_attention ({dtype}, D={D}) disagrees with PyTorch")
         y = x.to(dtype, copy=True)
         _gelu(lib, y)
@@ -239,11 +245,25 @@ def _usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """`distpg.model._decode_attention` in C: q (B, H, D), k, v (S, B, H, D) with the same strides and D
-    contiguous, attn_mask bool broadcastable to (B, 1, 1, S) or None. Returns (B, H, D), or None where the
-    kernel does not apply (not CPU float32/bfloat16, autograd on, another layout, or no library)."""
+    """The one-query decode attention (`distpg.model._decode_attention_torch`) in C: q (B, H, D), k, v
+    (S, B, H, D) with the same strides and D contiguous, attn_mask bool broadcastable to (B, 1, 1, S) or None.
+    Returns (B, H, D), or None where the kernel does not apply (not CPU float32/bfloat16, autograd on, another
+    layout, or no library)."""
     lib = _usable(q, k, v)
     return None if lib is None else _attention(lib, q, k, v, attn_mask)
+
+
+def decode_attention_new(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`decode_attention` for a new token: qkv (B, 3C) holds each row's query, key and value side by side
+    (C = H D, C contiguous); its key and value are written into k and v (S, B, H, D) at position S - 1, then
+    the query attends over all S. Returns (B, H, D), or None, with nothing written, where the kernel does not
+    apply."""
+    S, B, H, D = k.shape
+    if qkv.dim() != 2 or qkv.shape != (B, 3 * H * D) or qkv.stride(-1) != 1:
+        return None
+    lib = _usable(qkv, k, v)
+    return None if lib is None else _attention(lib, qkv[:, : H * D].view(B, H, D), k, v, attn_mask, knew=H * D)
 
 
 def gelu_tanh_(x: torch.Tensor) -> bool:
@@ -253,7 +273,7 @@ def gelu_tanh_(x: torch.Tensor) -> bool:
     return lib is not None and _gelu(lib, x)
 
 
-def _attention(lib, q, k, v, attn_mask):
+def _attention(lib, q, k, v, attn_mask, knew=0):
     S, B, H, D = k.shape
     if (k.stride() != v.stride() or k.shape != v.shape or k.stride(-1) != 1 or q.stride(-1) != 1
             or q.shape != (B, H, D) or S == 0
@@ -270,7 +290,7 @@ def _attention(lib, q, k, v, attn_mask):
     fn = getattr(lib, f"distpg_decode_attention_{_DTYPES[q.dtype]}")
     fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, D, S,
        k.stride(0), k.stride(1), k.stride(2), None if mask is None else mask.data_ptr(), mask_stride, D ** -0.5,
-       scratch.data_ptr())
+       scratch.data_ptr(), knew)
     return out
 
 
@@ -283,6 +303,10 @@ def _gelu(lib, x) -> bool:
 
 # ------------------------------------------------------------------------- pre-packed matrix products
 
+# float32 weights with fewer elements than this stay on F.linear: at 64 rows on this project's 2-core EPYC,
+# oneDNN's fixed cost per call (12-17 us against F.linear's 4) outweighs the re-layout it saves up to 256x256
+# (65,536 elements), and it pays from 256x768 up; in bfloat16 it paid at every size measured (64x192 up)
+PACK_MIN_FLOAT32 = 1 << 17
 _PACK_OK: dict[torch.dtype, str | None] = {}  # dtype -> None (usable) or why not, decided once per process
 _packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> (key, data pointers, [packed])
 _active = threading.local()  # .packs: {id(weight): packed weight} inside `packed_weights`, else absent/None
@@ -333,11 +357,12 @@ def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, 
     the model) for the next block with the same `key` and the same weight tensors; another `key` packs them
     again. The caller changes `key` whenever the weights' values change (the rollout worker passes its policy
     version); `key=None` packs for this block only. `rows` is the batch the layout is chosen for (any batch
-    works). A no-op unless the kernels are enabled, the weights
-    are CPU float32/bfloat16, and oneDNN passed its check.
+    works). Small float32 weights are left to `F.linear` (`PACK_MIN_FLOAT32`). A no-op unless the kernels are
+    enabled, the weights are CPU float32/bfloat16, and oneDNN passed its check.
     """
     w0 = weights[0]
-    if (not enabled or w0.device.type != "cpu" or w0.requires_grad and torch.is_grad_enabled()
+    weights = [w for w in weights if w.dtype != torch.float32 or w.numel() >= PACK_MIN_FLOAT32]
+    if (not enabled or not weights or w0.device.type != "cpu" or w0.requires_grad and torch.is_grad_enabled()
             or packing_unavailable(w0.dtype) is not None):
         yield
         return

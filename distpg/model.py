@@ -55,7 +55,7 @@ class KVCache:
     """Preallocated keys and values for every layer, time-major: (n_layer, T_max, B, H, D) each.
 
     Time-major, the keys of the first S positions are one contiguous block, which the one-query decode
-    step reads as a plain stream (see `_decode_attention`).
+    step reads as a plain stream (see `_attend_new`).
     """
 
     def __init__(self, shape: ModelShape, batch_size: int, max_len: int, device, dtype) -> None:
@@ -78,16 +78,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H = self.n_head
         qkv = _linear(x, self.c_attn.weight, self.c_attn.bias)
+        if layer_cache is not None and T == 1:
+            y = _attend_new(qkv[:, 0], *layer_cache, pos, attn_mask, H).view(B, 1, C)
+            return _linear(y, self.c_proj.weight, self.c_proj.bias)
         q, k, v = (t.view(B, T, H, C // H) for t in qkv.split(C, dim=2))  # (B, T, H, D)
         if layer_cache is not None:
             cache_k, cache_v = layer_cache  # (T_max, B, H, D)
             cache_k[pos : pos + T] = k.transpose(0, 1)
             cache_v[pos : pos + T] = v.transpose(0, 1)
-            k, v = cache_k[: pos + T], cache_v[: pos + T]  # (S, B, H, D)
-            if T == 1:
-                y = _decode_attention(q[:, 0], k, v, attn_mask).view(B, 1, C)
-                return _linear(y, self.c_proj.weight, self.c_proj.bias)
-            k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+            k, v = cache_k[: pos + T].permute(1, 2, 0, 3), cache_v[: pos + T].permute(1, 2, 0, 3)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         # (B, H, T, D) for the attention kernel
@@ -102,19 +101,28 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return F.linear(x, weight, bias) if out is None else out
 
 
-def _decode_attention(q, k, v, attn_mask):
-    """Attention of one query per row over the time-major cache: q (B, H, D), k, v (S, B, H, D), attn_mask
-    bool broadcastable to (B, 1, 1, S) or None -> (B, H, D).
+def _attend_new(qkv, cache_k, cache_v, pos: int, attn_mask, n_head: int) -> torch.Tensor:
+    """One new token per row: its key and value go into the time-major caches at `pos`, then its query attends
+    over positions [0, pos].
 
-    On a CPU, in float32 or bfloat16 without autograd, a C kernel (`distpg.kernels`) reads the keys and the
-    values once each; elsewhere, or where it cannot be built, `_decode_attention_torch`.
+    qkv (B, 3C): each row's query, key and value side by side (c_attn's output); cache_k, cache_v
+    (T_max, B, H, D); attn_mask bool broadcastable to (B, 1, 1, pos + 1) or None. Returns (B, C).
+    On a CPU, in float32 or bfloat16 without autograd, one call of a C kernel (`distpg.kernels`) writes the new
+    key and value and reads the cached keys and values once each; elsewhere, or where it cannot be built,
+    PyTorch ops (`_decode_attention_torch`).
     """
-    out = kernels.decode_attention(q, k, v, attn_mask)
-    return _decode_attention_torch(q, k, v, attn_mask) if out is None else out
+    B, C = qkv.shape[0], qkv.shape[1] // 3
+    k, v = cache_k[: pos + 1], cache_v[: pos + 1]  # (S, B, H, D)
+    out = kernels.decode_attention_new(qkv, k, v, attn_mask)
+    if out is None:
+        q, k[pos], v[pos] = (t.view(B, n_head, C // n_head) for t in qkv.split(C, dim=1))
+        out = _decode_attention_torch(q, k, v, attn_mask)
+    return out.view(B, C)
 
 
 def _decode_attention_torch(q, k, v, attn_mask):
-    """`_decode_attention` in PyTorch ops (any device, dtype and autograd).
+    """Attention of one query per row over the time-major cache in PyTorch ops (any device, dtype and
+    autograd): q (B, H, D), k, v (S, B, H, D), attn_mask bool broadcastable to (B, 1, 1, S) or None -> (B, H, D).
 
     The same result as `F.scaled_dot_product_attention` up to float rounding, which on a CPU runs a flash
     kernel built for long queries and needs the cache as (B, H, S, D), a strided view here: instead, the
@@ -135,14 +143,18 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * shape.n_embd, shape.n_embd)
 
     def forward(self, x):
-        # GPT-2's "gelu_new" is the tanh approximation; without autograd on a CPU, fused into the product on a
-        # pre-packed weight, else in place in C (distpg.kernels)
-        h = kernels.linear(x, self.c_fc.weight, self.c_fc.bias, gelu=True)
-        if h is None:
-            h = self.c_fc(x)
-            if not kernels.gelu_tanh_(h):
-                h = F.gelu(h, approximate="tanh")
-        return _linear(h, self.c_proj.weight, self.c_proj.bias)
+        return _mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+
+
+def _mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    # GPT-2's "gelu_new" is the tanh approximation; without autograd on a CPU, fused into the product on a
+    # pre-packed weight, else in place in C (distpg.kernels)
+    h = kernels.linear(x, fc_weight, fc_bias, gelu=True)
+    if h is None:
+        h = F.linear(x, fc_weight, fc_bias)
+        if not kernels.gelu_tanh_(h):
+            h = F.gelu(h, approximate="tanh")
+    return _linear(h, proj_weight, proj_bias)
 
 
 class Block(nn.Module):
@@ -227,6 +239,37 @@ class GPT(nn.Module):
 def output_layer(model: GPT, x: torch.Tensor) -> torch.Tensor:
     """Logits from final hidden states: the output layer, tied to the token embedding."""
     return _linear(x, model.wte.weight)
+
+
+def decode_layers(model: GPT) -> list[tuple[torch.Tensor, ...]]:
+    """Each block's parameters in the order `decode_step` takes them, looked up once per generation."""
+    return [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+             b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
+
+
+def decode_step(model: GPT, layers, tok, positions, attn_mask, cache_k, cache_v, pos: int) -> torch.Tensor:
+    """Logits (b, V) for one new token per row: `model(tok[:, None], positions=positions[:, None], ...)[:, -1]`
+    on the cache tensors, in fewer operations.
+
+    The sampler calls this once per new token, so its fixed cost counts: functional calls on the parameters
+    looked up once (`decode_layers(model)`) instead of module calls, and the new key and value written into
+    the cache by the attention kernel (`_attend_new`). The same operations as the modules' one-token path,
+    hence the same logits.
+
+    Args:
+        tok, positions: (b,) token and position ids.
+        attn_mask: bool broadcastable to (b, 1, 1, pos + 1), or None when every cached slot is a real token.
+        cache_k, cache_v: (n_layer, T_max, b, H, D).
+        pos: the cache position of the new token.
+    """
+    C, H, eps = model.shape.n_embd, model.shape.n_head, model.shape.layer_norm_epsilon
+    x = F.embedding(tok, model.wte.weight) + F.embedding(positions, model.wpe.weight)
+    for i, (ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b) in enumerate(layers):
+        qkv = _linear(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w, qkv_b)
+        x = x + _linear(_attend_new(qkv, cache_k[i], cache_v[i], pos, attn_mask, H), out_w, out_b)
+        x = x + _mlp(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b, proj_w, proj_b)
+    return output_layer(model, F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias, eps))
 
 
 def decode_weights(model: GPT) -> list[torch.Tensor]:

@@ -27,6 +27,16 @@ def randomize_parameters(model, seed: int, scale: float) -> None:
                 p.copy_(scale * noise)
 
 
+@pytest.fixture
+def pack_every_weight(monkeypatch):
+    """Pre-pack every weight matrix for oneDNN inside `kernels.packed_weights`, also the small float32 ones that
+    the sampler leaves to F.linear (`kernels.PACK_MIN_FLOAT32`), so that small test models exercise the
+    packed products (in this process only)."""
+    from distpg import kernels
+
+    monkeypatch.setattr(kernels, "PACK_MIN_FLOAT32", 0)
+
+
 def small_config(*overrides: str):
     """A config that trains in a few seconds: tiny model, 2 workers, few prompts."""
     base = [

@@ -153,8 +153,9 @@ def test_dropping_stopped_rows_changes_no_sample(monkeypatch, lengths):
     prompts = [torch.randint(16, (n,), generator=g).tolist() for n in lengths] * 6
     params = G.SamplingParams(max_new_tokens=24, stop_token=4)
     batch_sizes = []
-    forward = G._last_logits
-    monkeypatch.setattr(G, "_last_logits", lambda m, idx, *a: batch_sizes.append(idx.shape[0]) or forward(m, idx, *a))
+    step = G.decode_step
+    monkeypatch.setattr(G, "decode_step",
+                        lambda m, layers, tok, *a: batch_sizes.append(tok.shape[0]) or step(m, layers, tok, *a))
     dropping = G.generate(model, prompts, params, torch.Generator().manual_seed(4), check_every=2)
     assert min(batch_sizes) < len(prompts) // 2  # rows were dropped, more than once
     batch_sizes.clear()

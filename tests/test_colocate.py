@@ -104,7 +104,7 @@ def test_colocate_needs_sync_mode_and_frees_a_workers_share():
     assert p.reserved(3, "CPU") == 2.0 and len(p.bundles(3)) == 3
 
 
-def test_the_colocated_worker_samples_as_a_separate_one_in_one_process():
+def test_the_colocated_worker_samples_as_a_separate_one_in_one_process(pack_every_weight):
     """Without Ray: ColocatedLearner.step gives the batch and update of a RolloutWorker + Learner pair."""
     from distpg.learner import Learner
     from distpg.rollout import RolloutWorker

@@ -21,7 +21,7 @@ def test_exact_match_ignores_whitespace_at_the_ends_only(completion, target, sam
     assert exact_match(completion, target) is same
 
 
-def test_evaluate_counts_exact_matches_of_the_greedy_completions():
+def test_evaluate_counts_exact_matches_of_the_greedy_completions(pack_every_weight):
     cfg = small_config()
     learner = Learner(cfg)
     result = evaluate(cfg, learner.model.eval())

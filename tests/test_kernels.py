@@ -27,8 +27,9 @@ from tests.conftest import randomize_parameters
 ROOT = Path(__file__).resolve().parents[1]
 # on a machine without a C compiler the rest of the suite runs on the fallback (PyTorch's ops) instead
 pytestmark = [pytest.mark.skipif(kernels.compiler() is None, reason="no C compiler on this machine"),
-              pytest.mark.usefixtures("_kernels_on")]
+              pytest.mark.usefixtures("_kernels_on", "pack_every_weight")]
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+DEFAULT_PACK_MIN_FLOAT32 = kernels.PACK_MIN_FLOAT32  # before the `pack_every_weight` fixture sets it to 0
 
 
 @pytest.fixture
@@ -80,6 +81,50 @@ def test_decode_attention_on_rows_dropped_from_the_batch():
     keep = torch.tensor([0, 3, 4, 9, 15])
     got = kernels.decode_attention(q[keep], k[:, keep], v[:, keep], mask[keep])
     torch.testing.assert_close(got, kernels.decode_attention(q, k, v, mask)[keep], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,D,S", [(64, 4, 64, 40), (4, 2, 24, 1), (3, 12, 64, 9)])
+def test_decode_attention_new_writes_the_new_key_and_value_then_attends(dtype, B, H, D, S):
+    """The decode step's one call: the new token's key and value, from its row of c_attn's output, into the
+    cache's last position (the other positions untouched), then the attention against float64."""
+    q, k, v, mask = _case(B, H, D, S, dtype, padded=True)
+    qkv = torch.randn(B, 3 * H * D, generator=torch.Generator().manual_seed(9)).to(dtype)
+    new_q, new_k, new_v = (t.view(B, H, D) for t in qkv.split(H * D, dim=1))
+    before_k, before_v = k.clone(), v.clone()
+    got = kernels.decode_attention_new(qkv, k, v, mask)
+    assert torch.equal(k[-1], new_k) and torch.equal(v[-1], new_v)
+    assert torch.equal(k[:-1], before_k[:-1]) and torch.equal(v[:-1], before_v[:-1])
+    assert got is not None and got.dtype == dtype and got.shape == (B, H, D)
+    ref = _decode_attention_torch(new_q.double(), k.double(), v.double(), mask)
+    torch.testing.assert_close(got.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    # where the kernel does not apply, nothing is written
+    k[-1], v[-1] = before_k[-1], before_v[-1]
+    for bad in (qkv.double(), qkv[:, : 2 * H * D], qkv.t().contiguous().t(), qkv.clone().requires_grad_()):
+        assert kernels.decode_attention_new(bad, k, v, mask) is None
+        assert torch.equal(k, before_k) and torch.equal(v, before_v)
+
+
+def test_small_float32_weights_stay_on_f_linear(monkeypatch):
+    """By default float32 weights under PACK_MIN_FLOAT32 elements are not pre-packed (oneDNN's fixed cost per call
+    exceeds what packing saves), larger ones are, and bfloat16 ones at any size."""
+    monkeypatch.setattr(kernels, "PACK_MIN_FLOAT32", DEFAULT_PACK_MIN_FLOAT32)
+    if kernels.packing_unavailable(torch.float32):
+        pytest.skip(kernels.packing_unavailable(torch.float32))
+    g = torch.Generator().manual_seed(0)
+    small, big = torch.randn(192, 64, generator=g), torch.randn(DEFAULT_PACK_MIN_FLOAT32 // 64, 64, generator=g)
+    x = torch.randn(4, 64, generator=g)
+    owner = torch.nn.Module()
+    with torch.inference_mode():
+        with kernels.packed_weights(owner, [small, big], "v0", rows=4):
+            assert kernels.linear(x, small) is None and kernels.linear(x, big) is not None
+        assert len(kernels._packs[owner][2]) == 1  # only the big one's copy is kept
+        with kernels.packed_weights(owner, [small], None, rows=4):  # nothing worth packing
+            assert kernels.linear(x, small) is None
+        half = small.bfloat16()
+        if not kernels.packing_unavailable(torch.bfloat16):
+            with kernels.packed_weights(owner, [half], None, rows=4):
+                assert kernels.linear(x.bfloat16(), half) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,6 +8,7 @@ or a wrong transpose could hide under the tolerance.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -135,6 +136,40 @@ def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     key_mask = torch.tensor([[False] * (Tp - len(p)) + [True] * len(p) for p in prompts])
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
     return idx, key_mask, positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_decode_step_is_the_models_one_token_forward(model, dtype, cpu_kernels, monkeypatch, pack_every_weight):
+    """`decode_step` (the sampler's lean path) against the model's own forward of one token on the cache,
+    left-padded rows and every step of a decode: the same logits and the same cache, bit for bit (the same
+    operations), with the CPU kernels on and off."""
+    from distpg import kernels
+    from distpg.model import _attention_mask, decode_layers, decode_step, decode_weights
+
+    monkeypatch.setattr(kernels, "enabled", cpu_kernels)
+    m = copy.deepcopy(model).to(dtype)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(SHAPE.vocab_size, (n,), generator=g).tolist() for n in (1, 6, 4)]
+    idx, key_mask, positions = _left_padded(prompts, pad_id=7)
+    B, Tp = idx.shape
+    N = 5
+    new = torch.randint(SHAPE.vocab_size, (B, N), generator=g)
+    full_mask = torch.cat([key_mask, torch.ones(B, N, dtype=torch.bool)], dim=1)
+    new_positions = key_mask.sum(1, keepdim=True) + torch.arange(N)
+    caches = [m.new_cache(B, Tp + N) for _ in range(2)]
+    with torch.inference_mode(), kernels.packed_weights(m, decode_weights(m), None, B):
+        for c in caches:
+            m(idx, positions=positions, key_mask=full_mask, cache=c, pos=0)
+        layers = decode_layers(m)
+        for t in range(N):
+            pos = Tp + t
+            ref = m(new[:, t : t + 1], positions=new_positions[:, t : t + 1], key_mask=full_mask, cache=caches[0],
+                    pos=pos)[:, -1]
+            mask = _attention_mask(1, pos, full_mask, "cpu")
+            got = decode_step(m, layers, new[:, t], new_positions[:, t], mask, caches[1].k, caches[1].v, pos)
+            assert ref.abs().max() > 1 and torch.equal(got, ref), t
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
 def test_left_padded_batch_matches_each_prompt_alone(model):

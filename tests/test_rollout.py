@@ -14,7 +14,7 @@ from tests.conftest import small_config
 PROMPTS, IDS = ["abcd=", "dcba=", "bbad="], [0, 1, 2]
 
 
-def test_weights_handed_with_sample_are_loaded_first_without_a_copy():
+def test_weights_handed_with_sample_are_loaded_first_without_a_copy(pack_every_weight):
     cfg = small_config()
     learner, worker, copied = Learner(cfg), RolloutWorker(cfg, 0), RolloutWorker(cfg, 0)
     v0 = learner.get_weights()

@@ -9,7 +9,9 @@
  *   q (B, H, D) with element strides qb (row), qh (head) and D contiguous; k, v: element strides ss
  *   (position), sb (row), sh (head), D contiguous;
  *   mask: NULL or bytes with row stride msb, 0 = a padding slot never attended to; out (B, H, D) contiguous;
- *   scratch: B * H * (S + 2 D) floats.
+ *   scratch: B * H * (S + 2 D) floats;
+ *   knew: 0, or the new token's key and value are first copied into position S - 1 from q + knew and
+ *   q + 2 knew (element offsets from each row's and head's query: a fused qkv row has knew = H D).
  * gelu_tanh: GPT-2's tanh GELU, in place, written as x * sigmoid(2u) = x * (1 + tanh u) / 2.
  */
 #include <math.h>
@@ -90,10 +92,18 @@ static inline float hsum(vf x) { /* halving tree: three vector additions, then f
 
 #define DECODE_ATTENTION(NAME, T, LOAD, VLOAD, STORE)                                                                \
     static inline __attribute__((always_inline)) void NAME##_body(                                                   \
-        const T *q, int64_t qb, int64_t qh, const T *k, const T *v, T *out, int64_t B, int64_t H,                    \
+        const T *q, int64_t qb, int64_t qh, T *k, T *v, T *out, int64_t B, int64_t H,                                \
         const int64_t D, int64_t S,                                                                                  \
-        int64_t ss, int64_t sb, int64_t sh, const uint8_t *mask, int64_t msb, float scale, float *scratch) {         \
+        int64_t ss, int64_t sb, int64_t sh, const uint8_t *mask, int64_t msb, float scale, float *scratch,           \
+        int64_t knew) {                                                                                              \
         const int64_t BH = B * H, DV = D - D % 16; /* DV: the part of D done in vectors */                           \
+        if (knew) /* the new position's key and value, into the caches */                                            \
+            for (int64_t b = 0; b < B; b++)                                                                          \
+                for (int64_t h = 0; h < H; h++) {                                                                    \
+                    const T *src = q + b * qb + h * qh;                                                              \
+                    memcpy(k + (S - 1) * ss + b * sb + h * sh, src + knew, sizeof(T) * D);                           \
+                    memcpy(v + (S - 1) * ss + b * sb + h * sh, src + 2 * knew, sizeof(T) * D);                       \
+                }                                                                                                    \
         float *scores = scratch;  /* (B * H, S) */                                                                   \
         float *acc = scratch + BH * S;  /* (B * H, D) */                                                             \
         /* q as float32 times the scale, once, instead of at every position */                                       \
@@ -147,16 +157,18 @@ static inline float hsum(vf x) { /* halving tree: three vector additions, then f
                 }                                                                                                    \
         _Pragma("omp simd") for (int64_t i = 0; i < BH * D; i++) out[i] = STORE(acc[i]);                             \
     }                                                                                                                \
-    void NAME(const T *q, int64_t qb, int64_t qh, const T *k, const T *v, T *out, int64_t B, int64_t H,              \
+    void NAME(const T *q, int64_t qb, int64_t qh, T *k, T *v, T *out, int64_t B, int64_t H,                          \
               int64_t D, int64_t S,                                                                                  \
               int64_t ss, int64_t sb, int64_t sh, const uint8_t *mask, int64_t msb, float scale,                     \
-              float *scratch) {                                                                                      \
+              float *scratch, int64_t knew) {                                                                        \
         switch (D) { /* D a constant for the usual head sizes: the vector loops unroll whole */                      \
-        case 16: NAME##_body(q, qb, qh, k, v, out, B, H, 16, S, ss, sb, sh, mask, msb, scale, scratch); break;       \
-        case 32: NAME##_body(q, qb, qh, k, v, out, B, H, 32, S, ss, sb, sh, mask, msb, scale, scratch); break;       \
-        case 64: NAME##_body(q, qb, qh, k, v, out, B, H, 64, S, ss, sb, sh, mask, msb, scale, scratch); break;       \
-        case 128: NAME##_body(q, qb, qh, k, v, out, B, H, 128, S, ss, sb, sh, mask, msb, scale, scratch); break;     \
-        default: NAME##_body(q, qb, qh, k, v, out, B, H, D, S, ss, sb, sh, mask, msb, scale, scratch);               \
+        case 16: NAME##_body(q, qb, qh, k, v, out, B, H, 16, S, ss, sb, sh, mask, msb, scale, scratch, knew); break; \
+        case 32: NAME##_body(q, qb, qh, k, v, out, B, H, 32, S, ss, sb, sh, mask, msb, scale, scratch, knew); break; \
+        case 64: NAME##_body(q, qb, qh, k, v, out, B, H, 64, S, ss, sb, sh, mask, msb, scale, scratch, knew); break; \
+        case 128:                                                                                                    \
+            NAME##_body(q, qb, qh, k, v, out, B, H, 128, S, ss, sb, sh, mask, msb, scale, scratch, knew);            \
+            break;                                                                                                   \
+        default: NAME##_body(q, qb, qh, k, v, out, B, H, D, S, ss, sb, sh, mask, msb, scale, scratch, knew);         \
         }                                                                                                            \
     }
 
