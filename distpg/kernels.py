@@ -303,10 +303,11 @@ def _gelu(lib, x) -> bool:
 
 # ------------------------------------------------------------------------- pre-packed matrix products
 
-# float32 weights with fewer elements than this stay on F.linear: at 64 rows on this project's 2-core EPYC,
-# oneDNN's fixed cost per call (12-17 us against F.linear's 4) outweighs the re-layout it saves up to 256x256
-# (65,536 elements), and it pays from 256x768 up; in bfloat16 it paid at every size measured (64x192 up)
-PACK_MIN_FLOAT32 = 1 << 17
+# float32 weights with fewer elements than this stay on F.linear. Measured in 64-row decode loops on this
+# project's 2-core EPYC: oneDNN's fixed cost per call (12-17 us more than F.linear's) outweighs what the layout
+# saves at the tiny preset's sizes (up to 64x256, 16,384 elements: its generation 1.3x faster on F.linear), and
+# the layout pays from 256x256 (65,536) up; in bfloat16 it paid at every size measured (64x192 up)
+PACK_MIN_FLOAT32 = 1 << 15
 _PACK_OK: dict[torch.dtype, str | None] = {}  # dtype -> None (usable) or why not, decided once per process
 _packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> (key, data pointers, [packed])
 _active = threading.local()  # .packs: {id(weight): packed weight} inside `packed_weights`, else absent/None

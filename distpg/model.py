@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distpg import kernels
+from distpg.memory import empty_on_huge_pages
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,13 @@ class KVCache:
     def __init__(self, shape: ModelShape, batch_size: int, max_len: int, device, dtype) -> None:
         head_dim = shape.n_embd // shape.n_head
         size = (shape.n_layer, max_len, batch_size, shape.n_head, head_dim)
-        # uninitialised: attention reads only slots already written ([0, pos + T))
-        self.k = torch.empty(size, device=device, dtype=dtype)
-        self.v = torch.empty(size, device=device, dtype=dtype)
+        # uninitialised: attention reads only slots already written ([0, pos + T)); on a CPU, on huge pages
+        # where the OS gives them (each decode step reads the whole cache)
+        if torch.device(device).type == "cpu":
+            self.k, self.v = empty_on_huge_pages(size, dtype), empty_on_huge_pages(size, dtype)
+        else:
+            self.k = torch.empty(size, device=device, dtype=dtype)
+            self.v = torch.empty(size, device=device, dtype=dtype)
         self.max_len = max_len
 
 

@@ -56,3 +56,48 @@ def test_default_steps_stop_faulting_pages_in():
 def test_the_users_malloc_environment_wins(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert retain_freed_memory() is False
+
+
+def _anon_huge_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text.split("[")[1].split("]")[0]
+
+
+def test_empty_on_huge_pages_gives_a_writable_tensor_of_the_asked_shape():
+    import torch
+
+    from distpg.memory import HUGE_PAGE, empty_on_huge_pages
+
+    for size, dtype in (((3, 5), torch.float32), ((4, 72, 64, 4, 64), torch.float32),
+                        ((2, 9, 8, 4, 64), torch.bfloat16), ((2, 2 * 1024 * 1024 + 3), torch.bfloat16)):
+        t = empty_on_huge_pages(size, dtype)
+        assert t.shape == size and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+        values = torch.arange(t.numel()).reshape(size).to(dtype)
+        t.copy_(values)
+        assert torch.equal(t, values)
+        if t.numel() * t.element_size() >= 2 * HUGE_PAGE and sys.platform.startswith("linux"):
+            assert t.data_ptr() % HUGE_PAGE == 0  # whole huge pages fit
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _thp_mode() == "never",
+                    reason="transparent huge pages are off here")
+def test_the_kv_cache_is_on_huge_pages_and_given_back_when_freed():
+    from distpg.model import ModelShape, build_model
+
+    model = build_model(ModelShape(16, 4, 4, 256, 72), seed=0)
+    before = _anon_huge_kib()
+    cache = model.new_cache(64, 72)  # 2 x 18 MiB
+    cache.k.fill_(1.0)
+    cache.v.fill_(2.0)
+    assert _anon_huge_kib() - before >= 4 * 1024  # on 2 MiB pages (all 36 MiB where the OS has them free)
+    assert float(cache.k.sum() + cache.v.sum()) == 3.0 * cache.k.numel()
+    del cache
+    assert _anon_huge_kib() - before < 4 * 1024  # unmapped with the last tensor
