@@ -1,4 +1,5 @@
-"""The heap settings of the processes that run the policy (rollout workers and the learner).
+"""Memory of the processes that run the policy: heap settings (rollout workers and the learner), and buffers
+on huge pages (`empty_on_huge_pages`, the sampler's KV cache).
 
 Every step allocates and frees the same activation, gradient and batch tensors. With glibc's default
 settings, blocks above the (moving) mmap threshold are mapped and unmapped each time, and a free heap top
