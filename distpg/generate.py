@@ -166,7 +166,7 @@ def _prefill(model: GPT, idx, positions, attn_mask, cache_k, cache_v) -> torch.T
     position only.
 
     idx, positions (b, T); attn_mask broadcastable to (b, 1, T, pos + T) or None; cache_k, cache_v
-    (n_layer, T_max, b, H, D). Returns logits (b, V).
+    (n_layer, b, H, T_max, D). Returns logits (b, V).
     """
     x = model.wte(idx) + model.wpe(positions)
     for i, block in enumerate(model.h):
@@ -254,7 +254,7 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
             if n_live <= stopped.numel() // 2:  # at least half stopped: drop them from batch and cache
                 keep = (~stopped).nonzero().squeeze(-1)
                 rows = keep if rows is None else rows[keep]
-                cache_k, cache_v = cache_k[:, :, keep], cache_v[:, :, keep]  # (n_layer, T_max, b, H, D)
+                cache_k, cache_v = cache_k[:, keep], cache_v[:, keep]  # (n_layer, b, H, T_max, D)
                 tok, stopped = tok[keep], stopped[keep]
                 keys = None if keys is None else keys[keep]
         pos_in = new_positions[:, t] if rows is None else new_positions[rows, t]

@@ -53,15 +53,16 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, time-major: (n_layer, T_max, B, H, D) each.
+    """Preallocated keys and values for every layer, batch-major: (n_layer, B, H, T_max, D) each.
 
-    Time-major, the keys of the first S positions are one contiguous block, which the one-query decode
-    step reads as a plain stream (see `_attend_new`).
+    Batch-major, the keys of a (row, head) pair's first S positions are one contiguous block, which the
+    one-query decode step reads as a plain stream (see `_attend_new`), and a prefill's keys are already in the
+    (B, H, S, D) layout of `F.scaled_dot_product_attention`.
     """
 
     def __init__(self, shape: ModelShape, batch_size: int, max_len: int, device, dtype) -> None:
         head_dim = shape.n_embd // shape.n_head
-        size = (shape.n_layer, max_len, batch_size, shape.n_head, head_dim)
+        size = (shape.n_layer, batch_size, shape.n_head, max_len, head_dim)
         # uninitialised: attention reads only slots already written ([0, pos + T)); on a CPU, on huge pages
         # where the OS gives them (each decode step reads the whole cache)
         if torch.device(device).type == "cpu":
@@ -88,10 +89,10 @@ class CausalSelfAttention(nn.Module):
             return _linear(y, self.c_proj.weight, self.c_proj.bias)
         q, k, v = (t.view(B, T, H, C // H) for t in qkv.split(C, dim=2))  # (B, T, H, D)
         if layer_cache is not None:
-            cache_k, cache_v = layer_cache  # (T_max, B, H, D)
-            cache_k[pos : pos + T] = k.transpose(0, 1)
-            cache_v[pos : pos + T] = v.transpose(0, 1)
-            k, v = cache_k[: pos + T].permute(1, 2, 0, 3), cache_v[: pos + T].permute(1, 2, 0, 3)
+            cache_k, cache_v = layer_cache  # (B, H, T_max, D)
+            cache_k[:, :, pos : pos + T] = k.transpose(1, 2)
+            cache_v[:, :, pos : pos + T] = v.transpose(1, 2)
+            k, v = cache_k[:, :, : pos + T], cache_v[:, :, : pos + T]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         # (B, H, T, D) for the attention kernel
@@ -107,17 +108,17 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def _attend_new(qkv, cache_k, cache_v, pos: int, attn_mask, n_head: int) -> torch.Tensor:
-    """One new token per row: its key and value go into the time-major caches at `pos`, then its query attends
-    over positions [0, pos].
+    """One new token per row: its key and value go into the caches at `pos`, then its query attends over
+    positions [0, pos].
 
     qkv (B, 3C): each row's query, key and value side by side (c_attn's output); cache_k, cache_v
-    (T_max, B, H, D); attn_mask bool broadcastable to (B, 1, 1, pos + 1) or None. Returns (B, C).
+    (B, H, T_max, D); attn_mask bool broadcastable to (B, 1, 1, pos + 1) or None. Returns (B, C).
     On a CPU, in float32 or bfloat16 without autograd, one call of a C kernel (`distpg.kernels`) writes the new
     key and value and reads the cached keys and values once each; elsewhere, or where it cannot be built,
     PyTorch ops (`_decode_attention_torch`).
     """
     B, C = qkv.shape[0], qkv.shape[1] // 3
-    k, v = cache_k[: pos + 1], cache_v[: pos + 1]  # (S, B, H, D)
+    k, v = cache_k[:, :, : pos + 1].permute(2, 0, 1, 3), cache_v[:, :, : pos + 1].permute(2, 0, 1, 3)  # (S, B, H, D)
     out = kernels.decode_attention_new(qkv, k, v, attn_mask)
     if out is None:
         q, k[pos], v[pos] = (t.view(B, n_head, C // n_head) for t in qkv.split(C, dim=1))
@@ -126,14 +127,14 @@ def _attend_new(qkv, cache_k, cache_v, pos: int, attn_mask, n_head: int) -> torc
 
 
 def _decode_attention_torch(q, k, v, attn_mask):
-    """Attention of one query per row over the time-major cache in PyTorch ops (any device, dtype and
-    autograd): q (B, H, D), k, v (S, B, H, D), attn_mask bool broadcastable to (B, 1, 1, S) or None -> (B, H, D).
+    """Attention of one query per row over the cache in PyTorch ops (any device, dtype and autograd): q
+    (B, H, D), k, v (S, B, H, D) of any strides, attn_mask bool broadcastable to (B, 1, 1, S) or None ->
+    (B, H, D).
 
-    The same result as `F.scaled_dot_product_attention` up to float rounding, which on a CPU runs a flash
-    kernel built for long queries and needs the cache as (B, H, S, D), a strided view here: instead, the
-    scores are one elementwise product and sum over the contiguous keys, the softmax runs in float32 over
-    time, and the output is the probability-weighted sum of the contiguous values. In float32 at 4x256,
-    batch 64, this halves the attention time of a 64-token decode on a CPU core (141 ms against 270 ms).
+    The same result as `F.scaled_dot_product_attention` up to float rounding: the scores are one elementwise
+    product and sum over the keys, the softmax runs in float32 over positions, and the output is the
+    probability-weighted sum of the values (with a time-major cache this halved the attention time of a
+    64-token decode against SDPA's CPU flash kernel, which is built for long queries).
     """
     scores = (k * q).sum(-1).float().mul_(q.shape[-1] ** -0.5)  # (S, B, H)
     if attn_mask is not None:
@@ -265,7 +266,7 @@ def decode_step(model: GPT, layers, tok, positions, attn_mask, cache_k, cache_v,
     Args:
         tok, positions: (b,) token and position ids.
         attn_mask: bool broadcastable to (b, 1, 1, pos + 1), or None when every cached slot is a real token.
-        cache_k, cache_v: (n_layer, T_max, b, H, D).
+        cache_k, cache_v: (n_layer, b, H, T_max, D).
         pos: the cache position of the new token.
     """
     C, H, eps = model.shape.n_embd, model.shape.n_head, model.shape.layer_norm_epsilon

@@ -54,7 +54,7 @@ def test_sampler_bounds_count_what_generate_does():
     # one forward reads every parameter once; each decode step adds the cache written so far
     n_params = sum(p.numel() for p in model.parameters())
     cache = model.new_cache(case.batch, case.prompt_len + case.new_tokens)
-    kv = sum(2 * cache.k[:, : case.prompt_len + t + 1].numel() for t in range(case.new_tokens - 1))
+    kv = sum(2 * cache.k[..., : case.prompt_len + t + 1, :].numel() for t in range(case.new_tokens - 1))
     assert decode_bytes(case, elem=2) == 2 * (n_params * case.new_tokens + kv)
 
 

@@ -42,14 +42,17 @@ def _kernels_on():
     kernels.enabled = True
 
 
-def _case(B, H, D, S, dtype, *, t_max=None, padded=False, seed=0):
+def _case(B, H, D, S, dtype, *, t_max=None, padded=False, seed=0, layout="batch"):
     """q as the sampler makes it (a strided slice of the fused q|k|v projection), k and v as the first S
-    positions of a (t_max, B, H, D) cache, and a padding mask with at least one real slot per row."""
+    positions of a cache, as (S, B, H, D) views: of a batch-major (B, H, t_max, D) one as the model's, or of a
+    time-major (t_max, B, H, D) one; and a padding mask with at least one real slot per row."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, 1, 3 * H * D, generator=g)
     q = qkv[..., : H * D].view(B, 1, H, D)[:, 0]
     t_max = t_max or S + 3
     cache_k, cache_v = torch.randn(2, t_max, B, H, D, generator=g).unbind(0)
+    if layout == "batch":  # the same values, stored batch-major
+        cache_k, cache_v = (c.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3) for c in (cache_k, cache_v))
     mask = None
     if padded:
         keys = torch.rand(B, t_max, generator=g) > 0.4
@@ -60,18 +63,20 @@ def _case(B, H, D, S, dtype, *, t_max=None, padded=False, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,H,D,S", [(64, 4, 64, 40), (5, 3, 16, 1), (4, 2, 24, 9), (3, 2, 8, 17), (2, 1, 128, 70),
-                                     (3, 12, 64, 33)])
+                                     (3, 12, 64, 33), (1, 1, 16, 70)])  # the last: one pair, a group of 16
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_attention_matches_float64(dtype, B, H, D, S, padded):
-    q, k, v, mask = _case(B, H, D, S, dtype, padded=padded)
+@pytest.mark.parametrize("layout", ["batch", "time"])
+def test_decode_attention_matches_float64(dtype, B, H, D, S, padded, layout):
+    """Head sizes 16, 32, 64 and 128 take the kernel's grouped path (a group of pairs in registers), 24 and 8
+    the generic one; both on either cache layout."""
+    q, k, v, mask = _case(B, H, D, S, dtype, padded=padded, layout=layout)
     got = kernels.decode_attention(q, k, v, mask)
     assert got is not None and got.dtype == dtype and got.shape == (B, H, D)
     ref = _decode_attention_torch(q.double(), k.double(), v.double(), mask)
     torch.testing.assert_close(got.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-    if padded:  # a padding slot has no weight: changing its values changes nothing
-        v2 = v.clone()
-        v2[~mask[:, 0, 0].t()] = 1e4
-        assert torch.equal(kernels.decode_attention(q, k, v2, mask), got)
+    if padded:  # a padding slot has no weight: changing its values (in place: the same layout) changes nothing
+        v[~mask[:, 0, 0].t()] = 1e4
+        assert torch.equal(kernels.decode_attention(q, k, v, mask), got)
 
 
 def test_decode_attention_on_rows_dropped_from_the_batch():

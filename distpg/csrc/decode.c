@@ -7,9 +7,11 @@
  *
  * decode_attention: softmax(q . k_s / sqrt(D)) . v_s over the S cached positions, for each row b and head h.
  *   q (B, H, D) with element strides qb (row), qh (head) and D contiguous; k, v: element strides ss
- *   (position), sb (row), sh (head), D contiguous;
+ *   (position), sb (row), sh (head), D contiguous. The cache is batch-major (ss = D): each (row, head) pair's
+ *   keys, then its values, are one contiguous stream, read once; for D = 16, 32, 64 or 128 a group of pairs'
+ *   queries, then output sums, stay in vector registers meanwhile (any other layout or D is also correct);
  *   mask: NULL or bytes with row stride msb, 0 = a padding slot never attended to; out (B, H, D) contiguous;
- *   scratch: B * H * (S + 2 D) floats;
+ *   scratch: max(B * H, 16) * (S + 2 D) floats;
  *   knew: 0, or the new token's key and value are first copied into position S - 1 from q + knew and
  *   q + 2 knew (element offsets from each row's and head's query: a fused qkv row has knew = H D).
  * gelu_tanh: GPT-2's tanh GELU, in place, written as x * sigmoid(2u) = x * (1 + tanh u) / 2.
@@ -90,7 +92,78 @@ static inline float hsum(vf x) { /* halving tree: three vector additions, then f
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+/* softmax over positions in place, the slots where mask is 0 excluded (mask NULL: none) */
+static inline void softmax_row(float *sc, int64_t S, const uint8_t *m) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        if (m && !m[s]) sc[s] = -INFINITY;
+        mx = sc[s] > mx ? sc[s] : mx;
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; s++) {
+        float e = sc[s] == -INFINITY ? 0.0f : vexp(sc[s] - mx);
+        sc[s] = e;
+        total += e;
+    }
+    const float inv = 1.0f / total;
+#pragma omp simd
+    for (int64_t s = 0; s < S; s++) sc[s] *= inv;
+}
+
+/* The (row, head) pairs' vectors held in registers at a time: 16 of 16 floats where the target has 32 vector
+   registers of 16 floats (AVX-512), 4 elsewhere (AVX2 and NEON split each into 2 or 4 registers). */
+#if defined(__AVX512F__)
+#define GROUP_VECS 16
+#else
+#define GROUP_VECS 4
+#endif
+
 #define DECODE_ATTENTION(NAME, T, LOAD, VLOAD, STORE)                                                                \
+    /* D = 16, 32, 64, 128: G = max(1, GROUP_VECS / (D / 16)) pairs at a time, their scaled queries, then their      \
+       output sums, in registers while their keys, then their values, stream in position by position. Pairs past     \
+       the end of the last group repeat its first pair. The same operations in the same order as the generic         \
+       path below, so the same results. */                                                                           \
+    static inline __attribute__((always_inline)) void NAME##_grouped(                                                \
+        const T *q, int64_t qb, int64_t qh, const T *k, const T *v, T *out, int64_t B, int64_t H,                    \
+        const int64_t D, int64_t S,                                                                                  \
+        int64_t ss, int64_t sb, int64_t sh, const uint8_t *mask, int64_t msb, float scale, float *scores) {          \
+        const int64_t BH = B * H, DC = D / 16, G = DC < GROUP_VECS ? GROUP_VECS / DC : 1;                            \
+        for (int64_t i0 = 0; i0 < BH; i0 += G) {                                                                     \
+            const int64_t n = BH - i0 < G ? BH - i0 : G;                                                             \
+            int64_t off[GROUP_VECS], pair[GROUP_VECS];                                                               \
+            vf acc[GROUP_VECS < 8 ? 8 : GROUP_VECS];                                                                 \
+            for (int64_t j = 0; j < G; j++) {                                                                        \
+                pair[j] = i0 + (j < n ? j : 0);                                                                      \
+                const int64_t b = pair[j] / H, h = pair[j] % H;                                                      \
+                off[j] = b * sb + h * sh;                                                                            \
+                for (int64_t c = 0; c < DC; c++) {                                                                   \
+                    vf x;                                                                                            \
+                    for (int e = 0; e < 16; e++) x[e] = LOAD(q[b * qb + h * qh + 16 * c + e]) * scale;               \
+                    acc[j * DC + c] = x; /* the scaled queries, for the scores */                                    \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int64_t s = 0; s < S; s++)                                                                          \
+                for (int64_t j = 0; j < G; j++) {                                                                    \
+                    const T *kk = k + s * ss + off[j];                                                               \
+                    vf dv = {0};                                                                                     \
+                    for (int64_t c = 0; c < DC; c++) dv += acc[j * DC + c] * VLOAD(kk + 16 * c);                     \
+                    scores[j * S + s] = hsum(dv);                                                                    \
+                }                                                                                                    \
+            for (int64_t j = 0; j < G; j++)                                                                          \
+                softmax_row(scores + j * S, S, mask ? mask + (pair[j] / H) * msb : NULL);                            \
+            for (int64_t i = 0; i < G * DC; i++) acc[i] = (vf){0};                                                   \
+            for (int64_t s = 0; s < S; s++)                                                                          \
+                for (int64_t j = 0; j < G; j++) {                                                                    \
+                    const T *vv = v + s * ss + off[j];                                                               \
+                    const float p = scores[j * S + s];                                                               \
+                    for (int64_t c = 0; c < DC; c++) acc[j * DC + c] = acc[j * DC + c] + p * VLOAD(vv + 16 * c);     \
+                }                                                                                                    \
+            for (int64_t j = 0; j < n; j++)                                                                          \
+                for (int64_t c = 0; c < DC; c++)                                                                     \
+                    for (int e = 0; e < 16; e++) out[(i0 + j) * D + 16 * c + e] = STORE(acc[j * DC + c][e]);         \
+        }                                                                                                            \
+    }                                                                                                                \
     static inline __attribute__((always_inline)) void NAME##_body(                                                   \
         const T *q, int64_t qb, int64_t qh, T *k, T *v, T *out, int64_t B, int64_t H,                                \
         const int64_t D, int64_t S,                                                                                  \
@@ -104,58 +177,38 @@ static inline float hsum(vf x) { /* halving tree: three vector additions, then f
                     memcpy(k + (S - 1) * ss + b * sb + h * sh, src + knew, sizeof(T) * D);                           \
                     memcpy(v + (S - 1) * ss + b * sb + h * sh, src + 2 * knew, sizeof(T) * D);                       \
                 }                                                                                                    \
-        float *scores = scratch;  /* (B * H, S) */                                                                   \
-        float *acc = scratch + BH * S;  /* (B * H, D) */                                                             \
-        /* q as float32 times the scale, once, instead of at every position */                                       \
-        float *qs = scratch + BH * (S + D); /* (B * H, D) */                                                         \
-        for (int64_t b = 0; b < B; b++)                                                                              \
-            for (int64_t h = 0; h < H; h++)                                                                          \
-                for (int64_t d = 0; d < D; d++) qs[(b * H + h) * D + d] = LOAD(q[b * qb + h * qh + d]) * scale;      \
-        /* scores: the keys are read once, position by position, in memory order */                                  \
-        for (int64_t s = 0; s < S; s++)                                                                              \
-            for (int64_t b = 0; b < B; b++)                                                                          \
-                for (int64_t h = 0; h < H; h++) {                                                                    \
-                    const T *kk = k + s * ss + b * sb + h * sh;                                                      \
-                    const float *qq = qs + (b * H + h) * D;                                                          \
-                    vf dv = {0};                                                                                     \
-                    for (int64_t d = 0; d < DV; d += 16) dv += load_f32(qq + d) * VLOAD(kk + d);                     \
-                    float dot = hsum(dv);                                                                            \
-                    for (int64_t d = DV; d < D; d++) dot += qq[d] * LOAD(kk[d]);                                     \
-                    scores[(b * H + h) * S + s] = dot;                                                               \
-                }                                                                                                    \
-        /* softmax over positions, padding slots excluded */                                                         \
-        for (int64_t i = 0; i < BH; i++) {                                                                           \
-            float *sc = scores + i * S;                                                                              \
-            const uint8_t *m = mask ? mask + (i / H) * msb : NULL;                                                   \
-            float mx = -INFINITY;                                                                                    \
-            for (int64_t s = 0; s < S; s++) {                                                                        \
-                if (m && !m[s]) sc[s] = -INFINITY;                                                                   \
-                mx = sc[s] > mx ? sc[s] : mx;                                                                        \
-            }                                                                                                        \
-            float total = 0.0f;                                                                                      \
-            _Pragma("omp simd reduction(+ : total)") for (int64_t s = 0; s < S; s++) {                               \
-                float e = sc[s] == -INFINITY ? 0.0f : vexp(sc[s] - mx);                                              \
-                sc[s] = e;                                                                                           \
-                total += e;                                                                                          \
-            }                                                                                                        \
-            const float inv = 1.0f / total;                                                                          \
-            _Pragma("omp simd") for (int64_t s = 0; s < S; s++) sc[s] *= inv;                                        \
+        if (D % 16 == 0 && D <= 128) { /* a constant in each case of the switch below */                             \
+            NAME##_grouped(q, qb, qh, k, v, out, B, H, D, S, ss, sb, sh, mask, msb, scale, scratch);                 \
+            return;                                                                                                  \
         }                                                                                                            \
-        /* output: the probability-weighted sum of the values, read once in memory order */                          \
-        memset(acc, 0, sizeof(float) * BH * D);                                                                      \
-        for (int64_t s = 0; s < S; s++)                                                                              \
-            for (int64_t b = 0; b < B; b++)                                                                          \
-                for (int64_t h = 0; h < H; h++) {                                                                    \
-                    const T *vv = v + s * ss + b * sb + h * sh;                                                      \
-                    float *o = acc + (b * H + h) * D;                                                                \
-                    const float p = scores[(b * H + h) * S + s];                                                     \
-                    for (int64_t d = 0; d < DV; d += 16) {                                                           \
-                        vf x = load_f32(o + d) + p * VLOAD(vv + d);                                                  \
-                        memcpy(o + d, &x, sizeof x);                                                                 \
-                    }                                                                                                \
-                    for (int64_t d = DV; d < D; d++) o[d] += p * LOAD(vv[d]);                                        \
+        /* any other D: one (row, head) pair at a time, its keys, then its values, read position by position */      \
+        float *scores = scratch;       /* (S) */                                                                     \
+        float *qq = scratch + S;       /* (D): q as float32 times the scale, once */                                 \
+        float *acc = scratch + S + D;  /* (D) */                                                                     \
+        for (int64_t i = 0; i < BH; i++) {                                                                           \
+            const int64_t b = i / H, h = i % H;                                                                      \
+            for (int64_t d = 0; d < D; d++) qq[d] = LOAD(q[b * qb + h * qh + d]) * scale;                            \
+            for (int64_t s = 0; s < S; s++) {                                                                        \
+                const T *kk = k + s * ss + b * sb + h * sh;                                                          \
+                vf dv = {0};                                                                                         \
+                for (int64_t d = 0; d < DV; d += 16) dv += load_f32(qq + d) * VLOAD(kk + d);                         \
+                float dot = hsum(dv);                                                                                \
+                for (int64_t d = DV; d < D; d++) dot += qq[d] * LOAD(kk[d]);                                         \
+                scores[s] = dot;                                                                                     \
+            }                                                                                                        \
+            softmax_row(scores, S, mask ? mask + b * msb : NULL);                                                    \
+            memset(acc, 0, sizeof(float) * D);                                                                       \
+            for (int64_t s = 0; s < S; s++) {                                                                        \
+                const T *vv = v + s * ss + b * sb + h * sh;                                                          \
+                const float p = scores[s];                                                                           \
+                for (int64_t d = 0; d < DV; d += 16) {                                                               \
+                    vf x = load_f32(acc + d) + p * VLOAD(vv + d);                                                    \
+                    memcpy(acc + d, &x, sizeof x);                                                                   \
                 }                                                                                                    \
-        _Pragma("omp simd") for (int64_t i = 0; i < BH * D; i++) out[i] = STORE(acc[i]);                             \
+                for (int64_t d = DV; d < D; d++) acc[d] += p * LOAD(vv[d]);                                          \
+            }                                                                                                        \
+            _Pragma("omp simd") for (int64_t d = 0; d < D; d++) out[i * D + d] = STORE(acc[d]);                      \
+        }                                                                                                            \
     }                                                                                                                \
     void NAME(const T *q, int64_t qb, int64_t qh, T *k, T *v, T *out, int64_t B, int64_t H,                          \
               int64_t D, int64_t S,                                                                                  \
