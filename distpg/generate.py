@@ -165,7 +165,7 @@ def _prefill(model: GPT, idx, positions, attn_mask, cache_k, cache_v) -> torch.T
     """`model(idx, ...)[:, -1]` on the cache tensors (from position 0), with the output layer on the last
     position only.
 
-    idx, positions (b, T); attn_mask broadcastable to (b, 1, T, pos + T) or None; cache_k, cache_v
+    idx, positions (b, T); attn_mask broadcastable to (b, 1, T, T) or None; cache_k, cache_v
     (n_layer, b, H, T_max, D). Returns logits (b, V).
     """
     x = model.wte(idx) + model.wpe(positions)

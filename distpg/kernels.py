@@ -286,7 +286,7 @@ def _attention(lib, q, k, v, attn_mask, knew=0):
             mask = mask.contiguous()
         mask_stride = mask.stride(0)
     out = torch.empty((B, H, D), dtype=q.dtype)
-    scratch = torch.empty(max(B * H, 16) * (S + 2 * D), dtype=torch.float32)  # 16: the C kernel's largest group
+    scratch = torch.empty(16 * S + 2 * D, dtype=torch.float32)  # 16: the C kernel's largest group of pairs
     fn = getattr(lib, f"distpg_decode_attention_{_DTYPES[q.dtype]}")
     fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, D, S,
        k.stride(0), k.stride(1), k.stride(2), None if mask is None else mask.data_ptr(), mask_stride, D ** -0.5,

@@ -11,7 +11,7 @@
  *   keys, then its values, are one contiguous stream, read once; for D = 16, 32, 64 or 128 a group of pairs'
  *   queries, then output sums, stay in vector registers meanwhile (any other layout or D is also correct);
  *   mask: NULL or bytes with row stride msb, 0 = a padding slot never attended to; out (B, H, D) contiguous;
- *   scratch: max(B * H, 16) * (S + 2 D) floats;
+ *   scratch: 16 S + 2 D floats (a group's scores, or one pair's scores, query and sums);
  *   knew: 0, or the new token's key and value are first copied into position S - 1 from q + knew and
  *   q + 2 knew (element offsets from each row's and head's query: a fused qkv row has knew = H D).
  * gelu_tanh: GPT-2's tanh GELU, in place, written as x * sigmoid(2u) = x * (1 + tanh u) / 2.
