@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from distpg import kernels
+from distpg import model as distpg_model
 from distpg.config import ConfigError
 
 GPT2_VOCAB = 50257
@@ -200,15 +201,9 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
     fns = {"hf": run_hf, "ours": run_ours}
     kernel_status = kernels.status() if device == "cpu" else "not used (not a CPU)"
     if kernel_status.startswith("C"):  # the same sampler on PyTorch's ops, as rollout.cpu_kernels=false does
-
-        def run_ours_torch_ops(n: int = case.new_tokens):
-            kernels.enabled = False
-            try:
-                run_ours(n)
-            finally:
-                kernels.enabled = True
-
-        fns["ours_torch_ops"] = run_ours_torch_ops
+        fns["ours_torch_ops"] = _with_setting(run_ours, kernels, "enabled", False)
+    elif device != "cpu":  # the decode attention's other PyTorch path, side by side (see model.SDPA_DECODE)
+        fns["ours_elementwise_attention"] = _with_setting(run_ours, distpg_model, "SDPA_DECODE", False)
     if case.dtype != "float32":  # the reference in the same precision; float32 transformers as a second one
         import copy
 
@@ -242,11 +237,30 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
         note += f"; CPU kernels (C + pre-packed oneDNN products) {gain:.2f}x over PyTorch ops"
     elif device == "cpu":
         note += f"; C kernels {kernel_status}"
+    if "ours_elementwise_attention" in times:
+        gain = min(times["ours_elementwise_attention"]) / min(times["ours"])
+        extra |= {"sdpa_decode_speedup": gain,
+                  "ours_elementwise_attention_tokens_per_s": n_tok / min(times["ours_elementwise_attention"])}
+        note += f"; SDPA decode attention {gain:.2f}x over elementwise ops"
     dtype = "" if case.dtype == "float32" else f", {case.dtype}"
     return figure(f"sampler {case_name} ({case.n_layer}x{case.n_embd}, V={case.vocab}, B={case.batch}, "
                   f"{case.new_tokens} new{dtype})", ours_tps, n_tok / min(times["hf"]), "tokens/s",
                   "higher", _sampler_goal(case_name, device), case=asdict(case), times_s=times,
                   note=note, **extra)
+
+
+def _with_setting(fn: Callable, owner: object, name: str, value: object) -> Callable:
+    """`fn` run with `owner.name` set to `value` (restored after)."""
+
+    def run(*args, **kwargs):
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            setattr(owner, name, saved)
+
+    return run
 
 
 def _sampler_goal(case_name: str, device: str) -> float | None:
@@ -490,7 +504,7 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
                 "perf/sync_s": sync_seconds([batch])}
 
     task = (learner.worker if cfg.rollout.colocate else worker).task
-    phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s")
+    phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s", "perf/learner_compute_s")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), placement)
         try:

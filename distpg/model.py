@@ -114,27 +114,37 @@ def _attend_new(qkv, cache_k, cache_v, pos: int, attn_mask, n_head: int) -> torc
     qkv (B, 3C): each row's query, key and value side by side (c_attn's output); cache_k, cache_v
     (B, H, T_max, D); attn_mask bool broadcastable to (B, 1, 1, pos + 1) or None. Returns (B, C).
     On a CPU, in float32 or bfloat16 without autograd, one call of a C kernel (`distpg.kernels`) writes the new
-    key and value and reads the cached keys and values once each; elsewhere, or where it cannot be built,
-    PyTorch ops (`_decode_attention_torch`).
+    key and value and reads the cached keys and values once each; elsewhere (a GPU, `rollout.cpu_kernels=false`,
+    or where the kernel cannot be built), PyTorch ops, as `SDPA_DECODE` says.
     """
     B, C = qkv.shape[0], qkv.shape[1] // 3
-    k, v = cache_k[:, :, : pos + 1].permute(2, 0, 1, 3), cache_v[:, :, : pos + 1].permute(2, 0, 1, 3)  # (S, B, H, D)
-    out = kernels.decode_attention_new(qkv, k, v, attn_mask)
+    k, v = cache_k[:, :, : pos + 1], cache_v[:, :, : pos + 1]  # (B, H, S, D)
+    k_t, v_t = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # (S, B, H, D) views
+    out = kernels.decode_attention_new(qkv, k_t, v_t, attn_mask)
     if out is None:
-        q, k[pos], v[pos] = (t.view(B, n_head, C // n_head) for t in qkv.split(C, dim=1))
-        out = _decode_attention_torch(q, k, v, attn_mask)
-    return out.view(B, C)
+        q, cache_k[:, :, pos], cache_v[:, :, pos] = (t.view(B, n_head, C // n_head) for t in qkv.split(C, dim=1))
+        if qkv.device.type != "cpu" if SDPA_DECODE is None else SDPA_DECODE:
+            out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=attn_mask)  # (B, H, 1, D)
+        else:
+            out = _decode_attention_torch(q, k_t, v_t, attn_mask)
+    return out.reshape(B, C)
+
+
+# The one-query attention's PyTorch path (where the C kernel does not run): `F.scaled_dot_product_attention`
+# on the batch-major cache, which is its (B, H, S, D) layout, or the elementwise ops of `_decode_attention_torch`.
+# None picks by device. On a GPU, SDPA: a fused kernel that reads the cache once, where the elementwise ops write
+# and read back (S, B, H, D) products (not yet measured on a GPU: `distpg bench sampler --device cuda` times
+# both). On a CPU, the elementwise ops: SDPA is 1.3-1.9x faster alone at the sampler bench's sizes, but 1-6%
+# slower in the whole 4x256 decode loop (profiled, the matrix products around it take longer).
+SDPA_DECODE: bool | None = None
 
 
 def _decode_attention_torch(q, k, v, attn_mask):
-    """Attention of one query per row over the cache in PyTorch ops (any device, dtype and autograd): q
-    (B, H, D), k, v (S, B, H, D) of any strides, attn_mask bool broadcastable to (B, 1, 1, S) or None ->
-    (B, H, D).
-
-    The same result as `F.scaled_dot_product_attention` up to float rounding: the scores are one elementwise
-    product and sum over the keys, the softmax runs in float32 over positions, and the output is the
-    probability-weighted sum of the values (with a time-major cache this halved the attention time of a
-    64-token decode against SDPA's CPU flash kernel, which is built for long queries).
+    """Attention of one query per row over the cache, written out in PyTorch ops (any device, dtype and
+    autograd): q (B, H, D), k, v (S, B, H, D) of any strides, attn_mask bool broadcastable to (B, 1, 1, S) or
+    None -> (B, H, D). The reference the C kernel is checked against (in float64): the scores are one
+    elementwise product and sum over the keys, the softmax runs in float32 over positions, and the output is
+    the probability-weighted sum of the values.
     """
     scores = (k * q).sum(-1).float().mul_(q.shape[-1] ** -0.5)  # (S, B, H)
     if attn_mask is not None:

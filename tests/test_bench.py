@@ -259,6 +259,8 @@ def test_sampler_bench_on_cuda():
 
     f = bench_sampler("quick", repeats=1, threads=1, device="cuda")
     assert f["ours"] > 0 and f["reference"] > 0
+    # the decode attention's two PyTorch paths, side by side (model.SDPA_DECODE)
+    assert f["sdpa_decode_speedup"] > 0 and "SDPA decode attention" in f["note"]
 
 
 def test_sampler_bench_without_transformers_says_what_to_install(monkeypatch):

@@ -108,7 +108,15 @@ def test_greedy_continuation_matches_transformers(hf_pair):
         (1, [4, 1, 7, 2, 6]),  # ragged chunks after a one-token prefill
     ],
 )
-def test_kv_cache_decoding_matches_full_forward(model, prefill, chunks):
+@pytest.mark.parametrize("attention", ["kernel", "sdpa", "elementwise"])
+def test_kv_cache_decoding_matches_full_forward(model, prefill, chunks, attention, monkeypatch):
+    """Chunked decoding on the cache against one full forward; one-token chunks take each path of the one-query
+    attention: the C kernel, and with it off SDPA (the GPU's path) and the elementwise ops (the CPU's)."""
+    from distpg import kernels
+    from distpg import model as model_module
+
+    monkeypatch.setattr(kernels, "enabled", attention == "kernel")
+    monkeypatch.setattr(model_module, "SDPA_DECODE", attention == "sdpa")
     T = prefill + sum(chunks)
     B = 3
     idx = torch.randint(SHAPE.vocab_size, (B, T), generator=torch.Generator().manual_seed(T))
@@ -139,15 +147,17 @@ def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cpu_kernels", [True, False])
-def test_decode_step_is_the_models_one_token_forward(model, dtype, cpu_kernels, monkeypatch, pack_every_weight):
+@pytest.mark.parametrize("attention", ["kernel", "sdpa", "elementwise"])
+def test_decode_step_is_the_models_one_token_forward(model, dtype, attention, monkeypatch, pack_every_weight):
     """`decode_step` (the sampler's lean path) against the model's own forward of one token on the cache,
     left-padded rows and every step of a decode: the same logits and the same cache, bit for bit (the same
-    operations), with the CPU kernels on and off."""
+    operations), with the CPU kernels on, and off with either PyTorch path of the attention."""
     from distpg import kernels
+    from distpg import model as model_module
     from distpg.model import _attention_mask, decode_layers, decode_step, decode_weights
 
-    monkeypatch.setattr(kernels, "enabled", cpu_kernels)
+    monkeypatch.setattr(kernels, "enabled", attention == "kernel")
+    monkeypatch.setattr(model_module, "SDPA_DECODE", attention == "sdpa")
     m = copy.deepcopy(model).to(dtype)
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(SHAPE.vocab_size, (n,), generator=g).tolist() for n in (1, 6, 4)]
