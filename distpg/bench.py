@@ -526,16 +526,36 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
                         ray_ph[k].append(r[k])
                         local_ph[k].append(lo[k])
             trainer.logger.close()
+            # Ray's own cost of a step's calls: the same calls, empty, after the idle gaps they follow in a step
+            # (a sample call after the learner's turn, an update after the rollout's)
+            gaps = [(trainer.learner, 0.0)] if cfg.rollout.colocate else \
+                [(trainer.workers[0], statistics.median(ray_ph["perf/learn_s"])),
+                 (trainer.learner, statistics.median(ray_ph["perf/rollout_s"]))]
+            floor_s = statistics.median(sum(_idle_call(actor, gap, cfg.ray.timeout_s) for actor, gap in gaps)
+                                        for _ in range(steps))
         finally:
             trainer.close()
     med = {side: {k.split("/")[1][:-2]: statistics.median(v) * 1e3 for k, v in ph.items()}
            for side, ph in (("ray", ray_ph), ("local", local_ph))}
     note = " ".join(f"{k} {med['ray'][k]:.1f}/{med['local'][k]:.1f}" for k in med["ray"]) + " ms (Ray/one process)"
+    local_ms = statistics.median(local_s) * 1e3
+    note += (f"; Ray's floor, {len(gaps)} empty call{'s' * (len(gaps) > 1)} after the same idle gaps: "
+             f"{floor_s * 1e3:.1f} ms ({floor_s * 1e3 / local_ms:.0%} of the one-process step)")
     where = ", in the learner (rollout.colocate)" if cfg.rollout.colocate else ""
     return figure(f"sync step, 1 worker{where}, Ray vs one process ({cfg.model.preset})",
                   statistics.median(ray_s) * 1e3,
-                  statistics.median(local_s) * 1e3, "ms/step", "lower", 1.10, same_numbers=same, steps=steps,
-                  ray_s=ray_s, local_s=local_s, phases_ms=med, note=note)
+                  local_ms, "ms/step", "lower", 1.10, same_numbers=same, steps=steps,
+                  ray_s=ray_s, local_s=local_s, phases_ms=med, ray_floor_ms=floor_s * 1e3, note=note)
+
+
+def _idle_call(actor, gap_s: float, timeout_s: float) -> float:
+    """Seconds of one empty call (`get_version`) to `actor` issued after `gap_s` seconds of idling."""
+    import ray
+
+    time.sleep(gap_s)
+    t0 = time.perf_counter()
+    ray.get(actor.get_version.remote(), timeout=timeout_s)
+    return time.perf_counter() - t0
 
 
 def bench_sync_fraction(overrides: list[str], steps: int, warmup: int) -> dict:

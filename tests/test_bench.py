@@ -81,6 +81,8 @@ def test_bench_quick_writes_json(tmp_path):
     assert "rollout.colocate" in together["name"] and "rollout.colocate" not in apart["name"]
     for step in (apart, together):  # Ray and the single-process loop computed the same steps
         assert step["same_numbers"] is True
+        assert step["ray_floor_ms"] > 0 and "Ray's floor" in step["note"]
+    assert "2 empty calls" in apart["note"] and "1 empty call " in together["note"]
 
 
 WITHOUT_RAY = """
