@@ -116,7 +116,7 @@ class RolloutConfig:
     prompts_per_step: int = _f(32, "prompts per training step, split across the workers")
     group_size: int = _f(8, "samples per prompt (G)")
     max_new_tokens: int | None = _f(None, "longest completion in tokens (null: the task's own budget)")
-    temperature: float = _f(1.0, "sampling temperature (1.0 samples from the policy itself)")
+    temperature: float = _f(1.0, "sampling temperature, > 0 (1.0 samples from the policy itself)")
     top_k: int = _f(0, "keep only the k most likely tokens (0: off)")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0: off)")
     dtype: str = _f(
@@ -333,6 +333,11 @@ def _validate(cfg: Config) -> None:
     if cfg.rollout.colocate and cfg.run.mode == "async":
         raise ConfigError("rollout.colocate=true needs run.mode=sync: in async mode the learner trains while "
                           "the workers sample, so a worker in its process would hold it up")
+    if not cfg.rollout.temperature > 0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature:g}: must be above 0 (1.0 samples from the "
+                          "policy itself); 0 would sample greedily: every sample of a prompt the same, so the "
+                          "advantages and the policy gradient 0 and nothing learned (distpg eval scores greedily "
+                          "on its own)")
     ranges = {
         "rollout.temperature": (cfg.rollout.temperature, 0.0, None),
         "rollout.top_p": (cfg.rollout.top_p, 1e-9, 1.0),

@@ -46,6 +46,9 @@ def test_resolved_config_round_trips(tmp_path):
         ("rollout.num_workers=0", "rollout.num_workers=0: must be at least 1"),
         ("rollout.top_p=1.5", "rollout.top_p=1.5: must be between"),
         ("learner.lr=-1", "learner.lr=-1.0: must be at least 0.0"),
+        ("rollout.temperature=0", "rollout.temperature=0: must be above 0 (1.0 samples from the policy itself); "
+                                  "0 would sample greedily: every sample of a prompt the same"),
+        ("rollout.temperature=-0.5", "rollout.temperature=-0.5: must be above 0"),
         ("model.n_head=3", "model.n_embd=64 must be divisible by model.n_head=3"),
     ],
 )
