@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 from distpg import kernels
-from distpg.model import GPT, _attention_mask, decode_layers, decode_step, decode_weights, output_layer
+from distpg.model import (
+    GPT,
+    _attend_static,
+    _attention_mask,
+    decode_layers,
+    decode_step,
+    decode_weights,
+    output_layer,
+)
 from distpg.ragged import ragged_index
 
 
@@ -183,6 +191,7 @@ def generate(
     pad_id: int = 0,
     check_every: int = 4,
     weights_key: object = None,
+    cuda_graph: bool = False,
 ) -> Generation:
     """Sample one completion per prompt (repeat a prompt G times to get a group).
 
@@ -197,41 +206,71 @@ def generate(
         weights_key: on a CPU the weight matrices are laid out for oneDNN once (`kernels.packed_weights`)
             and kept for the next call with the same key: pass a value that changes whenever the model's
             weights do (a policy version); None lays them out for this call only.
+        cuda_graph: decode in fixed shapes (`_generate_static`), on a GPU replaying one token's step as a
+            CUDA graph; on a CPU the same steps run one by one (which is how the tests check them).
     Returns:
         a `Generation` with (B, max_new_tokens) tokens, log-probabilities and mask.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     with kernels.packed_weights(model, decode_weights(model), weights_key, len(prompts)):
-        return _generate(model, prompts, params, generator, pad_id, check_every)
+        run = _generate_static if cuda_graph else _generate
+        return run(model, prompts, params, generator, pad_id, check_every)
+
+
+@dataclass
+class _Setup:
+    """What both decode loops start from: the left-padded prompts, their positions, the uniform draws, and
+    the output buffers."""
+
+    idx: torch.Tensor  # (B, Tp) prompt ids
+    prompt_mask: torch.Tensor  # (B, Tp) real prompt tokens
+    key_mask: torch.Tensor  # (B, Tp + N) real cache slots
+    positions: torch.Tensor  # (B, Tp) position ids of the prompts
+    new_positions: torch.Tensor  # (B, N) position ids of the new tokens
+    uniforms: torch.Tensor  # (N, B) float64: one draw per row and new token
+    tokens: torch.Tensor  # (B, N) outputs, as in Generation
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+
+
+def _setup(model: GPT, prompts: list[list[int]], N: int, generator: torch.Generator, pad_id: int) -> _Setup:
+    device = model.wte.weight.device
+    idx, prompt_mask = left_pad(prompts, pad_id, device)
+    B, Tp = idx.shape
+    if Tp + N > model.shape.n_positions:
+        raise ValueError(f"sequence of {Tp + N} tokens exceeds n_positions={model.shape.n_positions}")
+    return _Setup(
+        idx=idx,
+        prompt_mask=prompt_mask,
+        key_mask=torch.cat([prompt_mask, torch.ones(B, N, dtype=torch.bool, device=device)], dim=1),
+        positions=(prompt_mask.cumsum(1) - 1).clamp_(min=0),
+        new_positions=prompt_mask.sum(1, keepdim=True) + torch.arange(N, device=device),
+        # every draw is made for all B rows up front, so dropping stopped rows changes no sample
+        uniforms=torch.rand((N, B), generator=generator, dtype=torch.float64, device=device),
+        tokens=torch.full((B, N), pad_id, dtype=torch.long, device=device),
+        logprobs=torch.zeros((B, N), dtype=torch.float32, device=device),
+        mask=torch.zeros((B, N), dtype=torch.bool, device=device),
+    )
 
 
 def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
               pad_id: int, check_every: int) -> Generation:
     device = model.wte.weight.device
     N = params.max_new_tokens
-    idx, prompt_mask = left_pad(prompts, pad_id, device)
-    B, Tp = idx.shape
-    if Tp + N > model.shape.n_positions:
-        raise ValueError(f"sequence of {Tp + N} tokens exceeds n_positions={model.shape.n_positions}")
-    padded = not bool(prompt_mask.all())  # no padding: no attention mask at all while decoding
-    key_mask = torch.cat([prompt_mask, torch.ones(B, N, dtype=torch.bool, device=device)], dim=1)  # (B, S)
-    positions = (prompt_mask.cumsum(1) - 1).clamp_(min=0)  # (B, Tp)
-    new_positions = prompt_mask.sum(1, keepdim=True) + torch.arange(N, device=device)  # (B, N)
+    st = _setup(model, prompts, N, generator, pad_id)
+    B, Tp = st.idx.shape
+    padded = not bool(st.prompt_mask.all())  # no padding: no attention mask at all while decoding
+    key_mask, new_positions, uniforms = st.key_mask, st.new_positions, st.uniforms
+    tokens, logprobs, mask = st.tokens, st.logprobs, st.mask
     cache = model.new_cache(B, Tp + N)
-    # every draw is made for all B rows up front, so dropping stopped rows changes no sample
-    uniforms = torch.rand((N, B), generator=generator, dtype=torch.float64, device=device)
-
-    tokens = torch.full((B, N), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
-    mask = torch.zeros((B, N), dtype=torch.bool, device=device)
     # the rows still decoded: their original indices (None: all B), cache, key mask and stopped flags
     rows, cache_k, cache_v = None, cache.k, cache.v
     keys = key_mask[:, None, None, :] if padded else None  # (b, 1, 1, S)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
 
     prefill_mask = _attention_mask(Tp, 0, key_mask if padded else None, device)
-    logits = _prefill(model, idx, positions, prefill_mask, cache_k, cache_v)
+    logits = _prefill(model, st.idx, st.positions, prefill_mask, cache_k, cache_v)
     layers = decode_layers(model)
     for t in range(N):
         tok, logp = _sample(logits, params, uniforms[t] if rows is None else uniforms[t, rows])
@@ -267,3 +306,71 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
         truncated = torch.zeros(B, dtype=torch.bool, device=device)  # dropped rows had all stopped
         truncated[slice(None) if rows is None else rows] = ~stopped
     return Generation(tokens=tokens, logprobs=logprobs, mask=mask, truncated=truncated)
+
+
+GRAPH_WARMUP = 2  # eager steps before the capture (on a side stream, as CUDA graphs need)
+
+
+def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+                     pad_id: int, check_every: int) -> Generation:
+    """`_generate` with every decode step in the same shapes, so that on a GPU one step is captured as a CUDA
+    graph and replayed for each new token (a GPU runs a small policy's step in less time than the host takes to
+    launch its ~160 kernels one by one).
+
+    Each step samples the token (the same uniform draws as `_generate`, so the same samples up to float
+    rounding), records it, and runs `decode_step` with `_attend_static` over the whole zero-filled cache; the
+    token index lives in a device tensor that the step itself advances. Rows that stopped are not dropped
+    (the shapes stay fixed); the host checks every `check_every` tokens whether all rows have stopped.
+    """
+    device = model.wte.weight.device
+    N = params.max_new_tokens
+    st = _setup(model, prompts, N, generator, pad_id)
+    B, Tp = st.idx.shape
+    cache = model.new_cache(B, Tp + N)
+    cache.k.zero_()
+    cache.v.zero_()
+    prefill_mask = _attention_mask(Tp, 0, st.key_mask, device)
+    logits = _prefill(model, st.idx, st.positions, prefill_mask, cache.k, cache.v)
+    layers = decode_layers(model)
+    slots = torch.arange(Tp + N, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)  # the token index, advanced by the step
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def step() -> None:
+        tok, logp = _sample(logits, params, st.uniforms.index_select(0, t).squeeze(0))
+        if params.stop_token is not None:
+            alive = ~stopped
+            tok = torch.where(alive, tok, pad_id)
+            logp = torch.where(alive, logp, 0.0)
+            stopped.logical_or_(tok == params.stop_token)
+            st.mask.index_copy_(1, t, alive[:, None])
+        st.tokens.index_copy_(1, t, tok[:, None])
+        st.logprobs.index_copy_(1, t, logp[:, None])
+        pos = t + Tp  # the new token's cache slot
+        attn_mask = (st.key_mask & (slots <= pos))[:, None, None, :]  # (B, 1, 1, Tp + N)
+        positions = st.new_positions.index_select(1, t).squeeze(1)
+        logits.copy_(decode_step(model, layers, tok, positions, attn_mask, cache.k, cache.v, pos, _attend_static))
+        t.add_(1)
+
+    graph = None
+    for i in range(N):
+        if device.type != "cuda":
+            step()
+        elif i < GRAPH_WARMUP:  # eager, as a capture needs (cuBLAS and the allocator set up first)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            if graph is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()  # recorded, not run
+            graph.replay()
+        if params.stop_token is not None and (i + 1) % check_every == 0 and bool(stopped.all()):  # host sync
+            break
+    if params.stop_token is None:
+        st.mask.fill_(True)
+    truncated = ~stopped if params.stop_token is not None else torch.ones_like(stopped)
+    return Generation(tokens=st.tokens, logprobs=st.logprobs, mask=st.mask, truncated=truncated)

@@ -264,7 +264,20 @@ def decode_layers(model: GPT) -> list[tuple[torch.Tensor, ...]]:
              b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
 
 
-def decode_step(model: GPT, layers, tok, positions, attn_mask, cache_k, cache_v, pos: int) -> torch.Tensor:
+def _attend_static(qkv, cache_k, cache_v, pos: torch.Tensor, attn_mask, n_head: int) -> torch.Tensor:
+    """`_attend_new` in shapes that stay the same from token to token, so that a CUDA graph can replay it: the
+    new key and value go into the caches at `pos`, a (1,) int64 tensor on their device, and the query attends
+    over the whole cache (B, H, T_max, D), `attn_mask` (B, 1, 1, T_max) hiding the slots after `pos` and the
+    padding. The caches must start zero-filled: a hidden slot still enters the weighted sum, times 0."""
+    B, C = qkv.shape[0], qkv.shape[1] // 3
+    q, k, v = (t.view(B, n_head, 1, C // n_head) for t in qkv.split(C, dim=1))
+    cache_k.index_copy_(2, pos, k)
+    cache_v.index_copy_(2, pos, v)
+    return F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=attn_mask).reshape(B, C)
+
+
+def decode_step(model: GPT, layers, tok, positions, attn_mask, cache_k, cache_v, pos,
+                attend=_attend_new) -> torch.Tensor:
     """Logits (b, V) for one new token per row: `model(tok[:, None], positions=positions[:, None], ...)[:, -1]`
     on the cache tensors, in fewer operations.
 
@@ -278,12 +291,14 @@ def decode_step(model: GPT, layers, tok, positions, attn_mask, cache_k, cache_v,
         attn_mask: bool broadcastable to (b, 1, 1, pos + 1), or None when every cached slot is a real token.
         cache_k, cache_v: (n_layer, b, H, T_max, D).
         pos: the cache position of the new token.
+        attend: `_attend_new` (pos an int), or `_attend_static` (pos a (1,) tensor; attn_mask covers the whole
+            cache): the fixed-shape step a CUDA graph captures.
     """
     C, H, eps = model.shape.n_embd, model.shape.n_head, model.shape.layer_norm_epsilon
     x = F.embedding(tok, model.wte.weight) + F.embedding(positions, model.wpe.weight)
     for i, (ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b) in enumerate(layers):
         qkv = _linear(F.layer_norm(x, (C,), ln1_w, ln1_b, eps), qkv_w, qkv_b)
-        x = x + _linear(_attend_new(qkv, cache_k[i], cache_v[i], pos, attn_mask, H), out_w, out_b)
+        x = x + _linear(attend(qkv, cache_k[i], cache_v[i], pos, attn_mask, H), out_w, out_b)
         x = x + _mlp(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b, proj_w, proj_b)
     return output_layer(model, F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias, eps))
 

@@ -263,6 +263,7 @@ def test_sampler_bench_on_cuda():
     assert f["ours"] > 0 and f["reference"] > 0
     # the decode attention's two PyTorch paths, side by side (model.SDPA_DECODE)
     assert f["sdpa_decode_speedup"] > 0 and "SDPA decode attention" in f["note"]
+    assert f.get("cuda_graph_speedup", 0) > 0, f.get("cuda_graph_error")  # the fixed-shape decode, captured
 
 
 def test_sampler_bench_without_transformers_says_what_to_install(monkeypatch):

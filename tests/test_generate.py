@@ -308,3 +308,48 @@ def test_rows_end_at_the_stop_token(model):
 def test_generate_rejects_empty_prompt(model):
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []], SamplingParams(max_new_tokens=2), torch.Generator())
+
+
+# ---------------------------------------------------------------- fixed-shape decode (CUDA graphs)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+@pytest.mark.parametrize("stop_token", [None, 3])
+def test_fixed_shape_decode_samples_what_the_default_loop_samples(model, cpu_kernels, stop_token, monkeypatch):
+    """`generate(..., cuda_graph=True)`: every step in the same shapes (attention over the whole zero-filled
+    cache under a mask, the token index in a tensor the step advances, no rows dropped), the step a GPU
+    captures once and replays. On the CPU the same steps run one by one: the same tokens, masks and
+    truncation as the default loop, log-probabilities equal up to float rounding, with left-padded prompts
+    and rows stopping at different steps (the default loop drops them; this one does not)."""
+    from distpg import kernels
+
+    monkeypatch.setattr(kernels, "enabled", cpu_kernels)
+    new_cache = GPT.new_cache
+
+    def nan_cache(self, *args):  # slots not yet written hold NaN: neither loop may let them through
+        cache = new_cache(self, *args)
+        cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(GPT, "new_cache", nan_cache)
+    prompts = _prompts([1, 4, 7, 2, 5, 3], seed=5) * 4
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, stop_token=stop_token)
+    ref = generate(model, prompts, params, torch.Generator().manual_seed(6), pad_id=13, check_every=2)
+    got = generate(model, prompts, params, torch.Generator().manual_seed(6), pad_id=13, check_every=2,
+                   cuda_graph=True)
+    if stop_token is not None:  # rows stop at different steps, some early enough that rows were dropped
+        lengths = ref.mask.sum(1)
+        assert lengths.min() < 6 and lengths.max() == 12 and len(set(lengths.tolist())) > 3
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.mask, ref.mask)
+    assert torch.equal(got.truncated, ref.truncated)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    assert (got.logprobs[~got.mask] == 0).all()
+
+
+def test_fixed_shape_decode_stops_early_when_every_row_has_stopped(model):
+    prompt = _prompts([3], seed=4)[0]
+    first = generate(model, [prompt], SamplingParams(max_new_tokens=1, temperature=0.0), torch.Generator()).rows()[0][0]
+    params = SamplingParams(max_new_tokens=9, temperature=0.0, stop_token=first)
+    gen = generate(model, [prompt] * 3, params, torch.Generator(), pad_id=15, check_every=2, cuda_graph=True)
+    assert gen.tokens.shape == (3, 9) and (gen.tokens[:, 0] == first).all() and (gen.tokens[:, 1:] == 15).all()
+    assert gen.mask[:, 0].all() and not gen.mask[:, 1:].any() and not gen.truncated.any()
