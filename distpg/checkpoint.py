@@ -28,6 +28,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing or incomplete."""
 
 
+def same_mode_as(path: Path, like: Path) -> None:
+    """Give `path` the permissions of `like`, a file this process just created. safetensors writes its files
+    0600 whatever the umask; a checkpoint's other files get the umask's (0644 by default), so that a team can
+    read a run folder on shared storage."""
+    os.chmod(path, like.stat().st_mode & 0o777)
+
+
 def save(run_dir: Path, step: int, learner_state: dict, keep: int, run_state: dict | None = None) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, apply retention. Returns its folder.
     `run_state` (JSON-able: the driver's own state, e.g. the stop_reward window) goes into state.json."""
@@ -51,6 +58,8 @@ def save(run_dir: Path, step: int, learner_state: dict, keep: int, run_state: di
         **(run_state or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.glob("*.safetensors"):
+        same_mode_as(f, tmp / "state.json")
     _fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
         shutil.rmtree(final)

@@ -164,6 +164,11 @@ class AlgoConfig:
                        "number of tokens (length-weighted, biased)", ("seq_sum", "token_mean"))
     ema_decay: float = _f(0.9, "ema baseline: b <- decay * b + (1 - decay) * batch mean reward")
     max_staleness: int = _f(1, "async: a batch is at most this many policy versions older than the learner")
+    staleness_schedule: str = _f(
+        "newest", "async: the policy version step s is sampled with: newest (the newest a worker has been handed, "
+        "within max_staleness; depends on timing) or exact (always s - 1 - max_staleness, or the run's first: same "
+        "config and seed, same numbers)", ("newest", "exact"),
+    )
     off_policy: str = _f(
         "truncated", "async correction of stale samples: truncated (IS ratio capped at is_cap), clipped (PPO), none",
         ("truncated", "clipped", "none"),

@@ -54,6 +54,14 @@ class Report:
 # ------------------------------------------------------------------------------------------ connecting
 
 
+def auth_hint() -> str:
+    """What to add to a failed connection's message when token authentication is not set up here."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ""
+    return ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+            "(cluster/local-cluster.sh writes $DISTPG_CLUSTER_DIR/auth_token)")
+
+
 def probe(address: str, timeout: float) -> None:
     """Fail fast on an address nothing listens on: a TCP connect to the GCS, then to the address Ray itself
     would dial (its CLI and ray.init rewrite 127.0.0.1 and localhost to the machine's routable address)."""
@@ -113,12 +121,8 @@ def connect(address: str | None, timeout: float) -> str | None:
             ctx = start_local_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
                                   logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as e:
-        hint = ""
-        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-            hint = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
-                    "(cluster/local-cluster.sh writes $DISTPG_CLUSTER_DIR/auth_token)")
         raise DoctorError(f"cannot connect to the Ray cluster at {address!r}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+                          f"{str(e).splitlines()[0] if str(e) else ''}{auth_hint()}") from None
     finally:
         done.set()
         watchdog.cancel()

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from distpg.checkpoint import same_mode_as
 from distpg.model import GPT, ModelShape
 from distpg.tokenizer import HFTokenizer, Tokenizer
 
@@ -210,6 +211,7 @@ def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
     }
     save_file(to_hf_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    same_mode_as(folder / "model.safetensors", folder / "config.json")
     hf_tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return folder

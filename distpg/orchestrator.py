@@ -230,8 +230,9 @@ def init_ray(cfg: Config, address: str | None) -> bool:
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
+        from distpg.doctor import DoctorError, auth_hint, probe
+
         if address != "auto" and "://" not in address:  # ray.init would retry an unreachable GCS for minutes
-            from distpg.doctor import DoctorError, probe
 
             try:
                 probe(address, timeout=min(10.0, cfg.ray.timeout_s))
@@ -240,7 +241,7 @@ def init_ray(cfg: Config, address: str | None) -> bool:
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         except (ConnectionError, RayError, ValueError) as e:
-            raise TrainingError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+            raise TrainingError(f"cannot connect to the Ray cluster at {address!r}: {e}{auth_hint()}") from None
         return False
     start_local_ray(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
                     dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=True)
@@ -328,8 +329,9 @@ class Trainer:
             self.cfg, wid, _threads(self.placement.worker["CPU"]), self.device
         )
 
-    def restart_worker(self, wid: int, reason: str) -> None:
-        """Replace worker `wid` (dead or hung) in its own bundle and hand it the current weights.
+    def restart_worker(self, wid: int, reason: str, weights_ref=None) -> None:
+        """Replace worker `wid` (dead or hung) in its own bundle and hand it the current weights (or
+        `weights_ref`, another published version).
 
         Its unfinished work is reissued by the caller with the same prompts and seed, so every sample is
         produced and counted exactly once, and a sync run's numbers are those of a run without the fault.
@@ -360,12 +362,13 @@ class Trainer:
             except GetTimeoutError:
                 raise TrainingError(f"restarting rollout worker {wid}: it did not start within "
                                     f"{self.cfg.ray.timeout_s:g}s (does the cluster still have room for it?)") from None
-        if self.weights_ref is not None:
+        weights_ref = self.weights_ref if weights_ref is None else weights_ref
+        if weights_ref is not None:
             try:
-                wait(self.workers[wid].set_weights.remote(self.weights_ref), self.cfg.ray.timeout_s,
+                wait(self.workers[wid].set_weights.remote(weights_ref), self.cfg.ray.timeout_s,
                      f"handing weights to the restarted rollout worker {wid}", passthrough=WORKER_FAULTS)
             except WORKER_FAULTS as e:  # the replacement died too: one more fault, against the same budget
-                self.restart_worker(wid, f"died while being handed the weights ({type(e).__name__})")
+                self.restart_worker(wid, f"died while being handed the weights ({type(e).__name__})", weights_ref)
 
     def broadcast(self, weights_ref, version: int) -> None:
         """Hand one weights object to every worker; check each now holds `version`. A worker that died is
@@ -639,7 +642,10 @@ class AsyncPipeline:
     from one batch to the next. Each new version goes to a worker with the next sample call issued to it
     (one object, N readers, no call of its own): a worker's calls run in order, so that call is the first
     to sample after the update either way.
-    With K = 0 this is the synchronous schedule exactly: same prompts, seeds, versions and numbers.
+    With K = 0 this is the synchronous schedule exactly: same prompts, seeds, versions and numbers. With
+    algo.staleness_schedule=exact every step s is sampled with version max(v0, s - 1 - K) (v0: the run's first),
+    never a newer one, so the numbers do not depend on timing either: the published versions that steps still
+    to be sampled need are kept (at most K + 2 of them).
     A worker that dies, or holds a share longer than rollout.timeout_s, is replaced and its unfinished
     shares are reissued with the same prompts and seeds.
     """
@@ -650,6 +656,8 @@ class AsyncPipeline:
         self.next_step = [start_step + 1] * n  # the next step each worker will sample
         self.handed = [version] * n  # newest weights version handed to each worker (calls run in order)
         self.version = version
+        self.exact, self.first_version = self.cfg.algo.staleness_schedule == "exact", version
+        self.refs = {version: trainer.weights_ref}  # exact: version -> its published weights, while needed
         self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_issued) | ("update",)
         self.parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
         self.rollout_t: dict[int, float] = {}  # step -> first issue time, then its rollout seconds
@@ -659,11 +667,17 @@ class AsyncPipeline:
     def in_flight(self, w: int) -> list[int]:
         return [k[1] for k in self.pending.values() if k[0] == "sample" and k[2] == w]
 
+    def version_for(self, s: int) -> int:
+        """exact: the version step s is sampled with."""
+        return max(self.first_version, s - 1 - self.cfg.algo.max_staleness)
+
     def issue(self, s: int, w: int) -> None:
-        """Issue worker w's share of step s, handing it the newest weights unless it has them already."""
+        """Issue worker w's share of step s, handing it the newest weights (exact: those of
+        `version_for(s)`) unless it has them already."""
+        want = self.version_for(s) if self.exact else self.version
         weights = None
-        if self.handed[w] < self.version:
-            weights, self.handed[w] = [self.t.weights_ref], self.version
+        if self.handed[w] < want:
+            weights, self.handed[w] = [self.refs[want] if self.exact else self.t.weights_ref], want
         self.pending[self.t.sample_part(s, w, weights)] = ("sample", s, w, time.perf_counter())
         self.rollout_t.setdefault(s, time.perf_counter())
 
@@ -710,6 +724,11 @@ class AsyncPipeline:
         lm = wait(metrics_ref, self.cfg.ray.timeout_s, f"learner update of step {s}")
         now = time.perf_counter()
         self.version, self.t.weights_ref = lm["policy/version"], weights_ref  # out with the next calls
+        if self.exact:
+            self.refs[self.version] = weights_ref
+            need = min(self.version_for(k) for k in self.next_step + [k[1] for k in self.pending.values()
+                                                                       if k[0] == "sample"])
+            self.refs = {v: r for v, r in self.refs.items() if v >= need}
         batches = [self.parts[s][w][1] for w in range(len(self.t.workers))]
         if self.t.writer is not None:
             self.t.writer.add(s, batches)
@@ -734,8 +753,12 @@ class AsyncPipeline:
         """Replace worker w and reissue its unfinished shares (and `also`) with the current weights."""
         lost = sorted(set(also) | set(self.in_flight(w)))
         self.pending = {r: k for r, k in self.pending.items() if not (k[0] == "sample" and k[2] == w)}
-        self.t.restart_worker(w, reason)
-        self.handed[w] = self.version
+        if self.exact:  # the replacement starts from the version its first share needs
+            self.handed[w] = self.version_for(lost[0] if lost else self.next_step[w])
+            self.t.restart_worker(w, reason, self.refs[self.handed[w]])
+        else:
+            self.t.restart_worker(w, reason)
+            self.handed[w] = self.version
         for s in lost:
             self.issue(s, w)
 

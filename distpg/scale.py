@@ -190,7 +190,8 @@ def format_table(points: list[Point]) -> str:
 
 
 def write_outputs(points: list[Point], out: Path, meta: dict) -> list[Path]:
-    """scaling.csv, scaling.json and scaling.png under `out`."""
+    """scaling.csv, scaling.json and (where matplotlib is installed: `pip install 'distpg[plot]'`) scaling.png
+    under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(p) for p in points]
     with open(out / "scaling.csv", "w", newline="") as f:
@@ -198,7 +199,14 @@ def write_outputs(points: list[Point], out: Path, meta: dict) -> list[Path]:
         w.writeheader()
         w.writerows(rows)
     (out / "scaling.json").write_text(json.dumps({**meta, "points": rows}, indent=1))
-    return [out / "scaling.csv", out / "scaling.json", plot(points, out / "scaling.png", meta)]
+    files = [out / "scaling.csv", out / "scaling.json"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("distpg scale: no scaling.png without matplotlib (pip install 'distpg[plot]', then distpg scale "
+              "again); the figures are in scaling.csv and scaling.json", flush=True)
+        return files
+    return [*files, plot(points, out / "scaling.png", meta)]
 
 
 def plot(points: list[Point], path: Path, meta: dict) -> Path:

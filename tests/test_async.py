@@ -1,6 +1,7 @@
 """Asynchronous training on real Ray: bounded staleness, exactly-once consumption, and staleness 0 == sync."""
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -57,6 +58,50 @@ def test_bounded_staleness_and_every_sample_consumed_exactly_once(ray_session, t
     version_of = dict(zip(gen_keys, generated.column("policy_version").to_pylist()))
     for key, v in zip(con_keys, consumed.column("version").to_pylist()):
         assert 0 <= (v - 1) - version_of[key] <= 2
+
+
+class SlowWorker(RolloutWorker):
+    """A rollout worker that takes 0.2 s longer per share: slower than the learner."""
+
+    def sample(self, *args, **kwargs):
+        time.sleep(0.2)
+        return super().sample(*args, **kwargs)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("schedule", ["exact", "newest"])
+def test_exact_staleness_schedule_gives_the_same_numbers_twice(ray_session, tmp_path, monkeypatch, schedule):
+    """algo.staleness_schedule=exact: step s is sampled with version max(0, s - 1 - K) whatever the timing, so
+    two runs of the same config and seed agree bitwise, and every batch is exactly min(s - 1, K) versions old.
+    Here the default schedule (newest) hands the workers fresher versions than that."""
+    ray = ray_session
+
+    def start_worker(self, wid):
+        return ray.remote(SlowWorker).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
+            self.cfg, wid, 1, self.device)
+
+    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    # K = 3 and two calls queued per worker: a worker issues step s when its step s - 2 is done, by when the
+    # learner has made version s - 3 (or s - 4): newer than s - 1 - K
+    cfg = small_config("run.steps=8", *ASYNC, "algo.max_staleness=3", f"algo.staleness_schedule={schedule}")
+    runs = ["a", "b"] if schedule == "exact" else ["a"]
+    for name in runs:
+        train(cfg, tmp_path / name)
+    ra = records(tmp_path / "a")
+    exact = [min(s - 1, 3) for s in range(1, 9)]
+    if schedule == "newest":
+        assert [r["rollout/staleness_max"] for r in ra] != exact and all(r["rollout/staleness_max"] <= 3 for r in ra)
+        return
+    assert [r["rollout/staleness_max"] for r in ra] == exact
+    assert [r["rollout/staleness_mean"] for r in ra] == exact
+    rb = records(tmp_path / "b")
+    for key in ("learner/loss", "learner/grad_norm", "rollout/reward_mean"):
+        assert [r[key] for r in ra] == [r[key] for r in rb], key
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    consumed = pq.read_table(tmp_path / "a" / "ledger.parquet")  # still every sample exactly once
+    keys = list(zip(consumed.column("prompt_id").to_pylist(), consumed.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys)) == 8 * cfg.rollout.prompts_per_step * cfg.rollout.group_size
 
 
 # ------------------------------------------------------------------- off-policy loss, hand-worked

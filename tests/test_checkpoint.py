@@ -68,3 +68,13 @@ def test_pickle_payload_in_optimizer_file_is_refused(tmp_path):
         pickle.dump({"state": Payload()}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         checkpoint.load(path)
+
+
+def test_checkpoint_files_get_the_umask_mode_not_safetensors_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = checkpoint.save(tmp_path, 1, learner_state(), keep=3)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert modes["model.safetensors"] == modes["state.json"] == 0o644, modes

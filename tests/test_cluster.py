@@ -156,6 +156,16 @@ def test_submission_without_the_token_is_refused(cluster, tmp_path):
         assert r.status == 200
 
 
+def test_train_without_the_token_says_how_to_set_it(cluster, tmp_path):
+    env, cluster_dir, _ = cluster
+    address = (cluster_dir / "address").read_text().strip()
+    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--set", "run.steps=1",
+                        "--run-dir", str(tmp_path / "r")], env=env, capture_output=True, text=True, timeout=180,
+                       cwd=ROOT)
+    assert p.returncode != 0 and f"cannot connect to the Ray cluster at {address!r}" in p.stderr, p.stderr[-2000:]
+    assert "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH" in p.stderr, p.stderr[-2000:]
+
+
 def test_doctor_finds_the_three_nodes(cluster):
     env, cluster_dir, _ = cluster
     p = sh(sys.executable, "-m", "distpg", "doctor", "configs/cluster.yaml", "--json", env=client_env(env, cluster_dir),

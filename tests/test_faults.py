@@ -79,10 +79,12 @@ def consumed_and_generated(run):
             list(zip(gen.column("prompt_id").to_pylist(), gen.column("sample_idx").to_pylist())))
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "async-exact"])
 def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
     steps = 30
-    cfg = small_config(f"run.steps={steps}", *FOUR_WORKERS, f"run.mode={mode}", "algo.max_staleness=2")
+    # async-exact: algo.staleness_schedule=exact, whose replacements start from the version their share needs
+    schedule = ["run.mode=async", "algo.staleness_schedule=exact"] if mode == "async-exact" else [f"run.mode={mode}"]
+    cfg = small_config(f"run.steps={steps}", *FOUR_WORKERS, *schedule, "algo.max_staleness=2")
     # four kills, at about steps 1, 8, 15 and 22 of 30
     chaos = Chaos(every_steps=7, run_dir=tmp_path / "chaos", max_kills=4)
     chaos.start()
@@ -100,8 +102,9 @@ def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
     assert len(consumed) == len(set(consumed)) == per_run  # every sample consumed exactly once
     assert set(consumed) == set(generated) and len(generated) == per_run
 
-    if mode == "sync":  # reissued shares use the same prompts, seeds and weights: the numbers are unchanged
-        train(small_config(f"run.steps={steps}", *FOUR_WORKERS), tmp_path / "clean")
+    if mode != "async":  # reissued shares use the same prompts, seeds and weights: the numbers are unchanged
+        train(small_config(f"run.steps={steps}", *FOUR_WORKERS, *schedule, "algo.max_staleness=2"),
+              tmp_path / "clean")
         clean = records(tmp_path / "clean")
         assert [r["learner/loss"] for r in recs] == [r["learner/loss"] for r in clean]
         assert recs[-1]["rollout/reward_mean"] == clean[-1]["rollout/reward_mean"]

@@ -134,3 +134,13 @@ def test_scale_rejects_a_sweep_that_measures_nothing(tmp_path):
     p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--workers", "1,x"], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert p.returncode == 2 and "--workers '1,x'" in p.stderr
+
+
+def test_outputs_without_matplotlib_are_the_csv_and_json_and_say_how_to_get_the_plot(tmp_path, monkeypatch, capsys):
+    pts = [point(1, 1000, 1), point(2, 1800, 1)]
+    add_efficiency(pts)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    files = write_outputs(pts, tmp_path, {"where": "test", "machine": "test machine"})
+    assert [f.name for f in files] == ["scaling.csv", "scaling.json"]
+    assert len(list(csv.DictReader(open(tmp_path / "scaling.csv")))) == 2 and not (tmp_path / "scaling.png").exists()
+    assert "pip install 'distpg[plot]'" in capsys.readouterr().out
