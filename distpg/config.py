@@ -9,6 +9,7 @@ resolved config written to the run folder is explicit. Nothing mutates a config 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -278,8 +279,10 @@ def _build(cls, data: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
         raise ConfigError(
-            f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys"
+            f"unknown key {where + '.' if where else ''}{unknown[0]}"
+            f"{f' (did you mean {close[0]}?)' if close else ''}; valid keys"
             f"{' of ' + where if where else ''}: {', '.join(fields)}"
         )
     kwargs = {}

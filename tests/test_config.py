@@ -36,7 +36,9 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("rollout.num_wrkers=2", "unknown key rollout.num_wrkers; valid keys of rollout: num_workers"),
+        ("rollout.num_wrkers=2", "unknown key rollout.num_wrkers (did you mean num_workers?); valid keys of rollout: "
+                                 "num_workers"),
+        ("rollout.zzz=2", "unknown key rollout.zzz; valid keys of rollout: num_workers"),
         ("bogus.x=1", "unknown key bogus"),
         ("rollout.num_workers=two", "rollout.num_workers='two': expected int"),
         ("rollout.num_workers=2.5", "rollout.num_workers=2.5: expected int"),
