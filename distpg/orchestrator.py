@@ -233,7 +233,6 @@ def init_ray(cfg: Config, address: str | None) -> bool:
         from distpg.doctor import DoctorError, auth_hint, probe
 
         if address != "auto" and "://" not in address:  # ray.init would retry an unreachable GCS for minutes
-
             try:
                 probe(address, timeout=min(10.0, cfg.ray.timeout_s))
             except DoctorError as e:
@@ -645,7 +644,7 @@ class AsyncPipeline:
     With K = 0 this is the synchronous schedule exactly: same prompts, seeds, versions and numbers. With
     algo.staleness_schedule=exact every step s is sampled with version max(v0, s - 1 - K) (v0: the run's first),
     never a newer one, so the numbers do not depend on timing either: the published versions that steps still
-    to be sampled need are kept (at most K + 2 of them).
+    to be sampled need are kept (at most K + 1 of them).
     A worker that dies, or holds a share longer than rollout.timeout_s, is replaced and its unfinished
     shares are reissued with the same prompts and seeds.
     """
@@ -754,7 +753,8 @@ class AsyncPipeline:
         lost = sorted(set(also) | set(self.in_flight(w)))
         self.pending = {r: k for r, k in self.pending.items() if not (k[0] == "sample" and k[2] == w)}
         if self.exact:  # the replacement starts from the version its first share needs
-            self.handed[w] = self.version_for(lost[0] if lost else self.next_step[w])
+            first = lost[0] if lost else self.next_step[w]
+            self.handed[w] = min(self.version, self.version_for(first))  # published: a lost share's always is
             self.t.restart_worker(w, reason, self.refs[self.handed[w]])
         else:
             self.t.restart_worker(w, reason)
