@@ -16,6 +16,10 @@ runs on the last position only, and when at least half of the rows still being d
 are dropped from the batch and the cache (the random draws stay per row, so dropping rows changes no
 sample).
 
+`generate(..., cuda_graph=True)` runs `_generate_static` instead: every decode step in the same shapes (no
+row dropping, attention over the whole cache under a mask), which on a GPU is captured once as a CUDA graph
+and replayed per token; on a CPU it runs the same steps eagerly and samples the same tokens (tested).
+
 The returned log-probabilities are under the distribution actually sampled from, i.e. after temperature,
 top-k and top-p: these are the behaviour-policy log-probabilities μ that the learner needs for
 off-policy correction.
