@@ -79,17 +79,17 @@ def probe(address: str, timeout: float) -> None:
         dhost, dport = parse_address(dialed)
         _tcp(dhost, int(dport), timeout,
              f"{address!r} answers, but Ray rewrites it to {dialed!r}, where nothing listens: the cluster listens "
-             f"on loopback only; connect with LOCALHOST:{port} (the form cluster/local-cluster.sh prints)")
+             f"on loopback only; connect with LOCALHOST:{port} (the form cluster/local-cluster.sh prints)", hint="")
 
 
-def _tcp(host: str, port: int, timeout: float, what: str) -> None:
+def _tcp(host: str, port: int, timeout: float, what: str,
+         hint: str = "; is the cluster up, and is this its GCS address (default port 6379)?") -> None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise DoctorError(f"{what}: {reason} (TCP connect to {host}:{port}, {timeout:g}s timeout); is the "
-                          "cluster up, and is this its GCS address (default port 6379)?") from None
+        raise DoctorError(f"{what}: {reason} (TCP connect to {host}:{port}, {timeout:g}s timeout){hint}") from None
 
 
 def connect(address: str | None, timeout: float) -> str | None:

@@ -192,6 +192,7 @@ def test_doctor_names_the_address_ray_would_rewrite(cluster):
            env=client_env(env, cluster_dir), timeout=240)
     assert p.returncode == 1
     assert f"connect with LOCALHOST:{gcs_port}" in p.stdout, p.stdout + p.stderr  # the TCP probe's finding
+    assert "default port 6379" not in p.stdout  # the cluster is up and this is its port: no hint otherwise
     # well before the 120 s connect timeout a failed ray.init would wait out (the margin: a loaded CI machine)
     assert time.perf_counter() - t0 < 60
 
