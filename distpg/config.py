@@ -347,7 +347,6 @@ def _validate(cfg: Config) -> None:
                           "advantages and the policy gradient 0 and nothing learned (distpg eval scores greedily "
                           "on its own)")
     ranges = {
-        "rollout.temperature": (cfg.rollout.temperature, 0.0, None),
         "rollout.top_p": (cfg.rollout.top_p, 1e-9, 1.0),
         "rollout.top_k": (cfg.rollout.top_k, 0, None),
         "rollout.num_cpus_per_worker": (cfg.rollout.num_cpus_per_worker, 0.0, None),

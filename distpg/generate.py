@@ -357,11 +357,11 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
         t.add_(1)
 
     graph = None
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None  # for the eager warm-up steps
     for i in range(N):
-        if device.type != "cuda":
+        if side is None:
             step()
         elif i < GRAPH_WARMUP:  # eager, as a capture needs (cuBLAS and the allocator set up first)
-            side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 step()

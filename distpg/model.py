@@ -123,7 +123,8 @@ def _attend_new(qkv, cache_k, cache_v, pos: int, attn_mask, n_head: int) -> torc
     out = kernels.decode_attention_new(qkv, k_t, v_t, attn_mask)
     if out is None:
         q, cache_k[:, :, pos], cache_v[:, :, pos] = (t.view(B, n_head, C // n_head) for t in qkv.split(C, dim=1))
-        if qkv.device.type != "cpu" if SDPA_DECODE is None else SDPA_DECODE:
+        use_sdpa = qkv.device.type != "cpu" if SDPA_DECODE is None else SDPA_DECODE
+        if use_sdpa:
             out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=attn_mask)  # (B, H, 1, D)
         else:
             out = _decode_attention_torch(q, k_t, v_t, attn_mask)
