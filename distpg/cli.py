@@ -8,6 +8,7 @@ traceback wall.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,8 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _modules_from_cwd() -> None:
+    """Let `task.name=module:attr` (and a reward function's spec) name a module in the current folder, as
+    `python -m` would, with no PYTHONPATH: the folder goes last on sys.path, so installed packages win. Ray
+    puts the driver's current folder on the sys.path of the workers it starts for this job (not for a job
+    submitted with a working dir, whose folder the workers get instead)."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _modules_from_cwd()
     if getattr(args, "help_config", False):
         print(describe())
         return 0

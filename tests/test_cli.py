@@ -122,3 +122,26 @@ def test_bad_config_exits_2_without_starting_ray(tmp_path):
     assert p.returncode == 2
     assert "rollout.num_workers=3 workers" in p.stderr and "the Ray cluster has 2" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
+
+
+def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
+    """The README's `mytasks.py`, as written there, in the current folder: `distpg train` (the installed
+    command, not `python -m`) finds it with no PYTHONPATH, on the driver and on the Ray workers, and
+    `distpg eval` too."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n# mytasks.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mytasks.py").write_text(code)
+    command = Path(sys.executable).parent / "distpg"
+    if not command.exists():
+        pytest.skip("the distpg command is not installed next to this Python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    p = subprocess.run([str(command), "train", "--set", "task.name=mytasks:make", "--set", "task.num_eval=16",
+                        "--set", "run.steps=2", "--set", "run.checkpoint_every=2", "--run-dir", "run"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    p = subprocess.run([str(command), "eval", "run"], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "held-out prompts: 16" in p.stdout

@@ -11,8 +11,9 @@ are skipped); Parquet files are read with pyarrow. A prompt that appears twice i
 same reference both times.
 
 Reward: `reward(prompt, completion, reference) -> float`, imported from "module:attr" (the module must be
-importable by the workers: installed, on PYTHONPATH, or in a job's working dir). It runs in a child process
-with a timeout (`rollout.reward_isolation: auto`), so a crash or a hang costs a batch, not the run.
+importable by the workers: in the current folder, installed, on PYTHONPATH, or in a job's working dir). It
+runs in a child process with a timeout (`rollout.reward_isolation: auto`), so a crash or a hang costs a
+batch, not the run.
 
 Held out: `task.num_eval` distinct prompts, picked once with `task.eval_seed`, are the evaluation prompts
 (`distpg eval`); training samples prompts (with repeats) from the rest only.
