@@ -141,7 +141,8 @@ class RolloutConfig:
     max_restarts: int = _f(20, "replacements of dead or hung workers allowed per run before it stops")
     reward_isolation: str = _f(
         "auto", "where rewards run: process (a killable child with a timeout), none (in the worker), "
-        "auto (process for user tasks, none for the built-in ones)", ("auto", "process", "none"),
+        "auto (process for a user's code: a 'module:attr' task or task.reward; none for the built-in tasks)",
+        ("auto", "process", "none"),
     )
     reward_timeout_s: float = _f(30.0, "longest a batch's rewards may take in a child process; then it is killed")
     node_resource: str | list | None = _f(

@@ -7,8 +7,9 @@ in `rollout/failed_rewards`); a batch result of the wrong length fails the whole
 
 Isolation: with `isolation="process"` the function runs in a forked child process with a per-batch
 timeout. A child that hangs past the timeout or dies (it may even kill itself) is killed and reaped, and
-its batch is marked failed; the worker goes on. User tasks run this way by default (`rollout.reward_isolation:
-auto`); the built-in tasks are pure Python and run in-process.
+its batch is marked failed; the worker goes on. A user's code (a "module:attr" task, the `prompts` task's
+reward function) runs this way by default (`rollout.reward_isolation: auto`); the built-in tasks are pure
+Python and run in-process.
 
 If every sample of a batch *raised or returned garbage*, the reward function is broken rather than unlucky:
 `RewardError` is raised with the first failure, and the run stops with that message. Timeouts and dead

@@ -30,6 +30,14 @@ def sampling_params(cfg: Config, task) -> SamplingParams:
     )
 
 
+def reward_isolation(cfg: Config) -> str:
+    """`rollout.reward_isolation`, with auto resolved: a child process for a user's code (a task named
+    "module:attr", or the `prompts` task's `task.reward` function), in the worker for the built-in tasks."""
+    if cfg.rollout.reward_isolation != "auto":
+        return cfg.rollout.reward_isolation
+    return "process" if ":" in cfg.task.name or cfg.task.reward is not None else "none"
+
+
 class RolloutWorker:
     """Generates and scores rollouts with the policy version it was last given."""
 
@@ -48,8 +56,7 @@ class RolloutWorker:
         self.tokenizer = self.task.tokenizer
         self.flat = FlatParams(self.model)
         self.params = sampling_params(cfg, self.task)
-        iso = cfg.rollout.reward_isolation
-        self.reward_isolation = ("process" if ":" in cfg.task.name else "none") if iso == "auto" else iso
+        self.reward_isolation = reward_isolation(cfg)
         self.version: int | None = None  # no weights received yet
 
     def set_weights(self, msg: WeightsMessage) -> int:

@@ -9,6 +9,7 @@ import pytest
 from distpg.config import TaskConfig
 from distpg.orchestrator import train
 from distpg.rewards import RewardError, score
+from distpg.rollout import reward_isolation
 from distpg.tasks import make_task
 from tests.conftest import small_config
 
@@ -71,3 +72,22 @@ def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
     assert all(r["rollout/failed_rewards"] == 16 for r in recs)  # every sample masked, counted
     assert [r["policy/version"] for r in recs] == [1, 2]
     assert elapsed < 2 * (1 + 30) + 60  # not the hour the reward function asked for
+
+
+@pytest.mark.ray
+def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_session, tmp_path):
+    """task.name=prompts with a user's task.reward: `rollout.reward_isolation: auto` runs it in a child, so
+    a function that kills its own process costs its batches, not the workers (nor the run)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
+                               for w in ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2",
+                       "task.reward=tests.user_rewards:kills_its_process", "run.steps=2", "rollout.max_restarts=0")
+    assert reward_isolation(cfg) == "process"
+    train(cfg, tmp_path / "r")
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["rollout/failed_rewards"] == 16 for r in recs)  # every sample masked, counted
+    assert reward_isolation(small_config()) == "none"  # the built-in tasks score in the worker
+    assert reward_isolation(small_config("task.name=tests.user_task:make")) == "process"
+    assert reward_isolation(small_config("task.name=tests.user_task:make", "rollout.reward_isolation=none")) == "none"
