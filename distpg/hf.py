@@ -67,7 +67,8 @@ def read_config(folder: str | Path) -> dict:
 
 def read_shape(folder: str | Path) -> ModelShape:
     """The architecture of a GPT-2 folder (config.json), with every tensor of model.safetensors checked
-    against it from the file's header (no weights are read). Raises ValueError."""
+    against it from the file's header, and a stored `lm_head.weight` checked equal to `wte.weight` (the only
+    weights read). Raises ValueError."""
     cfg = read_config(folder)
     shape = ModelShape(
         vocab_size=cfg["vocab_size"],
@@ -97,6 +98,13 @@ def read_shape(folder: str | Path) -> ModelShape:
         parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
                  for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if names]
         raise ValueError(f"{str(path)!r} does not match its config.json ({'; '.join(parts)})")
+    heads = [name for name in stored if name.removeprefix("transformer.") == "lm_head.weight"]
+    if heads:  # an explicit output layer must be the tied one: read the two matrices now, not in every actor
+        wte = next(name for name in stored if name.removeprefix("transformer.") == "wte.weight")
+        with safe_open(str(path), "pt") as f:
+            if stored[heads[0]] != stored[wte] or not torch.equal(f.get_tensor(heads[0]), f.get_tensor(wte)):
+                raise ValueError(f"{str(path)!r}: lm_head.weight differs from wte.weight: distpg's GPT ties the "
+                                 "output layer to wte")
     return shape
 
 

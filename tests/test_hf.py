@@ -203,6 +203,7 @@ def test_config_takes_the_shape_from_the_folder(hf_folder):
         ("truncate", {}, r"does not match its config.json \(missing: h.1.attn.c_attn.bias"),
         ("copy", {"n_layer": 3}, r"model.n_layer=3 but model.init_from=.* has n_layer=2; leave model.n_layer null"),
         ("copy", {"n_positions": 64}, r"model.n_positions=64 but .* has n_positions=48"),
+        ("untied", {}, r"model.init_from=.*lm_head.weight differs from wte.weight"),
     ],
 )
 def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
@@ -221,6 +222,10 @@ def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
         elif setup == "truncate":
             state = load_file(str(target / "model.safetensors"))
             state = {k: v for k, v in state.items() if not k.startswith("transformer.h.1.")}
+            save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+        elif setup == "untied":  # GPT2LMHeadModel's explicit output layer, not the token embedding
+            state = load_file(str(target / "model.safetensors"))
+            state["lm_head.weight"] = state["transformer.wte.weight"] + 1
             save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"model": {"init_from": str(target), **kw}})
