@@ -51,6 +51,8 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from distpg.hf import export_policy
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"distpg export: OUT={args.out!r} is a file; give a folder (created if missing)")
     out = export_policy(Path(args.path), Path(args.out))
     print(f"wrote {out}: config.json, model.safetensors, tokenizer.json (transformers: "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}); distpg: --set model.init_from={out})")

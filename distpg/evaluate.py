@@ -33,7 +33,16 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     """RUN_DIR or RUN_DIR/checkpoints/step_N -> (run folder, checkpoint folder)."""
     path = Path(path)
     if (path / "model.safetensors").exists():
-        return path.parent.parent, path
+        run_dir = path.parent.parent
+        if (run_dir / "config.yaml").exists() and path.parent.name == "checkpoints":
+            return run_dir, path
+        if (path / "config.json").exists():
+            raise checkpoint.CheckpointError(
+                f"{str(path)!r} is a Hugging Face GPT-2 folder, not a distpg run: train from it with "
+                f"--set model.init_from={path}, or open it with transformers")
+        raise checkpoint.CheckpointError(
+            f"{str(path)!r} is a checkpoint folder outside its run folder: a checkpoint is read with its run's "
+            "config.yaml, as RUN_DIR/checkpoints/step_N; pass the run folder or a checkpoint inside it")
     ckpt = checkpoint.latest(path)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"{str(path)!r} is neither a checkpoint folder nor a run folder with a "

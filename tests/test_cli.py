@@ -145,3 +145,8 @@ def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
                        cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "held-out prompts: 16" in p.stdout
+    (tmp_path / "notes.txt").write_text("mine")
+    p = subprocess.run([str(command), "export", "run", "notes.txt"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert p.returncode == 2 and "OUT='notes.txt' is a file" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"

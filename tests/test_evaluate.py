@@ -3,7 +3,8 @@
 import pytest
 
 from distpg import kernels
-from distpg.evaluate import evaluate, exact_match
+from distpg.checkpoint import CheckpointError
+from distpg.evaluate import evaluate, exact_match, resolve_checkpoint
 from distpg.learner import Learner
 from distpg.policy import task_for
 from tests.conftest import small_config
@@ -35,3 +36,20 @@ def test_evaluate_counts_exact_matches_of_the_greedy_completions(pack_every_weig
     # the reward is the task's own on each completion
     task = task_for(cfg)
     assert [task.reward(p, c) for p, c, _, _ in result.samples] == [r for *_, r in result.samples]
+
+
+def test_a_checkpoint_folder_is_read_with_its_runs_config_and_other_folders_are_named(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    assert resolve_checkpoint(ckpt) == (tmp_path / "run", ckpt)
+
+    copied = tmp_path / "copied"  # `cp -r RUN/checkpoints/step_N copied`: no config.yaml two levels up
+    copied.mkdir()
+    (copied / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="checkpoint folder outside its run folder"):
+        resolve_checkpoint(copied)
+    (copied / "config.json").write_text("{}")  # a Hugging Face folder (`distpg export`'s output)
+    with pytest.raises(CheckpointError, match=r"Hugging Face GPT-2 folder, not a distpg run: .*model.init_from="):
+        resolve_checkpoint(copied)
