@@ -29,11 +29,28 @@ def _train(args) -> int:
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir or f"runs/{cfg.task.name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
+    try:
+        summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
+    except KeyboardInterrupt as e:
+        print(f"distpg: {'stopped by SIGTERM' if e.args == ('SIGTERM',) else 'interrupted'}; "
+              f"{_resume_hint(run_dir)}", file=sys.stderr, flush=True)
+        return 143 if e.args == ("SIGTERM",) else 130
     final = summary["final_reward"]
     print(f"distpg: done after {summary['steps']} steps; final reward "
           f"{'n/a' if final is None else format(final, '.3f')}; run folder {summary['run_dir']}", flush=True)
     return 0
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """What an interrupted run keeps: its latest complete checkpoint and the command that continues it."""
+    from distpg import checkpoint
+
+    ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
+    if ckpt is None:
+        return f"no checkpoint was written yet (run.checkpoint_every), so {str(run_dir)!r} cannot be resumed"
+    step = checkpoint.run_state(ckpt)["step"]
+    return (f"the steps after the latest checkpoint (step {step}) are lost; continue with: "
+            f"distpg train --resume {run_dir}")
 
 
 def _eval(args) -> int:

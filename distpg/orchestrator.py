@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -852,6 +854,21 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     return {"steps": step, "final_reward": final, "run_dir": str(run_dir)}
 
 
+def _sigterm_interrupts():
+    """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop) raises
+    KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as on Ctrl-C (actors closed, a
+    local runtime shut down) instead of dying in Ray's crash handler. Set after `ray.init`, which installs
+    that handler. None off the main thread (where Python cannot handle signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+
+
 def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False) -> dict:
     """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed)."""
     task = task_for(cfg)
@@ -869,9 +886,10 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
     created = not run_dir.exists()
     start_step = prepare_run_dir(cfg, run_dir, resume)
     print(f"distpg: run folder {run_dir}", flush=True)
-    started, trainer = False, None
+    started, trainer, sigterm = False, None, None
     try:
         started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
+        sigterm = _sigterm_interrupts()
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
         trainer = Trainer(cfg, Path(run_dir), placement)
@@ -887,3 +905,5 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
             trainer.close()
         if started:
             ray.shutdown()
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)

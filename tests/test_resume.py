@@ -100,13 +100,38 @@ def assert_same_run(resumed: Path, clean: Path):
     assert losses(resumed) == losses(clean)  # step by step, including the steps redone after the kill
 
 
-def test_sigkill_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_then_resumed_is_bitwise_equal(uninterrupted, tmp_path, sig):
+    """SIGKILL of the driver and its Ray processes, or SIGTERM to the driver alone (`kill`, `timeout`, a
+    scheduler): SIGTERM stops the run as Ctrl-C does, says what is kept and how to resume, and leaves no
+    process of the local runtime behind."""
     run = tmp_path / "run"
     p = start(["train", *CONFIG, "--run-dir", str(run)])
     deadline = time.time() + 240
     while steps_logged(run) < 5 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
-    kill_group(p)
+    if sig == signal.SIGKILL:
+        kill_group(p)
+    else:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 143, out[-3000:]
+        assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint (step 3) are lost; continue " \
+               f"with: distpg train --resume {run}" in out, out[-3000:]
+        deadline = time.time() + 60
+        while group_alive(p.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        survivors = group_alive(p.pid)
+        kill_group(p)
+        assert not survivors, "Ray processes of the run outlived it"
     assert 5 <= steps_logged(run) < 9, "the kill should land after checkpoint 3 and before the end"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
     code, out = run_to_end(["train", "--resume", str(run)])
