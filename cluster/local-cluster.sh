@@ -64,7 +64,7 @@ cluster_pids() {  # this cluster's processes and their descendants; prints nothi
   pgrep -f -- "$DIR/" > /dev/null 2>&1 || return 0
   if [ -f "$DIR/gcs_port" ]; then pattern="$DIR/|LOCALHOST:$(cat "$DIR/gcs_port")( |$)"; fi
   for pid in $(cat "$DIR/pids" 2>/dev/null); do
-    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qi ray && recorded="$recorded $pid"
+    { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qi ray && recorded="$recorded $pid"
   done
   for pid in $(pgrep -f -- "$pattern" 2>/dev/null) $recorded; do
     [ "$pid" = "$$" ] || descendants "$pid"

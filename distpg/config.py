@@ -212,7 +212,8 @@ class LogConfig:
     print_every: int = _f(10, "console progress line every this many steps")
     samples: int = _f(4, "sample completions written to TensorBoard as text")
     sample_every: int = _f(50, "steps between sample texts")
-    ledger: bool = _f(False, "write RUN_DIR/ledger.parquet: every (prompt_id, sample_idx, step) the learner consumed")
+    ledger: bool = _f(False, "write RUN_DIR/ledger.parquet: every (prompt_id, sample_idx, version) the learner "
+                      "consumed")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ the console progress line every `print_every` steps."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,16 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            # a resumed run redoes the steps after its checkpoint: TensorBoard drops the first attempt's
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"),
+                                     purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict[str, float], samples: list[tuple[str, str, float]] | None = None) -> dict:
         """Record step `step` (1-based: steps completed). Returns the record written."""
         record = {"step": step, "time_s": round(time.time() - self.t_start, 4), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite value (the reward mean of a step whose rewards all failed) is written as null
+        self._jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                      for k, v in record.items()}, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in metrics.items():

@@ -4,6 +4,7 @@ Needs matplotlib (`pip install distpg[plot]`)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -40,7 +41,7 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
     for run in run_dirs:
         records = read_metrics(run)
         label = Path(run).name
-        values = _smooth([r[metric] for r in records], max(1, smooth))
+        values = _smooth([math.nan if r[metric] is None else r[metric] for r in records], max(1, smooth))  # null: NaN
         ax_t.plot([r["time_s"] for r in records], values, label=label)
         ax_s.plot([r["step"] for r in records], values, label=label)
     ax_t.set_xlabel("wall-clock seconds since the first step")

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +139,10 @@ def test_killed_then_resumed_is_bitwise_equal(uninterrupted, tmp_path, sig):
     assert code == 0, out[-3000:]
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 10))
     assert_same_run(run, uninterrupted)
+    tb = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    tb.Reload()  # the steps redone after the checkpoint are purged from the first attempt's event file
+    assert [e.step for e in tb.Scalars("learner/loss")] == list(range(1, 10))
+    assert [e.value for e in tb.Scalars("learner/loss")] == pytest.approx(losses(run))
     rollouts = pq.read_table(run / "rollouts")
     keys = list(zip(rollouts.column("prompt_id").to_pylist(), rollouts.column("sample_idx").to_pylist()))
     assert len(keys) == len(set(keys)) == 9 * 8 * 4  # the steps redone after the kill are not duplicated

@@ -74,6 +74,10 @@ def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
     assert elapsed < 2 * (1 + 30) + 60  # not the hour the reward function asked for
 
 
+def strict(constant: str):
+    raise ValueError(f"metrics.jsonl holds {constant}, which strict JSON parsers reject")
+
+
 @pytest.mark.ray
 def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_session, tmp_path):
     """task.name=prompts with a user's task.reward: `rollout.reward_isolation: auto` runs it in a child, so
@@ -85,9 +89,10 @@ def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_sessio
                        "task.reward=tests.user_rewards:kills_its_process", "run.steps=2", "rollout.max_restarts=0")
     assert reward_isolation(cfg) == "process"
     train(cfg, tmp_path / "r")
-    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x, parse_constant=strict) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]
     assert all(r["rollout/failed_rewards"] == 16 for r in recs)  # every sample masked, counted
+    assert all(r["rollout/reward_mean"] is None for r in recs)  # no reward to average: null, strict JSON
     assert reward_isolation(small_config()) == "none"  # the built-in tasks score in the worker
     assert reward_isolation(small_config("task.name=tests.user_task:make")) == "process"
     assert reward_isolation(small_config("task.name=tests.user_task:make", "rollout.reward_isolation=none")) == "none"
