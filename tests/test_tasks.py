@@ -131,3 +131,13 @@ def test_score_masks_bad_rewards():
 def test_score_raises_when_every_reward_fails():
     with pytest.raises(RewardError, match="failed on all 2 samples.*ZeroDivisionError"):
         score(Flaky(), ["p", "q"], ["raise", "raise"])
+
+
+@pytest.mark.parametrize("name, field, value", [
+    ("reverse", "params", {"fault": "hang"}),
+    ("sort", "reward", "tests.user_rewards:length_of_reference"),
+    ("tests.user_task:make", "prompts_path", "configs/data/repeat_words.jsonl"),
+])
+def test_a_task_field_no_task_reads_is_refused(name, field, value):
+    with pytest.raises(ConfigError, match=rf"task.{field} is not used by task.name='{name}'"):
+        make_task(TaskConfig(name=name, **{field: value}))
