@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from distpg.config import ConfigError, describe, load_config
+from distpg.config import ConfigError, describe, load_config, load_run_config
 
 
 def _train(args) -> int:
@@ -25,7 +25,7 @@ def _train(args) -> int:
             raise ConfigError("--resume continues a run with the config in its folder; drop CONFIG and --set")
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there, so it is not a distpg run folder")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir / "config.yaml")
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir or f"runs/{cfg.task.name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -475,6 +475,38 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+RUN_ORIGIN = "# distpg: relative paths in this file are relative to the folder the run started in: "
+RUN_PATHS = (("model", "init_from"), ("task", "prompts_path"))  # the config's paths to files a run reads
+
+
+def dump_run_config(cfg: Config) -> str:
+    """A run folder's config.yaml: the config, after a first line naming the current folder, against which
+    its relative paths (`RUN_PATHS`) hold. The config itself keeps them as given: the workers of a job
+    submitted with a working dir resolve them in their own copy of it."""
+    return f"{RUN_ORIGIN}{os.getcwd()}\n" + dump_config(cfg)
+
+
+def load_run_config(path: str | os.PathLike) -> Config:
+    """A run folder's config.yaml (`dump_run_config`), for `--resume`, `distpg eval` and `distpg export` from
+    any folder: a relative path that does not exist from the current folder, but does from the folder the run
+    started in, is taken from there (as an absolute path)."""
+    path = Path(path)
+    try:
+        first = path.read_text().split("\n", 1)[0]
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
+    overrides = []
+    if origin is not None:
+        data = yaml.safe_load(path.read_text()) or {}
+        for section, key in RUN_PATHS:
+            value = (data.get(section) or {}).get(key)
+            if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
+                    and (origin / value).exists():
+                overrides.append(f"{section}.{key}={origin / value}")
+    return load_config(path, overrides)
+
+
 def describe() -> str:
     """Every field with the value `distpg train` uses when not told otherwise (the embedded default config)
     and its doc, as YAML, for --help-config."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from distpg import checkpoint, kernels, rewards
-from distpg.config import Config, load_config
+from distpg.config import Config, load_run_config
 from distpg.generate import generate
 from distpg.model import GPT
 from distpg.policy import initial_policy, task_for
@@ -52,7 +52,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 
 def load_policy(path: Path) -> tuple[Config, GPT]:
     run_dir, ckpt = resolve_checkpoint(path)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     _, model = initial_policy(cfg)
     model.load_state_dict(checkpoint.load_model_weights(ckpt))
     return cfg, model.eval()

@@ -262,10 +262,10 @@ def test_learner_and_workers_start_from_the_folder(hf_folder, tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
-def _run(*args, timeout=240):
+def _run(*args, timeout=240, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.ray
@@ -298,7 +298,9 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path):
     assert table.column("prompt_tokens")[0].as_py() == tok.encode(table.column("prompt_text")[0].as_py())
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
 
-    p = _run("-m", "distpg", "eval", str(run), "--samples", "2")
+    # from another folder: the run's relative task.prompts_path is found where the run started
+    assert cfg.task.prompts_path == "configs/data/repeat_words.jsonl"
+    p = _run("-m", "distpg", "eval", str(run), "--samples", "2", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "held-out prompts: 32 | reward_mean" in p.stdout
 
