@@ -659,7 +659,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-staleness", type=int, default=2, help="async: algo.max_staleness of the async run")
     p.add_argument("--race", action="store_true",
                    help="async: also race sync and async to a reward of 0.9 on the default task (seeds 0-3)")
-    p.add_argument("--policy", help="variance: a run folder or checkpoint whose policy to measure on "
+    p.add_argument("--policy", help="variance: a run folder or checkpoint whose policy to measure on, with its "
+                   "task and model (--set applies on top) "
                    "(default: the config's initial policy)")
     p.add_argument("--batches", type=int, default=40, help="variance: independent batches per baseline")
     p.add_argument("--sampler-sizes", default="tiny,small,small-charvocab,small-bf16,small-charvocab-bf16,gpt2",
@@ -723,10 +724,14 @@ def run(args: argparse.Namespace) -> dict:
             out["results"]["async_race"] = learning_race(list(args.set), max_staleness=args.max_staleness,
                                                          seeds=(0, 1, 2, 3))
     if "variance" in extra:
-        from distpg.config import config_from_dict, merge_overrides
+        from distpg.config import config_from_dict, load_run_config, merge_overrides
+        from distpg.evaluate import resolve_checkpoint
         from distpg.variance import bench_variance
 
-        cfg = config_from_dict(merge_overrides({}, list(args.set)))
+        if args.policy is None:
+            cfg = config_from_dict(merge_overrides({}, list(args.set)))
+        else:  # the run's own task and model, with --set on top
+            cfg = load_run_config(resolve_checkpoint(Path(args.policy))[0] / "config.yaml", list(args.set))
         out["results"]["variance"] = bench_variance(cfg, batches=args.batches, policy=args.policy)
     out["elapsed_s"] = time.perf_counter() - t_start
     Path(args.json).write_text(json.dumps(out, indent=1))

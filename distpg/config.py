@@ -486,7 +486,7 @@ def dump_run_config(cfg: Config) -> str:
     return f"{RUN_ORIGIN}{os.getcwd()}\n" + dump_config(cfg)
 
 
-def load_run_config(path: str | os.PathLike) -> Config:
+def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """A run folder's config.yaml (`dump_run_config`), for `--resume`, `distpg eval` and `distpg export` from
     any folder: a relative path that does not exist from the current folder, but does from the folder the run
     started in, is taken from there (as an absolute path)."""
@@ -496,7 +496,7 @@ def load_run_config(path: str | os.PathLike) -> Config:
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
     origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
-    overrides = []
+    overrides = list(overrides or [])
     if origin is not None:
         data = yaml.safe_load(path.read_text()) or {}
         for section, key in RUN_PATHS:

@@ -62,16 +62,14 @@ def fit_value_head(learner: Learner, worker: RolloutWorker, cfg: Config, iters: 
 def bench_variance(cfg: Config, batches: int = 40, value_fit_iters: int = 150, out: Path | None = None,
                    policy: str | None = None) -> dict:
     """Variance of each baseline's gradient estimate on a fixed policy (the config's initial model, or the
-    latest checkpoint of the run folder `policy`); prints a table."""
+    latest checkpoint of the run folder `policy`, whose config `cfg` must then be); prints a table."""
     cfg = _with_value(cfg)
     learner, worker = Learner(cfg), RolloutWorker(cfg, 0)
     if policy is not None:
         from distpg.evaluate import load_policy
 
         _, trained = load_policy(Path(policy))
-        with torch.no_grad():
-            for p, q in zip(learner.model.parameters(), trained.parameters()):
-                p.copy_(q)
+        learner.model.load_state_dict(trained.state_dict())  # the same shape: cfg is the run's config
     worker.set_weights(learner.get_weights())
     params = list(learner.model.parameters())
     t0 = time.perf_counter()

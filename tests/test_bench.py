@@ -1,6 +1,7 @@
 """`distpg bench`: it runs end to end at a tiny setting and writes JSON with a ratio for every figure; the
 sampler comparison really uses the same weights on both sides. No wall-clock thresholds: machines are noisy."""
 
+import argparse
 import json
 import math
 import os
@@ -272,3 +273,28 @@ def test_sampler_bench_without_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ConfigError, match=r"pip install transformers .*distpg bench weights step learner"):
         hf_pair(SAMPLER_CASES["quick"], "cpu")
+
+
+def test_variance_on_a_runs_policy_uses_the_runs_task_and_model(tmp_path):
+    """`distpg bench variance --policy RUN`: the run's config (another task and width than the default), its
+    checkpoint's weights; no Ray."""
+    from distpg import checkpoint
+    from distpg.bench import add_arguments
+    from distpg.bench import run as bench_run
+    from distpg.config import dump_run_config
+    from distpg.learner import Learner
+    from tests.conftest import small_config
+
+    cfg = small_config("task.name=sort", "task.length=5", "model.n_embd=32", "model.n_head=2")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    learner = Learner(cfg)
+    checkpoint.save(run, 3, learner.state(), keep=1)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "v.json"
+    args = parser.parse_args(["variance", "--batches", "2", "--policy", str(run), "--json", str(out)])
+    res = bench_run(args)["results"]["variance"]
+    assert res["task"] == "sort" and res["model"] == "2x32"
+    assert set(res["baselines"]) == {"none", "ema", "group", "value"}
