@@ -13,6 +13,7 @@ import difflib
 import json
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -489,7 +490,8 @@ def dump_run_config(cfg: Config) -> str:
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """A run folder's config.yaml (`dump_run_config`), for `--resume`, `distpg eval` and `distpg export` from
     any folder: a relative path that does not exist from the current folder, but does from the folder the run
-    started in, is taken from there (as an absolute path)."""
+    started in, is taken from there (as an absolute path), and that folder goes last on sys.path, for a
+    task or reward module that the run found there (see `cli._modules_from_cwd`)."""
     path = Path(path)
     try:
         first = path.read_text().split("\n", 1)[0]
@@ -497,6 +499,8 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
     origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
     overrides = list(overrides or [])
+    if origin is not None and origin.is_dir() and str(origin) not in sys.path:
+        sys.path.append(str(origin))
     if origin is not None:
         data = yaml.safe_load(path.read_text()) or {}
         for section, key in RUN_PATHS:

@@ -145,6 +145,12 @@ def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
                        cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "held-out prompts: 16" in p.stdout
+    elsewhere = tmp_path / "elsewhere"  # the run folder from another folder: its module is found where it started
+    elsewhere.mkdir()
+    p = subprocess.run([str(command), "eval", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=elsewhere)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "held-out prompts: 16" in p.stdout
     (tmp_path / "notes.txt").write_text("mine")
     p = subprocess.run([str(command), "export", "run", "notes.txt"], capture_output=True, text=True, env=env,
                        timeout=300, cwd=tmp_path)
