@@ -39,6 +39,7 @@ import torch
 
 from distpg import kernels
 from distpg import model as distpg_model
+from distpg.cliargs import number, whole_numbers
 from distpg.config import ConfigError
 
 GPT2_VOCAB = 50257
@@ -656,23 +657,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("benches", nargs="*", metavar="{sampler,weights,step,learner,all,async,variance}", default=[],
                    help="which benchmarks to run (default: all = sampler weights step learner; async and "
                    "variance run only when named)")
-    p.add_argument("--max-staleness", type=int, default=2, help="async: algo.max_staleness of the async run")
+    p.add_argument("--max-staleness", type=number(int, 0), default=2, help="async: algo.max_staleness of the async run")
     p.add_argument("--race", action="store_true",
                    help="async: also race sync and async to a reward of 0.9 on the default task (seeds 0-3)")
     p.add_argument("--policy", help="variance: a run folder or checkpoint whose policy to measure on, with its "
                    "task and model (--set applies on top) "
                    "(default: the config's initial policy)")
-    p.add_argument("--batches", type=int, default=40, help="variance: independent batches per baseline")
+    p.add_argument("--batches", type=number(int, 2), default=40, help="variance: independent batches per baseline")
     p.add_argument("--sampler-sizes", default="tiny,small,small-charvocab,small-bf16,small-charvocab-bf16,gpt2",
                    help=f"comma-separated sampler cases: {', '.join(SAMPLER_CASES)}")
     p.add_argument("--weight-sizes", default="default,small-gpt2vocab",
                    help=f"comma-separated weight sizes: {', '.join(WEIGHT_SIZES)}")
-    p.add_argument("--workers", default="1,2,4", help="weights: numbers of workers to broadcast to")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best one counts)")
-    p.add_argument("--steps", type=int, default=20, help="step: timed training steps (after 5 warm-up steps)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--workers", type=whole_numbers, default="1,2,4", help="weights: numbers of workers to broadcast to")
+    p.add_argument("--repeats", type=number(int, 1), default=3,
+                   help="timed repetitions per measurement (best one counts)")
+    p.add_argument("--steps", type=number(int, 1), default=20,
+                   help="step: timed training steps (after 5 warm-up steps)")
+    p.add_argument("--threads", type=number(int, 1), default=1,
                    help="sampler: torch threads (default 1, as a rollout worker with the default 0.5 CPU runs)")
-    p.add_argument("--device", default="cpu", help="sampler: cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="sampler: cpu or cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="step/learner: config overrides on top of the default config (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (a smoke test)")
@@ -686,6 +689,11 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError(f"distpg bench: unknown benchmark {bad[0]!r}; allowed: "
                           f"{', '.join(BENCHES + EXTRA_BENCHES)}, all")
     extra = tuple(b for b in EXTRA_BENCHES if b in args.benches)
+    if not Path(args.json).resolve().parent.is_dir():  # found out now, not after minutes of benchmarks
+        raise ConfigError(f"distpg bench: --json {args.json!r}: no folder {str(Path(args.json).parent)!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("distpg bench: --device cuda, but torch sees no CUDA device (torch "
+                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
     if not args.benches or "all" in args.benches:
         chosen = BENCHES
     else:
@@ -751,7 +759,7 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
         if "weights" in chosen:
             print("weights: one version to N workers vs one plain ray.put + ray.get of the same bytes", flush=True)
             res = out["results"]["weights"] = []
-            workers = [1, 2] if quick else [int(n) for n in args.workers.split(",")]
+            workers = [1, 2] if quick else args.workers
             for size in ["quick"] if quick else _names(args.weight_sizes, WEIGHT_SIZES):
                 for f in bench_weights(size, workers, repeats if quick else max(repeats, 7)):
                     res.append(f)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from distpg.cliargs import number
 from distpg.config import ConfigError, describe, load_config, load_run_config
 
 
@@ -29,6 +30,8 @@ def _train(args) -> int:
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir or f"runs/{cfg.task.name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--run-dir {str(run_dir)!r} is a file; give a folder (created if missing)")
     try:
         summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     except KeyboardInterrupt as e:
@@ -122,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a trained policy on the held-out prompts")
     e.add_argument("path", help="a run folder (uses its latest checkpoint) or a checkpoint folder")
-    e.add_argument("--samples", type=int, default=8, help="sample completions to print")
-    e.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    e.add_argument("--samples", type=number(int, 0), default=8, help="sample completions to print")
+    e.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 decodes greedily")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_eval)
 
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--out", default="curve.png", help="PNG to write")
     pl.add_argument("--metric", default="rollout/reward_mean")
     pl.add_argument("--title")
-    pl.add_argument("--smooth", type=int, default=1, help="trailing moving average over this many steps")
+    pl.add_argument("--smooth", type=number(int, 1), default=1, help="trailing moving average over this many steps")
     pl.set_defaults(func=_plot)
 
     from distpg.bench import add_arguments as bench_arguments
@@ -150,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="?", help="also check that this config's actors fit the cluster")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     d.add_argument("--address", help="Ray cluster (GCS address; default: $RAY_ADDRESS, else a local runtime)")
-    d.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the cluster and each node")
+    d.add_argument("--timeout", type=number(float, 0, above=True), default=60.0,
+                   help="seconds to wait for the cluster and each node")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(func=_doctor)
 

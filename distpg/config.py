@@ -460,9 +460,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Read a YAML config (default: the embedded one), apply --set overrides, validate."""
     path = Path(path) if path is not None else default_config_path()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}): a YAML file?") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

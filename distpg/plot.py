@@ -7,12 +7,24 @@ import json
 import math
 from pathlib import Path
 
+from distpg.config import ConfigError
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} not found: not a distpg run folder")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:  # a line cut off by a kill while it was written
+                raise ConfigError(f"{str(path)!r} line {n} is not a JSON record ({e.msg}): cut off by a kill? "
+                                  "`distpg train --resume` rewrites the file up to its checkpoint") from None
+    if not records:
+        raise ConfigError(f"{str(path)!r} holds no step yet")
+    return records
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -30,6 +42,12 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
               smooth: int = 1) -> Path:
     """One PNG: `metric` against time_s (left) and step (right), one line per run, optionally smoothed by a
     trailing moving average of `smooth` steps."""
+    runs = [(Path(run), read_metrics(run)) for run in run_dirs]  # bad folders are named before plotting
+    for run, records in runs:
+        if any(metric not in r for r in records):
+            names = sorted(set().union(*records) - {"step", "time_s"})
+            raise ConfigError(f"--metric {metric!r} is not in every record of {str(run)!r}; its metrics: "
+                              f"{', '.join(names)}")
     try:
         import matplotlib
 
@@ -38,9 +56,8 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
     except ImportError:
         raise ImportError("distpg plot needs matplotlib: pip install 'distpg[plot]'") from None
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for run in run_dirs:
-        records = read_metrics(run)
-        label = Path(run).name
+    for run, records in runs:
+        label = run.name
         values = _smooth([math.nan if r[metric] is None else r[metric] for r in records], max(1, smooth))  # null: NaN
         ax_t.plot([r["time_s"] for r in records], values, label=label)
         ax_s.plot([r["step"] for r in records], values, label=label)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distpg.cliargs import number, whole_numbers
 from distpg.config import Config, ConfigError, config_from_dict, load_config
 
 NODE_RESOURCE = re.compile(r"^distpg_node_(\d+)$")
@@ -258,34 +259,28 @@ def _label(n: int, k: int | None) -> str:
     return f"{n} worker(s)" + ("" if k is None else f" on {k} node(s)")
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} {text!r}: expected comma-separated whole numbers, e.g. 1,2,4") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{what} {text!r}: every entry must be at least 1")
-    return sorted(set(values))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config to scale (default: the embedded default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local runtime)")
-    p.add_argument("--workers", default="1,2,3,4", help="numbers of rollout workers to sweep (default 1,2,3,4)")
+    p.add_argument("--workers", type=whole_numbers, default="1,2,3,4",
+                   help="numbers of rollout workers to sweep (default 1,2,3,4)")
     p.add_argument("--nodes", default="auto",
                    help="numbers of nodes to pin the workers to, e.g. 1,2,3 (needs distpg_node_I resources); "
                         "auto: every count on a multi-node cluster with them, else none; none: no pinning")
-    p.add_argument("--steps", type=int, default=10, help="training steps per point, warm-up included (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="first steps of each point not measured (default 2)")
-    p.add_argument("--prompts-per-worker", type=int, default=16,
+    p.add_argument("--steps", type=number(int, 1), default=10,
+                   help="training steps per point, warm-up included (default 10)")
+    p.add_argument("--warmup", type=number(int, 0), default=2,
+                   help="first steps of each point not measured (default 2)")
+    p.add_argument("--prompts-per-worker", type=number(int, 1), default=16,
                    help="weak scaling: prompts per worker per step (default 16)")
     p.add_argument("--strong", action="store_true", help="strong scaling: keep the config's prompts_per_step")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+    p.add_argument("--cpus-per-worker", type=number(float, 0, above=True), default=1.0,
                    help="rollout.num_cpus_per_worker of every point; torch threads = max(1, round(this))")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=number(int, 1), default=1,
                    help="runs per point, interleaved across the sweep; the fastest counts (default 1)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the cluster connection")
+    p.add_argument("--timeout", type=number(float, 0, above=True), default=60.0,
+                   help="seconds to wait for the cluster connection")
     p.add_argument("--out", help="output folder (default: runs/scale-TIMESTAMP)")
 
 
@@ -314,7 +309,10 @@ def _node_counts(text: str, names: list[str]) -> list[int | None]:
         return list(range(1, len(names) + 1)) if len(names) > 1 else [None]
     if text == "none":
         return [None]
-    counts = _ints(text, "--nodes")
+    try:
+        counts = whole_numbers(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--nodes {e}") from None
     if max(counts) > len(names):
         raise ConfigError(f"--nodes {text}: the cluster has {len(names)} nodes with distpg_node_I resources "
                           "(cluster/local-cluster.sh gives each node one)")
@@ -332,13 +330,9 @@ def main(args: argparse.Namespace) -> int:
     from distpg.orchestrator import cluster_nodes, plan_placement
 
     base = load_config(args.config, args.set)
-    workers = _ints(args.workers, "--workers")
+    workers = args.workers
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}: nothing would be measured")
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
-    if args.prompts_per_worker < 1:
-        raise ConfigError(f"--prompts-per-worker {args.prompts_per_worker}: must be at least 1")
     base = with_values(base, {"run.steps": args.steps})
     out = Path(args.out or f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}")
     where = _start_ray(args, base, workers)

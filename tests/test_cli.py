@@ -124,6 +124,26 @@ def test_bad_config_exits_2_without_starting_ray(tmp_path):
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["eval", "run", "--temperature", "-1"], "argument --temperature: '-1': must be at least 0"),
+    (["eval", "run", "--samples", "-1"], "argument --samples: '-1': must be at least 0"),
+    (["bench", "weights", "--workers", "0"], "argument --workers: '0': every entry must be at least 1"),
+    (["bench", "sampler", "--threads", "0"], "argument --threads: '0': must be at least 1"),
+    (["bench", "sampler", "--json", "/nonexistent/dir/b.json"], "--json '/nonexistent/dir/b.json': no folder"),
+    (["scale", "--warmup", "-1"], "argument --warmup: '-1': must be at least 0"),
+    (["scale", "--cpus-per-worker", "0"], "argument --cpus-per-worker: '0': must be above 0"),
+    (["train", "BINARY"], "is not UTF-8 text"),
+    (["train", "--run-dir", "FILE"], "is a file; give a folder"),
+])
+def test_bad_command_line_values_exit_2_naming_the_option(tmp_path, args, message):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe bad")
+    (tmp_path / "file").write_text("mine")
+    args = [{"BINARY": str(tmp_path / "bin.yaml"), "FILE": str(tmp_path / "file")}.get(a, a) for a in args]
+    p = distpg(*args, timeout=120)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and (tmp_path / "file").read_text() == "mine"
+
+
 def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
     """The README's `mytasks.py`, as written there, in the current folder: `distpg train` (the installed
     command, not `python -m`) finds it with no PYTHONPATH, on the driver and on the Ray workers, and

@@ -1,0 +1,34 @@
+"""Argument types of the `distpg` commands: a value out of range is refused by argparse before anything
+runs, with a message naming the option and what is allowed (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def number(kind: type = int, minimum: float = 0, above: bool = False):
+    """An argparse `type`: `kind` (int or float) at least `minimum` (above it, if `above`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'above' if above else 'at least'} {minimum}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def whole_numbers(text: str) -> list[int]:
+    """An argparse `type`: comma-separated whole numbers of at least 1 (e.g. 1,2,4), sorted, each once."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every entry must be at least 1")
+    return sorted(set(values))

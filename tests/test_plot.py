@@ -1,0 +1,32 @@
+"""`distpg plot`'s inputs: a run folder's metrics.jsonl is checked (and bad ones named) before anything is
+drawn, so these run without matplotlib."""
+
+import json
+
+import pytest
+
+from distpg.config import ConfigError
+from distpg.plot import plot_runs
+
+
+def write(run, lines):
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return run
+
+
+def test_bad_metrics_files_and_unknown_metrics_are_named(tmp_path):
+    good = write(tmp_path / "good", [json.dumps({"step": s, "time_s": s, "rollout/reward_mean": 0.1 * s})
+                                     for s in (1, 2)])
+    cut = write(tmp_path / "cut", [json.dumps({"step": 1, "time_s": 1, "rollout/reward_mean": 0.1}),
+                                   '{"step": 2, "time_s": 2, "rollo'])
+    empty = write(tmp_path / "empty", [])
+    with pytest.raises(ConfigError, match=r"--metric 'foo/bar' is not in every record .*: rollout/reward_mean"):
+        plot_runs([good], tmp_path / "x.png", metric="foo/bar")
+    with pytest.raises(ConfigError, match=r"cut.*line 2 is not a JSON record"):
+        plot_runs([good, cut], tmp_path / "x.png")
+    with pytest.raises(ConfigError, match=r"empty.*holds no step yet"):
+        plot_runs([empty], tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError, match="not a distpg run folder"):
+        plot_runs([tmp_path / "nowhere"], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
