@@ -36,7 +36,7 @@ def _train(args) -> int:
         summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     except KeyboardInterrupt as e:
         print(f"distpg: {'stopped by SIGTERM' if e.args == ('SIGTERM',) else 'interrupted'}; "
-              f"{_resume_hint(run_dir)}", file=sys.stderr, flush=True)
+              f"{_resume_hint(run_dir, cfg.run.steps)}", file=sys.stderr, flush=True)
         return 143 if e.args == ("SIGTERM",) else 130
     final = summary["final_reward"]
     print(f"distpg: done after {summary['steps']} steps; final reward "
@@ -44,14 +44,17 @@ def _train(args) -> int:
     return 0
 
 
-def _resume_hint(run_dir: Path) -> str:
-    """What an interrupted run keeps: its latest complete checkpoint and the command that continues it."""
+def _resume_hint(run_dir: Path, steps: int) -> str:
+    """What an interrupted run of `steps` steps keeps: its latest complete checkpoint and the command that
+    continues it."""
     from distpg import checkpoint
 
     ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
     if ckpt is None:
         return f"no checkpoint was written yet (run.checkpoint_every), so {str(run_dir)!r} cannot be resumed"
     step = checkpoint.run_state(ckpt)["step"]
+    if step >= steps:
+        return f"the run had reached its last step ({step}, checkpointed): nothing is lost"
     return (f"the steps after the latest checkpoint (step {step}) are lost; continue with: "
             f"distpg train --resume {run_dir}")
 

@@ -295,9 +295,14 @@ def _build(cls, data: Any, where: str):
             kwargs[name] = _build(tp, value, path)
             continue
         value = _coerce_float(value, tp)
-        if not _type_ok(value, tp):
-            raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
         choices = fields[name].metadata.get("choices")
+        if not _type_ok(value, tp):
+            allowed = f"; allowed are {', '.join(map(str, choices))}" if choices else ""
+            # YAML reads off/on/no/yes as booleans and 1e3 (no dot) as a string
+            hint = (" (YAML reads off/on/no/yes as true/false: quote the value)" if isinstance(value, bool) else
+                    f" (YAML reads {value} as text: write {float(value):g} in full)"
+                    if isinstance(value, str) and tp is int and _is_float_text(value) else "")
+            raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}{allowed}{hint}")
         if choices and value not in choices:
             raise ConfigError(f"{path}={value!r}: allowed are {', '.join(map(str, choices))}")
         kwargs[name] = value
@@ -307,6 +312,13 @@ def _build(cls, data: Any, where: str):
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        return float(text).is_integer()
+    except ValueError:
+        return False
 
 
 def _validate(cfg: Config) -> None:

@@ -52,6 +52,10 @@ def test_resolved_config_round_trips(tmp_path):
                                   "0 would sample greedily: every sample of a prompt the same"),
         ("rollout.temperature=-0.5", "rollout.temperature=-0.5: must be above 0"),
         ("model.n_head=3", "model.n_embd=64 must be divisible by model.n_head=3"),
+        ("algo.whiten=off", "algo.whiten=False: expected str, got bool; allowed are none, batch, group (YAML reads "
+                            "off/on/no/yes as true/false: quote the value)"),
+        ("algo.baseline=null", "algo.baseline=None: expected str, got NoneType; allowed are none, ema, group"),
+        ("run.steps=1e3", "run.steps='1e3': expected int, got str (YAML reads 1e3 as text: write 1000 in full)"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
