@@ -91,7 +91,17 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
 
 
 def validate_with_task(cfg: Config, task) -> None:
-    """Checks that need the task: does the model hold the longest prompt + completion?"""
+    """Checks that need the task: does the model hold the longest prompt + completion? Can the tokenizer of
+    `model.init_from` write the task's prompts?"""
+    if cfg.model.init_from is not None:
+        for prompt in task.eval_prompts():
+            try:
+                task.tokenizer.encode(prompt)
+            except Exception as e:  # the tokenizers library raises its own types (a WordLevel vocabulary: no [UNK])
+                raise ConfigError(
+                    f"model.init_from={cfg.model.init_from!r}: its tokenizer cannot encode task {task.name!r}'s "
+                    f"prompt {prompt!r} ({e}); a character policy exported by distpg knows only its own task's "
+                    "characters") from None
     params = sampling_params(cfg, task)
     need = task.max_prompt_len + params.max_new_tokens
     if need > cfg.model.n_positions:

@@ -181,6 +181,15 @@ def test_export_of_a_char_tokenizer_policy(tmp_path):
         ids = chars.encode(text)
         assert reference.encode(text).ids == hf_tok(text)["input_ids"] == loaded.encode(text) == ids
         assert loaded.decode(ids + [chars.eos_id, 2]) == hf_tok.decode(ids) == text
+    # trained on from there: a task over the same characters starts; one with others is refused before Ray
+    from distpg.orchestrator import validate_with_task
+    from distpg.policy import task_for
+
+    cfg = config_from_dict({"model": {"init_from": str(tmp_path)}, "task": {"name": "reverse", "length": 4}})
+    validate_with_task(cfg, task_for(cfg))
+    cfg = config_from_dict({"model": {"init_from": str(tmp_path)}, "task": {"name": "addition"}})
+    with pytest.raises(ConfigError, match=r"model.init_from=.*: its tokenizer cannot encode task 'addition'"):
+        validate_with_task(cfg, task_for(cfg))
 
 
 # ---------------------------------------------------------------- model.init_from
