@@ -17,6 +17,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from distpg.cliargs import number
 from distpg.hf import export_gpt2, read_shape
 from distpg.model import PRESETS, ModelShape, build_model
 from distpg.tasks.prompts import read_prompts
@@ -50,13 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m distpg.examples.make_tiny_gpt2", description=__doc__.split("\n")[0])
     p.add_argument("out", help="folder to write")
     p.add_argument("--prompts", default="configs/data/repeat_words.jsonl",
-                   help="JSONL or Parquet prompts file whose text (prompts and references) trains the tokenizer")
-    p.add_argument("--vocab-size", type=int, default=512)
+                   help="JSONL or Parquet prompts file whose text (prompts and references) trains the tokenizer "
+                   "(default: the repository's, relative to its root)")
+    p.add_argument("--vocab-size", type=number(int, 257), default=512, help="at least the 256 bytes + end of text")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    p.add_argument("--n-positions", type=int, default=128)
+    p.add_argument("--n-positions", type=number(int, 1), default=128)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    rows = read_prompts(args.prompts)
+    try:
+        rows = read_prompts(args.prompts)
+    except ValueError as e:
+        p.error(f"--prompts: {e}".replace("task.prompts_path=", "") +
+                ("; the default is the repository's file: run from its root, or give --prompts FILE"
+                 if args.prompts == p.get_default("prompts") else ""))
     texts = [t for prompt, ref in rows for t in (prompt, ref) if isinstance(t, str)]
     out = make_tiny_gpt2(args.out, texts, args.vocab_size, args.preset, args.n_positions, args.seed)
     print(f"wrote {out} (config.json, model.safetensors, tokenizer.json): a random GPT-2 {args.preset} with a "
