@@ -182,10 +182,10 @@ def _modules_from_cwd() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _modules_from_cwd()
-    if getattr(args, "help_config", False):
-        print(describe())
-        return 0
     try:
+        if getattr(args, "help_config", False):
+            print(describe(args.config, args.set))
+            return 0
         return args.func(args)
     except (ConfigError, FileNotFoundError, ImportError, *_loaded("distpg.checkpoint", "CheckpointError")) as e:
         print(f"distpg: error: {e}", file=sys.stderr)

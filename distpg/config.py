@@ -525,12 +525,16 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
     return load_config(path, overrides)
 
 
-def describe() -> str:
-    """Every field with the value `distpg train` uses when not told otherwise (the embedded default config)
-    and its doc, as YAML, for --help-config."""
-    cfg = load_config(None)
-    lines = ["# what `distpg train` runs without CONFIG or --set: the embedded configs/default.yaml over the "
-             "built-in defaults"]
+def describe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> str:
+    """Every field with the value `distpg train` uses (the embedded default config, or the config file `path`,
+    with `overrides`) and its doc, as YAML, for --help-config."""
+    cfg = load_config(path, overrides)
+    if path is None and not overrides:
+        lines = ["# what `distpg train` runs without CONFIG or --set: the embedded configs/default.yaml over the "
+                 "built-in defaults"]
+    else:
+        lines = [f"# what `distpg train` runs with {'CONFIG ' + str(path) if path else 'the embedded default'}"
+                 f"{' and --set ' + ' '.join(overrides) if overrides else ''}"]
     for section in dataclasses.fields(Config):
         lines.append(f"{section.name}:")
         values = getattr(cfg, section.name)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from distpg.cli import main
@@ -146,3 +148,14 @@ def test_help_config_is_yaml_of_what_train_runs_by_default():
     listed = yaml.safe_load(describe())
     assert listed == load_config(None).to_dict()  # the embedded default config, not the bare dataclass defaults
     assert listed["run"]["steps"] == 400 and listed["run"]["stop_reward"] == 0.97 and listed["ray"]["address"] is None
+
+
+def test_help_config_shows_the_given_config_and_overrides(capsys):
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    assert main(["train", str(root / "configs/addition.yaml"), "--set", "model.preset=small", "--help-config"]) == 0
+    listed = yaml.safe_load(capsys.readouterr().out)
+    assert listed == load_config(root / "configs/addition.yaml", ["model.preset=small"]).to_dict()
+    assert listed["task"]["name"] == "addition" and listed["model"]["n_layer"] == 4
+    assert main(["train", "--set", "model.preset=huge", "--help-config"]) == 2  # a bad value: the usual error
