@@ -175,11 +175,14 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
     hint = "" if colocated or cfg.run.mode != "sync" else " (or rollout.colocate=true: worker 0 runs in the learner)"
     need_cpu = placement.reserved(n, "CPU")
     if need_cpu > cpus + 1e-9:
-        most = int((cpus - learner["CPU"]) // max(worker["CPU"], 1e-9)) + colocated
+        most = max(0, int((cpus - learner["CPU"]) // max(worker["CPU"], 1e-9))) + colocated
+        allowed = (f"at most {most} worker{'s' if most != 1 else ''} at this size, or lower "
+                   f"rollout.num_cpus_per_worker{hint}" if most >= 1 else
+                   f"no worker fits beside the learner: lower learner.num_cpus (or give Ray more CPUs){hint}")
         raise ConfigError(
             f"{workers} x rollout.num_cpus_per_worker={worker['CPU']:g} CPUs + "
             f"learner.num_cpus={learner['CPU']:g} need {need_cpu:g} CPUs, but the Ray cluster has {cpus:g}; "
-            f"allowed: at most {most} workers at this size, or lower rollout.num_cpus_per_worker{hint}"
+            f"allowed: {allowed}"
         )
     if use_gpu:
         need_gpu = placement.reserved(n, "GPU")

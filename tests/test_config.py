@@ -79,6 +79,10 @@ def test_more_workers_than_cpus_is_refused_with_the_limit():
     msg = str(e.value)
     assert "rollout.num_workers=8" in msg and "has 2" in msg and "at most 2 workers" in msg
     assert plan_placement(cfg_with(), cpus=2, gpus=0).use_gpu is False
+    with pytest.raises(ConfigError, match=r"at most 1 worker at this size"):
+        plan_placement(cfg_with(), cpus=1.5, gpus=0)
+    with pytest.raises(ConfigError, match=r"no worker fits beside the learner: lower learner.num_cpus"):
+        plan_placement(cfg_with(), cpus=1, gpus=0)
 
 
 def test_gpu_placement_uses_fractions_and_checks_the_total():
