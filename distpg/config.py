@@ -470,7 +470,12 @@ def default_config_path() -> Path:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (default: the embedded one), apply --set overrides, validate."""
-    path = Path(path) if path is not None else default_config_path()
+    _, data = _read_yaml(Path(path) if path is not None else default_config_path())
+    return config_from_dict(merge_overrides(data, overrides or []))
+
+
+def _read_yaml(path: Path) -> tuple[str, dict]:
+    """A config file's text and its mapping of sections. Raises ConfigError."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -483,7 +488,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(merge_overrides(data, overrides or []))
+    return text, data
 
 
 def dump_config(cfg: Config) -> str:
@@ -506,23 +511,18 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
     any folder: a relative path that does not exist from the current folder, but does from the folder the run
     started in, is taken from there (as an absolute path), and that folder goes last on sys.path, for a
     task or reward module that the run found there (see `cli._modules_from_cwd`)."""
-    path = Path(path)
-    try:
-        first = path.read_text().split("\n", 1)[0]
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    text, data = _read_yaml(Path(path))
+    first = text.split("\n", 1)[0]
     origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
-    overrides = list(overrides or [])
-    if origin is not None and origin.is_dir() and str(origin) not in sys.path:
-        sys.path.append(str(origin))
-    if origin is not None:
-        data = yaml.safe_load(path.read_text()) or {}
+    if origin is not None and origin.is_dir():
+        if str(origin) not in sys.path:
+            sys.path.append(str(origin))
         for section, key in RUN_PATHS:
             value = (data.get(section) or {}).get(key)
             if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
                     and (origin / value).exists():
-                overrides.append(f"{section}.{key}={origin / value}")
-    return load_config(path, overrides)
+                data[section] = {**data[section], key: str(origin / value)}
+    return config_from_dict(merge_overrides(data, overrides or []))
 
 
 def describe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> str:
