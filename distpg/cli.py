@@ -35,9 +35,10 @@ def _train(args) -> int:
     try:
         summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     except KeyboardInterrupt as e:
-        print(f"distpg: {'stopped by SIGTERM' if e.args == ('SIGTERM',) else 'interrupted'}; "
-              f"{_resume_hint(run_dir, cfg.run.steps)}", file=sys.stderr, flush=True)
-        return 143 if e.args == ("SIGTERM",) else 130
+        sigterm = e.args == ("SIGTERM",)  # raised by orchestrator._sigterm_interrupts
+        print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {_resume_hint(run_dir, cfg.run.steps)}",
+              file=sys.stderr, flush=True)
+        return 143 if sigterm else 130
     final = summary["final_reward"]
     print(f"distpg: done after {summary['steps']} steps; final reward "
           f"{'n/a' if final is None else format(final, '.3f')}; run folder {summary['run_dir']}", flush=True)
