@@ -18,7 +18,7 @@ from distpg.config import ConfigError, describe, load_config, load_run_config
 
 
 def _train(args) -> int:
-    from distpg.orchestrator import train
+    from distpg.orchestrator import TrainingError, train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -39,6 +39,10 @@ def _train(args) -> int:
         print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {_resume_hint(run_dir, cfg.run.steps)}",
               file=sys.stderr, flush=True)
         return 143 if sigterm else 130
+    except TrainingError as e:
+        hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
+        print(f"distpg: training failed: {e}\n{hint}", file=sys.stderr, flush=True)
+        return 1
     final = summary["final_reward"]
     print(f"distpg: done after {summary['steps']} steps; final reward "
           f"{'n/a' if final is None else format(final, '.3f')}; run folder {summary['run_dir']}", flush=True)
@@ -52,7 +56,8 @@ def _resume_hint(run_dir: Path, steps: int) -> str:
 
     ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
     if ckpt is None:
-        return f"no checkpoint was written yet (run.checkpoint_every), so {str(run_dir)!r} cannot be resumed"
+        return (f"no checkpoint was written yet (run.checkpoint_every): distpg train --resume {run_dir} starts it "
+                "over from step 0")
     step = checkpoint.run_state(ckpt)["step"]
     if step >= steps:
         return f"the run had reached its last step ({step}, checkpointed): nothing is lost"

@@ -90,6 +90,26 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def _busy_note(placement: Placement, num_workers: int) -> str | None:
+    """What the run needs that the cluster has but is not free now (other jobs hold it), or None."""
+    short = _short_of(placement, num_workers, ray.available_resources())
+    if short is None:
+        return None
+    res, need, free = short
+    return (f"the run reserves {need:g} {res}s and {free:g} of the cluster's {ray.cluster_resources().get(res, 0):g} "
+            "are free (other jobs or actors hold the rest)")
+
+
+def _short_of(placement: Placement, num_workers: int, have: dict) -> tuple[str, float, float] | None:
+    """(resource, reserved, have) for the first of CPU and GPU that `have` holds less of than the run
+    reserves, or None."""
+    for res in ("CPU", "GPU"):
+        need = placement.reserved(num_workers, res)
+        if need > have.get(res, 0) + 1e-9:
+            return res, need, have.get(res, 0)
+    return None
+
+
 def validate_with_task(cfg: Config, task) -> None:
     """Checks that need the task: does the model hold the longest prompt + completion? Can the tokenizer of
     `model.init_from` write the task's prompts?"""
@@ -307,8 +327,15 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.task = task_for(cfg)
+        busy = _busy_note(placement, cfg.rollout.num_workers)  # before the group takes its share
         self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
-        wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
+        if busy:
+            print(f"distpg: waiting up to ray.timeout_s={cfg.ray.timeout_s:g}s for room: {busy}", flush=True)
+        try:
+            wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
+        except TrainingError as e:
+            remove_placement_group(self.pg)  # or it holds its share once the room is there
+            raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
         self.placement = placement
         self.device = "cuda" if placement.use_gpu else "cpu"
         learner_cls = ColocatedLearner if placement.colocated else Learner
@@ -343,6 +370,16 @@ class Trainer:
             self.cfg, wid, _threads(self.placement.worker["CPU"]), self.device
         )
 
+    def room_shortage(self) -> str | None:
+        """Why the run's placement group cannot be whole on the cluster's live nodes (after a node loss), or
+        None when they have the resources it reserves."""
+        short = _short_of(self.placement, self.cfg.rollout.num_workers, ray.cluster_resources())  # live nodes
+        if short is None:
+            return None
+        res, need, have = short
+        return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for the "
+                "replacement")
+
     def restart_worker(self, wid: int, reason: str, weights_ref=None) -> None:
         """Replace worker `wid` (dead or hung) in its own bundle and hand it the current weights (or
         `weights_ref`, another published version).
@@ -352,15 +389,18 @@ class Trainer:
         """
         if self.workers[wid] is self.learner:
             raise TrainingError(f"rollout worker {wid}, which runs in the learner's actor (rollout.colocate), "
-                                f"{reason}; it cannot be replaced without the learner, so the run stops; the latest "
-                                "checkpoint is intact (distpg train --resume)")
+                                f"{reason}; it cannot be replaced without the learner, so the run stops")
         self.restarts += 1
         budget = self.cfg.rollout.max_restarts
         if self.restarts > budget:
             raise TrainingError(f"rollout worker {wid} {reason}, and the restart budget rollout.max_restarts="
-                                f"{budget} is spent; the latest checkpoint is intact (distpg train --resume)")
+                                f"{budget} is spent")
         print(f"distpg: rollout worker {wid} {reason}; replacing it (restart {self.restarts}/{budget})", flush=True)
         ray.kill(self.workers[wid], no_restart=True)
+        short = self.room_shortage()
+        if short:
+            print(f"distpg: {short}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
+                  flush=True)
         # After a node loss Ray re-places the bundle only once it has declared the node dead: a replacement
         # started before that lands on the dead node and dies too, so try again a few times, backing off.
         for attempt in range(6):
@@ -374,8 +414,9 @@ class Trainer:
                                         f"{type(e).__name__}") from None
                 time.sleep(2**attempt)
             except GetTimeoutError:
-                raise TrainingError(f"restarting rollout worker {wid}: it did not start within "
-                                    f"{self.cfg.ray.timeout_s:g}s (does the cluster still have room for it?)") from None
+                raise TrainingError(f"restarting rollout worker {wid}: it did not start within ray.timeout_s="
+                                    f"{self.cfg.ray.timeout_s:g}s ({self.room_shortage() or 'is the cluster busy?'})"
+                                    ) from None
         weights_ref = self.weights_ref if weights_ref is None else weights_ref
         if weights_ref is not None:
             try:
@@ -794,9 +835,37 @@ def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
     }
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
-    """Create the run folder and write the resolved config; on resume, return the step to continue from."""
+LOCK = ".lock"  # in the run folder: held (flock) by the process training in it
+
+
+def lock_run_dir(run_dir: Path):
+    """Create the run folder if missing and take its lock, so that no second `distpg train` (a job submitted
+    twice, a --resume of a run still going) writes into it at the same time. Returns the open lock file: the
+    lock holds until it is closed or the process ends, however it ends. Raises ConfigError, naming the holder,
+    when another process holds it. flock: local filesystems, and NFS (Linux emulates it with POSIX locks)."""
+    import fcntl
+    import socket
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held open for the run's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"run folder {str(run_dir)!r} is in use by {holder}; wait for that run to end (or stop "
+                          "it), or pick another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"distpg train (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    return f
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
+    """Write the resolved config of a new run in its (locked) folder; on resume, return the step to continue
+    from, after forgetting what the interrupted run logged past it."""
     if not resume:
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; use --resume {run_dir} to "
@@ -804,9 +873,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
         (run_dir / "config.yaml").write_text(dump_run_config(cfg))
         return 0
     ckpt = checkpoint.latest(run_dir)
+    # no checkpoint yet (stopped before run.checkpoint_every): it starts over from step 0, as it began
+    start = 0 if ckpt is None else int(checkpoint.run_state(ckpt)["step"])
     if ckpt is None:
-        raise ConfigError(f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir}/checkpoints")
-    start = int(checkpoint.run_state(ckpt)["step"])
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)  # every step in it is redone
     # forget what the interrupted run logged after its last checkpoint
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -894,11 +964,20 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         cpus = cfg.ray.num_cpus or os.cpu_count()
         plan_placement(cfg, cpus, gpus, nodes=[{"CPU": cpus, "GPU": gpus}])
     run_dir = Path(run_dir)
-    if resume and (summary := ended_run(cfg, run_dir)) is not None:
-        return summary
     created = not run_dir.exists()
-    start_step = prepare_run_dir(cfg, run_dir, resume)
-    print(f"distpg: run folder {run_dir}", flush=True)
+    lock = lock_run_dir(run_dir)
+    try:
+        if resume and (summary := ended_run(cfg, run_dir)) is not None:
+            return summary
+        start_step = prepare_run_dir(cfg, run_dir, resume)
+        return _train_in(cfg, run_dir, address, start_step, created)
+    finally:
+        lock.close()
+
+
+def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, created: bool) -> dict:
+    """`train` in the prepared, locked run folder, from `start_step`."""
+    print(f"distpg: run folder {run_dir.resolve()}", flush=True)
     started, trainer, sigterm = False, None, None
     try:
         started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
@@ -909,7 +988,7 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     except BaseException:
-        if created and [p.name for p in run_dir.iterdir()] == ["config.yaml"]:  # failed before its first step
+        if created and sorted(p.name for p in run_dir.iterdir()) == [LOCK, "config.yaml"]:  # before its 1st step
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
         raise

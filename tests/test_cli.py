@@ -103,6 +103,7 @@ def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
     assert "distpg: training failed: rollout of step 1 failed: RewardError" in p.stderr
     assert "reward service unavailable" in p.stderr
     assert "Traceback" not in p.stderr
+    assert p.stderr.rstrip().endswith(f"distpg train --resume {tmp_path / 'r'} starts it over from step 0")
 
 
 def test_bad_config_exits_2_without_starting_ray(tmp_path):

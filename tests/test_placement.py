@@ -1,6 +1,8 @@
 """Placement: bundles pinned to node resources, checks against each node's resources before any actor
 starts (CPUs, whole and fractional GPUs, custom resources), and torch threads = the CPUs an actor got."""
 
+import time
+
 import pytest
 
 from distpg.config import ConfigError
@@ -97,3 +99,30 @@ def test_torch_threads_are_the_cpus_each_actor_was_given(ray_session, tmp_path):
         assert threads(trainer.learner) == 1  # a fraction of a CPU still gets one thread
     finally:
         trainer.close()
+
+
+@pytest.mark.ray
+def test_a_busy_cluster_is_named_when_the_run_cannot_reserve_its_share(ray_session, tmp_path, capsys):
+    """Another job holds a CPU of the two: the run says at once what it waits for, and the timeout names it."""
+    from distpg.orchestrator import TrainingError
+
+    @ray_session.remote(num_cpus=1)
+    class Other:
+        def ready(self):
+            return True
+
+    other = Other.remote()
+    try:
+        ray_session.get(other.ready.remote(), timeout=60)
+        cfg = small_config("ray.timeout_s=2")
+        with pytest.raises(TrainingError, match=r"reserving the placement group did not finish within 2s .*; the run "
+                           r"reserves 2 CPUs and 1 of the cluster's 2 are free \(other jobs or actors hold the rest\)"):
+            Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+        assert "waiting up to ray.timeout_s=2s for room: the run reserves 2 CPUs and 1 of" in capsys.readouterr().out
+    finally:
+        ray_session.kill(other)
+    deadline = time.time() + 30  # the group it asked for is given up, not left to take the CPUs later
+    while ray_session.available_resources().get("CPU") != 2 and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert ray_session.available_resources().get("CPU") == 2

@@ -161,3 +161,59 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, t
     assert not list(ckpts.glob(".tmp-*"))
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000006", "step_000009"]  # keep = 2
     assert_same_run(run, uninterrupted)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path):
+    """A run stopped before its first checkpoint can be resumed: it starts over from step 0 and ends as an
+    uninterrupted run, without the first attempt's metrics, rollouts or TensorBoard steps twice."""
+    import shutil
+
+    from distpg.cli import _resume_hint
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    shutil.rmtree(run / "checkpoints")  # as if stopped at step 9 before checkpoint 3 was written
+    assert "distpg train --resume" in _resume_hint(run, 9) and "starts it over from step 0" in _resume_hint(run, 9)
+    code, out = run_to_end(["train", "--resume", str(run)])
+    assert code == 0, out[-3000:]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 10))
+    assert_same_run(run, uninterrupted)
+    tb = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("learner/loss")] == list(range(1, 10))
+    assert pq.read_table(run / "rollouts").num_rows == 9 * 8 * 4
+
+
+def test_a_run_folder_in_use_is_refused_and_left_as_it_is(uninterrupted, tmp_path, capsys):
+    """While a process trains in a run folder (it holds the folder's lock), a second `distpg train` there (a
+    --resume, or a new run: a job submitted twice) is refused before it changes anything."""
+    import shutil
+
+    from distpg.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    new = tmp_path / "new"
+    # a run is still going in `run` (it is at step 9 of 12) and another has just started in `new`
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("steps: 9", "steps: 12"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from distpg.orchestrator import "
+         "lock_run_dir; locks = [lock_run_dir(Path(p)) for p in sys.argv[1:]]; print('held', flush=True); "
+         "time.sleep(600)", str(run), str(new)], env=env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        assert main(["train", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {str(run)!r} is in use by distpg train (pid {holder.pid} on " in err, err
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        assert main(["train", *CONFIG, "--run-dir", str(new)]) == 2
+        assert f"run folder {str(new)!r} is in use by distpg train (pid {holder.pid}" in capsys.readouterr().err
+        assert [p.name for p in new.iterdir()] == [".lock"]  # not removed: it is the other run's
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    # the lock goes with the process that held it, however it ended
+    from distpg.orchestrator import lock_run_dir
+
+    lock_run_dir(new).close()
