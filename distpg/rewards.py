@@ -27,9 +27,18 @@ class RewardError(RuntimeError):
     """Every reward of a batch failed."""
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # rewards are stored and learned from as float32
+
+
 def _check(r) -> float:
-    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r):
+    """A reward as a float: any finite real number float32 holds, or a bool (True = 1.0, as in
+    `return completion == target`)."""
+    if isinstance(r, bool) or getattr(r, "dtype", None) == bool:  # numpy's bool_ is no numbers.Real
+        return float(r)
+    if not isinstance(r, numbers.Real) or not math.isfinite(r):
         raise ValueError(f"returned {r!r}, expected a finite number")
+    if abs(float(r)) > FLOAT32_MAX:
+        raise ValueError(f"returned {r!r}, beyond float32's range (±3.4e38), in which rewards are stored")
     return float(r)
 
 

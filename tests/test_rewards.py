@@ -96,3 +96,22 @@ def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_sessio
     assert reward_isolation(small_config()) == "none"  # the built-in tasks score in the worker
     assert reward_isolation(small_config("task.name=tests.user_task:make")) == "process"
     assert reward_isolation(small_config("task.name=tests.user_task:make", "rollout.reward_isolation=none")) == "none"
+
+
+def test_a_bool_is_a_reward_and_a_value_beyond_float32_is_masked():
+    """`return completion == target` gives 1.0/0.0; a finite Python float that float32 (the batch's reward
+    column) cannot hold masks its sample instead of reaching the learner as inf."""
+    import numpy as np
+
+    from distpg.rewards import score_each
+
+    class Task:
+        values = [True, np.bool_(False), 1e39, -3.0e38]
+
+        def reward(self, prompt, completion):
+            return self.values[PROMPTS.index(prompt)]
+
+    rewards, ok, errors = score_each(Task(), PROMPTS, COMPLETIONS)
+    assert rewards == [1.0, 0.0, 0.0, -3.0e38] and ok == [True, True, False, True]
+    assert errors == ["ValueError: returned 1e+39, beyond float32's range (±3.4e38), in which rewards are stored"]
+    assert np.isfinite(np.float32(rewards[3]))
