@@ -17,8 +17,8 @@ PAD, EOS = "<pad>", "<eos>"
 
 
 
-def until_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
-    """The ids before the first eos, without padding."""
+def until_eos(ids: list[int], eos_id: int, pad_id: int | None = None) -> list[int]:
+    """The ids before the first eos, without `pad_id` (None: keep every id)."""
     out = []
     for i in ids:
         if i == eos_id:
@@ -106,8 +106,10 @@ class HFTokenizer:
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of the ids, stopping at the first eos and skipping padding and other special tokens."""
-        return self.tokenizer.decode(until_eos(ids, self.eos_id, self.pad_id), skip_special_tokens=True)
+        """Text of the ids, stopping at the first eos and skipping special tokens. The padding id is not
+        skipped as such: a completion holds none (`Generation.rows` ends each at its length), and a config's
+        `pad_token_id` may be an ordinary token the policy generates."""
+        return self.tokenizer.decode(until_eos(ids, self.eos_id), skip_special_tokens=True)
 
     def to_tokenizers(self) -> tokenizers.Tokenizer:
         return self.tokenizer

@@ -106,6 +106,10 @@ def test_tokenizer_matches_the_tokenizers_reference(hf_folder):
             assert ours.decode(ids) == reference.decode(ids) == text  # byte-level BPE: an exact round trip
     ids = ours.encode("river") + [eos] + ours.encode(" lake")
     assert ours.decode(ids) == "river"  # a completion ends at eos
+    # a config whose pad_token_id is an ordinary token: the completion's text keeps that token
+    e = reference.token_to_id("e")
+    padded = HFTokenizer(reference, eos, pad_id=e)
+    assert padded.decode(padded.encode("green tree")) == "green tree"
 
 
 def test_hub_style_names_load_too(hf_folder, tmp_path):
