@@ -66,6 +66,14 @@ def test_char_tokenizer_over_the_file_and_budgets(jsonl):
     assert t.max_new_tokens == len("ibis") + 1  # longest reference, then eos
 
 
+def test_a_reference_that_is_not_a_string_counts_as_its_json_text(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i}+{i}=", "reference": 2 * i} for i in range(40, 60)])
+    t = prompts_task(path, num_eval=2)
+    assert t.max_new_tokens == 4  # "118", then eos
+    assert t.target(t.eval_prompts()[0]) == str(2 * int(t.eval_prompts()[0].split("+")[0]))
+    assert t.tokenizer.encode("118") and t.tokenizer.encode("100")  # its digits are in the charset ("1" is)
+
+
 def test_uses_the_tokenizer_it_is_given(jsonl):
     bpe = byte_level_bpe([r["prompt"] + " " + r["reference"] for r in ROWS] * 5, vocab_size=300)
     t = prompts_task(jsonl, tokenizer=bpe)

@@ -19,10 +19,11 @@ Held out: `task.num_eval` distinct prompts, picked once with `task.eval_seed`, a
 (`distpg eval`); training samples prompts (with repeats) from the rest only.
 
 Tokenizer: the policy's (model.init_from's tokenizer.json) when given, else a character tokenizer over every
-character of the prompts and text references, so a fresh model can be trained on the file too.
+character of the prompts and references, so a fresh model can be trained on the file too.
 
 Completion budget: the longest reference in tokens + 1 (room for eos), or 32 tokens when no row has a
-reference; `rollout.max_new_tokens` overrides it.
+reference; `rollout.max_new_tokens` overrides it. A reference that is not a string counts as its JSON text
+(`3` -> "3"), as `distpg eval` shows it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from distpg.tasks.base import load_attr
 from distpg.tokenizer import CharTokenizer, Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 32  # without references to measure
+
+
+def reference_text(ref: object) -> str:
+    """A reference as text: a string as it is, another JSON value as JSON, none as ""."""
+    return "" if ref is None else ref if isinstance(ref, str) else json.dumps(ref)
 
 
 def read_prompts(path: str | Path) -> list[tuple[str, object]]:
@@ -147,11 +153,11 @@ class PromptsTask:
         self._eval = [p for i, (p, _) in enumerate(rows) if i in held_out]  # in file order
         self._train = [p for i, (p, _) in enumerate(rows) if i not in held_out]
         if tokenizer is None:
-            text = "".join(p + (r if isinstance(r, str) else "") for p, r in rows)
+            text = "".join(p + reference_text(r) for p, r in rows)
             tokenizer = CharTokenizer(text)
         self.tokenizer = tokenizer
         self.max_prompt_len = max(len(tokenizer.encode(p)) for p, _ in rows)  # tokens
-        refs = [r for _, r in rows if isinstance(r, str)]
+        refs = [reference_text(r) for _, r in rows if r is not None]
         self.max_new_tokens = (max(len(tokenizer.encode(r)) for r in refs) + 1 if refs
                                else DEFAULT_MAX_NEW_TOKENS)
 
@@ -167,5 +173,4 @@ class PromptsTask:
 
     def target(self, prompt: str) -> str:
         """The reference as text ("" without one): what `distpg eval` shows and counts exact matches against."""
-        ref = self.references[prompt]
-        return "" if ref is None else ref if isinstance(ref, str) else json.dumps(ref)
+        return reference_text(self.references[prompt])
