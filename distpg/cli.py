@@ -67,13 +67,20 @@ def _resume_hint(run_dir: Path, steps: int) -> str:
 
 def _eval(args) -> int:
     from distpg.evaluate import evaluate, load_policy
+    from distpg.rewards import RewardError
 
     cfg, model = load_policy(Path(args.path))
-    res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed)
-    print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f} | "
+    try:
+        res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed)
+    except RewardError as e:
+        print(f"distpg: eval failed: {e}", file=sys.stderr)
+        return 1
+    failed = f" ({res.failed} of {res.num_prompts} rewards failed, left out)" if res.failed else ""
+    print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed} | "
           f"exact_match {res.exact_match:.4f}")
     for prompt, completion, target, reward in res.samples[: args.samples]:
-        print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {reward:.2f})")
+        shown = "failed" if reward is None else f"{reward:.2f}"
+        print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")
     return 0
 
 

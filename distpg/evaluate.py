@@ -17,10 +17,11 @@ from distpg.rollout import sampling_params
 
 @dataclass
 class EvalResult:
-    reward_mean: float
+    reward_mean: float  # over the rewards that did not fail
     exact_match: float
     num_prompts: int
-    samples: list[tuple[str, str, str, float]]  # prompt, completion, target, reward
+    samples: list[tuple[str, str, str, float | None]]  # prompt, completion, target, reward (None: it failed)
+    failed: int = 0  # rewards that failed (raised, not a number, ...): left out of reward_mean
 
 
 def exact_match(completion: str, target: str) -> bool:
@@ -83,5 +84,6 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
         reward_mean=sum(valid) / max(1, len(valid)),
         exact_match=exact,
         num_prompts=len(prompts),
-        samples=list(zip(prompts, completions, targets, scores)),
+        samples=list(zip(prompts, completions, targets, [r if k else None for r, k in zip(scores, ok)])),
+        failed=len(scores) - len(valid),
     )

@@ -33,7 +33,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # rewards are stored and learned from as fl
 def _check(r) -> float:
     """A reward as a float: any finite real number float32 holds, or a bool (True = 1.0, as in
     `return completion == target`)."""
-    if isinstance(r, bool) or getattr(r, "dtype", None) == bool:  # numpy's bool_ is no numbers.Real
+    if isinstance(r, bool) or getattr(getattr(r, "dtype", None), "kind", None) == "b":  # numpy's bool_ too
         return float(r)
     if not isinstance(r, numbers.Real) or not math.isfinite(r):
         raise ValueError(f"returned {r!r}, expected a finite number")

@@ -53,3 +53,34 @@ def test_a_checkpoint_folder_is_read_with_its_runs_config_and_other_folders_are_
     (copied / "config.json").write_text("{}")  # a Hugging Face folder (`distpg export`'s output)
     with pytest.raises(CheckpointError, match=r"Hugging Face GPT-2 folder, not a distpg run: .*model.init_from="):
         resolve_checkpoint(copied)
+
+
+def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, capsys):
+    """A reward that raises on some held-out prompts: eval's mean is over the others and says how many
+    failed; the samples show "failed"; every reward failing is a one-paragraph error, exit code 1."""
+    from distpg import checkpoint
+    from distpg.cli import main
+    from distpg.config import dump_run_config
+
+    cfg = small_config("task.name=tests.user_task:misbehaving", "task.params.fault=some_raise")
+    learner = Learner(cfg)
+    result = evaluate(cfg, learner.model.eval())
+    bad = [p[0] < "m" for p, *_ in result.samples]  # the prompts misbehaving raises on
+    assert 0 < sum(bad) < len(bad) and result.failed == sum(bad)
+    assert all((r is None) == b for (*_, r), b in zip(result.samples, bad))
+    good = [r for *_, r in result.samples if r is not None]
+    assert result.reward_mean == pytest.approx(sum(good) / len(good))
+
+    run = tmp_path / "run"  # the same policy as a run folder, for the command
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    checkpoint.save(run, 1, learner.state(), keep=1)
+    assert main(["eval", str(run), "--samples", str(len(bad))]) == 0
+    out = capsys.readouterr().out
+    assert f"({sum(bad)} of {len(bad)} rewards failed, left out)" in out
+    assert out.count("reward failed)") == sum(bad)
+    (run / "config.yaml").write_text(dump_run_config(small_config("task.name=tests.user_task:always_fails")))
+    assert main(["eval", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("distpg: eval failed: the reward function of task 'always_fails' failed on all")
+    assert "Traceback" not in err
