@@ -739,7 +739,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.policy is None:
             cfg = config_from_dict(merge_overrides({}, list(args.set)))
         else:  # the run's own task and model, with --set on top
-            cfg = load_run_config(resolve_checkpoint(Path(args.policy))[0] / "config.yaml", list(args.set))
+            cfg = load_run_config(resolve_checkpoint(Path(args.policy))[0] / "config.yaml", list(args.set),
+                                  weights=False)
         out["results"]["variance"] = bench_variance(cfg, batches=args.batches, policy=args.policy)
     out["elapsed_s"] = time.perf_counter() - t_start
     Path(args.json).write_text(json.dumps(out, indent=1))

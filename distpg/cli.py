@@ -89,6 +89,10 @@ def _export(args) -> int:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"distpg export: OUT={args.out!r} is a file; give a folder (created if missing)")
+    held = sorted(p.name for p in Path(args.out).iterdir()) if Path(args.out).is_dir() else []
+    if held:  # it could be a model folder a run started from, or another export: nothing is overwritten
+        raise ConfigError(f"distpg export: OUT={args.out!r} is not empty (it holds {', '.join(held[:4])}"
+                          f"{' ...' if len(held) > 4 else ''}); give a new or empty folder")
     out = export_policy(Path(args.path), Path(args.out))
     print(f"wrote {out}: config.json, model.safetensors, tokenizer.json (transformers: "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}); distpg: --set model.init_from={out})")

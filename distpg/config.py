@@ -506,11 +506,16 @@ def dump_run_config(cfg: Config) -> str:
     return f"{RUN_ORIGIN}{os.getcwd()}\n" + dump_config(cfg)
 
 
-def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True) -> Config:
     """A run folder's config.yaml (`dump_run_config`), for `--resume`, `distpg eval` and `distpg export` from
     any folder: a relative path that does not exist from the current folder, but does from the folder the run
     started in, is taken from there (as an absolute path), and that folder goes last on sys.path, for a
-    task or reward module that the run found there (see `cli._modules_from_cwd`)."""
+    task or reward module that the run found there (see `cli._modules_from_cwd`).
+
+    `model.init_from` must hold what the run started from (`hf.snapshot_base`): all of it when the caller
+    needs its `weights` (--resume: the initial policy and the KL reference), else its config and tokenizer,
+    which the run's own copy (RUN_DIR/base) stands in for when the folder is gone (eval, export: the weights
+    come from a checkpoint). Raises ConfigError otherwise."""
     text, data = _read_yaml(Path(path))
     first = text.split("\n", 1)[0]
     origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
@@ -522,7 +527,33 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
             if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
                     and (origin / value).exists():
                 data[section] = {**data[section], key: str(origin / value)}
+    init = (data.get("model") or {}).get("init_from")
+    if isinstance(init, str) and init.strip():
+        _check_base(data, init, Path(path).parent, weights)
     return config_from_dict(merge_overrides(data, overrides or []))
+
+
+def _check_base(data: dict, init: str, run_dir: Path, weights: bool) -> None:
+    from distpg.hf import BASE, FINGERPRINT, base_changes
+
+    base = run_dir / BASE
+    if not base.is_dir():
+        return  # a run from before snapshots: config validation names a missing folder
+    if not Path(init).is_dir():
+        if weights:
+            raise ConfigError(f"model.init_from={init!r}: no such folder any more; resuming needs the weights "
+                              "the run started from (its initial policy and KL reference): put the folder back")
+        data["model"] = {**data["model"], "init_from": str(base)}
+        return
+    changed = base_changes(init, run_dir, weights)
+    if changed:
+        raise ConfigError(
+            f"model.init_from={init!r} has changed since the run started: {', '.join(changed)} "
+            f"{'differs' if len(changed) == 1 else 'differ'} from what {base / FINGERPRINT} recorded; "
+            + ("resuming would go on against another initial policy and KL reference: put back the folder "
+               "the run started from" if weights else
+               "its tokenizer or config is not the run's: put back the folder the run started from, or move "
+               f"this one away (eval and export then read the run's own copy, {base})"))
 
 
 def describe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> str:

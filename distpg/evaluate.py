@@ -53,7 +53,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 
 def load_policy(path: Path) -> tuple[Config, GPT]:
     run_dir, ckpt = resolve_checkpoint(path)
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml", weights=False)  # the checkpoint's weights go in
     _, model = initial_policy(cfg)
     model.load_state_dict(checkpoint.load_model_weights(ckpt))
     return cfg, model.eval()

@@ -36,7 +36,8 @@ def read_config(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is not a folder")
-    missing = [f for f in FILES if not (folder / f).is_file()]
+    needed = [f for f in FILES if f != "model.safetensors" or not is_snapshot(folder)]  # a run's copy: no weights
+    missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)})")
     try:
@@ -79,6 +80,8 @@ def read_shape(folder: str | Path) -> ModelShape:
         layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
     )
     path = Path(folder) / "model.safetensors"
+    if is_snapshot(folder):  # no weights to check: a run's checkpoint holds them
+        return shape
     try:
         with safe_open(str(path), "pt") as f:
             stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -106,6 +109,65 @@ def read_shape(folder: str | Path) -> ModelShape:
                 raise ValueError(f"{str(path)!r}: lm_head.weight differs from wte.weight: distpg's GPT ties the "
                                  "output layer to wte")
     return shape
+
+
+BASE = "base"  # in a run folder: what the run needs of its model.init_from folder besides the weights
+FINGERPRINT = "fingerprint.json"  # in BASE: the sha256 of every file of the init_from folder
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.is_file())
+
+
+def snapshot_base(init_from: str | Path, run_dir: Path) -> None:
+    """Keep in RUN_DIR/base what a new run started from `init_from` (a GPT-2 folder) needs to be read
+    without it (config.json, the tokenizer files: every file but the weights), and the sha256 of all its
+    files, so that a later --resume, eval or export can tell whether the folder changed since."""
+    dest = run_dir / BASE
+    tmp = run_dir / f".{BASE}.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sums = {}
+    for f in _files(Path(init_from)):
+        sums[f.name] = _sha256(f)
+        if not _is_weights(f.name):
+            shutil.copy2(f, tmp / f.name)
+    (tmp / FINGERPRINT).write_text(json.dumps(sums, indent=1) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def base_changes(init_from: str | Path, run_dir: Path, weights: bool) -> list[str]:
+    """The files of `init_from` that differ from those the run in `run_dir` started from (added, removed or
+    changed); only those that are not weights unless `weights`. [] for a run without a snapshot."""
+    path = run_dir / BASE / FINGERPRINT
+    if not path.exists():
+        return []
+    then = {k: v for k, v in json.loads(path.read_text()).items() if weights or not _is_weights(k)}
+    now = {f.name: f for f in _files(Path(init_from)) if weights or not _is_weights(f.name)}
+    return sorted(n for n in then.keys() | now.keys() if n not in then or n not in now or _sha256(now[n]) != then[n])
+
+
+def is_snapshot(folder: str | Path) -> bool:
+    """A run folder's BASE: the init_from folder's config and tokenizer without its weights."""
+    return (Path(folder) / FINGERPRINT).exists() and not (Path(folder) / "model.safetensors").exists()
 
 
 def _meta_model(shape: ModelShape) -> GPT:

@@ -342,8 +342,10 @@ def policy_from_config(model_cfg, vocab_size: int, seed: int, device: str = "cpu
     `model_cfg.init_from` when set (then `seed` is unused and `vocab_size`, the tokenizer's, must fit the
     model's), else a fresh model initialised from `seed`."""
     if model_cfg.init_from:
-        from distpg.hf import load_gpt2
+        from distpg.hf import is_snapshot, load_gpt2, read_shape
 
+        if is_snapshot(model_cfg.init_from):  # a run's copy without the weights: its checkpoint's go in
+            return build_model(read_shape(model_cfg.init_from), seed).to(device)
         model = load_gpt2(model_cfg.init_from)
         if vocab_size > model.shape.vocab_size:
             raise ValueError(f"model.init_from={model_cfg.init_from!r}: the tokenizer has {vocab_size} tokens, "

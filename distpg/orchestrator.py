@@ -871,6 +871,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; use --resume {run_dir} to "
                               "continue it or pick another --run-dir")
         (run_dir / "config.yaml").write_text(dump_run_config(cfg))
+        if cfg.model.init_from:
+            from distpg.hf import snapshot_base
+
+            snapshot_base(cfg.model.init_from, run_dir)
         return 0
     ckpt = checkpoint.latest(run_dir)
     # no checkpoint yet (stopped before run.checkpoint_every): it starts over from step 0, as it began
@@ -988,7 +992,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     except BaseException:
-        if created and sorted(p.name for p in run_dir.iterdir()) == [LOCK, "config.yaml"]:  # before its 1st step
+        if created and not (run_dir / "metrics.jsonl").exists():  # failed before its first step
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
         raise

@@ -325,3 +325,32 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path):
     idx = torch.tensor([tok.encode("Repeat the word: river\nAnswer:")])
     with torch.no_grad():
         assert (_transformers_logits(out, idx) - trained(idx)).abs().max().item() < 1e-4
+    for target in (out, folder):  # another export, or the folder the run started from, is not overwritten
+        p = _run("-m", "distpg", "export", str(run), str(target))
+        assert p.returncode == 2 and f"OUT={str(target)!r} is not empty (it holds config.json" in p.stderr
+
+    # the run keeps what it needs of init_from besides the weights (run/base): eval and export work
+    # without the folder, and a changed folder is named, not used
+    assert sorted(x.name for x in (run / "base").iterdir()) == sorted(
+        [x.name for x in folder.iterdir() if x.suffix != ".safetensors"] + ["fingerprint.json"])
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    p = _run("-m", "distpg", "eval", str(run), "--samples", "2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _run("-m", "distpg", "export", str(run), str(tmp_path / "again"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    p = _run("-m", "distpg", "train", "--resume", str(run))
+    assert p.returncode == 2 and f"model.init_from={str(folder)!r}: no such folder any more; resuming " in p.stderr
+    moved.rename(folder)
+    weights = load_file(str(folder / "model.safetensors"))  # the same folder with other weights
+    save_file({k: v + 0.01 if k.endswith("ln_f.bias") else v for k, v in weights.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    p = _run("-m", "distpg", "train", "--resume", str(run))
+    assert p.returncode == 2
+    assert f"model.init_from={str(folder)!r} has changed since the run started: model.safetensors differs" in p.stderr
+    p = _run("-m", "distpg", "eval", str(run), "--samples", "2", cwd=tmp_path)  # the weights come from the run
+    assert p.returncode == 0, p.stderr[-3000:]
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text() + "\n")  # any edit counts
+    p = _run("-m", "distpg", "eval", str(run), cwd=tmp_path)
+    assert p.returncode == 2 and "tokenizer.json differs from what" in p.stderr, p.stderr
