@@ -7,6 +7,7 @@ One cluster serves the whole module (starting one takes ~20 s on 2 cores); the t
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def sh(*args, env, timeout=240):
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+def sh(*args, env, timeout=240, cwd=ROOT):
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
 
 
 def cluster_pids(cluster_dir: Path, gcs_port: str) -> set[int]:
@@ -122,7 +123,7 @@ def test_job_submit_spreads_workers_over_nodes(cluster, tmp_path):
     p = sh("cluster/submit.sh", "configs/cluster.yaml", "--set", "run.steps=3", "--set", "log.print_every=1",
            "--set", "run.checkpoint_every=2", "--set", "task.length=6", "--run-dir", str(run_dir), env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "job id:  distpg-" in p.stdout and "follow:  ray job logs" in p.stdout
+    assert "job id:  distpg-" in p.stdout and "ray job logs --address" in p.stdout
     assert "SUCCEEDED" in p.stdout and "distpg: done after 3 steps" in p.stdout  # the job's own log, tailed
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["policy/version"] for r in records] == [1, 2, 3]
@@ -133,17 +134,99 @@ def test_job_submit_spreads_workers_over_nodes(cluster, tmp_path):
     assert "SPREAD" in (run_dir / "config.yaml").read_text()
 
 
+SMALL_RUN = ["--set", "task.length=4", "--set", "rollout.prompts_per_step=8", "--set", "rollout.group_size=4",
+             "--set", "run.stop_reward=null", "--set", "log.print_every=1"]
+
+
+def test_job_from_another_folder_resumes_with_commands_for_a_fresh_shell(cluster, tmp_path):
+    """CONFIG relative to the caller's folder; `submit.sh --resume RUN_DIR` continues the run; the printed
+    follow/status commands carry the token settings submit.sh picked up, so they work in a fresh shell."""
+    env, cluster_dir, _ = cluster
+    run_dir = tmp_path / "resumed"
+    p = sh(str(ROOT / "cluster" / "submit.sh"), "default.yaml", *SMALL_RUN, "--set", "run.steps=2",
+           "--set", "run.checkpoint_every=1", "--run-dir", str(run_dir), env=env, cwd=ROOT / "configs")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "submitting configs/default.yaml" in p.stdout and "distpg: done after 2 steps" in p.stdout
+    # the ended run trains on once run.steps is raised in its config.yaml (as `nothing to resume` says)
+    config = run_dir / "config.yaml"
+    text, n = re.subn(r"(?m)^(\s+steps:) 2$", r"\1 3", config.read_text())
+    assert n == 1, config.read_text()
+    config.write_text(text)
+    p = sh(str(ROOT / "cluster" / "submit.sh"), "--no-wait", "--resume", str(run_dir), env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = dict(map(str.strip, line.split(":", 1)) for line in p.stdout.splitlines() if ":  " in line)
+    prefix = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster_dir / 'auth_token'} "
+    assert all(lines[k].startswith(prefix + "ray job ") for k in ("follow", "status", "stop")), p.stdout
+    fresh = {k: v for k, v in env.items() if not k.startswith(("RAY_", "DISTPG_"))}  # no token, no cluster dir
+    follow = sh("bash", "-c", lines["follow"], env=fresh, timeout=300)
+    assert follow.returncode == 0 and "distpg: done after 3 steps" in follow.stdout, follow.stdout + follow.stderr
+    status = sh("bash", "-c", lines["status"], env=fresh, timeout=60)
+    assert status.returncode == 0 and "succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy/version"] for r in records] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def submit_refused(*args, tmp_path, cwd=ROOT):
+    """cluster/submit.sh ARGS with a stub `ray` that records any submission: (result, what was submitted)."""
+    stub = tmp_path / "ray"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "submitted"}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "RAY": str(stub), "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1",
+           "DISTPG_CLUSTER_DIR": str(tmp_path / "nothing")}
+    p = sh(str(ROOT / "cluster" / "submit.sh"), "--no-wait", *args, env=env, timeout=30, cwd=cwd)
+    submitted = tmp_path / "submitted"
+    return p, submitted.read_text() if submitted.exists() else ""
+
+
+def test_submit_builds_the_resume_and_new_run_entrypoints(tmp_path):
+    p, submitted = submit_refused("--resume", "/data/runs/r1", tmp_path=tmp_path)
+    assert p.returncode == 0 and "submitting --resume /data/runs/r1" in p.stdout, p.stdout + p.stderr
+    assert submitted.endswith("-- python -m distpg train --resume /data/runs/r1\n"), submitted
+    (tmp_path / "submitted").unlink()
+    config = os.path.relpath(ROOT / "configs" / "default.yaml", tmp_path)  # from the caller's folder
+    p, submitted = submit_refused(config, "--set", "run.steps=3", "--run-dir", "/data/runs/r2", tmp_path=tmp_path,
+                                  cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert submitted.endswith("train configs/default.yaml --set run.steps=3 --run-dir /data/runs/r2\n"), submitted
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--resume", "runs/r1"], "give the run folder's absolute path"),
+    (["configs/default.yaml", "--resume", "/data/runs/r1"], "drop CONFIG and --set"),
+    (["--resume", "/data/runs/r1", "--set", "run.steps=9"], "drop CONFIG and --set"),
+    (["configs/default.yaml"], "give --run-dir /ABSOLUTE/PATH on the head"),
+    (["configs/default.yaml", "--run-dir", "runs/r1"], "--run-dir 'runs/r1' is relative"),
+])
+def test_submit_refuses_run_folders_that_would_land_in_rays_copy(tmp_path, args, says):
+    p, submitted = submit_refused(*args, tmp_path=tmp_path)
+    assert p.returncode == 2 and says in p.stderr and not submitted, p.stdout + p.stderr
+    if "--run-dir" not in args and "--resume" not in args:
+        assert "Ray's temporary folder on the head" in p.stderr
+
+
+def test_submit_refuses_a_config_the_job_could_not_read(tmp_path):
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((ROOT / "configs" / "default.yaml").read_text())
+    p, submitted = submit_refused(str(outside), "--run-dir", "/data/runs/r1", tmp_path=tmp_path)
+    assert p.returncode == 2 and "is outside" in p.stderr and "copy it into the repository" in p.stderr, p.stderr
+    assert not submitted
+    p, submitted = submit_refused("default.yaml", "--run-dir", "/data/runs/r1", tmp_path=tmp_path)
+    assert p.returncode == 2 and f"'default.yaml' not found (from {ROOT})" in p.stderr and not submitted, p.stderr
+
+
 def test_submission_without_the_token_is_refused(cluster, tmp_path):
     env, cluster_dir, _ = cluster
     dashboard = (cluster_dir / "dashboard").read_text().strip()
     # the state dir is hidden so submit.sh cannot pick the token up by itself
     bare = {**env, "RAY_API_SERVER_ADDRESS": dashboard, "DISTPG_CLUSTER_DIR": str(tmp_path / "nothing")}
-    p = sh("cluster/submit.sh", "--no-wait", "configs/default.yaml", env={**bare, "RAY_AUTH_MODE": "disabled"},
-           timeout=60)
+    run_dir = str(tmp_path / "never")
+    p = sh("cluster/submit.sh", "--no-wait", "configs/default.yaml", "--run-dir", run_dir,
+           env={**bare, "RAY_AUTH_MODE": "disabled"}, timeout=60)
     assert p.returncode == 1 and "did not accept the job" in p.stderr and "Unauthorized" in p.stderr, p.stderr
     wrong = tmp_path / "wrong_token"
     wrong.write_text("0" * 64)
-    p = sh("cluster/submit.sh", "--no-wait", "configs/default.yaml", env={
+    p = sh("cluster/submit.sh", "--no-wait", "configs/default.yaml", "--run-dir", run_dir, env={
         **bare, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=60)
     assert p.returncode == 1 and "Forbidden" in p.stderr, p.stderr
     with pytest.raises(urllib.error.HTTPError) as e:  # the HTTP API itself, with no client in between
