@@ -28,6 +28,10 @@ def _train(args) -> int:
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there, so it is not a distpg run folder")
         cfg = load_run_config(run_dir / "config.yaml")
     else:
+        if in_job_copy() and not (args.run_dir and Path(args.run_dir).is_absolute()):
+            raise ConfigError(f"this job runs in Ray's temporary copy of its working dir ({os.getcwd()}), which jobs "
+                              "share and the cluster deletes: a run folder there (the default runs/..., or a "
+                              "relative --run-dir) would be lost; pass --run-dir with an absolute path on the head")
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir or f"runs/{cfg.task.name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
         if run_dir.exists() and not run_dir.is_dir():
@@ -196,6 +200,19 @@ def _modules_from_cwd() -> None:
         sys.path.append(cwd)
 
 
+def in_job_copy() -> bool:
+    """Does this process run as a `ray job submit` entrypoint in Ray's copy of the job's working dir?"""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "working_dir_files" in Path.cwd().parts
+
+
+def _job_hint(message: str) -> str:
+    """A note for a path that a job did not find in its copy of the working dir."""
+    if not in_job_copy() or not any(s in message for s in ("no such file", "is not a folder")):
+        return ""
+    return (f" (this job runs in Ray's copy of its working dir, {os.getcwd()}, which leaves out what .gitignore and "
+            "the runtime env's excludes list, such as runs/: give such a path as an absolute path on the head)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _modules_from_cwd()
@@ -205,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return args.func(args)
     except (ConfigError, FileNotFoundError, ImportError, *_loaded("distpg.checkpoint", "CheckpointError")) as e:
-        print(f"distpg: error: {e}", file=sys.stderr)
+        print(f"distpg: error: {e}{_job_hint(str(e))}", file=sys.stderr)
         return 2
     except _loaded("distpg.orchestrator", "TrainingError") as e:
         print(f"distpg: training failed: {e}", file=sys.stderr)

@@ -171,3 +171,26 @@ def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
                        timeout=300, cwd=tmp_path)
     assert p.returncode == 2 and "OUT='notes.txt' is a file" in p.stderr and "Traceback" not in p.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_job_in_rays_copy_of_its_working_dir_needs_an_absolute_run_dir(tmp_path, monkeypatch, capsys):
+    """As a `ray job submit` entrypoint, the current folder is Ray's temporary copy of the working dir: the
+    default runs/ or a relative --run-dir would land there, and a relative path the copy lacks is explained."""
+    from distpg.cli import main
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    for run_dir in ([], ["--run-dir", "runs/x"]):
+        assert main(["train", *run_dir]) == 2
+        err = capsys.readouterr().err
+        assert f"this job runs in Ray's temporary copy of its working dir ({copy})" in err
+        assert "pass --run-dir with an absolute path on the head" in err
+    assert not (copy / "runs").exists()
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "model.init_from=runs/tiny-gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.init_from='runs/tiny-gpt2'" in err and "give such a path as an absolute path on the head" in err
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # not a job: a relative run folder is fine, no note
+    assert main(["train", "--run-dir", "r", "--set", "model.init_from=runs/tiny-gpt2"]) == 2
+    assert "absolute path on the head" not in capsys.readouterr().err

@@ -134,6 +134,19 @@ def test_job_submit_spreads_workers_over_nodes(cluster, tmp_path):
     assert "SPREAD" in (run_dir / "config.yaml").read_text()
 
 
+def test_a_raw_job_without_an_absolute_run_dir_is_refused(cluster):
+    """`ray job submit ... -- distpg train` without --run-dir: the job would write into Ray's temporary copy of
+    its working dir; it fails at once, saying so (detected from the job's own environment and folder)."""
+    env, cluster_dir, _ = cluster
+    dashboard = (cluster_dir / "dashboard").read_text().strip()
+    p = sh("ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--runtime-env",
+           "cluster/runtime_env.yaml", "--", "python", "-m", "distpg", "train", "--set", "run.steps=1",
+           env=client_env(env, cluster_dir))
+    out = p.stdout + p.stderr
+    assert "this job runs in Ray's temporary copy of its working dir" in out and "working_dir_files" in out, out[-3000:]
+    assert "failed" in out.lower() and p.returncode != 0, out[-2000:]
+
+
 SMALL_RUN = ["--set", "task.length=4", "--set", "rollout.prompts_per_step=8", "--set", "rollout.group_size=4",
              "--set", "run.stop_reward=null", "--set", "log.print_every=1"]
 
