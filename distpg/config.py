@@ -118,7 +118,7 @@ class RolloutConfig:
     prompts_per_step: int = _f(32, "prompts per training step, split across the workers")
     group_size: int = _f(8, "samples per prompt (G)")
     max_new_tokens: int | None = _f(None, "longest completion in tokens (null: the task's own budget)")
-    temperature: float = _f(1.0, "sampling temperature, > 0 (1.0 samples from the policy itself)")
+    temperature: float = _f(1.0, "sampling temperature, > 0; the learner follows softmax(logits / temperature) too")
     top_k: int = _f(0, "keep only the k most likely tokens (0: off)")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0: off)")
     dtype: str = _f(

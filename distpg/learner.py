@@ -94,6 +94,12 @@ class Learner:
         """One policy-gradient step on the given batches; returns (metrics, new weights)."""
         return self.learn(*batches), self.get_weights()
 
+    def tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        """The policy the learner follows is softmax(logits / rollout.temperature): the distribution the
+        workers sample from (before top-k/top-p), as TRL, OpenRLHF and veRL have it."""
+        T = self.cfg.rollout.temperature
+        return logits if T == 1.0 else logits / T
+
     def learn(self, *batches: pa.RecordBatch) -> dict:
         """One policy-gradient step on the given batches; returns its metrics (`update` also publishes)."""
         t0 = time.perf_counter()
@@ -109,7 +115,10 @@ class Learner:
                              f"learner's {self.version}")
         # samples drawn from another policy than the learner's: older versions, or the same version sampled
         # in a lower precision (rollout.dtype), which is a slightly different distribution mu
-        stale = (staleness > 0) | (self.cfg.rollout.dtype != "float32")
+        # and samples from a top-k/top-p filtered distribution, which is not the policy's: pi/mu <= 1 on
+        # every token they hold (mu renormalises pi over a subset)
+        rc = self.cfg.rollout
+        stale = (staleness > 0) | (rc.dtype != "float32") | (rc.top_k > 0) | (rc.top_p < 1.0)
         ac = self.cfg.algo
         mb = self.cfg.learner.micro_batch_size or B
         chunks = [slice(s, s + mb) for s in range(0, B, mb)]
@@ -124,7 +133,7 @@ class Learner:
             with torch.no_grad():
                 for idx, L in zip(chunks, lengths):
                     tokens = b.tokens[idx, :L]
-                    ref_lp[idx, 1:L] = token_logprobs(self.ref_model(tokens[:, :-1]), tokens[:, 1:])
+                    ref_lp[idx, 1:L] = token_logprobs(self.tempered(self.ref_model(tokens[:, :-1])), tokens[:, 1:])
                 k = algo.kl_per_token(b.old_logprobs, ref_lp, ac.kl_estimator)
                 kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
@@ -142,6 +151,7 @@ class Learner:
                 logits, hidden = self.model(tokens[:, :-1], return_hidden=True)  # (b, L-1, V), (b, L-1, C)
             else:
                 logits = self.model(tokens[:, :-1])  # (b, L-1, V)
+            logits = self.tempered(logits)
             logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
             grad_mask = mask & valid[idx, None]
             sample_adv = adv[idx]

@@ -81,6 +81,40 @@ def test_recomputed_logprobs_match_the_samplers():
     assert 0 <= metrics["learner/kl"] < 1e-6
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_the_learner_follows_the_tempered_policy_the_workers_sample_from(temperature, monkeypatch):
+    """rollout.temperature T: the learner's policy is softmax(logits / T), so the samples are on-policy (their
+    stored log mu is what the learner recomputes, nothing is corrected); with top-k every sample is weighted
+    as off-policy (mu is pi renormalised over k tokens)."""
+    from tests.conftest import randomize_parameters
+
+    def peaked(*overrides):  # a policy far from uniform, so that the temperature matters
+        cfg = small_config(*overrides)
+        learner = Learner(cfg)
+        randomize_parameters(learner.model, seed=3, scale=0.5)
+        worker = RolloutWorker(cfg, 0)
+        worker.set_weights(learner.get_weights())
+        return learner, worker.sample(["abcd=", "dcba=", "bbad="], [0, 1, 2], seed=1)
+
+    learner, batch = peaked(f"rollout.temperature={temperature}")
+    metrics, _ = learner.update(batch)
+    assert abs(metrics["learner/kl"]) < 1e-6 and metrics["learner/offpolicy_corrected_frac"] == 0
+    with monkeypatch.context() as m:  # the policy softmax(logits) instead: the samples are not its own
+        m.setattr(Learner, "tempered", lambda self, logits: logits)
+        learner, batch = peaked(f"rollout.temperature={temperature}")
+        assert learner.update(batch)[0]["learner/kl"] > 1e-3
+    if temperature < 1:
+        return  # the top 3 tokens hold nearly all of this sharpened policy's mass: mu is nearly pi
+    learner, batch = peaked(f"rollout.temperature={temperature}", "rollout.top_k=3")
+    as_if_on_policy = Learner(small_config(f"rollout.temperature={temperature}"))  # the same weights, no top-k
+    as_if_on_policy.model.load_state_dict(learner.model.state_dict())
+    metrics = learner.update(batch)[0]
+    assert metrics["learner/kl"] > 1e-4  # mu (top 3 tokens) is not pi
+    # weighted by pi/mu <= 1 per token (nothing truncated) instead of taken as on-policy
+    assert metrics["learner/offpolicy_corrected_frac"] == 0
+    assert metrics["learner/loss"] != pytest.approx(as_if_on_policy.update(batch)[0]["learner/loss"], rel=1e-3)
+
+
 def test_bfloat16_sampler_holds_bfloat16_weights_and_the_learner_corrects_every_sample():
     learner, worker = setup("rollout.dtype=bfloat16", "model.n_embd=64", "model.n_head=4")
     assert all(p.dtype == torch.bfloat16 for p in worker.model.parameters())
