@@ -63,6 +63,8 @@ class TaskConfig:
         None, "prompts: a JSONL or Parquet file with a 'prompt' column and an optional 'reference' column")
     reward: str | None = _f(
         None, "prompts: 'module:attr' of a function reward(prompt, completion, reference) -> float")
+    max_prompt_tokens: int | None = _f(
+        None, "prompts: leave out the rows whose prompt is longer than this many tokens (null: keep every row)")
 
 
 @dataclass(frozen=True)

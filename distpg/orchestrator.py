@@ -125,10 +125,19 @@ def validate_with_task(cfg: Config, task) -> None:
     params = sampling_params(cfg, task)
     need = task.max_prompt_len + params.max_new_tokens
     if need > cfg.model.n_positions:
+        fix = ""
+        if task.name == "prompts":
+            room = cfg.model.n_positions - params.max_new_tokens
+            shown = task.longest if len(task.longest) <= 60 else task.longest[:57] + "..."
+            fix = (f" (the longest: {shown!r}); set "
+                   f"task.max_prompt_tokens={room} to leave out the longer prompts" if room > 0 else "")
         raise ConfigError(
             f"model.n_positions={cfg.model.n_positions} is too short for task {task.name!r}: prompts of up to "
-            f"{task.max_prompt_len} tokens plus {params.max_new_tokens} new tokens need {need}"
+            f"{task.max_prompt_len} tokens plus {params.max_new_tokens} new tokens need {need}{fix}"
         )
+    if getattr(task, "dropped", 0):
+        print(f"distpg: task.max_prompt_tokens={cfg.task.max_prompt_tokens}: left out {task.dropped} of "
+              f"{task.num_rows} prompts, longer than that", flush=True)
 
 
 NODE_RESOURCE_UNIT = 0.001  # of a node's custom resource per pinned bundle: pins it, leaves room for 1000

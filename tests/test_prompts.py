@@ -168,3 +168,33 @@ def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     with pytest.raises(ConfigError, match=r"task.prompts_path='.*" + name + "'") as e:
         prompts_task(path)
     assert e.match(message)
+
+
+def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(tmp_path, capsys):
+    from distpg.config import load_config
+    from distpg.orchestrator import validate_with_task
+
+    rows = ROWS + [{"prompt": "say " + "very " * 20 + "long:", "reference": "x"} for _ in range(1)] + \
+        [{"prompt": "tell " + "much " * 12 + "more:", "reference": "y"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    t = prompts_task(path, max_prompt_tokens=20)
+    assert t.dropped == 2 and t.num_rows == 14
+    assert all(len(p) <= 20 for p in t.eval_prompts() + t._train) and len(t.eval_prompts() + t._train) == 12
+    assert t.max_prompt_len == len("say lynx:")
+    with pytest.raises(ConfigError, match=r"task.max_prompt_tokens=3: every prompt of .* is longer \(the shortest "
+                                          r"has 8 tokens\)"):
+        prompts_task(path, max_prompt_tokens=3)
+    with pytest.raises(ConfigError, match="task.max_prompt_tokens=0: must be at least 1"):
+        prompts_task(path, max_prompt_tokens=0)
+    with pytest.raises(ConfigError, match="task.max_prompt_tokens is not used by task.name='reverse'"):
+        make_task(TaskConfig(name="reverse", max_prompt_tokens=20))
+
+    sets = [f"task.prompts_path={path}", "task.reward=tests.user_rewards:length_of_reference", "task.num_eval=4",
+            "model.n_positions=32"]
+    cfg = load_config(None, ["task.name=prompts", *sets])
+    with pytest.raises(ConfigError, match=r"need 114 \(the longest: 'say very very .*'\); set "
+                                          r"task.max_prompt_tokens=27 to leave out the longer prompts"):
+        validate_with_task(cfg, make_task(cfg.task))
+    cfg = load_config(None, ["task.name=prompts", *sets, "task.max_prompt_tokens=27"])
+    validate_with_task(cfg, make_task(cfg.task))
+    assert "task.max_prompt_tokens=27: left out 2 of 14 prompts, longer than that" in capsys.readouterr().out

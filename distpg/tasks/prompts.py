@@ -23,7 +23,8 @@ character of the prompts and references, so a fresh model can be trained on the 
 
 Completion budget: the longest reference in tokens + 1 (room for eos), or 32 tokens when no row has a
 reference; `rollout.max_new_tokens` overrides it. A reference that is not a string counts as its JSON text
-(`3` -> "3"), as `distpg eval` shows it.
+(`3` -> "3"), as `distpg eval` shows it. `task.max_prompt_tokens` leaves out the rows whose prompt is longer
+(before the held-out split), so that a file with a few long prompts fits a model's context.
 """
 
 from __future__ import annotations
@@ -144,6 +145,20 @@ class PromptsTask:
                              "column (and optionally 'reference')")
         self.reward_fn = load_reward(cfg.reward)
         rows = read_prompts(cfg.prompts_path)
+        if tokenizer is None:
+            tokenizer = CharTokenizer("".join(p + reference_text(r) for p, r in rows))
+        self.tokenizer = tokenizer
+        lengths = [len(tokenizer.encode(p)) for p, _ in rows]  # tokens
+        self.num_rows, self.dropped = len(rows), 0
+        if cfg.max_prompt_tokens is not None:
+            if cfg.max_prompt_tokens < 1:
+                raise ValueError(f"task.max_prompt_tokens={cfg.max_prompt_tokens}: must be at least 1 (or null)")
+            kept = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
+            self.dropped = len(rows) - len(kept)
+            if not kept:
+                raise ValueError(f"task.max_prompt_tokens={cfg.max_prompt_tokens}: every prompt of "
+                                 f"{cfg.prompts_path!r} is longer (the shortest has {min(lengths)} tokens)")
+            rows, lengths = [rows[i] for i in kept], [lengths[i] for i in kept]
         self.references = dict(rows)
         if len(rows) <= cfg.num_eval:
             raise ValueError(f"task.prompts_path={cfg.prompts_path!r} has {len(rows)} distinct prompts, too few to "
@@ -152,11 +167,8 @@ class PromptsTask:
         held_out = set(np.random.default_rng(cfg.eval_seed).permutation(len(rows))[: cfg.num_eval].tolist())
         self._eval = [p for i, (p, _) in enumerate(rows) if i in held_out]  # in file order
         self._train = [p for i, (p, _) in enumerate(rows) if i not in held_out]
-        if tokenizer is None:
-            text = "".join(p + reference_text(r) for p, r in rows)
-            tokenizer = CharTokenizer(text)
-        self.tokenizer = tokenizer
-        self.max_prompt_len = max(len(tokenizer.encode(p)) for p, _ in rows)  # tokens
+        self.max_prompt_len = max(lengths)
+        self.longest = rows[lengths.index(self.max_prompt_len)][0]
         refs = [reference_text(r) for _, r in rows if r is not None]
         self.max_new_tokens = (max(len(tokenizer.encode(r)) for r in refs) + 1 if refs
                                else DEFAULT_MAX_NEW_TOKENS)
