@@ -85,7 +85,7 @@ def test_losing_the_learner_that_hosts_worker_0_stops_the_run_naming_it(ray_sess
         trainer.sync_step(1)
         ray.kill(trainer.learner, no_restart=True)
         with pytest.raises(TrainingError, match=r"rollout worker 0, which runs in the learner's actor "
-                           r"\(rollout.colocate\), died during step 2.*--resume"):
+                           r"\(rollout.colocate\), died during step 2 .*so the run stops"):
             trainer.sync_step(2)
         assert trainer.restarts == 0  # not replaced as a worker would be
         trainer.logger.close()
