@@ -282,7 +282,7 @@ def _run(*args, timeout=240, cwd=ROOT):
 
 
 @pytest.mark.ray
-def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path):
+def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys):
     """The shipped worked example: make a small GPT-2 folder, `distpg train configs/gpt2-prompts.yaml` from it
     with the bundled prompts and reward function, then `distpg eval` and `distpg export` the result."""
     folder, run, out = tmp_path / "tiny-gpt2", tmp_path / "run", tmp_path / "exported"
@@ -342,6 +342,10 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path):
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     p = _run("-m", "distpg", "train", "--resume", str(run))
     assert p.returncode == 2 and f"model.init_from={str(folder)!r}: no such folder any more; resuming " in p.stderr
+    from distpg.cli import main
+
+    assert main(["train", "--set", f"model.init_from={run / 'base'}", "--run-dir", str(tmp_path / "r2")]) == 2
+    assert "is a run's copy of the folder it started from, without the weights" in capsys.readouterr().err
     moved.rename(folder)
     weights = load_file(str(folder / "model.safetensors"))  # the same folder with other weights
     save_file({k: v + 0.01 if k.endswith("ln_f.bias") else v for k, v in weights.items()},
