@@ -13,7 +13,9 @@ checkpoints (the Hub's `gpt2`) also store each layer's causal mask as `h.N.attn.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import tokenizers
@@ -79,9 +81,9 @@ def read_shape(folder: str | Path) -> ModelShape:
         n_positions=cfg["n_positions"],
         layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
     )
-    path = Path(folder) / "model.safetensors"
     if is_snapshot(folder):  # no weights to check: a run's checkpoint holds them
         return shape
+    path = Path(folder) / "model.safetensors"
     try:
         with safe_open(str(path), "pt") as f:
             stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -121,8 +123,6 @@ def _is_weights(name: str) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -138,10 +138,7 @@ def snapshot_base(init_from: str | Path, run_dir: Path) -> None:
     """Keep in RUN_DIR/base what a new run started from `init_from` (a GPT-2 folder) needs to be read
     without it (config.json, the tokenizer files: every file but the weights), and the sha256 of all its
     files, so that a later --resume, eval or export can tell whether the folder changed since."""
-    dest = run_dir / BASE
-    tmp = run_dir / f".{BASE}.tmp"
-    import shutil
-
+    dest, tmp = run_dir / BASE, run_dir / f".{BASE}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     sums = {}
