@@ -48,6 +48,10 @@ def _train(args) -> int:
         print(f"distpg: training failed: {e}\n{hint}", file=sys.stderr, flush=True)
         return 1
     final = summary["final_reward"]
+    if "nothing_to_resume" in summary:
+        print(f"distpg: nothing to resume: {summary['nothing_to_resume']}; final reward "
+              f"{'n/a' if final is None else format(final, '.3f')}", flush=True)
+        return 0
     print(f"distpg: done after {summary['steps']} steps; final reward "
           f"{'n/a' if final is None else format(final, '.3f')}; run folder {summary['run_dir']}", flush=True)
     return 0

@@ -931,7 +931,7 @@ def stop_reward_reached(cfg: Config, recent) -> bool:
 def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     """The summary of a run with nothing left to resume: at its latest checkpoint it has reached run.steps,
     or `stop_reward_reached` (both as its config.yaml says now, so that
-    raising them there trains on). None when there is training left. Says so on stdout."""
+    raising them there trains on), with `nothing_to_resume` saying so. None when there is training left."""
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         return None
@@ -951,9 +951,9 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
         final = next((r.get("rollout/reward_mean") for r in reversed(rows) if r["step"] <= step), None)
-    print(f"distpg: nothing to resume: the run ended at step {step} ({why}); to train on, raise run.steps or "
-          f"run.stop_reward in {run_dir / 'config.yaml'}", flush=True)
-    return {"steps": step, "final_reward": final, "run_dir": str(run_dir)}
+    return {"steps": step, "final_reward": final, "run_dir": str(run_dir),
+            "nothing_to_resume": f"the run ended at step {step} ({why}); to train on, raise run.steps or "
+                                 f"run.stop_reward in {run_dir / 'config.yaml'}"}
 
 
 def _sigterm_interrupts():

@@ -83,6 +83,7 @@ def test_resume_of_an_ended_run_has_nothing_to_do_until_its_config_asks_for_more
     assert p.returncode == 0, p.stderr[-3000:]
     assert "nothing to resume: the run ended at step 5" in p.stdout and "Traceback" not in p.stderr
     assert f"final reward {records[-1]['rollout/reward_mean']:.3f}" in p.stdout
+    assert "done after" not in p.stdout  # one closing line, not a second one claiming a run
     assert (run / "metrics.jsonl").read_text().count("\n") == 5  # untouched
     # once its config no longer stops it, the run trains on to run.steps
     cfg = yaml.safe_load((run / "config.yaml").read_text())
