@@ -180,7 +180,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, response_mask: torch.Tenso
     return (k3 * m).sum() / m.sum().clamp(min=1)
 
 
-OFF_POLICY = ("truncated", "clipped", "none")
+OFF_POLICY = ("clipped", "truncated", "none")
 
 
 def off_policy_loss(
@@ -190,24 +190,32 @@ def off_policy_loss(
     adv: torch.Tensor,
     stale: torch.Tensor,
     num_samples: int,
-    mode: str = "truncated",
+    mode: str = "clipped",
     cap: float = 1.0,
     clip_eps: float = 0.2,
     agg: str = "seq_sum",
     num_tokens: int | None = None,
+    policy_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy-gradient loss for samples drawn from an older policy μ (asynchronous training).
+    """Policy-gradient loss for samples drawn from another distribution μ than πθ: an older policy
+    (asynchronous training), a top-k/top-p filtered one, or one sampled in a lower precision.
 
     With per-token ratios ρ_t = πθ(a_t) / μ(a_t) (μ from the sampler's stored log-probabilities):
     - truncated: −1/B Σ_i A_i Σ_t min(ρ_t, cap) log πθ(a_t), the ratio detached: truncated importance
       sampling as in V-trace's ρ̄ (cap 1 never up-weights a token, which keeps the variance bounded).
-    - clipped:   −1/B Σ_i Σ_t min(ρ_t A_i, clip(ρ_t, 1 − ε, 1 + ε) A_i), PPO's clipped surrogate.
+    - clipped:   −1/B Σ_i Σ_t w_t min(r_t A_i, clip(r_t, 1 − ε, 1 + ε) A_i), PPO's clipped surrogate on
+      r_t = πθ(a_t) / π_old(a_t), π_old the sampling version's own policy before top-k/top-p
+      (`policy_logprobs`), with the behaviour weight w_t = π_old(a_t) / μ(a_t) detached, as in decoupled
+      PPO (Hilton et al. 2021; AReaL): the trust region is around the policy that sampled, and the
+      filter's renormalisation (w = the mass kept, ≤ 1) is corrected without being clipped. Without
+      top-k/top-p, π_old = μ and w = 1: the plain clipped surrogate on ρ.
     - none:      the on-policy loss, ignoring the lag (biased).
     Fresh samples (`stale` False: drawn with the learner's current weights) always use the plain
     REINFORCE term, so a batch without stale samples gives exactly `pg_loss`.
 
     Args:
         logprobs, old_logprobs: (B, T) log πθ (differentiable) and log μ.
+        policy_logprobs: (B, T) log π_old (clipped); None: log μ.
         response_mask: (B, T) tokens that count.
         adv: (B,) or (B, T) advantages.
         stale: (B,) bool, True where the sample's policy version is older than the learner's.
@@ -232,6 +240,9 @@ def off_policy_loss(
         loss = -torch.where(mask, a * coef * logp, 0.0).sum() / norm
         corrected = (stale_tok & (ratio > cap)).sum()
     else:
+        if policy_logprobs is not None:  # r = πθ/π_old, weighted by π_old/μ
+            ratio = torch.where(stale_tok, logprobs - policy_logprobs, 0.0).exp()
+            a = a * torch.where(stale_tok, policy_logprobs - old_logprobs, 0.0).exp()
         clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
         surrogate = torch.minimum(ratio * a, clipped * a)
         # fresh tokens: A log π (gradient A ∇log π); stale tokens: the clipped surrogate (gradient ρ A ∇log π)

@@ -27,6 +27,8 @@ SCHEMA = pa.schema(
         ("prompt_tokens", pa.list_(pa.int32())),
         ("completion_tokens", pa.list_(pa.int32())),
         ("completion_logprobs", pa.list_(pa.float32())),  # log μ(token) under the sampling distribution
+        # log π(token) under the sampling policy's softmax(logits / T) before top-k/top-p (= log μ without them)
+        ("completion_policy_logprobs", pa.list_(pa.float32())),
         ("reward", pa.float32()),
         ("reward_ok", pa.bool_()),
         ("truncated", pa.bool_()),
@@ -34,6 +36,9 @@ SCHEMA = pa.schema(
         ("completion_text", pa.string()),
     ]
 )
+
+
+LOGPROBS = ("completion_logprobs", "completion_policy_logprobs")
 
 
 class BatchError(ValueError):
@@ -64,9 +69,9 @@ def validate(batch: pa.RecordBatch, vocab_size: int) -> None:
         if batch.column(f.name).null_count:
             raise BatchError(f"trajectory batch: field {f.name!r} has null values")
     n_tok = pc.list_value_length(batch.column("completion_tokens"))
-    n_lp = pc.list_value_length(batch.column("completion_logprobs"))
-    if not pc.all(pc.equal(n_tok, n_lp)).as_py():
-        raise BatchError("trajectory batch: completion_logprobs and completion_tokens differ in length")
+    for name in LOGPROBS:
+        if not pc.all(pc.equal(n_tok, pc.list_value_length(batch.column(name)))).as_py():
+            raise BatchError(f"trajectory batch: {name} and completion_tokens differ in length")
     if pc.min(pc.list_value_length(batch.column("prompt_tokens"))).as_py() < 1:
         raise BatchError("trajectory batch: prompt_tokens has an empty prompt")
     for name in ("prompt_tokens", "completion_tokens"):
@@ -76,9 +81,10 @@ def validate(batch: pa.RecordBatch, vocab_size: int) -> None:
             if lo < 0 or hi >= vocab_size:
                 raise BatchError(f"trajectory batch: {name} has token id {lo if lo < 0 else hi}, "
                                  f"outside the vocabulary [0, {vocab_size})")
-    logprobs = batch.column("completion_logprobs").flatten().to_numpy(zero_copy_only=False)
-    if len(logprobs) and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
-        raise BatchError("trajectory batch: completion_logprobs has values that are not finite log-probabilities")
+    for name in LOGPROBS:
+        logprobs = batch.column(name).flatten().to_numpy(zero_copy_only=False)
+        if len(logprobs) and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
+            raise BatchError(f"trajectory batch: {name} has values that are not finite log-probabilities")
     rewards = batch.column("reward").to_numpy(zero_copy_only=False)
     ok = batch.column("reward_ok").to_numpy(zero_copy_only=False)
     if not np.isfinite(rewards[ok]).all():
@@ -92,6 +98,7 @@ class LearnerBatch:
     tokens:          (B, L) int64, prompt then completion, right-padded with pad_id
     response_mask:   (B, L) bool, True where tokens[:, j] is a completion token
     old_logprobs:    (B, L) float32, log μ aligned with tokens (0 elsewhere)
+    policy_logprobs: (B, L) float32, log π of the sampling version before top-k/top-p, aligned likewise
     rewards, ok:     (B,) float32 / bool
     prompt_id:       (B,) int64
     sample_idx:      (B,) int64
@@ -101,6 +108,7 @@ class LearnerBatch:
     tokens: torch.Tensor
     response_mask: torch.Tensor
     old_logprobs: torch.Tensor
+    policy_logprobs: torch.Tensor
     rewards: torch.Tensor
     ok: torch.Tensor
     prompt_id: torch.Tensor
@@ -123,17 +131,19 @@ def to_learner_batch(batches: list[pa.RecordBatch], pad_id: int) -> LearnerBatch
     B, L = len(p_len), int((p_len + c_len).max())
     tokens = np.full((B, L), pad_id, dtype=np.int64)
     response = np.zeros((B, L), dtype=bool)
-    old_lp = np.zeros((B, L), dtype=np.float32)
+    old_lp, policy_lp = np.zeros((B, L), dtype=np.float32), np.zeros((B, L), dtype=np.float32)
     # scatter the flattened lists into rows: row i gets its prompt at [0, p_i), completion at [p_i, p_i + c_i)
     tokens[ragged_index(p_len)] = _np(table.column("prompt_tokens").combine_chunks().flatten())
     rows_c, cols_c = ragged_index(c_len, starts=p_len)
     tokens[rows_c, cols_c] = _np(table.column("completion_tokens").combine_chunks().flatten())
     response[rows_c, cols_c] = True
     old_lp[rows_c, cols_c] = _np(table.column("completion_logprobs").combine_chunks().flatten())
+    policy_lp[rows_c, cols_c] = _np(table.column("completion_policy_logprobs").combine_chunks().flatten())
     return LearnerBatch(
         tokens=torch.from_numpy(tokens),
         response_mask=torch.from_numpy(response),
         old_logprobs=torch.from_numpy(old_lp),
+        policy_logprobs=torch.from_numpy(policy_lp),
         rewards=torch.from_numpy(_np(table.column("reward")).astype(np.float32)),
         ok=torch.from_numpy(_np(table.column("reward_ok")).astype(bool)),
         prompt_id=torch.from_numpy(_np(table.column("prompt_id")).astype(np.int64)),

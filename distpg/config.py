@@ -175,8 +175,9 @@ class AlgoConfig:
         "config and seed, same numbers)", ("newest", "exact"),
     )
     off_policy: str = _f(
-        "truncated", "async correction of stale samples: truncated (IS ratio capped at is_cap), clipped (PPO), none",
-        ("truncated", "clipped", "none"),
+        "clipped", "correction of samples not drawn from the learner's policy (stale in async runs, top-k/top-p, "
+        "bfloat16): clipped (PPO's surrogate around the sampling version's policy pi_old, weighted by pi_old/mu), "
+        "truncated (IS ratio pi/mu capped at is_cap), none", ("clipped", "truncated", "none"),
     )
     is_cap: float = _f(1.0, "truncated: cap on the per-token importance ratio pi/mu (V-trace's rho-bar)")
     clip_eps: float = _f(0.2, "clipped: PPO clip range epsilon")

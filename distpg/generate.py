@@ -55,6 +55,11 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 means no nucleus filter
     stop_token: int | None = None
 
+    @property
+    def filtered(self) -> bool:
+        """Top-k or top-p samples from a narrower distribution μ than the policy's softmax(logits / T)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0)
+
 
 @dataclass
 class Generation:
@@ -64,12 +69,19 @@ class Generation:
     logprobs: (B, N) float32, log μ(token), 0 where mask is False
     mask:     (B, N) bool, True for generated tokens (the stop token included)
     truncated:(B,) bool, True where the row hit max_new_tokens without the stop token
+    policy_logprobs: (B, N) float32, log π(token) under the policy's softmax(logits / temperature) before
+              top-k/top-p (π = μ·Z on a kept token, Z the mass kept); `logprobs` itself without them
     """
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
     mask: torch.Tensor
     truncated: torch.Tensor
+    policy_logprobs: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.policy_logprobs is None:
+            self.policy_logprobs = self.logprobs
 
     def rows(self) -> list[list[int]]:
         """The generated tokens of each row, as Python lists (stop token included)."""
@@ -146,17 +158,24 @@ def sample_token(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return inverse_cdf(logp.exp(), u)
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) logits and (B,) uniforms -> tokens (B,) and their log μ (B,) float32."""
-    if params.temperature == 0 or params.top_k > 0 or params.top_p < 1.0:
+def _sample(logits: torch.Tensor, params: SamplingParams,
+            u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, V) logits and (B,) uniforms -> tokens (B,), their log μ (B,) float32, and their log π under the
+    policy's softmax(logits / temperature) before top-k/top-p (the same tensor as log μ without them)."""
+    if params.temperature == 0 or params.filtered:
         logp = sampling_logprobs(logits, params)
         tok = logp.argmax(-1) if params.temperature == 0 else inverse_cdf(logp.exp(), u)
-        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+        log_mu = logp.gather(-1, tok[:, None]).squeeze(-1)
+        if not params.filtered:
+            return tok, log_mu, log_mu
+        log_pi = torch.log_softmax(logits.float() / params.temperature, dim=-1).gather(-1, tok[:, None])
+        return tok, log_mu, log_pi.squeeze(-1)
     # plain temperature sampling: one fused softmax instead of log_softmax + exp
     x = logits.float()
     probs = torch.softmax(x if params.temperature == 1.0 else x / params.temperature, dim=-1)
     tok = inverse_cdf(probs, u)
-    return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
+    log_mu = probs.gather(-1, tok[:, None]).squeeze(-1).log()
+    return tok, log_mu, log_mu
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,15 +254,19 @@ class _Setup:
     uniforms: torch.Tensor  # (N, B) float64: one draw per row and new token
     tokens: torch.Tensor  # (B, N) outputs, as in Generation
     logprobs: torch.Tensor
+    policy_logprobs: torch.Tensor  # `logprobs` itself unless the sampling is filtered
     mask: torch.Tensor
 
 
-def _setup(model: GPT, prompts: list[list[int]], N: int, generator: torch.Generator, pad_id: int) -> _Setup:
+def _setup(model: GPT, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+           pad_id: int) -> _Setup:
     device = model.wte.weight.device
     idx, prompt_mask = left_pad(prompts, pad_id, device)
     B, Tp = idx.shape
+    N = params.max_new_tokens
     if Tp + N > model.shape.n_positions:
         raise ValueError(f"sequence of {Tp + N} tokens exceeds n_positions={model.shape.n_positions}")
+    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)
     return _Setup(
         idx=idx,
         prompt_mask=prompt_mask,
@@ -253,7 +276,8 @@ def _setup(model: GPT, prompts: list[list[int]], N: int, generator: torch.Genera
         # every draw is made for all B rows up front, so dropping stopped rows changes no sample
         uniforms=torch.rand((N, B), generator=generator, dtype=torch.float64, device=device),
         tokens=torch.full((B, N), pad_id, dtype=torch.long, device=device),
-        logprobs=torch.zeros((B, N), dtype=torch.float32, device=device),
+        logprobs=logprobs,
+        policy_logprobs=torch.zeros_like(logprobs) if params.filtered else logprobs,
         mask=torch.zeros((B, N), dtype=torch.bool, device=device),
     )
 
@@ -262,11 +286,11 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
               pad_id: int, check_every: int) -> Generation:
     device = model.wte.weight.device
     N = params.max_new_tokens
-    st = _setup(model, prompts, N, generator, pad_id)
+    st = _setup(model, prompts, params, generator, pad_id)
     B, Tp = st.idx.shape
     padded = not bool(st.prompt_mask.all())  # no padding: no attention mask at all while decoding
     key_mask, new_positions, uniforms = st.key_mask, st.new_positions, st.uniforms
-    tokens, logprobs, mask = st.tokens, st.logprobs, st.mask
+    tokens, logprobs, policy_logprobs, mask = st.tokens, st.logprobs, st.policy_logprobs, st.mask
     cache = model.new_cache(B, Tp + N)
     # the rows still decoded: their original indices (None: all B), cache, key mask and stopped flags
     rows, cache_k, cache_v = None, cache.k, cache.v
@@ -277,15 +301,17 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
     logits = _prefill(model, st.idx, st.positions, prefill_mask, cache_k, cache_v)
     layers = decode_layers(model)
     for t in range(N):
-        tok, logp = _sample(logits, params, uniforms[t] if rows is None else uniforms[t, rows])
+        tok, logp, logpi = _sample(logits, params, uniforms[t] if rows is None else uniforms[t, rows])
         alive = None
         if params.stop_token is not None:
             alive = ~stopped
             tok = torch.where(alive, tok, pad_id)
-            logp = torch.where(alive, logp, 0.0)
+            logp, logpi = torch.where(alive, logp, 0.0), torch.where(alive, logpi, 0.0)
             stopped = stopped | (tok == params.stop_token)
         out = slice(None) if rows is None else rows
         tokens[out, t], logprobs[out, t] = tok, logp
+        if params.filtered:
+            policy_logprobs[out, t] = logpi
         if alive is not None:
             mask[out, t] = alive
         if t + 1 == N:
@@ -309,7 +335,7 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
     else:
         truncated = torch.zeros(B, dtype=torch.bool, device=device)  # dropped rows had all stopped
         truncated[slice(None) if rows is None else rows] = ~stopped
-    return Generation(tokens=tokens, logprobs=logprobs, mask=mask, truncated=truncated)
+    return Generation(tokens=tokens, logprobs=logprobs, mask=mask, truncated=truncated, policy_logprobs=policy_logprobs)
 
 
 GRAPH_WARMUP = 2  # eager steps before the capture (on a side stream, as CUDA graphs need)
@@ -328,7 +354,7 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
     """
     device = model.wte.weight.device
     N = params.max_new_tokens
-    st = _setup(model, prompts, N, generator, pad_id)
+    st = _setup(model, prompts, params, generator, pad_id)
     B, Tp = st.idx.shape
     cache = model.new_cache(B, Tp + N)
     cache.k.zero_()
@@ -341,15 +367,17 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
 
     def step() -> None:
-        tok, logp = _sample(logits, params, st.uniforms.index_select(0, t).squeeze(0))
+        tok, logp, logpi = _sample(logits, params, st.uniforms.index_select(0, t).squeeze(0))
         if params.stop_token is not None:
             alive = ~stopped
             tok = torch.where(alive, tok, pad_id)
-            logp = torch.where(alive, logp, 0.0)
+            logp, logpi = torch.where(alive, logp, 0.0), torch.where(alive, logpi, 0.0)
             stopped.logical_or_(tok == params.stop_token)
             st.mask.index_copy_(1, t, alive[:, None])
         st.tokens.index_copy_(1, t, tok[:, None])
         st.logprobs.index_copy_(1, t, logp[:, None])
+        if params.filtered:
+            st.policy_logprobs.index_copy_(1, t, logpi[:, None])
         pos = t + Tp  # the new token's cache slot
         attn_mask = (st.key_mask & (slots <= pos))[:, None, None, :]  # (B, 1, 1, Tp + N)
         positions = st.new_positions.index_select(1, t).squeeze(1)
@@ -377,4 +405,5 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
     if params.stop_token is None:
         st.mask.fill_(True)
     truncated = ~stopped if params.stop_token is not None else torch.ones_like(stopped)
-    return Generation(tokens=st.tokens, logprobs=st.logprobs, mask=st.mask, truncated=truncated)
+    return Generation(tokens=st.tokens, logprobs=st.logprobs, mask=st.mask, truncated=truncated,
+                      policy_logprobs=st.policy_logprobs)

@@ -125,7 +125,7 @@ class Learner:
         lengths = [int(b.response_mask[idx].any(0).nonzero().max()) + 1 for idx in chunks]  # trim padding
         num_tokens = int(b.response_mask.sum())
 
-        # KL to the reference policy: K_i = Σ_t k_t with log π from the sampler (= πθ on-policy); its
+        # KL to the reference policy: K_i = Σ_t k_t with log π from the sampler's policy (= πθ on-policy); its
         # score-function part enters through the rewards, its pathwise part through the loss below.
         ref_lp = torch.zeros_like(b.old_logprobs)
         kl_seq = torch.zeros(B, device=b.tokens.device)
@@ -134,7 +134,7 @@ class Learner:
                 for idx, L in zip(chunks, lengths):
                     tokens = b.tokens[idx, :L]
                     ref_lp[idx, 1:L] = token_logprobs(self.tempered(self.ref_model(tokens[:, :-1])), tokens[:, 1:])
-                k = algo.kl_per_token(b.old_logprobs, ref_lp, ac.kl_estimator)
+                k = algo.kl_per_token(b.policy_logprobs, ref_lp, ac.kl_estimator)
                 kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
         rewards, ok = returns.view(-1, G), b.ok.view(-1, G)
@@ -166,6 +166,7 @@ class Learner:
             pg, n_corrected = algo.off_policy_loss(
                 logp, b.old_logprobs[idx, 1:L], grad_mask, sample_adv, stale[idx], num_samples=B,
                 mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps, agg=ac.loss_agg, num_tokens=num_tokens,
+                policy_logprobs=b.policy_logprobs[idx, 1:L],
             )
             loss = loss + pg
             corrected += int(n_corrected)
@@ -180,7 +181,7 @@ class Learner:
             loss_sum += loss.item()
             with torch.no_grad():
                 ent_sum += ent.item() * n
-                kl_sum += algo.kl_k3(logp, b.old_logprobs[idx, 1:L], mask).item() * n
+                kl_sum += algo.kl_k3(logp, b.policy_logprobs[idx, 1:L], mask).item() * n
 
         grad_norm = self._grad_norm()
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)

@@ -113,6 +113,8 @@ class RolloutWorker:
         completion_tokens = out.rows()
         mask = out.mask.cpu()
         logprobs = [row[mask_row].tolist() for row, mask_row in zip(out.logprobs.cpu(), mask)]
+        policy_logprobs = logprobs if out.policy_logprobs is out.logprobs else [
+            row[mask_row].tolist() for row, mask_row in zip(out.policy_logprobs.cpu(), mask)]
         texts = [self.tokenizer.decode(t) for t in completion_tokens]
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
@@ -128,6 +130,7 @@ class RolloutWorker:
                 "prompt_tokens": [t for t in prompt_tokens for _ in range(G)],
                 "completion_tokens": completion_tokens,
                 "completion_logprobs": logprobs,
+                "completion_policy_logprobs": policy_logprobs,
                 "reward": reward,
                 "reward_ok": ok,
                 "truncated": out.truncated.cpu().tolist(),

@@ -1,6 +1,7 @@
 """Asynchronous training on real Ray: bounded staleness, exactly-once consumption, and staleness 0 == sync."""
 
 import json
+import math
 import time
 
 import pyarrow.parquet as pq
@@ -149,9 +150,36 @@ def test_clipped_surrogate_by_hand():
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -0.60653]]), atol=1e-5)
 
 
+def test_decoupled_clipped_surrogate_by_hand():
+    """Top-k samples: the clip ratio is r = πθ/π_old (π_old: the sampling version's policy before the
+    filter) and w = π_old/μ (the kept mass, ≤ 1) weights the surrogate without being clipped. A = -1, so a
+    token is clipped where its ratio is below 1 - ε = 0.8."""
+    logp = torch.tensor([[-0.7, -1.2]], requires_grad=True, dtype=torch.float64)
+    mu = torch.tensor([[-0.3, -0.6]], dtype=torch.float64)
+    pi_old = torch.tensor([[-0.4, -0.6 + math.log(0.5)]], dtype=torch.float64)
+    adv = torch.tensor([-1.0], dtype=torch.float64)
+    mask, stale = torch.tensor([[True, True]]), torch.tensor([True])
+    loss, corrected = algo.off_policy_loss(logp, mu, mask, adv, stale, 1, mode="clipped", clip_eps=0.2,
+                                           policy_logprobs=pi_old)
+    r = (logp - pi_old).exp().detach()  # e^-0.3 = 0.741 (clipped), e^0.093 = 1.097 (inside)
+    w = (pi_old - mu).exp()  # e^-0.1 = 0.905, 0.5
+    assert r[0, 0] < 0.8 < r[0, 1] < 1.2
+    assert loss.item() == pytest.approx(-(w[0, 0] * 0.8 * -1.0 + w[0, 1] * r[0, 1] * -1.0).item(), rel=1e-12)
+    assert int(corrected) == 1
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, (w[0, 1] * r[0, 1]).item()]], dtype=torch.float64))
+    # the plain surrogate on ρ = πθ/μ (no π_old) clips both tokens (ρ = 0.67 and 0.55): no gradient at all,
+    # although the policy that sampled token 1 has not moved away from it
+    logp.grad = None
+    plain, corrected = algo.off_policy_loss(logp, mu, mask, adv, stale, 1, mode="clipped", clip_eps=0.2)
+    assert plain.item() == pytest.approx(1.6, rel=1e-12) and int(corrected) == 2
+    plain.backward()
+    assert not logp.grad.any()
+
+
 def test_unknown_off_policy_mode():
     t = torch.zeros(1, 1)
-    with pytest.raises(ValueError, match="algo.off_policy='vtrace': allowed are truncated, clipped, none"):
+    with pytest.raises(ValueError, match="algo.off_policy='vtrace': allowed are clipped, truncated, none"):
         algo.off_policy_loss(t, t, t.bool(), torch.zeros(1), torch.tensor([True]), 1, mode="vtrace")
 
 

@@ -16,6 +16,7 @@ def columns(n=3, **changes):
         "prompt_tokens": [[2, 3, 4]] * n,
         "completion_tokens": [[5, 6], [5], [6, 6, 1]][:n],
         "completion_logprobs": [[-0.5, -0.25], [-1.0], [-0.1, -0.2, -0.3]][:n],
+        "completion_policy_logprobs": [[-0.7, -0.25], [-1.5], [-0.1, -0.4, -0.3]][:n],
         "reward": [1.0, 0.5, 0.0][:n],
         "reward_ok": [True, True, False][:n],
         "truncated": [False, False, True][:n],
@@ -43,6 +44,7 @@ def test_to_learner_batch_pads_and_aligns():
     assert b.response_mask.tolist()[0] == [False, False, False, True, True, False]
     assert b.response_mask.tolist()[2] == [False, False, False, True, True, True]
     assert torch.allclose(b.old_logprobs[0], torch.tensor([0, 0, 0, -0.5, -0.25, 0]))
+    assert torch.allclose(b.policy_logprobs[2], torch.tensor([0, 0, 0, -0.1, -0.4, -0.3]))
     assert b.rewards.tolist() == [1.0, 0.5, 0.0] and b.ok.tolist() == [True, True, False]
     assert b.policy_version.tolist() == [4, 4, 4]
 
@@ -62,6 +64,10 @@ def test_two_batches_concatenate():
         (lambda c: c.update(completion_logprobs=[[-0.5], [-1.0], [-0.1, -0.2, -0.3]]), "differ in length"),
         (lambda c: c.update(completion_logprobs=[[-0.5, float("nan")], [-1.0], [-0.1, -0.2, -0.3]]), "not finite"),
         (lambda c: c.update(completion_logprobs=[[-0.5, 0.7], [-1.0], [-0.1, -0.2, -0.3]]), "not finite"),
+        (lambda c: c.update(completion_policy_logprobs=[[-0.5], [-1.0], [-0.1, -0.2, -0.3]]),
+         "completion_policy_logprobs and completion_tokens differ in length"),
+        (lambda c: c.update(completion_policy_logprobs=[[-0.5, float("inf")], [-1.0], [-0.1, -0.2, -0.3]]),
+         "completion_policy_logprobs has values that are not finite"),
         (lambda c: c.update(reward=[float("inf"), 0.5, 0.0]), "reward is not finite where reward_ok"),
         (lambda c: c.update(prompt_tokens=[[], [2], [2]]), "empty prompt"),
     ],

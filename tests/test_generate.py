@@ -175,23 +175,33 @@ def test_samples_stay_inside_top_k_and_top_p(model, temperature, top_k, top_p):
 # ---------------------------------------------------------------- behaviour log-probabilities
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (0.7, 4)])
-def test_logprobs_match_full_forward(model, temperature, top_k):
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.6)])
+def test_logprobs_match_full_forward(model, temperature, top_k, top_p, cuda_graph):
+    """Both log-probabilities of every sampled token against a full forward of the completion: log μ under
+    the filtered distribution sampled from, log π under softmax(logits / T) (the tensor log μ itself when
+    nothing filters), in both decode loops (the fixed-shape one runs step by step on a CPU)."""
     prompts = _prompts([1, 4, 7, 2, 5, 3], seed=2) * 3
-    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, stop_token=3)
-    gen = generate(model, prompts, params, torch.Generator().manual_seed(4))
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, stop_token=3)
+    gen = generate(model, prompts, params, torch.Generator().manual_seed(4), cuda_graph=cuda_graph)
     assert not gen.mask.all() and gen.mask.any(1).all()  # some rows stopped early
+    assert (gen.policy_logprobs is gen.logprobs) == (top_k == 0 and top_p == 1.0)
 
     for i, (prompt, row) in enumerate(zip(prompts, gen.rows())):
         logits = _completion_logits(model, prompt, row) / temperature
-        if top_k:
-            kth = logits.topk(top_k, -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, NEG_INF)
-        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(row)[:, None]).squeeze(-1)
+        tokens = torch.tensor(row)[:, None]
+        policy = torch.log_softmax(logits, -1).gather(-1, tokens).squeeze(-1)
+        allowed = _allowed(logits, 1.0, top_k, top_p)  # (n, V) the tokens the filter keeps
+        expected = torch.log_softmax(logits.masked_fill(~allowed, NEG_INF), -1).gather(-1, tokens).squeeze(-1)
         n = len(row)
         torch.testing.assert_close(gen.logprobs[i, :n], expected, atol=1e-5, rtol=0)
-        assert (gen.logprobs[i, n:] == 0).all()
-    assert gen.logprobs.dtype == torch.float32
+        torch.testing.assert_close(gen.policy_logprobs[i, :n], policy, atol=1e-5, rtol=0)
+        assert (gen.logprobs[i, n:] == 0).all() and (gen.policy_logprobs[i, n:] == 0).all()
+        if top_k or top_p < 1.0:  # π = μ·Z on a kept token: Z < 1 wherever the filter dropped a token
+            kept_mass = torch.softmax(logits, -1).masked_fill(~allowed, 0.0).sum(-1)
+            torch.testing.assert_close(gen.policy_logprobs[i, :n] - gen.logprobs[i, :n], kept_mass.log(),
+                                       atol=1e-5, rtol=0)
+    assert gen.logprobs.dtype == gen.policy_logprobs.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- stop token

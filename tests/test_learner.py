@@ -105,18 +105,29 @@ def test_the_learner_follows_the_tempered_policy_the_workers_sample_from(tempera
         assert learner.update(batch)[0]["learner/kl"] > 1e-3
     if temperature < 1:
         return  # the top 3 tokens hold nearly all of this sharpened policy's mass: mu is nearly pi
-    learner, batch = peaked(f"rollout.temperature={temperature}", "rollout.top_k=3")
+    learner, batch = peaked(f"rollout.temperature={temperature}", "rollout.top_k=3", "algo.off_policy=truncated")
     as_if_on_policy = Learner(small_config(f"rollout.temperature={temperature}"))  # the same weights, no top-k
-    as_if_on_policy.model.load_state_dict(learner.model.state_dict())
+    clipped = Learner(small_config(f"rollout.temperature={temperature}", "rollout.top_k=3", "algo.off_policy=clipped"))
+    for other in (as_if_on_policy, clipped):
+        other.model.load_state_dict(learner.model.state_dict())
+    mu, pi = (torch.tensor(batch.column(c).flatten().to_numpy())
+              for c in ("completion_logprobs", "completion_policy_logprobs"))
+    assert (pi <= mu + 1e-6).all() and (pi < mu - 0.25).any()  # pi = mu * kept mass; some mass below 0.78
     metrics = learner.update(batch)[0]
-    assert metrics["learner/kl"] > 1e-4  # mu (top 3 tokens) is not pi
+    assert abs(metrics["learner/kl"]) < 1e-6  # the learner's pi is the sampling version's pi
     # weighted by pi/mu <= 1 per token (nothing truncated) instead of taken as on-policy
     assert metrics["learner/offpolicy_corrected_frac"] == 0
     assert metrics["learner/loss"] != pytest.approx(as_if_on_policy.update(batch)[0]["learner/loss"], rel=1e-3)
+    # clipped: the ratio to the sampling version's own pi is 1 on fresh samples, the kept mass pi/mu weights
+    # the term unclipped: the same gradient as truncated's min(pi/mu, 1) (a clip on pi/mu itself would drop
+    # the negative-advantage tokens whose kept mass is below 1 - eps)
+    assert clipped.update(batch)[0]["learner/offpolicy_corrected_frac"] == 0
+    for p, q in zip(learner.model.parameters(), clipped.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_bfloat16_sampler_holds_bfloat16_weights_and_the_learner_corrects_every_sample():
-    learner, worker = setup("rollout.dtype=bfloat16", "model.n_embd=64", "model.n_head=4")
+    learner, worker = setup("rollout.dtype=bfloat16", "model.n_embd=64", "model.n_head=4", "algo.off_policy=truncated")
     assert all(p.dtype == torch.bfloat16 for p in worker.model.parameters())
     # the published float32 weights, rounded once to bfloat16 on load
     flat = torch.cat([p.detach().reshape(-1) for p in learner.model.parameters()])
@@ -124,7 +135,8 @@ def test_bfloat16_sampler_holds_bfloat16_weights_and_the_learner_corrects_every_
     assert torch.equal(held, flat.to(torch.bfloat16))
     batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=1)
     metrics, _ = learner.update(batch)
-    # mu (bfloat16) is close to pi (float32) but not equal: every token goes through the pi/mu correction
+    # mu (bfloat16) is close to pi (float32) but not equal: every token goes through the pi/mu correction,
+    # whose cap of 1 binds on some
     assert 1e-9 < metrics["learner/kl"] < 1e-2
     assert metrics["learner/offpolicy_corrected_frac"] > 0
     learner32, worker32 = setup("model.n_embd=64", "model.n_head=4")  # float32: on-policy, nothing corrected
