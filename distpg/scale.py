@@ -76,6 +76,32 @@ def with_values(cfg: Config, values: dict) -> Config:
     return config_from_dict(data)
 
 
+# --set keys that every point of the sweep sets itself, and what to use instead: a --set of one of them would be
+# replaced without a word, and the figures would describe another experiment than the one asked for
+SWEPT = {
+    "rollout.num_workers": "the sweep sets it; give the counts with --workers",
+    "rollout.num_cpus_per_worker": "give it with --cpus-per-worker",
+    "rollout.node_resource": "the sweep pins the workers itself; give node counts with --nodes",
+    "run.steps": "give it with --steps",
+    "run.mode": "distpg scale measures synchronous runs only (run.mode=sync)",
+    "run.stop_reward": "every point trains all --steps",
+}
+
+
+def check_overrides(overrides: list[str], strong: bool) -> None:
+    """Refuse --set items for fields the sweep sets itself (see SWEPT), naming the option to use instead."""
+    from distpg.config import parse_set
+
+    for item in overrides:
+        key = ".".join(parse_set(item)[0])
+        reason = SWEPT.get(key)
+        if key == "rollout.prompts_per_step" and not strong:
+            reason = ("weak scaling gives each worker --prompts-per-worker prompts; add --strong to keep this batch "
+                      "and split it among the workers")
+        if reason:
+            raise ConfigError(f"--set {item!r}: distpg scale sets {key} for every point: {reason}")
+
+
 def node_resources_of(nodes: list[dict]) -> list[str]:
     """The distpg_node_I resources of a cluster, by I."""
     names = {k for n in nodes for k in n if NODE_RESOURCE.match(k)}
@@ -329,7 +355,11 @@ def main(args: argparse.Namespace) -> int:
 
     from distpg.orchestrator import cluster_nodes, plan_placement
 
+    check_overrides(args.set, args.strong)
     base = load_config(args.config, args.set)
+    if base.run.mode != "sync":
+        raise ConfigError(f"{args.config}: run.mode={base.run.mode}: distpg scale measures synchronous runs only "
+                          "(run.mode=sync); use a config in sync mode")
     workers = args.workers
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}: nothing would be measured")

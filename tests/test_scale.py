@@ -144,3 +144,38 @@ def test_outputs_without_matplotlib_are_the_csv_and_json_and_say_how_to_get_the_
     assert [f.name for f in files] == ["scaling.csv", "scaling.json"]
     assert len(list(csv.DictReader(open(tmp_path / "scaling.csv")))) == 2 and not (tmp_path / "scaling.png").exists()
     assert "pip install 'distpg[plot]'" in capsys.readouterr().out
+
+
+def scale_args(*argv):
+    from distpg.cli import build_parser
+
+    return build_parser().parse_args(["scale", *argv])
+
+
+@pytest.mark.parametrize("item, hint", [
+    ("run.mode=async", "synchronous runs only"),
+    ("rollout.num_cpus_per_worker=2", "--cpus-per-worker"),
+    ("rollout.num_workers=3", "--workers"),
+    ("rollout.node_resource=[distpg_node_1]", "--nodes"),
+    ("run.steps=50", "--steps"),
+    ("rollout.prompts_per_step=8", "--strong"),
+])
+def test_scale_refuses_a_set_of_a_field_the_sweep_sets_before_ray_starts(item, hint, tmp_path):
+    from distpg.scale import main
+
+    # each of these was replaced by the sweep's own value without a word (an async --set measured sync runs);
+    # the small sweep keeps a regression short
+    with pytest.raises(ConfigError, match=rf"--set '{item.replace('[', '.').replace(']', '.')}'.*{hint}"):
+        main(scale_args("--set", item, "--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_scale_keeps_other_sets_and_the_strong_batch_and_refuses_an_async_config(tmp_path):
+    from distpg.scale import check_overrides, main
+
+    check_overrides(["task.length=4", "model.preset=small"], strong=False)
+    check_overrides(["rollout.prompts_per_step=8"], strong=True)  # --strong splits the config's batch
+    cfg = tmp_path / "async.yaml"
+    cfg.write_text("run:\n  mode: async\n")
+    with pytest.raises(ConfigError, match=r"async.yaml: run.mode=async: distpg scale measures synchronous runs"):
+        main(scale_args(str(cfg)))
