@@ -291,7 +291,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local runtime)")
     p.add_argument("--workers", type=whole_numbers, default="1,2,3,4",
                    help="numbers of rollout workers to sweep (default 1,2,3,4)")
-    p.add_argument("--nodes", default="auto",
+    p.add_argument("--nodes", type=node_counts_text, default="auto",
                    help="numbers of nodes to pin the workers to, e.g. 1,2,3 (needs distpg_node_I resources); "
                         "auto: every count on a multi-node cluster with them, else none; none: no pinning")
     p.add_argument("--steps", type=number(int, 1), default=10,
@@ -327,6 +327,17 @@ def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> st
 
     start_local_ray(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return f"local Ray, {logical} logical CPUs"
+
+
+def node_counts_text(text: str) -> str:
+    """An argparse `type` for --nodes: auto, none or comma-separated whole numbers, checked before Ray starts
+    (the counts against the cluster's nodes once it has)."""
+    if text not in ("auto", "none"):
+        try:
+            whole_numbers(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (or auto, or none)") from None
+    return text
 
 
 def _node_counts(text: str, names: list[str]) -> list[int | None]:

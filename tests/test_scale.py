@@ -136,6 +136,17 @@ def test_scale_rejects_a_sweep_that_measures_nothing(tmp_path):
     assert p.returncode == 2 and "argument --workers: '1,x': expected comma-separated whole numbers" in p.stderr
 
 
+def test_scale_nodes_option_is_checked_before_ray_starts(capsys):
+    from distpg.cli import build_parser
+
+    assert scale_args("--nodes", "3,1").nodes == "3,1" and scale_args().nodes == "auto"
+    for bad in ("0", "x", "1,,-2"):  # were refused only once Ray had started (10+ s)
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["scale", "--nodes", bad])
+        assert e.value.code == 2
+        assert f"argument --nodes: '{bad}'" in capsys.readouterr().err
+
+
 def test_outputs_without_matplotlib_are_the_csv_and_json_and_say_how_to_get_the_plot(tmp_path, monkeypatch, capsys):
     pts = [point(1, 1000, 1), point(2, 1800, 1)]
     add_efficiency(pts)
