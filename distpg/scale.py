@@ -356,6 +356,14 @@ def _node_counts(text: str, names: list[str]) -> list[int | None]:
     return counts
 
 
+def sweep_settings(args: argparse.Namespace) -> dict:
+    """The options that shaped every point, for scaling.json: the recorded `config` is the base config, which
+    each point overrides with these (a point's own config is in its run folder's config.yaml)."""
+    return {"workers": args.workers, "nodes": args.nodes, "cpus_per_worker": args.cpus_per_worker,
+            "prompts_per_worker": None if args.strong else args.prompts_per_worker, "repeats": args.repeats,
+            "set": list(args.set), "config_file": args.config}
+
+
 def _load() -> float | None:
     """The machine's 1-minute load average (other work on the cores skews the figures)."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -412,6 +420,7 @@ def main(args: argparse.Namespace) -> int:
     add_efficiency(points)
     meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
             "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
+            "sweep": sweep_settings(args),
             # 1-minute load average of the machine before and after: other work on the cores skews the figures
             "load_average": [load_before, _load()],
             "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)"}

@@ -117,6 +117,8 @@ def test_scale_on_plain_local_ray(tmp_path):
     assert "efficiency" in p.stdout and "wrote " in p.stdout
     data = json.loads((tmp_path / "scaling.json").read_text())
     assert data["where"].startswith("local Ray") and data["scaling"] == "weak"
+    assert data["sweep"] == {"workers": [1, 2], "nodes": "auto", "cpus_per_worker": 1.0, "prompts_per_worker": 4,
+                             "repeats": 1, "set": ["task.length=4"], "config_file": None}
     pts = data["points"]
     assert [(pt["workers"], pt["nodes"], pt["measured_steps"]) for pt in pts] == [(1, None, 2), (2, None, 2)]
     # efficiency is T(2) / (2 T(1)) of the recorded throughputs; its size is timing, which the test does not judge
@@ -190,3 +192,14 @@ def test_scale_keeps_other_sets_and_the_strong_batch_and_refuses_an_async_config
     cfg.write_text("run:\n  mode: async\n")
     with pytest.raises(ConfigError, match=r"async.yaml: run.mode=async: distpg scale measures synchronous runs"):
         main(scale_args(str(cfg)))
+
+
+def test_scaling_json_records_the_options_each_point_ran_with():
+    from distpg.scale import sweep_settings
+
+    # the recorded config is the base one (rollout.num_cpus_per_worker 0.5 by default), not what the points ran
+    args = scale_args("--workers", "4,1", "--cpus-per-worker", "0.5", "--strong", "--repeats", "2", "--set",
+                      "task.length=4")
+    assert sweep_settings(args) == {"workers": [1, 4], "nodes": "auto", "cpus_per_worker": 0.5,
+                                    "prompts_per_worker": None, "repeats": 2, "set": ["task.length=4"],
+                                    "config_file": None}
