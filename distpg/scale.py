@@ -402,21 +402,14 @@ def main(args: argparse.Namespace) -> int:
                 fitting.append((n, k, cfg))
             except ConfigError as e:
                 print(f"  {_label(n, k)}: skipped, does not fit: {e}", flush=True)
-        # repeats go round the whole sweep (1, 2, .., 1, 2, ..) so a busy spell on the machine hits every point
-        tries: dict[tuple, list[Point]] = {}
-        for r in range(args.repeats):
-            for n, k, cfg in fitting:
-                t0 = time.perf_counter()
-                name = (f"w{n}" if k is None else f"n{k}-w{n}") + (f"-r{r}" if args.repeats > 1 else "")
-                p = measure(cfg, out / "runs" / name, args.warmup, k)
-                tries.setdefault((n, k), []).append(p)
-                print(f"  {_label(n, k)}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} "
-                      f"ms ({time.perf_counter() - t0:.0f}s)", flush=True)
-        points = [best(ps) for ps in tries.values()]
+        tries, stop = sweep(fitting, args.repeats, args.warmup, out)
     finally:
         ray.shutdown()
-    if not points:
+    points = [best(ps) for ps in tries.values()]
+    if not points and stop is None:
         raise ConfigError("no point of the sweep fits the cluster; lower --workers or --cpus-per-worker")
+    if not points:
+        _raise_stop(stop, "no point was measured before it")
     add_efficiency(points)
     meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
             "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
@@ -424,7 +417,46 @@ def main(args: argparse.Namespace) -> int:
             # 1-minute load average of the machine before and after: other work on the cores skews the figures
             "load_average": [load_before, _load()],
             "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)"}
+    if stop is not None:
+        meta["stopped"] = f"{stop[0]}: {stop[2] or 'interrupted'}"
     files = write_outputs(points, out, meta)
     print(format_table(points))
     print("wrote " + ", ".join(str(f) for f in files))
+    if stop is not None:
+        _raise_stop(stop, f"the {len(points)} point(s) measured before it are in {out}/scaling.*")
     return 0
+
+
+def sweep(fitting: list[tuple[int, int | None, Config]], repeats: int, warmup: int,
+          out: Path) -> tuple[dict[tuple, list[Point]], tuple | None]:
+    """Train every (workers, nodes, config) point `repeats` times into out/runs/NAME. Returns the tries of each
+    point and, when a run failed or was interrupted (Ctrl-C, SIGTERM), (its label, its run folder, the
+    exception) of that run, else None: the sweep stops there, and what it measured before is kept."""
+    from distpg.orchestrator import TrainingError
+
+    # repeats go round the whole sweep (1, 2, .., 1, 2, ..) so a busy spell on the machine hits every point
+    tries: dict[tuple, list[Point]] = {}
+    for r in range(repeats):
+        for n, k, cfg in fitting:
+            t0 = time.perf_counter()
+            name = (f"w{n}" if k is None else f"n{k}-w{n}") + (f"-r{r}" if repeats > 1 else "")
+            try:
+                p = measure(cfg, out / "runs" / name, warmup, k)
+            except (TrainingError, KeyboardInterrupt) as e:
+                return tries, (_label(n, k), out / "runs" / name, e)
+            tries.setdefault((n, k), []).append(p)
+            print(f"  {_label(n, k)}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} "
+                  f"ms ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return tries, None
+
+
+def _raise_stop(stop: tuple, kept: str) -> None:
+    """Re-raise what stopped the sweep, naming the point, its run folder and what was kept."""
+    from distpg.orchestrator import TrainingError
+
+    label, run_dir, e = stop
+    if isinstance(e, KeyboardInterrupt):
+        print(f"distpg scale: interrupted during {label} ({run_dir}); {kept}", flush=True)
+        raise e
+    raise TrainingError(f"the sweep stopped at {label}: {e} (its run folder {run_dir}, console output in "
+                        f"train.log there); {kept}") from None

@@ -203,3 +203,24 @@ def test_scaling_json_records_the_options_each_point_ran_with():
     assert sweep_settings(args) == {"workers": [1, 4], "nodes": "auto", "cpus_per_worker": 0.5,
                                     "prompts_per_worker": None, "repeats": 2, "set": ["task.length=4"],
                                     "config_file": None}
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # two real runs, ~12 s
+def test_a_failed_point_stops_the_sweep_and_keeps_the_points_before_it(ray_session, tmp_path):
+    from distpg.orchestrator import TrainingError
+    from distpg.scale import _raise_stop, sweep
+
+    common = ["rollout.num_workers=1", "rollout.num_cpus_per_worker=0.5", "run.steps=2", "log.tensorboard=false",
+              "log.rollouts=false", "run.checkpoint_every=100"]
+    good = small_config(*common)
+    # a worker that cannot return its share in a millisecond, with no restart allowed: a real failed run
+    bad = small_config(*common, "rollout.timeout_s=0.001", "rollout.max_restarts=0")
+    tries, stop = sweep([(1, None, good), (2, None, bad), (3, None, good)], 1, 1, tmp_path)
+    assert list(tries) == [(1, None)] and tries[(1, None)][0].measured_steps == 1  # the third never ran
+    label, run_dir, e = stop
+    assert (label, run_dir) == ("2 worker(s)", tmp_path / "runs" / "w2") and isinstance(e, TrainingError)
+    assert not (tmp_path / "runs" / "w3").exists()
+    with pytest.raises(TrainingError, match=r"the sweep stopped at 2 worker\(s\): .*rollout.max_restarts=0.*"
+                                            r"runs/w2, console output in train.log there\); kept"):
+        _raise_stop(stop, "kept")
