@@ -302,12 +302,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weak scaling: prompts per worker per step (default 16)")
     p.add_argument("--strong", action="store_true", help="strong scaling: keep the config's prompts_per_step")
     p.add_argument("--cpus-per-worker", type=number(float, 0, above=True), default=1.0,
-                   help="rollout.num_cpus_per_worker of every point; torch threads = max(1, round(this))")
+                   help="rollout.num_cpus_per_worker of every point, in place of the config's (default 1); torch "
+                        "threads = max(1, round(this))")
     p.add_argument("--repeats", type=number(int, 1), default=1,
                    help="runs per point, interleaved across the sweep; the fastest counts (default 1)")
     p.add_argument("--timeout", type=number(float, 0, above=True), default=60.0,
                    help="seconds to wait for the cluster connection")
-    p.add_argument("--out", help="output folder (default: runs/scale-TIMESTAMP)")
+    p.add_argument("--out", help="output folder, new or without an earlier sweep (default: runs/scale-TIMESTAMP)")
 
 
 def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> str:
@@ -356,6 +357,16 @@ def _node_counts(text: str, names: list[str]) -> list[int | None]:
     return counts
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that is a file or holds an earlier sweep: its run folders would refuse the new runs (after
+    Ray started and earlier points ran) and its scaling.* files would be replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (created if missing)")
+    held = sorted(n for n in ("runs", "scaling.csv", "scaling.json", "scaling.png") if (out / n).exists())
+    if held:
+        raise ConfigError(f"--out {str(out)!r} already holds a sweep ({', '.join(held)}); give a new or empty folder")
+
+
 def sweep_settings(args: argparse.Namespace) -> dict:
     """The options that shaped every point, for scaling.json: the recorded `config` is the base config, which
     each point overrides with these (a point's own config is in its run folder's config.yaml)."""
@@ -384,6 +395,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}: nothing would be measured")
     base = with_values(base, {"run.steps": args.steps})
     out = Path(args.out or f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_out(out)
     where = _start_ray(args, base, workers)
     try:
         nodes = cluster_nodes()

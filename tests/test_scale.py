@@ -224,3 +224,15 @@ def test_a_failed_point_stops_the_sweep_and_keeps_the_points_before_it(ray_sessi
     with pytest.raises(TrainingError, match=r"the sweep stopped at 2 worker\(s\): .*rollout.max_restarts=0.*"
                                             r"runs/w2, console output in train.log there\); kept"):
         _raise_stop(stop, "kept")
+
+
+def test_scale_refuses_an_out_folder_with_an_earlier_sweep_before_ray_starts(tmp_path):
+    from distpg.scale import main
+
+    (tmp_path / "runs" / "w1").mkdir(parents=True)  # an earlier sweep's run folder: train refused it after Ray started
+    (tmp_path / "runs" / "w1" / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(ConfigError, match=r"--out '.*' already holds a sweep \(runs\); give a new or empty folder"):
+        main(scale_args("--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)))
+    (tmp_path / "notes.txt").write_text("mine")  # anything else in the folder is fine; a file is not a folder
+    with pytest.raises(ConfigError, match=r"--out '.*notes.txt' is a file"):
+        main(scale_args("--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "notes.txt")))
