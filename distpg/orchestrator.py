@@ -90,9 +90,15 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _busy_note(placement: Placement, num_workers: int) -> str | None:
-    """What the run needs that the cluster has but is not free now (other jobs hold it), or None."""
-    short = _short_of(placement, num_workers, ray.available_resources())
+def _busy_note(placement: Placement, num_workers: int, settle_s: float = 2.0) -> str | None:
+    """What the run needs that the cluster has but is not free now (other jobs hold it), or None.
+
+    Ray reports freed resources a little late (tens of ms after a placement group is removed), so a run that
+    follows another in one process (`distpg scale`, `distpg bench`) would name its predecessor's share as
+    held by others: a shortage counts only if it lasts `settle_s`."""
+    deadline = time.monotonic() + settle_s
+    while (short := _short_of(placement, num_workers, ray.available_resources())) and time.monotonic() < deadline:
+        time.sleep(0.05)
     if short is None:
         return None
     res, need, free = short

@@ -28,13 +28,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average over `window` steps (the first points average what there is)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+    """Trailing moving average over `window` steps (the first points average what there is). A NaN (a null in
+    metrics.jsonl, such as the reward of a step whose rewards all failed) is left out of the windows that hold
+    it; a window of NaNs only is NaN. (A running sum would carry one NaN into every later point.)"""
+    out = []
+    for i in range(len(values)):
+        finite = [v for v in values[max(0, i - window + 1): i + 1] if not math.isnan(v)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
     return out
 
 

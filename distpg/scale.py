@@ -76,6 +76,32 @@ def with_values(cfg: Config, values: dict) -> Config:
     return config_from_dict(data)
 
 
+# --set keys that every point of the sweep sets itself, and what to use instead: a --set of one of them would be
+# replaced without a word, and the figures would describe another experiment than the one asked for
+SWEPT = {
+    "rollout.num_workers": "the sweep sets it; give the counts with --workers",
+    "rollout.num_cpus_per_worker": "give it with --cpus-per-worker",
+    "rollout.node_resource": "the sweep pins the workers itself; give node counts with --nodes",
+    "run.steps": "give it with --steps",
+    "run.mode": "distpg scale measures synchronous runs only (run.mode=sync)",
+    "run.stop_reward": "every point trains all --steps",
+}
+
+
+def check_overrides(overrides: list[str], strong: bool) -> None:
+    """Refuse --set items for fields the sweep sets itself (see SWEPT), naming the option to use instead."""
+    from distpg.config import parse_set
+
+    for item in overrides:
+        key = ".".join(parse_set(item)[0])
+        reason = SWEPT.get(key)
+        if key == "rollout.prompts_per_step" and not strong:
+            reason = ("weak scaling gives each worker --prompts-per-worker prompts; add --strong to keep this batch "
+                      "and split it among the workers")
+        if reason:
+            raise ConfigError(f"--set {item!r}: distpg scale sets {key} for every point: {reason}")
+
+
 def node_resources_of(nodes: list[dict]) -> list[str]:
     """The distpg_node_I resources of a cluster, by I."""
     names = {k for n in nodes for k in n if NODE_RESOURCE.match(k)}
@@ -265,7 +291,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local runtime)")
     p.add_argument("--workers", type=whole_numbers, default="1,2,3,4",
                    help="numbers of rollout workers to sweep (default 1,2,3,4)")
-    p.add_argument("--nodes", default="auto",
+    p.add_argument("--nodes", type=node_counts_text, default="auto",
                    help="numbers of nodes to pin the workers to, e.g. 1,2,3 (needs distpg_node_I resources); "
                         "auto: every count on a multi-node cluster with them, else none; none: no pinning")
     p.add_argument("--steps", type=number(int, 1), default=10,
@@ -276,12 +302,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weak scaling: prompts per worker per step (default 16)")
     p.add_argument("--strong", action="store_true", help="strong scaling: keep the config's prompts_per_step")
     p.add_argument("--cpus-per-worker", type=number(float, 0, above=True), default=1.0,
-                   help="rollout.num_cpus_per_worker of every point; torch threads = max(1, round(this))")
+                   help="rollout.num_cpus_per_worker of every point, in place of the config's (default 1); torch "
+                        "threads = max(1, round(this))")
     p.add_argument("--repeats", type=number(int, 1), default=1,
                    help="runs per point, interleaved across the sweep; the fastest counts (default 1)")
     p.add_argument("--timeout", type=number(float, 0, above=True), default=60.0,
                    help="seconds to wait for the cluster connection")
-    p.add_argument("--out", help="output folder (default: runs/scale-TIMESTAMP)")
+    p.add_argument("--out", help="output folder, new or without an earlier sweep (default: runs/scale-TIMESTAMP)")
 
 
 def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> str:
@@ -303,6 +330,17 @@ def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> st
     return f"local Ray, {logical} logical CPUs"
 
 
+def node_counts_text(text: str) -> str:
+    """An argparse `type` for --nodes: auto, none or comma-separated whole numbers, checked before Ray starts
+    (the counts against the cluster's nodes once it has)."""
+    if text not in ("auto", "none"):
+        try:
+            whole_numbers(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (or auto, or none)") from None
+    return text
+
+
 def _node_counts(text: str, names: list[str]) -> list[int | None]:
     """--nodes: auto (every count when the cluster has 2+ distpg_node_I resources), none, or a list."""
     if text == "auto":
@@ -319,6 +357,24 @@ def _node_counts(text: str, names: list[str]) -> list[int | None]:
     return counts
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that is a file or holds an earlier sweep: its run folders would refuse the new runs (after
+    Ray started and earlier points ran) and its scaling.* files would be replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (created if missing)")
+    held = sorted(n for n in ("runs", "scaling.csv", "scaling.json", "scaling.png") if (out / n).exists())
+    if held:
+        raise ConfigError(f"--out {str(out)!r} already holds a sweep ({', '.join(held)}); give a new or empty folder")
+
+
+def sweep_settings(args: argparse.Namespace) -> dict:
+    """The options that shaped every point, for scaling.json: the recorded `config` is the base config, which
+    each point overrides with these (a point's own config is in its run folder's config.yaml)."""
+    return {"workers": args.workers, "nodes": args.nodes, "cpus_per_worker": args.cpus_per_worker,
+            "prompts_per_worker": None if args.strong else args.prompts_per_worker, "repeats": args.repeats,
+            "set": list(args.set), "config_file": args.config}
+
+
 def _load() -> float | None:
     """The machine's 1-minute load average (other work on the cores skews the figures)."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -329,12 +385,17 @@ def main(args: argparse.Namespace) -> int:
 
     from distpg.orchestrator import cluster_nodes, plan_placement
 
+    check_overrides(args.set, args.strong)
     base = load_config(args.config, args.set)
+    if base.run.mode != "sync":
+        raise ConfigError(f"{args.config}: run.mode={base.run.mode}: distpg scale measures synchronous runs only "
+                          "(run.mode=sync); use a config in sync mode")
     workers = args.workers
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}: nothing would be measured")
     base = with_values(base, {"run.steps": args.steps})
     out = Path(args.out or f"runs/scale-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_out(out)
     where = _start_ray(args, base, workers)
     try:
         nodes = cluster_nodes()
@@ -353,28 +414,61 @@ def main(args: argparse.Namespace) -> int:
                 fitting.append((n, k, cfg))
             except ConfigError as e:
                 print(f"  {_label(n, k)}: skipped, does not fit: {e}", flush=True)
-        # repeats go round the whole sweep (1, 2, .., 1, 2, ..) so a busy spell on the machine hits every point
-        tries: dict[tuple, list[Point]] = {}
-        for r in range(args.repeats):
-            for n, k, cfg in fitting:
-                t0 = time.perf_counter()
-                name = (f"w{n}" if k is None else f"n{k}-w{n}") + (f"-r{r}" if args.repeats > 1 else "")
-                p = measure(cfg, out / "runs" / name, args.warmup, k)
-                tries.setdefault((n, k), []).append(p)
-                print(f"  {_label(n, k)}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} "
-                      f"ms ({time.perf_counter() - t0:.0f}s)", flush=True)
-        points = [best(ps) for ps in tries.values()]
+        tries, stop = sweep(fitting, args.repeats, args.warmup, out)
     finally:
         ray.shutdown()
-    if not points:
+    points = [best(ps) for ps in tries.values()]
+    if not points and stop is None:
         raise ConfigError("no point of the sweep fits the cluster; lower --workers or --cpus-per-worker")
+    if not points:
+        _raise_stop(stop, "no point was measured before it")
     add_efficiency(points)
     meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
             "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
+            "sweep": sweep_settings(args),
             # 1-minute load average of the machine before and after: other work on the cores skews the figures
             "load_average": [load_before, _load()],
             "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)"}
+    if stop is not None:
+        meta["stopped"] = f"{stop[0]}: {stop[2] or 'interrupted'}"
     files = write_outputs(points, out, meta)
     print(format_table(points))
     print("wrote " + ", ".join(str(f) for f in files))
+    if stop is not None:
+        _raise_stop(stop, f"the {len(points)} point(s) measured before it are in {out}/scaling.*")
     return 0
+
+
+def sweep(fitting: list[tuple[int, int | None, Config]], repeats: int, warmup: int,
+          out: Path) -> tuple[dict[tuple, list[Point]], tuple | None]:
+    """Train every (workers, nodes, config) point `repeats` times into out/runs/NAME. Returns the tries of each
+    point and, when a run failed or was interrupted (Ctrl-C, SIGTERM), (its label, its run folder, the
+    exception) of that run, else None: the sweep stops there, and what it measured before is kept."""
+    from distpg.orchestrator import TrainingError
+
+    # repeats go round the whole sweep (1, 2, .., 1, 2, ..) so a busy spell on the machine hits every point
+    tries: dict[tuple, list[Point]] = {}
+    for r in range(repeats):
+        for n, k, cfg in fitting:
+            t0 = time.perf_counter()
+            name = (f"w{n}" if k is None else f"n{k}-w{n}") + (f"-r{r}" if repeats > 1 else "")
+            try:
+                p = measure(cfg, out / "runs" / name, warmup, k)
+            except (TrainingError, KeyboardInterrupt) as e:
+                return tries, (_label(n, k), out / "runs" / name, e)
+            tries.setdefault((n, k), []).append(p)
+            print(f"  {_label(n, k)}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} "
+                  f"ms ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return tries, None
+
+
+def _raise_stop(stop: tuple, kept: str) -> None:
+    """Re-raise what stopped the sweep, naming the point, its run folder and what was kept."""
+    from distpg.orchestrator import TrainingError
+
+    label, run_dir, e = stop
+    if isinstance(e, KeyboardInterrupt):
+        print(f"distpg scale: interrupted during {label} ({run_dir}); {kept}", flush=True)
+        raise e
+    raise TrainingError(f"the sweep stopped at {label}: {e} (its run folder {run_dir}, console output in "
+                        f"train.log there); {kept}") from None

@@ -126,3 +126,32 @@ def test_a_busy_cluster_is_named_when_the_run_cannot_reserve_its_share(ray_sessi
         time.sleep(0.2)
     time.sleep(1)
     assert ray_session.available_resources().get("CPU") == 2
+
+
+
+@pytest.mark.ray
+def test_a_run_right_after_another_does_not_call_its_predecessors_share_busy(ray_session):
+    """Ray reports the resources of a removed placement group as free a little late: a run started at once after
+    another (as distpg scale and distpg bench do) said other jobs held them and that it was waiting for room."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from distpg.orchestrator import _busy_note
+
+    @ray_session.remote
+    class Actor:
+        def ready(self):
+            return True
+
+    cfg = small_config("rollout.num_cpus_per_worker=0.5")  # 2 workers + the learner: both CPUs
+    placement = plan_placement(cfg, cpus=2, gpus=0)
+    bundles = placement.bundles(2)
+    for _ in range(3):  # what Trainer.__init__ and Trainer.close do with the group and the actors
+        pg = placement_group(bundles)
+        actors = [Actor.options(num_cpus=b["CPU"], scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
+                  .remote() for i, b in enumerate(bundles)]
+        ray_session.get([a.ready.remote() for a in actors], timeout=60)
+        for a in actors:
+            ray_session.kill(a)
+        remove_placement_group(pg)
+        assert _busy_note(placement, 2) is None

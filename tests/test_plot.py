@@ -30,3 +30,15 @@ def test_bad_metrics_files_and_unknown_metrics_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a distpg run folder"):
         plot_runs([tmp_path / "nowhere"], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_smoothing_leaves_a_null_step_out_of_its_windows_only():
+    from distpg.plot import _smooth
+
+    nan = float("nan")
+    # window 2: [1], [1, 3], [3, null], [null, 5], [5, 7]; a window of nulls only stays null
+    out = _smooth([1.0, 3.0, nan, 5.0, 7.0], 2)
+    assert out == [1.0, 2.0, 3.0, 5.0, 6.0]
+    assert _smooth([1.0, 2.0, 3.0], 1) == [1.0, 2.0, 3.0]
+    both = _smooth([nan, nan, 4.0], 2)
+    assert both[0] != both[0] and both[1] != both[1] and both[2] == 4.0

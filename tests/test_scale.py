@@ -117,6 +117,8 @@ def test_scale_on_plain_local_ray(tmp_path):
     assert "efficiency" in p.stdout and "wrote " in p.stdout
     data = json.loads((tmp_path / "scaling.json").read_text())
     assert data["where"].startswith("local Ray") and data["scaling"] == "weak"
+    assert data["sweep"] == {"workers": [1, 2], "nodes": "auto", "cpus_per_worker": 1.0, "prompts_per_worker": 4,
+                             "repeats": 1, "set": ["task.length=4"], "config_file": None}
     pts = data["points"]
     assert [(pt["workers"], pt["nodes"], pt["measured_steps"]) for pt in pts] == [(1, None, 2), (2, None, 2)]
     # efficiency is T(2) / (2 T(1)) of the recorded throughputs; its size is timing, which the test does not judge
@@ -136,6 +138,17 @@ def test_scale_rejects_a_sweep_that_measures_nothing(tmp_path):
     assert p.returncode == 2 and "argument --workers: '1,x': expected comma-separated whole numbers" in p.stderr
 
 
+def test_scale_nodes_option_is_checked_before_ray_starts(capsys):
+    from distpg.cli import build_parser
+
+    assert scale_args("--nodes", "3,1").nodes == "3,1" and scale_args().nodes == "auto"
+    for bad in ("0", "x", "1,,-2"):  # were refused only once Ray had started (10+ s)
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["scale", "--nodes", bad])
+        assert e.value.code == 2
+        assert f"argument --nodes: '{bad}'" in capsys.readouterr().err
+
+
 def test_outputs_without_matplotlib_are_the_csv_and_json_and_say_how_to_get_the_plot(tmp_path, monkeypatch, capsys):
     pts = [point(1, 1000, 1), point(2, 1800, 1)]
     add_efficiency(pts)
@@ -144,3 +157,82 @@ def test_outputs_without_matplotlib_are_the_csv_and_json_and_say_how_to_get_the_
     assert [f.name for f in files] == ["scaling.csv", "scaling.json"]
     assert len(list(csv.DictReader(open(tmp_path / "scaling.csv")))) == 2 and not (tmp_path / "scaling.png").exists()
     assert "pip install 'distpg[plot]'" in capsys.readouterr().out
+
+
+def scale_args(*argv):
+    from distpg.cli import build_parser
+
+    return build_parser().parse_args(["scale", *argv])
+
+
+@pytest.mark.parametrize("item, hint", [
+    ("run.mode=async", "synchronous runs only"),
+    ("rollout.num_cpus_per_worker=2", "--cpus-per-worker"),
+    ("rollout.num_workers=3", "--workers"),
+    ("rollout.node_resource=[distpg_node_1]", "--nodes"),
+    ("run.steps=50", "--steps"),
+    ("rollout.prompts_per_step=8", "--strong"),
+])
+def test_scale_refuses_a_set_of_a_field_the_sweep_sets_before_ray_starts(item, hint, tmp_path):
+    from distpg.scale import main
+
+    # each of these was replaced by the sweep's own value without a word (an async --set measured sync runs);
+    # the small sweep keeps a regression short
+    with pytest.raises(ConfigError, match=rf"--set '{item.replace('[', '.').replace(']', '.')}'.*{hint}"):
+        main(scale_args("--set", item, "--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_scale_keeps_other_sets_and_the_strong_batch_and_refuses_an_async_config(tmp_path):
+    from distpg.scale import check_overrides, main
+
+    check_overrides(["task.length=4", "model.preset=small"], strong=False)
+    check_overrides(["rollout.prompts_per_step=8"], strong=True)  # --strong splits the config's batch
+    cfg = tmp_path / "async.yaml"
+    cfg.write_text("run:\n  mode: async\n")
+    with pytest.raises(ConfigError, match=r"async.yaml: run.mode=async: distpg scale measures synchronous runs"):
+        main(scale_args(str(cfg)))
+
+
+def test_scaling_json_records_the_options_each_point_ran_with():
+    from distpg.scale import sweep_settings
+
+    # the recorded config is the base one (rollout.num_cpus_per_worker 0.5 by default), not what the points ran
+    args = scale_args("--workers", "4,1", "--cpus-per-worker", "0.5", "--strong", "--repeats", "2", "--set",
+                      "task.length=4")
+    assert sweep_settings(args) == {"workers": [1, 4], "nodes": "auto", "cpus_per_worker": 0.5,
+                                    "prompts_per_worker": None, "repeats": 2, "set": ["task.length=4"],
+                                    "config_file": None}
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # two real runs, ~12 s
+def test_a_failed_point_stops_the_sweep_and_keeps_the_points_before_it(ray_session, tmp_path):
+    from distpg.orchestrator import TrainingError
+    from distpg.scale import _raise_stop, sweep
+
+    common = ["rollout.num_workers=1", "rollout.num_cpus_per_worker=0.5", "run.steps=2", "log.tensorboard=false",
+              "log.rollouts=false", "run.checkpoint_every=100"]
+    good = small_config(*common)
+    # a worker that cannot return its share in a millisecond, with no restart allowed: a real failed run
+    bad = small_config(*common, "rollout.timeout_s=0.001", "rollout.max_restarts=0")
+    tries, stop = sweep([(1, None, good), (2, None, bad), (3, None, good)], 1, 1, tmp_path)
+    assert list(tries) == [(1, None)] and tries[(1, None)][0].measured_steps == 1  # the third never ran
+    label, run_dir, e = stop
+    assert (label, run_dir) == ("2 worker(s)", tmp_path / "runs" / "w2") and isinstance(e, TrainingError)
+    assert not (tmp_path / "runs" / "w3").exists()
+    with pytest.raises(TrainingError, match=r"the sweep stopped at 2 worker\(s\): .*rollout.max_restarts=0.*"
+                                            r"runs/w2, console output in train.log there\); kept"):
+        _raise_stop(stop, "kept")
+
+
+def test_scale_refuses_an_out_folder_with_an_earlier_sweep_before_ray_starts(tmp_path):
+    from distpg.scale import main
+
+    (tmp_path / "runs" / "w1").mkdir(parents=True)  # an earlier sweep's run folder: train refused it after Ray started
+    (tmp_path / "runs" / "w1" / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(ConfigError, match=r"--out '.*' already holds a sweep \(runs\); give a new or empty folder"):
+        main(scale_args("--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)))
+    (tmp_path / "notes.txt").write_text("mine")  # anything else in the folder is fine; a file is not a folder
+    with pytest.raises(ConfigError, match=r"--out '.*notes.txt' is a file"):
+        main(scale_args("--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "notes.txt")))
