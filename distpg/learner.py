@@ -169,7 +169,9 @@ class Learner:
             )
             loss = loss + pg
             corrected += int(n_corrected)
-            n = mask.shape[0] / B
+            # the chunk's share of the batch's response tokens: the entropy and the KL diagnostic are means
+            # over every response token of the batch, so micro-batching must not change them
+            n = int(mask.sum()) / max(1, num_tokens)
             if self.ref_model is not None:
                 norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
                 loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[idx, 1:L], grad_mask, ac.kl_estimator, norm)
