@@ -149,6 +149,18 @@ def test_bfloat16_sampler_holds_bfloat16_weights_and_the_learner_corrects_every_
     assert learner32.update(worker32.sample(["abcd="], [2], seed=1))[0]["learner/offpolicy_corrected_frac"] == 0
 
 
+def test_whitening_divides_the_value_baselines_per_token_advantages_too():
+    # the value head starts at 0, so the first update's per-token advantages are the rewards themselves, and
+    # whitening by the batch divides the policy loss by the batch's reward std (value_coef 0: no value loss)
+    plain, worker = setup("algo.baseline=value", "algo.value_coef=0")
+    whitened, _ = setup("algo.baseline=value", "algo.value_coef=0", "algo.whiten=batch")
+    batch = worker.sample(["abcd=", "bbca=", "ddda="], [0, 1, 2], seed=3)
+    std = float(torch.tensor(batch.column("reward").to_pylist()).std())
+    assert std > 0.1
+    loss = plain.learn(batch)["learner/loss"]
+    assert whitened.learn(batch)["learner/loss"] == pytest.approx(loss / (std + 1e-6), rel=1e-5)
+
+
 def test_value_head_learns_the_return_and_survives_a_checkpoint(tmp_path):
     from distpg import checkpoint
 
