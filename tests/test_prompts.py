@@ -103,7 +103,7 @@ def test_duplicates_are_kept_once_unless_their_references_differ(tmp_path):
     t = prompts_task(path)
     assert len(t.eval_prompts()) + len(set(t.sample_prompts(np.random.default_rng(0), 2000))) == len(ROWS)
     bad = write_jsonl(tmp_path / "bad.jsonl", ROWS + [{"prompt": "say ant:", "reference": "emmet"}])
-    with pytest.raises(ConfigError, match=r"rows 1 and 13 have the same prompt 'say ant:' but different references"):
+    with pytest.raises(ConfigError, match=r"lines 1 and 13 have the same prompt 'say ant:' but different references"):
         prompts_task(bad)
 
 
@@ -152,8 +152,11 @@ def test_errors_name_the_field(jsonl, kw, message):
         ("p.csv", "prompt\nx\n", r"unknown file type '.csv'; allowed: .jsonl, .ndjson, .parquet"),
         ("p.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"line 2 is not JSON"),
         ("p.jsonl", '{"prompt": "a"}\n\n{"question": "b"}\n', r"line 3: expected an object with a 'prompt' key"),
-        ("p.jsonl", '{"prompt": ""}\n', r"row 1: 'prompt' must be non-empty text, got ''"),
-        ("p.jsonl", '{"prompt": 5}\n', r"row 1: 'prompt' must be non-empty text, got 5"),
+        ("p.jsonl", '{"prompt": ""}\n', r"line 1: 'prompt' must be non-empty text, got ''"),
+        # blank lines count: the error names the line an editor shows
+        ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": 5}\n', r"line 3: 'prompt' must be non-empty text, got 5"),
+        ("p.jsonl", '{"prompt": "a", "reference": 1}\n\n{"prompt": "a", "reference": 2}\n',
+         r"lines 1 and 3 have the same prompt 'a' but different references"),
         ("p.jsonl", "\n", r"the file has no rows"),
         ("p.parquet", None, r"no 'prompt' column \(columns: question\)"),
         ("q.parquet", "not parquet", r"not a readable Parquet file"),
@@ -168,6 +171,13 @@ def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     with pytest.raises(ConfigError, match=r"task.prompts_path='.*" + name + "'") as e:
         prompts_task(path)
     assert e.match(message)
+
+
+def test_parquet_errors_name_the_row(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", None]}), path)
+    with pytest.raises(ConfigError, match=r"row 2: 'prompt' must be non-empty text, got None"):
+        prompts_task(path)
 
 
 def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(tmp_path, capsys):
