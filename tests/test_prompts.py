@@ -208,3 +208,25 @@ def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(
     cfg = load_config(None, ["task.name=prompts", *sets, "task.max_prompt_tokens=27"])
     validate_with_task(cfg, make_task(cfg.task))
     assert "task.max_prompt_tokens=27: left out 2 of 14 prompts, longer than that" in capsys.readouterr().out
+
+
+def test_a_run_refuses_a_prompts_file_changed_since_it_started(jsonl, tmp_path):
+    # the held-out split and the character tokenizer come from the file: eval, export and --resume of a run
+    # against an edited file would score held-in prompts or load weights for other token ids (a new character
+    # made the vocabulary one larger: a size-mismatch traceback from load_state_dict)
+    from distpg.config import load_config, load_run_config
+    from distpg.orchestrator import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(None, ["task.name=prompts", f"task.prompts_path={jsonl}",
+                             "task.reward=tests.user_rewards:length_of_reference", "task.num_eval=4"])
+    prepare_run_dir(cfg, run_dir, resume=False)
+    assert load_run_config(run_dir / "config.yaml") == cfg  # unchanged: read as it was
+    write_jsonl(jsonl, ROWS + [{"prompt": "say yak!", "reference": "yak"}])
+    for weights in (True, False):  # --resume; eval and export
+        with pytest.raises(ConfigError, match=r"task.prompts_path='.*p.jsonl' has changed since the run started .*"
+                                              r"put back the file the run started from"):
+            load_run_config(run_dir / "config.yaml", weights=weights)
+    write_jsonl(jsonl, ROWS)  # put back
+    assert load_run_config(run_dir / "config.yaml") == cfg
