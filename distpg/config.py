@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -306,6 +307,8 @@ def _build(cls, data: Any, where: str):
                     f" (YAML reads {value} as text: write {float(value):g} in full)"
                     if isinstance(value, str) and tp is int and _is_float_text(value) else "")
             raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}{allowed}{hint}")
+        if isinstance(value, float) and not math.isfinite(value):  # nan and inf pass the range checks
+            raise ConfigError(f"{path}={value!r}: must be a finite number")
         if choices and value not in choices:
             raise ConfigError(f"{path}={value!r}: allowed are {', '.join(map(str, choices))}")
         kwargs[name] = value
