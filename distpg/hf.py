@@ -220,6 +220,15 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
         eos_id = tok.token_to_id("<|endoftext|>")
     if eos_id is None:
         raise ValueError(f"{str(folder)!r}: config.json has no eos_token_id and tokenizer.json no <|endoftext|>")
+    n, endoftext = tok.get_vocab_size(with_added_tokens=True), tok.token_to_id("<|endoftext|>")
+    for key, i in (("eos_token_id", eos_id), ("pad_token_id", cfg.get("pad_token_id"))):
+        # GPT2Config() defaults both bos and eos to GPT-2's 50256, whatever vocab_size it is given
+        if isinstance(i, int) and not 0 <= i < n:
+            raise ValueError(
+                f"{str(Path(folder) / 'config.json')!r}: {key}={i} is outside the vocabulary of tokenizer.json "
+                f"({n} tokens); set it to your tokenizer's end-of-text id"
+                f"{f' (<|endoftext|> is {endoftext})' if endoftext is not None else ''}, e.g. "
+                f"GPT2Config(..., bos_token_id=ID, eos_token_id=ID) before save_pretrained")
     try:
         tokenizer = HFTokenizer(tok, eos_id, cfg.get("pad_token_id"))
     except ValueError as e:  # eos or pad outside the vocabulary
