@@ -4,6 +4,7 @@ runs, with a message naming the option and what is allowed (exit 2)."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def number(kind: type = int, minimum: float = 0, above: bool = False):
@@ -15,6 +16,8 @@ def number(kind: type = int, minimum: float = 0, above: bool = False):
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if not math.isfinite(value):  # nan passes every comparison below
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
         if value < minimum or (above and value == minimum):
             raise argparse.ArgumentTypeError(f"{text!r}: must be {'above' if above else 'at least'} {minimum}")
         return value

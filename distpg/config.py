@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -306,6 +308,8 @@ def _build(cls, data: Any, where: str):
                     f" (YAML reads {value} as text: write {float(value):g} in full)"
                     if isinstance(value, str) and tp is int and _is_float_text(value) else "")
             raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}{allowed}{hint}")
+        if isinstance(value, float) and not math.isfinite(value):  # nan and inf pass the range checks
+            raise ConfigError(f"{path}={value!r}: must be a finite number")
         if choices and value not in choices:
             raise ConfigError(f"{path}={value!r}: allowed are {', '.join(map(str, choices))}")
         kwargs[name] = value
@@ -498,6 +502,37 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+PROMPTS_FINGERPRINT = "prompts.sha256"  # in a run folder: the sha256 of task.prompts_path when the run started
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def snapshot_prompts(cfg: Config, run_dir: Path) -> None:
+    """Record the sha256 of a new run's task.prompts_path: the held-out split and (without model.init_from)
+    the character tokenizer come from that file, so a later --resume, eval or export must read the same."""
+    if cfg.task.prompts_path and Path(cfg.task.prompts_path).is_file():
+        (run_dir / PROMPTS_FINGERPRINT).write_text(f"{file_sha256(cfg.task.prompts_path)}  {cfg.task.prompts_path}\n")
+
+
+def _check_prompts(data: dict, run_dir: Path) -> None:
+    path = (data.get("task") or {}).get("prompts_path")
+    record = run_dir / PROMPTS_FINGERPRINT
+    if not isinstance(path, str) or not record.is_file() or not Path(path).is_file():
+        return  # a run from before fingerprints, or no file: the task names a missing one
+    if file_sha256(path) != record.read_text().split()[0]:
+        raise ConfigError(
+            f"task.prompts_path={path!r} has changed since the run started (its sha256 differs from the one in "
+            f"{record}): the held-out prompts and the character tokenizer come from that file, so this run's "
+            "policy would be read, scored or continued against other prompts or token ids; put back the file the "
+            "run started from (or train a new run on the new file)")
+
+
 RUN_ORIGIN = "# distpg: relative paths in this file are relative to the folder the run started in: "
 RUN_PATHS = (("model", "init_from"), ("task", "prompts_path"))  # the config's paths to files a run reads
 
@@ -518,7 +553,8 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
     `model.init_from` must hold what the run started from (`hf.snapshot_base`): all of it when the caller
     needs its `weights` (--resume: the initial policy and the KL reference), else its config and tokenizer,
     which the run's own copy (RUN_DIR/base) stands in for when the folder is gone (eval, export: the weights
-    come from a checkpoint). Raises ConfigError otherwise."""
+    come from a checkpoint). `task.prompts_path` must be the file the run started from (`snapshot_prompts`).
+    Raises ConfigError otherwise."""
     text, data = _read_yaml(Path(path))
     first = text.split("\n", 1)[0]
     origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
@@ -533,6 +569,7 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
     init = (data.get("model") or {}).get("init_from")
     if isinstance(init, str) and init.strip():
         _check_base(data, init, Path(path).parent, weights)
+    _check_prompts(data, Path(path).parent)
     return config_from_dict(merge_overrides(data, overrides or []))
 
 

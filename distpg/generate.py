@@ -6,8 +6,8 @@ inverse-CDF sampling: one uniform draw per row against the cumulative sum of the
 two levels for large vocabularies), which never picks a token of probability 0 and needs no host sync.
 (An exponential race, argmax p / E with E ~ Exp(1), needs one random draw per vocabulary entry: 13x
 slower on a CPU at GPT-2's 50257 tokens, and `torch.multinomial` is slower still.) The only host syncs
-are one before decoding (are the prompts padded?) and an "all rows stopped?" check every `check_every`
-tokens.
+are one before decoding (are the prompts padded?), an "all rows stopped?" check every `check_every`
+tokens, and one at the end (are the log-probabilities finite? not with a diverged policy's NaN logits).
 
 Where it pays, the decode loop does less than a plain `model(...)` call per token: each token's forward is
 `decode_step` (functional calls instead of module calls, the cache written by the attention kernel; the
@@ -93,9 +93,10 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     """Log-probabilities of the sampling distribution: (B, V) logits -> (B, V) float32, -inf where excluded."""
     logits = logits.float()
     if params.temperature == 0:
-        # greedy: all mass on the argmax
+        # greedy: all mass on the argmax (log 1 = 0; NaN where the logits are not finite, for `generate` to name)
         out = torch.full_like(logits, float("-inf"))
-        return out.scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
+        best = logits.argmax(-1, keepdim=True)
+        return out.scatter_(-1, best, logits.gather(-1, best) * 0.0)
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
@@ -118,7 +119,9 @@ def _search(cdf: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     total = cdf[:, -1:]
     # u · total < total, so some entry exceeds it; nextafter guards the rounding of the product
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True), target
+    # the clamp changes nothing for finite probabilities; with NaN ones (a diverged policy) it keeps the index
+    # in range, so that the NaN reaches the log-probabilities that `generate` checks, not an index error
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1), target
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -149,7 +152,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     rest = ((target - before) / mass.gather(1, block)).clamp(0.0, 1.0).squeeze(-1)  # u within the block
     cols = block * K + torch.arange(K, device=probs.device)  # (B, K)
     inside = probs.gather(1, cols.clamp(max=V - 1)).masked_fill(cols >= V, 0.0)
-    return (cols.gather(1, _search(inside.cumsum(-1, dtype=torch.float64), rest)[0])).squeeze(-1)
+    tok = cols.gather(1, _search(inside.cumsum(-1, dtype=torch.float64), rest)[0]).squeeze(-1)
+    return tok.clamp_(max=V - 1)  # a no-op for finite probabilities (past V they are 0), as in `_search`
 
 
 def sample_token(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -238,7 +242,14 @@ def generate(
         raise ValueError("generate: every prompt needs at least one token")
     with kernels.packed_weights(model, decode_weights(model), weights_key, len(prompts)):
         run = _generate_static if cuda_graph else _generate
-        return run(model, prompts, params, generator, pad_id, check_every)
+        gen = run(model, prompts, params, generator, pad_id, check_every)
+    # a sampled token never has probability 0, so its log-probability is finite unless the logits were not
+    if not bool(torch.isfinite(gen.logprobs).all()):  # host sync, once per generation
+        raise FloatingPointError(
+            "generate: the policy's next-token probabilities are not finite (nan or inf logits): its weights have "
+            "diverged (in training: a learning rate too high, learner.lr; lower it and resume from a checkpoint "
+            "from before the divergence)")
+    return gen
 
 
 @dataclass

@@ -13,7 +13,6 @@ checkpoints (the Hub's `gpt2`) also store each layer's causal mask as `h.N.attn.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from distpg.checkpoint import same_mode_as
+from distpg.config import file_sha256
 from distpg.model import GPT, ModelShape
 from distpg.tokenizer import HFTokenizer, Tokenizer
 
@@ -122,14 +122,6 @@ def _is_weights(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file())
 
@@ -143,7 +135,7 @@ def snapshot_base(init_from: str | Path, run_dir: Path) -> None:
     tmp.mkdir()
     sums = {}
     for f in _files(Path(init_from)):
-        sums[f.name] = _sha256(f)
+        sums[f.name] = file_sha256(f)
         if not _is_weights(f.name):
             shutil.copy2(f, tmp / f.name)
     (tmp / FINGERPRINT).write_text(json.dumps(sums, indent=1) + "\n")
@@ -159,7 +151,8 @@ def base_changes(init_from: str | Path, run_dir: Path, weights: bool) -> list[st
         return []
     then = {k: v for k, v in json.loads(path.read_text()).items() if weights or not _is_weights(k)}
     now = {f.name: f for f in _files(Path(init_from)) if weights or not _is_weights(f.name)}
-    return sorted(n for n in then.keys() | now.keys() if n not in then or n not in now or _sha256(now[n]) != then[n])
+    return sorted(n for n in then.keys() | now.keys()
+                  if n not in then or n not in now or file_sha256(now[n]) != then[n])
 
 
 def is_snapshot(folder: str | Path) -> bool:
@@ -227,6 +220,15 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
         eos_id = tok.token_to_id("<|endoftext|>")
     if eos_id is None:
         raise ValueError(f"{str(folder)!r}: config.json has no eos_token_id and tokenizer.json no <|endoftext|>")
+    n, endoftext = tok.get_vocab_size(with_added_tokens=True), tok.token_to_id("<|endoftext|>")
+    for key, i in (("eos_token_id", eos_id), ("pad_token_id", cfg.get("pad_token_id"))):
+        # GPT2Config() defaults both bos and eos to GPT-2's 50256, whatever vocab_size it is given
+        if isinstance(i, int) and not 0 <= i < n:
+            raise ValueError(
+                f"{str(Path(folder) / 'config.json')!r}: {key}={i} is outside the vocabulary of tokenizer.json "
+                f"({n} tokens); set it to your tokenizer's end-of-text id"
+                f"{f' (<|endoftext|> is {endoftext})' if endoftext is not None else ''}, e.g. "
+                f"GPT2Config(..., bos_token_id=ID, eos_token_id=ID) before save_pretrained")
     try:
         tokenizer = HFTokenizer(tok, eos_id, cfg.get("pad_token_id"))
     except ValueError as e:  # eos or pad outside the vocabulary

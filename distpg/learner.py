@@ -139,8 +139,10 @@ class Learner:
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
         rewards, ok = returns.view(-1, G), b.ok.view(-1, G)
         adv, valid = algo.advantages(rewards, ok, ac.baseline, self.ema)
-        adv = algo.whiten(adv, rewards, ok, ac.whiten)
-        adv, valid = adv.reshape(B), valid.reshape(B)
+        # 1 / (reward std) of each sample's batch or group (ones without whitening), also for the value
+        # baseline's per-token advantages, which are computed per micro-batch below
+        scale = algo.whiten(torch.ones_like(adv), rewards, ok, ac.whiten).reshape(B)
+        adv, valid = adv.reshape(B) * scale, valid.reshape(B)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = ent_sum = kl_sum = value_loss_sum = 0.0
@@ -158,7 +160,7 @@ class Learner:
             loss = torch.zeros((), device=logp.device)
             if self.value_head is not None:
                 values = self.value_head(hidden.detach()).squeeze(-1)  # (b, L-1): V(s_t) for the token at t
-                sample_adv = algo.value_advantages(returns[idx], values)
+                sample_adv = algo.value_advantages(returns[idx], values) * scale[idx, None]
                 err = torch.where(grad_mask, values - returns[idx, None], 0.0)
                 value_loss = ac.value_coef * (err**2).sum() / max(1, num_tokens)
                 loss = loss + value_loss
@@ -170,7 +172,9 @@ class Learner:
             )
             loss = loss + pg
             corrected += int(n_corrected)
-            n = mask.shape[0] / B
+            # the chunk's share of the batch's response tokens: the entropy and the KL diagnostic are means
+            # over every response token of the batch, so micro-batching must not change them
+            n = int(mask.sum()) / max(1, num_tokens)
             if self.ref_model is not None:
                 norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
                 loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[idx, 1:L], grad_mask, ac.kl_estimator, norm)

@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distpg import checkpoint
 from distpg.batch import RolloutWriter
 from distpg.colocated import ColocatedLearner
-from distpg.config import Config, ConfigError, dump_run_config, node_resources
+from distpg.config import Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger
 from distpg.policy import task_for
@@ -892,6 +892,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; use --resume {run_dir} to "
                               "continue it or pick another --run-dir")
         (run_dir / "config.yaml").write_text(dump_run_config(cfg))
+        snapshot_prompts(cfg, run_dir)
         if cfg.model.init_from:
             from distpg.hf import snapshot_base
 

@@ -118,6 +118,9 @@ def test_bad_config_exits_2_without_starting_ray(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["eval", "run", "--temperature", "-1"], "argument --temperature: '-1': must be at least 0"),
     (["eval", "run", "--samples", "-1"], "argument --samples: '-1': must be at least 0"),
+    (["eval", "run", "--temperature", "nan"], "argument --temperature: 'nan': must be a finite number"),
+    (["eval", "run", "--temperature", "inf"], "argument --temperature: 'inf': must be a finite number"),
+    (["doctor", "--timeout", "nan"], "argument --timeout: 'nan': must be a finite number"),
     (["bench", "weights", "--workers", "0"], "argument --workers: '0': every entry must be at least 1"),
     (["bench", "sampler", "--threads", "0"], "argument --threads: '0': must be at least 1"),
     (["bench", "sampler", "--json", "/nonexistent/dir/b.json"], "--json '/nonexistent/dir/b.json': no folder"),

@@ -58,6 +58,12 @@ def test_resolved_config_round_trips(tmp_path):
                             "off/on/no/yes as true/false: quote the value)"),
         ("algo.baseline=null", "algo.baseline=None: expected str, got NoneType; allowed are none, ema, group"),
         ("run.steps=1e3", "run.steps='1e3': expected int, got str (YAML reads 1e3 as text: write 1000 in full)"),
+        # nan and inf pass every range check: an infinite learning rate made NaN weights and an
+        # index-out-of-bounds error in the sampler a step later
+        ("learner.lr=.inf", "learner.lr=inf: must be a finite number"),
+        ("rollout.temperature=.inf", "rollout.temperature=inf: must be a finite number"),
+        ("algo.entropy_coef=1e400", "algo.entropy_coef=inf: must be a finite number"),
+        ("run.stop_reward=.nan", "run.stop_reward=nan: must be a finite number"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):

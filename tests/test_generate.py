@@ -289,6 +289,23 @@ def test_temperature_zero_is_greedy(model):
     assert torch.equal(again.tokens, gen.tokens)
 
 
+@pytest.mark.parametrize("vocab_size", [16, 1000])  # one-level and two-level inverse-CDF search
+@pytest.mark.parametrize("params, cuda_graph", [
+    (SamplingParams(max_new_tokens=6, stop_token=1), False),
+    (SamplingParams(max_new_tokens=6, temperature=0.0), False),
+    (SamplingParams(max_new_tokens=6, top_k=3, top_p=0.9), False),
+    (SamplingParams(max_new_tokens=6, stop_token=1), True),
+])
+def test_a_diverged_policy_is_named_not_an_index_error(vocab_size, params, cuda_graph):
+    # weights that give NaN logits (as a learning rate far too high leaves them): NaN probabilities made the
+    # inverse-CDF search return index V, and the run died on "index V is out of bounds for dimension 1"
+    m = build_model(ModelShape(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16, n_positions=32), seed=0)
+    with torch.no_grad():
+        m.ln_f.weight.fill_(float("inf"))  # inf * 0 and inf - inf in the logits
+    with pytest.raises(FloatingPointError, match=r"next-token probabilities are not finite .* learner.lr"):
+        generate(m, [[2, 3], [4]], params, torch.Generator().manual_seed(0), cuda_graph=cuda_graph)
+
+
 # ---------------------------------------------------------------- Generation.rows and inputs
 
 

@@ -196,6 +196,27 @@ def test_export_of_a_char_tokenizer_policy(tmp_path):
         validate_with_task(cfg, task_for(cfg))
 
 
+@pytest.mark.parametrize("key", ["eos_token_id", "pad_token_id"])
+def test_an_end_token_id_outside_the_vocabulary_names_config_json(hf_folder, tmp_path, key):
+    # a small GPT2Config(vocab_size=400) keeps GPT-2's eos_token_id=50256 unless told otherwise: the error
+    # names config.json's field and the tokenizer's <|endoftext|> id, not only "tokenizer: eos id 50256"
+    from distpg.policy import task_for
+
+    folder, _ = hf_folder
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, key: 50256}))
+    eot = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(EOT)
+    message = (rf"config.json': {key}=50256 is outside the vocabulary of tokenizer.json \(\d+ tokens\); set it to "
+               rf"your tokenizer's end-of-text id \(<\|endoftext\|> is {eot}\)")
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(tmp_path)
+    run = config_from_dict({"model": {"init_from": str(tmp_path)}, "task": {"name": "reverse", "length": 4}})
+    with pytest.raises(ConfigError, match=r"model.init_from=.*" + message):
+        task_for(run)
+
+
 # ---------------------------------------------------------------- model.init_from
 
 

@@ -73,6 +73,24 @@ def test_micro_batches_give_the_same_gradient_step():
         assert torch.allclose(p, q, atol=1e-6)
 
 
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 5])
+def test_micro_batches_leave_the_entropy_bonus_unchanged(micro_batch_size):
+    # completions of different lengths (eos early or not): micro-batches hold different numbers of tokens,
+    # and the entropy is a mean over every response token of the batch, not a mean of micro-batch means
+    a, worker = setup("algo.entropy_coef=0.5")
+    b, _ = setup("algo.entropy_coef=0.5", f"learner.micro_batch_size={micro_batch_size}")
+    batch = worker.sample(["abcd=", "bbca=", "ddda="], [0, 1, 2], seed=3)
+    assert len({len(c) for c in batch.column("completion_tokens").to_pylist()}) > 1
+    ma, _ = a.update(batch)
+    mb, _ = b.update(batch)
+    for key in ("learner/loss", "learner/entropy", "learner/grad_norm"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-5), key
+    # the gradients agree to ~3e-8; Adam's first step (about lr times the gradient's sign) amplifies that
+    # on near-zero entries to ~2e-6, while the mean of micro-batch means moved parameters by ~2e-3
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
 def test_recomputed_logprobs_match_the_samplers():
     learner, worker = setup()
     batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=1)
@@ -141,6 +159,18 @@ def test_bfloat16_sampler_holds_bfloat16_weights_and_the_learner_corrects_every_
     assert metrics["learner/offpolicy_corrected_frac"] > 0
     learner32, worker32 = setup("model.n_embd=64", "model.n_head=4")  # float32: on-policy, nothing corrected
     assert learner32.update(worker32.sample(["abcd="], [2], seed=1))[0]["learner/offpolicy_corrected_frac"] == 0
+
+
+def test_whitening_divides_the_value_baselines_per_token_advantages_too():
+    # the value head starts at 0, so the first update's per-token advantages are the rewards themselves, and
+    # whitening by the batch divides the policy loss by the batch's reward std (value_coef 0: no value loss)
+    plain, worker = setup("algo.baseline=value", "algo.value_coef=0")
+    whitened, _ = setup("algo.baseline=value", "algo.value_coef=0", "algo.whiten=batch")
+    batch = worker.sample(["abcd=", "bbca=", "ddda="], [0, 1, 2], seed=3)
+    std = float(torch.tensor(batch.column("reward").to_pylist()).std())
+    assert std > 0.1
+    loss = plain.learn(batch)["learner/loss"]
+    assert whitened.learn(batch)["learner/loss"] == pytest.approx(loss / (std + 1e-6), rel=1e-5)
 
 
 def test_value_head_learns_the_return_and_survives_a_checkpoint(tmp_path):

@@ -103,7 +103,7 @@ def test_duplicates_are_kept_once_unless_their_references_differ(tmp_path):
     t = prompts_task(path)
     assert len(t.eval_prompts()) + len(set(t.sample_prompts(np.random.default_rng(0), 2000))) == len(ROWS)
     bad = write_jsonl(tmp_path / "bad.jsonl", ROWS + [{"prompt": "say ant:", "reference": "emmet"}])
-    with pytest.raises(ConfigError, match=r"rows 1 and 13 have the same prompt 'say ant:' but different references"):
+    with pytest.raises(ConfigError, match=r"lines 1 and 13 have the same prompt 'say ant:' but different references"):
         prompts_task(bad)
 
 
@@ -152,8 +152,11 @@ def test_errors_name_the_field(jsonl, kw, message):
         ("p.csv", "prompt\nx\n", r"unknown file type '.csv'; allowed: .jsonl, .ndjson, .parquet"),
         ("p.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"line 2 is not JSON"),
         ("p.jsonl", '{"prompt": "a"}\n\n{"question": "b"}\n', r"line 3: expected an object with a 'prompt' key"),
-        ("p.jsonl", '{"prompt": ""}\n', r"row 1: 'prompt' must be non-empty text, got ''"),
-        ("p.jsonl", '{"prompt": 5}\n', r"row 1: 'prompt' must be non-empty text, got 5"),
+        ("p.jsonl", '{"prompt": ""}\n', r"line 1: 'prompt' must be non-empty text, got ''"),
+        # blank lines count: the error names the line an editor shows
+        ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": 5}\n', r"line 3: 'prompt' must be non-empty text, got 5"),
+        ("p.jsonl", '{"prompt": "a", "reference": 1}\n\n{"prompt": "a", "reference": 2}\n',
+         r"lines 1 and 3 have the same prompt 'a' but different references"),
         ("p.jsonl", "\n", r"the file has no rows"),
         ("p.parquet", None, r"no 'prompt' column \(columns: question\)"),
         ("q.parquet", "not parquet", r"not a readable Parquet file"),
@@ -168,6 +171,13 @@ def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     with pytest.raises(ConfigError, match=r"task.prompts_path='.*" + name + "'") as e:
         prompts_task(path)
     assert e.match(message)
+
+
+def test_parquet_errors_name_the_row(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", None]}), path)
+    with pytest.raises(ConfigError, match=r"row 2: 'prompt' must be non-empty text, got None"):
+        prompts_task(path)
 
 
 def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(tmp_path, capsys):
@@ -198,3 +208,25 @@ def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(
     cfg = load_config(None, ["task.name=prompts", *sets, "task.max_prompt_tokens=27"])
     validate_with_task(cfg, make_task(cfg.task))
     assert "task.max_prompt_tokens=27: left out 2 of 14 prompts, longer than that" in capsys.readouterr().out
+
+
+def test_a_run_refuses_a_prompts_file_changed_since_it_started(jsonl, tmp_path):
+    # the held-out split and the character tokenizer come from the file: eval, export and --resume of a run
+    # against an edited file would score held-in prompts or load weights for other token ids (a new character
+    # made the vocabulary one larger: a size-mismatch traceback from load_state_dict)
+    from distpg.config import load_config, load_run_config
+    from distpg.orchestrator import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(None, ["task.name=prompts", f"task.prompts_path={jsonl}",
+                             "task.reward=tests.user_rewards:length_of_reference", "task.num_eval=4"])
+    prepare_run_dir(cfg, run_dir, resume=False)
+    assert load_run_config(run_dir / "config.yaml") == cfg  # unchanged: read as it was
+    write_jsonl(jsonl, ROWS + [{"prompt": "say yak!", "reference": "yak"}])
+    for weights in (True, False):  # --resume; eval and export
+        with pytest.raises(ConfigError, match=r"task.prompts_path='.*p.jsonl' has changed since the run started .*"
+                                              r"put back the file the run started from"):
+            load_run_config(run_dir / "config.yaml", weights=weights)
+    write_jsonl(jsonl, ROWS)  # put back
+    assert load_run_config(run_dir / "config.yaml") == cfg

@@ -63,12 +63,14 @@ def read_prompts(path: str | Path) -> list[tuple[str, object]]:
         rows = _read_parquet(path, where)
     else:
         raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .parquet")
+    # rows are named as an editor finds them: by line in a JSONL file (blank lines count), by row in Parquet
+    unit = "line" if suffix in (".jsonl", ".ndjson") else "row"
     out: dict[str, tuple[int, object]] = {}
-    for n, (prompt, reference) in enumerate(rows, 1):
+    for n, prompt, reference in rows:
         if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"{where}: row {n}: 'prompt' must be non-empty text, got {prompt!r}")
+            raise ValueError(f"{where}: {unit} {n}: 'prompt' must be non-empty text, got {prompt!r}")
         if prompt in out and out[prompt][1] != reference:
-            raise ValueError(f"{where}: rows {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
+            raise ValueError(f"{where}: {unit}s {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
                              "different references; keep one")
         out.setdefault(prompt, (n, reference))
     if not out:
@@ -76,7 +78,8 @@ def read_prompts(path: str | Path) -> list[tuple[str, object]]:
     return [(p, ref) for p, (_, ref) in out.items()]
 
 
-def _read_jsonl(path: Path, where: str) -> list[tuple]:
+def _read_jsonl(path: Path, where: str) -> list[tuple[int, object, object]]:
+    """(line number, prompt, reference) of each non-blank line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -88,11 +91,12 @@ def _read_jsonl(path: Path, where: str) -> list[tuple]:
                 raise ValueError(f"{where}: line {n} is not JSON: {e}") from None
             if not isinstance(obj, dict) or "prompt" not in obj:
                 raise ValueError(f"{where}: line {n}: expected an object with a 'prompt' key, got {line.strip()[:80]}")
-            rows.append((obj["prompt"], obj.get("reference")))
+            rows.append((n, obj["prompt"], obj.get("reference")))
     return rows
 
 
-def _read_parquet(path: Path, where: str) -> list[tuple]:
+def _read_parquet(path: Path, where: str) -> list[tuple[int, object, object]]:
+    """(row number, prompt, reference) of each row."""
     import pyarrow.parquet as pq
 
     try:
@@ -104,7 +108,7 @@ def _read_parquet(path: Path, where: str) -> list[tuple]:
     table = pq.read_table(path, columns=[c for c in ("prompt", "reference") if c in names])
     prompts = table.column("prompt").to_pylist()
     refs = table.column("reference").to_pylist() if "reference" in names else [None] * len(prompts)
-    return list(zip(prompts, refs))
+    return [(n, p, r) for n, (p, r) in enumerate(zip(prompts, refs), 1)]
 
 
 def load_reward(spec: str | None):
