@@ -148,19 +148,23 @@ WHITEN = ("none", "batch", "group")
 
 
 def whiten(adv: torch.Tensor, rewards: torch.Tensor, ok: torch.Tensor, mode: str, eps: float = 1e-6) -> torch.Tensor:
-    """Divide (P, G) advantages by the std of the valid rewards of the batch or of each group (biased)."""
+    """Divide (P, G) advantages by the std of the valid rewards of the batch or of each group (biased).
+
+    A batch or group whose rewards are all equal (std ≤ eps) has no scale to divide by and is left as it is:
+    its group-baseline advantages are 0 up to rounding, which 1 / eps would blow up into noise, and a value
+    baseline's per-token advantages are not 0 at all."""
     if mode == "none":
         return adv
     r = torch.where(ok, rewards.float(), torch.nan)
     if mode == "batch":
         std = r[ok].std() if int(ok.sum()) > 1 else torch.tensor(1.0)
-        return adv / (std + eps)
-    if mode == "group":
+    elif mode == "group":
         mean = torch.nanmean(r, dim=1, keepdim=True)
         n = ok.sum(dim=1, keepdim=True).clamp(min=2)
         std = (torch.nansum((r - mean) ** 2, dim=1, keepdim=True) / (n - 1)).sqrt()
-        return adv / (std + eps)
-    raise ValueError(f"algo.whiten={mode!r}: allowed are {', '.join(WHITEN)}")
+    else:
+        raise ValueError(f"algo.whiten={mode!r}: allowed are {', '.join(WHITEN)}")
+    return adv / torch.where(std > eps, std + eps, torch.ones_like(std))
 
 
 def entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -205,9 +209,10 @@ def off_policy_loss(
       sampling as in V-trace's ρ̄ (cap 1 never up-weights a token, which keeps the variance bounded).
     - clipped:   −1/B Σ_i Σ_t w_t min(r_t A_i, clip(r_t, 1 − ε, 1 + ε) A_i), PPO's clipped surrogate on
       r_t = πθ(a_t) / π_old(a_t), π_old the sampling version's own policy before top-k/top-p
-      (`policy_logprobs`), with the behaviour weight w_t = π_old(a_t) / μ(a_t) detached, as in decoupled
-      PPO (Hilton et al. 2021; AReaL): the trust region is around the policy that sampled, and the
-      filter's renormalisation (w = the mass kept, ≤ 1) is corrected without being clipped. Without
+      (`policy_logprobs`), with the weight w_t = π_old(a_t) / μ(a_t) detached: the trust region is around
+      the policy that sampled, and the filter's renormalisation (w = the mass kept, ≤ 1) is corrected
+      without being clipped (decoupled PPO's behaviour/proximal split, Hilton et al. 2021, with the sampling
+      version as the proximal policy; AReaL takes the learner's current one). Without
       top-k/top-p, π_old = μ and w = 1: the plain clipped surrogate on ρ.
     - none:      the on-policy loss, ignoring the lag (biased).
     Fresh samples (`stale` False: drawn with the learner's current weights) always use the plain

@@ -317,7 +317,8 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
         if params.stop_token is not None:
             alive = ~stopped
             tok = torch.where(alive, tok, pad_id)
-            logp, logpi = torch.where(alive, logp, 0.0), torch.where(alive, logpi, 0.0)
+            logp = torch.where(alive, logp, 0.0)
+            logpi = torch.where(alive, logpi, 0.0) if params.filtered else logp
             stopped = stopped | (tok == params.stop_token)
         out = slice(None) if rows is None else rows
         tokens[out, t], logprobs[out, t] = tok, logp
@@ -382,7 +383,8 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
         if params.stop_token is not None:
             alive = ~stopped
             tok = torch.where(alive, tok, pad_id)
-            logp, logpi = torch.where(alive, logp, 0.0), torch.where(alive, logpi, 0.0)
+            logp = torch.where(alive, logp, 0.0)
+            logpi = torch.where(alive, logpi, 0.0) if params.filtered else logp
             stopped.logical_or_(tok == params.stop_token)
             st.mask.index_copy_(1, t, alive[:, None])
         st.tokens.index_copy_(1, t, tok[:, None])

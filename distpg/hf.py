@@ -228,7 +228,9 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
                 f"{str(Path(folder) / 'config.json')!r}: {key}={i} is outside the vocabulary of tokenizer.json "
                 f"({n} tokens); set it to your tokenizer's end-of-text id"
                 f"{f' (<|endoftext|> is {endoftext})' if endoftext is not None else ''}, e.g. "
-                f"GPT2Config(..., bos_token_id=ID, eos_token_id=ID) before save_pretrained")
+                + ("GPT2Config(..., bos_token_id=ID, eos_token_id=ID) before save_pretrained" if key != "pad_token_id"
+                   else "GPT2Config(..., pad_token_id=ID) before save_pretrained, or leave pad_token_id out (pad "
+                        "then defaults to eos)"))
     try:
         tokenizer = HFTokenizer(tok, eos_id, cfg.get("pad_token_id"))
     except ValueError as e:  # eos or pad outside the vocabulary

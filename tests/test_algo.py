@@ -116,6 +116,22 @@ def test_ema_update_first_call_sets_then_blends():
     assert algo.ema_update(0.0, 1.0, decay=0.5) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("same", [0.1, 0.3, 0.7])
+def test_whitening_leaves_a_group_of_equal_rewards_unscaled(same):
+    """Group 0's rewards are all equal: its leave-one-out advantages are 0 up to float32 rounding, and a
+    division by its std (0) + eps would turn that rounding into advantages of order 0.01-0.1; group 1 is
+    divided by its own std. With the value baseline (per-token advantages r - V, not 0) the same holds."""
+    rewards = torch.tensor([[same] * 8, [0.0, 1.0, 0.5, 0.25, 0.0, 1.0, 0.75, 0.5]])
+    ok = torch.ones_like(rewards, dtype=torch.bool)
+    adv, _ = algo.advantages(rewards, ok, "group", None)
+    out = algo.whiten(adv, rewards, ok, "group")
+    assert out[0].abs().max() < 1e-6
+    torch.testing.assert_close(out[1], adv[1] / (rewards[1].double().std().float() + 1e-6))
+    values = torch.ones(2, 8) * 0.3  # stands for per-token r - V(s): whitening must not blow it up
+    assert torch.equal(algo.whiten(values, rewards, ok, "group")[0], values[0])
+    assert torch.equal(algo.whiten(values[:1], rewards[:1], ok[:1], "batch"), values[:1])
+
+
 # ------------------------------------------------------------------------------------------- pg_loss
 # B = 2 samples, T = 3 tokens; the last token of sample 0 is not part of its completion.
 LOGPROBS = [[-1.0, -2.0, -0.5], [-0.25, -1.5, -3.0]]

@@ -210,8 +210,9 @@ def test_an_end_token_id_outside_the_vocabulary_names_config_json(hf_folder, tmp
     eot = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(EOT)
     message = (rf"config.json': {key}=50256 is outside the vocabulary of tokenizer.json \(\d+ tokens\); set it to "
                rf"your tokenizer's end-of-text id \(<\|endoftext\|> is {eot}\)")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as e:
         load_tokenizer(tmp_path)
+    assert (f"GPT2Config(..., {key}=ID" if key == "pad_token_id" else "eos_token_id=ID") in str(e.value)
     run = config_from_dict({"model": {"init_from": str(tmp_path)}, "task": {"name": "reverse", "length": 4}})
     with pytest.raises(ConfigError, match=r"model.init_from=.*" + message):
         task_for(run)
