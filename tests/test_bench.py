@@ -235,6 +235,7 @@ def test_two_level_inverse_cdf_agrees_with_one_cumulative_sum():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~20 s: two training runs and a variance estimate (the quick bench runs by default)
 def test_bench_async_and_variance_write_their_figures(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -1,6 +1,7 @@
 """rollout.colocate: rollout worker 0 in the learner's actor, on a real local Ray runtime."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -84,6 +85,12 @@ def test_losing_the_learner_that_hosts_worker_0_stops_the_run_naming_it(ray_sess
         trainer.open_outputs(0)
         trainer.sync_step(1)
         ray.kill(trainer.learner, no_restart=True)
+        # ray.kill is asynchronous: on a loaded machine the next sample call could still run before the kill
+        # lands, and the update would fail instead (another message); wait until the actor is gone
+        with pytest.raises(ray.exceptions.RayActorError):
+            for _ in range(600):
+                ray.get(trainer.learner.__ray_ready__.remote(), timeout=30)
+                time.sleep(0.1)
         with pytest.raises(TrainingError, match=r"rollout worker 0, which runs in the learner's actor "
                            r"\(rollout.colocate\), died during step 2 .*so the run stops"):
             trainer.sync_step(2)

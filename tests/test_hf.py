@@ -10,6 +10,7 @@ init (`randomize_parameters`) so logits spread over several units and the 1e-4 t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -303,8 +304,21 @@ def _run(*args, timeout=240, cwd=ROOT):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
 
 
+def _in_process(capsys, monkeypatch, *args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """`distpg ARGS` as `_run` gives it, run by `cli.main` in this process (no interpreter and torch start-up):
+    for the commands that start no Ray runtime (eval, export, refused trains)."""
+    from distpg.cli import main
+
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.chdir(cwd)
+        code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.mark.ray
-def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys):
+def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkeypatch):
     """The shipped worked example: make a small GPT-2 folder, `distpg train configs/gpt2-prompts.yaml` from it
     with the bundled prompts and reward function, then `distpg eval` and `distpg export` the result."""
     folder, run, out = tmp_path / "tiny-gpt2", tmp_path / "run", tmp_path / "exported"
@@ -347,8 +361,9 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys):
     idx = torch.tensor([tok.encode("Repeat the word: river\nAnswer:")])
     with torch.no_grad():
         assert (_transformers_logits(out, idx) - trained(idx)).abs().max().item() < 1e-4
+    cli = functools.partial(_in_process, capsys, monkeypatch)  # the real processes above, in-process below
     for target in (out, folder):  # another export, or the folder the run started from, is not overwritten
-        p = _run("-m", "distpg", "export", str(run), str(target))
+        p = cli("export", str(run), str(target))
         assert p.returncode == 2 and f"OUT={str(target)!r} is not empty (it holds config.json" in p.stderr
 
     # the run keeps what it needs of init_from besides the weights (run/base): eval and export work
@@ -357,12 +372,12 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys):
         [x.name for x in folder.iterdir() if x.suffix != ".safetensors"] + ["fingerprint.json"])
     moved = tmp_path / "moved"
     folder.rename(moved)
-    p = _run("-m", "distpg", "eval", str(run), "--samples", "2", cwd=tmp_path)
+    p = cli("eval", str(run), "--samples", "2", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = _run("-m", "distpg", "export", str(run), str(tmp_path / "again"))
+    p = cli("export", str(run), str(tmp_path / "again"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    p = _run("-m", "distpg", "train", "--resume", str(run))
+    p = cli("train", "--resume", str(run))
     assert p.returncode == 2 and f"model.init_from={str(folder)!r}: no such folder any more; resuming " in p.stderr
     from distpg.cli import main
 
@@ -372,11 +387,11 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys):
     weights = load_file(str(folder / "model.safetensors"))  # the same folder with other weights
     save_file({k: v + 0.01 if k.endswith("ln_f.bias") else v for k, v in weights.items()},
               str(folder / "model.safetensors"), metadata={"format": "pt"})
-    p = _run("-m", "distpg", "train", "--resume", str(run))
+    p = cli("train", "--resume", str(run))
     assert p.returncode == 2
     assert f"model.init_from={str(folder)!r} has changed since the run started: model.safetensors differs" in p.stderr
-    p = _run("-m", "distpg", "eval", str(run), "--samples", "2", cwd=tmp_path)  # the weights come from the run
+    p = cli("eval", str(run), "--samples", "2", cwd=tmp_path)  # the weights come from the run
     assert p.returncode == 0, p.stderr[-3000:]
     (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text() + "\n")  # any edit counts
-    p = _run("-m", "distpg", "eval", str(run), cwd=tmp_path)
+    p = cli("eval", str(run), cwd=tmp_path)
     assert p.returncode == 2 and "tokenizer.json differs from what" in p.stderr, p.stderr
