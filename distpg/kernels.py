@@ -385,6 +385,22 @@ def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, 
         _active.packs = outer
 
 
+def active_packs() -> dict | None:
+    """The pre-packed copies `linear` uses in this thread (inside `packed_weights`), for `using_packs`."""
+    return getattr(_active, "packs", None)
+
+
+@contextmanager
+def using_packs(packs: dict | None) -> Iterator[None]:
+    """Within this block, this thread's `linear` uses `packs` (another thread's `active_packs`)."""
+    outer = getattr(_active, "packs", None)
+    _active.packs = packs
+    try:
+        yield
+    finally:
+        _active.packs = outer
+
+
 def release(owner: object) -> None:
     """Drop the pre-packed copies kept for `owner` (a rollout worker does when its weights change, so that a
     version's copies do not outlive it)."""

@@ -380,3 +380,48 @@ def test_fixed_shape_decode_stops_early_when_every_row_has_stopped(model):
     gen = generate(model, [prompt] * 3, params, torch.Generator(), pad_id=15, check_every=2, cuda_graph=True)
     assert gen.tokens.shape == (3, 9) and (gen.tokens[:, 0] == first).all() and (gen.tokens[:, 1:] == 15).all()
     assert gen.mask[:, 0].all() and not gen.mask[:, 1:].any() and not gen.truncated.any()
+
+
+# ---------------------------------------------------------------- row shards on CPU threads
+
+
+@pytest.mark.parametrize("stop_token,top_k", [(None, 0), (3, 0), (3, 4)])
+def test_row_shards_sample_what_one_batch_samples(model, monkeypatch, stop_token, top_k):
+    """A CPU batch split into shards decoded by their own threads (one intra-op thread each): every row gets
+    the uniform draws it gets unsharded, so the same tokens, masks and truncation, log-probabilities equal up
+    to float rounding (other matrix shapes), with rows stopping and dropped inside each shard; the caller's
+    thread count is restored."""
+    import distpg.generate as gen_mod
+
+    prompts = _prompts([1, 4, 7, 2, 5, 3, 6], seed=9) * 3  # 21 rows: shards of 7, 7, 7 or 11, 10
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=top_k, stop_token=stop_token)
+    monkeypatch.setattr(gen_mod, "SHARDS", 1)
+    ref = generate(model, prompts, params, torch.Generator().manual_seed(6), pad_id=13, check_every=2)
+    threads = torch.get_num_threads()
+    for n in (2, 3):
+        monkeypatch.setattr(gen_mod, "SHARDS", n)
+        got = generate(model, prompts, params, torch.Generator().manual_seed(6), pad_id=13, check_every=2)
+        assert torch.get_num_threads() == threads
+        assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.mask, ref.mask)
+        assert torch.equal(got.truncated, ref.truncated)
+        torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.policy_logprobs, ref.policy_logprobs, atol=1e-5, rtol=0)
+        assert (got.policy_logprobs is got.logprobs) == (top_k == 0)
+    if stop_token is not None and top_k == 0:  # (the stop token is rarely among the top 4)
+        lengths = ref.mask.sum(1)
+        assert lengths.min() < 6 and lengths.max() == 12  # rows stopped early, some dropped within a shard
+
+
+def test_shards_follow_the_intra_op_threads(monkeypatch):
+    import distpg.generate as gen_mod
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert gen_mod.shard_count(64) == 2 and gen_mod.shard_count(31) == 1  # 16 rows a shard at least
+        torch.set_num_threads(1)
+        assert gen_mod.shard_count(64) == 1
+        monkeypatch.setattr(gen_mod, "SHARDS", 3)
+        assert gen_mod.shard_count(64) == 3 and gen_mod.shard_count(2) == 2
+    finally:
+        torch.set_num_threads(threads)
