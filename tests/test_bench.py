@@ -151,6 +151,7 @@ def _stopping_model():
 def test_dropping_stopped_rows_changes_no_sample(monkeypatch, lengths):
     import distpg.generate as G
 
+    monkeypatch.setattr(G, "SHARDS", 1)  # one batch, decoded by one thread (row shards: tests/test_generate.py)
     model = _stopping_model()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(16, (n,), generator=g).tolist() for n in lengths] * 6
