@@ -12,7 +12,7 @@ from distpg.config import Config, load_run_config
 from distpg.generate import generate
 from distpg.model import GPT
 from distpg.policy import initial_policy, task_for
-from distpg.rollout import sampling_params
+from distpg.rollout import reward_isolation, sampling_params
 
 
 @dataclass
@@ -76,7 +76,12 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
             completions += [tok.decode(r) for r in out.rows()]
     finally:
         kernels.release(model)
-    scores, ok, _ = rewards.score(task, prompts, completions)
+    # as in training: a user's reward function runs in a killable child with rollout.reward_timeout_s
+    scores, ok, errors = rewards.score(task, prompts, completions, reward_isolation(cfg),
+                                       cfg.rollout.reward_timeout_s)
+    if not any(ok):  # the child hung or died (score raises for a function that failed on every sample)
+        raise rewards.RewardError(f"the reward function of task {task.name!r} gave no reward for the "
+                                  f"{len(prompts)} held-out prompts: {errors[0]}")
     targets = [task.target(p) for p in prompts]
     exact = sum(map(exact_match, completions, targets)) / len(prompts)
     valid = [r for r, k in zip(scores, ok) if k]

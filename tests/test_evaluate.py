@@ -84,3 +84,18 @@ def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("distpg: eval failed: the reward function of task 'always_fails' failed on all")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("fault, why", [
+    ("hang", "the reward function did not finish within rollout.reward_timeout_s=2s"),
+    ("suicide", r"the reward process died \(exit code -9\)"),
+])
+def test_eval_runs_a_users_reward_function_as_training_does(fault, why):
+    """A user's reward function that hangs or kills its process: eval, like a rollout worker, runs it in a
+    child with rollout.reward_timeout_s, and says what happened instead of hanging or dying with it."""
+    from distpg.rewards import RewardError
+
+    cfg = small_config("task.name=tests.user_task:misbehaving", f"task.params.fault={fault}",
+                       "rollout.reward_timeout_s=2")
+    with pytest.raises(RewardError, match=rf"task 'misbehaving' gave no reward for the \d+ held-out prompts: {why}"):
+        evaluate(cfg, Learner(cfg).model.eval())
