@@ -265,7 +265,7 @@ def generate(
 
 SHARD_MIN_ROWS = 16  # rows per shard at least: below, a thread's share is too small to pay for its handoff
 SHARDS: int | None = None  # None: one shard per intra-op thread (`shard_count`); a number forces it (tests)
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # the shards' threads, and how many
 _pool_lock = threading.Lock()
 
 
@@ -281,8 +281,8 @@ def _generate_sharded(model: GPT, prompts: list[list[int]], params: SamplingPara
     """`_generate` on n contiguous shards of the rows at once, each in its own thread with one intra-op thread
     and the pre-packed weights of the calling thread, each row with the uniform draws it gets unsharded."""
     global _pool
-    B, N = len(prompts), params.max_new_tokens
-    uniforms = torch.rand((N, B), generator=generator, dtype=torch.float64, device=model.wte.weight.device)
+    B = len(prompts)
+    uniforms = _draws(generator, params.max_new_tokens, B, model.wte.weight.device)
     bounds = np.linspace(0, B, n + 1).round().astype(int).tolist()
     packs, threads = kernels.active_packs(), torch.get_num_threads()
 
@@ -294,18 +294,23 @@ def _generate_sharded(model: GPT, prompts: list[list[int]], params: SamplingPara
                              uniforms[:, lo:hi].contiguous())
 
     with _pool_lock:
-        if _pool is None or _pool._max_workers < n - 1:
-            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="distpg-shard")
-        pool = _pool
+        if _pool is None or _pool[1] < n - 1:
+            _pool = (ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="distpg-shard"), n - 1)
+        pool = _pool[0]
     try:
         futures = [pool.submit(shard, i) for i in range(1, n)]
         parts = [shard(0)] + [f.result() for f in futures]
     finally:
         torch.set_num_threads(threads)
-    same = all(g.policy_logprobs is g.logprobs for g in parts)
     return Generation(tokens=torch.cat([g.tokens for g in parts]), logprobs=torch.cat([g.logprobs for g in parts]),
                       mask=torch.cat([g.mask for g in parts]), truncated=torch.cat([g.truncated for g in parts]),
-                      policy_logprobs=None if same else torch.cat([g.policy_logprobs for g in parts]))
+                      policy_logprobs=torch.cat([g.policy_logprobs for g in parts]) if params.filtered else None)
+
+
+def _draws(generator: torch.Generator, N: int, B: int, device) -> torch.Tensor:
+    """(N, B) float64 uniforms: one draw per new token and row, all made up front (so dropping stopped rows, or
+    splitting the rows into shards, changes no sample)."""
+    return torch.rand((N, B), generator=generator, dtype=torch.float64, device=device)
 
 
 @dataclass
@@ -340,9 +345,7 @@ def _setup(model: GPT, prompts: list[list[int]], params: SamplingParams, generat
         key_mask=torch.cat([prompt_mask, torch.ones(B, N, dtype=torch.bool, device=device)], dim=1),
         positions=(prompt_mask.cumsum(1) - 1).clamp_(min=0),
         new_positions=prompt_mask.sum(1, keepdim=True) + torch.arange(N, device=device),
-        # every draw is made for all B rows up front, so dropping stopped rows changes no sample
-        uniforms=torch.rand((N, B), generator=generator, dtype=torch.float64, device=device) if uniforms is None
-        else uniforms,
+        uniforms=_draws(generator, N, B, device) if uniforms is None else uniforms,
         tokens=torch.full((B, N), pad_id, dtype=torch.long, device=device),
         logprobs=logprobs,
         policy_logprobs=torch.zeros_like(logprobs) if params.filtered else logprobs,

@@ -112,9 +112,12 @@ class RolloutWorker:
                        pad_id=self.tokenizer.pad_id, weights_key=self.version)
         completion_tokens = out.rows()
         mask = out.mask.cpu()
-        logprobs = [row[mask_row].tolist() for row, mask_row in zip(out.logprobs.cpu(), mask)]
-        policy_logprobs = logprobs if out.policy_logprobs is out.logprobs else [
-            row[mask_row].tolist() for row, mask_row in zip(out.policy_logprobs.cpu(), mask)]
+
+        def generated(t: torch.Tensor) -> list[list[float]]:  # each row's values at its generated tokens
+            return [row[mask_row].tolist() for row, mask_row in zip(t.cpu(), mask)]
+
+        logprobs = generated(out.logprobs)
+        policy_logprobs = logprobs if out.policy_logprobs is out.logprobs else generated(out.policy_logprobs)
         texts = [self.tokenizer.decode(t) for t in completion_tokens]
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
