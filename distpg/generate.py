@@ -64,8 +64,13 @@ class SamplingParams:
 
     @property
     def filtered(self) -> bool:
-        """Top-k or top-p samples from a narrower distribution μ than the policy's softmax(logits / T)."""
-        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0)
+        return filters(self.temperature, self.top_k, self.top_p)
+
+
+def filters(temperature: float, top_k: int, top_p: float) -> bool:
+    """Whether these settings sample from a narrower distribution μ than the policy's softmax(logits / T):
+    top-k or top-p (greedy decoding samples nothing)."""
+    return temperature > 0 and (top_k > 0 or top_p < 1.0)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from distpg import algo, kernels
 from distpg.batch import BatchError, LearnerBatch, to_learner_batch, validate
 from distpg.config import Config
+from distpg.generate import filters
 from distpg.memory import retain_freed_memory
 from distpg.model import token_logprobs
 from distpg.policy import initial_policy
@@ -118,7 +119,7 @@ class Learner:
         # and samples from a top-k/top-p filtered distribution, which is not the policy's: pi/mu <= 1 on
         # every token they hold (mu renormalises pi over a subset)
         rc = self.cfg.rollout
-        stale = (staleness > 0) | (rc.dtype != "float32") | (rc.top_k > 0) | (rc.top_p < 1.0)
+        stale = (staleness > 0) | (rc.dtype != "float32") | filters(rc.temperature, rc.top_k, rc.top_p)
         ac = self.cfg.algo
         mb = self.cfg.learner.micro_batch_size or B
         chunks = [slice(s, s + mb) for s in range(0, B, mb)]
