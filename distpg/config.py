@@ -205,7 +205,10 @@ class LearnerConfig:
 class RayConfig:
     address: str | None = _f(None, "cluster to join (null: $RAY_ADDRESS, else start a local Ray)")
     num_cpus: int | None = _f(None, "CPUs of a local Ray runtime (null: this machine's)")
-    placement_strategy: str = _f("PACK", "placement group strategy for the actors", ("PACK", "SPREAD"))
+    placement_strategy: str = _f(
+        "PACK", "placement group strategy for the actors (one bundle each): PACK and SPREAD are preferences; "
+        "STRICT_PACK puts them all on one node, STRICT_SPREAD each on a node of its own (checked against the "
+        "cluster's nodes before any actor starts)", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     dashboard: bool = _f(False, "start the dashboard with a local runtime (bound to 127.0.0.1)")
     timeout_s: float = _f(300.0, "longest wait for any remote call other than sampling")
 

@@ -241,13 +241,13 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
     if learner_node is not None:
         learner[learner_node] = NODE_RESOURCE_UNIT
     if nodes is not None:
-        _check_nodes(placement, n, nodes)
+        _check_nodes(placement, n, nodes, cfg.ray.placement_strategy)
     return placement
 
 
-def _check_nodes(placement: Placement, n: int, nodes: list[dict]) -> None:
-    """Does every bundle fit on some node, and do the bundles pinned to a node resource fit on the nodes
-    that have it? Raises ConfigError naming the field."""
+def _check_nodes(placement: Placement, n: int, nodes: list[dict], strategy: str = "PACK") -> None:
+    """Does every bundle fit on some node, do the bundles pinned to a node resource fit on the nodes that have
+    it, and can they be placed as a strict `strategy` says? Raises ConfigError naming the field."""
     if not nodes:
         raise ConfigError("the Ray cluster has no alive nodes")
     custom = sorted({k for node in nodes for k in node if k not in ("CPU", "GPU", "memory", "object_store_memory")
@@ -277,6 +277,50 @@ def _check_nodes(placement: Placement, n: int, nodes: list[dict]) -> None:
             if need > have + 1e-9:
                 raise ConfigError(f"{len(bundles)} actor(s) pinned to node resource {pin!r} (rollout/learner"
                                   f".node_resource) need {need:g} {res}s, but the nodes with it have {have:g}")
+    if strategy in ("STRICT_PACK", "STRICT_SPREAD"):
+        _check_strict(placement.bundles(n), nodes, strategy, placement.colocated)
+
+
+def _fits(bundle: dict, node: dict) -> bool:
+    """Does `node` (total resources) hold `bundle`: its CPUs and GPUs, and its node resource if pinned?"""
+    return all(node.get(k, 0) + 1e-9 >= v if k in ("CPU", "GPU") else node.get(k, 0) > 0 for k, v in bundle.items())
+
+
+def _check_strict(bundles: list[dict], nodes: list[dict], strategy: str, colocated: bool) -> None:
+    """Can Ray place `bundles` on `nodes` under STRICT_PACK (all on one node) or STRICT_SPREAD (each on a node
+    of its own)? Ray would wait for room that never comes; raises ConfigError naming the field instead."""
+    field = f"ray.placement_strategy={strategy}"
+    what = f"the learner and {len(bundles) - 1} rollout worker actor(s)"
+    if strategy == "STRICT_PACK":
+        total = {k: sum(b.get(k, 0) for b in bundles) for k in {k for b in bundles for k in b}}
+        if not any(_fits(total, node) for node in nodes):
+            largest = max(node.get("CPU", 0) for node in nodes)
+            pins = sorted(k for k in total if k not in ("CPU", "GPU"))
+            need = f"{total.get('CPU', 0):g} CPUs" + (f" and {total['GPU']:g} GPUs" if total.get("GPU") else "")
+            raise ConfigError(f"{field} puts {what} on one node: they need {need}"
+                              + (f" and the node resource(s) {', '.join(pins)}" if pins else "")
+                              + f", and no node of the cluster has that (the largest has {largest:g} CPUs); "
+                              "allowed: fewer or smaller actors, or PACK (which may use several nodes)")
+        return
+    # STRICT_SPREAD: a node per bundle, a bundle only where it fits (a bipartite matching, by augmenting paths)
+    owner: dict[int, int] = {}  # node index -> bundle index
+
+    def place(b: int, seen: set) -> bool:
+        for j, node in enumerate(nodes):
+            if j not in seen and _fits(bundles[b], node):
+                seen.add(j)
+                if j not in owner or place(owner[j], seen):
+                    owner[j] = b
+                    return True
+        return False
+
+    placed = sum(place(b, set()) for b in range(len(bundles)))
+    if placed < len(bundles):
+        most = placed - 1 + colocated  # the learner takes a node; with rollout.colocate it hosts worker 0
+        fewer = f"rollout.num_workers <= {most}" if most >= 1 else "a cluster with room for the learner"
+        raise ConfigError(f"{field} puts each of {what} on a node of its own, but only {placed} of them fit on "
+                          f"distinct nodes of the cluster's {len(nodes)} alive node(s); allowed: {fewer}, more "
+                          "nodes, or SPREAD (which may share nodes)")
 
 
 def init_ray(cfg: Config, address: str | None) -> bool:

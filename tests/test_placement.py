@@ -50,6 +50,42 @@ def test_an_actor_must_fit_on_one_node():
         plan_placement(small_config("learner.num_cpus=3", "run.device=cpu"), cpus=6, gpus=0, nodes=NODES)
 
 
+def test_strict_spread_needs_a_node_per_actor_where_it_fits():
+    spread = ("ray.placement_strategy=STRICT_SPREAD", "rollout.num_cpus_per_worker=1", "run.device=cpu")
+    plan_placement(small_config(*spread), cpus=6, gpus=0, nodes=NODES)  # learner + 2 workers on 3 nodes
+    with pytest.raises(ConfigError, match=r"ray.placement_strategy=STRICT_SPREAD puts each of the learner and 3 "
+                                          r"rollout worker actor\(s\) on a node of its own, but only 3 of them fit "
+                                          r"on distinct nodes of the cluster's 3 alive node\(s\); allowed: "
+                                          r"rollout.num_workers <= 2"):
+        plan_placement(small_config(*spread, "rollout.num_workers=3"), 6, 0, NODES)
+    # with worker 0 in the learner, 3 workers need 3 nodes
+    plan_placement(small_config(*spread, "rollout.num_workers=3", "rollout.colocate=true"), 6, 0, NODES)
+    # the matching, not first come first served: the learner (2 CPUs) fits anywhere, the worker pinned to
+    # distpg_node_1 only there, and a greedy pass that gave node 1 to the learner would fail
+    pinned = small_config(*spread, "rollout.num_workers=1", "learner.num_cpus=2", "rollout.node_resource=distpg_node_1")
+    plan_placement(pinned, 6, 0, [NODES[1], NODES[0]])
+    # two actors pinned to the one node with distpg_node_1 cannot be on distinct nodes (each fits alone)
+    with pytest.raises(ConfigError, match=r"only 2 of them fit .* allowed: rollout.num_workers <= 1"):
+        plan_placement(small_config(*spread, "rollout.node_resource=distpg_node_1"), 6, 0, NODES)
+    # a local runtime is one node: more than one actor is refused before Ray starts
+    with pytest.raises(ConfigError, match="STRICT_SPREAD .* only 1 of them fit .* allowed: a cluster with room"):
+        plan_placement(small_config(*spread), 8, 0, nodes=[{"CPU": 8}])
+
+
+def test_strict_pack_needs_one_node_that_holds_every_actor():
+    pack = ("ray.placement_strategy=STRICT_PACK", "run.device=cpu")
+    plan_placement(small_config(*pack), cpus=6, gpus=0, nodes=NODES)  # 1 + 2 x 0.5 CPUs on a 2-CPU node
+    with pytest.raises(ConfigError, match=r"ray.placement_strategy=STRICT_PACK puts the learner and 2 rollout "
+                                          r"worker actor\(s\) on one node: they need 3 CPUs, and no node of the "
+                                          r"cluster has that \(the largest has 2 CPUs\); allowed: fewer or smaller"):
+        plan_placement(small_config(*pack, "rollout.num_cpus_per_worker=1"), 6, 0, NODES)
+    # pinned to two different nodes: no one node has both resources
+    with pytest.raises(ConfigError, match=r"STRICT_PACK .* need 2 CPUs and the node resource\(s\) distpg_node_0, "
+                                          r"distpg_node_1"):
+        plan_placement(small_config(*pack, "learner.node_resource=distpg_node_0",
+                                    "rollout.node_resource=distpg_node_1"), 6, 0, NODES)
+
+
 def test_gpu_requests_whole_and_fractional_are_checked_per_node():
     two_gpu_nodes = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     # fractional: learner 0.5 + 2 workers x 0.25 = 1 GPU; fits on either node
