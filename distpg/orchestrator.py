@@ -438,12 +438,18 @@ class Trainer:
     def room_shortage(self) -> str | None:
         """Why the run's placement group cannot be whole on the cluster's live nodes (after a node loss), or
         None when they have the resources it reserves."""
-        short = _short_of(self.placement, self.cfg.rollout.num_workers, ray.cluster_resources())  # live nodes
-        if short is None:
-            return None
-        res, need, have = short
-        return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for the "
-                "replacement")
+        n, strategy = self.cfg.rollout.num_workers, self.cfg.ray.placement_strategy
+        short = _short_of(self.placement, n, ray.cluster_resources())  # live nodes
+        if short is not None:
+            res, need, have = short
+            return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for the "
+                    "replacement")
+        if strategy in ("STRICT_PACK", "STRICT_SPREAD"):  # enough in total, but maybe not on the right nodes
+            try:
+                _check_strict(self.placement.bundles(n), cluster_nodes(), strategy, self.placement.colocated)
+            except ConfigError as e:
+                return f"no room for the replacement on the cluster's live nodes: {e}"
+        return None
 
     def restart_worker(self, wid: int, reason: str, weights_ref=None) -> None:
         """Replace worker `wid` (dead or hung) in its own bundle and hand it the current weights (or

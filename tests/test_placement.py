@@ -86,6 +86,22 @@ def test_strict_pack_needs_one_node_that_holds_every_actor():
                                     "rollout.node_resource=distpg_node_1"), 6, 0, NODES)
 
 
+def test_a_replacement_names_a_strict_placement_the_live_nodes_cannot_hold(ray_session):
+    """After a node loss the totals can still suffice while STRICT_SPREAD lacks a node: the wait for a
+    replacement says so (here the one local node, of which STRICT_SPREAD could use only one)."""
+    from types import SimpleNamespace
+
+    def shortage(*sets):
+        cfg = small_config("run.device=cpu", *sets)
+        return Trainer.room_shortage(SimpleNamespace(cfg=cfg, placement=plan_placement(cfg, 2, 0)))
+
+    assert shortage() is None and shortage("ray.placement_strategy=STRICT_PACK") is None
+    why = shortage("ray.placement_strategy=STRICT_SPREAD")
+    assert why.startswith("no room for the replacement on the cluster's live nodes: ray.placement_strategy="
+                          "STRICT_SPREAD puts each of the learner and 2 rollout worker actor(s) on a node of its own, "
+                          "but only 1 of them fit"), why
+
+
 def test_gpu_requests_whole_and_fractional_are_checked_per_node():
     two_gpu_nodes = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     # fractional: learner 0.5 + 2 workers x 0.25 = 1 GPU; fits on either node
