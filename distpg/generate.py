@@ -221,6 +221,41 @@ def _prefill(model: GPT, idx, positions, attn_mask, cache_k, cache_v) -> torch.T
     return output_layer(model, model.ln_f(x[:, -1]))
 
 
+def _distinct(prompts: list[list[int]]) -> tuple[list[int], list[int]] | None:
+    """The first row of each distinct prompt and, for every row, which of them it repeats; None when no
+    prompt repeats (a group of G samples per prompt repeats each G times)."""
+    first: dict[tuple[int, ...], int] = {}
+    reps: list[int] = []
+    inverse = []
+    for i, p in enumerate(prompts):
+        key = tuple(p)
+        if key not in first:
+            first[key] = len(reps)
+            reps.append(i)
+        inverse.append(first[key])
+    return None if len(reps) == len(prompts) else (reps, inverse)
+
+
+def _prefill_distinct(model: GPT, prompts: list[list[int]], st: _Setup, key_mask: torch.Tensor | None,
+                      cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+    """`_prefill` of the left-padded prompts into positions [0, Tp) of the caches, each distinct prompt run
+    once: its keys, values and last logits are copied to the rows that repeat it (the same numbers; with
+    groups of G, 1/G of the prompt tokens' work). key_mask: the real cache slots, or None (no padding).
+    Returns the logits (B, V)."""
+    Tp = st.idx.shape[1]
+    device = st.idx.device
+    distinct = _distinct(prompts)
+    if distinct is None:
+        return _prefill(model, st.idx, st.positions, _attention_mask(Tp, 0, key_mask, device), cache_k, cache_v)
+    reps, inverse = (torch.tensor(x, device=device) for x in distinct)
+    part = model.new_cache(len(reps), Tp)
+    mask = _attention_mask(Tp, 0, None if key_mask is None else key_mask[reps], device)
+    logits = _prefill(model, st.idx[reps], st.positions[reps], mask, part.k, part.v)
+    cache_k[:, :, :, :Tp] = part.k[:, inverse]
+    cache_v[:, :, :, :Tp] = part.v[:, inverse]
+    return logits[inverse]
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -373,8 +408,7 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
     keys = key_mask[:, None, None, :] if padded else None  # (b, 1, 1, S)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
 
-    prefill_mask = _attention_mask(Tp, 0, key_mask if padded else None, device)
-    logits = _prefill(model, st.idx, st.positions, prefill_mask, cache_k, cache_v)
+    logits = _prefill_distinct(model, prompts, st, key_mask if padded else None, cache_k, cache_v)
     layers = decode_layers(model)
     for t in range(N):
         tok, logp, logpi = _sample(logits, params, uniforms[t] if rows is None else uniforms[t, rows])
@@ -436,8 +470,7 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
     cache = model.new_cache(B, Tp + N)
     cache.k.zero_()
     cache.v.zero_()
-    prefill_mask = _attention_mask(Tp, 0, st.key_mask, device)
-    logits = _prefill(model, st.idx, st.positions, prefill_mask, cache.k, cache.v)
+    logits = _prefill_distinct(model, prompts, st, st.key_mask, cache.k, cache.v)
     layers = decode_layers(model)
     slots = torch.arange(Tp + N, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)  # the token index, advanced by the step

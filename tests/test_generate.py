@@ -382,6 +382,48 @@ def test_fixed_shape_decode_stops_early_when_every_row_has_stopped(model):
     assert gen.mask[:, 0].all() and not gen.mask[:, 1:].any() and not gen.truncated.any()
 
 
+# ---------------------------------------------------------------- prompts repeated in a group
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_before(model, monkeypatch, cuda_graph):
+    """Groups repeat each prompt G times: its prompt tokens run through the model once, and the keys, values
+    and first logits go to every row that repeats it. The same tokens, masks and truncation as prefilling
+    every row, log-probabilities equal up to float rounding (another batch size), with left padding, in both
+    decode loops. Prompts are told apart by their tokens, not their padded rows: [pad, 5] and [5] are two."""
+    import distpg.generate as gen_mod
+
+    pad = 13
+    distinct = _prompts([1, 4, 7, 2, 5], seed=11) + [[pad, 5], [5]]
+    prompts = [p for p in distinct for _ in range(3)][::-1] + distinct[:2]  # 23 rows, out of order
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, stop_token=3)
+    rows = []
+    prefill = gen_mod._prefill
+
+    def counting(model, idx, *args):
+        rows.append(idx.shape[0])
+        return prefill(model, idx, *args)
+
+    monkeypatch.setattr(gen_mod, "_prefill", counting)
+    monkeypatch.setattr(gen_mod, "SHARDS", 1)
+    got = generate(model, prompts, params, torch.Generator().manual_seed(2), pad_id=pad, cuda_graph=cuda_graph)
+    assert rows == [len(distinct)]
+    monkeypatch.setattr(gen_mod, "_distinct", lambda prompts: None)  # every row prefilled, as before
+    ref = generate(model, prompts, params, torch.Generator().manual_seed(2), pad_id=pad, cuda_graph=cuda_graph)
+    assert rows == [len(distinct), len(prompts)]
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.mask, ref.mask)
+    assert torch.equal(got.truncated, ref.truncated)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    assert len({tuple(r) for r in got.rows()}) > len(distinct)  # a group's rows still sample apart
+
+
+def test_distinct_prompts_by_hand():
+    from distpg.generate import _distinct
+
+    assert _distinct([[1, 2], [3], [1, 2], [3], [4]]) == ([0, 1, 4], [0, 1, 0, 1, 2])
+    assert _distinct([[1], [2]]) is None  # nothing repeats: the prefill runs on the rows as they are
+
+
 # ---------------------------------------------------------------- row shards on CPU threads
 
 
