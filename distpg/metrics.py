@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from distpg.config import ConfigError
+
 # The contract of DESIGN.md: every step's record carries these keys.
 CONTRACT_METRICS = (
     "step", "time_s", "rollout/reward_mean", "rollout/reward_std", "rollout/length_mean",
@@ -17,6 +19,21 @@ CONTRACT_METRICS = (
     "perf/sync_s", "perf/rollout_tokens_per_s", "perf/learner_tokens_per_s", "workers/alive",
     "workers/restarts", "workers/nodes",
 )
+
+
+def read_records(path: Path) -> list[dict]:
+    """The step records of a metrics.jsonl. A last line that is not JSON was cut off by a kill while it was
+    written (its step has no checkpoint, so `--resume` redoes it): it is left out. Any other line that is not
+    JSON raises ConfigError naming it."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ConfigError(f"{str(path)!r} line {n} is not a JSON record ({e.msg})") from None
+    return records
 
 
 def _fmt_duration(seconds: float) -> str:

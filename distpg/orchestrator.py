@@ -43,7 +43,7 @@ from distpg.batch import RolloutWriter
 from distpg.colocated import ColocatedLearner
 from distpg.config import Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
-from distpg.metrics import MetricsLogger
+from distpg.metrics import MetricsLogger, read_records
 from distpg.policy import task_for
 from distpg.rollout import RolloutWorker, sampling_params
 
@@ -908,8 +908,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     if metrics.exists():
         import json
 
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_records(metrics) if r["step"] <= start]  # also a last line cut off by a kill
+        metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
     # and its rollouts after that step: they will be generated again
     for f in (run_dir / "rollouts").glob("steps_*.parquet"):
         first, last = (int(x) for x in f.stem.split("_")[1].split("-"))
@@ -942,8 +942,6 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         return None
-    import json
-
     state = checkpoint.run_state(ckpt)
     step, recent = int(state["step"]), state.get("recent_rewards", [])
     if step >= cfg.run.steps:
@@ -956,7 +954,7 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     final = None
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        rows = read_records(metrics)
         final = next((r.get("rollout/reward_mean") for r in reversed(rows) if r["step"] <= step), None)
     return {"steps": step, "final_reward": final, "run_dir": str(run_dir),
             "nothing_to_resume": f"the run ended at step {step} ({why}); to train on, raise run.steps or "
