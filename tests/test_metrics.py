@@ -42,3 +42,25 @@ def test_a_line_that_is_not_json_before_the_last_is_named(tmp_path):
     cfg = write_run(run, [json.dumps(record(1, 1.0)), "garbage", json.dumps(record(2, 2.0))], checkpoint_step=1)
     with pytest.raises(ConfigError, match=r"metrics.jsonl' line 2 is not a JSON record"):
         prepare_run_dir(cfg, run, resume=True)
+
+
+def test_time_s_of_a_resumed_run_goes_on_from_its_checkpoint(tmp_path):
+    # distpg plot draws reward against time_s: a resumed run's time_s started from 0 again, and its curve
+    # ran back to the left
+    import io
+
+    from distpg.metrics import MetricsLogger
+
+    run = tmp_path / "run"
+    cfg = write_run(run, [json.dumps(record(s, 500.0 * s)) for s in (1, 2, 3)], checkpoint_step=2)
+    assert prepare_run_dir(cfg, run, resume=True) == 2
+    out = io.StringIO()
+    logger = MetricsLogger(run, total_steps=4, tensorboard=False, print_every=1, start_step=2, stream=out)
+    metrics = {"rollout/reward_mean": 0.3, "rollout/reward_std": 0.0, "rollout/length_mean": 4.0,
+               "learner/loss": 0.0, "perf/rollout_s": 0.0, "perf/learn_s": 0.0, "perf/sync_s": 0.0}
+    logger.log(3, metrics)
+    logger.close()
+    times = [r["time_s"] for r in read_records(run / "metrics.jsonl")]
+    assert times[:2] == [500.0, 1000.0] and 1000.0 <= times[2] < 1000.0 + 600
+    # the progress line's rate is over this attempt's steps and seconds, not over the offset
+    assert "| 0.00 steps/s" not in out.getvalue()
