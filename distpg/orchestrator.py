@@ -365,6 +365,7 @@ class Trainer:
         )
         self.restarts = 0
         self.weights_ref = None  # the newest published weights: what a restarted worker is handed
+        self.ledger_base = None  # log.ledger on resume: the ledger of the steps up to the checkpoint
         self.version: int | None = None  # their policy version
         # with rollout.colocate, worker 0 is the learner's actor; its calls are those of a worker
         self.workers = [self.learner if placement.colocated and i == 0 else self.start_worker(i)
@@ -532,8 +533,6 @@ class Trainer:
                     self.save(step, {"recent_rewards": list(recent)})
             steps.close()
             self.save(step, {"recent_rewards": list(recent)})  # with the window: see ended_run
-            if cfg.log.ledger:
-                self.write_ledger()
         finally:
             if self.writer is not None:
                 self.writer.flush()
@@ -548,6 +547,11 @@ class Trainer:
         self.writer = RolloutWriter(self.run_dir / "rollouts", cfg.log.rollout_flush_every) if cfg.log.rollouts \
             else None
         self.t_start, self.worker_busy_s, self.learner_busy_s = time.perf_counter(), 0.0, 0.0
+        ledger = self.run_dir / LEDGER
+        if cfg.log.ledger and start_step and ledger.exists():  # cut to the checkpoint by prepare_run_dir
+            import pyarrow.parquet as pq
+
+            self.ledger_base = pq.read_table(ledger)
 
     # ------------------------------------------------------------------------------------ sync mode
     def sync_steps(self, start_step: int):
@@ -647,15 +651,25 @@ class Trainer:
         return self.logger.log(step, metrics, samples)
 
     def write_ledger(self) -> None:
+        """RUN_DIR/ledger.parquet (whole, atomically): the ledger of the steps before a resume, then the
+        learner's."""
         import pyarrow.parquet as pq
 
         rows = wait(self.learner.get_ledger.remote(), self.cfg.ray.timeout_s, "fetching the learner's ledger")
         cols = list(zip(*rows)) if rows else [[], [], []]
         table = pa.table({"prompt_id": pa.array(cols[0], pa.int64()), "sample_idx": pa.array(cols[1], pa.int32()),
                           "version": pa.array(cols[2], pa.int64())})
-        pq.write_table(table, self.run_dir / "ledger.parquet")
+        if self.ledger_base is not None:
+            table = pa.concat_tables([self.ledger_base, table])
+        tmp = self.run_dir / f".{LEDGER}.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(self.run_dir / LEDGER)
 
     def save(self, step: int, run_state: dict | None = None) -> None:
+        """Checkpoint `step`; with log.ledger, the ledger first (a resume cuts it to its checkpoint), so that
+        an interrupted run keeps the ledger of the steps it does not redo."""
+        if self.cfg.log.ledger:
+            self.write_ledger()
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
         checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
@@ -857,6 +871,7 @@ def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
 
 
 LOCK = ".lock"  # in the run folder: held (flock) by the process training in it
+LEDGER = "ledger.parquet"  # in the run folder, with log.ledger
 
 
 def lock_run_dir(run_dir: Path):
@@ -924,6 +939,15 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
             pq.write_table(kept, tmp, compression="zstd")
             tmp.replace(f.with_name(f"steps_{first:06d}-{start:06d}.parquet"))
             f.unlink()
+    # and its ledger's rows after that step (an update's version is its step)
+    ledger = run_dir / LEDGER
+    if ledger.exists():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(ledger)
+        tmp = run_dir / f".{LEDGER}.tmp"
+        pq.write_table(table.filter(pc.less_equal(table.column("version"), start)), tmp)
+        tmp.replace(ledger)
     return start
 
 
