@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from distpg.config import ConfigError
+
 # The contract of DESIGN.md: every step's record carries these keys.
 CONTRACT_METRICS = (
     "step", "time_s", "rollout/reward_mean", "rollout/reward_std", "rollout/length_mean",
@@ -17,6 +19,21 @@ CONTRACT_METRICS = (
     "perf/sync_s", "perf/rollout_tokens_per_s", "perf/learner_tokens_per_s", "workers/alive",
     "workers/restarts", "workers/nodes",
 )
+
+
+def read_records(path: Path) -> list[dict]:
+    """The step records of a metrics.jsonl. A last line that is not JSON was cut off by a kill while it was
+    written (its step has no checkpoint, so `--resume` redoes it): it is left out. Any other line that is not
+    JSON raises ConfigError naming it."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ConfigError(f"{str(path)!r} line {n} is not a JSON record ({e.msg})") from None
+    return records
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -35,7 +52,11 @@ class MetricsLogger:
         self.start_step = start_step
         self.stream = stream or sys.stdout
         self.t_start = time.time()
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        # a resumed run's time_s goes on from that of the last step kept (its checkpoint's), not from 0 again
+        path = self.run_dir / "metrics.jsonl"
+        kept = read_records(path) if start_step and path.exists() else []
+        self.t_offset = float(kept[-1]["time_s"]) if kept else 0.0
+        self._jsonl = open(path, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -46,7 +67,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float], samples: list[tuple[str, str, float]] | None = None) -> dict:
         """Record step `step` (1-based: steps completed). Returns the record written."""
-        record = {"step": step, "time_s": round(time.time() - self.t_start, 4), **metrics}
+        record = {"step": step, "time_s": round(self.t_offset + time.time() - self.t_start, 4), **metrics}
         # strict JSON: a non-finite value (the reward mean of a step whose rewards all failed) is written as null
         self._jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                       for k, v in record.items()}, allow_nan=False) + "\n")
@@ -63,7 +84,7 @@ class MetricsLogger:
 
     def _print(self, r: dict) -> None:
         done = r["step"] - self.start_step
-        rate = done / max(r["time_s"], 1e-9)
+        rate = done / max(r["time_s"] - self.t_offset, 1e-9)
         eta = (self.total_steps - r["step"]) / rate if rate > 0 else 0.0
         print(
             f"step {r['step']:>5}/{self.total_steps} | reward {r['rollout/reward_mean']:.3f}"

@@ -43,7 +43,7 @@ from distpg.batch import RolloutWriter
 from distpg.colocated import ColocatedLearner
 from distpg.config import Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
-from distpg.metrics import MetricsLogger
+from distpg.metrics import MetricsLogger, read_records
 from distpg.policy import task_for
 from distpg.rollout import RolloutWorker, sampling_params
 
@@ -409,6 +409,7 @@ class Trainer:
         )
         self.restarts = 0
         self.weights_ref = None  # the newest published weights: what a restarted worker is handed
+        self.ledger_base = None  # log.ledger on resume: the ledger of the steps up to the checkpoint
         self.version: int | None = None  # their policy version
         # with rollout.colocate, worker 0 is the learner's actor; its calls are those of a worker
         self.workers = [self.learner if placement.colocated and i == 0 else self.start_worker(i)
@@ -582,8 +583,6 @@ class Trainer:
                     self.save(step, {"recent_rewards": list(recent)})
             steps.close()
             self.save(step, {"recent_rewards": list(recent)})  # with the window: see ended_run
-            if cfg.log.ledger:
-                self.write_ledger()
         finally:
             if self.writer is not None:
                 self.writer.flush()
@@ -598,6 +597,11 @@ class Trainer:
         self.writer = RolloutWriter(self.run_dir / "rollouts", cfg.log.rollout_flush_every) if cfg.log.rollouts \
             else None
         self.t_start, self.worker_busy_s, self.learner_busy_s = time.perf_counter(), 0.0, 0.0
+        ledger = self.run_dir / LEDGER
+        if cfg.log.ledger and start_step and ledger.exists():  # cut to the checkpoint by prepare_run_dir
+            import pyarrow.parquet as pq
+
+            self.ledger_base = pq.read_table(ledger)
 
     # ------------------------------------------------------------------------------------ sync mode
     def sync_steps(self, start_step: int):
@@ -697,15 +701,25 @@ class Trainer:
         return self.logger.log(step, metrics, samples)
 
     def write_ledger(self) -> None:
+        """RUN_DIR/ledger.parquet (whole, atomically): the ledger of the steps before a resume, then the
+        learner's."""
         import pyarrow.parquet as pq
 
         rows = wait(self.learner.get_ledger.remote(), self.cfg.ray.timeout_s, "fetching the learner's ledger")
         cols = list(zip(*rows)) if rows else [[], [], []]
         table = pa.table({"prompt_id": pa.array(cols[0], pa.int64()), "sample_idx": pa.array(cols[1], pa.int32()),
                           "version": pa.array(cols[2], pa.int64())})
-        pq.write_table(table, self.run_dir / "ledger.parquet")
+        if self.ledger_base is not None:
+            table = pa.concat_tables([self.ledger_base, table])
+        tmp = self.run_dir / f".{LEDGER}.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(self.run_dir / LEDGER)
 
     def save(self, step: int, run_state: dict | None = None) -> None:
+        """Checkpoint `step`; with log.ledger, the ledger first (a resume cuts it to its checkpoint), so that
+        an interrupted run keeps the ledger of the steps it does not redo."""
+        if self.cfg.log.ledger:
+            self.write_ledger()
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
         checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
@@ -907,6 +921,7 @@ def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
 
 
 LOCK = ".lock"  # in the run folder: held (flock) by the process training in it
+LEDGER = "ledger.parquet"  # in the run folder, with log.ledger
 
 
 def lock_run_dir(run_dir: Path):
@@ -958,8 +973,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     if metrics.exists():
         import json
 
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_records(metrics) if r["step"] <= start]  # also a last line cut off by a kill
+        metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
     # and its rollouts after that step: they will be generated again
     for f in (run_dir / "rollouts").glob("steps_*.parquet"):
         first, last = (int(x) for x in f.stem.split("_")[1].split("-"))
@@ -974,6 +989,15 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
             pq.write_table(kept, tmp, compression="zstd")
             tmp.replace(f.with_name(f"steps_{first:06d}-{start:06d}.parquet"))
             f.unlink()
+    # and its ledger's rows after that step (an update's version is its step)
+    ledger = run_dir / LEDGER
+    if ledger.exists():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(ledger)
+        tmp = run_dir / f".{LEDGER}.tmp"
+        pq.write_table(table.filter(pc.less_equal(table.column("version"), start)), tmp)
+        tmp.replace(ledger)
     return start
 
 
@@ -992,8 +1016,6 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         return None
-    import json
-
     state = checkpoint.run_state(ckpt)
     step, recent = int(state["step"]), state.get("recent_rewards", [])
     if step >= cfg.run.steps:
@@ -1006,7 +1028,7 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
     final = None
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        rows = read_records(metrics)
         final = next((r.get("rollout/reward_mean") for r in reversed(rows) if r["step"] <= step), None)
     return {"steps": step, "final_reward": final, "run_dir": str(run_dir),
             "nothing_to_resume": f"the run ended at step {step} ({why}); to train on, raise run.steps or "

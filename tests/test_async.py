@@ -70,6 +70,33 @@ class SlowWorker(RolloutWorker):
 
 
 @pytest.mark.ray
+def test_the_ledger_of_an_interrupted_and_resumed_run_holds_every_step_once(ray_session, tmp_path, monkeypatch):
+    # the ledger was written only at the end of a run, from the learner's memory: after an interruption and
+    # --resume it held the resumed steps only
+    from distpg.metrics import MetricsLogger
+
+    run = tmp_path / "run"
+    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=2", "algo.max_staleness=1")
+    real_log = MetricsLogger.log
+
+    def interrupted_log(self, step, metrics, samples=None):  # after update 3, past the checkpoint of step 2
+        if step == 3:
+            raise KeyboardInterrupt("SIGTERM")
+        return real_log(self, step, metrics, samples)
+
+    monkeypatch.setattr(MetricsLogger, "log", interrupted_log)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run)
+    monkeypatch.setattr(MetricsLogger, "log", real_log)
+    train(cfg, run, resume=True)
+    consumed, generated = pq.read_table(run / "ledger.parquet"), pq.read_table(run / "rollouts")
+    keys = list(zip(consumed.column("prompt_id").to_pylist(), consumed.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys)) == 5 * 4 * cfg.rollout.group_size  # every step's samples, none twice
+    assert set(keys) == set(zip(generated.column("prompt_id").to_pylist(), generated.column("sample_idx").to_pylist()))
+    assert sorted(set(consumed.column("version").to_pylist())) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("schedule", ["exact", "newest"])
 def test_exact_staleness_schedule_gives_the_same_numbers_twice(ray_session, tmp_path, monkeypatch, schedule):
     """algo.staleness_schedule=exact: step s is sampled with version max(0, s - 1 - K) whatever the timing, so

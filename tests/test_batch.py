@@ -99,8 +99,8 @@ def test_validate_schema_errors():
 
 def test_rollout_writer_files_are_complete_and_named_by_steps(tmp_path):
     w = RolloutWriter(tmp_path, flush_every=2)
-    for step in (1, 2, 3):
-        w.add(step, [make_batch(columns())])
+    for step in (1, 2, 3):  # as a worker returns them: with its call's timings as schema metadata
+        w.add(step, [make_batch(columns()).replace_schema_metadata({"gen_s": str(0.01 * step)})])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["steps_000001-000002.parquet"]  # step 3 is still buffered
     w.flush()
@@ -108,4 +108,5 @@ def test_rollout_writer_files_are_complete_and_named_by_steps(tmp_path):
     assert files == ["steps_000001-000002.parquet", "steps_000003-000003.parquet"]
     t = pq.read_table(tmp_path)
     assert t.num_rows == 9 and sorted(set(t.column("step").to_pylist())) == [1, 2, 3]
+    assert t.schema.metadata is None  # one batch's timings are not the file's
     assert np.allclose(t.column("reward").to_numpy()[:3], [1.0, 0.5, 0.0])

@@ -1,0 +1,66 @@
+"""RUN_DIR/metrics.jsonl across an interruption: what `--resume` keeps of it, and what it appends."""
+
+import json
+
+import pytest
+
+from distpg import checkpoint
+from distpg.config import ConfigError
+from distpg.learner import Learner
+from distpg.metrics import read_records
+from distpg.orchestrator import ended_run, prepare_run_dir
+from tests.conftest import small_config
+
+
+def record(step, time_s):
+    return {"step": step, "time_s": time_s, "rollout/reward_mean": 0.1 * step, "learner/loss": None}
+
+
+def write_run(run_dir, lines, checkpoint_step):
+    cfg = small_config("run.steps=6")
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    checkpoint.save(run_dir, checkpoint_step, Learner(cfg).state(), 3, {"recent_rewards": []})
+    return cfg
+
+
+def test_resume_drops_a_last_line_cut_off_by_a_kill(tmp_path):
+    # killed while writing step 4's line (after the checkpoint of step 2): `distpg plot` says --resume mends
+    # it, and --resume must not stop on it with a JSONDecodeError traceback
+    run = tmp_path / "run"
+    good = [json.dumps(record(s, float(s))) for s in (1, 2, 3)]
+    cfg = write_run(run, [*good, '{"step": 4, "time_s": 4.0, "rollout/rew'], checkpoint_step=2)
+    assert [r["step"] for r in read_records(run / "metrics.jsonl")] == [1, 2, 3]
+    assert ended_run(cfg, run) is None  # 2 of 6 steps: there is training left
+    assert ended_run(small_config("run.steps=2"), run)["final_reward"] == pytest.approx(0.2)
+    assert prepare_run_dir(cfg, run, resume=True) == 2
+    assert (run / "metrics.jsonl").read_text() == "".join(line + "\n" for line in good[:2])  # as written
+
+
+def test_a_line_that_is_not_json_before_the_last_is_named(tmp_path):
+    run = tmp_path / "run"
+    cfg = write_run(run, [json.dumps(record(1, 1.0)), "garbage", json.dumps(record(2, 2.0))], checkpoint_step=1)
+    with pytest.raises(ConfigError, match=r"metrics.jsonl' line 2 is not a JSON record"):
+        prepare_run_dir(cfg, run, resume=True)
+
+
+def test_time_s_of_a_resumed_run_goes_on_from_its_checkpoint(tmp_path):
+    # distpg plot draws reward against time_s: a resumed run's time_s started from 0 again, and its curve
+    # ran back to the left
+    import io
+
+    from distpg.metrics import MetricsLogger
+
+    run = tmp_path / "run"
+    cfg = write_run(run, [json.dumps(record(s, 500.0 * s)) for s in (1, 2, 3)], checkpoint_step=2)
+    assert prepare_run_dir(cfg, run, resume=True) == 2
+    out = io.StringIO()
+    logger = MetricsLogger(run, total_steps=4, tensorboard=False, print_every=1, start_step=2, stream=out)
+    metrics = {"rollout/reward_mean": 0.3, "rollout/reward_std": 0.0, "rollout/length_mean": 4.0,
+               "learner/loss": 0.0, "perf/rollout_s": 0.0, "perf/learn_s": 0.0, "perf/sync_s": 0.0}
+    logger.log(3, metrics)
+    logger.close()
+    times = [r["time_s"] for r in read_records(run / "metrics.jsonl")]
+    assert times[:2] == [500.0, 1000.0] and 1000.0 <= times[2] < 1000.0 + 600
+    # the progress line's rate is over this attempt's steps and seconds, not over the offset
+    assert "| 0.00 steps/s" not in out.getvalue()
