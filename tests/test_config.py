@@ -64,6 +64,11 @@ def test_resolved_config_round_trips(tmp_path):
         ("rollout.temperature=.inf", "rollout.temperature=inf: must be a finite number"),
         ("algo.entropy_coef=1e400", "algo.entropy_coef=inf: must be a finite number"),
         ("run.stop_reward=.nan", "run.stop_reward=nan: must be a finite number"),
+        # a negative seed failed at the first step with numpy's traceback, one past 2**64 - 1 with
+        # "restarting rollout worker 0 failed 6 times" (torch.manual_seed overflowed in every actor)
+        ("run.seed=-1", "run.seed=-1: must be between 0 and 18446744073709551615"),
+        ("run.seed=18446744073709551616", "run.seed=18446744073709551616: must be between 0 and"),
+        ("task.eval_seed=-3", "task.eval_seed=-3: must be between 0 and"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
@@ -169,3 +174,15 @@ def test_help_config_shows_the_given_config_and_overrides(capsys):
     assert listed == load_config(root / "configs/addition.yaml", ["model.preset=small"]).to_dict()
     assert listed["task"]["name"] == "addition" and listed["model"]["n_layer"] == 4
     assert main(["train", "--set", "model.preset=huge", "--help-config"]) == 2  # a bad value: the usual error
+
+
+def test_seed_range_is_what_prompts_sampling_and_init_accept():
+    from distpg.model import policy_from_config
+    from distpg.orchestrator import sample_seed, step_prompts
+    from distpg.tasks import make_task
+
+    for seed in (0, 2**64 - 1):
+        cfg = cfg_with(f"run.seed={seed}", f"task.eval_seed={seed}")
+        step_prompts(make_task(cfg.task), cfg, 1)
+        sample_seed(seed, 1, 0)
+        policy_from_config(cfg.model, 16, seed)
