@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distpg import checkpoint
 from distpg.batch import RolloutWriter
 from distpg.colocated import ColocatedLearner
-from distpg.config import Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
+from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger
 from distpg.policy import task_for
@@ -891,7 +891,14 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; use --resume {run_dir} to "
                               "continue it or pick another --run-dir")
-        (run_dir / "config.yaml").write_text(dump_run_config(cfg))
+        own = run_dir / "config.yaml"
+        if own.is_file() and not own.read_text(errors="replace").startswith(RUN_ORIGIN):
+            # not one a run wrote (that of a run stopped before its first step is rewritten): the user's own
+            # file, such as the CONFIG of `distpg train exp/config.yaml --run-dir exp`
+            raise ConfigError(f"run folder {str(run_dir)!r} holds a config.yaml that distpg did not write (your "
+                              "CONFIG?); a run writes its resolved config there and would overwrite it: pick "
+                              "another --run-dir, or move the file")
+        own.write_text(dump_run_config(cfg))
         snapshot_prompts(cfg, run_dir)
         if cfg.model.init_from:
             from distpg.hf import snapshot_base

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 
 from distpg.cli import main
-from distpg.config import Config, ConfigError, config_from_dict, dump_config, load_config, merge_overrides
+from distpg.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    load_run_config,
+    merge_overrides,
+)
 from distpg.orchestrator import plan_placement
 
 
@@ -186,3 +194,24 @@ def test_seed_range_is_what_prompts_sampling_and_init_accept():
         step_prompts(make_task(cfg.task), cfg, 1)
         sample_seed(seed, 1, 0)
         policy_from_config(cfg.model, 16, seed)
+
+
+def test_a_run_does_not_overwrite_a_config_yaml_it_did_not_write(tmp_path):
+    # `distpg train exp/config.yaml --run-dir exp` replaced the user's CONFIG (its comments, its layout) by
+    # the resolved config, without a word
+    from distpg.orchestrator import prepare_run_dir
+
+    mine = tmp_path / "exp" / "config.yaml"
+    mine.parent.mkdir()
+    mine.write_text("# lr sweep, point 3\nlearner:\n  lr: 0.003\n")
+    cfg = load_config(mine)
+    with pytest.raises(ConfigError, match=r"run folder '.*exp' holds a config.yaml that distpg did not write "
+                                          r"\(your CONFIG\?\).*pick another --run-dir, or move the file"):
+        prepare_run_dir(cfg, mine.parent, resume=False)
+    assert mine.read_text() == "# lr sweep, point 3\nlearner:\n  lr: 0.003\n"
+    # a run's own config.yaml, left by a run stopped before its first step, is written again
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(cfg, run, resume=False)
+    prepare_run_dir(load_config(None, ["learner.lr=0.002"]), run, resume=False)
+    assert load_run_config(run / "config.yaml").learner.lr == 0.002
