@@ -884,9 +884,64 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
+PROVENANCE = "provenance.jsonl"
+
+
+def _git_commit(package_dir: Path) -> tuple[str | None, bool | None]:
+    """The commit of the git checkout distpg runs from and whether its tracked files differ from it; (None,
+    None) when it does not run from one (installed from a wheel, a job's copy without .git, no git)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        # the checkout must be distpg's own, not one that merely holds a virtualenv it is installed in
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package_dir.parent.resolve():
+            return None, None
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def provenance(start_step: int) -> dict:
+    """What made a run's numbers besides its config and seed, as one line of RUN_DIR/provenance.jsonl: the
+    code (distpg's version, its git commit and whether the checkout had changes), the versions of the
+    libraries the numbers depend on, the command line and the machine. A resumed run adds a line, from
+    `start_step`."""
+    import importlib.metadata
+    import platform
+    import socket
+    import sys
+
+    import torch
+
+    import distpg
+
+    commit, dirty = _git_commit(Path(distpg.__file__).resolve().parent)
+    try:
+        version = importlib.metadata.version("distpg")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        version = None
+    return {"start_step": start_step, "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "distpg": version,
+            "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "numpy": np.__version__, "pyarrow": pa.__version__,
+            "argv": sys.argv, "cwd": os.getcwd(), "host": socket.gethostname(), "platform": platform.platform()}
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     """Write the resolved config of a new run in its (locked) folder; on resume, return the step to continue
-    from, after forgetting what the interrupted run logged past it."""
+    from, after forgetting what the interrupted run logged past it. Either way add a line of `provenance`."""
+    start = _prepare_run_dir(cfg, run_dir, resume)
+    import json
+
+    with open(run_dir / PROVENANCE, "a") as f:
+        f.write(json.dumps(provenance(start)) + "\n")
+    return start
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     if not resume:
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; use --resume {run_dir} to "

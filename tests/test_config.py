@@ -215,3 +215,29 @@ def test_a_run_does_not_overwrite_a_config_yaml_it_did_not_write(tmp_path):
     prepare_run_dir(cfg, run, resume=False)
     prepare_run_dir(load_config(None, ["learner.lr=0.002"]), run, resume=False)
     assert load_run_config(run / "config.yaml").learner.lr == 0.002
+
+
+def test_a_run_folder_records_the_code_and_libraries_it_ran_with(tmp_path):
+    # config.yaml gave the config and seed, but not which distpg (commit, version) nor which torch made the
+    # numbers: a run folder alone could not be reproduced
+    import importlib.metadata
+    import json
+    import subprocess
+
+    import torch
+
+    from distpg.orchestrator import PROVENANCE, prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(load_config(), run, resume=False)
+    prepare_run_dir(load_config(), run, resume=True)  # no checkpoint yet: it starts over from step 0
+    lines = [json.loads(x) for x in (run / PROVENANCE).read_text().splitlines()]
+    assert [x["start_step"] for x in lines] == [0, 0]  # one line per start, a resume's added
+    first = lines[0]
+    assert first["distpg"] == importlib.metadata.version("distpg") and first["torch"] == torch.__version__
+    assert first["argv"]
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():  # a checkout (not a copy without .git, as a Ray job's working dir is)
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert first["git_commit"] == head.stdout.strip() and isinstance(first["git_dirty"], bool)
