@@ -74,10 +74,16 @@ def _resume_hint(run_dir: Path, steps: int) -> str:
 
 
 def _eval(args) -> int:
-    from distpg.evaluate import evaluate, load_policy
+    from distpg import checkpoint
+    from distpg.evaluate import evaluate, load_policy, resolve_checkpoint
     from distpg.rewards import RewardError
 
-    cfg, model = load_policy(Path(args.path))
+    _, ckpt = resolve_checkpoint(Path(args.path))
+    cfg, model = load_policy(ckpt)
+    # which policy this is: RUN_DIR alone means its latest checkpoint, which a run that stopped early (or
+    # is still going) does not say
+    print(f"checkpoint {ckpt} (step {checkpoint.run_state(ckpt)['step']} of run.steps={cfg.run.steps}, "
+          f"run.seed={cfg.run.seed}); {'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}'}")
     try:
         res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed)
     except RewardError as e:
