@@ -936,9 +936,37 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     start = _prepare_run_dir(cfg, run_dir, resume)
     import json
 
-    with open(run_dir / PROVENANCE, "a") as f:
-        f.write(json.dumps(provenance(start)) + "\n")
+    import yaml
+
+    # config.yaml as this start reads it: the README has users edit it to train on (run.steps), and an edit
+    # of anything else changes the numbers from `start` on, which the folder would not show otherwise
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    path = run_dir / PROVENANCE
+    before = None
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            before = json.loads(line).get("config", before)
+        except json.JSONDecodeError:  # a line cut off by a kill: the file is a record, not the run's state
+            pass
+    changed = _changes(before, config) if before is not None else []
+    if changed:
+        print(f"distpg: {run_dir / 'config.yaml'} changed since the run's last start: {', '.join(changed)}; "
+              f"the steps from {start + 1} on run with the new values ({PROVENANCE} keeps both)", flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({**provenance(start), "config": config}) + "\n")
     return start
+
+
+def _changes(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """'path: old -> new' for each field that differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:

@@ -225,6 +225,7 @@ def test_a_run_folder_records_the_code_and_libraries_it_ran_with(tmp_path):
     import subprocess
 
     import torch
+    import yaml
 
     from distpg.orchestrator import PROVENANCE, prepare_run_dir
 
@@ -234,6 +235,7 @@ def test_a_run_folder_records_the_code_and_libraries_it_ran_with(tmp_path):
     prepare_run_dir(load_config(), run, resume=True)  # no checkpoint yet: it starts over from step 0
     lines = [json.loads(x) for x in (run / PROVENANCE).read_text().splitlines()]
     assert [x["start_step"] for x in lines] == [0, 0]  # one line per start, a resume's added
+    assert lines[0]["config"] == yaml.safe_load((run / "config.yaml").read_text())
     first = lines[0]
     assert first["distpg"] == importlib.metadata.version("distpg") and first["torch"] == torch.__version__
     assert first["argv"]
@@ -241,3 +243,26 @@ def test_a_run_folder_records_the_code_and_libraries_it_ran_with(tmp_path):
     if (root / ".git").exists():  # a checkout (not a copy without .git, as a Ray job's working dir is)
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert first["git_commit"] == head.stdout.strip() and isinstance(first["git_dirty"], bool)
+
+
+def test_a_resume_after_an_edit_of_config_yaml_names_the_changes_and_keeps_both(tmp_path, capsys):
+    # the README has users raise run.steps in config.yaml to train on; an edit of learner.lr there went by
+    # without a word, and the folder then described neither part of the run
+    import json
+
+    from distpg.orchestrator import PROVENANCE, prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(load_config(), run, resume=False)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("steps: 400", "steps: 600").replace("lr: 0.001", "lr: 0.5"))
+    capsys.readouterr()
+    prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    out = capsys.readouterr().out
+    assert "config.yaml changed since the run's last start: learner.lr: 0.001 -> 0.5, run.steps: 400 -> 600; " \
+           "the steps from 1 on run with the new values (provenance.jsonl keeps both)" in out
+    lines = [json.loads(x) for x in (run / PROVENANCE).read_text().splitlines()]
+    assert [x["config"]["learner"]["lr"] for x in lines] == [0.001, 0.5]
+    prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    assert "changed" not in capsys.readouterr().out  # compared with the latest start
