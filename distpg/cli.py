@@ -24,6 +24,9 @@ def _train(args) -> int:
         run_dir = Path(args.resume)
         if args.config or args.set:
             raise ConfigError("--resume continues a run with the config in its folder; drop CONFIG and --set")
+        if args.run_dir:  # as cluster/submit.sh says: it was ignored, the run going on in the --resume folder
+            raise ConfigError(f"--resume continues the run in {str(run_dir)!r} itself; drop --run-dir (to start a "
+                              "new run from that run's config: distpg train RUN_DIR/config.yaml --run-dir NEW)")
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there, so it is not a distpg run folder")
         cfg = load_run_config(run_dir / "config.yaml")

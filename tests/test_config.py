@@ -266,3 +266,19 @@ def test_a_resume_after_an_edit_of_config_yaml_names_the_changes_and_keeps_both(
     assert [x["config"]["learner"]["lr"] for x in lines] == [0.001, 0.5]
     prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
     assert "changed" not in capsys.readouterr().out  # compared with the latest start
+
+
+def test_resume_with_run_dir_is_refused_not_ignored(capsys, tmp_path, monkeypatch):
+    # `distpg train --resume A --run-dir B` went on in A without a word about B
+    import distpg.orchestrator
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(distpg.orchestrator, "train", no_training)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.yaml").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")]) == 2
+    assert f"--resume continues the run in {str(tmp_path / 'a')!r} itself; drop --run-dir" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and [p.name for p in (tmp_path / "a").iterdir()] == [
+        "config.yaml"]
