@@ -35,7 +35,14 @@ class MetricsLogger:
         self.start_step = start_step
         self.stream = stream or sys.stdout
         self.t_start = time.time()
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        # a resumed run's time_s goes on from that of its checkpoint's step (the file is cut there), so that
+        # time_s keeps rising: `distpg plot` draws reward against it
+        self.t_offset = 0.0
+        path = self.run_dir / "metrics.jsonl"
+        if start_step and path.exists():
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.t_offset = next((r["time_s"] for r in reversed(kept) if r["step"] <= start_step), 0.0)
+        self._jsonl = open(path, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -46,7 +53,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float], samples: list[tuple[str, str, float]] | None = None) -> dict:
         """Record step `step` (1-based: steps completed). Returns the record written."""
-        record = {"step": step, "time_s": round(time.time() - self.t_start, 4), **metrics}
+        record = {"step": step, "time_s": round(self.t_offset + time.time() - self.t_start, 4), **metrics}
         # strict JSON: a non-finite value (the reward mean of a step whose rewards all failed) is written as null
         self._jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                       for k, v in record.items()}, allow_nan=False) + "\n")
@@ -63,7 +70,7 @@ class MetricsLogger:
 
     def _print(self, r: dict) -> None:
         done = r["step"] - self.start_step
-        rate = done / max(r["time_s"], 1e-9)
+        rate = done / max(r["time_s"] - self.t_offset, 1e-9)  # of this attempt
         eta = (self.total_steps - r["step"]) / rate if rate > 0 else 0.0
         print(
             f"step {r['step']:>5}/{self.total_steps} | reward {r['rollout/reward_mean']:.3f}"
