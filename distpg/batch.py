@@ -168,7 +168,8 @@ class RolloutWriter:
         step_col = None
         for b in batches:
             step_col = pa.array(np.full(b.num_rows, step, dtype=np.int64))
-            # without the worker's timings of its call (schema metadata): the file would carry the first batch's
+            # without the worker's timings (schema metadata; metrics.jsonl has them as perf/*): the same
+            # samples make the same bytes
             self._pending.append(b.replace_schema_metadata(None).append_column("step", step_col))
         if self._first_step is None:
             self._first_step = step

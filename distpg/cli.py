@@ -24,6 +24,9 @@ def _train(args) -> int:
         run_dir = Path(args.resume)
         if args.config or args.set:
             raise ConfigError("--resume continues a run with the config in its folder; drop CONFIG and --set")
+        if args.run_dir:  # as cluster/submit.sh says: it was ignored, the run going on in the --resume folder
+            raise ConfigError(f"--resume continues the run in {str(run_dir)!r} itself; drop --run-dir (to start a "
+                              "new run from that run's config: distpg train RUN_DIR/config.yaml --run-dir NEW)")
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there, so it is not a distpg run folder")
         cfg = load_run_config(run_dir / "config.yaml")
@@ -74,10 +77,16 @@ def _resume_hint(run_dir: Path, steps: int) -> str:
 
 
 def _eval(args) -> int:
-    from distpg.evaluate import evaluate, load_policy
+    from distpg import checkpoint
+    from distpg.evaluate import evaluate, load_policy, resolve_checkpoint
     from distpg.rewards import RewardError
 
-    cfg, model = load_policy(Path(args.path))
+    _, ckpt = resolve_checkpoint(Path(args.path))
+    cfg, model = load_policy(ckpt)
+    # which policy this is: RUN_DIR alone means its latest checkpoint, which a run that stopped early (or
+    # is still going) does not say
+    print(f"checkpoint {ckpt} (step {checkpoint.run_state(ckpt)['step']} of run.steps={cfg.run.steps}, "
+          f"run.seed={cfg.run.seed}); {'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}'}")
     try:
         res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed)
     except RewardError as e:

@@ -372,6 +372,10 @@ def _validate(cfg: Config) -> None:
                           "advantages and the policy gradient 0 and nothing learned (distpg eval scores greedily "
                           "on its own)")
     ranges = {
+        # numpy's SeedSequence (prompts, sampling seeds, held-out split) refuses a negative seed, and
+        # torch.manual_seed (model init) one past 2**64 - 1
+        "run.seed": (cfg.run.seed, 0, 2**64 - 1),
+        "task.eval_seed": (cfg.task.eval_seed, 0, 2**64 - 1),
         "rollout.top_p": (cfg.rollout.top_p, 1e-9, 1.0),
         "rollout.top_k": (cfg.rollout.top_k, 0, None),
         "rollout.num_cpus_per_worker": (cfg.rollout.num_cpus_per_worker, 0.0, None),

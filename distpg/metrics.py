@@ -52,10 +52,11 @@ class MetricsLogger:
         self.start_step = start_step
         self.stream = stream or sys.stdout
         self.t_start = time.time()
-        # a resumed run's time_s goes on from that of the last step kept (its checkpoint's), not from 0 again
+        # a resumed run's time_s goes on from that of its checkpoint's step (the file is cut there), so that
+        # time_s keeps rising: `distpg plot` draws reward against it
         path = self.run_dir / "metrics.jsonl"
         kept = read_records(path) if start_step and path.exists() else []
-        self.t_offset = float(kept[-1]["time_s"]) if kept else 0.0
+        self.t_offset = next((float(r["time_s"]) for r in reversed(kept) if r["step"] <= start_step), 0.0)
         self._jsonl = open(path, "a")
         self._tb = None
         if tensorboard:
@@ -84,7 +85,7 @@ class MetricsLogger:
 
     def _print(self, r: dict) -> None:
         done = r["step"] - self.start_step
-        rate = done / max(r["time_s"] - self.t_offset, 1e-9)
+        rate = done / max(r["time_s"] - self.t_offset, 1e-9)  # of this attempt
         eta = (self.total_steps - r["step"]) / rate if rate > 0 else 0.0
         print(
             f"step {r['step']:>5}/{self.total_steps} | reward {r['rollout/reward_mean']:.3f}"

@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distpg import checkpoint
 from distpg.batch import RolloutWriter
 from distpg.colocated import ColocatedLearner
-from distpg.config import Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
+from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger, read_records
 from distpg.policy import task_for
@@ -949,14 +949,104 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
+PROVENANCE = "provenance.jsonl"
+
+
+def _git_commit(package_dir: Path) -> tuple[str | None, bool | None]:
+    """The commit of the git checkout distpg runs from and whether its tracked files differ from it; (None,
+    None) when it does not run from one (installed from a wheel, a job's copy without .git, no git)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        # the checkout must be distpg's own, not one that merely holds a virtualenv it is installed in
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package_dir.parent.resolve():
+            return None, None
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def provenance(start_step: int) -> dict:
+    """What made a run's numbers besides its config and seed, as one line of RUN_DIR/provenance.jsonl: the
+    code (distpg's version, its git commit and whether the checkout had changes), the versions of the
+    libraries the numbers depend on, the command line and the machine. A resumed run adds a line, from
+    `start_step`."""
+    import importlib.metadata
+    import platform
+    import socket
+    import sys
+
+    import torch
+
+    import distpg
+
+    commit, dirty = _git_commit(Path(distpg.__file__).resolve().parent)
+    try:
+        version = importlib.metadata.version("distpg")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        version = None
+    return {"start_step": start_step, "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "distpg": version,
+            "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "numpy": np.__version__, "pyarrow": pa.__version__,
+            "argv": sys.argv, "cwd": os.getcwd(), "host": socket.gethostname(), "platform": platform.platform()}
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     """Write the resolved config of a new run in its (locked) folder; on resume, return the step to continue
-    from, after forgetting what the interrupted run logged past it."""
+    from, after forgetting what the interrupted run logged past it. Either way add a line of `provenance`."""
+    start = _prepare_run_dir(cfg, run_dir, resume)
+    import json
+
+    import yaml
+
+    # config.yaml as this start reads it: the README has users edit it to train on (run.steps), and an edit
+    # of anything else changes the numbers from `start` on, which the folder would not show otherwise
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    path = run_dir / PROVENANCE
+    before = None
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            before = json.loads(line).get("config", before)
+        except json.JSONDecodeError:  # a line cut off by a kill: the file is a record, not the run's state
+            pass
+    changed = _changes(before, config) if before is not None else []
+    if changed:
+        print(f"distpg: {run_dir / 'config.yaml'} changed since the run's last start: {', '.join(changed)}; "
+              f"the steps from {start + 1} on run with the new values ({PROVENANCE} keeps both)", flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({**provenance(start), "config": config}) + "\n")
+    return start
+
+
+def _changes(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """'path: old -> new' for each field that differs between two nested config dicts."""
+    out = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     if not resume:
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; use --resume {run_dir} to "
                               "continue it or pick another --run-dir")
-        (run_dir / "config.yaml").write_text(dump_run_config(cfg))
+        own = run_dir / "config.yaml"
+        if own.is_file() and not own.read_text(errors="replace").startswith(RUN_ORIGIN):
+            # not one a run wrote (that of a run stopped before its first step is rewritten): the user's own
+            # file, such as the CONFIG of `distpg train exp/config.yaml --run-dir exp`
+            raise ConfigError(f"run folder {str(run_dir)!r} holds a config.yaml that distpg did not write (your "
+                              "CONFIG?); a run writes its resolved config there and would overwrite it: pick "
+                              "another --run-dir, or move the file")
+        own.write_text(dump_run_config(cfg))
         snapshot_prompts(cfg, run_dir)
         if cfg.model.init_from:
             from distpg.hf import snapshot_base

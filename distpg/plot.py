@@ -38,6 +38,20 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def labels(run_dirs: list[Path]) -> list[str]:
+    """Legend labels: each run's folder name, or as many of its parent folders as tell it from the others
+    (`sweep/lr1e-3/seed0` and `sweep/lr3e-3/seed0` are lr1e-3/seed0 and lr3e-3/seed0, not seed0 twice)."""
+    parts = [Path(run).resolve().parts for run in run_dirs]
+    out = []
+    for i, mine in enumerate(parts):
+        others = {p for j, p in enumerate(parts) if j != i and p != mine}  # a folder given twice is itself
+        n = 1
+        while n < len(mine) and any(p[-n:] == mine[-n:] for p in others):
+            n += 1
+        out.append("/".join(mine[-n:]))
+    return out
+
+
 def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mean", title: str | None = None,
               smooth: int = 1) -> Path:
     """One PNG: `metric` against time_s (left) and step (right), one line per run, optionally smoothed by a
@@ -56,8 +70,7 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
     except ImportError:
         raise ImportError("distpg plot needs matplotlib: pip install 'distpg[plot]'") from None
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for run, records in runs:
-        label = run.name
+    for (_, records), label in zip(runs, labels([run for run, _ in runs])):
         values = _smooth([math.nan if r[metric] is None else r[metric] for r in records], max(1, smooth))  # null: NaN
         ax_t.plot([r["time_s"] for r in records], values, label=label)
         ax_s.plot([r["step"] for r in records], values, label=label)

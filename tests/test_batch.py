@@ -110,3 +110,16 @@ def test_rollout_writer_files_are_complete_and_named_by_steps(tmp_path):
     assert t.num_rows == 9 and sorted(set(t.column("step").to_pylist())) == [1, 2, 3]
     assert t.schema.metadata is None  # one batch's timings are not the file's
     assert np.allclose(t.column("reward").to_numpy()[:3], [1.0, 0.5, 0.0])
+
+
+def test_rollout_files_of_the_same_samples_are_byte_identical(tmp_path):
+    # the workers' timings (sync_s, gen_s, reward_s in each batch's schema metadata) went into every file's
+    # schema, so two runs of the same config and seed wrote the same rows into files that differed
+    files = []
+    for run, gen_s in (("a", "0.0152"), ("b", "0.0371")):
+        w = RolloutWriter(tmp_path / run, flush_every=2)
+        for step in (1, 2):
+            w.add(step, [make_batch(columns()).replace_schema_metadata({"gen_s": gen_s, "sync_s": "0.001"})])
+        files.append((tmp_path / run / "steps_000001-000002.parquet").read_bytes())
+    assert files[0] == files[1]
+    assert pq.read_schema(tmp_path / "a" / "steps_000001-000002.parquet").metadata is None

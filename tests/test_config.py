@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 
 from distpg.cli import main
-from distpg.config import Config, ConfigError, config_from_dict, dump_config, load_config, merge_overrides
+from distpg.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    load_run_config,
+    merge_overrides,
+)
 from distpg.orchestrator import plan_placement
 
 
@@ -64,6 +72,11 @@ def test_resolved_config_round_trips(tmp_path):
         ("rollout.temperature=.inf", "rollout.temperature=inf: must be a finite number"),
         ("algo.entropy_coef=1e400", "algo.entropy_coef=inf: must be a finite number"),
         ("run.stop_reward=.nan", "run.stop_reward=nan: must be a finite number"),
+        # a negative seed failed at the first step with numpy's traceback, one past 2**64 - 1 with
+        # "restarting rollout worker 0 failed 6 times" (torch.manual_seed overflowed in every actor)
+        ("run.seed=-1", "run.seed=-1: must be between 0 and 18446744073709551615"),
+        ("run.seed=18446744073709551616", "run.seed=18446744073709551616: must be between 0 and"),
+        ("task.eval_seed=-3", "task.eval_seed=-3: must be between 0 and"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
@@ -169,3 +182,103 @@ def test_help_config_shows_the_given_config_and_overrides(capsys):
     assert listed == load_config(root / "configs/addition.yaml", ["model.preset=small"]).to_dict()
     assert listed["task"]["name"] == "addition" and listed["model"]["n_layer"] == 4
     assert main(["train", "--set", "model.preset=huge", "--help-config"]) == 2  # a bad value: the usual error
+
+
+def test_seed_range_is_what_prompts_sampling_and_init_accept():
+    from distpg.model import policy_from_config
+    from distpg.orchestrator import sample_seed, step_prompts
+    from distpg.tasks import make_task
+
+    for seed in (0, 2**64 - 1):
+        cfg = cfg_with(f"run.seed={seed}", f"task.eval_seed={seed}")
+        step_prompts(make_task(cfg.task), cfg, 1)
+        sample_seed(seed, 1, 0)
+        policy_from_config(cfg.model, 16, seed)
+
+
+def test_a_run_does_not_overwrite_a_config_yaml_it_did_not_write(tmp_path):
+    # `distpg train exp/config.yaml --run-dir exp` replaced the user's CONFIG (its comments, its layout) by
+    # the resolved config, without a word
+    from distpg.orchestrator import prepare_run_dir
+
+    mine = tmp_path / "exp" / "config.yaml"
+    mine.parent.mkdir()
+    mine.write_text("# lr sweep, point 3\nlearner:\n  lr: 0.003\n")
+    cfg = load_config(mine)
+    with pytest.raises(ConfigError, match=r"run folder '.*exp' holds a config.yaml that distpg did not write "
+                                          r"\(your CONFIG\?\).*pick another --run-dir, or move the file"):
+        prepare_run_dir(cfg, mine.parent, resume=False)
+    assert mine.read_text() == "# lr sweep, point 3\nlearner:\n  lr: 0.003\n"
+    # a run's own config.yaml, left by a run stopped before its first step, is written again
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(cfg, run, resume=False)
+    prepare_run_dir(load_config(None, ["learner.lr=0.002"]), run, resume=False)
+    assert load_run_config(run / "config.yaml").learner.lr == 0.002
+
+
+def test_a_run_folder_records_the_code_and_libraries_it_ran_with(tmp_path):
+    # config.yaml gave the config and seed, but not which distpg (commit, version) nor which torch made the
+    # numbers: a run folder alone could not be reproduced
+    import importlib.metadata
+    import json
+    import subprocess
+
+    import torch
+    import yaml
+
+    from distpg.orchestrator import PROVENANCE, prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(load_config(), run, resume=False)
+    prepare_run_dir(load_config(), run, resume=True)  # no checkpoint yet: it starts over from step 0
+    lines = [json.loads(x) for x in (run / PROVENANCE).read_text().splitlines()]
+    assert [x["start_step"] for x in lines] == [0, 0]  # one line per start, a resume's added
+    assert lines[0]["config"] == yaml.safe_load((run / "config.yaml").read_text())
+    first = lines[0]
+    assert first["distpg"] == importlib.metadata.version("distpg") and first["torch"] == torch.__version__
+    assert first["argv"]
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():  # a checkout (not a copy without .git, as a Ray job's working dir is)
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert first["git_commit"] == head.stdout.strip() and isinstance(first["git_dirty"], bool)
+
+
+def test_a_resume_after_an_edit_of_config_yaml_names_the_changes_and_keeps_both(tmp_path, capsys):
+    # the README has users raise run.steps in config.yaml to train on; an edit of learner.lr there went by
+    # without a word, and the folder then described neither part of the run
+    import json
+
+    from distpg.orchestrator import PROVENANCE, prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(load_config(), run, resume=False)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("steps: 400", "steps: 600").replace("lr: 0.001", "lr: 0.5"))
+    capsys.readouterr()
+    prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    out = capsys.readouterr().out
+    assert "config.yaml changed since the run's last start: learner.lr: 0.001 -> 0.5, run.steps: 400 -> 600; " \
+           "the steps from 1 on run with the new values (provenance.jsonl keeps both)" in out
+    lines = [json.loads(x) for x in (run / PROVENANCE).read_text().splitlines()]
+    assert [x["config"]["learner"]["lr"] for x in lines] == [0.001, 0.5]
+    prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    assert "changed" not in capsys.readouterr().out  # compared with the latest start
+
+
+def test_resume_with_run_dir_is_refused_not_ignored(capsys, tmp_path, monkeypatch):
+    # `distpg train --resume A --run-dir B` went on in A without a word about B
+    import distpg.orchestrator
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(distpg.orchestrator, "train", no_training)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.yaml").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")]) == 2
+    assert f"--resume continues the run in {str(tmp_path / 'a')!r} itself; drop --run-dir" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and [p.name for p in (tmp_path / "a").iterdir()] == [
+        "config.yaml"]

@@ -77,6 +77,9 @@ def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, ca
     checkpoint.save(run, 1, learner.state(), keep=1)
     assert main(["eval", str(run), "--samples", str(len(bad))]) == 0
     out = capsys.readouterr().out
+    # which checkpoint was scored: a run folder means its latest
+    assert out.startswith(f"checkpoint {run / 'checkpoints' / 'step_000001'} (step 1 of run.steps="
+                          f"{cfg.run.steps}, run.seed={cfg.run.seed}); greedy\n")
     assert f"({sum(bad)} of {len(bad)} rewards failed, left out)" in out
     assert out.count("reward failed)") == sum(bad)
     (run / "config.yaml").write_text(dump_run_config(small_config("task.name=tests.user_task:always_fails")))

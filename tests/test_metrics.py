@@ -64,3 +64,14 @@ def test_time_s_of_a_resumed_run_goes_on_from_its_checkpoint(tmp_path):
     assert times[:2] == [500.0, 1000.0] and 1000.0 <= times[2] < 1000.0 + 600
     # the progress line's rate is over this attempt's steps and seconds, not over the offset
     assert "| 0.00 steps/s" not in out.getvalue()
+
+
+def test_a_new_run_starts_its_time_at_0(tmp_path):
+    import io
+
+    from distpg.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=10, tensorboard=False, print_every=100, stream=io.StringIO())
+    logger.log(1, {"x": 0.0})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["time_s"] < 10.0

@@ -42,3 +42,13 @@ def test_smoothing_leaves_a_null_step_out_of_its_windows_only():
     assert _smooth([1.0, 2.0, 3.0], 1) == [1.0, 2.0, 3.0]
     both = _smooth([nan, nan, 4.0], 2)
     assert both[0] != both[0] and both[1] != both[1] and both[2] == 4.0
+
+
+def test_legend_labels_tell_runs_with_the_same_folder_name_apart(tmp_path):
+    # a sweep laid out as sweep/<config>/seed<N>: the legend said seed0 for every config
+    from distpg.plot import labels
+
+    runs = [tmp_path / "sweep" / "lr1e-3" / "seed0", tmp_path / "sweep" / "lr3e-3" / "seed0",
+            tmp_path / "sweep" / "lr3e-3" / "seed1"]
+    assert labels(runs) == ["lr1e-3/seed0", "lr3e-3/seed0", "seed1"]
+    assert labels([tmp_path / "a", tmp_path / "b", tmp_path / "a"]) == ["a", "b", "a"]  # a folder given twice
