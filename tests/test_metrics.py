@@ -5,7 +5,7 @@ import json
 import pytest
 
 from distpg import checkpoint
-from distpg.config import ConfigError
+from distpg.config import ConfigError, dump_run_config
 from distpg.learner import Learner
 from distpg.metrics import read_records
 from distpg.orchestrator import ended_run, prepare_run_dir
@@ -19,6 +19,7 @@ def record(step, time_s):
 def write_run(run_dir, lines, checkpoint_step):
     cfg = small_config("run.steps=6")
     run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_run_config(cfg))  # as `distpg train` leaves it
     (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     checkpoint.save(run_dir, checkpoint_step, Learner(cfg).state(), 3, {"recent_rewards": []})
     return cfg
