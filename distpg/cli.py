@@ -8,6 +8,7 @@ traceback wall.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -82,10 +83,14 @@ def _eval(args) -> int:
     from distpg.rewards import RewardError
 
     _, ckpt = resolve_checkpoint(Path(args.path))
+    out = Path(args.json) if args.json else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ConfigError(f"distpg eval: --json {args.json!r} must name a file in an existing folder")
     cfg, model = load_policy(ckpt)
+    step = checkpoint.run_state(ckpt)["step"]
     # which policy this is: RUN_DIR alone means its latest checkpoint, which a run that stopped early (or
     # is still going) does not say
-    print(f"checkpoint {ckpt} (step {checkpoint.run_state(ckpt)['step']} of run.steps={cfg.run.steps}, "
+    print(f"checkpoint {ckpt} (step {step} of run.steps={cfg.run.steps}, "
           f"run.seed={cfg.run.seed}); {'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}'}")
     try:
         res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed)
@@ -98,6 +103,16 @@ def _eval(args) -> int:
     for prompt, completion, target, reward in res.samples[: args.samples]:
         shown = "failed" if reward is None else f"{reward:.2f}"
         print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")
+    if out is not None:  # for scripts (a seed study): the figures and every sample, written whole
+        record = {"checkpoint": str(ckpt), "step": step, "run_steps": cfg.run.steps, "run_seed": cfg.run.seed,
+                  "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
+                  "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
+                  "failed_rewards": res.failed,
+                  "samples": [{"prompt": p, "completion": c, "target": t, "reward": r} for p, c, t, r in res.samples]}
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
     return 0
 
 
@@ -165,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=number(int, 0), default=8, help="sample completions to print")
     e.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 decodes greedily")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", metavar="FILE", help="also write the figures and every held-out sample (prompt, "
+                   "completion, target, reward; null where the reward failed) to FILE as JSON")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="write a policy as a Hugging Face GPT-2 folder (opens with transformers)")

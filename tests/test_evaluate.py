@@ -1,5 +1,7 @@
 """`distpg eval`'s scoring on a real (briefly trained) policy and its exact-match rule."""
 
+import json
+
 import pytest
 
 from distpg import kernels
@@ -82,6 +84,16 @@ def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, ca
                           f"{cfg.run.steps}, run.seed={cfg.run.seed}); greedy\n")
     assert f"({sum(bad)} of {len(bad)} rewards failed, left out)" in out
     assert out.count("reward failed)") == sum(bad)
+    # --json: the same figures and every sample, the failed rewards as null
+    assert main(["eval", str(run), "--samples", "0", "--json", str(tmp_path / "eval.json")]) == 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["step"] == 1 and data["run_seed"] == cfg.run.seed and data["temperature"] == 0.0
+    assert data["reward_mean"] == result.reward_mean and data["exact_match"] == result.exact_match
+    assert data["failed_rewards"] == sum(bad) and data["num_prompts"] == len(bad)
+    assert [(s["prompt"], s["completion"], s["target"], s["reward"]) for s in data["samples"]] == result.samples
+    assert f"wrote {tmp_path / 'eval.json'}" in capsys.readouterr().out
+    assert main(["eval", str(run), "--json", str(tmp_path / "no" / "eval.json")]) == 2
+    assert "--json" in capsys.readouterr().err and not (tmp_path / "no").exists()
     (run / "config.yaml").write_text(dump_run_config(small_config("task.name=tests.user_task:always_fails")))
     assert main(["eval", str(run)]) == 1
     err = capsys.readouterr().err
