@@ -643,11 +643,21 @@ def bench_learner(overrides: list[str], repeats: int) -> dict:
         opt.step()
 
     torch.set_num_threads(threads)
-    times = best_of({"supervised": supervised, "learner": lambda: learner.update(batch)}, repeats)
+    import distpg.learner as learner_mod
+
+    # the same learner with the plain forward of every row (each group's prompt G times, as the reference)
+    plain = _with_setting(lambda: learner.update(batch), learner_mod, "forward_shared_prompts",
+                          lambda model, idx, prompt_len, return_hidden=False: model(idx, return_hidden=return_hidden))
+    times = best_of({"supervised": supervised, "learner": lambda: learner.update(batch),
+                     "learner_plain_forward": plain}, repeats)
     n_tok = tokens.numel()
+    like = min(times["supervised"]) / min(times["learner_plain_forward"])
+    gain = min(times["learner_plain_forward"]) / min(times["learner"])
     return figure(f"learner ({cfg.model.preset}, {tokens.shape[0]} samples x {tokens.shape[1]} tokens)",
                   n_tok / min(times["learner"]), n_tok / min(times["supervised"]), "tokens/s", "higher", 0.8,
-                  times_s=times)
+                  times_s=times, ratio_plain_forward=like, shared_prompts_speedup=gain,
+                  note=f"with the plain forward of every row, as the reference does: {like:.2f}x; running each "
+                       f"group's prompt once: {gain:.2f}x over that")
 
 
 # ------------------------------------------------------------------------------------------ driver

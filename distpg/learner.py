@@ -22,7 +22,7 @@ from distpg.batch import BatchError, LearnerBatch, to_learner_batch, validate
 from distpg.config import Config
 from distpg.generate import filters
 from distpg.memory import retain_freed_memory
-from distpg.model import token_logprobs
+from distpg.model import forward_shared_prompts, token_logprobs
 from distpg.policy import initial_policy
 from distpg.weights import FlatParams, WeightsMessage
 
@@ -124,6 +124,7 @@ class Learner:
         mb = self.cfg.learner.micro_batch_size or B
         chunks = [slice(s, s + mb) for s in range(0, B, mb)]
         lengths = [int(b.response_mask[idx].any(0).nonzero().max()) + 1 for idx in chunks]  # trim padding
+        prompt_len = b.response_mask.int().argmax(1)  # each row's first completion token follows its prompt
         num_tokens = int(b.response_mask.sum())
 
         # KL to the reference policy: K_i = Σ_t k_t with log π from the sampler's policy (= πθ on-policy); its
@@ -134,7 +135,8 @@ class Learner:
             with torch.no_grad():
                 for idx, L in zip(chunks, lengths):
                     tokens = b.tokens[idx, :L]
-                    ref_lp[idx, 1:L] = token_logprobs(self.tempered(self.ref_model(tokens[:, :-1])), tokens[:, 1:])
+                    ref_logits = forward_shared_prompts(self.ref_model, tokens[:, :-1], prompt_len[idx])
+                    ref_lp[idx, 1:L] = token_logprobs(self.tempered(ref_logits), tokens[:, 1:])
                 k = algo.kl_per_token(b.policy_logprobs, ref_lp, ac.kl_estimator)
                 kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
@@ -150,10 +152,10 @@ class Learner:
         corrected = 0
         for idx, L in zip(chunks, lengths):
             tokens, mask = b.tokens[idx, :L], b.response_mask[idx, 1:L]
-            if self.value_head is not None:
-                logits, hidden = self.model(tokens[:, :-1], return_hidden=True)  # (b, L-1, V), (b, L-1, C)
-            else:
-                logits = self.model(tokens[:, :-1])  # (b, L-1, V)
+            # model(tokens[:, :-1]): (b, L-1, V), and (b, L-1, C) for the value head; a group's prompt once
+            out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[idx],
+                                         return_hidden=self.value_head is not None)
+            logits, hidden = out if self.value_head is not None else (out, None)
             logits = self.tempered(logits)
             logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
             grad_mask = mask & valid[idx, None]

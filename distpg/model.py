@@ -253,6 +253,62 @@ class GPT(nn.Module):
         return (logits, x) if return_hidden else logits
 
 
+def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tensor,
+                           return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`model(idx)` (logits (B, T, V), and the hidden states with return_hidden) for rows that begin with a
+    prompt many of them share (a group of G samples per prompt), with each distinct prompt run through the
+    model once: rows = prompt (prompt_len[i] tokens) + the rest, right-padded.
+
+    Two streams per layer: the distinct prompts (U, P) under a causal mask, and every row's own tokens after
+    its prompt, whose queries see their prompt's keys and values (gathered from the prompt stream, so the
+    gradient reaches it through them) and their own earlier ones. Every position gets the numbers of the
+    plain forward up to float rounding (checked in float64 against it, gradients too); with groups of G,
+    the prompt tokens cost 1/G of their work. The two streams are padded to the longest prompt and the longest
+    rest: where that makes more token positions than the plain forward (no prompt repeats, or prompt lengths
+    far apart), the plain forward runs.
+    """
+    B, T = idx.shape
+    device = idx.device
+    plen = prompt_len.clamp(1, T)
+    P = int(plen.max())
+    cols = torch.arange(max(P, T), device=device)
+    prompts = torch.where(cols[None, :P] < plen[:, None], idx[:, :P], -1)  # (B, P), -1 past each prompt
+    uniq, group = torch.unique(prompts, dim=0, return_inverse=True)  # (U, P), (B,)
+    Lc = T - int(plen.min())  # the longest row's own part
+    if uniq.shape[0] * P + B * Lc >= B * T:  # no saving (nothing repeats, or prompt lengths far apart)
+        return model(idx, return_hidden=return_hidden)
+    j = cols[None, :Lc]
+    own_pos = (plen[:, None] + j).clamp(max=T - 1)  # (B, Lc) positions of each row's own tokens (then padding)
+    own = idx.gather(1, own_pos)
+    C, H = model.shape.n_embd, model.shape.n_head
+    D = C // H
+    xp = model.wte(uniq.clamp(min=0)) + model.wpe(cols[:P])  # (U, P, C): a prompt's padding comes after it
+    xc = model.wte(own) + model.wpe(own_pos)  # (B, Lc, C)
+    # a row's query j sees its prompt's keys [0, plen) and its own keys [0, j]
+    keys = torch.cat([(cols[None, :P] < plen[:, None])[:, None, :].expand(B, Lc, P),
+                      (cols[:Lc][None, :] <= cols[:Lc][:, None])[None].expand(B, Lc, Lc)], dim=2)[:, None]
+    for block in model.h:
+        a = block.attn
+        qkv_p = F.linear(block.ln_1(xp), a.c_attn.weight, a.c_attn.bias)
+        qkv_c = F.linear(block.ln_1(xc), a.c_attn.weight, a.c_attn.bias)
+        qp, kp, vp = (t.view(-1, P, H, D).transpose(1, 2) for t in qkv_p.split(C, dim=2))  # (U, H, P, D)
+        qc, kc, vc = (t.view(B, Lc, H, D).transpose(1, 2) for t in qkv_c.split(C, dim=2))  # (B, H, Lc, D)
+        yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=_attention_mask(P, 0, None, device))
+        yc = F.scaled_dot_product_attention(qc, torch.cat([kp[group], kc], 2), torch.cat([vp[group], vc], 2),
+                                            attn_mask=keys)
+        xp = xp + F.linear(yp.transpose(1, 2).reshape(-1, P, C), a.c_proj.weight, a.c_proj.bias)
+        xc = xc + F.linear(yc.transpose(1, 2).reshape(B, Lc, C), a.c_proj.weight, a.c_proj.bias)
+        xp = xp + block.mlp(block.ln_2(xp))
+        xc = xc + block.mlp(block.ln_2(xc))
+    # position t of row i: its prompt's stream below plen[i], its own stream from there
+    in_prompt = cols[None, :T] < plen[:, None]  # (B, T)
+    hp = xp[group].gather(1, cols[:T].clamp(max=P - 1)[None, :, None].expand(B, T, C))
+    hc = xc.gather(1, (cols[None, :T] - plen[:, None]).clamp(0, Lc - 1)[..., None].expand(B, T, C))
+    x = model.ln_f(torch.where(in_prompt[..., None], hp, hc))
+    logits = output_layer(model, x)
+    return (logits, x) if return_hidden else logits
+
+
 def output_layer(model: GPT, x: torch.Tensor) -> torch.Tensor:
     """Logits from final hidden states: the output layer, tied to the token embedding."""
     return _linear(x, model.wte.weight)

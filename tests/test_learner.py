@@ -22,7 +22,8 @@ def snapshot(learner):
 
 
 def nan_forward(model):
-    real = model.forward
+    """A final layer norm that turns every hidden state into NaN (whichever forward the learner runs)."""
+    real = model.ln_f.forward
 
     def forward(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -37,7 +38,7 @@ def test_non_finite_loss_skips_the_step_and_changes_nothing():
     learner.update(batch)  # one real step first, so the optimizer has moments to protect
     params, moments = snapshot(learner)
     version = learner.version
-    learner.model.forward = nan_forward(learner.model)
+    learner.model.ln_f.forward = nan_forward(learner.model)
     metrics, weights = learner.update(batch)
     # the version still counts the update (unchanged weights are published as the next version)
     assert metrics["learner/skipped_steps"] == 1 and learner.version == weights.version == version + 1
@@ -47,7 +48,7 @@ def test_non_finite_loss_skips_the_step_and_changes_nothing():
     for k in moments:
         assert all(torch.equal(moments[k][n], new_moments[k][n]) for n in moments[k])
     assert all(p.grad is None for p in learner.model.parameters())
-    del learner.model.forward  # back to the real forward: training goes on
+    del learner.model.ln_f.forward  # back to the real forward: training goes on
     metrics, _ = learner.update(batch)
     assert learner.version == version + 2 and metrics["learner/skipped_steps"] == 1
 
@@ -55,7 +56,7 @@ def test_non_finite_loss_skips_the_step_and_changes_nothing():
 def test_too_many_consecutive_skips_stop_with_a_clear_message():
     learner, worker = setup("learner.max_consecutive_skips=2")
     batch = worker.sample(["abcd="], [0], seed=0)
-    learner.model.forward = nan_forward(learner.model)
+    learner.model.ln_f.forward = nan_forward(learner.model)
     learner.update(batch)
     learner.update(batch)
     with pytest.raises(FloatingPointError, match=r"3 consecutive updates .* learner.max_consecutive_skips=2"):
@@ -226,3 +227,35 @@ def test_token_mean_aggregation_differs_from_seq_sum_only_by_normalisation():
     # the same sum, divided by the number of completion tokens instead of the number of samples
     n_tokens = sum(len(t) for t in batch.column("completion_tokens").to_pylist())
     assert mb["learner/loss"] == pytest.approx(ma["learner/loss"] * batch.num_rows / n_tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize("sets", [(), ("algo.baseline=value", "algo.kl_coef=0.1", "algo.entropy_coef=0.01",
+                                       "learner.micro_batch_size=6")])
+def test_a_groups_prompt_run_once_gives_the_update_of_the_plain_forward(monkeypatch, sets):
+    """The learner runs each group's prompt through the policy (and the KL reference) once: the same update
+    as the plain forward of every row, to float32 rounding, with the value head, the KL penalty, the entropy
+    bonus and micro-batches that cut groups apart."""
+    import copy
+
+    import distpg.learner as learner_mod
+
+    learner, worker = setup("rollout.group_size=4", *sets)
+    plain = copy.deepcopy(learner)
+    batch = worker.sample(["abcd=", "dcba=", "ab=", "dcb="], [0, 1, 2, 3], seed=0)
+    calls = []
+    shared = learner_mod.forward_shared_prompts
+
+    def counting(model, idx, prompt_len, return_hidden=False):
+        calls.append(idx.shape[0])
+        return shared(model, idx, prompt_len, return_hidden)
+
+    monkeypatch.setattr(learner_mod, "forward_shared_prompts", counting)
+    got, _ = learner.update(batch)
+    assert sum(calls) == (32 if "algo.kl_coef=0.1" in sets else 16)  # every row, policy (and reference)
+    monkeypatch.setattr(learner_mod, "forward_shared_prompts",
+                        lambda model, idx, prompt_len, return_hidden=False: model(idx, return_hidden=return_hidden))
+    ref, _ = plain.update(batch)
+    for k in ("learner/loss", "learner/grad_norm", "learner/entropy", "learner/kl_ref", "learner/value_loss"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+    for a, b in zip(learner.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # one AdamW step apart by rounding

@@ -309,3 +309,57 @@ def test_token_logprobs_is_log_softmax_gathered_in_float32():
     got = token_logprobs(logits, targets)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------- prompts shared by a group (the learner)
+
+
+def test_a_prompt_shared_by_its_group_runs_once_with_the_plain_forwards_numbers(monkeypatch):
+    """`forward_shared_prompts` against the plain forward in float64: every position's logits and hidden
+    states, and the gradients of every parameter, for groups of rows sharing a prompt (prompts of different
+    lengths, one a prefix of another, a row that is all prompt, right padding). Each distinct prompt goes
+    through the blocks once; where that saves no work, the plain forward runs."""
+    import torch.nn.functional as F
+
+    import distpg.model as model_mod
+    from distpg.model import forward_shared_prompts
+
+    m = build_model(ModelShape(vocab_size=11, n_layer=2, n_head=2, n_embd=16, n_positions=32), seed=0).double()
+    randomize_parameters(m, seed=1, scale=0.3)
+    g = torch.Generator().manual_seed(3)
+    prompts = [[4, 7, 2, 9], [4, 7, 2], [4, 7], [8, 3, 3]]  # [4, 7] a prefix of others: a prompt of its own
+    rows, plen = [], []
+    for p in prompts:
+        for n in torch.randint(0, 7, (3,), generator=g).tolist():  # 0: a row that is all prompt
+            rows.append(p + torch.randint(1, 11, (n,), generator=g).tolist())
+            plen.append(len(p))
+    B, T = len(rows), max(map(len, rows))
+    idx = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    plen = torch.tensor(plen)
+    seen = []  # token positions through the first block's qkv product
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        def linear(self, x, weight, bias=None):
+            if weight is m.h[0].attn.c_attn.weight:
+                seen.append(x.shape[:-1].numel())
+            return F.linear(x, weight, bias)
+
+    monkeypatch.setattr(model_mod, "F", Counting())
+    ref, ref_h = m(idx, return_hidden=True)
+    assert seen == [B * T]
+    seen.clear()
+    got, got_h = forward_shared_prompts(m, idx, plen, return_hidden=True)
+    assert sum(seen) == 4 * 4 + B * (T - 2) < B * T  # 4 prompts of up to 4 tokens, each row's rest after 2
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got_h, ref_h, atol=1e-12, rtol=0)
+    params = list(m.parameters())
+    loss = lambda out: (out.sum() + (out**2).sum())  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(got), params), torch.autograd.grad(loss(ref), params)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    # nothing shared: the plain forward itself
+    seen.clear()
+    alone = forward_shared_prompts(m, idx[::3], plen[::3])
+    assert seen == [4 * T] and torch.equal(alone, m(idx[::3]))
