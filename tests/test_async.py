@@ -97,7 +97,7 @@ def test_the_ledger_of_an_interrupted_and_resumed_run_holds_every_step_once(ray_
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("schedule", ["exact", "newest"])
+@pytest.mark.parametrize("schedule", ["exact", pytest.param("newest", marks=pytest.mark.slow)])  # newest: ~10 s
 def test_exact_staleness_schedule_gives_the_same_numbers_twice(ray_session, tmp_path, monkeypatch, schedule):
     """algo.staleness_schedule=exact: step s is sampled with version max(0, s - 1 - K) whatever the timing, so
     two runs of the same config and seed agree bitwise, and every batch is exactly min(s - 1, K) versions old.

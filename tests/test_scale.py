@@ -107,6 +107,7 @@ def test_outputs_csv_json_png_and_table(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~20 s; test_cluster's sweep runs the command end to end in the default run
 def test_scale_on_plain_local_ray(tmp_path):
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
