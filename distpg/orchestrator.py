@@ -1152,12 +1152,19 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         cpus = cfg.ray.num_cpus or os.cpu_count()
         plan_placement(cfg, cpus, gpus, nodes=[{"CPU": cpus, "GPU": gpus}])
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    created, had_lock = not run_dir.exists(), (run_dir / LOCK).exists()
     lock = lock_run_dir(run_dir)
     try:
         if resume and (summary := ended_run(cfg, run_dir)) is not None:
             return summary
-        start_step = prepare_run_dir(cfg, run_dir, resume)
+        try:
+            start_step = prepare_run_dir(cfg, run_dir, resume)
+        except ConfigError:  # refused before anything was written: leave the folder as it was found
+            if not had_lock:
+                (run_dir / LOCK).unlink(missing_ok=True)
+                if created and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+            raise
         return _train_in(cfg, run_dir, address, start_step, created)
     finally:
         lock.close()

@@ -209,6 +209,12 @@ def test_a_run_does_not_overwrite_a_config_yaml_it_did_not_write(tmp_path):
                                           r"\(your CONFIG\?\).*pick another --run-dir, or move the file"):
         prepare_run_dir(cfg, mine.parent, resume=False)
     assert mine.read_text() == "# lr sweep, point 3\nlearner:\n  lr: 0.003\n"
+    # `distpg train` refuses it before starting anything, and leaves the folder as it found it (no .lock)
+    from distpg.orchestrator import train
+
+    with pytest.raises(ConfigError, match="holds a config.yaml that distpg did not write"):
+        train(cfg, mine.parent)
+    assert [p.name for p in mine.parent.iterdir()] == ["config.yaml"]
     # a run's own config.yaml, left by a run stopped before its first step, is written again
     run = tmp_path / "run"
     run.mkdir()
