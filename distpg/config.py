@@ -47,7 +47,8 @@ class RunConfig:
     stop_reward: float | None = _f(
         None, "stop early once the mean reward of the last 5 steps reaches this (null: run all steps)"
     )
-    max_time_s: float | None = _f(None, "stop after this many seconds of training (null: no limit)")
+    max_time_s: float | None = _f(None, "stop after this many seconds of training in this start, with a "
+                                 "checkpoint (a --resume counts afresh: a time slot per job; null: no limit)")
     checkpoint_every: int = _f(100, "write a checkpoint every this many steps (and always at the end)")
     keep_checkpoints: int = _f(3, "how many of the newest complete checkpoints to keep")
 

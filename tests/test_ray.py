@@ -115,3 +115,12 @@ def test_learner_rejects_a_malformed_batch_whole():
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
     metrics, weights = learner.update(good)
     assert learner.version == weights.version == 1 and metrics["policy/version"] == 1
+
+
+def test_max_time_stops_with_a_checkpoint_and_a_resume_counts_afresh(ray_session, tmp_path, capsys):
+    run = tmp_path / "r"
+    cfg = small_config("run.steps=50", "run.max_time_s=0.001", "run.checkpoint_every=100")
+    assert train(cfg, run)["steps"] == 1  # the budget is spent by the first step
+    assert "run.max_time_s=0.001 reached; stopping at step 1" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert train(cfg, run, resume=True)["steps"] == 2  # a new start: a new budget, one more step
