@@ -268,13 +268,16 @@ def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tens
     far apart), the plain forward runs.
     """
     B, T = idx.shape
+    if T > model.shape.n_positions:  # as the plain forward says (not an embedding's index error)
+        raise ValueError(f"sequence of {T} tokens exceeds n_positions={model.shape.n_positions}")
     device = idx.device
     plen = prompt_len.clamp(1, T)
     P = int(plen.max())
     cols = torch.arange(max(P, T), device=device)
     prompts = torch.where(cols[None, :P] < plen[:, None], idx[:, :P], -1)  # (B, P), -1 past each prompt
     uniq, group = torch.unique(prompts, dim=0, return_inverse=True)  # (U, P), (B,)
-    Lc = T - int(plen.min())  # the longest row's own part
+    # the longest row's own part; at least 1 (one padding query per row) where every row is all prompt
+    Lc = max(T - int(plen.min()), 1)
     if uniq.shape[0] * P + B * Lc >= B * T:  # no saving (nothing repeats, or prompt lengths far apart)
         return model(idx, return_hidden=return_hidden)
     j = cols[None, :Lc]

@@ -314,9 +314,13 @@ def _check_strict(bundles: list[dict], nodes: list[dict], strategy: str, colocat
                     return True
         return False
 
-    placed = sum(place(b, set()) for b in range(len(bundles)))
+    fit = [place(b, set()) for b in range(len(bundles))]  # a bundle once placed stays placed
+    placed = sum(fit)
     if placed < len(bundles):
-        most = placed - 1 + colocated  # the learner takes a node; with rollout.colocate it hosts worker 0
+        # the bundles before the first that did not fit fit together, and no longer prefix does: fewer workers
+        # keep the first ones (pinned round-robin), so the bound is that prefix, not how many fit in all;
+        # the learner is bundle 0, and with rollout.colocate it hosts worker 0
+        most = fit.index(False) - 1 + colocated
         fewer = f"rollout.num_workers <= {most}" if most >= 1 else "a cluster with room for the learner"
         raise ConfigError(f"{field} puts each of {what} on a node of its own, but only {placed} of them fit on "
                           f"distinct nodes of the cluster's {len(nodes)} alive node(s); allowed: {fewer}, more "

@@ -259,3 +259,22 @@ def test_a_groups_prompt_run_once_gives_the_update_of_the_plain_forward(monkeypa
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
     for a, b in zip(learner.model.parameters(), plain.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # one AdamW step apart by rounding
+
+
+def test_one_token_completions_update_with_the_shared_prompt_forward(monkeypatch):
+    """rollout.max_new_tokens=1 and prompts of one length: every input row is all prompt (the completion's
+    token is the last one, dropped from the input), which the shared-prompt forward takes like any other:
+    the update of the plain forward."""
+    import copy
+
+    import distpg.learner as learner_mod
+
+    learner, worker = setup("rollout.group_size=4", "rollout.max_new_tokens=1", "algo.kl_coef=0.1")
+    plain = copy.deepcopy(learner)
+    batch = worker.sample(["abcd=", "dcba=", "abca=", "dcbb="], [0, 1, 2, 3], seed=0)
+    got, _ = learner.update(batch)
+    monkeypatch.setattr(learner_mod, "forward_shared_prompts",
+                        lambda model, idx, prompt_len, return_hidden=False: model(idx, return_hidden=return_hidden))
+    ref, _ = plain.update(batch)
+    for k in ("learner/loss", "learner/grad_norm", "learner/kl_ref"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k

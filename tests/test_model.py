@@ -363,3 +363,35 @@ def test_a_prompt_shared_by_its_group_runs_once_with_the_plain_forwards_numbers(
     seen.clear()
     alone = forward_shared_prompts(m, idx[::3], plen[::3])
     assert seen == [4 * T] and torch.equal(alone, m(idx[::3]))
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_rows_that_are_all_prompt_share_it_too(T):
+    """Every row all prompt (prompt_len >= T: a completion of one token, the last input position dropped;
+    T == 1 too): the shared forward gives the plain one's logits, hidden states and gradients instead of an
+    index error from an empty stream of the rows' own tokens."""
+    from distpg.model import forward_shared_prompts
+
+    m = build_model(ModelShape(vocab_size=11, n_layer=2, n_head=2, n_embd=16, n_positions=8), seed=0).double()
+    randomize_parameters(m, seed=1, scale=0.3)
+    idx = torch.tensor([[4, 7, 2, 9, 1][:T]] * 3 + [[8, 3, 3, 5, 6][:T]] * 3)
+    for plen in (torch.full((6,), T), torch.tensor([T, T + 2, T, T, T, 9])):  # past T: clamped to T
+        got, got_h = forward_shared_prompts(m, idx, plen, return_hidden=True)
+        ref, ref_h = m(idx, return_hidden=True)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(got_h, ref_h, atol=1e-12, rtol=0)
+        params = list(m.parameters())
+        for a, b in zip(torch.autograd.grad(got.sum() + (got_h**2).sum(), params),
+                        torch.autograd.grad(ref.sum() + (ref_h**2).sum(), params)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_the_shared_forward_refuses_what_the_plain_one_does():
+    """A sequence longer than n_positions: the plain forward's ValueError, not an embedding's IndexError (a
+    device-side assert on a GPU)."""
+    from distpg.model import forward_shared_prompts
+
+    m = build_model(ModelShape(vocab_size=11, n_layer=1, n_head=2, n_embd=8, n_positions=8), seed=0)
+    idx = torch.tensor([[1, 2, 3] + list(range(7))] * 4)
+    with pytest.raises(ValueError, match="sequence of 10 tokens exceeds n_positions=8"):
+        forward_shared_prompts(m, idx, torch.full((4,), 3))

@@ -72,6 +72,19 @@ def test_strict_spread_needs_a_node_per_actor_where_it_fits():
         plan_placement(small_config(*spread), 8, 0, nodes=[{"CPU": 8}])
 
 
+def test_strict_spread_names_a_worker_count_that_fits():
+    """Workers pinned round-robin: 4 bundles of 5 fit on distinct nodes, but the first 3 workers (a, b, a) do
+    not, with one node holding a; the allowed count is the longest run of first workers that fits."""
+    nodes = [{"CPU": 2}, {"CPU": 2, "a": 1}, {"CPU": 2, "b": 1}, {"CPU": 2, "b": 1}]
+    spread = ("ray.placement_strategy=STRICT_SPREAD", "rollout.num_cpus_per_worker=1", "run.device=cpu",
+              "rollout.node_resource=[a, b]")
+    with pytest.raises(ConfigError, match=r"only 4 of them fit .* allowed: rollout.num_workers <= 2,"):
+        plan_placement(small_config(*spread, "rollout.num_workers=4"), 8, 0, nodes)
+    with pytest.raises(ConfigError, match=r"only 3 of them fit .* allowed: rollout.num_workers <= 2,"):
+        plan_placement(small_config(*spread, "rollout.num_workers=3"), 8, 0, nodes)
+    plan_placement(small_config(*spread, "rollout.num_workers=2"), 8, 0, nodes)
+
+
 def test_strict_pack_needs_one_node_that_holds_every_actor():
     pack = ("ray.placement_strategy=STRICT_PACK", "run.device=cpu")
     plan_placement(small_config(*pack), cpus=6, gpus=0, nodes=NODES)  # 1 + 2 x 0.5 CPUs on a 2-CPU node
