@@ -83,7 +83,7 @@ def _eval(args) -> int:
     from distpg.rewards import RewardError
 
     _, ckpt = resolve_checkpoint(Path(args.path))
-    out = Path(args.json) if args.json else None
+    out = Path(args.json) if args.json is not None else None  # "" is refused below, not ignored
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ConfigError(f"distpg eval: --json {args.json!r} must name a file in an existing folder")
     cfg, model = load_policy(ckpt)

@@ -92,8 +92,9 @@ def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, ca
     assert data["failed_rewards"] == sum(bad) and data["num_prompts"] == len(bad)
     assert [(s["prompt"], s["completion"], s["target"], s["reward"]) for s in data["samples"]] == result.samples
     assert f"wrote {tmp_path / 'eval.json'}" in capsys.readouterr().out
-    assert main(["eval", str(run), "--json", str(tmp_path / "no" / "eval.json")]) == 2
-    assert "--json" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    for bad in (str(tmp_path / "no" / "eval.json"), ""):  # a missing folder; an empty name is not "no file"
+        assert main(["eval", str(run), "--json", bad]) == 2
+        assert "--json" in capsys.readouterr().err and not (tmp_path / "no").exists()
     (run / "config.yaml").write_text(dump_run_config(small_config("task.name=tests.user_task:always_fails")))
     assert main(["eval", str(run)]) == 1
     err = capsys.readouterr().err
