@@ -277,8 +277,10 @@ def _check_nodes(placement: Placement, n: int, nodes: list[dict], strategy: str 
             if need > have + 1e-9:
                 raise ConfigError(f"{len(bundles)} actor(s) pinned to node resource {pin!r} (rollout/learner"
                                   f".node_resource) need {need:g} {res}s, but the nodes with it have {have:g}")
-    if strategy in ("STRICT_PACK", "STRICT_SPREAD"):
-        _check_strict(placement.bundles(n), nodes, strategy, placement.colocated)
+    _check_strict(placement.bundles(n), nodes, strategy, placement.colocated)
+
+
+STRICT = ("STRICT_PACK", "STRICT_SPREAD")  # the placement strategies Ray does not bend (checked up front)
 
 
 def _fits(bundle: dict, node: dict) -> bool:
@@ -288,7 +290,10 @@ def _fits(bundle: dict, node: dict) -> bool:
 
 def _check_strict(bundles: list[dict], nodes: list[dict], strategy: str, colocated: bool) -> None:
     """Can Ray place `bundles` on `nodes` under STRICT_PACK (all on one node) or STRICT_SPREAD (each on a node
-    of its own)? Ray would wait for room that never comes; raises ConfigError naming the field instead."""
+    of its own)? Ray would wait for room that never comes; raises ConfigError naming the field instead. PACK
+    and SPREAD are preferences Ray bends: nothing to check."""
+    if strategy not in STRICT:
+        return
     field = f"ray.placement_strategy={strategy}"
     what = f"the learner and {len(bundles) - 1} rollout worker actor(s)"
     if strategy == "STRICT_PACK":
@@ -449,7 +454,7 @@ class Trainer:
             res, need, have = short
             return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for the "
                     "replacement")
-        if strategy in ("STRICT_PACK", "STRICT_SPREAD"):  # enough in total, but maybe not on the right nodes
+        if strategy in STRICT:  # enough in total, but maybe not on the right nodes (read only then)
             try:
                 _check_strict(self.placement.bundles(n), cluster_nodes(), strategy, self.placement.colocated)
             except ConfigError as e:
