@@ -152,6 +152,14 @@ def to_learner_batch(batches: list[pa.RecordBatch], pad_id: int) -> LearnerBatch
     )
 
 
+def write_table(table: pa.Table, path: Path, **options) -> None:
+    """`pq.write_table(table, path, **options)` whole to a temporary name in the same folder, then renamed:
+    a reader (or a run resumed after a kill) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, **options)
+    tmp.replace(path)
+
+
 class RolloutWriter:
     """Buffers trajectory batches and writes them to RUN_DIR/rollouts/steps_FIRST-LAST.parquet every
     `flush_every` steps, each file written whole to a temporary name and renamed (always readable)."""
@@ -181,7 +189,5 @@ class RolloutWriter:
         if not self._pending:
             return
         name = f"steps_{self._first_step:06d}-{self._last_step:06d}.parquet"
-        tmp = self.directory / f".{name}.tmp"
-        pq.write_table(pa.Table.from_batches(self._pending), tmp, compression="zstd")
-        tmp.replace(self.directory / name)
+        write_table(pa.Table.from_batches(self._pending), self.directory / name, compression="zstd")
         self._pending, self._first_step, self._last_step = [], None, None

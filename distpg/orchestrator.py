@@ -39,7 +39,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distpg import checkpoint
-from distpg.batch import RolloutWriter
+from distpg.batch import RolloutWriter, write_table
 from distpg.colocated import ColocatedLearner
 from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
@@ -712,17 +712,13 @@ class Trainer:
     def write_ledger(self) -> None:
         """RUN_DIR/ledger.parquet (whole, atomically): the ledger of the steps before a resume, then the
         learner's."""
-        import pyarrow.parquet as pq
-
         rows = wait(self.learner.get_ledger.remote(), self.cfg.ray.timeout_s, "fetching the learner's ledger")
         cols = list(zip(*rows)) if rows else [[], [], []]
         table = pa.table({"prompt_id": pa.array(cols[0], pa.int64()), "sample_idx": pa.array(cols[1], pa.int32()),
                           "version": pa.array(cols[2], pa.int64())})
         if self.ledger_base is not None:
             table = pa.concat_tables([self.ledger_base, table])
-        tmp = self.run_dir / f".{LEDGER}.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(self.run_dir / LEDGER)
+        write_table(table, self.run_dir / LEDGER)
 
     def save(self, step: int, run_state: dict | None = None) -> None:
         """Checkpoint `step`; with log.ledger, the ledger first (a resume cuts it to its checkpoint), so that
@@ -1080,24 +1076,21 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
         if first > start:
             f.unlink()
         elif last > start:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(f)
-            kept = table.filter(pc.less_equal(table.column("step"), start))
-            tmp = f.with_name(f".{f.name}.tmp")
-            pq.write_table(kept, tmp, compression="zstd")
-            tmp.replace(f.with_name(f"steps_{first:06d}-{start:06d}.parquet"))
+            _cut_table(f, "step", start, f.with_name(f"steps_{first:06d}-{start:06d}.parquet"), compression="zstd")
             f.unlink()
     # and its ledger's rows after that step (an update's version is its step)
-    ledger = run_dir / LEDGER
-    if ledger.exists():
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(ledger)
-        tmp = run_dir / f".{LEDGER}.tmp"
-        pq.write_table(table.filter(pc.less_equal(table.column("version"), start)), tmp)
-        tmp.replace(ledger)
+    if (run_dir / LEDGER).exists():
+        _cut_table(run_dir / LEDGER, "version", start)
     return start
+
+
+def _cut_table(path: Path, column: str, last: int, out: Path | None = None, **options) -> None:
+    """The rows of the Parquet file `path` whose `column` is at most `last`, written whole to `out` (default:
+    over `path`)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    write_table(table.filter(pc.less_equal(table.column(column), last)), out or path, **options)
 
 
 STOP_WINDOW = 5  # run.stop_reward compares the mean reward of this many last steps
