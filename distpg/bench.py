@@ -644,10 +644,10 @@ def bench_learner(overrides: list[str], repeats: int) -> dict:
 
     torch.set_num_threads(threads)
     import distpg.learner as learner_mod
+    from distpg.model import forward_every_row
 
     # the same learner with the plain forward of every row (each group's prompt G times, as the reference)
-    plain = _with_setting(lambda: learner.update(batch), learner_mod, "forward_shared_prompts",
-                          lambda model, idx, prompt_len, return_hidden=False: model(idx, return_hidden=return_hidden))
+    plain = _with_setting(lambda: learner.update(batch), learner_mod, "forward_shared_prompts", forward_every_row)
     times = best_of({"supervised": supervised, "learner": lambda: learner.update(batch),
                      "learner_plain_forward": plain}, repeats)
     n_tok = tokens.numel()

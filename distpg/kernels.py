@@ -377,12 +377,8 @@ def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, 
             packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach(), max(1, rows)) for w in weights]
         if key is not None:
             _packs[owner] = (key, ptrs, packed)
-    outer = getattr(_active, "packs", None)
-    _active.packs = {id(w): p for w, p in zip(weights, packed)}
-    try:
+    with using_packs({id(w): p for w, p in zip(weights, packed)}):
         yield
-    finally:
-        _active.packs = outer
 
 
 def active_packs() -> dict | None:

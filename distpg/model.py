@@ -253,6 +253,13 @@ class GPT(nn.Module):
         return (logits, x) if return_hidden else logits
 
 
+def forward_every_row(model: GPT, idx: torch.Tensor, prompt_len: torch.Tensor,
+                      return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`forward_shared_prompts` without the sharing: the plain forward of every row, prompt included (the
+    reference the shared forward is measured and checked against)."""
+    return model(idx, return_hidden=return_hidden)
+
+
 def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tensor,
                            return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`model(idx)` (logits (B, T, V), and the hidden states with return_hidden) for rows that begin with a

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distpg.learner import Learner
+from distpg.model import forward_every_row
 from distpg.rollout import RolloutWorker
 from tests.conftest import small_config
 
@@ -252,8 +253,7 @@ def test_a_groups_prompt_run_once_gives_the_update_of_the_plain_forward(monkeypa
     monkeypatch.setattr(learner_mod, "forward_shared_prompts", counting)
     got, _ = learner.update(batch)
     assert sum(calls) == (32 if "algo.kl_coef=0.1" in sets else 16)  # every row, policy (and reference)
-    monkeypatch.setattr(learner_mod, "forward_shared_prompts",
-                        lambda model, idx, prompt_len, return_hidden=False: model(idx, return_hidden=return_hidden))
+    monkeypatch.setattr(learner_mod, "forward_shared_prompts", forward_every_row)
     ref, _ = plain.update(batch)
     for k in ("learner/loss", "learner/grad_norm", "learner/entropy", "learner/kl_ref", "learner/value_loss"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
@@ -273,8 +273,7 @@ def test_one_token_completions_update_with_the_shared_prompt_forward(monkeypatch
     plain = copy.deepcopy(learner)
     batch = worker.sample(["abcd=", "dcba=", "abca=", "dcbb="], [0, 1, 2, 3], seed=0)
     got, _ = learner.update(batch)
-    monkeypatch.setattr(learner_mod, "forward_shared_prompts",
-                        lambda model, idx, prompt_len, return_hidden=False: model(idx, return_hidden=return_hidden))
+    monkeypatch.setattr(learner_mod, "forward_shared_prompts", forward_every_row)
     ref, _ = plain.update(batch)
     for k in ("learner/loss", "learner/grad_norm", "learner/kl_ref"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k

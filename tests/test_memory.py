@@ -20,12 +20,11 @@ from distpg.learner import Learner
 from distpg.orchestrator import sample_seed, step_prompts
 from distpg.rollout import RolloutWorker
 
-import distpg.learner
+import distpg.learner, distpg.model
 # every row's plain forward in the learner: a step whose temporaries cross glibc's trim and mmap thresholds
 # each time; the default shared-prompt forward allocates less and sits near them (88 to 1,201 faults a step
 # with glibc's defaults in three runs), too close to tell the settings apart reliably
-distpg.learner.forward_shared_prompts = lambda model, idx, plen, return_hidden=False: model(
-    idx, return_hidden=return_hidden)
+distpg.learner.forward_shared_prompts = distpg.model.forward_every_row
 cfg = load_config(None, ["rollout.num_workers=1"])
 worker, learner = RolloutWorker(cfg, 0, 1), Learner(cfg, 1)
 weights = learner.get_weights()
