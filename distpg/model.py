@@ -280,7 +280,7 @@ def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tens
     device = idx.device
     plen = prompt_len.clamp(1, T)
     P = int(plen.max())
-    cols = torch.arange(max(P, T), device=device)
+    cols = torch.arange(T, device=device)  # P, Lc <= T
     prompts = torch.where(cols[None, :P] < plen[:, None], idx[:, :P], -1)  # (B, P), -1 past each prompt
     uniq, group = torch.unique(prompts, dim=0, return_inverse=True)  # (U, P), (B,)
     # the longest row's own part; at least 1 (one padding query per row) where every row is all prompt
@@ -297,13 +297,14 @@ def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tens
     # a row's query j sees its prompt's keys [0, plen) and its own keys [0, j]
     keys = torch.cat([(cols[None, :P] < plen[:, None])[:, None, :].expand(B, Lc, P),
                       (cols[:Lc][None, :] <= cols[:Lc][:, None])[None].expand(B, Lc, Lc)], dim=2)[:, None]
+    causal = _attention_mask(P, 0, None, device)  # the prompts' own
     for block in model.h:
         a = block.attn
         qkv_p = F.linear(block.ln_1(xp), a.c_attn.weight, a.c_attn.bias)
         qkv_c = F.linear(block.ln_1(xc), a.c_attn.weight, a.c_attn.bias)
         qp, kp, vp = (t.view(-1, P, H, D).transpose(1, 2) for t in qkv_p.split(C, dim=2))  # (U, H, P, D)
         qc, kc, vc = (t.view(B, Lc, H, D).transpose(1, 2) for t in qkv_c.split(C, dim=2))  # (B, H, Lc, D)
-        yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=_attention_mask(P, 0, None, device))
+        yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal)
         yc = F.scaled_dot_product_attention(qc, torch.cat([kp[group], kc], 2), torch.cat([vp[group], vc], 2),
                                             attn_mask=keys)
         xp = xp + F.linear(yp.transpose(1, 2).reshape(-1, P, C), a.c_proj.weight, a.c_proj.bias)
