@@ -504,7 +504,7 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
     worker.set_weights(weights)
 
     def local_step(step: int) -> dict:  # as Trainer.sync_step: the weights go along with the sample call
-        nonlocal weights
+        nonlocal weights, last
         prompts, ids = step_prompts(task, cfg, step)
         seed = sample_seed(cfg.run.seed, step, 0)
         t0 = time.perf_counter()
@@ -517,10 +517,12 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
             metrics, weights = learner.update(batch)
         stats = rollout_stats([batch])
         t2 = time.perf_counter()
+        last = {"args": (prompts, ids, seed), "batch": batch, "metrics": metrics, "weights": weights}
         return {**stats, **metrics, "perf/rollout_s": t1 - t0, "perf/learn_s": t2 - t1,
                 "perf/sync_s": sync_seconds([batch])}
 
     task = (learner.worker if cfg.rollout.colocate else worker).task
+    last: dict = {}
     phases = ("perf/rollout_s", "perf/learn_s", "perf/sync_s", "perf/learner_compute_s")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), placement)
@@ -548,8 +550,14 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
             gaps = [(trainer.learner, 0.0)] if cfg.rollout.colocate else \
                 [(trainer.workers[0], statistics.median(ray_ph["perf/learn_s"])),
                  (trainer.learner, statistics.median(ray_ph["perf/rollout_s"]))]
-            floor_s = statistics.median(sum(_idle_call(actor, gap, cfg.ray.timeout_s) for actor, gap in gaps)
-                                        for _ in range(steps))
+            empty = [(lambda a=actor: a.get_version.remote(), gap) for actor, gap in gaps]
+            floor_s = _floor(empty, steps, cfg.ray.timeout_s)
+            # what carrying a step's data adds to those calls: its arguments, a batch back, the batch to the
+            # learner, the metrics and a new version back (into the object store), that version fetched by the
+            # worker; measured as echoes (`__ray_call__`) with the data against the same echoes without it
+            echoes = {carry: _echo_calls(trainer, last, gaps, cfg.rollout.colocate, carry) for carry in (False, True)}
+            data_s = floor_s + _floor(echoes[True], steps, cfg.ray.timeout_s) - _floor(echoes[False], steps,
+                                                                                       cfg.ray.timeout_s)
         finally:
             trainer.close()
     med = {side: {k.split("/")[1][:-2]: statistics.median(v) * 1e3 for k, v in ph.items()}
@@ -557,22 +565,80 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
     note = " ".join(f"{k} {med['ray'][k]:.1f}/{med['local'][k]:.1f}" for k in med["ray"]) + " ms (Ray/one process)"
     local_ms = statistics.median(local_s) * 1e3
     note += (f"; Ray's floor, {len(gaps)} empty call{'s' * (len(gaps) > 1)} after the same idle gaps: "
-             f"{floor_s * 1e3:.1f} ms ({floor_s * 1e3 / local_ms:.0%} of the one-process step)")
+             f"{floor_s * 1e3:.1f} ms ({floor_s * 1e3 / local_ms:.0%} of the one-process step), the same calls "
+             f"carrying the step's data and computing nothing: {data_s * 1e3:.1f} ms (at best "
+             f"{1 + data_s * 1e3 / local_ms:.3f}x)")
     where = ", in the learner (rollout.colocate)" if cfg.rollout.colocate else ""
     return figure(f"sync step, 1 worker{where}, Ray vs one process ({cfg.model.preset})",
                   statistics.median(ray_s) * 1e3,
                   local_ms, "ms/step", "lower", 1.10, same_numbers=same, steps=steps,
-                  ray_s=ray_s, local_s=local_s, phases_ms=med, ray_floor_ms=floor_s * 1e3, note=note)
+                  ray_s=ray_s, local_s=local_s, phases_ms=med, ray_floor_ms=floor_s * 1e3,
+                  ray_floor_data_ms=data_s * 1e3, note=note)
 
 
-def _idle_call(actor, gap_s: float, timeout_s: float) -> float:
-    """Seconds of one empty call (`get_version`) to `actor` issued after `gap_s` seconds of idling."""
+def _floor(calls: list[tuple[Callable[[], object], float]], steps: int, timeout_s: float) -> float:
+    """The median over `steps` rounds of the seconds the `calls` take one after the other, each issued (it
+    returns a reference, or references whose first is awaited) after its idle gap."""
     import ray
 
-    time.sleep(gap_s)
-    t0 = time.perf_counter()
-    ray.get(actor.get_version.remote(), timeout=timeout_s)
-    return time.perf_counter() - t0
+    def one(call, gap_s):
+        time.sleep(gap_s)
+        t0 = time.perf_counter()
+        ref = call()
+        ray.get(ref[0] if isinstance(ref, list) else ref, timeout=timeout_s)
+        return time.perf_counter() - t0
+
+    return statistics.median(sum(one(call, gap) for call, gap in calls) for _ in range(steps))
+
+
+def _keep(actor_self, **values) -> None:
+    """Run in an actor by `__ray_call__`: keep `values` there for `_echo`."""
+    actor_self._bench_kept = values
+
+
+def _echo(actor_self, names: tuple[str, ...], *args):
+    """Run in an actor by `__ray_call__`: the values `_keep` kept under `names` (None for none), after
+    fetching a version handed as `[ref]` among `args` (as a worker's sample call does); no other work."""
+    import ray
+
+    for a in args:
+        if isinstance(a, list) and len(a) == 1 and isinstance(a[0], ray.ObjectRef):
+            ray.get(a[0], timeout=600)
+    kept = [actor_self._bench_kept[n] for n in names]
+    return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+
+
+def _echo_calls(trainer, last: dict, gaps: list, colocate: bool, carry: bool) -> list:
+    """The step's calls (`gaps`' actors and idle gaps) as echoes that compute nothing, for `_floor`: with
+    `carry`, carrying the step's data (`last`: one step's arguments and results from the one-process loop),
+    else nothing."""
+    import ray
+
+    wait_s = trainer.cfg.ray.timeout_s
+    if colocate:
+        ray.get(trainer.learner.__ray_call__.remote(_keep, batch=last["batch"], metrics=last["metrics"]),
+                timeout=wait_s)
+        if not carry:
+            return [(lambda: trainer.learner.__ray_call__.remote(_echo, ()), gaps[0][1])]
+        step = trainer.learner.__ray_call__.options(num_returns=2)
+        return [(lambda: list(step.remote(_echo, ("batch", "metrics"), *last["args"])), gaps[0][1])]
+    worker, learner = trainer.workers[0], trainer.learner
+    if not carry:
+        return [(lambda: worker.__ray_call__.remote(_echo, ()), gaps[0][1]),
+                (lambda: learner.__ray_call__.remote(_echo, ()), gaps[1][1])]
+    ray.get([worker.__ray_call__.remote(_keep, batch=last["batch"]),
+             learner.__ray_call__.remote(_keep, metrics=last["metrics"], weights=last["weights"])], timeout=wait_s)
+    handed = [ray.put(last["weights"])]
+    batch_ref: list = []
+
+    def sample():
+        batch_ref[:] = [worker.__ray_call__.remote(_echo, ("batch",), *last["args"], handed)]
+        return batch_ref[0]
+
+    def update():
+        return list(learner.__ray_call__.options(num_returns=2).remote(_echo, ("metrics", "weights"), *batch_ref))
+
+    return [(sample, gaps[0][1]), (update, gaps[1][1])]
 
 
 def bench_sync_fraction(overrides: list[str], steps: int, warmup: int) -> dict:

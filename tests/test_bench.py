@@ -83,6 +83,7 @@ def test_bench_quick_writes_json(tmp_path):
     for step in (apart, together):  # Ray and the single-process loop computed the same steps
         assert step["same_numbers"] is True
         assert step["ray_floor_ms"] > 0 and "Ray's floor" in step["note"]
+        assert step["ray_floor_data_ms"] > 0 and "carrying the step's data" in step["note"]
     assert "2 empty calls" in apart["note"] and "1 empty call " in together["note"]
 
 
@@ -125,6 +126,19 @@ def test_the_prepared_gpu_script_fetches_its_wheels_and_runs_the_sampler_bench(t
                        timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "gpu-sampler.json").read_text())["results"]["sampler"][0]["ratio"] > 0
+
+
+def test_the_step_floors_echoes_return_what_was_kept_after_fetching_the_handed_version():
+    from distpg.bench import _echo, _keep
+
+    class Actor:
+        pass
+
+    actor, batch, metrics = Actor(), object(), {"learner/loss": 1.0}
+    _keep(actor, batch=batch, metrics=metrics)
+    assert _echo(actor, ()) is None
+    assert _echo(actor, ("batch",), ["prompt"], [1], 7) is batch
+    assert _echo(actor, ("batch", "metrics")) == (batch, metrics)
 
 
 def test_bench_rejects_unknown_names(tmp_path):
