@@ -3,25 +3,20 @@ Needs matplotlib (`pip install distpg[plot]`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from distpg.config import ConfigError
+from distpg.metrics import read_records
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The step records of a run folder's metrics.jsonl, as `distpg.metrics.read_records` reads them: a last
+    line cut off (a run killed, or being written, as it is read) is left out, any other bad line named."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} not found: not a distpg run folder")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:  # a line cut off by a kill while it was written
-                raise ConfigError(f"{str(path)!r} line {n} is not a JSON record ({e.msg}): cut off by a kill? "
-                                  "`distpg train --resume` rewrites the file up to its checkpoint") from None
+    records = read_records(path)
     if not records:
         raise ConfigError(f"{str(path)!r} holds no step yet")
     return records

@@ -19,7 +19,7 @@ def test_bad_metrics_files_and_unknown_metrics_are_named(tmp_path):
     good = write(tmp_path / "good", [json.dumps({"step": s, "time_s": s, "rollout/reward_mean": 0.1 * s})
                                      for s in (1, 2)])
     cut = write(tmp_path / "cut", [json.dumps({"step": 1, "time_s": 1, "rollout/reward_mean": 0.1}),
-                                   '{"step": 2, "time_s": 2, "rollo'])
+                                   '{"step": 2, "time_s": 2, "rollo', json.dumps({"step": 3})])
     empty = write(tmp_path / "empty", [])
     with pytest.raises(ConfigError, match=r"--metric 'foo/bar' is not in every record .*: rollout/reward_mean"):
         plot_runs([good], tmp_path / "x.png", metric="foo/bar")
@@ -30,6 +30,18 @@ def test_bad_metrics_files_and_unknown_metrics_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a distpg run folder"):
         plot_runs([tmp_path / "nowhere"], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_last_line_cut_off_is_left_out_as_a_resume_does(tmp_path):
+    """A run killed while writing a step's line, or plotted while it writes one: the steps before it plot."""
+    from distpg.plot import read_metrics
+
+    first = {"step": 1, "time_s": 1.5, "rollout/reward_mean": 0.1}
+    run = write(tmp_path / "live", [json.dumps(first), '{"step": 2, "time_s": 2, "rollo'])
+    assert read_metrics(run) == [first]
+    cut = write(tmp_path / "cut", ['{"step": 1, "ti'])
+    with pytest.raises(ConfigError, match=r"cut.*holds no step yet"):
+        read_metrics(cut)
 
 
 def test_smoothing_leaves_a_null_step_out_of_its_windows_only():
