@@ -299,12 +299,17 @@ def _check_strict(bundles: list[dict], nodes: list[dict], strategy: str, colocat
     if strategy == "STRICT_PACK":
         total = {k: sum(b.get(k, 0) for b in bundles) for k in {k for b in bundles for k in b}}
         if not any(_fits(total, node) for node in nodes):
-            largest = max(node.get("CPU", 0) for node in nodes)
             pins = sorted(k for k in total if k not in ("CPU", "GPU"))
             need = f"{total.get('CPU', 0):g} CPUs" + (f" and {total['GPU']:g} GPUs" if total.get("GPU") else "")
+            # what the nodes have of each thing needed (each may be short on its own)
+            have = [f"the largest has {max(node.get('CPU', 0) for node in nodes):g} CPUs"]
+            if total.get("GPU"):
+                have.append(f"the most GPUs on one node: {max(node.get('GPU', 0) for node in nodes):g}")
+            if pins and not any(all(k in node for k in pins) for node in nodes):
+                have.append(f"no node has {'all of ' if len(pins) > 1 else ''}{', '.join(pins)}")
             raise ConfigError(f"{field} puts {what} on one node: they need {need}"
                               + (f" and the node resource(s) {', '.join(pins)}" if pins else "")
-                              + f", and no node of the cluster has that (the largest has {largest:g} CPUs); "
+                              + f", and no node of the cluster has that ({'; '.join(have)}); "
                               "allowed: fewer or smaller actors, or PACK (which may use several nodes)")
         return
     # STRICT_SPREAD: a node per bundle, a bundle only where it fits (a bipartite matching, by augmenting paths)

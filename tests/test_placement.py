@@ -94,9 +94,15 @@ def test_strict_pack_needs_one_node_that_holds_every_actor():
         plan_placement(small_config(*pack, "rollout.num_cpus_per_worker=1"), 6, 0, NODES)
     # pinned to two different nodes: no one node has both resources
     with pytest.raises(ConfigError, match=r"STRICT_PACK .* need 2 CPUs and the node resource\(s\) distpg_node_0, "
-                                          r"distpg_node_1"):
+                                          r"distpg_node_1, .*\(the largest has 2 CPUs; no node has all of "
+                                          r"distpg_node_0, distpg_node_1\)"):
         plan_placement(small_config(*pack, "learner.node_resource=distpg_node_0",
                                     "rollout.node_resource=distpg_node_1"), 6, 0, NODES)
+    # GPUs short while CPUs are not: the message says what the nodes have of both
+    with pytest.raises(ConfigError, match=r"need 2 CPUs and 2 GPUs, and no node of the cluster has that \(the "
+                                          r"largest has 2 CPUs; the most GPUs on one node: 1\)"):
+        plan_placement(small_config(*pack, "run.device=cuda", "learner.num_gpus=1",
+                                    "rollout.num_gpus_per_worker=0.5"), 6, 3, NODES)
 
 
 def test_a_replacement_names_a_strict_placement_the_live_nodes_cannot_hold(ray_session):
