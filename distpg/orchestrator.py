@@ -39,7 +39,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distpg import checkpoint
-from distpg.batch import RolloutWriter, write_table
+from distpg.batch import UNFLUSHED, RolloutWriter, write_table
 from distpg.colocated import ColocatedLearner
 from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
@@ -721,10 +721,13 @@ class Trainer:
         write_table(table, self.run_dir / LEDGER)
 
     def save(self, step: int, run_state: dict | None = None) -> None:
-        """Checkpoint `step`; with log.ledger, the ledger first (a resume cuts it to its checkpoint), so that
-        an interrupted run keeps the ledger of the steps it does not redo."""
+        """Checkpoint `step`; with log.ledger, the ledger first (a resume cuts it to its checkpoint), and the
+        rollouts not yet flushed, so that an interrupted run keeps the ledger and rollouts of the steps it does
+        not redo."""
         if self.cfg.log.ledger:
             self.write_ledger()
+        if self.writer is not None:
+            self.writer.save_unflushed()
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
         checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
@@ -1070,6 +1073,17 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
 
         kept = [r for r in read_records(metrics) if r["step"] <= start]  # also a last line cut off by a kill
         metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    # the rollouts buffered at its latest checkpoint, unless the flush that followed wrote them to their file
+    unflushed = run_dir / "rollouts" / UNFLUSHED
+    if unflushed.exists():
+        import pyarrow.parquet as pq
+
+        steps = pq.read_table(unflushed, columns=["step"]).column("step")
+        first, last = pc.min(steps).as_py(), pc.max(steps).as_py()
+        if any(unflushed.parent.glob(f"steps_{first:06d}-*.parquet")):
+            unflushed.unlink()
+        else:
+            unflushed.rename(unflushed.with_name(f"steps_{first:06d}-{last:06d}.parquet"))
     # and its rollouts after that step: they will be generated again
     for f in (run_dir / "rollouts").glob("steps_*.parquet"):
         first, last = (int(x) for x in f.stem.split("_")[1].split("-"))

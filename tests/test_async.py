@@ -254,3 +254,36 @@ def test_async_workers_get_each_version_with_a_sample_call(ray_session, tmp_path
     recs = records(tmp_path / "r")
     assert [r["step"] for r in recs] == list(range(1, 7))
     assert all(r["perf/sync_s"] >= 0 for r in recs) and any(r["perf/sync_s"] > 0 for r in recs[1:])
+
+
+@pytest.mark.ray
+def test_a_kill_right_after_a_checkpoint_keeps_the_rollouts_of_the_steps_it_kept(ray_session, tmp_path, monkeypatch):
+    # the rollouts of the steps since the last flush were only in the driver's memory when a checkpoint was
+    # written: a kill before the next flush lost them, and the resume (which does not redo those steps) never
+    # wrote them, while the ledger holds them
+    from distpg import checkpoint
+    from distpg.batch import RolloutWriter
+
+    run = tmp_path / "run"
+    # log.rollout_flush_every=2: steps 1-2 are flushed at step 2, step 3 is buffered at checkpoint 3
+    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=3", "algo.max_staleness=1")
+    real_save, real_flush = checkpoint.save, RolloutWriter.flush
+
+    def save_then_killed(run_dir, step, *args, **kwargs):
+        out = real_save(run_dir, step, *args, **kwargs)
+        if step == 3:  # SIGKILL right after checkpoint 3: what the driver held in memory is gone
+            monkeypatch.setattr(RolloutWriter, "flush", lambda self: None)
+            raise KeyboardInterrupt("SIGKILL")
+        return out
+
+    monkeypatch.setattr(checkpoint, "save", save_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setattr(RolloutWriter, "flush", real_flush)
+    train(cfg, run, resume=True)
+    generated, consumed = pq.read_table(run / "rollouts"), pq.read_table(run / "ledger.parquet")
+    assert sorted(set(generated.column("step").to_pylist())) == [1, 2, 3, 4, 5]
+    keys = list(zip(generated.column("prompt_id").to_pylist(), generated.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys)) == 5 * 4 * cfg.rollout.group_size
+    assert set(keys) == set(zip(consumed.column("prompt_id").to_pylist(), consumed.column("sample_idx").to_pylist()))
