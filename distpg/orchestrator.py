@@ -806,7 +806,8 @@ class AsyncPipeline:
         self.version = version
         self.exact, self.first_version = self.cfg.algo.staleness_schedule == "exact", version
         self.refs = {version: trainer.weights_ref}  # exact: version -> its published weights, while needed
-        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_issued) | ("update",)
+        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_started) | ("update",); t_started: when
+        # the call was issued, or when the call before it on that worker ended, if later (it waited in its queue)
         self.parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
         self.rollout_t: dict[int, float] = {}  # step -> first issue time, then its rollout seconds
         self.update = None  # (step, metrics_ref, weights_ref, t_launch) of the update in flight
@@ -849,6 +850,10 @@ class AsyncPipeline:
         ref = ready[0]
         kind = self.pending.pop(ref)
         if kind[0] == "sample":
+            now = time.perf_counter()  # the worker's share queued behind this one starts now: so does its clock
+            for r, k in self.pending.items():
+                if k[0] == "sample" and k[2] == kind[2]:
+                    self.pending[r] = (*k[:3], max(k[3], now))
             self.on_sample(ref, kind[1], kind[2])
         else:
             return self.on_update()

@@ -287,3 +287,30 @@ def test_a_kill_right_after_a_checkpoint_keeps_the_rollouts_of_the_steps_it_kept
     keys = list(zip(generated.column("prompt_id").to_pylist(), generated.column("sample_idx").to_pylist()))
     assert len(keys) == len(set(keys)) == 5 * 4 * cfg.rollout.group_size
     assert set(keys) == set(zip(consumed.column("prompt_id").to_pylist(), consumed.column("sample_idx").to_pylist()))
+
+
+class SixSecondWorker(RolloutWorker):
+    """A rollout worker whose every share takes about 6 s: longer than the pipeline's 5 s wait for a result,
+    well within rollout.timeout_s=9."""
+
+    def sample(self, *args, **kwargs):
+        time.sleep(6.0)
+        return super().sample(*args, **kwargs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~15 s: the shares must outlast the pipeline's 5 s wait
+def test_a_queued_share_is_not_timed_while_it_waits_behind_the_one_before(ray_session, tmp_path, monkeypatch):
+    # a worker queues two calls; the second was timed from when it was issued, so a healthy worker whose
+    # shares take more than half of rollout.timeout_s was replaced as hung while it sampled the first
+    ray = ray_session
+
+    def start_worker(self, wid):
+        return ray.remote(SixSecondWorker).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
+            self.cfg, wid, 1, self.device)
+
+    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    cfg = small_config("run.steps=2", *ASYNC, "algo.max_staleness=1", "rollout.num_workers=1",
+                       "rollout.timeout_s=9", "rollout.max_restarts=0")
+    train(cfg, tmp_path / "r")  # steps 1 and 2 are issued at once; step 2 ends about 12 s later
+    assert [(r["step"], r["workers/restarts"]) for r in records(tmp_path / "r")] == [(1, 0), (2, 0)]
