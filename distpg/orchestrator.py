@@ -405,32 +405,35 @@ class Trainer:
         self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
         if busy:
             print(f"distpg: waiting up to ray.timeout_s={cfg.ray.timeout_s:g}s for room: {busy}", flush=True)
-        try:
-            wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
-        except TrainingError as e:
-            remove_placement_group(self.pg)  # or it holds its share once the room is there
-            raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
-        self.placement = placement
-        self.device = "cuda" if placement.use_gpu else "cpu"
-        learner_cls = ColocatedLearner if placement.colocated else Learner
-        self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
-            cfg, _threads(placement.learner["CPU"]), self.device
-        )
-        self.restarts = 0
-        self.weights_ref = None  # the newest published weights: what a restarted worker is handed
-        self.ledger_base = None  # log.ledger on resume: the ledger of the steps up to the checkpoint
-        self.version: int | None = None  # their policy version
-        # with rollout.colocate, worker 0 is the learner's actor; its calls are those of a worker
-        self.workers = [self.learner if placement.colocated and i == 0 else self.start_worker(i)
-                        for i in range(cfg.rollout.num_workers)]
-        # one worker in the learner and no other: a step is one call (ColocatedLearner.step)
-        self.single_call = placement.colocated and cfg.rollout.num_workers == 1
-        self.worker_nodes = [None] * len(self.workers)
-        for w, ref in enumerate([_node_of(w) for w in self.workers]):
+        try:  # on any failure (a SIGTERM too) the caller gets no trainer to close: free the group here
             try:
-                self.worker_nodes[w] = ray.get(ref, timeout=cfg.ray.timeout_s)
-            except (*WORKER_FAULTS, GetTimeoutError) as e:
-                self.restart_worker(w, f"failed to start ({type(e).__name__})")
+                wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
+            except TrainingError as e:
+                raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
+            self.placement = placement
+            self.device = "cuda" if placement.use_gpu else "cpu"
+            learner_cls = ColocatedLearner if placement.colocated else Learner
+            self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
+                cfg, _threads(placement.learner["CPU"]), self.device
+            )
+            self.restarts = 0
+            self.weights_ref = None  # the newest published weights: what a restarted worker is handed
+            self.ledger_base = None  # log.ledger on resume: the ledger of the steps up to the checkpoint
+            self.version: int | None = None  # their policy version
+            # with rollout.colocate, worker 0 is the learner's actor; its calls are those of a worker
+            self.workers = [self.learner if placement.colocated and i == 0 else self.start_worker(i)
+                            for i in range(cfg.rollout.num_workers)]
+            # one worker in the learner and no other: a step is one call (ColocatedLearner.step)
+            self.single_call = placement.colocated and cfg.rollout.num_workers == 1
+            self.worker_nodes = [None] * len(self.workers)
+            for w, ref in enumerate([_node_of(w) for w in self.workers]):
+                try:
+                    self.worker_nodes[w] = ray.get(ref, timeout=cfg.ray.timeout_s)
+                except (*WORKER_FAULTS, GetTimeoutError) as e:
+                    self.restart_worker(w, f"failed to start ({type(e).__name__})")
+        except BaseException:
+            remove_placement_group(self.pg)  # and the actors in it; or it holds its share once the room is there
+            raise
 
     def on_bundle(self, i: int, res: dict) -> dict:
         return dict(
