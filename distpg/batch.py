@@ -160,6 +160,9 @@ def write_table(table: pa.Table, path: Path, **options) -> None:
     tmp.replace(path)
 
 
+UNFLUSHED = ".unflushed.parquet"  # in the rollouts folder: the buffered steps at the latest checkpoint
+
+
 class RolloutWriter:
     """Buffers trajectory batches and writes them to RUN_DIR/rollouts/steps_FIRST-LAST.parquet every
     `flush_every` steps, each file written whole to a temporary name and renamed (always readable)."""
@@ -190,4 +193,12 @@ class RolloutWriter:
             return
         name = f"steps_{self._first_step:06d}-{self._last_step:06d}.parquet"
         write_table(pa.Table.from_batches(self._pending), self.directory / name, compression="zstd")
+        (self.directory / UNFLUSHED).unlink(missing_ok=True)  # its rows are in that file now
         self._pending, self._first_step, self._last_step = [], None, None
+
+    def save_unflushed(self) -> None:
+        """Write the buffered steps to UNFLUSHED (a name readers of the folder skip) as a checkpoint is taken:
+        a kill before the next flush would lose them, and a resume does not redo the steps up to its
+        checkpoint. The next flush removes it; a resume names it as that flush would have, if it never came."""
+        if self._pending:
+            write_table(pa.Table.from_batches(self._pending), self.directory / UNFLUSHED, compression="zstd")

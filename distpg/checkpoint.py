@@ -55,6 +55,7 @@ def save(run_dir: Path, step: int, learner_state: dict, keep: int, run_state: di
         "version": learner_state["version"],
         "ema": learner_state["ema"],
         "skipped_steps": learner_state.get("skipped_steps", 0),
+        "consecutive_skips": learner_state.get("consecutive_skips", 0),
         **(run_state or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -98,6 +99,7 @@ def load(path: Path) -> tuple[dict, dict]:
         "version": state["version"],
         "ema": state["ema"],
         "skipped_steps": state.get("skipped_steps", 0),
+        "consecutive_skips": state.get("consecutive_skips", 0),
     }
     return learner_state, state
 

@@ -44,8 +44,8 @@ def _train(args) -> int:
         summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     except KeyboardInterrupt as e:
         sigterm = e.args == ("SIGTERM",)  # raised by orchestrator._sigterm_interrupts
-        print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {_resume_hint(run_dir, cfg.run.steps)}",
-              file=sys.stderr, flush=True)
+        hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
+        print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {hint}", file=sys.stderr, flush=True)
         return 143 if sigterm else 130
     except TrainingError as e:
         hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"

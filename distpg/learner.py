@@ -253,6 +253,7 @@ class Learner:
             "version": self.version,
             "ema": self.ema,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
         }
 
     def load_state(self, state: dict) -> None:
@@ -265,6 +266,7 @@ class Learner:
         self.version = int(state["version"])
         self.ema = state["ema"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
 
 
 def _to_cpu(obj):

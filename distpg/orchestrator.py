@@ -39,7 +39,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distpg import checkpoint
-from distpg.batch import RolloutWriter, write_table
+from distpg.batch import UNFLUSHED, RolloutWriter, write_table
 from distpg.colocated import ColocatedLearner
 from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
 from distpg.learner import Learner
@@ -410,32 +410,35 @@ class Trainer:
         self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
         if busy:
             print(f"distpg: waiting up to ray.timeout_s={cfg.ray.timeout_s:g}s for room: {busy}", flush=True)
-        try:
-            wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
-        except TrainingError as e:
-            remove_placement_group(self.pg)  # or it holds its share once the room is there
-            raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
-        self.placement = placement
-        self.device = "cuda" if placement.use_gpu else "cpu"
-        learner_cls = ColocatedLearner if placement.colocated else Learner
-        self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
-            cfg, _threads(placement.learner["CPU"]), self.device
-        )
-        self.restarts = 0
-        self.weights_ref = None  # the newest published weights: what a restarted worker is handed
-        self.ledger_base = None  # log.ledger on resume: the ledger of the steps up to the checkpoint
-        self.version: int | None = None  # their policy version
-        # with rollout.colocate, worker 0 is the learner's actor; its calls are those of a worker
-        self.workers = [self.learner if placement.colocated and i == 0 else self.start_worker(i)
-                        for i in range(cfg.rollout.num_workers)]
-        # one worker in the learner and no other: a step is one call (ColocatedLearner.step)
-        self.single_call = placement.colocated and cfg.rollout.num_workers == 1
-        self.worker_nodes = [None] * len(self.workers)
-        for w, ref in enumerate([_node_of(w) for w in self.workers]):
+        try:  # on any failure (a SIGTERM too) the caller gets no trainer to close: free the group here
             try:
-                self.worker_nodes[w] = ray.get(ref, timeout=cfg.ray.timeout_s)
-            except (*WORKER_FAULTS, GetTimeoutError) as e:
-                self.restart_worker(w, f"failed to start ({type(e).__name__})")
+                wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
+            except TrainingError as e:
+                raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
+            self.placement = placement
+            self.device = "cuda" if placement.use_gpu else "cpu"
+            learner_cls = ColocatedLearner if placement.colocated else Learner
+            self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
+                cfg, _threads(placement.learner["CPU"]), self.device
+            )
+            self.restarts = 0
+            self.weights_ref = None  # the newest published weights: what a restarted worker is handed
+            self.ledger_base = None  # log.ledger on resume: the ledger of the steps up to the checkpoint
+            self.version: int | None = None  # their policy version
+            # with rollout.colocate, worker 0 is the learner's actor; its calls are those of a worker
+            self.workers = [self.learner if placement.colocated and i == 0 else self.start_worker(i)
+                            for i in range(cfg.rollout.num_workers)]
+            # one worker in the learner and no other: a step is one call (ColocatedLearner.step)
+            self.single_call = placement.colocated and cfg.rollout.num_workers == 1
+            self.worker_nodes = [None] * len(self.workers)
+            for w, ref in enumerate([_node_of(w) for w in self.workers]):
+                try:
+                    self.worker_nodes[w] = ray.get(ref, timeout=cfg.ray.timeout_s)
+                except (*WORKER_FAULTS, GetTimeoutError) as e:
+                    self.restart_worker(w, f"failed to start ({type(e).__name__})")
+        except BaseException:
+            remove_placement_group(self.pg)  # and the actors in it; or it holds its share once the room is there
+            raise
 
     def on_bundle(self, i: int, res: dict) -> dict:
         return dict(
@@ -726,10 +729,13 @@ class Trainer:
         write_table(table, self.run_dir / LEDGER)
 
     def save(self, step: int, run_state: dict | None = None) -> None:
-        """Checkpoint `step`; with log.ledger, the ledger first (a resume cuts it to its checkpoint), so that
-        an interrupted run keeps the ledger of the steps it does not redo."""
+        """Checkpoint `step`; with log.ledger, the ledger first (a resume cuts it to its checkpoint), and the
+        rollouts not yet flushed, so that an interrupted run keeps the ledger and rollouts of the steps it does
+        not redo."""
         if self.cfg.log.ledger:
             self.write_ledger()
+        if self.writer is not None:
+            self.writer.save_unflushed()
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
         checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
@@ -808,7 +814,8 @@ class AsyncPipeline:
         self.version = version
         self.exact, self.first_version = self.cfg.algo.staleness_schedule == "exact", version
         self.refs = {version: trainer.weights_ref}  # exact: version -> its published weights, while needed
-        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_issued) | ("update",)
+        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_started) | ("update",); t_started: when
+        # the call was issued, or when the call before it on that worker ended, if later (it waited in its queue)
         self.parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
         self.rollout_t: dict[int, float] = {}  # step -> first issue time, then its rollout seconds
         self.update = None  # (step, metrics_ref, weights_ref, t_launch) of the update in flight
@@ -851,6 +858,10 @@ class AsyncPipeline:
         ref = ready[0]
         kind = self.pending.pop(ref)
         if kind[0] == "sample":
+            now = time.perf_counter()  # the worker's share queued behind this one starts now: so does its clock
+            for r, k in self.pending.items():
+                if k[0] == "sample" and k[2] == kind[2]:
+                    self.pending[r] = (*k[:3], max(k[3], now))
             self.on_sample(ref, kind[1], kind[2])
         else:
             return self.on_update()
@@ -1074,7 +1085,20 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
         import json
 
         kept = [r for r in read_records(metrics) if r["step"] <= start]  # also a last line cut off by a kill
-        metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        tmp = metrics.with_name(f".{metrics.name}.tmp")  # whole, then renamed: a kill leaves it as it was
+        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        tmp.replace(metrics)
+    # the rollouts buffered at its latest checkpoint, unless the flush that followed wrote them to their file
+    unflushed = run_dir / "rollouts" / UNFLUSHED
+    if unflushed.exists():
+        import pyarrow.parquet as pq
+
+        steps = pq.read_table(unflushed, columns=["step"]).column("step")
+        first, last = pc.min(steps).as_py(), pc.max(steps).as_py()
+        if any(unflushed.parent.glob(f"steps_{first:06d}-*.parquet")):
+            unflushed.unlink()
+        else:
+            unflushed.rename(unflushed.with_name(f"steps_{first:06d}-{last:06d}.parquet"))
     # and its rollouts after that step: they will be generated again
     for f in (run_dir / "rollouts").glob("steps_*.parquet"):
         first, last = (int(x) for x in f.stem.split("_")[1].split("-"))

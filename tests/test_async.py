@@ -254,3 +254,63 @@ def test_async_workers_get_each_version_with_a_sample_call(ray_session, tmp_path
     recs = records(tmp_path / "r")
     assert [r["step"] for r in recs] == list(range(1, 7))
     assert all(r["perf/sync_s"] >= 0 for r in recs) and any(r["perf/sync_s"] > 0 for r in recs[1:])
+
+
+@pytest.mark.ray
+def test_a_kill_right_after_a_checkpoint_keeps_the_rollouts_of_the_steps_it_kept(ray_session, tmp_path, monkeypatch):
+    # the rollouts of the steps since the last flush were only in the driver's memory when a checkpoint was
+    # written: a kill before the next flush lost them, and the resume (which does not redo those steps) never
+    # wrote them, while the ledger holds them
+    from distpg import checkpoint
+    from distpg.batch import RolloutWriter
+
+    run = tmp_path / "run"
+    # log.rollout_flush_every=2: steps 1-2 are flushed at step 2, step 3 is buffered at checkpoint 3
+    cfg = small_config("run.steps=4", *ASYNC, "run.checkpoint_every=3", "algo.max_staleness=1")
+    real_save, real_flush = checkpoint.save, RolloutWriter.flush
+
+    def save_then_killed(run_dir, step, *args, **kwargs):
+        out = real_save(run_dir, step, *args, **kwargs)
+        if step == 3:  # SIGKILL right after checkpoint 3: what the driver held in memory is gone
+            monkeypatch.setattr(RolloutWriter, "flush", lambda self: None)
+            raise KeyboardInterrupt("SIGKILL")
+        return out
+
+    monkeypatch.setattr(checkpoint, "save", save_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setattr(RolloutWriter, "flush", real_flush)
+    train(cfg, run, resume=True)
+    generated, consumed = pq.read_table(run / "rollouts"), pq.read_table(run / "ledger.parquet")
+    assert sorted(set(generated.column("step").to_pylist())) == [1, 2, 3, 4]
+    keys = list(zip(generated.column("prompt_id").to_pylist(), generated.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys)) == 4 * 4 * cfg.rollout.group_size
+    assert set(keys) == set(zip(consumed.column("prompt_id").to_pylist(), consumed.column("sample_idx").to_pylist()))
+
+
+class SixSecondWorker(RolloutWorker):
+    """A rollout worker whose every share takes about 6 s: longer than the pipeline's 5 s wait for a result,
+    well within rollout.timeout_s=9."""
+
+    def sample(self, *args, **kwargs):
+        time.sleep(6.0)
+        return super().sample(*args, **kwargs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~15 s: the shares must outlast the pipeline's 5 s wait
+def test_a_queued_share_is_not_timed_while_it_waits_behind_the_one_before(ray_session, tmp_path, monkeypatch):
+    # a worker queues two calls; the second was timed from when it was issued, so a healthy worker whose
+    # shares take more than half of rollout.timeout_s was replaced as hung while it sampled the first
+    ray = ray_session
+
+    def start_worker(self, wid):
+        return ray.remote(SixSecondWorker).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
+            self.cfg, wid, 1, self.device)
+
+    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    cfg = small_config("run.steps=2", *ASYNC, "algo.max_staleness=1", "rollout.num_workers=1",
+                       "rollout.timeout_s=9", "rollout.max_restarts=0")
+    train(cfg, tmp_path / "r")  # steps 1 and 2 are issued at once; step 2 ends about 12 s later
+    assert [(r["step"], r["workers/restarts"]) for r in records(tmp_path / "r")] == [(1, 0), (2, 0)]

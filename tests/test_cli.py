@@ -198,3 +198,20 @@ def test_a_job_in_rays_copy_of_its_working_dir_needs_an_absolute_run_dir(tmp_pat
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # not a job: a relative run folder is fine, no note
     assert main(["train", "--run-dir", "r", "--set", "model.init_from=runs/tiny-gpt2"]) == 2
     assert "absolute path on the head" not in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_step_offers_no_resume_of_the_folder_it_removed(tmp_path, monkeypatch, capsys):
+    # SIGTERM before the first step removes the new run's folder ("the run failed before its first step"),
+    # and the last line then told the user to continue with `distpg train --resume` of that folder
+    import distpg.orchestrator
+
+    def sigterm():
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(distpg.orchestrator, "init_ray", lambda cfg, address: False)  # no runtime needed
+    monkeypatch.setattr(distpg.orchestrator, "_sigterm_interrupts", sigterm)  # the signal lands as it is set
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--run-dir", str(run)]) == 143
+    captured = capsys.readouterr()
+    assert f"removed the run folder {run}" in captured.out and not run.exists()
+    assert "--resume" not in captured.err and "stopped by SIGTERM; no run folder was kept" in captured.err, captured.err

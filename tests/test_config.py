@@ -288,3 +288,33 @@ def test_resume_with_run_dir_is_refused_not_ignored(capsys, tmp_path, monkeypatc
     assert f"--resume continues the run in {str(tmp_path / 'a')!r} itself; drop --run-dir" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and [p.name for p in (tmp_path / "a").iterdir()] == [
         "config.yaml"]
+
+
+def test_a_kill_while_a_resume_cuts_metrics_jsonl_loses_no_step_it_keeps(tmp_path, monkeypatch):
+    # the resume rewrote metrics.jsonl in place: a kill in the middle of that write (the run's SIGTERM handler
+    # is not set yet then) left the file cut short, and the next resume kept only the steps before the cut
+    import json
+
+    from distpg.orchestrator import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(load_config(), run, resume=False)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time_s": float(s)}) + "\n" for s in range(1, 7)))
+    (run / "checkpoints" / "step_000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_000004" / "state.json").write_text(json.dumps({"step": 4}))
+    (run / "checkpoints" / "latest").write_text("step_000004\n")
+    real = Path.write_text
+
+    def killed_midway(self, data, *args, **kwargs):
+        if "metrics.jsonl" in self.name:
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise KeyboardInterrupt("SIGKILL")
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    monkeypatch.setattr(Path, "write_text", real)
+    assert prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True) == 4
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -161,3 +161,28 @@ def test_a_replacement_that_dies_while_handed_the_weights_is_one_more_fault(ray_
         trainer.logger.close()
     finally:
         trainer.close()
+
+
+class DiesAtStart(RolloutWorker):
+    """A rollout worker whose process exits while it starts."""
+
+    def __init__(self, *args, **kwargs):
+        os._exit(1)
+
+
+def test_a_trainer_that_fails_to_start_frees_what_it_reserved(ray_session, tmp_path, monkeypatch):
+    # a TrainingError (or a SIGTERM) while the Trainer started its actors left its placement group reserved and
+    # its actors running: the caller has no trainer to close, and a later run on the same runtime had no room
+    ray = ray_session
+
+    def start_worker(self, wid):
+        return ray.remote(DiesAtStart).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
+            self.cfg, wid, 1, self.device)
+
+    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    cfg = small_config("rollout.max_restarts=0")
+    before = set(ray.util.placement_group_table())
+    with pytest.raises(TrainingError, match=r"rollout worker 0 failed to start .*rollout.max_restarts=0 is spent"):
+        Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+    new = {k: v["state"] for k, v in ray.util.placement_group_table().items() if k not in before}
+    assert len(new) == 1 and set(new.values()) == {"REMOVED"}, new

@@ -277,3 +277,21 @@ def test_one_token_completions_update_with_the_shared_prompt_forward(monkeypatch
     ref, _ = plain.update(batch)
     for k in ("learner/loss", "learner/grad_norm", "learner/kl_ref"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+
+
+def test_a_resume_keeps_the_count_of_consecutive_skips(tmp_path):
+    # the checkpoint kept skipped_steps but not the current run of skips: a run resumed in the middle of a run
+    # of skips went on past learner.max_consecutive_skips, where the uninterrupted run stopped
+    from distpg import checkpoint
+
+    learner, worker = setup("learner.max_consecutive_skips=2")
+    batch = worker.sample(["abcd="], [0], seed=0)
+    learner.model.ln_f.forward = nan_forward(learner.model)
+    learner.update(batch)
+    learner.update(batch)
+    checkpoint.save(tmp_path, 2, learner.state(), keep=1)
+    resumed = Learner(learner.cfg)
+    resumed.load_state(checkpoint.load(checkpoint.latest(tmp_path))[0])
+    resumed.model.ln_f.forward = nan_forward(resumed.model)
+    with pytest.raises(FloatingPointError, match=r"3 consecutive updates .* learner.max_consecutive_skips=2"):
+        resumed.update(batch)
