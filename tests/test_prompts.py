@@ -173,6 +173,13 @@ def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     assert e.match(message)
 
 
+def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "a"}\n{"prompt": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*latin1.jsonl': line 2 is not UTF-8 text"):
+        prompts_task(path)
+
+
 def test_parquet_errors_name_the_row(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a", None]}), path)

@@ -81,8 +81,13 @@ def read_prompts(path: str | Path) -> list[tuple[str, object]]:
 def _read_jsonl(path: Path, where: str) -> list[tuple[int, object, object]]:
     """(line number, prompt, reference) of each non-blank line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that an encoding error names its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                                 "JSONL is UTF-8: save the file in that encoding") from None
             if not line.strip():
                 continue
             try:
