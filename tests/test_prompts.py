@@ -134,6 +134,9 @@ def test_match_reference_partial_credit():
         ({"reward": "tests.user_rewards"}, r"task.reward='tests.user_rewards' is not of the form 'module:attr'"),
         ({"reward": "no.such.module:f"}, r"task.reward='no.such.module:f': cannot import module 'no.such.module'"),
         ({"reward": "tests.user_rewards:nope"}, r"module 'tests.user_rewards' has no attribute 'nope'"),
+        ({"reward": "tests.user_broken_import:score"},
+         r"task.reward='tests.user_broken_import:score': importing module 'tests.user_broken_import' raised "
+         r"RuntimeError: REWARD_API_KEY is not set \(at .*user_broken_import.py:4\)"),
         ({"reward": "tests.user_rewards:NOT_CALLABLE"}, r"'NOT_CALLABLE' is a int, not a function"),
         ({"reward": "tests.user_rewards:two_arguments"},
          r"two_arguments\(prompt, completion\) cannot be called as reward\(prompt, completion, reference\)"),
