@@ -41,7 +41,8 @@ def read_config(folder: str | Path) -> dict:
     needed = [f for f in FILES if f != "model.safetensors" or not is_snapshot(folder)]  # a run's copy: no weights
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
-        raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)})")
+        raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)})"
+                         + "".join(_conversion_hint(folder, f) for f in missing))
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -66,6 +67,21 @@ def read_config(folder: str | Path) -> dict:
     if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
         raise ValueError(f"{str(folder / 'config.json')!r}: n_inner={cfg['n_inner']} but distpg's MLP is 4 x n_embd")
     return cfg
+
+
+def _conversion_hint(folder: Path, missing: str) -> str:
+    """How to write a missing file from what the folder holds instead, as transformers saves it ("" if nothing)."""
+    resave = f"AutoModelForCausalLM.from_pretrained({str(folder)!r}).save_pretrained({str(folder)!r}"
+    if missing == "model.safetensors" and (folder / "model.safetensors.index.json").is_file():
+        return (f"; it holds a sharded checkpoint (model.safetensors.index.json) and distpg reads one file: write it "
+                f"with {resave}, max_shard_size='100GB')")
+    if missing == "model.safetensors" and (folder / "pytorch_model.bin").is_file():
+        return (f"; it holds pytorch_model.bin and distpg reads only safetensors: write model.safetensors with "
+                f"{resave})")
+    if missing == "tokenizer.json" and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return (f"; it holds vocab.json and merges.txt (a slow tokenizer's files): write tokenizer.json with "
+                f"AutoTokenizer.from_pretrained({str(folder)!r}).save_pretrained({str(folder)!r})")
+    return ""
 
 
 def read_shape(folder: str | Path) -> ModelShape:

@@ -240,6 +240,11 @@ def test_config_takes_the_shape_from_the_folder(hf_folder):
         ("copy", {"n_layer": 3}, r"model.n_layer=3 but model.init_from=.* has n_layer=2; leave model.n_layer null"),
         ("copy", {"n_positions": 64}, r"model.n_positions=64 but .* has n_positions=48"),
         ("untied", {}, r"model.init_from=.*lm_head.weight differs from wte.weight"),
+        ("sharded", {}, r"lacks model.safetensors .*; it holds a sharded checkpoint \(model.safetensors.index.json\) "
+                        r"and distpg reads one file: write it with AutoModelForCausalLM.from_pretrained\("),
+        ("bin", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin and distpg reads only safetensors"),
+        ("slow tokenizer", {}, r"lacks tokenizer.json .*; it holds vocab.json and merges.txt .*: write tokenizer.json "
+                               r"with AutoTokenizer.from_pretrained\('.*copy'\).save_pretrained\('.*copy'\)"),
     ],
 )
 def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
@@ -263,6 +268,15 @@ def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
             state = load_file(str(target / "model.safetensors"))
             state["lm_head.weight"] = state["transformer.wte.weight"] + 1
             save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+        elif setup == "sharded":  # as save_pretrained(max_shard_size=...) writes a large model
+            (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+            (target / "model.safetensors.index.json").write_text("{}")
+        elif setup == "bin":
+            (target / "model.safetensors").rename(target / "pytorch_model.bin")
+        elif setup == "slow tokenizer":
+            (target / "tokenizer.json").unlink()
+            (target / "vocab.json").write_text("{}")
+            (target / "merges.txt").write_text("")
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"model": {"init_from": str(target), **kw}})
     with pytest.raises(ConfigError, match="model.init_from=''"):
