@@ -115,3 +115,24 @@ def test_a_bool_is_a_reward_and_a_value_beyond_float32_is_masked():
     assert rewards == [1.0, 0.0, 0.0, -3.0e38] and ok == [True, True, False, True]
     assert errors == ["ValueError: returned 1e+39, beyond float32's range (±3.4e38), in which rewards are stored"]
     assert np.isfinite(np.float32(rewards[3]))
+
+
+def test_a_zero_dim_tensor_or_array_is_a_reward_and_other_values_name_their_type():
+    """`return torch.tensor(score)` (as OpenRLHF's reward functions return tensors) or a 0-dim numpy array
+    counts as its number; a list or a 1-element tensor is masked with an error naming its type."""
+    import numpy as np
+    import torch
+
+    from distpg.rewards import score_each
+
+    class Task:
+        values = [torch.tensor(0.5), np.array(0.25), torch.tensor([0.5]), "0.5"]
+
+        def reward(self, prompt, completion):
+            return self.values[PROMPTS.index(prompt)]
+
+    rewards, ok, errors = score_each(Task(), PROMPTS, COMPLETIONS)
+    assert rewards == [0.5, 0.25, 0.0, 0.0] and ok == [True, True, False, False]
+    assert errors[0] == ("ValueError: returned tensor([0.5000]) (a Tensor), expected a finite number: a float, "
+                         "an int, a bool or a 0-dim numpy/torch value")
+    assert errors[1].startswith("ValueError: returned '0.5' (a str), expected a finite number")
