@@ -147,6 +147,13 @@ def validate_with_task(cfg: Config, task) -> None:
             f"model.n_positions={cfg.model.n_positions} is too short for task {task.name!r}: prompts of up to "
             f"{task.max_prompt_len} tokens plus {params.max_new_tokens} new tokens need {need}{fix}"
         )
+    if getattr(task, "ignored_columns", None):  # e.g. a TRL dataset's `answer`, which is not a reference here
+        missing = task.without_reference
+        which = ("no row has a 'reference' (the reward function gets reference=None)" if missing == task.num_rows
+                 else f"{missing} of {task.num_rows} rows have no 'reference' (the reward function gets "
+                      "reference=None for them)" if missing else "")
+        print(f"distpg: task.prompts_path={cfg.task.prompts_path!r}: column(s) {', '.join(task.ignored_columns)} "
+              f"ignored: only 'prompt' and 'reference' are read{', and ' + which if which else ''}", flush=True)
     if getattr(task, "dropped", 0):
         print(f"distpg: task.max_prompt_tokens={cfg.task.max_prompt_tokens}: left out {task.dropped} of "
               f"{task.num_rows} prompts, longer than that", flush=True)

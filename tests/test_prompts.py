@@ -220,6 +220,31 @@ def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(
     assert "task.max_prompt_tokens=27: left out 2 of 14 prompts, longer than that" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_columns_other_than_prompt_and_reference_are_named_as_ignored(tmp_path, capsys, suffix):
+    """A TRL dataset's `answer` column (TRL passes every column to the reward function) is not a reference:
+    the run says so before it trains with reference=None, instead of scoring silently against None."""
+    from distpg.config import load_config
+    from distpg.orchestrator import validate_with_task
+
+    rows = [{"prompt": r["prompt"], "answer": r["reference"], "id": i} for i, r in enumerate(ROWS)]
+    path = tmp_path / f"p{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = load_config(None, ["task.name=prompts", f"task.prompts_path={path}", "task.num_eval=4",
+                             "task.reward=tests.user_rewards:length_of_reference"])
+    task = make_task(cfg.task)
+    assert task.ignored_columns == ["answer", "id"]
+    validate_with_task(cfg, task)
+    out = capsys.readouterr().out
+    assert (f"task.prompts_path={str(path)!r}: column(s) answer, id ignored: only 'prompt' and 'reference' are "
+            "read, and no row has a 'reference' (the reward function gets reference=None)") in out
+    validate_with_task(cfg, prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS)))  # nothing to say
+    assert "ignored" not in capsys.readouterr().out
+
+
 def test_a_run_refuses_a_prompts_file_changed_since_it_started(jsonl, tmp_path):
     # the held-out split and the character tokenizer come from the file: eval, export and --resume of a run
     # against an edited file would score held-in prompts or load weights for other token ids (a new character

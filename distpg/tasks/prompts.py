@@ -46,8 +46,9 @@ def reference_text(ref: object) -> str:
     return "" if ref is None else ref if isinstance(ref, str) else json.dumps(ref)
 
 
-def read_prompts(path: str | Path) -> list[tuple[str, object]]:
-    """(prompt, reference or None) rows of a JSONL or Parquet file, in file order, duplicates dropped.
+def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]:
+    """(prompt, reference or None) rows of a JSONL or Parquet file, in file order, duplicates dropped, and the
+    names of the file's other columns (sorted), which are ignored.
 
     Raises:
         ValueError naming task.prompts_path and the row at fault.
@@ -58,9 +59,9 @@ def read_prompts(path: str | Path) -> list[tuple[str, object]]:
         raise ValueError(f"{where}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(path, where)
+        rows, ignored = _read_jsonl(path, where)
     elif suffix in (".parquet", ".pq"):
-        rows = _read_parquet(path, where)
+        rows, ignored = _read_parquet(path, where)
     else:
         raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .parquet")
     # rows are named as an editor finds them: by line in a JSONL file (blank lines count), by row in Parquet
@@ -75,12 +76,12 @@ def read_prompts(path: str | Path) -> list[tuple[str, object]]:
         out.setdefault(prompt, (n, reference))
     if not out:
         raise ValueError(f"{where}: the file has no rows")
-    return [(p, ref) for p, (_, ref) in out.items()]
+    return [(p, ref) for p, (_, ref) in out.items()], sorted(ignored - {"prompt", "reference"})
 
 
-def _read_jsonl(path: Path, where: str) -> list[tuple[int, object, object]]:
-    """(line number, prompt, reference) of each non-blank line."""
-    rows = []
+def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object]], set[str]]:
+    """(line number, prompt, reference) of each non-blank line, and every key of the lines' objects."""
+    rows, keys = [], set()
     with open(path, "rb") as f:  # bytes, decoded line by line, so that an encoding error names its line
         for n, raw in enumerate(f, 1):
             try:
@@ -97,11 +98,12 @@ def _read_jsonl(path: Path, where: str) -> list[tuple[int, object, object]]:
             if not isinstance(obj, dict) or "prompt" not in obj:
                 raise ValueError(f"{where}: line {n}: expected an object with a 'prompt' key, got {line.strip()[:80]}")
             rows.append((n, obj["prompt"], obj.get("reference")))
-    return rows
+            keys.update(obj)
+    return rows, keys
 
 
-def _read_parquet(path: Path, where: str) -> list[tuple[int, object, object]]:
-    """(row number, prompt, reference) of each row."""
+def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, object]], set[str]]:
+    """(row number, prompt, reference) of each row, and the file's columns."""
     import pyarrow.parquet as pq
 
     try:
@@ -113,7 +115,7 @@ def _read_parquet(path: Path, where: str) -> list[tuple[int, object, object]]:
     table = pq.read_table(path, columns=[c for c in ("prompt", "reference") if c in names])
     prompts = table.column("prompt").to_pylist()
     refs = table.column("reference").to_pylist() if "reference" in names else [None] * len(prompts)
-    return [(n, p, r) for n, (p, r) in enumerate(zip(prompts, refs), 1)]
+    return [(n, p, r) for n, (p, r) in enumerate(zip(prompts, refs), 1)], set(names)
 
 
 def load_reward(spec: str | None):
@@ -153,7 +155,8 @@ class PromptsTask:
             raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
                              "column (and optionally 'reference')")
         self.reward_fn = load_reward(cfg.reward)
-        rows = read_prompts(cfg.prompts_path)
+        rows, self.ignored_columns = read_prompts(cfg.prompts_path)
+        self.without_reference = sum(r is None for _, r in rows)  # rows whose reward gets reference=None
         if tokenizer is None:
             tokenizer = CharTokenizer("".join(p + reference_text(r) for p, r in rows))
         self.tokenizer = tokenizer
