@@ -90,6 +90,18 @@ def test_a_built_in_task_takes_the_policys_tokenizer():
     assert bpe.decode(t.tokenizer.encode(p)) == p
 
 
+def test_a_tokenizer_that_cannot_encode_a_prompt_names_the_file_and_prompt(jsonl):
+    """A character policy exported by distpg (a WordLevel tokenizer.json without [UNK]) as model.init_from for a
+    file with other characters: an error naming the field and the prompt, not the tokenizers library's own."""
+    from distpg.tokenizer import HFTokenizer
+
+    chars = CharTokenizer("say :abcdefghijklmnopqrstuvw")  # no 'x' (in "fox" and "lynx")
+    tok = HFTokenizer(chars.to_tokenizers(), chars.eos_id, chars.pad_id)
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*p.jsonl': the policy's tokenizer cannot encode the "
+                                          r"prompt 'say fox:' \(.*Missing \[UNK\] token.*\)"):
+        prompts_task(jsonl, tok)
+
+
 def test_without_references(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {i}"} for i in range(10)])
     t = prompts_task(path, reward="tests.user_rewards:needs_reference", num_eval=2)

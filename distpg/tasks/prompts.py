@@ -145,6 +145,16 @@ def load_reward(spec: str | None):
     return fn
 
 
+def _encode(tokenizer: Tokenizer, text: str, what: str, path) -> list[int]:
+    """`tokenizer.encode(text)`, or a ValueError naming the file and the text it cannot encode."""
+    try:
+        return tokenizer.encode(text)
+    except Exception as e:  # the tokenizers library raises a bare Exception (a WordLevel vocabulary without [UNK])
+        raise ValueError(f"task.prompts_path={str(path)!r}: the policy's tokenizer cannot encode the {what} "
+                         f"{text[:60]!r} ({e}); a character policy exported by distpg knows only the characters "
+                         "of its own run") from None
+
+
 class PromptsTask:
     """Prompts (and references) from a file, a user's reward function, a fixed held-out split."""
 
@@ -160,7 +170,7 @@ class PromptsTask:
         if tokenizer is None:
             tokenizer = CharTokenizer("".join(p + reference_text(r) for p, r in rows))
         self.tokenizer = tokenizer
-        lengths = [len(tokenizer.encode(p)) for p, _ in rows]  # tokens
+        lengths = [len(_encode(tokenizer, p, "prompt", cfg.prompts_path)) for p, _ in rows]  # tokens
         self.num_rows, self.dropped = len(rows), 0
         if cfg.max_prompt_tokens is not None:
             if cfg.max_prompt_tokens < 1:
@@ -182,7 +192,7 @@ class PromptsTask:
         self.max_prompt_len = max(lengths)
         self.longest = rows[lengths.index(self.max_prompt_len)][0]
         refs = [reference_text(r) for _, r in rows if r is not None]
-        self.max_new_tokens = (max(len(tokenizer.encode(r)) for r in refs) + 1 if refs
+        self.max_new_tokens = (max(len(_encode(tokenizer, r, "reference", cfg.prompts_path)) for r in refs) + 1 if refs
                                else DEFAULT_MAX_NEW_TOKENS)
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
