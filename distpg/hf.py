@@ -263,7 +263,27 @@ def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
     `model.init_from` loads back. A character tokenizer is written as an equivalent WordLevel tokenizer.json
     (one token per character). Returns the folder."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    # written whole into a temporary sibling, then moved into place: an interrupted export leaves no half folder
+    tmp = folder.parent / f".{folder.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_gpt2(model, tokenizer, tmp)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        if folder.exists():  # a folder with files (the library call; `distpg export` refuses one): replace them
+            for f in tmp.iterdir():
+                f.replace(folder / f.name)
+            tmp.rmdir()
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
+    """export_gpt2's files, written into `folder`."""
     s = model.shape
     hf_tok = tokenizer.to_tokenizers()
     eos, pad = hf_tok.id_to_token(tokenizer.eos_id), hf_tok.id_to_token(tokenizer.pad_id)
@@ -301,7 +321,6 @@ def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
     same_mode_as(folder / "model.safetensors", folder / "config.json")
     hf_tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    return folder
 
 
 def export_policy(path: str | Path, out: str | Path) -> Path:

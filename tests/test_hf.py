@@ -171,6 +171,25 @@ def test_export_opens_in_transformers_with_the_same_logits(bpe, tmp_path):
     assert load_tokenizer(tmp_path / "out").encode(SAMPLES[5]) == bpe.encode(SAMPLES[5])
 
 
+def test_an_export_interrupted_midway_leaves_no_half_written_folder(bpe, tmp_path, monkeypatch):
+    """Ctrl-C while a large policy is being written: OUT is not left holding some of the files (which a later
+    `distpg export` to it would refuse as not empty, and transformers would half-load)."""
+    import distpg.hf
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distpg.hf, "same_mode_as", interrupt)  # after model.safetensors and config.json
+    with pytest.raises(KeyboardInterrupt):
+        export_gpt2(_policy(bpe.vocab_size), bpe, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()  # an empty folder given as OUT is filled
+    monkeypatch.undo()
+    export_gpt2(_policy(bpe.vocab_size), bpe, tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert {p.name for p in (tmp_path / "empty").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
 def test_export_of_a_char_tokenizer_policy(tmp_path):
     chars = CharTokenizer("abcdef= \n")
     model = _policy(chars.vocab_size)
