@@ -74,6 +74,28 @@ def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
     assert elapsed < 2 * (1 + 30) + 60  # not the hour the reward function asked for
 
 
+@pytest.mark.ray
+def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_checkpointed(ray_session, tmp_path):
+    """The reward service goes down at step 4 (every sample fails): the run stops with the function's error,
+    and with step 3 checkpointed (run.checkpoint_every=2 alone would keep step 2), so fixing the reward and
+    resuming redoes no update."""
+    from distpg import checkpoint
+    from distpg.cli import _resume_hint
+    from distpg.orchestrator import TrainingError
+
+    counter = tmp_path / "calls"
+    cfg = small_config("task.name=tests.user_task:misbehaving", "run.steps=6",
+                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}")  # 3 steps x 16 samples
+    with pytest.raises(TrainingError, match="rollout of step 4 failed: RewardError: .*reward service unavailable") \
+            as e:
+        train(cfg, tmp_path / "r")
+    assert checkpoint.run_state(checkpoint.latest(tmp_path / "r"))["step"] == 3
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert _resume_hint(tmp_path / "r", 6, e.value.last_step) == (
+        f"the latest checkpoint is step 3, the last step done: nothing is lost; continue with: "
+        f"distpg train --resume {tmp_path / 'r'}")
+
+
 def strict(constant: str):
     raise ValueError(f"metrics.jsonl holds {constant}, which strict JSON parsers reject")
 
