@@ -95,7 +95,8 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
                             "rollout.timeout_s if the work is just slow)") from None
     except RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        raise TrainingError(f"{what} failed: {type(cause).__name__}: {cause}") from None
+        error = RewardFailure if isinstance(cause, RewardError) else TrainingError  # a colocated step's sampling
+        raise error(f"{what} failed: {type(cause).__name__}: {cause}") from None
     except RayActorError as e:
         raise TrainingError(f"{what} failed: the actor died ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -612,7 +613,7 @@ class Trainer:
             steps.close()
             self.save(step, {"recent_rewards": list(recent)})  # with the window: see ended_run
         except RewardFailure as e:  # a broken reward function (a service down): keep every step learned so far
-            if step == 0:
+            if step == 0 or cfg.run.mode != "sync":
                 raise
             if step > start_step and step % cfg.run.checkpoint_every:  # not checkpointed yet
                 self.save(step, {"recent_rewards": list(recent)})

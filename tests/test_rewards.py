@@ -75,7 +75,10 @@ def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_checkpointed(ray_session, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["rollout.colocate=true", "rollout.num_workers=1"]],
+                         ids=["actors", "colocated"])
+def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_checkpointed(ray_session, tmp_path,
+                                                                                       layout):
     """The reward service goes down at step 4 (every sample fails): the run stops with the function's error,
     and with step 3 checkpointed (run.checkpoint_every=2 alone would keep step 2), so fixing the reward and
     resuming redoes no update."""
@@ -85,9 +88,8 @@ def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_check
 
     counter = tmp_path / "calls"
     cfg = small_config("task.name=tests.user_task:misbehaving", "run.steps=6",
-                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}")  # 3 steps x 16 samples
-    with pytest.raises(TrainingError, match="rollout of step 4 failed: RewardError: .*reward service unavailable") \
-            as e:
+                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}", *layout)  # 3 x 16 samples
+    with pytest.raises(TrainingError, match="step 4 .*failed: RewardError: .*reward service unavailable") as e:
         train(cfg, tmp_path / "r")
     assert checkpoint.run_state(checkpoint.latest(tmp_path / "r"))["step"] == 3
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
