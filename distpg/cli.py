@@ -103,10 +103,8 @@ def _eval(args) -> int:
     failed = f" ({res.failed} of {res.num_prompts} rewards failed, left out)" if res.failed else ""
     print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed} | "
           f"exact_match {res.exact_match:.4f}")
-    for prompt, completion, target, reward in res.samples[: args.samples]:
-        shown = "failed" if reward is None else f"{reward:.2f}"
-        print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")
-    if out is not None:  # for scripts (a seed study): the figures and every sample, written whole
+    if out is not None:  # for scripts (a seed study): the figures and every sample, written whole, before the
+        # samples print (`| head` closing the pipe then does not lose it)
         record = {"checkpoint": str(ckpt), "step": step, "run_steps": cfg.run.steps, "run_seed": cfg.run.seed,
                   "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
@@ -115,6 +113,10 @@ def _eval(args) -> int:
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(out)
+    for prompt, completion, target, reward in res.samples[: args.samples]:
+        shown = "failed" if reward is None else f"{reward:.2f}"
+        print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")
+    if out is not None:
         print(f"wrote {out}")
     return 0
 
