@@ -134,6 +134,13 @@ FINGERPRINT = "fingerprint.json"  # in BASE: the sha256 of every file of the ini
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 
 
+# of the init_from folder's files that a run keeps (BASE), those that `distpg export` does not copy into its
+# folder: distpg writes the model's config and the tokenizer itself, and the run's sampling settings are not
+# those of a generation_config.json (see README); the rest (tokenizer_config.json with its special tokens and
+# class, a chat template, vocab.json/merges.txt) is the checkpoint's tokenizer, which training does not change
+NOT_EXPORTED = ("config.json", "tokenizer.json", "generation_config.json", FINGERPRINT)
+
+
 def _is_weights(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
@@ -257,11 +264,12 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
     return tokenizer
 
 
-def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
+def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path, extra_files: list[Path] = ()) -> Path:
     """Write `model` and `tokenizer` as a GPT-2 folder that transformers opens
     (`AutoModelForCausalLM.from_pretrained(folder)`, `AutoTokenizer.from_pretrained(folder)`) and that
     `model.init_from` loads back. A character tokenizer is written as an equivalent WordLevel tokenizer.json
-    (one token per character). Returns the folder."""
+    (one token per character). `extra_files` are copied in last, in place of a file of the same name
+    (a checkpoint's own tokenizer_config.json, chat template, ...). Returns the folder."""
     folder = Path(folder)
     # written whole into a temporary sibling, then moved into place: an interrupted export leaves no half folder
     tmp = folder.parent / f".{folder.name}.export-tmp"
@@ -269,6 +277,8 @@ def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
     tmp.mkdir(parents=True)
     try:
         _write_gpt2(model, tokenizer, tmp)
+        for f in extra_files:
+            shutil.copy2(f, tmp / f.name)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         if folder.exists():  # a folder with files (the library call; `distpg export` refuses one): replace them
@@ -326,8 +336,10 @@ def _write_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
 def export_policy(path: str | Path, out: str | Path) -> Path:
     """`distpg export`: the policy of a run folder (its latest checkpoint) or a checkpoint folder, with its
     tokenizer, as a GPT-2 folder at `out`."""
-    from distpg.evaluate import load_policy
+    from distpg.evaluate import load_policy, resolve_checkpoint
     from distpg.policy import task_for
 
     cfg, model = load_policy(Path(path))
-    return export_gpt2(model, task_for(cfg).tokenizer, out)
+    base = resolve_checkpoint(Path(path))[0] / BASE  # a run started from a GPT-2 folder: its files but weights
+    kept = [f for f in _files(base) if f.name not in NOT_EXPORTED] if base.is_dir() else []
+    return export_gpt2(model, task_for(cfg).tokenizer, out, kept)

@@ -328,6 +328,35 @@ def test_learner_and_workers_start_from_the_folder(hf_folder, tmp_path):
     assert weights.version == 1 and all(v == v for v in metrics.values() if isinstance(v, float))
 
 
+def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_folder, tmp_path):
+    """A chat template, special tokens and the tokenizer's class, as the folder the run started from holds them
+    (what TRL's save_pretrained of the tokenizer would keep), come out of `distpg export` unchanged; the
+    sampling settings of its generation_config.json do not (the run's own apply)."""
+    from distpg import checkpoint
+    from distpg.config import dump_run_config
+    from distpg.hf import export_policy, snapshot_base
+
+    folder = tmp_path / "chat-gpt2"
+    folder.mkdir()
+    for f in hf_folder[0].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(folder)
+    cfg = config_from_dict({"model": {"init_from": str(folder)}, "task": {"name": "reverse", "length": 4}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    snapshot_base(folder, run)
+    checkpoint.save(run, 1, Learner(cfg).state(), keep=1)
+    out = export_policy(run, tmp_path / "out")
+    again = AutoTokenizer.from_pretrained(out)
+    assert again.chat_template == tok.chat_template and type(again) is type(tok)
+    assert again(SAMPLES[5])["input_ids"] == tok(SAMPLES[5])["input_ids"]
+    assert not (out / "generation_config.json").exists() and not (out / "fingerprint.json").exists()
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2  # distpg's, not a copy
+
+
 # ---------------------------------------------------------------- end to end
 
 
