@@ -195,6 +195,15 @@ def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
         prompts_task(path)
 
 
+def test_a_folder_as_prompts_path_is_named_as_a_folder(tmp_path):
+    """A dataset folder of Parquet shards (as the Hub holds them): the error says it is a folder, not missing."""
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*data': a folder, not a file; give one .jsonl, "
+                                          r".ndjson or .parquet file \(it holds train-00000-of-00001.parquet\)"):
+        prompts_task(tmp_path / "data")
+
+
 def test_parquet_errors_name_the_row(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a", None]}), path)

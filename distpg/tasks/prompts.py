@@ -55,6 +55,10 @@ def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]
     """
     path = Path(path)
     where = f"task.prompts_path={str(path)!r}"
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir())
+        raise ValueError(f"{where}: a folder, not a file; give one .jsonl, .ndjson or .parquet file (it holds "
+                         f"{', '.join(held[:4]) or 'nothing'}{' ...' if len(held) > 4 else ''})")
     if not path.is_file():
         raise ValueError(f"{where}: no such file")
     suffix = path.suffix.lower()
