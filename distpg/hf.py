@@ -30,6 +30,7 @@ from distpg.tokenizer import HFTokenizer, Tokenizer
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 # HF's Conv1D layers: weight stored (in, out)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # config.json's names of a GPT-2 whose weights are all distpg's
 _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints, not parameters
 
 
@@ -61,6 +62,11 @@ def read_config(folder: str | Path) -> dict:
         if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
             raise ValueError(f"{str(folder / 'config.json')!r}: {key}={value!r} is not GPT-2 as distpg implements it "
                              f"(allowed: {allowed!r})")
+    architectures = cfg.get("architectures") or []  # absent from old configs
+    if not isinstance(architectures, list) or not set(architectures) <= set(ARCHITECTURES):
+        raise ValueError(f"{str(folder / 'config.json')!r}: architectures={architectures!r} is not a GPT-2 language "
+                         f"model (allowed: {', '.join(ARCHITECTURES)}); a reward model or classifier cannot be the "
+                         "policy")
     for key in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ValueError(f"{str(folder / 'config.json')!r}: {key}={cfg.get(key)!r}, expected a positive integer")

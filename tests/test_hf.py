@@ -259,6 +259,9 @@ def test_config_takes_the_shape_from_the_folder(hf_folder):
         ("copy", {"n_layer": 3}, r"model.n_layer=3 but model.init_from=.* has n_layer=2; leave model.n_layer null"),
         ("copy", {"n_positions": 64}, r"model.n_positions=64 but .* has n_positions=48"),
         ("untied", {}, r"model.init_from=.*lm_head.weight differs from wte.weight"),
+        ("classifier", {}, r"architectures=\['GPT2ForSequenceClassification'\] is not a GPT-2 language model "
+                           r"\(allowed: GPT2LMHeadModel, GPT2Model\); a reward model or classifier cannot be the "
+                           r"policy"),
         ("sharded", {}, r"lacks model.safetensors .*; it holds a sharded checkpoint \(model.safetensors.index.json\) "
                         r"and distpg reads one file: write it with AutoModelForCausalLM.from_pretrained\("),
         ("bin", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin and distpg reads only safetensors"),
@@ -286,6 +289,12 @@ def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
         elif setup == "untied":  # GPT2LMHeadModel's explicit output layer, not the token embedding
             state = load_file(str(target / "model.safetensors"))
             state["lm_head.weight"] = state["transformer.wte.weight"] + 1
+            save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+        elif setup == "classifier":  # GPT2ForSequenceClassification (a TRL reward model) saved beside the policy
+            cfg = json.loads((target / "config.json").read_text())
+            (target / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2ForSequenceClassification"]}))
+            state = load_file(str(target / "model.safetensors"))
+            state["score.weight"] = state["transformer.wte.weight"][:1].clone()
             save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
         elif setup == "sharded":  # as save_pretrained(max_shard_size=...) writes a large model
             (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
