@@ -284,7 +284,13 @@ def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path, extra_file
     try:
         _write_gpt2(model, tokenizer, tmp)
         for f in extra_files:
-            shutil.copy2(f, tmp / f.name)
+            if f.name == "tokenizer_config.json":  # theirs, with the padding token the export's config.json names
+                ours, theirs = json.loads((tmp / f.name).read_text()), json.loads(f.read_text())
+                if theirs.get("pad_token") is None:  # GPT-2's has none: the export's is its eos, as config.json says
+                    theirs["pad_token"] = ours["pad_token"]
+                (tmp / f.name).write_text(json.dumps(theirs, indent=2) + "\n")
+            else:
+                shutil.copy2(f, tmp / f.name)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         if folder.exists():  # a folder with files (the library call; `distpg export` refuses one): replace them

@@ -361,6 +361,8 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     out = export_policy(run, tmp_path / "out")
     again = AutoTokenizer.from_pretrained(out)
     assert again.chat_template == tok.chat_template and type(again) is type(tok)
+    assert tok.pad_token is None and again.pad_token == EOT  # as before: the padding config.json names
+    assert again.pad_token_id == json.loads((out / "config.json").read_text())["pad_token_id"]
     assert again(SAMPLES[5])["input_ids"] == tok(SAMPLES[5])["input_ids"]
     assert not (out / "generation_config.json").exists() and not (out / "fingerprint.json").exists()
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2  # distpg's, not a copy
