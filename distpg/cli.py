@@ -48,7 +48,7 @@ def _train(args) -> int:
         print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {hint}", file=sys.stderr, flush=True)
         return 143 if sigterm else 130
     except TrainingError as e:
-        hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
+        hint = _resume_hint(run_dir, cfg.run.steps, e.last_step) if run_dir.exists() else "no run folder was kept"
         print(f"distpg: training failed: {e}\n{hint}", file=sys.stderr, flush=True)
         return 1
     final = summary["final_reward"]
@@ -61,9 +61,9 @@ def _train(args) -> int:
     return 0
 
 
-def _resume_hint(run_dir: Path, steps: int) -> str:
+def _resume_hint(run_dir: Path, steps: int, last_step: int | None = None) -> str:
     """What an interrupted run of `steps` steps keeps: its latest complete checkpoint and the command that
-    continues it."""
+    continues it. `last_step`: the step the run had done when it stopped, where known."""
     from distpg import checkpoint
 
     ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
@@ -73,6 +73,9 @@ def _resume_hint(run_dir: Path, steps: int) -> str:
     step = checkpoint.run_state(ckpt)["step"]
     if step >= steps:
         return f"the run had reached its last step ({step}, checkpointed): nothing is lost"
+    if step == last_step:
+        return (f"the latest checkpoint is step {step}, the last step done: nothing is lost; continue with: "
+                f"distpg train --resume {run_dir}")
     return (f"the steps after the latest checkpoint (step {step}) are lost; continue with: "
             f"distpg train --resume {run_dir}")
 
@@ -100,10 +103,8 @@ def _eval(args) -> int:
     failed = f" ({res.failed} of {res.num_prompts} rewards failed, left out)" if res.failed else ""
     print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed} | "
           f"exact_match {res.exact_match:.4f}")
-    for prompt, completion, target, reward in res.samples[: args.samples]:
-        shown = "failed" if reward is None else f"{reward:.2f}"
-        print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")
-    if out is not None:  # for scripts (a seed study): the figures and every sample, written whole
+    if out is not None:  # for scripts (a seed study): the figures and every sample, written whole, before the
+        # samples print (`| head` closing the pipe then does not lose it)
         record = {"checkpoint": str(ckpt), "step": step, "run_steps": cfg.run.steps, "run_seed": cfg.run.seed,
                   "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
@@ -112,6 +113,10 @@ def _eval(args) -> int:
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(out)
+    for prompt, completion, target, reward in res.samples[: args.samples]:
+        shown = "failed" if reward is None else f"{reward:.2f}"
+        print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")
+    if out is not None:
         print(f"wrote {out}")
     return 0
 

@@ -30,6 +30,7 @@ from distpg.tokenizer import HFTokenizer, Tokenizer
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 # HF's Conv1D layers: weight stored (in, out)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # config.json's names of a GPT-2 whose weights are all distpg's
 _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints, not parameters
 
 
@@ -41,7 +42,8 @@ def read_config(folder: str | Path) -> dict:
     needed = [f for f in FILES if f != "model.safetensors" or not is_snapshot(folder)]  # a run's copy: no weights
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
-        raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)})")
+        raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)})"
+                         + "".join(_conversion_hint(folder, f) for f in missing))
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -60,12 +62,32 @@ def read_config(folder: str | Path) -> dict:
         if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
             raise ValueError(f"{str(folder / 'config.json')!r}: {key}={value!r} is not GPT-2 as distpg implements it "
                              f"(allowed: {allowed!r})")
+    architectures = cfg.get("architectures") or []  # absent from old configs
+    if not isinstance(architectures, list) or not set(architectures) <= set(ARCHITECTURES):
+        raise ValueError(f"{str(folder / 'config.json')!r}: architectures={architectures!r} is not a GPT-2 language "
+                         f"model (allowed: {', '.join(ARCHITECTURES)}); a reward model or classifier cannot be the "
+                         "policy")
     for key in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ValueError(f"{str(folder / 'config.json')!r}: {key}={cfg.get(key)!r}, expected a positive integer")
     if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
         raise ValueError(f"{str(folder / 'config.json')!r}: n_inner={cfg['n_inner']} but distpg's MLP is 4 x n_embd")
     return cfg
+
+
+def _conversion_hint(folder: Path, missing: str) -> str:
+    """How to write a missing file from what the folder holds instead, as transformers saves it ("" if nothing)."""
+    resave = f"AutoModelForCausalLM.from_pretrained({str(folder)!r}).save_pretrained({str(folder)!r}"
+    if missing == "model.safetensors" and (folder / "model.safetensors.index.json").is_file():
+        return (f"; it holds a sharded checkpoint (model.safetensors.index.json) and distpg reads one file: write it "
+                f"with {resave}, max_shard_size='100GB')")
+    if missing == "model.safetensors" and (folder / "pytorch_model.bin").is_file():
+        return (f"; it holds pytorch_model.bin and distpg reads only safetensors: write model.safetensors with "
+                f"{resave})")
+    if missing == "tokenizer.json" and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return (f"; it holds vocab.json and merges.txt (a slow tokenizer's files): write tokenizer.json with "
+                f"AutoTokenizer.from_pretrained({str(folder)!r}).save_pretrained({str(folder)!r})")
+    return ""
 
 
 def read_shape(folder: str | Path) -> ModelShape:
@@ -116,6 +138,13 @@ def read_shape(folder: str | Path) -> ModelShape:
 BASE = "base"  # in a run folder: what the run needs of its model.init_from folder besides the weights
 FINGERPRINT = "fingerprint.json"  # in BASE: the sha256 of every file of the init_from folder
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+
+
+# of the init_from folder's files that a run keeps (BASE), those that `distpg export` does not copy into its
+# folder: distpg writes the model's config and the tokenizer itself, and the run's sampling settings are not
+# those of a generation_config.json (see README); the rest (tokenizer_config.json with its special tokens and
+# class, a chat template, vocab.json/merges.txt) is the checkpoint's tokenizer, which training does not change
+NOT_EXPORTED = ("config.json", "tokenizer.json", "generation_config.json", FINGERPRINT)
 
 
 def _is_weights(name: str) -> bool:
@@ -241,13 +270,42 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
     return tokenizer
 
 
-def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
+def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path, extra_files: list[Path] = ()) -> Path:
     """Write `model` and `tokenizer` as a GPT-2 folder that transformers opens
     (`AutoModelForCausalLM.from_pretrained(folder)`, `AutoTokenizer.from_pretrained(folder)`) and that
     `model.init_from` loads back. A character tokenizer is written as an equivalent WordLevel tokenizer.json
-    (one token per character). Returns the folder."""
+    (one token per character). `extra_files` are copied in last, in place of a file of the same name
+    (a checkpoint's own tokenizer_config.json, chat template, ...). Returns the folder."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    # written whole into a temporary sibling, then moved into place: an interrupted export leaves no half folder
+    tmp = folder.parent / f".{folder.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_gpt2(model, tokenizer, tmp)
+        for f in extra_files:
+            if f.name == "tokenizer_config.json":  # theirs, with the padding token the export's config.json names
+                ours, theirs = json.loads((tmp / f.name).read_text()), json.loads(f.read_text())
+                if theirs.get("pad_token") is None:  # GPT-2's has none: the export's is its eos, as config.json says
+                    theirs["pad_token"] = ours["pad_token"]
+                (tmp / f.name).write_text(json.dumps(theirs, indent=2) + "\n")
+            else:
+                shutil.copy2(f, tmp / f.name)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        if folder.exists():  # a folder with files (the library call; `distpg export` refuses one): replace them
+            for f in tmp.iterdir():
+                f.replace(folder / f.name)
+            tmp.rmdir()
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
+    """export_gpt2's files, written into `folder`."""
     s = model.shape
     hf_tok = tokenizer.to_tokenizers()
     eos, pad = hf_tok.id_to_token(tokenizer.eos_id), hf_tok.id_to_token(tokenizer.pad_id)
@@ -285,14 +343,15 @@ def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
     same_mode_as(folder / "model.safetensors", folder / "config.json")
     hf_tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    return folder
 
 
 def export_policy(path: str | Path, out: str | Path) -> Path:
     """`distpg export`: the policy of a run folder (its latest checkpoint) or a checkpoint folder, with its
     tokenizer, as a GPT-2 folder at `out`."""
-    from distpg.evaluate import load_policy
+    from distpg.evaluate import load_policy, resolve_checkpoint
     from distpg.policy import task_for
 
     cfg, model = load_policy(Path(path))
-    return export_gpt2(model, task_for(cfg).tokenizer, out)
+    base = resolve_checkpoint(Path(path))[0] / BASE  # a run started from a GPT-2 folder: its files but weights
+    kept = [f for f in _files(base) if f.name not in NOT_EXPORTED] if base.is_dir() else []
+    return export_gpt2(model, task_for(cfg).tokenizer, out, kept)

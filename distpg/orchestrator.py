@@ -45,11 +45,22 @@ from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger, read_records
 from distpg.policy import task_for
+from distpg.rewards import RewardError
 from distpg.rollout import RolloutWorker, sampling_params
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why in one paragraph."""
+    """The run cannot go on; the message says why in one paragraph. `last_step`, where known: the step the run
+    had done and checkpointed when it stopped (nothing after it was learned)."""
+
+    def __init__(self, message: str, last_step: int | None = None) -> None:
+        super().__init__(message)
+        self.last_step = last_step
+
+
+class RewardFailure(TrainingError):
+    """A sync step's rollout failed because the reward function failed on every sample of a batch: no update
+    of the step has started, so the learner still holds the previous step (which `Trainer.run` checkpoints)."""
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -84,7 +95,8 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
                             "rollout.timeout_s if the work is just slow)") from None
     except RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        raise TrainingError(f"{what} failed: {type(cause).__name__}: {cause}") from None
+        error = RewardFailure if isinstance(cause, RewardError) else TrainingError  # a colocated step's sampling
+        raise error(f"{what} failed: {type(cause).__name__}: {cause}") from None
     except RayActorError as e:
         raise TrainingError(f"{what} failed: the actor died ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -147,6 +159,13 @@ def validate_with_task(cfg: Config, task) -> None:
             f"model.n_positions={cfg.model.n_positions} is too short for task {task.name!r}: prompts of up to "
             f"{task.max_prompt_len} tokens plus {params.max_new_tokens} new tokens need {need}{fix}"
         )
+    if getattr(task, "ignored_columns", None):  # e.g. a TRL dataset's `answer`, which is not a reference here
+        missing = task.without_reference
+        which = ("no row has a 'reference' (the reward function gets reference=None)" if missing == task.num_rows
+                 else f"{missing} of {task.num_rows} rows have no 'reference' (the reward function gets "
+                      "reference=None for them)" if missing else "")
+        print(f"distpg: task.prompts_path={cfg.task.prompts_path!r}: column(s) {', '.join(task.ignored_columns)} "
+              f"ignored: only 'prompt' and 'reference' are read{', and ' + which if which else ''}", flush=True)
     if getattr(task, "dropped", 0):
         print(f"distpg: task.max_prompt_tokens={cfg.task.max_prompt_tokens}: left out {task.dropped} of "
               f"{task.num_rows} prompts, longer than that", flush=True)
@@ -558,7 +577,8 @@ class Trainer:
                     refs[w] = self.sample_part(step, w, handed)
                 except RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
-                    raise TrainingError(f"rollout of step {step} failed: {type(cause).__name__}: {cause}") from None
+                    error = RewardFailure if isinstance(cause, RewardError) else TrainingError
+                    raise error(f"rollout of step {step} failed: {type(cause).__name__}: {cause}") from None
         for w, (_, batch) in done.items():
             self.check_version(step, w, batch)
         return [done[w][0] for w in range(n)], [done[w][1] for w in range(n)]
@@ -600,6 +620,12 @@ class Trainer:
                     self.save(step, {"recent_rewards": list(recent)})
             steps.close()
             self.save(step, {"recent_rewards": list(recent)})  # with the window: see ended_run
+        except RewardFailure as e:  # a broken reward function (a service down): keep every step learned so far
+            if step == 0 or cfg.run.mode != "sync":
+                raise
+            if step > start_step and step % cfg.run.checkpoint_every:  # not checkpointed yet
+                self.save(step, {"recent_rewards": list(recent)})
+            raise TrainingError(str(e), last_step=step) from None
         finally:
             if self.writer is not None:
                 self.writer.flush()

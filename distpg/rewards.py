@@ -32,10 +32,15 @@ FLOAT32_MAX = 3.4028234663852886e38  # rewards are stored and learned from as fl
 
 def _check(r) -> float:
     """A reward as a float: any finite real number float32 holds, or a bool (True = 1.0, as in
-    `return completion == target`)."""
+    `return completion == target`), also as a 0-dim numpy array or torch tensor (`return torch.tensor(x)`)."""
+    if getattr(r, "ndim", None) == 0 and not isinstance(r, numbers.Number) and callable(getattr(r, "item", None)):
+        r = r.item()  # a 0-dim array or tensor: its Python number
     if isinstance(r, bool) or getattr(getattr(r, "dtype", None), "kind", None) == "b":  # numpy's bool_ too
         return float(r)
-    if not isinstance(r, numbers.Real) or not math.isfinite(r):
+    if not isinstance(r, numbers.Real):
+        raise ValueError(f"returned {r!r} (a {type(r).__name__}), expected a finite number: a float, an int, a bool "
+                         "or a 0-dim numpy/torch value")
+    if not math.isfinite(r):
         raise ValueError(f"returned {r!r}, expected a finite number")
     if abs(float(r)) > FLOAT32_MAX:
         raise ValueError(f"returned {r!r}, beyond float32's range (±3.4e38), in which rewards are stored")

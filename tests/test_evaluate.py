@@ -115,3 +115,34 @@ def test_eval_runs_a_users_reward_function_as_training_does(fault, why):
                        "rollout.reward_timeout_s=2")
     with pytest.raises(RewardError, match=rf"task 'misbehaving' gave no reward for the \d+ held-out prompts: {why}"):
         evaluate(cfg, Learner(cfg).model.eval())
+
+
+def test_eval_json_is_written_before_the_samples_are_printed(tmp_path, monkeypatch):
+    """`distpg eval RUN --json F | head`: the pipe closing while samples print does not lose the file."""
+    import sys
+
+    from distpg import checkpoint
+    from distpg.cli import main
+    from distpg.config import dump_run_config
+
+    cfg = small_config()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    checkpoint.save(run, 1, Learner(cfg).state(), keep=1)
+
+    class Head:  # `head -2`: takes the first two lines, then closes the pipe
+        lines = 0
+
+        def write(self, text):
+            if self.lines >= 2:
+                raise BrokenPipeError(32, "Broken pipe")
+            self.lines += text.count("\n")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Head())
+    with pytest.raises(BrokenPipeError):
+        main(["eval", str(run), "--samples", "4", "--json", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["num_prompts"] == cfg.task.num_eval

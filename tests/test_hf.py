@@ -171,6 +171,25 @@ def test_export_opens_in_transformers_with_the_same_logits(bpe, tmp_path):
     assert load_tokenizer(tmp_path / "out").encode(SAMPLES[5]) == bpe.encode(SAMPLES[5])
 
 
+def test_an_export_interrupted_midway_leaves_no_half_written_folder(bpe, tmp_path, monkeypatch):
+    """Ctrl-C while a large policy is being written: OUT is not left holding some of the files (which a later
+    `distpg export` to it would refuse as not empty, and transformers would half-load)."""
+    import distpg.hf
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distpg.hf, "same_mode_as", interrupt)  # after model.safetensors and config.json
+    with pytest.raises(KeyboardInterrupt):
+        export_gpt2(_policy(bpe.vocab_size), bpe, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()  # an empty folder given as OUT is filled
+    monkeypatch.undo()
+    export_gpt2(_policy(bpe.vocab_size), bpe, tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert {p.name for p in (tmp_path / "empty").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
 def test_export_of_a_char_tokenizer_policy(tmp_path):
     chars = CharTokenizer("abcdef= \n")
     model = _policy(chars.vocab_size)
@@ -240,6 +259,14 @@ def test_config_takes_the_shape_from_the_folder(hf_folder):
         ("copy", {"n_layer": 3}, r"model.n_layer=3 but model.init_from=.* has n_layer=2; leave model.n_layer null"),
         ("copy", {"n_positions": 64}, r"model.n_positions=64 but .* has n_positions=48"),
         ("untied", {}, r"model.init_from=.*lm_head.weight differs from wte.weight"),
+        ("classifier", {}, r"architectures=\['GPT2ForSequenceClassification'\] is not a GPT-2 language model "
+                           r"\(allowed: GPT2LMHeadModel, GPT2Model\); a reward model or classifier cannot be the "
+                           r"policy"),
+        ("sharded", {}, r"lacks model.safetensors .*; it holds a sharded checkpoint \(model.safetensors.index.json\) "
+                        r"and distpg reads one file: write it with AutoModelForCausalLM.from_pretrained\("),
+        ("bin", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin and distpg reads only safetensors"),
+        ("slow tokenizer", {}, r"lacks tokenizer.json .*; it holds vocab.json and merges.txt .*: write tokenizer.json "
+                               r"with AutoTokenizer.from_pretrained\('.*copy'\).save_pretrained\('.*copy'\)"),
     ],
 )
 def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
@@ -263,6 +290,21 @@ def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
             state = load_file(str(target / "model.safetensors"))
             state["lm_head.weight"] = state["transformer.wte.weight"] + 1
             save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+        elif setup == "classifier":  # GPT2ForSequenceClassification (a TRL reward model) saved beside the policy
+            cfg = json.loads((target / "config.json").read_text())
+            (target / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2ForSequenceClassification"]}))
+            state = load_file(str(target / "model.safetensors"))
+            state["score.weight"] = state["transformer.wte.weight"][:1].clone()
+            save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+        elif setup == "sharded":  # as save_pretrained(max_shard_size=...) writes a large model
+            (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+            (target / "model.safetensors.index.json").write_text("{}")
+        elif setup == "bin":
+            (target / "model.safetensors").rename(target / "pytorch_model.bin")
+        elif setup == "slow tokenizer":
+            (target / "tokenizer.json").unlink()
+            (target / "vocab.json").write_text("{}")
+            (target / "merges.txt").write_text("")
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"model": {"init_from": str(target), **kw}})
     with pytest.raises(ConfigError, match="model.init_from=''"):
@@ -293,6 +335,37 @@ def test_learner_and_workers_start_from_the_folder(hf_folder, tmp_path):
     assert batch.num_rows == 4 and all(batch.column("reward_ok").to_pylist())
     metrics, weights = learner.update(batch)
     assert weights.version == 1 and all(v == v for v in metrics.values() if isinstance(v, float))
+
+
+def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_folder, tmp_path):
+    """A chat template, special tokens and the tokenizer's class, as the folder the run started from holds them
+    (what TRL's save_pretrained of the tokenizer would keep), come out of `distpg export` unchanged; the
+    sampling settings of its generation_config.json do not (the run's own apply)."""
+    from distpg import checkpoint
+    from distpg.config import dump_run_config
+    from distpg.hf import export_policy, snapshot_base
+
+    folder = tmp_path / "chat-gpt2"
+    folder.mkdir()
+    for f in hf_folder[0].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(folder)
+    cfg = config_from_dict({"model": {"init_from": str(folder)}, "task": {"name": "reverse", "length": 4}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    snapshot_base(folder, run)
+    checkpoint.save(run, 1, Learner(cfg).state(), keep=1)
+    out = export_policy(run, tmp_path / "out")
+    again = AutoTokenizer.from_pretrained(out)
+    assert again.chat_template == tok.chat_template and type(again) is type(tok)
+    assert tok.pad_token is None and again.pad_token == EOT  # as before: the padding config.json names
+    assert again.pad_token_id == json.loads((out / "config.json").read_text())["pad_token_id"]
+    assert again(SAMPLES[5])["input_ids"] == tok(SAMPLES[5])["input_ids"]
+    assert not (out / "generation_config.json").exists() and not (out / "fingerprint.json").exists()
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2  # distpg's, not a copy
 
 
 # ---------------------------------------------------------------- end to end

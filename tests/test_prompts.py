@@ -90,6 +90,18 @@ def test_a_built_in_task_takes_the_policys_tokenizer():
     assert bpe.decode(t.tokenizer.encode(p)) == p
 
 
+def test_a_tokenizer_that_cannot_encode_a_prompt_names_the_file_and_prompt(jsonl):
+    """A character policy exported by distpg (a WordLevel tokenizer.json without [UNK]) as model.init_from for a
+    file with other characters: an error naming the field and the prompt, not the tokenizers library's own."""
+    from distpg.tokenizer import HFTokenizer
+
+    chars = CharTokenizer("say :abcdefghijklmnopqrstuvw")  # no 'x' (in "fox" and "lynx")
+    tok = HFTokenizer(chars.to_tokenizers(), chars.eos_id, chars.pad_id)
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*p.jsonl': the policy's tokenizer cannot encode the "
+                                          r"prompt 'say fox:' \(.*Missing \[UNK\] token.*\)"):
+        prompts_task(jsonl, tok)
+
+
 def test_without_references(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"tell me about {i}"} for i in range(10)])
     t = prompts_task(path, reward="tests.user_rewards:needs_reference", num_eval=2)
@@ -134,6 +146,9 @@ def test_match_reference_partial_credit():
         ({"reward": "tests.user_rewards"}, r"task.reward='tests.user_rewards' is not of the form 'module:attr'"),
         ({"reward": "no.such.module:f"}, r"task.reward='no.such.module:f': cannot import module 'no.such.module'"),
         ({"reward": "tests.user_rewards:nope"}, r"module 'tests.user_rewards' has no attribute 'nope'"),
+        ({"reward": "tests.user_broken_import:score"},
+         r"task.reward='tests.user_broken_import:score': importing module 'tests.user_broken_import' raised "
+         r"RuntimeError: REWARD_API_KEY is not set \(at .*user_broken_import.py:4\)"),
         ({"reward": "tests.user_rewards:NOT_CALLABLE"}, r"'NOT_CALLABLE' is a int, not a function"),
         ({"reward": "tests.user_rewards:two_arguments"},
          r"two_arguments\(prompt, completion\) cannot be called as reward\(prompt, completion, reference\)"),
@@ -173,6 +188,22 @@ def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     assert e.match(message)
 
 
+def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "a"}\n{"prompt": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*latin1.jsonl': line 2 is not UTF-8 text"):
+        prompts_task(path)
+
+
+def test_a_folder_as_prompts_path_is_named_as_a_folder(tmp_path):
+    """A dataset folder of Parquet shards (as the Hub holds them): the error says it is a folder, not missing."""
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*data': a folder, not a file; give one .jsonl, "
+                                          r".ndjson or .parquet file \(it holds train-00000-of-00001.parquet\)"):
+        prompts_task(tmp_path / "data")
+
+
 def test_parquet_errors_name_the_row(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a", None]}), path)
@@ -208,6 +239,31 @@ def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(
     cfg = load_config(None, ["task.name=prompts", *sets, "task.max_prompt_tokens=27"])
     validate_with_task(cfg, make_task(cfg.task))
     assert "task.max_prompt_tokens=27: left out 2 of 14 prompts, longer than that" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_columns_other_than_prompt_and_reference_are_named_as_ignored(tmp_path, capsys, suffix):
+    """A TRL dataset's `answer` column (TRL passes every column to the reward function) is not a reference:
+    the run says so before it trains with reference=None, instead of scoring silently against None."""
+    from distpg.config import load_config
+    from distpg.orchestrator import validate_with_task
+
+    rows = [{"prompt": r["prompt"], "answer": r["reference"], "id": i} for i, r in enumerate(ROWS)]
+    path = tmp_path / f"p{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = load_config(None, ["task.name=prompts", f"task.prompts_path={path}", "task.num_eval=4",
+                             "task.reward=tests.user_rewards:length_of_reference"])
+    task = make_task(cfg.task)
+    assert task.ignored_columns == ["answer", "id"]
+    validate_with_task(cfg, task)
+    out = capsys.readouterr().out
+    assert (f"task.prompts_path={str(path)!r}: column(s) answer, id ignored: only 'prompt' and 'reference' are "
+            "read, and no row has a 'reference' (the reward function gets reference=None)") in out
+    validate_with_task(cfg, prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS)))  # nothing to say
+    assert "ignored" not in capsys.readouterr().out
 
 
 def test_a_run_refuses_a_prompts_file_changed_since_it_started(jsonl, tmp_path):

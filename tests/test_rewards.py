@@ -74,6 +74,30 @@ def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
     assert elapsed < 2 * (1 + 30) + 60  # not the hour the reward function asked for
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("layout", [[], ["rollout.colocate=true", "rollout.num_workers=1"]],
+                         ids=["actors", "colocated"])
+def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_checkpointed(ray_session, tmp_path,
+                                                                                       layout):
+    """The reward service goes down at step 4 (every sample fails): the run stops with the function's error,
+    and with step 3 checkpointed (run.checkpoint_every=2 alone would keep step 2), so fixing the reward and
+    resuming redoes no update."""
+    from distpg import checkpoint
+    from distpg.cli import _resume_hint
+    from distpg.orchestrator import TrainingError
+
+    counter = tmp_path / "calls"
+    cfg = small_config("task.name=tests.user_task:misbehaving", "run.steps=6",
+                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}", *layout)  # 3 x 16 samples
+    with pytest.raises(TrainingError, match="step 4 .*failed: RewardError: .*reward service unavailable") as e:
+        train(cfg, tmp_path / "r")
+    assert checkpoint.run_state(checkpoint.latest(tmp_path / "r"))["step"] == 3
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert _resume_hint(tmp_path / "r", 6, e.value.last_step) == (
+        f"the latest checkpoint is step 3, the last step done: nothing is lost; continue with: "
+        f"distpg train --resume {tmp_path / 'r'}")
+
+
 def strict(constant: str):
     raise ValueError(f"metrics.jsonl holds {constant}, which strict JSON parsers reject")
 
@@ -115,3 +139,24 @@ def test_a_bool_is_a_reward_and_a_value_beyond_float32_is_masked():
     assert rewards == [1.0, 0.0, 0.0, -3.0e38] and ok == [True, True, False, True]
     assert errors == ["ValueError: returned 1e+39, beyond float32's range (±3.4e38), in which rewards are stored"]
     assert np.isfinite(np.float32(rewards[3]))
+
+
+def test_a_zero_dim_tensor_or_array_is_a_reward_and_other_values_name_their_type():
+    """`return torch.tensor(score)` (as OpenRLHF's reward functions return tensors) or a 0-dim numpy array
+    counts as its number; a list or a 1-element tensor is masked with an error naming its type."""
+    import numpy as np
+    import torch
+
+    from distpg.rewards import score_each
+
+    class Task:
+        values = [torch.tensor(0.5), np.array(0.25), torch.tensor([0.5]), "0.5"]
+
+        def reward(self, prompt, completion):
+            return self.values[PROMPTS.index(prompt)]
+
+    rewards, ok, errors = score_each(Task(), PROMPTS, COMPLETIONS)
+    assert rewards == [0.5, 0.25, 0.0, 0.0] and ok == [True, True, False, False]
+    assert errors[0] == ("ValueError: returned tensor([0.5000]) (a Tensor), expected a finite number: a float, "
+                         "an int, a bool or a 0-dim numpy/torch value")
+    assert errors[1].startswith("ValueError: returned '0.5' (a str), expected a finite number")

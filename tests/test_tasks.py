@@ -94,6 +94,8 @@ def test_user_task_from_module_attr():
     [
         ("tests.no_such_module:make", "cannot import module 'tests.no_such_module'"),
         ("tests.user_task:nothing", "module 'tests.user_task' has no attribute 'nothing'"),
+        ("tests.user_broken_import:make", "task.name='tests.user_broken_import:make': importing module "
+                                          "'tests.user_broken_import' raised RuntimeError: REWARD_API_KEY is not set"),
         ("tests.user_task:broken_factory", "building the task failed: RuntimeError: boom"),
         ("tests.user_task:not_a_task", "lacks"),
     ],

@@ -53,7 +53,8 @@ class Misbehaving(Echo):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.fault = (cfg.params or {}).get("fault", "none")
+        self.params = cfg.params or {}
+        self.fault = self.params.get("fault", "none")
 
     def reward(self, prompt, completion):
         import os
@@ -66,6 +67,12 @@ class Misbehaving(Echo):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.fault == "some_raise" and prompt[0] < "m":
             raise KeyError(prompt)
+        if self.fault == "after":  # fails on every sample once `calls` samples were scored (a service going down)
+            with open(self.params["counter"], "a+") as f:
+                f.seek(0)
+                if f.read().count("\n") >= self.params["calls"]:
+                    raise RuntimeError("reward service unavailable")
+                f.write("x\n")
         if self.fault == "nan":
             return float("nan") if prompt[0] < "m" else None
         return super().reward(prompt, completion)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        rows = read_prompts(args.prompts)
+        rows, _ = read_prompts(args.prompts)
     except ValueError as e:
         p.error(f"--prompts: {e}".replace("task.prompts_path=", "") +
                 ("; the default is the repository's file: run from its root, or give --prompts FILE"

@@ -4,6 +4,7 @@ that never include them, and the positional partial-credit reward."""
 from __future__ import annotations
 
 import importlib
+import traceback
 
 import numpy as np
 
@@ -23,6 +24,11 @@ def load_attr(spec: str, field: str):
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"{field}={spec!r}: cannot import module {module_name!r}: {e}") from None
+    except Exception as e:  # a user's module may raise anything at import (a SyntaxError, a missing API key)
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames and not isinstance(e, SyntaxError) else ""
+        raise ValueError(f"{field}={spec!r}: importing module {module_name!r} raised {type(e).__name__}: {e}"
+                         f"{where}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise ValueError(f"{field}={spec!r}: module {module_name!r} has no attribute {attr!r}")

@@ -46,21 +46,26 @@ def reference_text(ref: object) -> str:
     return "" if ref is None else ref if isinstance(ref, str) else json.dumps(ref)
 
 
-def read_prompts(path: str | Path) -> list[tuple[str, object]]:
-    """(prompt, reference or None) rows of a JSONL or Parquet file, in file order, duplicates dropped.
+def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]:
+    """(prompt, reference or None) rows of a JSONL or Parquet file, in file order, duplicates dropped, and the
+    names of the file's other columns (sorted), which are ignored.
 
     Raises:
         ValueError naming task.prompts_path and the row at fault.
     """
     path = Path(path)
     where = f"task.prompts_path={str(path)!r}"
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir())
+        raise ValueError(f"{where}: a folder, not a file; give one .jsonl, .ndjson or .parquet file (it holds "
+                         f"{', '.join(held[:4]) or 'nothing'}{' ...' if len(held) > 4 else ''})")
     if not path.is_file():
         raise ValueError(f"{where}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(path, where)
+        rows, ignored = _read_jsonl(path, where)
     elif suffix in (".parquet", ".pq"):
-        rows = _read_parquet(path, where)
+        rows, ignored = _read_parquet(path, where)
     else:
         raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .parquet")
     # rows are named as an editor finds them: by line in a JSONL file (blank lines count), by row in Parquet
@@ -75,14 +80,19 @@ def read_prompts(path: str | Path) -> list[tuple[str, object]]:
         out.setdefault(prompt, (n, reference))
     if not out:
         raise ValueError(f"{where}: the file has no rows")
-    return [(p, ref) for p, (_, ref) in out.items()]
+    return [(p, ref) for p, (_, ref) in out.items()], sorted(ignored - {"prompt", "reference"})
 
 
-def _read_jsonl(path: Path, where: str) -> list[tuple[int, object, object]]:
-    """(line number, prompt, reference) of each non-blank line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object]], set[str]]:
+    """(line number, prompt, reference) of each non-blank line, and every key of the lines' objects."""
+    rows, keys = [], set()
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that an encoding error names its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                                 "JSONL is UTF-8: save the file in that encoding") from None
             if not line.strip():
                 continue
             try:
@@ -92,11 +102,12 @@ def _read_jsonl(path: Path, where: str) -> list[tuple[int, object, object]]:
             if not isinstance(obj, dict) or "prompt" not in obj:
                 raise ValueError(f"{where}: line {n}: expected an object with a 'prompt' key, got {line.strip()[:80]}")
             rows.append((n, obj["prompt"], obj.get("reference")))
-    return rows
+            keys.update(obj)
+    return rows, keys
 
 
-def _read_parquet(path: Path, where: str) -> list[tuple[int, object, object]]:
-    """(row number, prompt, reference) of each row."""
+def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, object]], set[str]]:
+    """(row number, prompt, reference) of each row, and the file's columns."""
     import pyarrow.parquet as pq
 
     try:
@@ -108,7 +119,7 @@ def _read_parquet(path: Path, where: str) -> list[tuple[int, object, object]]:
     table = pq.read_table(path, columns=[c for c in ("prompt", "reference") if c in names])
     prompts = table.column("prompt").to_pylist()
     refs = table.column("reference").to_pylist() if "reference" in names else [None] * len(prompts)
-    return [(n, p, r) for n, (p, r) in enumerate(zip(prompts, refs), 1)]
+    return [(n, p, r) for n, (p, r) in enumerate(zip(prompts, refs), 1)], set(names)
 
 
 def load_reward(spec: str | None):
@@ -138,6 +149,16 @@ def load_reward(spec: str | None):
     return fn
 
 
+def _encode(tokenizer: Tokenizer, text: str, what: str, path) -> list[int]:
+    """`tokenizer.encode(text)`, or a ValueError naming the file and the text it cannot encode."""
+    try:
+        return tokenizer.encode(text)
+    except Exception as e:  # the tokenizers library raises a bare Exception (a WordLevel vocabulary without [UNK])
+        raise ValueError(f"task.prompts_path={str(path)!r}: the policy's tokenizer cannot encode the {what} "
+                         f"{text[:60]!r} ({e}); a character policy exported by distpg knows only the characters "
+                         "of its own run") from None
+
+
 class PromptsTask:
     """Prompts (and references) from a file, a user's reward function, a fixed held-out split."""
 
@@ -148,11 +169,12 @@ class PromptsTask:
             raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
                              "column (and optionally 'reference')")
         self.reward_fn = load_reward(cfg.reward)
-        rows = read_prompts(cfg.prompts_path)
+        rows, self.ignored_columns = read_prompts(cfg.prompts_path)
+        self.without_reference = sum(r is None for _, r in rows)  # rows whose reward gets reference=None
         if tokenizer is None:
             tokenizer = CharTokenizer("".join(p + reference_text(r) for p, r in rows))
         self.tokenizer = tokenizer
-        lengths = [len(tokenizer.encode(p)) for p, _ in rows]  # tokens
+        lengths = [len(_encode(tokenizer, p, "prompt", cfg.prompts_path)) for p, _ in rows]  # tokens
         self.num_rows, self.dropped = len(rows), 0
         if cfg.max_prompt_tokens is not None:
             if cfg.max_prompt_tokens < 1:
@@ -174,7 +196,7 @@ class PromptsTask:
         self.max_prompt_len = max(lengths)
         self.longest = rows[lengths.index(self.max_prompt_len)][0]
         refs = [reference_text(r) for _, r in rows if r is not None]
-        self.max_new_tokens = (max(len(tokenizer.encode(r)) for r in refs) + 1 if refs
+        self.max_new_tokens = (max(len(_encode(tokenizer, r, "reference", cfg.prompts_path)) for r in refs) + 1 if refs
                                else DEFAULT_MAX_NEW_TOKENS)
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
