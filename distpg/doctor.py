@@ -80,6 +80,35 @@ def probe(address: str, timeout: float) -> None:
         _tcp(dhost, int(dport), timeout,
              f"{address!r} answers, but Ray rewrites it to {dialed!r}, where nothing listens: the cluster listens "
              f"on loopback only; connect with LOCALHOST:{port} (the form cluster/local-cluster.sh prints)", hint="")
+    _authenticate(dialed or address, address, timeout)
+
+
+def _authenticate(dialed: str, address: str, timeout: float) -> None:
+    """Fail fast where the cluster refuses this client's token (or its lack of one): ray.init retries that
+    for about 20 seconds before it gives up. A GCS client answers within milliseconds; anything else it meets
+    (or no answer within `timeout`) is left to ray.init to report."""
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray: ray.init says it, later
+        return
+    refused: list[str] = []
+
+    def connect() -> None:
+        try:
+            GcsClient(address=dialed)
+        except AuthenticationError as e:
+            refused.append(str(e).split(". ")[0])
+        except Exception:  # noqa: BLE001 - not ours to judge: ray.init reports it
+            pass
+
+    checker = threading.Thread(target=connect, daemon=True, name="distpg-auth-probe")
+    checker.start()
+    checker.join(timeout)
+    if refused:
+        raise DoctorError(f"cannot connect to the Ray cluster at {address!r}: it refused this client ({refused[0]})"
+                          + (auth_hint() or "; RAY_AUTH_MODE=token is set here: is RAY_AUTH_TOKEN_PATH (or "
+                             "RAY_AUTH_TOKEN) the cluster's token?"))
 
 
 def _tcp(host: str, port: int, timeout: float, what: str,
