@@ -82,19 +82,32 @@ def _resume_hint(run_dir: Path, steps: int, last_step: int | None = None) -> str
 
 def _eval(args) -> int:
     from distpg import checkpoint
-    from distpg.evaluate import evaluate, load_policy, resolve_checkpoint
+    from distpg.evaluate import evaluate, load_initial_policy, load_policy, resolve_checkpoint
     from distpg.rewards import RewardError
 
-    _, ckpt = resolve_checkpoint(Path(args.path))
+    if args.initial:  # the policy the run started from: the "before" of a before/after comparison
+        ckpt = None
+        if not (Path(args.path) / "config.yaml").is_file():
+            raise ConfigError(f"distpg eval --initial: {args.path!r} is not a run folder (no config.yaml there); "
+                              "--initial scores the policy a run folder's config starts from")
+    else:
+        _, ckpt = resolve_checkpoint(Path(args.path))
     out = Path(args.json) if args.json is not None else None  # "" is refused below, not ignored
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ConfigError(f"distpg eval: --json {args.json!r} must name a file in an existing folder")
-    cfg, model = load_policy(ckpt)
-    step = checkpoint.run_state(ckpt)["step"]
-    # which policy this is: RUN_DIR alone means its latest checkpoint, which a run that stopped early (or
-    # is still going) does not say
-    print(f"checkpoint {ckpt} (step {step} of run.steps={cfg.run.steps}, "
-          f"run.seed={cfg.run.seed}); {'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}'}")
+    decoding = 'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}'
+    if ckpt is None:
+        cfg, model = load_initial_policy(Path(args.path))
+        step = 0
+        print(f"the initial policy of {args.path} (step 0 of run.steps={cfg.run.steps}, run.seed={cfg.run.seed}, "
+              f"{f'model.init_from={cfg.model.init_from}' if cfg.model.init_from else 'initialised from run.seed'})"
+              f"; {decoding}")
+    else:
+        cfg, model = load_policy(ckpt)
+        step = checkpoint.run_state(ckpt)["step"]
+        # which policy this is: RUN_DIR alone means its latest checkpoint, which a run that stopped early (or
+        # is still going) does not say
+        print(f"checkpoint {ckpt} (step {step} of run.steps={cfg.run.steps}, run.seed={cfg.run.seed}); {decoding}")
     try:
         res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed)
     except RewardError as e:
@@ -105,7 +118,8 @@ def _eval(args) -> int:
           f"exact_match {res.exact_match:.4f}")
     if out is not None:  # for scripts (a seed study): the figures and every sample, written whole, before the
         # samples print (`| head` closing the pipe then does not lose it)
-        record = {"checkpoint": str(ckpt), "step": step, "run_steps": cfg.run.steps, "run_seed": cfg.run.seed,
+        record = {"checkpoint": None if ckpt is None else str(ckpt), "step": step, "run_steps": cfg.run.steps,
+                  "run_seed": cfg.run.seed,
                   "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
                   "failed_rewards": res.failed,
@@ -187,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", metavar="FILE", help="also write the figures and every held-out sample (prompt, "
                    "completion, target, reward; null where the reward failed) to FILE as JSON")
+    e.add_argument("--initial", action="store_true", help="score the policy the run folder's config starts from "
+                   "(model.init_from, or its run.seed initialisation) instead of a checkpoint: the baseline")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="write a policy as a Hugging Face GPT-2 folder (opens with transformers)")

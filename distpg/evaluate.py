@@ -59,6 +59,14 @@ def load_policy(path: Path) -> tuple[Config, GPT]:
     return cfg, model.eval()
 
 
+def load_initial_policy(run_dir: Path) -> tuple[Config, GPT]:
+    """The policy a run folder's config starts from (its model.init_from, or the run.seed initialisation),
+    as the learner and the workers build it at step 0."""
+    cfg = load_run_config(Path(run_dir) / "config.yaml")  # with model.init_from's weights
+    _, model = initial_policy(cfg)
+    return cfg, model.eval()
+
+
 def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256) -> EvalResult:
     """Mean reward and exact-match rate (see `exact_match`) on the held-out prompts (greedy by default)."""
     task = task_for(cfg)

@@ -146,3 +146,38 @@ def test_eval_json_is_written_before_the_samples_are_printed(tmp_path, monkeypat
     with pytest.raises(BrokenPipeError):
         main(["eval", str(run), "--samples", "4", "--json", str(tmp_path / "eval.json")])
     assert json.loads((tmp_path / "eval.json").read_text())["num_prompts"] == cfg.task.num_eval
+
+
+def test_eval_initial_scores_the_policy_the_run_starts_from_not_its_checkpoint(tmp_path, capsys):
+    """`distpg eval RUN --initial`: the baseline of a before/after comparison, on the same held-out prompts."""
+    import torch
+
+    from distpg import checkpoint
+    from distpg.cli import main
+    from distpg.config import dump_run_config
+
+    cfg = small_config()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    trained = Learner(cfg)
+    with torch.no_grad():  # a checkpoint far from the initial policy
+        for p in trained.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+    checkpoint.save(run, 3, trained.state(), keep=1)
+    before = evaluate(cfg, Learner(cfg).model.eval())  # the learner's step-0 policy
+
+    assert main(["eval", str(run), "--initial", "--samples", "0", "--json", str(tmp_path / "initial.json")]) == 0
+    assert f"the initial policy of {run} (step 0 of run.steps={cfg.run.steps}, run.seed={cfg.run.seed}, " \
+           "initialised from run.seed); greedy" in capsys.readouterr().out
+    initial = json.loads((tmp_path / "initial.json").read_text())
+    assert initial["step"] == 0 and initial["checkpoint"] is None
+    assert [s["completion"] for s in initial["samples"]] == [c for _, c, _, _ in before.samples]
+    assert initial["reward_mean"] == before.reward_mean
+
+    assert main(["eval", str(run), "--samples", "0", "--json", str(tmp_path / "latest.json")]) == 0
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest["step"] == 3 and latest["samples"] != initial["samples"]
+
+    assert main(["eval", str(tmp_path), "--initial"]) == 2  # not a run folder
+    assert "--initial scores the policy a run folder's config starts from" in capsys.readouterr().err
