@@ -421,6 +421,8 @@ def _loopback_node():
 class Trainer:
     """Owns the actors of one run and drives the synchronous loop. Use `run()`."""
 
+    worker_class = RolloutWorker  # what each rollout worker actor runs (tests put a misbehaving one here)
+
     def __init__(self, cfg: Config, run_dir: Path, placement: Placement) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -467,7 +469,7 @@ class Trainer:
         )
 
     def start_worker(self, wid: int):
-        return ray.remote(RolloutWorker).options(**self.on_bundle(self.placement.bundle_index(wid),
+        return ray.remote(self.worker_class).options(**self.on_bundle(self.placement.bundle_index(wid),
                                                                   self.placement.worker)).remote(
             self.cfg, wid, _threads(self.placement.worker["CPU"]), self.device
         )

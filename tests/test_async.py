@@ -102,13 +102,7 @@ def test_exact_staleness_schedule_gives_the_same_numbers_twice(ray_session, tmp_
     """algo.staleness_schedule=exact: step s is sampled with version max(0, s - 1 - K) whatever the timing, so
     two runs of the same config and seed agree bitwise, and every batch is exactly min(s - 1, K) versions old.
     Here the default schedule (newest) hands the workers fresher versions than that."""
-    ray = ray_session
-
-    def start_worker(self, wid):
-        return ray.remote(SlowWorker).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
-            self.cfg, wid, 1, self.device)
-
-    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    monkeypatch.setattr(Trainer, "worker_class", SlowWorker)
     # K = 3 and two calls queued per worker: a worker issues step s when its step s - 2 is done, by when the
     # learner has made version s - 3 (or s - 4): newer than s - 1 - K
     cfg = small_config("run.steps=8", *ASYNC, "algo.max_staleness=3", f"algo.staleness_schedule={schedule}")
@@ -236,11 +230,7 @@ def test_async_workers_get_each_version_with_a_sample_call(ray_session, tmp_path
     ray = ray_session
     cfg = small_config("run.steps=6", *ASYNC, "algo.max_staleness=1")
 
-    def start_worker(self, wid):
-        return ray.remote(CountsSetWeights).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
-            self.cfg, wid, 1, self.device)
-
-    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    monkeypatch.setattr(Trainer, "worker_class", CountsSetWeights)
     trainer = Trainer(cfg, tmp_path / "r", plan_placement(cfg, cpus=2, gpus=0))
     try:
         (tmp_path / "r").mkdir()
@@ -303,13 +293,7 @@ class SixSecondWorker(RolloutWorker):
 def test_a_queued_share_is_not_timed_while_it_waits_behind_the_one_before(ray_session, tmp_path, monkeypatch):
     # a worker queues two calls; the second was timed from when it was issued, so a healthy worker whose
     # shares take more than half of rollout.timeout_s was replaced as hung while it sampled the first
-    ray = ray_session
-
-    def start_worker(self, wid):
-        return ray.remote(SixSecondWorker).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
-            self.cfg, wid, 1, self.device)
-
-    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    monkeypatch.setattr(Trainer, "worker_class", SixSecondWorker)
     cfg = small_config("run.steps=2", *ASYNC, "algo.max_staleness=1", "rollout.num_workers=1",
                        "rollout.timeout_s=9", "rollout.max_restarts=0")
     train(cfg, tmp_path / "r")  # steps 1 and 2 are issued at once; step 2 ends about 12 s later

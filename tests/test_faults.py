@@ -140,9 +140,8 @@ def test_a_replacement_that_dies_while_handed_the_weights_is_one_more_fault(ray_
 
     def start_worker(wid):  # the first replacement dies in set_weights, the next one is a plain worker
         started.append(wid)
-        cls = DiesOnSetWeights if len(started) == 1 else RolloutWorker
-        return ray.remote(cls).options(**trainer.on_bundle(wid + 1, trainer.placement.worker)).remote(
-            cfg, wid, 1, "cpu")
+        trainer.worker_class = DiesOnSetWeights if len(started) == 1 else RolloutWorker
+        return Trainer.start_worker(trainer, wid)
 
     try:
         trainer.broadcast(trainer.learner.get_weights.remote(), 0)
@@ -175,11 +174,7 @@ def test_a_trainer_that_fails_to_start_frees_what_it_reserved(ray_session, tmp_p
     # its actors running: the caller has no trainer to close, and a later run on the same runtime had no room
     ray = ray_session
 
-    def start_worker(self, wid):
-        return ray.remote(DiesAtStart).options(**self.on_bundle(wid + 1, self.placement.worker)).remote(
-            self.cfg, wid, 1, self.device)
-
-    monkeypatch.setattr(Trainer, "start_worker", start_worker)
+    monkeypatch.setattr(Trainer, "worker_class", DiesAtStart)
     cfg = small_config("rollout.max_restarts=0")
     before = set(ray.util.placement_group_table())
     with pytest.raises(TrainingError, match=r"rollout worker 0 failed to start .*rollout.max_restarts=0 is spent"):
