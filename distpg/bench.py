@@ -596,14 +596,14 @@ def _keep(actor_self, **values) -> None:
     actor_self._bench_kept = values
 
 
-def _echo(actor_self, names: tuple[str, ...], *args):
+def _echo(actor_self, names: tuple[str, ...], *args, handed=None, timeout_s: float = 600.0):
     """Run in an actor by `__ray_call__`: the values `_keep` kept under `names` (None for none), after
-    fetching a version handed as `[ref]` among `args` (as a worker's sample call does); no other work."""
-    import ray
+    fetching the version `handed` (as a worker's sample call does, `weights.receive`); `args` are carried
+    and ignored; no other work."""
+    from distpg.weights import receive
 
-    for a in args:
-        if isinstance(a, list) and len(a) == 1 and isinstance(a[0], ray.ObjectRef):
-            ray.get(a[0], timeout=600)
+    if handed is not None:
+        receive(handed, timeout_s)
     kept = [actor_self._bench_kept[n] for n in names]
     return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
 
@@ -632,7 +632,7 @@ def _echo_calls(trainer, last: dict, gaps: list, colocate: bool, carry: bool) ->
     batch_ref: list = []
 
     def sample():
-        batch_ref[:] = [worker.__ray_call__.remote(_echo, ("batch",), *last["args"], handed)]
+        batch_ref[:] = [worker.__ray_call__.remote(_echo, ("batch",), *last["args"], handed=handed, timeout_s=wait_s)]
         return batch_ref[0]
 
     def update():
