@@ -65,7 +65,7 @@ def save(run_dir: Path, step: int, learner_state: dict, keep: int, run_state: di
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
         shutil.rmtree(final)
     tmp.rename(final)
-    _write_atomic(root / "latest", final.name + "\n")
+    write_atomic(root / "latest", final.name + "\n")
     _retain(root, keep, protect=final.name)
     return final
 
@@ -108,12 +108,13 @@ def load_model_weights(path: Path) -> dict:
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` whole, or stays as it was if the process dies meanwhile: written to a temporary
+    name beside it, flushed to disk, then renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp.write_text(text)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # whole on disk before it takes the name
     os.replace(tmp, path)
 
 

@@ -124,9 +124,7 @@ def _eval(args) -> int:
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
                   "failed_rewards": res.failed,
                   "samples": [{"prompt": p, "completion": c, "target": t, "reward": r} for p, c, t, r in res.samples]}
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(out)
+        checkpoint.write_atomic(out, json.dumps(record, indent=1) + "\n")
     for prompt, completion, target, reward in res.samples[: args.samples]:
         shown = "failed" if reward is None else f"{reward:.2f}"
         print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")

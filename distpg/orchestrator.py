@@ -1113,9 +1113,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
         import json
 
         kept = [r for r in read_records(metrics) if r["step"] <= start]  # also a last line cut off by a kill
-        tmp = metrics.with_name(f".{metrics.name}.tmp")  # whole, then renamed: a kill leaves it as it was
-        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-        tmp.replace(metrics)
+        checkpoint.write_atomic(metrics, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
     # the rollouts buffered at its latest checkpoint, unless the flush that followed wrote them to their file
     unflushed = run_dir / "rollouts" / UNFLUSHED
     if unflushed.exists():
