@@ -94,12 +94,18 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
         raise TrainingError(f"{what} did not finish within {timeout:g}s (raise ray.timeout_s or "
                             "rollout.timeout_s if the work is just slow)") from None
     except RayTaskError as e:
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        error = RewardFailure if isinstance(cause, RewardError) else TrainingError  # a colocated step's sampling
-        raise error(f"{what} failed: {type(cause).__name__}: {cause}") from None
+        raise task_failure(what, e) from None
     except RayActorError as e:
         raise TrainingError(f"{what} failed: the actor died ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def task_failure(what: str, e: RayTaskError) -> TrainingError:
+    """The error of a remote call that raised, naming `what` and the exception: a RewardFailure where the
+    reward function failed on a whole batch (a rollout, or a colocated step's sampling)."""
+    cause = e.cause if getattr(e, "cause", None) is not None else e
+    error = RewardFailure if isinstance(cause, RewardError) else TrainingError
+    return error(f"{what} failed: {type(cause).__name__}: {cause}")
 
 
 def _busy_note(placement: Placement, num_workers: int, settle_s: float = 2.0) -> str | None:
@@ -578,9 +584,7 @@ class Trainer:
                     self.restart_worker(w, f"died during step {step} ({type(e).__name__})")
                     refs[w] = self.sample_part(step, w, handed)
                 except RayTaskError as e:
-                    cause = e.cause if getattr(e, "cause", None) is not None else e
-                    error = RewardFailure if isinstance(cause, RewardError) else TrainingError
-                    raise error(f"rollout of step {step} failed: {type(cause).__name__}: {cause}") from None
+                    raise task_failure(f"rollout of step {step}", e) from None
         for w, (_, batch) in done.items():
             self.check_version(step, w, batch)
         return [done[w][0] for w in range(n)], [done[w][1] for w in range(n)]
@@ -902,8 +906,7 @@ class AsyncPipeline:
             self.replace(w, f"died during step {s} ({type(e).__name__})", also=[s])
             return
         except RayTaskError as e:
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise TrainingError(f"rollout of step {s} failed: {type(cause).__name__}: {cause}") from None
+            raise task_failure(f"rollout of step {s}", e) from None
         self.parts.setdefault(s, {})[w] = (ref, batch)
         if len(self.parts[s]) == len(self.t.workers):
             self.rollout_t[s] = time.perf_counter() - self.rollout_t[s]
