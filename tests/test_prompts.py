@@ -15,6 +15,7 @@ from distpg.config import ConfigError, TaskConfig
 from distpg.examples.make_tiny_gpt2 import byte_level_bpe
 from distpg.examples.rewards import match_reference
 from distpg.tasks import make_task
+from distpg.tasks.prompts import read_prompts
 from distpg.tokenizer import CharTokenizer
 
 ROWS = [{"prompt": f"say {w}:", "reference": w} for w in
@@ -193,6 +194,19 @@ def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
     path.write_bytes('{"prompt": "a"}\n{"prompt": "café"}\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"task.prompts_path='.*latin1.jsonl': line 2 is not UTF-8 text"):
         prompts_task(path)
+
+
+def test_a_jsonl_file_opening_with_a_byte_order_mark_reads_as_without_one(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark: the first line's prompt is the same text, and a mark
+    anywhere else is still part of its line (here: JSON rejects it)."""
+    rows = "".join(json.dumps(r) + "\n" for r in ROWS).encode("utf-8")
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    plain.write_bytes(rows)
+    marked.write_bytes(b"\xef\xbb\xbf" + rows)
+    assert read_prompts(marked) == read_prompts(plain)
+    (tmp_path / "late.jsonl").write_bytes(rows + b"\xef\xbb\xbf" + rows.splitlines(keepends=True)[0])
+    with pytest.raises(ValueError, match=rf"line {len(ROWS) + 1} is not JSON"):
+        read_prompts(tmp_path / "late.jsonl")
 
 
 def test_a_folder_as_prompts_path_is_named_as_a_folder(tmp_path):

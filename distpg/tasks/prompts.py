@@ -88,8 +88,8 @@ def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object]
     rows, keys = [], set()
     with open(path, "rb") as f:  # bytes, decoded line by line, so that an encoding error names its line
         for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
+            try:  # a byte-order mark opening the file (Windows editors write one) is not part of the first line
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{where}: line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the line); "
                                  "JSONL is UTF-8: save the file in that encoding") from None
