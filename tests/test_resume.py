@@ -109,38 +109,14 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_then_resumed_is_bitwise_equal(uninterrupted, tmp_path, sig):
-    """SIGKILL of the driver and its Ray processes, or SIGTERM to the driver alone (`kill`, `timeout`, a
-    scheduler): SIGTERM stops the run as Ctrl-C does, says what is kept and how to resume, and leaves no
-    process of the local runtime behind."""
-    run = tmp_path / "run"
-    p = start(["train", *CONFIG, "--run-dir", str(run)])
-    deadline = time.time() + 240
-    while steps_logged(run) < 5 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    if sig == signal.SIGKILL:
-        kill_group(p)
-    else:
-        p.send_signal(signal.SIGTERM)
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 143, out[-3000:]
-        assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint (step 3) are lost; continue " \
-               f"with: distpg train --resume {run}" in out, out[-3000:]
-        deadline = time.time() + 60
-        while group_alive(p.pid) and time.time() < deadline:
-            time.sleep(0.2)
-        survivors = group_alive(p.pid)
-        kill_group(p)
-        assert not survivors, "Ray processes of the run outlived it"
-    assert 5 <= steps_logged(run) < 9, "the kill should land after checkpoint 3 and before the end"
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
-    code, out = run_to_end(["train", "--resume", str(run)])
-    assert code == 0, out[-3000:]
+def assert_resumed_whole(run: Path, clean: Path):
+    """A resumed run ends as the uninterrupted one: its parameters and losses, every step once in metrics.jsonl
+    and TensorBoard (the steps redone after the checkpoint purged from the first attempt's event file), and every
+    rollout row once in the Parquet files."""
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 10))
-    assert_same_run(run, uninterrupted)
+    assert_same_run(run, clean)
     tb = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
-    tb.Reload()  # the steps redone after the checkpoint are purged from the first attempt's event file
+    tb.Reload()
     assert [e.step for e in tb.Scalars("learner/loss")] == list(range(1, 10))
     assert [e.value for e in tb.Scalars("learner/loss")] == pytest.approx(losses(run))
     rollouts = pq.read_table(run / "rollouts")
@@ -148,7 +124,37 @@ def test_killed_then_resumed_is_bitwise_equal(uninterrupted, tmp_path, sig):
     assert len(keys) == len(set(keys)) == 9 * 8 * 4  # the steps redone after the kill are not duplicated
 
 
+def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
+    """SIGTERM to the driver alone (`kill`, `timeout`, a scheduler) stops the run as Ctrl-C does, says what is
+    kept and how to resume, and leaves no process of the local runtime behind; the resumed run ends as the
+    uninterrupted one. (A SIGKILL, with no chance to clean up: the next test.)"""
+    run = tmp_path / "run"
+    p = start(["train", *CONFIG, "--run-dir", str(run)])
+    deadline = time.time() + 240
+    while steps_logged(run) < 5 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 143, out[-3000:]
+    assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint (step 3) are lost; continue " \
+           f"with: distpg train --resume {run}" in out, out[-3000:]
+    deadline = time.time() + 60
+    while group_alive(p.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    survivors = group_alive(p.pid)
+    kill_group(p)
+    assert not survivors, "Ray processes of the run outlived it"
+    assert 5 <= steps_logged(run) < 9, "the signal should land after checkpoint 3 and before the end"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    code, out = run_to_end(["train", "--resume", str(run)])
+    assert code == 0, out[-3000:]
+    assert_resumed_whole(run, uninterrupted)
+
+
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, tmp_path):
+    """The driver dies at once (exit 137, as under SIGKILL: no cleanup) half-way through writing checkpoint 6,
+    after steps 4-6 were logged and their rollouts partly flushed; its Ray processes are then killed too. The
+    resume continues from checkpoint 3 and ends as the uninterrupted run."""
     run = tmp_path / "run"
     code, out = run_to_end(["train", *CONFIG, "--run-dir", str(run)], script=CRASH_IN_CHECKPOINT)
     assert code == 137, out[-3000:]
@@ -156,11 +162,12 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, t
     assert (ckpts / "latest").read_text().strip() == "step_000003"  # the half-written one never became latest
     assert list(ckpts.glob(".tmp-step_000006-*")), "the crash left its temporary folder"
     assert not (ckpts / "step_000006").exists()
+    assert steps_logged(run) == 6  # steps 4-6 were logged: the resume redoes them
     code, out = run_to_end(["train", "--resume", str(run)])
     assert code == 0, out[-3000:]
     assert not list(ckpts.glob(".tmp-*"))
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000006", "step_000009"]  # keep = 2
-    assert_same_run(run, uninterrupted)
+    assert_resumed_whole(run, uninterrupted)
 
 
 def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path):
@@ -176,12 +183,7 @@ def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path)
     assert "distpg train --resume" in _resume_hint(run, 9) and "starts it over from step 0" in _resume_hint(run, 9)
     code, out = run_to_end(["train", "--resume", str(run)])
     assert code == 0, out[-3000:]
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 10))
-    assert_same_run(run, uninterrupted)
-    tb = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
-    tb.Reload()
-    assert [e.step for e in tb.Scalars("learner/loss")] == list(range(1, 10))
-    assert pq.read_table(run / "rollouts").num_rows == 9 * 8 * 4
+    assert_resumed_whole(run, uninterrupted)
 
 
 def test_a_run_folder_in_use_is_refused_and_left_as_it_is(uninterrupted, tmp_path, capsys):
