@@ -428,6 +428,7 @@ class Trainer:
     """Owns the actors of one run and drives the synchronous loop. Use `run()`."""
 
     worker_class = RolloutWorker  # what each rollout worker actor runs (tests put a misbehaving one here)
+    learner_class = Learner  # what the learner actor runs, unless rollout.colocate puts a worker in it
 
     def __init__(self, cfg: Config, run_dir: Path, placement: Placement) -> None:
         self.cfg = cfg
@@ -444,7 +445,7 @@ class Trainer:
                 raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
             self.placement = placement
             self.device = "cuda" if placement.use_gpu else "cpu"
-            learner_cls = ColocatedLearner if placement.colocated else Learner
+            learner_cls = ColocatedLearner if placement.colocated else self.learner_class
             self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
                 cfg, _threads(placement.learner["CPU"]), self.device
             )
@@ -627,7 +628,7 @@ class Trainer:
             steps.close()
             self.save(step, {"recent_rewards": list(recent)})  # with the window: see ended_run
         except RewardFailure as e:  # a broken reward function (a service down): keep every step learned so far
-            if step == 0 or cfg.run.mode != "sync":
+            if step == 0:
                 raise
             if step > start_step and step % cfg.run.checkpoint_every:  # not checkpointed yet
                 self.save(step, {"recent_rewards": list(recent)})
@@ -852,6 +853,7 @@ class AsyncPipeline:
         self.rollout_t: dict[int, float] = {}  # step -> first issue time, then its rollout seconds
         self.update = None  # (step, metrics_ref, weights_ref, t_launch) of the update in flight
         self.next_update, self.t_prev = start_step + 1, time.perf_counter()
+        self.failure: Exception | None = None  # a share's error, raised once the update in flight is logged
 
     def in_flight(self, w: int) -> list[int]:
         return [k[1] for k in self.pending.values() if k[0] == "sample" and k[2] == w]
@@ -873,6 +875,11 @@ class AsyncPipeline:
     def advance(self) -> dict | None:
         """Issue what the bound allows, wait for one result, handle it; returns a step's record or None."""
         cfg, n, K = self.cfg, len(self.t.workers), self.cfg.algo.max_staleness
+        if self.failure is not None:  # nothing more is issued: the update in flight is logged, then the run stops
+            if self.update is None:
+                raise self.failure from None
+            self.pending.pop(self.update[1], None)
+            return self.on_update()
         for w in range(n):
             while len(self.in_flight(w)) < 2 and self.next_step[w] <= cfg.run.steps and \
                     self.version >= self.next_step[w] - 1 - K:  # the version the call will carry
@@ -906,7 +913,10 @@ class AsyncPipeline:
             self.replace(w, f"died during step {s} ({type(e).__name__})", also=[s])
             return
         except RayTaskError as e:
-            raise task_failure(f"rollout of step {s}", e) from None
+            self.failure = task_failure(f"rollout of step {s}", e)
+            if self.update is None:
+                raise self.failure from None
+            return  # the learner is applying the update of an earlier step: its record comes first (see advance)
         self.parts.setdefault(s, {})[w] = (ref, batch)
         if len(self.parts[s]) == len(self.t.workers):
             self.rollout_t[s] = time.perf_counter() - self.rollout_t[s]

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from distpg.config import TaskConfig
+from distpg.learner import Learner
 from distpg.orchestrator import train
 from distpg.rewards import RewardError, score
 from distpg.rollout import reward_isolation
@@ -94,6 +95,42 @@ def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_check
     assert checkpoint.run_state(checkpoint.latest(tmp_path / "r"))["step"] == 3
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
     assert _resume_hint(tmp_path / "r", 6, e.value.last_step) == (
+        f"the latest checkpoint is step 3, the last step done: nothing is lost; continue with: "
+        f"distpg train --resume {tmp_path / 'r'}")
+
+
+class SlowThirdUpdate(Learner):
+    """A learner whose third update takes a second: the shares of step 4 come back while it runs."""
+
+    def update(self, *batches):
+        if self.version == 2:
+            time.sleep(1.0)
+        return super().update(*batches)
+
+
+@pytest.mark.ray
+def test_in_async_mode_a_reward_function_that_breaks_stops_the_run_with_its_last_update_checkpointed(
+        ray_session, tmp_path, monkeypatch):
+    """As above with workers sampling a step ahead of the learner: step 4's shares fail while the learner applies
+    step 3's update, which is logged and checkpointed before the run stops (a checkpoint taken at once would
+    hold that update under step 2's number; none at all was taken before)."""
+    from distpg import checkpoint
+    from distpg.cli import _resume_hint
+    from distpg.orchestrator import Trainer, TrainingError
+
+    monkeypatch.setattr(Trainer, "learner_class", SlowThirdUpdate)
+    counter = tmp_path / "calls"
+    cfg = small_config("task.name=tests.user_task:misbehaving", "run.steps=8", "run.mode=async",
+                       "algo.max_staleness=1", "run.checkpoint_every=100",
+                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}")  # 3 x 16 samples
+    with pytest.raises(TrainingError, match="step 4 .*failed: RewardError: .*reward service unavailable") as e:
+        train(cfg, tmp_path / "r")
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and e.value.last_step == 3
+    saved = checkpoint.latest(tmp_path / "r")
+    assert checkpoint.run_state(saved)["step"] == 3
+    assert json.loads((saved / "state.json").read_text())["version"] == 3  # step 3's update, no later one
+    assert _resume_hint(tmp_path / "r", 8, 3) == (
         f"the latest checkpoint is step 3, the last step done: nothing is lost; continue with: "
         f"distpg train --resume {tmp_path / 'r'}")
 
