@@ -33,6 +33,8 @@ Shapes: P prompts, G samples per prompt (group_size), B = P·G samples, T comple
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BASELINES = ("none", "ema", "group", "value")
@@ -67,6 +69,26 @@ def advantages(
     else:
         raise ValueError(f"algo.baseline={baseline!r}: allowed are {', '.join(BASELINES)}")
     return torch.where(valid, r - b, 0.0), valid
+
+
+def lr_factor(update: int, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """The learning rate of update `update` (1, 2, ...; a run has `total_steps`) as a fraction of the peak.
+
+    Transformers' schedulers as TRL steps them (`scheduler.step()` after each optimizer step), so update k takes
+    their factor at step s = k - 1: s / warmup_steps while s < warmup_steps (the first update of a warmup has
+    rate 0), then 1 (constant), or a decay over the progress p = (s - warmup_steps) / (total_steps -
+    warmup_steps) from 1 to `min_ratio`: linear, 1 - p, or cosine, (1 + cos(pi p)) / 2, scaled into
+    [min_ratio, 1] as transformers' cosine schedule with a minimum rate does. Past total_steps (a resumed run
+    that raised run.steps takes the new total) it stays at `min_ratio`.
+    """
+    s = update - 1
+    if s < warmup_steps:
+        return s / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
 
 
 def ema_update(ema_value: float | None, batch_mean: float, decay: float) -> float:

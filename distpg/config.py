@@ -188,7 +188,15 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    lr: float = _f(1e-3, "Adam learning rate")
+    lr: float = _f(1e-3, "Adam learning rate (the peak, with a schedule)")
+    lr_schedule: str = _f(
+        "constant", "the learning rate over the run's updates, after learner.warmup_steps: constant; linear or "
+        "cosine decay from learner.lr at the end of the warmup to learner.lr * learner.min_lr_ratio at run.steps "
+        "(transformers' schedulers, as TRL uses them: update k takes the rate of their step k - 1)",
+        ("constant", "linear", "cosine"),
+    )
+    warmup_steps: int = _f(0, "updates over which the learning rate rises linearly from 0 to learner.lr")
+    min_lr_ratio: float = _f(0.0, "linear and cosine: the learning rate reached at run.steps, a fraction of learner.lr")
     beta1: float = _f(0.9, "Adam beta1")
     beta2: float = _f(0.99, "Adam beta2")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -393,6 +401,8 @@ def _validate(cfg: Config) -> None:
         "algo.is_cap": (cfg.algo.is_cap, 1e-6, None),
         "algo.clip_eps": (cfg.algo.clip_eps, 0.0, 1.0),
         "learner.lr": (cfg.learner.lr, 0.0, None),
+        "learner.warmup_steps": (cfg.learner.warmup_steps, 0, None),
+        "learner.min_lr_ratio": (cfg.learner.min_lr_ratio, 0.0, 1.0),
         "learner.grad_clip": (cfg.learner.grad_clip, 0.0, None),
         "learner.weight_decay": (cfg.learner.weight_decay, 0.0, None),
         "learner.beta1": (cfg.learner.beta1, 0.0, 1.0),

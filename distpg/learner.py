@@ -195,6 +195,10 @@ class Learner:
         # The version counts updates attempted: a skipped one publishes unchanged weights under the next
         # version, so version == step always holds (the async schedule relies on it).
         self.version += 1
+        lc = self.cfg.learner
+        lr = lc.lr * algo.lr_factor(self.version, lc.lr_schedule, lc.warmup_steps, self.cfg.run.steps, lc.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if self.ledger is not None:  # (prompt_id, sample_idx, version of this update): consumed once, used or not
             self.ledger.append(torch.stack([b.prompt_id, b.sample_idx, torch.full_like(b.prompt_id, self.version)]))
         if not bool(valid.any()):
@@ -221,6 +225,7 @@ class Learner:
         metrics = {
             "learner/loss": loss_sum,
             "learner/grad_norm": grad_norm,
+            "learner/lr": lr,
             "learner/entropy": ent_sum,
             "learner/kl": kl_sum,
             "learner/skipped_steps": self.skipped_steps,

@@ -226,3 +226,37 @@ def test_kl_k3_is_positive_when_policies_differ():
     # (rho - 1) - ln rho >= 0 with equality only at rho = 1, which random log-probs never hit
     assert algo.kl_k3(logp, ref, mask).item() > 0.0
     assert algo.kl_k3(ref, logp, mask).item() > 0.0
+
+
+@pytest.mark.parametrize("schedule, warmup, min_ratio", [
+    ("constant", 0, 0.0), ("constant", 4, 0.0), ("linear", 0, 0.0), ("linear", 3, 0.0), ("linear", 3, 0.1),
+    ("cosine", 0, 0.0), ("cosine", 5, 0.0), ("cosine", 5, 0.1), ("cosine", 20, 0.0),
+])
+def test_the_learning_rate_schedules_are_transformers_as_trl_steps_them(schedule, warmup, min_ratio):
+    """The rate of each optimizer step under transformers' scheduler (stepped after every optimizer step, as
+    TRL's trainers do) is learner.lr * lr_factor(k) for update k; 20 steps, a warmup as long as the run too."""
+    from transformers import optimization as hf
+
+    steps, lr = 20, 3e-4
+    make = {
+        ("constant", 0.0): lambda o: hf.get_constant_schedule_with_warmup(o, warmup),
+        ("linear", 0.0): lambda o: hf.get_linear_schedule_with_warmup(o, warmup, steps),
+        ("linear", 0.1): lambda o: hf.get_polynomial_decay_schedule_with_warmup(o, warmup, steps, lr_end=0.1 * lr,
+                                                                                 power=1.0),
+        ("cosine", 0.0): lambda o: hf.get_cosine_schedule_with_warmup(o, warmup, steps),
+        ("cosine", 0.1): lambda o: hf.get_cosine_with_min_lr_schedule_with_warmup(o, warmup, steps,
+                                                                                  min_lr_rate=0.1),
+    }[schedule, min_ratio]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched, theirs = make(opt), []
+    for _ in range(steps):
+        theirs.append(opt.param_groups[0]["lr"])  # the rate this optimizer step uses
+        opt.step()
+        sched.step()
+    ours = [lr * algo.lr_factor(k, schedule, warmup, steps, min_ratio) for k in range(1, steps + 1)]
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-18)
+    if warmup:
+        assert ours[0] == 0.0 and ours[min(warmup, steps) - 1] == pytest.approx(lr * (min(warmup, steps) - 1) / warmup)
+    # a run resumed with run.steps raised past where it ended: the decay is over the new total, never below
+    # the minimum (transformers' cosine would rise again after its total)
+    assert algo.lr_factor(30, schedule, warmup, steps, min_ratio) == (1.0 if schedule == "constant" else min_ratio)

@@ -58,6 +58,10 @@ def test_resolved_config_round_trips(tmp_path):
         ("rollout.num_workers=0", "rollout.num_workers=0: must be at least 1"),
         ("rollout.top_p=1.5", "rollout.top_p=1.5: must be between"),
         ("learner.lr=-1", "learner.lr=-1.0: must be at least 0.0"),
+        ("learner.lr_schedule=cosine_with_restarts", "learner.lr_schedule='cosine_with_restarts': allowed are "
+                                                     "constant, linear, cosine"),
+        ("learner.warmup_steps=-5", "learner.warmup_steps=-5: must be at least 0"),
+        ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio=1.5: must be between 0.0 and 1.0"),
         ("rollout.temperature=0", "rollout.temperature=0: must be above 0 (1.0 samples from the policy itself); "
                                   "0 would sample greedily: every sample of a prompt the same"),
         ("rollout.temperature=-0.5", "rollout.temperature=-0.5: must be above 0"),

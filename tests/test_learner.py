@@ -295,3 +295,35 @@ def test_a_resume_keeps_the_count_of_consecutive_skips(tmp_path):
     resumed.model.ln_f.forward = nan_forward(resumed.model)
     with pytest.raises(FloatingPointError, match=r"3 consecutive updates .* learner.max_consecutive_skips=2"):
         resumed.update(batch)
+
+
+def test_the_learner_steps_with_the_scheduled_rate_and_a_resume_continues_it(tmp_path):
+    """learner.lr_schedule=cosine with 2 warmup updates over run.steps=6: the first update has rate 0 (the
+    parameters stay as they were; Adam's moments still count the batch, as in transformers), each update's
+    rate is logged as learner/lr, and a learner resumed from a checkpoint after update 3 ends bitwise where an
+    uninterrupted one does."""
+    from distpg import algo, checkpoint
+
+    sched = ("learner.lr_schedule=cosine", "learner.warmup_steps=2", "learner.min_lr_ratio=0.1", "run.steps=6")
+    learner, worker = setup(*sched)
+    batches = [worker.sample(["abcd=", "dcba=", "bacd="], [0, 1, 2], seed=k) for k in range(6)]
+    before = snapshot(learner)[0]
+    rates = [learner.update(batches[0])[0]["learner/lr"]]
+    assert rates == [0.0] and all(torch.equal(a, b) for a, b in zip(before, snapshot(learner)[0]))
+    rates += [learner.update(b)[0]["learner/lr"] for b in batches[1:3]]
+    checkpoint.save(tmp_path, 3, learner.state(), keep=1)
+    rates += [learner.update(b)[0]["learner/lr"] for b in batches[3:]]
+    lr = learner.cfg.learner.lr
+    assert rates == [lr * algo.lr_factor(k, "cosine", 2, 6, 0.1) for k in range(1, 7)]
+    assert rates[1] == 0.5 * lr and rates[2] == lr and rates[-1] < rates[3] < rates[2]  # warmup, then the decay
+
+    resumed = Learner(learner.cfg)
+    resumed.load_state(checkpoint.load(checkpoint.latest(tmp_path))[0])
+    assert [resumed.update(b)[0]["learner/lr"] for b in batches[3:]] == rates[3:]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(learner)[0], snapshot(resumed)[0]))
+
+
+def test_the_default_schedule_is_the_constant_rate():
+    learner, worker = setup()
+    batch = worker.sample(["abcd="], [0], seed=0)
+    assert [learner.update(batch)[0]["learner/lr"] for _ in range(2)] == [learner.cfg.learner.lr] * 2
