@@ -171,7 +171,8 @@ def validate_with_task(cfg: Config, task) -> None:
                  else f"{missing} of {task.num_rows} rows have no 'reference' (the reward function gets "
                       "reference=None for them)" if missing else "")
         print(f"distpg: task.prompts_path={cfg.task.prompts_path!r}: column(s) {', '.join(task.ignored_columns)} "
-              f"ignored: only 'prompt' and 'reference' are read{', and ' + which if which else ''}", flush=True)
+              f"ignored: only 'prompt' and 'reference' are read{', and ' + which if which else ''} (a batched "
+              "reward function, TRL's form with a 'completions' parameter, gets every column)", flush=True)
     if getattr(task, "dropped", 0):
         print(f"distpg: task.max_prompt_tokens={cfg.task.max_prompt_tokens}: left out {task.dropped} of "
               f"{task.num_rows} prompts, longer than that", flush=True)

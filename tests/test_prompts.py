@@ -255,6 +255,17 @@ def test_max_prompt_tokens_leaves_out_the_longer_rows_and_the_error_suggests_it(
     assert "task.max_prompt_tokens=27: left out 2 of 14 prompts, longer than that" in capsys.readouterr().out
 
 
+def trl_dataset(tmp_path, suffix):
+    """ROWS as a TRL dataset would hold them: the answer in a column `answer`, and an `id`."""
+    rows = [{"prompt": r["prompt"], "answer": r["reference"], "id": i} for i, r in enumerate(ROWS)]
+    path = tmp_path / f"p{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return rows, path
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_columns_other_than_prompt_and_reference_are_named_as_ignored(tmp_path, capsys, suffix):
     """A TRL dataset's `answer` column (TRL passes every column to the reward function) is not a reference:
@@ -262,12 +273,7 @@ def test_columns_other_than_prompt_and_reference_are_named_as_ignored(tmp_path, 
     from distpg.config import load_config
     from distpg.orchestrator import validate_with_task
 
-    rows = [{"prompt": r["prompt"], "answer": r["reference"], "id": i} for i, r in enumerate(ROWS)]
-    path = tmp_path / f"p{suffix}"
-    if suffix == ".jsonl":
-        write_jsonl(path, rows)
-    else:
-        pq.write_table(pa.Table.from_pylist(rows), path)
+    rows, path = trl_dataset(tmp_path, suffix)
     cfg = load_config(None, ["task.name=prompts", f"task.prompts_path={path}", "task.num_eval=4",
                              "task.reward=tests.user_rewards:length_of_reference"])
     task = make_task(cfg.task)
@@ -275,9 +281,35 @@ def test_columns_other_than_prompt_and_reference_are_named_as_ignored(tmp_path, 
     validate_with_task(cfg, task)
     out = capsys.readouterr().out
     assert (f"task.prompts_path={str(path)!r}: column(s) answer, id ignored: only 'prompt' and 'reference' are "
-            "read, and no row has a 'reference' (the reward function gets reference=None)") in out
+            "read, and no row has a 'reference' (the reward function gets reference=None) (a batched reward "
+            "function, TRL's form with a 'completions' parameter, gets every column)") in out
     validate_with_task(cfg, prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS)))  # nothing to say
     assert "ignored" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_a_trl_style_reward_function_gets_the_batch_and_every_column(tmp_path, suffix, isolation):
+    """A function with a `completions` parameter is called as TRL calls it: prompts and completions as lists,
+    each other column of the file as a keyword list aligned with them (so nothing is ignored)."""
+    rows, path = trl_dataset(tmp_path, suffix)
+    task = prompts_task(path, reward="tests.user_rewards:trl_style")
+    assert task.ignored_columns == []
+    picked = [rows[i] for i in (7, 2, 7, 11, 0)]  # repeats, out of file order
+    completions = [r["answer"] if k % 2 == 0 else "nope" for k, r in enumerate(picked)]
+    got, ok, _ = rewards.score(task, [r["prompt"] for r in picked], completions, isolation=isolation)
+    assert got == [float(k % 2 == 0) + r["id"] / 100 for k, r in enumerate(picked)] and all(ok)
+    # a per-sample function (prompt, completion, reference) on the same file gets no column but the reference
+    assert prompts_task(path).ignored_columns == ["answer", "id"]
+
+
+def test_a_trl_style_function_that_cannot_take_the_files_columns_says_to_add_kwargs(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"], "answer": r["reference"], "id": 1}
+                                              for r in ROWS])
+    with pytest.raises(ConfigError, match=r"trl_without_kwargs\(completions, answer\) takes a batch .* called as "
+                                          r"trl_without_kwargs\(prompts=\[...\], completions=\[...\], answer=\[...\], "
+                                          r"id=\[...\]\) .* add \*\*kwargs"):
+        prompts_task(path, reward="tests.user_rewards:trl_without_kwargs")
 
 
 def test_a_run_refuses_a_prompts_file_changed_since_it_started(jsonl, tmp_path):

@@ -159,6 +159,27 @@ def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_sessio
     assert reward_isolation(small_config("task.name=tests.user_task:make", "rollout.reward_isolation=none")) == "none"
 
 
+@pytest.mark.ray
+def test_a_trl_style_reward_function_scores_a_training_run(ray_session, tmp_path):
+    """A TRL reward function (a batch, the file's columns as keyword lists) on real workers, in their reward
+    child: every rollout row's reward is its own prompt's `id` / 100 (plus 1 for the answer, never produced by
+    an untrained policy), so the columns reached it aligned with the samples."""
+    import pyarrow.parquet as pq
+
+    words = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "answer": w * 3, "id": i}) + "\n"
+                               for i, w in enumerate(words)))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2",
+                       "task.reward=tests.user_rewards:trl_style", "run.steps=2")
+    train(cfg, tmp_path / "r")
+    rows = pq.read_table(tmp_path / "r" / "rollouts").to_pylist()
+    assert len(rows) == 2 * 16 and all(r["reward_ok"] for r in rows)
+    ids = {f"say {w}:": i for i, w in enumerate(words)}
+    assert [r["reward"] for r in rows] == pytest.approx([ids[r["prompt_text"]] / 100 for r in rows])
+    assert len({r["prompt_text"] for r in rows}) > 1
+
+
 def test_a_bool_is_a_reward_and_a_value_beyond_float32_is_masked():
     """`return completion == target` gives 1.0/0.0; a finite Python float that float32 (the batch's reward
     column) cannot hold masks its sample instead of reaching the learner as inf."""

@@ -24,3 +24,12 @@ def kills_its_process(prompt, completion, reference):
 
 
 NOT_CALLABLE = 3
+
+
+def trl_style(completions, answer, **kwargs):
+    """TRL's form of a reward function: a batch, a dataset column by name, the other columns in **kwargs."""
+    return [float(c == a) + kwargs["id"][i] / 100 for i, (c, a) in enumerate(zip(completions, answer))]
+
+
+def trl_without_kwargs(completions, answer):
+    return [0.0] * len(completions)

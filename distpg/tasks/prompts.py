@@ -6,13 +6,18 @@
       reward: distpg.examples.rewards:match_reference  # module:attr
 
 The file has one row per prompt: a `prompt` (text) and optionally a `reference` (any JSON value, e.g. the
-answer; null when absent); other columns are ignored. JSONL files hold one JSON object per line (blank lines
-are skipped); Parquet files are read with pyarrow. A prompt that appears twice is kept once, and must have the
-same reference both times.
+answer; null when absent), and any other columns. JSONL files hold one JSON object per line (blank lines
+are skipped); Parquet files are read with pyarrow. A prompt that appears twice is kept once (its first row),
+and must have the same reference both times.
 
-Reward: `reward(prompt, completion, reference) -> float`, imported from "module:attr" (the module must be
-importable by the workers: in the current folder, installed, on PYTHONPATH, or in a job's working dir). It
-runs in a child process with a timeout (`rollout.reward_isolation: auto`), so a crash or a hang costs a
+Reward, imported from "module:attr" (the module must be importable by the workers: in the current folder,
+installed, on PYTHONPATH, or in a job's working dir), in one of two forms:
+- one sample: `reward(prompt, completion, reference) -> float`; the other columns are ignored (the run says so);
+- a batch, as TRL's reward functions are written (a `completions` parameter): called as
+  `reward(prompts=[...], completions=[...], COLUMN=[...], ...)` with each column of the file but `prompt` as a
+  list aligned with the samples (None where a row lacks it), returning one float (or None) per sample; columns
+  it does not name go into its `**kwargs`.
+It runs in a child process with a timeout (`rollout.reward_isolation: auto`), so a crash or a hang costs a
 batch, not the run.
 
 Held out: `task.num_eval` distinct prompts, picked once with `task.eval_seed`, are the evaluation prompts
@@ -48,11 +53,19 @@ def reference_text(ref: object) -> str:
 
 def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]:
     """(prompt, reference or None) rows of a JSONL or Parquet file, in file order, duplicates dropped, and the
-    names of the file's other columns (sorted), which are ignored.
+    names of the file's other columns (sorted), which only a batched (TRL-style) reward function gets.
 
     Raises:
         ValueError naming task.prompts_path and the row at fault.
     """
+    rows, columns = read_rows(path)
+    return [(p, ref) for p, ref, _ in rows], [c for c in columns if c != "reference"]
+
+
+def read_rows(path: str | Path) -> tuple[list[tuple[str, object, dict]], list[str]]:
+    """`read_prompts` with each row's other columns: (prompt, reference or None, {column: value}) (a row's
+    first occurrence where a prompt repeats), and the file's columns but 'prompt', sorted ('reference' among
+    them where the file has one)."""
     path = Path(path)
     where = f"task.prompts_path={str(path)!r}"
     if path.is_dir():
@@ -63,28 +76,28 @@ def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]
         raise ValueError(f"{where}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows, ignored = _read_jsonl(path, where)
+        rows, columns = _read_jsonl(path, where)
     elif suffix in (".parquet", ".pq"):
-        rows, ignored = _read_parquet(path, where)
+        rows, columns = _read_parquet(path, where)
     else:
         raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .parquet")
     # rows are named as an editor finds them: by line in a JSONL file (blank lines count), by row in Parquet
     unit = "line" if suffix in (".jsonl", ".ndjson") else "row"
-    out: dict[str, tuple[int, object]] = {}
-    for n, prompt, reference in rows:
+    out: dict[str, tuple[int, object, dict]] = {}
+    for n, prompt, reference, extra in rows:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{where}: {unit} {n}: 'prompt' must be non-empty text, got {prompt!r}")
         if prompt in out and out[prompt][1] != reference:
             raise ValueError(f"{where}: {unit}s {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
                              "different references; keep one")
-        out.setdefault(prompt, (n, reference))
+        out.setdefault(prompt, (n, reference, extra))
     if not out:
         raise ValueError(f"{where}: the file has no rows")
-    return [(p, ref) for p, (_, ref) in out.items()], sorted(ignored - {"prompt", "reference"})
+    return [(p, ref, extra) for p, (_, ref, extra) in out.items()], sorted(columns - {"prompt"})
 
 
-def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object]], set[str]]:
-    """(line number, prompt, reference) of each non-blank line, and every key of the lines' objects."""
+def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object, dict]], set[str]]:
+    """(line number, prompt, reference, other keys) of each non-blank line, and every key of the lines' objects."""
     rows, keys = [], set()
     with open(path, "rb") as f:  # bytes, decoded line by line, so that an encoding error names its line
         for n, raw in enumerate(f, 1):
@@ -101,13 +114,14 @@ def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object]
                 raise ValueError(f"{where}: line {n} is not JSON: {e}") from None
             if not isinstance(obj, dict) or "prompt" not in obj:
                 raise ValueError(f"{where}: line {n}: expected an object with a 'prompt' key, got {line.strip()[:80]}")
-            rows.append((n, obj["prompt"], obj.get("reference")))
+            rows.append((n, obj["prompt"], obj.get("reference"),
+                         {k: v for k, v in obj.items() if k not in ("prompt", "reference")}))
             keys.update(obj)
     return rows, keys
 
 
-def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, object]], set[str]]:
-    """(row number, prompt, reference) of each row, and the file's columns."""
+def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, object, dict]], set[str]]:
+    """(row number, prompt, reference, other columns) of each row, and the file's columns."""
     import pyarrow.parquet as pq
 
     try:
@@ -116,14 +130,19 @@ def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, objec
         raise ValueError(f"{where}: not a readable Parquet file: {e}") from None
     if "prompt" not in names:
         raise ValueError(f"{where}: no 'prompt' column (columns: {', '.join(names)})")
-    table = pq.read_table(path, columns=[c for c in ("prompt", "reference") if c in names])
+    table = pq.read_table(path)
     prompts = table.column("prompt").to_pylist()
     refs = table.column("reference").to_pylist() if "reference" in names else [None] * len(prompts)
-    return [(n, p, r) for n, (p, r) in enumerate(zip(prompts, refs), 1)], set(names)
+    other = {c: table.column(c).to_pylist() for c in names if c not in ("prompt", "reference")}
+    return [(n, p, r, {c: v[n - 1] for c, v in other.items()}) for n, (p, r) in enumerate(zip(prompts, refs), 1)], \
+        set(names)
 
 
-def load_reward(spec: str | None):
-    """The function named by task.reward ("module:attr"), checked to accept (prompt, completion, reference).
+def load_reward(spec: str | None, columns: list[str] = ()):
+    """The function named by task.reward ("module:attr") and whether it scores a whole batch, checked to accept
+    either (prompt, completion, reference), one sample, or TRL's keyword call with lists, batched: a function
+    with a `completions` parameter is called as fn(prompts=[...], completions=[...], COLUMN=[...] for each of
+    the file's `columns`) and returns one value per sample.
 
     Raises:
         ValueError naming task.reward and what is wrong.
@@ -140,13 +159,26 @@ def load_reward(spec: str | None):
     if not callable(fn):
         raise ValueError(f"task.reward={spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     try:
-        inspect.signature(fn).bind("prompt", "completion", None)
+        sig = inspect.signature(fn)
+    except ValueError:  # no signature to inspect (some builtins): trust it to take one sample
+        return fn, False
+    if "completions" in sig.parameters:  # TRL's reward functions: reward(prompts, completions, **columns)
+        try:
+            sig.bind(prompts=[], completions=[], **{c: [] for c in columns})
+        except TypeError as e:
+            raise ValueError(
+                f"task.reward={spec!r}: {attr}{sig} takes a batch (it has a 'completions' parameter), so it is "
+                f"called as {attr}(prompts=[...], completions=[...]{''.join(f', {c}=[...]' for c in columns)}) "
+                f"with the file's columns, and that call fails: {e}; add **kwargs to take the columns it does not "
+                "use, as TRL's reward functions do") from None
+        return fn, True
+    try:
+        sig.bind("prompt", "completion", None)
     except TypeError:
-        raise ValueError(f"task.reward={spec!r}: {attr}{inspect.signature(fn)} cannot be called as "
-                         "reward(prompt, completion, reference)") from None
-    except ValueError:  # no signature to inspect (some builtins): trust it
-        pass
-    return fn
+        raise ValueError(f"task.reward={spec!r}: {attr}{sig} cannot be called as reward(prompt, completion, "
+                         "reference), nor, batched, as TRL calls a reward function (a 'completions' "
+                         "parameter)") from None
+    return fn, False
 
 
 def _encode(tokenizer: Tokenizer, text: str, what: str, path) -> list[int]:
@@ -168,8 +200,15 @@ class PromptsTask:
         if not cfg.prompts_path:
             raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
                              "column (and optionally 'reference')")
-        self.reward_fn = load_reward(cfg.reward)
-        rows, self.ignored_columns = read_prompts(cfg.prompts_path)
+        rows, columns = read_rows(cfg.prompts_path)
+        self.reward_fn, batched = load_reward(cfg.reward, columns)
+        # a batched function gets every column; one that scores a sample gets the reference only
+        self.ignored_columns = [] if batched else [c for c in columns if c != "reference"]
+        if batched:
+            self.columns = {p: {"reference": ref, **extra} for p, ref, extra in rows}
+            self.column_names = columns
+            self.reward_batch = self._reward_batch
+        rows = [(p, ref) for p, ref, _ in rows]
         self.without_reference = sum(r is None for _, r in rows)  # rows whose reward gets reference=None
         if tokenizer is None:
             tokenizer = CharTokenizer("".join(p + reference_text(r) for p, r in rows))
@@ -208,6 +247,12 @@ class PromptsTask:
 
     def reward(self, prompt: str, completion: str) -> float:
         return self.reward_fn(prompt, completion, self.references[prompt])
+
+    def _reward_batch(self, prompts: list[str], completions: list[str]) -> list:
+        """A batched (TRL-style) function's rewards: its call with the batch's prompts and completions, and each
+        of the file's columns as a list aligned with them (None where a row lacks the column)."""
+        columns = {c: [self.columns[p].get(c) for p in prompts] for c in self.column_names}
+        return self.reward_fn(prompts=list(prompts), completions=list(completions), **columns)
 
     def target(self, prompt: str) -> str:
         """The reference as text ("" without one): what `distpg eval` shows and counts exact matches against."""
