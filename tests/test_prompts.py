@@ -312,6 +312,33 @@ def test_a_trl_style_function_that_cannot_take_the_files_columns_says_to_add_kwa
         prompts_task(path, reward="tests.user_rewards:trl_without_kwargs")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_repeated_prompt_whose_other_columns_differ_is_refused_only_to_a_batched_function(tmp_path, suffix):
+    """A batched function gets one row's columns for a prompt: a repeat of 'say ant:' with another answer would
+    be scored against the first row's answer and the second silently dropped, so it is an error naming both
+    rows and the column. A per-sample function never reads the column: the file is fine for it. Repeats that
+    agree (a missing key reads as None, NaN as NaN) are kept once, as before."""
+    rows = [{"prompt": r["prompt"], "answer": r["reference"], "id": i, "score": float("nan")}
+            for i, r in enumerate(ROWS)]
+    same = [{**rows[3], "score": float("nan")}]
+    bad = [{**rows[0], "answer": "emmet"}]
+    unit = "line" if suffix == ".jsonl" else "row"
+    for name, extra in (("same", same), ("bad", bad)):
+        path = tmp_path / f"{name}{suffix}"
+        if suffix == ".jsonl":
+            write_jsonl(path, rows + extra)
+        else:
+            pq.write_table(pa.Table.from_pylist(rows + extra), path)
+        if name == "same":
+            assert len(prompts_task(path, reward="tests.user_rewards:trl_style").columns) == len(ROWS)
+            continue
+        with pytest.raises(ConfigError, match=rf"{unit}s 1 and 13 have the same prompt 'say ant:' but different "
+                                              r"'answer' values \('ant' and 'emmet'\), and a batched reward "
+                                              "function gets one row's columns for a prompt; keep one of the rows"):
+            prompts_task(path, reward="tests.user_rewards:trl_style")
+        assert prompts_task(path).ignored_columns == ["answer", "id", "score"]
+
+
 def test_a_run_refuses_a_prompts_file_changed_since_it_started(jsonl, tmp_path):
     # the held-out split and the character tokenizer come from the file: eval, export and --resume of a run
     # against an edited file would score held-in prompts or load weights for other token ids (a new character

@@ -8,7 +8,7 @@
 The file has one row per prompt: a `prompt` (text) and optionally a `reference` (any JSON value, e.g. the
 answer; null when absent), and any other columns. JSONL files hold one JSON object per line (blank lines
 are skipped); Parquet files are read with pyarrow. A prompt that appears twice is kept once (its first row),
-and must have the same reference both times.
+and must have the same reference both times (and, for a batched reward function, the same other columns).
 
 Reward, imported from "module:attr" (the module must be importable by the workers: in the current folder,
 installed, on PYTHONPATH, or in a job's working dir), in one of two forms:
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +59,16 @@ def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]
     Raises:
         ValueError naming task.prompts_path and the row at fault.
     """
-    rows, columns = read_rows(path)
+    rows, columns, _ = read_rows(path)
     return [(p, ref) for p, ref, _ in rows], [c for c in columns if c != "reference"]
 
 
-def read_rows(path: str | Path) -> tuple[list[tuple[str, object, dict]], list[str]]:
+def read_rows(path: str | Path) -> tuple[list[tuple[str, object, dict]], list[str], str | None]:
     """`read_prompts` with each row's other columns: (prompt, reference or None, {column: value}) (a row's
-    first occurrence where a prompt repeats), and the file's columns but 'prompt', sorted ('reference' among
-    them where the file has one)."""
+    first occurrence where a prompt repeats), the file's columns but 'prompt', sorted ('reference' among
+    them where the file has one), and, where a repeated prompt's rows differ in another column, an error
+    naming the first such pair (None if none do): only a batched reward function gets those columns, so only
+    it is refused the file."""
     path = Path(path)
     where = f"task.prompts_path={str(path)!r}"
     if path.is_dir():
@@ -84,16 +87,30 @@ def read_rows(path: str | Path) -> tuple[list[tuple[str, object, dict]], list[st
     # rows are named as an editor finds them: by line in a JSONL file (blank lines count), by row in Parquet
     unit = "line" if suffix in (".jsonl", ".ndjson") else "row"
     out: dict[str, tuple[int, object, dict]] = {}
+    conflict = None
     for n, prompt, reference, extra in rows:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{where}: {unit} {n}: 'prompt' must be non-empty text, got {prompt!r}")
         if prompt in out and out[prompt][1] != reference:
             raise ValueError(f"{where}: {unit}s {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
                              "different references; keep one")
+        if prompt in out and conflict is None:
+            first = out[prompt][2]
+            col = next((c for c in sorted(first.keys() | extra.keys())
+                        if not _same(first.get(c), extra.get(c))), None)
+            if col is not None:
+                conflict = (f"{where}: {unit}s {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
+                            f"different {col!r} values ({first.get(col)!r} and {extra.get(col)!r}), and a batched "
+                            "reward function gets one row's columns for a prompt; keep one of the rows")
         out.setdefault(prompt, (n, reference, extra))
     if not out:
         raise ValueError(f"{where}: the file has no rows")
-    return [(p, ref, extra) for p, (_, ref, extra) in out.items()], sorted(columns - {"prompt"})
+    return [(p, ref, extra) for p, (_, ref, extra) in out.items()], sorted(columns - {"prompt"}), conflict
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal column values, NaN equal to NaN (a float column's missing value in many Parquet files)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object, dict]], set[str]]:
@@ -200,8 +217,10 @@ class PromptsTask:
         if not cfg.prompts_path:
             raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
                              "column (and optionally 'reference')")
-        rows, columns = read_rows(cfg.prompts_path)
+        rows, columns, conflict = read_rows(cfg.prompts_path)
         self.reward_fn, batched = load_reward(cfg.reward, columns)
+        if batched and conflict:
+            raise ValueError(conflict)
         # a batched function gets every column; one that scores a sample gets the reference only
         self.ignored_columns = [] if batched else [c for c in columns if c != "reference"]
         if batched:
