@@ -303,6 +303,21 @@ def test_a_trl_style_reward_function_gets_the_batch_and_every_column(tmp_path, s
     assert prompts_task(path).ignored_columns == ["answer", "id"]
 
 
+def test_a_trl_style_functions_policy_can_write_the_answers_in_the_files_other_columns(tmp_path):
+    """The README's TRL dataset, rows like {"prompt": "2 + 3 =", "answer": "5"}: with a batched function and no
+    model.init_from the character tokenizer covers the answers' characters (text, and numbers as their JSON
+    text), which no prompt holds, so the policy can write them; a per-sample function's stays that of the
+    prompts and references."""
+    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b), "sum": a + b + 10, "when": None, "tags": ["z"]}
+            for a in (1, 2, 3) for b in (1, 2, 3)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    tok = prompts_task(path, reward="tests.user_rewards:trl_style", num_eval=2).tokenizer
+    for r in rows:
+        assert tok.decode(tok.encode(r["answer"] + str(r["sum"]))) == r["answer"] + str(r["sum"])
+    assert "z" not in tok.stoi  # a list's contents are not text the policy writes
+    assert set(prompts_task(path, num_eval=2).tokenizer.stoi) == {"<pad>", "<eos>", *"".join(r["prompt"] for r in rows)}
+
+
 def test_a_trl_style_function_that_cannot_take_the_files_columns_says_to_add_kwargs(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"], "answer": r["reference"], "id": 1}
                                               for r in ROWS])

@@ -24,7 +24,8 @@ Held out: `task.num_eval` distinct prompts, picked once with `task.eval_seed`, a
 (`distpg eval`); training samples prompts (with repeats) from the rest only.
 
 Tokenizer: the policy's (model.init_from's tokenizer.json) when given, else a character tokenizer over every
-character of the prompts and references, so a fresh model can be trained on the file too.
+character of the prompts and references (with a batched reward function, also of the other columns' text and
+numbers, where a TRL dataset keeps its answers), so a fresh model can be trained on the file too.
 
 Completion budget: the longest reference in tokens + 1 (room for eos), or 32 tokens when no row has a
 reference; `rollout.max_new_tokens` overrides it. A reference that is not a string counts as its JSON text
@@ -106,6 +107,16 @@ def read_rows(path: str | Path) -> tuple[list[tuple[str, object, dict]], list[st
     if not out:
         raise ValueError(f"{where}: the file has no rows")
     return [(p, ref, extra) for p, (_, ref, extra) in out.items()], sorted(columns - {"prompt"}), conflict
+
+
+def _column_text(value: object) -> str:
+    """A column's value as the policy would write it: text as it is, a number as its JSON text; "" for anything
+    else (None, lists, structs, dates), whose characters the character tokenizer does not take."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return json.dumps(value)
+    return ""
 
 
 def _same(a: object, b: object) -> bool:
@@ -227,10 +238,13 @@ class PromptsTask:
             self.columns = {p: {"reference": ref, **extra} for p, ref, extra in rows}
             self.column_names = columns
             self.reward_batch = self._reward_batch
+        # a TRL dataset holds its answers in a column of its own ('answer', 'solution'): a batched function's
+        # policy must be able to write them, so the character tokenizer covers the other columns' text too
+        answers = "".join(_column_text(v) for _, _, extra in rows for v in extra.values()) if batched else ""
         rows = [(p, ref) for p, ref, _ in rows]
         self.without_reference = sum(r is None for _, r in rows)  # rows whose reward gets reference=None
         if tokenizer is None:
-            tokenizer = CharTokenizer("".join(p + reference_text(r) for p, r in rows))
+            tokenizer = CharTokenizer("".join(p + reference_text(r) for p, r in rows) + answers)
         self.tokenizer = tokenizer
         lengths = [len(_encode(tokenizer, p, "prompt", cfg.prompts_path)) for p, _ in rows]  # tokens
         self.num_rows, self.dropped = len(rows), 0
