@@ -33,3 +33,7 @@ def trl_style(completions, answer, **kwargs):
 
 def trl_without_kwargs(completions, answer):
     return [0.0] * len(completions)
+
+
+def trl_with_completion_ids(completions, completion_ids, **kwargs):
+    return [float(len(ids)) for ids in completion_ids]

@@ -166,6 +166,9 @@ def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, objec
         set(names)
 
 
+TRL_ONLY = ("completion_ids", "trainer_state")  # what TRL's GRPOTrainer also passes a reward function
+
+
 def load_reward(spec: str | None, columns: list[str] = ()):
     """The function named by task.reward ("module:attr") and whether it scores a whole batch, checked to accept
     either (prompt, completion, reference), one sample, or TRL's keyword call with lists, batched: a function
@@ -191,14 +194,28 @@ def load_reward(spec: str | None, columns: list[str] = ()):
     except ValueError:  # no signature to inspect (some builtins): trust it to take one sample
         return fn, False
     if "completions" in sig.parameters:  # TRL's reward functions: reward(prompts, completions, **columns)
+        call = f"{attr}(prompts=[...], completions=[...]{''.join(f', {c}=[...]' for c in columns)})"
+        batch = f"task.reward={spec!r}: {attr}{sig} takes a batch (it has a 'completions' parameter), so it is called"
+        clash = [c for c in columns if c in ("prompts", "completions")]
+        if clash:  # the call would pass it twice (TRL's fails the same way)
+            raise ValueError(f"{batch} with prompts=[...] and completions=[...], and the file has a column "
+                             f"{clash[0]!r} too, which that call cannot also pass; rename the column")
+        trl_only = [n for n, p in sig.parameters.items() if n in TRL_ONLY and n not in columns
+                    and p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+        needed = [n for n, p in sig.parameters.items() if n not in ("prompts", "completions", *columns, *TRL_ONLY)
+                  and p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if needed:  # a column the file does not have (TRL's would fail on it too)
+            raise ValueError(f"{batch} as {call}, without {needed[0]!r}, which it requires: the file has no column "
+                             f"{needed[0]!r}")
+        if trl_only:
+            raise ValueError(f"{batch} as {call}, without {trl_only[0]!r}, which it requires: TRL's GRPOTrainer "
+                             "passes it, distpg passes only the prompts, the completions and the file's columns; "
+                             "give the parameter a default (e.g. None)")
         try:
             sig.bind(prompts=[], completions=[], **{c: [] for c in columns})
         except TypeError as e:
-            raise ValueError(
-                f"task.reward={spec!r}: {attr}{sig} takes a batch (it has a 'completions' parameter), so it is "
-                f"called as {attr}(prompts=[...], completions=[...]{''.join(f', {c}=[...]' for c in columns)}) "
-                f"with the file's columns, and that call fails: {e}; add **kwargs to take the columns it does not "
-                "use, as TRL's reward functions do") from None
+            raise ValueError(f"{batch} as {call} with the file's columns, and that call fails: {e}; add **kwargs "
+                             "to take the columns it does not use, as TRL's reward functions do") from None
         return fn, True
     try:
         sig.bind("prompt", "completion", None)
