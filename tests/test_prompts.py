@@ -75,6 +75,20 @@ def test_a_reference_that_is_not_a_string_counts_as_its_json_text(tmp_path):
     assert t.tokenizer.encode("118") and t.tokenizer.encode("100")  # its digits are in the charset ("1" is)
 
 
+def test_a_parquet_reference_that_json_has_no_form_for_counts_as_its_text(tmp_path):
+    """A date (Parquet's date32), also inside a struct: the task is built (it failed with "Object of type date is
+    not JSON serializable"), and the target `distpg eval` shows is the date's text."""
+    import datetime
+
+    rows = [{"prompt": f"day {i}:", "reference": datetime.date(2024, 1, i + 1)} for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    t = prompts_task(tmp_path / "d.parquet", num_eval=2)
+    assert t.target("day 0:") == "2024-01-01" and t.max_new_tokens == len("2024-01-01") + 1
+    nested = [{"prompt": r["prompt"], "reference": {"on": r["reference"], "n": 1}} for r in rows]
+    pq.write_table(pa.Table.from_pylist(nested), tmp_path / "s.parquet")
+    assert prompts_task(tmp_path / "s.parquet", num_eval=2).target("day 7:") == '{"on": "2024-01-08", "n": 1}'
+
+
 def test_uses_the_tokenizer_it_is_given(jsonl):
     bpe = byte_level_bpe([r["prompt"] + " " + r["reference"] for r in ROWS] * 5, vocab_size=300)
     t = prompts_task(jsonl, tokenizer=bpe)

@@ -49,8 +49,13 @@ DEFAULT_MAX_NEW_TOKENS = 32  # without references to measure
 
 
 def reference_text(ref: object) -> str:
-    """A reference as text: a string as it is, another JSON value as JSON, none as ""."""
-    return "" if ref is None else ref if isinstance(ref, str) else json.dumps(ref)
+    """A reference as text: a string as it is, another JSON value as JSON, none as ""; a Parquet value that JSON
+    has no form for (a date) as its text."""
+    if ref is None or isinstance(ref, str):
+        return ref or ""
+    if isinstance(ref, (dict, list, tuple, bool, int, float)):
+        return json.dumps(ref, default=str)  # a date inside a Parquet struct or list: as its text
+    return str(ref)  # a value JSON has no form for (a Parquet date, time, decimal): its text, 2024-01-31
 
 
 def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]:
