@@ -317,6 +317,19 @@ def test_a_trl_style_reward_function_gets_the_batch_and_every_column(tmp_path, s
     assert prompts_task(path).ignored_columns == ["answer", "id"]
 
 
+def test_a_parquet_column_only_a_batched_function_gets_is_read_only_for_one(tmp_path):
+    """A column that Python cannot hold (a timestamp past the year 9999, a sentinel some exports write) stops
+    neither a per-sample function's run, which never reads the column (nor its memory: a file's other columns
+    may be large), nor, unnamed, a batched one's: the error names the file and the column."""
+    rows = [{"prompt": r["prompt"], "answer": r["reference"]} for r in ROWS]
+    table = pa.Table.from_pylist(rows).append_column("until", pa.array([10**15] * len(ROWS), pa.timestamp("ms")))
+    pq.write_table(table, tmp_path / "p.parquet")
+    assert prompts_task(tmp_path / "p.parquet").ignored_columns == ["answer", "until"]
+    with pytest.raises(ConfigError, match=r"p.parquet': column 'until' \(timestamp\[ms\]\) has a value Python "
+                                          "cannot hold: "):
+        prompts_task(tmp_path / "p.parquet", reward="tests.user_rewards:trl_style")
+
+
 def test_a_trl_style_functions_policy_can_write_the_answers_in_the_files_other_columns(tmp_path):
     """The README's TRL dataset, rows like {"prompt": "2 + 3 =", "answer": "5"}: with a batched function and no
     model.init_from the character tokenizer covers the answers' characters (text, and numbers as their JSON

@@ -65,16 +65,18 @@ def read_prompts(path: str | Path) -> tuple[list[tuple[str, object]], list[str]]
     Raises:
         ValueError naming task.prompts_path and the row at fault.
     """
-    rows, columns, _ = read_rows(path)
+    rows, columns, _ = read_rows(path, other_columns=False)
     return [(p, ref) for p, ref, _ in rows], [c for c in columns if c != "reference"]
 
 
-def read_rows(path: str | Path) -> tuple[list[tuple[str, object, dict]], list[str], str | None]:
+def read_rows(path: str | Path, other_columns: bool = True) -> tuple[list[tuple[str, object, dict]], list[str],
+                                                                    str | None]:
     """`read_prompts` with each row's other columns: (prompt, reference or None, {column: value}) (a row's
-    first occurrence where a prompt repeats), the file's columns but 'prompt', sorted ('reference' among
-    them where the file has one), and, where a repeated prompt's rows differ in another column, an error
-    naming the first such pair (None if none do): only a batched reward function gets those columns, so only
-    it is refused the file."""
+    first occurrence where a prompt repeats; {} without `other_columns`, when no Parquet column but 'prompt'
+    and 'reference' is read), the file's columns but 'prompt', sorted ('reference' among them where the file
+    has one), and, where a repeated prompt's rows differ in another column, an error naming the first such
+    pair (None if none do): only a batched reward function gets those columns, so only it is refused the
+    file."""
     path = Path(path)
     where = f"task.prompts_path={str(path)!r}"
     if path.is_dir():
@@ -85,9 +87,9 @@ def read_rows(path: str | Path) -> tuple[list[tuple[str, object, dict]], list[st
         raise ValueError(f"{where}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows, columns = _read_jsonl(path, where)
+        rows, columns = _read_jsonl(path, where, other_columns)
     elif suffix in (".parquet", ".pq"):
-        rows, columns = _read_parquet(path, where)
+        rows, columns = _read_parquet(path, where, other_columns)
     else:
         raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .parquet")
     # rows are named as an editor finds them: by line in a JSONL file (blank lines count), by row in Parquet
@@ -129,7 +131,8 @@ def _same(a: object, b: object) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
-def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object, dict]], set[str]]:
+def _read_jsonl(path: Path, where: str, other_columns: bool) -> tuple[list[tuple[int, object, object, dict]],
+                                                                      set[str]]:
     """(line number, prompt, reference, other keys) of each non-blank line, and every key of the lines' objects."""
     rows, keys = [], set()
     with open(path, "rb") as f:  # bytes, decoded line by line, so that an encoding error names its line
@@ -148,13 +151,15 @@ def _read_jsonl(path: Path, where: str) -> tuple[list[tuple[int, object, object,
             if not isinstance(obj, dict) or "prompt" not in obj:
                 raise ValueError(f"{where}: line {n}: expected an object with a 'prompt' key, got {line.strip()[:80]}")
             rows.append((n, obj["prompt"], obj.get("reference"),
-                         {k: v for k, v in obj.items() if k not in ("prompt", "reference")}))
+                         {k: v for k, v in obj.items() if k not in ("prompt", "reference")} if other_columns else {}))
             keys.update(obj)
     return rows, keys
 
 
-def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, object, dict]], set[str]]:
-    """(row number, prompt, reference, other columns) of each row, and the file's columns."""
+def _read_parquet(path: Path, where: str, other_columns: bool) -> tuple[list[tuple[int, object, object, dict]],
+                                                                        set[str]]:
+    """(row number, prompt, reference, other columns) of each row, and the file's columns; without
+    `other_columns` only 'prompt' and 'reference' are read (a file's other columns may be large)."""
     import pyarrow.parquet as pq
 
     try:
@@ -163,22 +168,28 @@ def _read_parquet(path: Path, where: str) -> tuple[list[tuple[int, object, objec
         raise ValueError(f"{where}: not a readable Parquet file: {e}") from None
     if "prompt" not in names:
         raise ValueError(f"{where}: no 'prompt' column (columns: {', '.join(names)})")
-    table = pq.read_table(path)
-    prompts = table.column("prompt").to_pylist()
-    refs = table.column("reference").to_pylist() if "reference" in names else [None] * len(prompts)
-    other = {c: table.column(c).to_pylist() for c in names if c not in ("prompt", "reference")}
-    return [(n, p, r, {c: v[n - 1] for c, v in other.items()}) for n, (p, r) in enumerate(zip(prompts, refs), 1)], \
+    wanted = [c for c in names if other_columns or c in ("prompt", "reference")]
+    table = pq.read_table(path, columns=wanted)
+    values = {}
+    for c in wanted:
+        try:
+            values[c] = table.column(c).to_pylist()
+        except (ValueError, OverflowError) as e:  # e.g. a timestamp past Python's year 9999
+            raise ValueError(f"{where}: column {c!r} ({table.schema.field(c).type}) has a value Python cannot "
+                             f"hold: {e}") from None
+    prompts, refs = values.pop("prompt"), values.pop("reference", None) or [None] * table.num_rows
+    return [(n, p, r, {c: v[n - 1] for c, v in values.items()}) for n, (p, r) in enumerate(zip(prompts, refs), 1)], \
         set(names)
 
 
 TRL_ONLY = ("completion_ids", "trainer_state")  # what TRL's GRPOTrainer also passes a reward function
 
 
-def load_reward(spec: str | None, columns: list[str] = ()):
+def load_reward(spec: str | None, columns: list[str] | None = None):
     """The function named by task.reward ("module:attr") and whether it scores a whole batch, checked to accept
     either (prompt, completion, reference), one sample, or TRL's keyword call with lists, batched: a function
     with a `completions` parameter is called as fn(prompts=[...], completions=[...], COLUMN=[...] for each of
-    the file's `columns`) and returns one value per sample.
+    the file's `columns`) and returns one value per sample (that call is checked once `columns` are given).
 
     Raises:
         ValueError naming task.reward and what is wrong.
@@ -198,6 +209,8 @@ def load_reward(spec: str | None, columns: list[str] = ()):
         sig = inspect.signature(fn)
     except ValueError:  # no signature to inspect (some builtins): trust it to take one sample
         return fn, False
+    if "completions" in sig.parameters and columns is None:  # batched: its call is checked with the columns
+        return fn, True
     if "completions" in sig.parameters:  # TRL's reward functions: reward(prompts, completions, **columns)
         call = f"{attr}(prompts=[...], completions=[...]{''.join(f', {c}=[...]' for c in columns)})"
         batch = f"task.reward={spec!r}: {attr}{sig} takes a batch (it has a 'completions' parameter), so it is called"
@@ -250,10 +263,13 @@ class PromptsTask:
         if not cfg.prompts_path:
             raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
                              "column (and optionally 'reference')")
-        rows, columns, conflict = read_rows(cfg.prompts_path)
-        self.reward_fn, batched = load_reward(cfg.reward, columns)
-        if batched and conflict:
-            raise ValueError(conflict)
+        self.reward_fn, batched = load_reward(cfg.reward)
+        # a per-sample function reads no column but 'prompt' and 'reference': the others are not even read
+        rows, columns, conflict = read_rows(cfg.prompts_path, other_columns=batched)
+        if batched:
+            load_reward(cfg.reward, columns)  # the call with the file's columns, checked
+            if conflict:
+                raise ValueError(conflict)
         # a batched function gets every column; one that scores a sample gets the reference only
         self.ignored_columns = [] if batched else [c for c in columns if c != "reference"]
         if batched:
