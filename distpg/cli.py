@@ -114,20 +114,25 @@ def _eval(args) -> int:
         print(f"distpg: eval failed: {e}", file=sys.stderr)
         return 1
     failed = f" ({res.failed} of {res.num_prompts} rewards failed, left out)" if res.failed else ""
-    print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed} | "
-          f"exact_match {res.exact_match:.4f}")
+    if res.exact_match is None:
+        exact = "exact_match n/a (no held-out prompt has a reference)"
+    else:
+        partly = f" (of the {res.with_target} with a reference)" if res.with_target < res.num_prompts else ""
+        exact = f"exact_match {res.exact_match:.4f}{partly}"
+    print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed} | {exact}")
     if out is not None:  # for scripts (a seed study): the figures and every sample, written whole, before the
         # samples print (`| head` closing the pipe then does not lose it)
         record = {"checkpoint": None if ckpt is None else str(ckpt), "step": step, "run_steps": cfg.run.steps,
                   "run_seed": cfg.run.seed,
                   "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
-                  "failed_rewards": res.failed,
+                  "prompts_with_reference": res.with_target, "failed_rewards": res.failed,
                   "samples": [{"prompt": p, "completion": c, "target": t, "reward": r} for p, c, t, r in res.samples]}
         checkpoint.write_atomic(out, json.dumps(record, indent=1) + "\n")
     for prompt, completion, target, reward in res.samples[: args.samples]:
         shown = "failed" if reward is None else f"{reward:.2f}"
-        print(f"  {prompt!r} -> {completion!r} (target {target!r}, reward {shown})")
+        print(f"  {prompt!r} -> {completion!r} ({'no reference' if target is None else f'target {target!r}'}, "
+              f"reward {shown})")
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -18,10 +18,13 @@ from distpg.rollout import reward_isolation, sampling_params
 @dataclass
 class EvalResult:
     reward_mean: float  # over the rewards that did not fail
-    exact_match: float
+    exact_match: float | None  # over the prompts with a target (None: none has one, as a prompts file without
+    # references)
     num_prompts: int
-    samples: list[tuple[str, str, str, float | None]]  # prompt, completion, target, reward (None: it failed)
+    samples: list[tuple[str, str, str | None, float | None]]  # prompt, completion, target (None: none), reward
+    # (None: it failed)
     failed: int = 0  # rewards that failed (raised, not a number, ...): left out of reward_mean
+    with_target: int = 0  # prompts with a target, over which exact_match is counted
 
 
 def exact_match(completion: str, target: str) -> bool:
@@ -91,12 +94,13 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
         raise rewards.RewardError(f"the reward function of task {task.name!r} gave no reward for the "
                                   f"{len(prompts)} held-out prompts: {errors[0]}")
     targets = [task.target(p) for p in prompts]
-    exact = sum(map(exact_match, completions, targets)) / len(prompts)
+    matched = [exact_match(c, t) for c, t in zip(completions, targets) if t is not None]
     valid = [r for r, k in zip(scores, ok) if k]
     return EvalResult(
         reward_mean=sum(valid) / max(1, len(valid)),
-        exact_match=exact,
+        exact_match=sum(matched) / len(matched) if matched else None,
         num_prompts=len(prompts),
         samples=list(zip(prompts, completions, targets, [r if k else None for r, k in zip(scores, ok)])),
         failed=len(scores) - len(valid),
+        with_target=len(matched),
     )

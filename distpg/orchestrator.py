@@ -59,8 +59,9 @@ class TrainingError(RuntimeError):
 
 
 class RewardFailure(TrainingError):
-    """A sync step's rollout failed because the reward function failed on every sample of a batch: no update
-    of the step has started, so the learner still holds the previous step (which `Trainer.run` checkpoints)."""
+    """A step's rollout failed because the reward function failed on every sample of a batch: no update of the
+    step has started, and (async) the update in flight has been logged, so the learner holds the last logged
+    step (which `Trainer.run` checkpoints)."""
 
 
 # ------------------------------------------------------------------------------------------- helpers

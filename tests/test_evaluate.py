@@ -181,3 +181,42 @@ def test_eval_initial_scores_the_policy_the_run_starts_from_not_its_checkpoint(t
 
     assert main(["eval", str(tmp_path), "--initial"]) == 2  # not a run folder
     assert "--initial scores the policy a run folder's config starts from" in capsys.readouterr().err
+
+
+def test_exact_match_counts_only_the_held_out_prompts_with_a_reference(tmp_path, capsys):
+    """A prompts file without references (a TRL dataset keeps its answers in other columns): an empty completion
+    is not an exact match of a missing reference. Exact match is over the prompts that have one, n/a without."""
+    from distpg import checkpoint
+    from distpg.cli import main
+    from distpg.config import dump_run_config
+
+    words = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {w}:", **({"reference": w} if i % 2 else {})}) + "\n"
+                            for i, w in enumerate(words)))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={path}", "task.num_eval=6",
+                       "task.reward=tests.user_rewards:length_of_reference_or_none")
+    learner = Learner(cfg)
+    result = evaluate(cfg, learner.model.eval())
+    with_ref = [(c, t) for _, c, t, _ in result.samples if t is not None]
+    assert 0 < len(with_ref) < result.num_prompts and result.with_target == len(with_ref)
+    assert result.exact_match == sum(exact_match(c, t) for c, t in with_ref) / len(with_ref)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    checkpoint.save(run, 1, learner.state(), keep=1)
+    assert main(["eval", str(run), "--samples", "6", "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"(of the {len(with_ref)} with a reference)" in out and "(no reference, reward" in out
+    assert json.loads((tmp_path / "e.json").read_text())["prompts_with_reference"] == len(with_ref)
+
+    path.write_text("".join(json.dumps({"prompt": f"say {w}:"}) + "\n" for w in words))  # no reference at all
+    cfg = small_config("task.name=prompts", f"task.prompts_path={path}", "task.num_eval=6",
+                       "task.reward=tests.user_rewards:length_of_reference_or_none")
+    assert evaluate(cfg, learner.model).exact_match is None
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    (run / "prompts.sha256").unlink(missing_ok=True)
+    assert main(["eval", str(run), "--samples", "0", "--json", str(tmp_path / "e.json")]) == 0
+    assert "exact_match n/a (no held-out prompt has a reference)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["exact_match"] is None

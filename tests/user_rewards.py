@@ -37,3 +37,8 @@ def trl_without_kwargs(completions, answer):
 
 def trl_with_completion_ids(completions, completion_ids, **kwargs):
     return [float(len(ids)) for ids in completion_ids]
+
+
+def length_of_reference_or_none(prompt, completion, reference):
+    """1.0 when the completion is as long as the reference (as long as the prompt's word without one)."""
+    return float(len(completion) == len(reference if reference is not None else prompt.split()[-1][:-1]))

@@ -325,6 +325,8 @@ class PromptsTask:
         columns = {c: [self.columns[p].get(c) for p in prompts] for c in self.column_names}
         return self.reward_fn(prompts=list(prompts), completions=list(completions), **columns)
 
-    def target(self, prompt: str) -> str:
-        """The reference as text ("" without one): what `distpg eval` shows and counts exact matches against."""
-        return reference_text(self.references[prompt])
+    def target(self, prompt: str) -> str | None:
+        """The reference as text, what `distpg eval` shows and counts exact matches against; None without one
+        (no exact match to count: an empty completion is not a match of a missing reference)."""
+        ref = self.references[prompt]
+        return None if ref is None else reference_text(ref)
