@@ -103,6 +103,30 @@ def test_a_bad_address_fails_fast_with_a_clear_message(tmp_path):
     assert p.returncode == 1 and "--address 'headnode' is not HOST:PORT" in p.stdout
 
 
+def test_the_dashboard_port_given_as_the_gcs_address_fails_fast_naming_it(tmp_path):
+    """HOST:8265 (the dashboard, RAY_API_SERVER_ADDRESS's port) as --address: it accepts the TCP connect, so
+    ray.init would retry it as a GCS for many minutes; here an HTTP server stands in for the dashboard."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"LOCALHOST:{server.server_address[1]}"
+    try:
+        p = doctor("--address", address, "--timeout", "30", timeout=60)
+        assert p.returncode == 1 and f"{address!r} is an HTTP server" in p.stdout, p.stdout + p.stderr[-2000:]
+        assert "RAY_API_SERVER_ADDRESS" in p.stdout and "the GCS address" in p.stdout
+        run = tmp_path / "run"
+        p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--run-dir", str(run)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode != 0 and f"{address!r} is an HTTP server" in p.stderr, p.stderr[-2000:]
+        assert not run.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 LISTENING = """
 import json, os, ray
 import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported
