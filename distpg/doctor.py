@@ -68,6 +68,7 @@ def probe(address: str, timeout: float) -> None:
     from ray._common.network_utils import parse_address
     from ray._private.services import canonicalize_bootstrap_address
 
+    token_check()
     parsed = parse_address(address) if ":" in address else None
     if parsed is None or not str(parsed[1]).isdigit():
         raise DoctorError(f"--address {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
@@ -82,6 +83,28 @@ def probe(address: str, timeout: float) -> None:
              f"{address!r} answers, but Ray rewrites it to {dialed!r}, where nothing listens: the cluster listens "
              f"on loopback only; connect with LOCALHOST:{port} (the form cluster/local-cluster.sh prints)", hint="")
     _authenticate(dialed or address, address, timeout)
+
+
+def token_check() -> None:
+    """With RAY_AUTH_MODE=token, fail where this client has no token to send: RAY_AUTH_TOKEN_PATH naming a file
+    that is missing, unreadable or empty, or neither it, RAY_AUTH_TOKEN nor ~/.ray/auth_token set. Ray's GCS
+    client aborts the whole process on that (a failed C++ check and its stack trace), before any message."""
+    try:
+        from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray: ray.init says it, later
+        return
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        return
+    try:
+        if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+            return
+        reason = "neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set, and ~/.ray/auth_token does not exist"
+    except AuthenticationError as e:
+        reason = str(e).split(". ")[0]
+    raise DoctorError(f"RAY_AUTH_MODE=token, and this client has no token to send ({reason}); set "
+                      "RAY_AUTH_TOKEN_PATH to a file holding the cluster's token (cluster/local-cluster.sh writes "
+                      "$DISTPG_CLUSTER_DIR/auth_token) or RAY_AUTH_TOKEN to the token itself")
 
 
 def _not_http(host: str, port: int, timeout: float, address: str) -> None:
