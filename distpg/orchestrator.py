@@ -513,16 +513,13 @@ class Trainer:
                                 f"{budget} is spent")
         print(f"distpg: rollout worker {wid} {reason}; replacing it (restart {self.restarts}/{budget})", flush=True)
         ray.kill(self.workers[wid], no_restart=True)
-        short = self.room_shortage()
-        if short:
-            print(f"distpg: {short}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
-                  flush=True)
+        said = self._say_shortage(None)
         # After a node loss Ray re-places the bundle only once it has declared the node dead: a replacement
         # started before that lands on the dead node and dies too, so try again a few times, backing off.
         for attempt in range(6):
             self.workers[wid] = self.start_worker(wid)
             try:
-                self.worker_nodes[wid] = ray.get(_node_of(self.workers[wid]), timeout=self.cfg.ray.timeout_s)
+                self.worker_nodes[wid], said = self._started_on(self.workers[wid], said)
                 break
             except WORKER_FAULTS as e:
                 if attempt == 5:
@@ -540,6 +537,26 @@ class Trainer:
                      f"handing weights to the restarted rollout worker {wid}", passthrough=WORKER_FAULTS)
             except WORKER_FAULTS as e:  # the replacement died too: one more fault, against the same budget
                 self.restart_worker(wid, f"died while being handed the weights ({type(e).__name__})", weights_ref)
+
+    def _say_shortage(self, said: str | None) -> str | None:
+        """Print the room shortage (`room_shortage`) once it is known; returns what has been said."""
+        if said is None and (said := self.room_shortage()):
+            print(f"distpg: {said}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
+                  flush=True)
+        return said
+
+    def _started_on(self, actor, said: str | None) -> tuple[str, str | None]:
+        """The node a (re)started actor runs on, waited for up to ray.timeout_s. Ray declares a lost node dead
+        only after its heartbeats have been missed for a while, so the shortage it leaves is looked for again
+        every few seconds of the wait, and said when it shows, not when the wait ends."""
+        ref, deadline = _node_of(actor), time.monotonic() + self.cfg.ray.timeout_s
+        while True:
+            try:
+                return ray.get(ref, timeout=max(0.0, min(5.0, deadline - time.monotonic()))), said
+            except GetTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                said = self._say_shortage(said)
 
     def broadcast(self, weights_ref, version: int) -> None:
         """Hand one weights object to every worker; check each now holds `version`. A worker that died is
