@@ -300,8 +300,15 @@ def _check_nodes(placement: Placement, n: int, nodes: list[dict], strategy: str 
             need = sum(b.get(res, 0) for b in bundles)
             have = sum(node.get(res, 0) for node in nodes if node.get(pin, 0) > 0)
             if need > have + 1e-9:
+                learner = placement.learner.get(res, 0) if pin in placement.learner else 0
+                each = placement.worker.get(res, 0)
+                most = max(0, int((have - learner + 1e-9) // each)) if each > 0 else 0
                 raise ConfigError(f"{len(bundles)} actor(s) pinned to node resource {pin!r} (rollout/learner"
-                                  f".node_resource) need {need:g} {res}s, but the nodes with it have {have:g}")
+                                  f".node_resource) need {need:g} {res}s, but the nodes with it have {have:g}; "
+                                  f"allowed: at most {most} rollout worker{'s' if most != 1 else ''} there at this "
+                                  f"size{' beside the learner' if learner else ''}: fewer rollout.num_workers, a "
+                                  "list of node resources in rollout.node_resource (the workers are pinned to them "
+                                  f"round-robin), or a lower rollout.num_{res.lower()}s_per_worker")
     _check_strict(placement.bundles(n), nodes, strategy, placement.colocated)
 
 
