@@ -96,8 +96,26 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
     except RayTaskError as e:
         raise task_failure(what, e) from None
     except RayActorError as e:
+        if (raised := init_error(e)) is not None:
+            raise TrainingError(f"{what} failed: the actor's constructor raised {raised}") from None
         raise TrainingError(f"{what} failed: the actor died ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def init_error(e: BaseException) -> str | None:
+    """Where an actor died because its constructor raised (a config it cannot use, a file or module missing on
+    its node), that exception: the last line of its traceback. The same error would follow on every restart,
+    so it is no fault to retry. None for other deaths."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _raise_init_error(e: BaseException, wid: int) -> None:
+    """A TrainingError where rollout worker `wid`'s constructor raised (`init_error`); else nothing."""
+    if (raised := init_error(e)) is not None:
+        raise TrainingError(f"rollout worker {wid} failed to start: its constructor raised {raised}") from None
 
 
 def task_failure(what: str, e: RayTaskError) -> TrainingError:
@@ -469,6 +487,7 @@ class Trainer:
                 try:
                     self.worker_nodes[w] = ray.get(ref, timeout=cfg.ray.timeout_s)
                 except (*WORKER_FAULTS, GetTimeoutError) as e:
+                    _raise_init_error(e, w)
                     self.restart_worker(w, f"failed to start ({type(e).__name__})")
         except BaseException:
             remove_placement_group(self.pg)  # and the actors in it; or it holds its share once the room is there
@@ -529,6 +548,7 @@ class Trainer:
                 self.worker_nodes[wid], said = self._started_on(self.workers[wid], said)
                 break
             except WORKER_FAULTS as e:
+                _raise_init_error(e, wid)
                 if attempt == 5:
                     raise TrainingError(f"restarting rollout worker {wid} failed 6 times; last: "
                                         f"{type(e).__name__}") from None
