@@ -41,7 +41,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distpg import checkpoint
 from distpg.batch import UNFLUSHED, RolloutWriter, write_table
 from distpg.colocated import ColocatedLearner
-from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
+from distpg.config import (
+    RUN_ORIGIN,
+    Config,
+    ConfigError,
+    absolute_run_paths,
+    dump_run_config,
+    node_resources,
+    snapshot_prompts,
+)
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger, read_records
 from distpg.policy import task_for
@@ -1283,7 +1291,9 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         sigterm = _sigterm_interrupts()
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
-        trainer = Trainer(cfg, Path(run_dir), placement)
+        from distpg.cli import in_job_copy
+
+        trainer = Trainer(cfg if in_job_copy() else absolute_run_paths(cfg), Path(run_dir), placement)
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     except BaseException:

@@ -202,3 +202,17 @@ def test_a_worker_whose_constructor_raises_stops_the_run_at_once_naming_the_erro
                                             r"distpg.config.ConfigError: task.prompts_path='data/p.jsonl': no such "
                                             r"file$"):
         Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+
+
+def test_relative_paths_reach_workers_that_run_in_another_folder(ray_session, tmp_path, monkeypatch):
+    # Ray starts a runtime's workers in the folder it started in (on a cluster, where `ray start` ran), not in
+    # the driver's: a task.prompts_path relative to the driver's folder, which the driver found, was not found
+    # by the workers (a job's entrypoint runs in its working dir's copy, where the workers find it too)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
+                                              for w in ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen")))
+    cfg = small_config("task.name=prompts", "task.prompts_path=p.jsonl", "task.num_eval=2", "run.steps=1",
+                       "task.reward=distpg.examples.rewards:match_reference")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["steps"] == 1
+    assert "prompts_path: p.jsonl" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config as given
