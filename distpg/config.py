@@ -562,6 +562,20 @@ def dump_run_config(cfg: Config) -> str:
     return f"{RUN_ORIGIN}{os.getcwd()}\n" + dump_config(cfg)
 
 
+def absolute_run_paths(cfg: Config) -> Config:
+    """`cfg` with each relative path of `RUN_PATHS` that exists from the current folder made absolute, for the
+    actors of a run: Ray starts its workers in the folder its runtime started in (on a cluster, where `ray
+    start` ran), not in the driver's. Not for a job's entrypoint, whose workers each resolve the relative
+    paths in their own copy of the job's working dir."""
+    for section, key in RUN_PATHS:
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        if isinstance(value, str) and value.strip() and not Path(value).is_absolute() and Path(value).exists():
+            part = dataclasses.replace(part, **{key: str(Path(value).absolute())})
+            cfg = dataclasses.replace(cfg, **{section: part})
+    return cfg
+
+
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True) -> Config:
     """A run folder's config.yaml (`dump_run_config`), for `--resume`, `distpg eval` and `distpg export` from
     any folder: a relative path that does not exist from the current folder, but does from the folder the run

@@ -9,8 +9,8 @@ authentication off, a dashboard open to the network) or `FAIL` (the run would fa
 reached, a node cannot run tasks or lacks torch, the config does not fit). The exit code is 1 when any
 finding is FAIL, else 0.
 
-Every wait has a timeout. An address nothing listens on fails within about a second (a TCP probe comes
-before `ray.init`, which would otherwise retry for minutes).
+Every wait has a timeout. An address nothing listens on, or where an HTTP server (the dashboard) answers, fails
+within about a second (a TCP probe comes before `ray.init`, which would otherwise retry for minutes).
 """
 
 from __future__ import annotations
@@ -68,12 +68,14 @@ def probe(address: str, timeout: float) -> None:
     from ray._common.network_utils import parse_address
     from ray._private.services import canonicalize_bootstrap_address
 
+    token_check()
     parsed = parse_address(address) if ":" in address else None
     if parsed is None or not str(parsed[1]).isdigit():
         raise DoctorError(f"--address {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
                           "that cluster/local-cluster.sh prints, or 10.0.0.5:6379)")
     host, port = parsed[0], int(parsed[1])
     _tcp(host, port, timeout, f"cannot reach the Ray cluster at {address!r}")
+    _not_http(host, port, timeout, address)
     dialed = canonicalize_bootstrap_address(address)
     if dialed and dialed != address:
         dhost, dport = parse_address(dialed)
@@ -81,6 +83,48 @@ def probe(address: str, timeout: float) -> None:
              f"{address!r} answers, but Ray rewrites it to {dialed!r}, where nothing listens: the cluster listens "
              f"on loopback only; connect with LOCALHOST:{port} (the form cluster/local-cluster.sh prints)", hint="")
     _authenticate(dialed or address, address, timeout)
+
+
+def token_check() -> None:
+    """With RAY_AUTH_MODE=token, fail where this client has no token to send: RAY_AUTH_TOKEN_PATH naming a file
+    that is missing, unreadable or empty, or neither it, RAY_AUTH_TOKEN nor ~/.ray/auth_token set. Ray's GCS
+    client aborts the whole process on that (a failed C++ check and its stack trace), before any message."""
+    try:
+        from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray: ray.init says it, later
+        return
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        return
+    try:
+        if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+            return
+        reason = "neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set, and ~/.ray/auth_token does not exist"
+    except AuthenticationError as e:
+        reason = str(e).split(". ")[0]
+    raise DoctorError(f"RAY_AUTH_MODE=token, and this client has no token to send ({reason}); set "
+                      "RAY_AUTH_TOKEN_PATH to a file holding the cluster's token (cluster/local-cluster.sh writes "
+                      "$DISTPG_CLUSTER_DIR/auth_token) or RAY_AUTH_TOKEN to the token itself")
+
+
+def _not_http(host: str, port: int, timeout: float, address: str) -> None:
+    """Fail fast where an HTTP server answers, most often the dashboard (RAY_API_SERVER_ADDRESS, port 8265)
+    given as the GCS address: it accepts the TCP connect, and ray.init would retry it for many minutes. The GCS
+    speaks gRPC (HTTP/2), which answers an HTTP/1 request with a frame; an HTTP/1 server answers it with a status
+    line. No answer within `timeout` is left to ray.init."""
+    head = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            while len(head) < 5 and (chunk := s.recv(5 - len(head))):
+                head += chunk
+    except OSError:
+        return
+    if head == b"HTTP/":
+        raise DoctorError(f"{address!r} is an HTTP server, not a Ray GCS: is it the dashboard (RAY_API_SERVER_ADDRESS, "
+                          "port 8265 by default), which takes `ray job submit` and cluster/submit.sh? --address, "
+                          "ray.address and RAY_ADDRESS take the GCS address (the RAY_ADDRESS that "
+                          "cluster/local-cluster.sh prints, port 6379 by default)")
 
 
 def _authenticate(dialed: str, address: str, timeout: float) -> None:

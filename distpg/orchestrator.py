@@ -41,7 +41,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distpg import checkpoint
 from distpg.batch import UNFLUSHED, RolloutWriter, write_table
 from distpg.colocated import ColocatedLearner
-from distpg.config import RUN_ORIGIN, Config, ConfigError, dump_run_config, node_resources, snapshot_prompts
+from distpg.config import (
+    RUN_ORIGIN,
+    Config,
+    ConfigError,
+    absolute_run_paths,
+    dump_run_config,
+    node_resources,
+    snapshot_prompts,
+)
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger, read_records
 from distpg.policy import task_for
@@ -97,8 +105,26 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
     except RayTaskError as e:
         raise task_failure(what, e) from None
     except RayActorError as e:
+        if (raised := init_error(e)) is not None:
+            raise TrainingError(f"{what} failed: the actor's constructor raised {raised}") from None
         raise TrainingError(f"{what} failed: the actor died ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def init_error(e: BaseException) -> str | None:
+    """Where an actor died because its constructor raised (a config it cannot use, a file or module missing on
+    its node), that exception: the last line of its traceback. The same error would follow on every restart,
+    so it is no fault to retry. None for other deaths."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _raise_init_error(e: BaseException, wid: int) -> None:
+    """A TrainingError where rollout worker `wid`'s constructor raised (`init_error`); else nothing."""
+    if (raised := init_error(e)) is not None:
+        raise TrainingError(f"rollout worker {wid} failed to start: its constructor raised {raised}") from None
 
 
 def task_failure(what: str, e: RayTaskError) -> TrainingError:
@@ -302,8 +328,15 @@ def _check_nodes(placement: Placement, n: int, nodes: list[dict], strategy: str 
             need = sum(b.get(res, 0) for b in bundles)
             have = sum(node.get(res, 0) for node in nodes if node.get(pin, 0) > 0)
             if need > have + 1e-9:
+                learner = placement.learner.get(res, 0) if pin in placement.learner else 0
+                each = placement.worker.get(res, 0)
+                most = max(0, int((have - learner + 1e-9) // each)) if each > 0 else 0
                 raise ConfigError(f"{len(bundles)} actor(s) pinned to node resource {pin!r} (rollout/learner"
-                                  f".node_resource) need {need:g} {res}s, but the nodes with it have {have:g}")
+                                  f".node_resource) need {need:g} {res}s, but the nodes with it have {have:g}; "
+                                  f"allowed: at most {most} rollout worker{'s' if most != 1 else ''} there at this "
+                                  f"size{' beside the learner' if learner else ''}: fewer rollout.num_workers, a "
+                                  "list of node resources in rollout.node_resource (the workers are pinned to them "
+                                  f"round-robin), or a lower rollout.num_{res.lower()}s_per_worker")
     _check_strict(placement.bundles(n), nodes, strategy, placement.colocated)
 
 
@@ -465,6 +498,7 @@ class Trainer:
                 try:
                     self.worker_nodes[w] = ray.get(ref, timeout=cfg.ray.timeout_s)
                 except (*WORKER_FAULTS, GetTimeoutError) as e:
+                    _raise_init_error(e, w)
                     self.restart_worker(w, f"failed to start ({type(e).__name__})")
         except BaseException:
             remove_placement_group(self.pg)  # and the actors in it; or it holds its share once the room is there
@@ -516,18 +550,16 @@ class Trainer:
                                 f"{budget} is spent")
         print(f"distpg: rollout worker {wid} {reason}; replacing it (restart {self.restarts}/{budget})", flush=True)
         ray.kill(self.workers[wid], no_restart=True)
-        short = self.room_shortage()
-        if short:
-            print(f"distpg: {short}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
-                  flush=True)
+        said = self._say_shortage(None)
         # After a node loss Ray re-places the bundle only once it has declared the node dead: a replacement
         # started before that lands on the dead node and dies too, so try again a few times, backing off.
         for attempt in range(6):
             self.workers[wid] = self.start_worker(wid)
             try:
-                self.worker_nodes[wid] = ray.get(_node_of(self.workers[wid]), timeout=self.cfg.ray.timeout_s)
+                self.worker_nodes[wid], said = self._started_on(self.workers[wid], said)
                 break
             except WORKER_FAULTS as e:
+                _raise_init_error(e, wid)
                 if attempt == 5:
                     raise TrainingError(f"restarting rollout worker {wid} failed 6 times; last: "
                                         f"{type(e).__name__}") from None
@@ -543,6 +575,26 @@ class Trainer:
                      f"handing weights to the restarted rollout worker {wid}", passthrough=WORKER_FAULTS)
             except WORKER_FAULTS as e:  # the replacement died too: one more fault, against the same budget
                 self.restart_worker(wid, f"died while being handed the weights ({type(e).__name__})", weights_ref)
+
+    def _say_shortage(self, said: str | None) -> str | None:
+        """Print the room shortage (`room_shortage`) once it is known; returns what has been said."""
+        if said is None and (said := self.room_shortage()):
+            print(f"distpg: {said}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
+                  flush=True)
+        return said
+
+    def _started_on(self, actor, said: str | None) -> tuple[str, str | None]:
+        """The node a (re)started actor runs on, waited for up to ray.timeout_s. Ray declares a lost node dead
+        only after its heartbeats have been missed for a while, so the shortage it leaves is looked for again
+        every few seconds of the wait, and said when it shows, not when the wait ends."""
+        ref, deadline = _node_of(actor), time.monotonic() + self.cfg.ray.timeout_s
+        while True:
+            try:
+                return ray.get(ref, timeout=max(0.0, min(5.0, deadline - time.monotonic()))), said
+            except GetTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                said = self._say_shortage(said)
 
     def broadcast(self, weights_ref, version: int) -> None:
         """Hand one weights object to every worker; check each now holds `version`. A worker that died is
@@ -1251,7 +1303,9 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         sigterm = _sigterm_interrupts()
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
-        trainer = Trainer(cfg, Path(run_dir), placement)
+        from distpg.cli import in_job_copy
+
+        trainer = Trainer(cfg if in_job_copy() else absolute_run_paths(cfg), Path(run_dir), placement)
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     except BaseException:

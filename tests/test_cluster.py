@@ -364,3 +364,29 @@ def test_training_survives_losing_a_worker_node(cluster, tmp_path):
     ledger = pq.read_table(run / "ledger.parquet")
     keys = list(zip(ledger.column("prompt_id").to_pylist(), ledger.column("sample_idx").to_pylist()))
     assert len(keys) == len(set(keys)) == 40 * 32 * 8  # every sample consumed once across the node loss
+
+
+@pytest.mark.slow
+def test_a_node_loss_that_leaves_no_room_says_so_while_it_waits(cluster, tmp_path):
+    """After the test above (node 2 gone): losing node 1 too leaves the head's 2 CPUs for a run that reserves 3.
+    Ray declares a node dead only after missing its heartbeats for a while, later than the worker's death is
+    seen, so the shortage must be said when it shows during the wait for a node, not only when the wait ends."""
+    env, cluster_dir, _ = cluster
+    run = tmp_path / "no-room"
+    cmd = [sys.executable, "-m", "distpg", "train", "--run-dir", str(run), "--set", "run.steps=2000",
+           "--set", "run.stop_reward=null", "--set", "learner.node_resource=distpg_node_0",
+           "--set", "rollout.node_resource=distpg_node_1", "--set", "rollout.num_workers=2",
+           "--set", "rollout.num_cpus_per_worker=1", "--set", "run.checkpoint_every=2", "--set", "ray.timeout_s=60"]
+    proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / "latest").exists():
+        time.sleep(0.1)
+    killed = sh("cluster/local-cluster.sh", "stop-node", "1", env=env)
+    assert killed.returncode == 0, killed.stderr
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 1, out[-4000:]
+    waiting = [line for line in out.splitlines() if "waiting up to ray.timeout_s=60s for a node to join" in line]
+    assert waiting and "the run reserves 3 CPUs and the cluster's live nodes have 2" in waiting[0], out[-4000:]
+    assert out.index(waiting[0]) < out.index("did not start within ray.timeout_s=60s"), out[-4000:]
+    assert f"continue with: distpg train --resume {run}" in out, out[-2000:]

@@ -103,6 +103,63 @@ def test_a_bad_address_fails_fast_with_a_clear_message(tmp_path):
     assert p.returncode == 1 and "--address 'headnode' is not HOST:PORT" in p.stdout
 
 
+def test_the_dashboard_port_given_as_the_gcs_address_fails_fast_naming_it(tmp_path):
+    """HOST:8265 (the dashboard, RAY_API_SERVER_ADDRESS's port) as --address: it accepts the TCP connect, so
+    ray.init would retry it as a GCS for many minutes; here an HTTP server stands in for the dashboard."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"LOCALHOST:{server.server_address[1]}"
+    try:
+        p = doctor("--address", address, "--timeout", "30", timeout=60)
+        assert p.returncode == 1 and f"{address!r} is an HTTP server" in p.stdout, p.stdout + p.stderr[-2000:]
+        assert "RAY_API_SERVER_ADDRESS" in p.stdout and "the GCS address" in p.stdout
+        run = tmp_path / "run"
+        p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--run-dir", str(run)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode != 0 and f"{address!r} is an HTTP server" in p.stderr, p.stderr[-2000:]
+        assert not run.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_token_file_that_cannot_be_read_is_named_instead_of_crashing(tmp_path):
+    """RAY_AUTH_MODE=token with RAY_AUTH_TOKEN_PATH naming a missing (or empty) file: Ray's GCS client aborts the
+    process with a C++ check and its stack trace, and `distpg train` left its half-made run folder behind."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts and hangs up: reaches the GCS client
+
+    def serve():
+        while True:
+            try:
+                listener.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"LOCALHOST:{listener.getsockname()[1]}"
+    (tmp_path / "empty").write_text("")
+    try:
+        for token_file in (tmp_path / "missing", tmp_path / "empty"):
+            env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+            p = doctor("--address", address, "--timeout", "30", timeout=60, **env)
+            assert p.returncode == 1 and "Check failed" not in p.stdout + p.stderr, p.stdout + p.stderr[-2000:]
+            assert f"RAY_AUTH_TOKEN_PATH is set but file cannot be opened or is empty: {token_file}" in p.stdout
+            run = tmp_path / "run"
+            p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--run-dir", str(run)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+            assert p.returncode == 1 and "Check failed" not in p.stderr, p.stderr[-2000:]
+            assert f"file cannot be opened or is empty: {token_file}" in p.stderr and not run.exists()
+    finally:
+        listener.close()
+
+
 LISTENING = """
 import json, os, ray
 import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported

@@ -181,3 +181,38 @@ def test_a_trainer_that_fails_to_start_frees_what_it_reserved(ray_session, tmp_p
         Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
     new = {k: v["state"] for k, v in ray.util.placement_group_table().items() if k not in before}
     assert len(new) == 1 and set(new.values()) == {"REMOVED"}, new
+
+
+class RaisesAtStart(RolloutWorker):
+    """A rollout worker whose constructor raises, as one does on a node that cannot read the run's files."""
+
+    def __init__(self, *args, **kwargs):
+        from distpg.config import ConfigError
+
+        raise ConfigError("task.prompts_path='data/p.jsonl': no such file")
+
+
+def test_a_worker_whose_constructor_raises_stops_the_run_at_once_naming_the_error(ray_session, tmp_path,
+                                                                                 monkeypatch):
+    # the same error on every try: it was taken for a fault, retried 6 times with back-off (about 30 s) and
+    # reported as "restarting rollout worker 0 failed 6 times; last: ActorDiedError", without the error itself
+    monkeypatch.setattr(Trainer, "worker_class", RaisesAtStart)
+    cfg = small_config()
+    with pytest.raises(TrainingError, match=r"rollout worker 0 failed to start: its constructor raised "
+                                            r"distpg.config.ConfigError: task.prompts_path='data/p.jsonl': no such "
+                                            r"file$"):
+        Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+
+
+def test_relative_paths_reach_workers_that_run_in_another_folder(ray_session, tmp_path, monkeypatch):
+    # Ray starts a runtime's workers in the folder it started in (on a cluster, where `ray start` ran), not in
+    # the driver's: a task.prompts_path relative to the driver's folder, which the driver found, was not found
+    # by the workers (a job's entrypoint runs in its working dir's copy, where the workers find it too)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
+                                              for w in ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen")))
+    cfg = small_config("task.name=prompts", "task.prompts_path=p.jsonl", "task.num_eval=2", "run.steps=1",
+                       "task.reward=distpg.examples.rewards:match_reference")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["steps"] == 1
+    assert "prompts_path: p.jsonl" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config as given

@@ -40,8 +40,14 @@ def test_pinned_actors_must_fit_on_the_nodes_they_are_pinned_to():
     cfg = small_config("rollout.num_workers=3", "rollout.num_cpus_per_worker=1", "run.device=cpu",
                        "rollout.node_resource=distpg_node_1")
     with pytest.raises(ConfigError, match="3 actor.* pinned to node resource 'distpg_node_1'.* need 3 CPUs, but "
-                                          "the nodes with it have 2"):
+                                          "the nodes with it have 2; allowed: at most 2 rollout workers there at "
+                                          "this size: .*a list of node resources"):
         plan_placement(cfg, cpus=6, gpus=0, nodes=NODES)
+    # the learner pinned there too takes its share of the room
+    with pytest.raises(ConfigError, match="allowed: at most 1 rollout worker there at this size beside the learner"):
+        plan_placement(small_config("rollout.num_workers=2", "rollout.num_cpus_per_worker=1", "run.device=cpu",
+                                    "rollout.node_resource=distpg_node_1", "learner.node_resource=distpg_node_1"),
+                       cpus=6, gpus=0, nodes=NODES)
 
 
 def test_an_actor_must_fit_on_one_node():
