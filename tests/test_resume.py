@@ -131,12 +131,17 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     run = tmp_path / "run"
     p = start(["train", *CONFIG, "--run-dir", str(run)])
     deadline = time.time() + 240
-    while steps_logged(run) < 5 and time.time() < deadline and p.poll() is None:
+    while steps_logged(run) < 4 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 143, out[-3000:]
-    assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint (step 3) are lost; continue " \
+    # where the signal lands depends on the machine's load: after step 4 and before the end, so after
+    # checkpoint 3 (or 6), which the run keeps and names
+    logged = steps_logged(run)
+    assert 4 <= logged < 9, "the signal should land after checkpoint 3 and before the end"
+    kept = logged - logged % 3
+    assert f"distpg: stopped by SIGTERM; the steps after the latest checkpoint (step {kept}) are lost; continue " \
            f"with: distpg train --resume {run}" in out, out[-3000:]
     deadline = time.time() + 60
     while group_alive(p.pid) and time.time() < deadline:
@@ -144,8 +149,7 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     survivors = group_alive(p.pid)
     kill_group(p)
     assert not survivors, "Ray processes of the run outlived it"
-    assert 5 <= steps_logged(run) < 9, "the signal should land after checkpoint 3 and before the end"
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{kept:06d}"
     code, out = run_to_end(["train", "--resume", str(run)])
     assert code == 0, out[-3000:]
     assert_resumed_whole(run, uninterrupted)
