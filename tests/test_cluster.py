@@ -368,10 +368,12 @@ def test_training_survives_losing_a_worker_node(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_a_node_loss_that_leaves_no_room_says_so_while_it_waits(cluster, tmp_path):
-    """After the test above (node 2 gone): losing node 1 too leaves the head's 2 CPUs for a run that reserves 3.
-    Ray declares a node dead only after missing its heartbeats for a while, later than the worker's death is
+    """Last in this module, after the test above (which loses node 2; this one also runs alone, `-m slow`, so it
+    stops node 2 itself where it is still up): losing node 1 too leaves the head's 2 CPUs for a run that reserves
+    3. Ray declares a node dead only after missing its heartbeats for a while, later than the worker's death is
     seen, so the shortage must be said when it shows during the wait for a node, not only when the wait ends."""
     env, cluster_dir, _ = cluster
+    sh("cluster/local-cluster.sh", "stop-node", "2", env=env)  # exit 1 where the test above already did
     run = tmp_path / "no-room"
     cmd = [sys.executable, "-m", "distpg", "train", "--run-dir", str(run), "--set", "run.steps=2000",
            "--set", "run.stop_reward=null", "--set", "learner.node_resource=distpg_node_0",
