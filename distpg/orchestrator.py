@@ -267,6 +267,16 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
     workers = (f"rollout.num_workers={n} workers (worker 0 in the learner: rollout.colocate), {n - 1}" if colocated
                else f"rollout.num_workers={n} workers")
     hint = "" if colocated or cfg.run.mode != "sync" else " (or rollout.colocate=true: worker 0 runs in the learner)"
+    # a node resource that only worker 0 would have been pinned to
+    pinned = {placement.worker_node(i) for i in range(n)} - {None}
+    if lost := pinned - {placement.worker_node(i) for i in placement.own_actors(n)}:
+        raise ConfigError(f"rollout.node_resource={cfg.rollout.node_resource!r}: {sorted(lost)[0]!r} pins no "
+                          "rollout worker, because with rollout.colocate worker 0 runs in the learner's actor, on "
+                          "its node (learner.node_resource); list the resources of workers 1.. only")
+    if learner_node is not None:
+        learner[learner_node] = NODE_RESOURCE_UNIT
+    if nodes is not None:  # first: a worker that fits on no node makes the totals' "at most N workers" wrong
+        _check_nodes(placement, n, nodes, cfg.ray.placement_strategy)
     need_cpu = placement.reserved(n, "CPU")
     if need_cpu > cpus + 1e-9:
         most = max(0, int((cpus - learner["CPU"]) // max(worker["CPU"], 1e-9))) + colocated
@@ -285,16 +295,6 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
                 f"learner.num_gpus={learner['GPU']:g} + {workers} x rollout.num_gpus_per_worker="
                 f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}{hint}"
             )
-    # a node resource that only worker 0 would have been pinned to
-    pinned = {placement.worker_node(i) for i in range(n)} - {None}
-    if lost := pinned - {placement.worker_node(i) for i in placement.own_actors(n)}:
-        raise ConfigError(f"rollout.node_resource={cfg.rollout.node_resource!r}: {sorted(lost)[0]!r} pins no "
-                          "rollout worker, because with rollout.colocate worker 0 runs in the learner's actor, on "
-                          "its node (learner.node_resource); list the resources of workers 1.. only")
-    if learner_node is not None:
-        learner[learner_node] = NODE_RESOURCE_UNIT
-    if nodes is not None:
-        _check_nodes(placement, n, nodes, cfg.ray.placement_strategy)
     return placement
 
 

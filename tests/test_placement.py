@@ -54,6 +54,10 @@ def test_an_actor_must_fit_on_one_node():
     with pytest.raises(ConfigError, match=r"learner.num_cpus=3: no single node has that many CPUs \(the largest "
                                           r"has 2\)"):
         plan_placement(small_config("learner.num_cpus=3", "run.device=cpu"), cpus=6, gpus=0, nodes=NODES)
+    # workers too big for any node, and too many for the total: the node is what to fix (the total's "at most 1
+    # worker at this size" would be refused in turn)
+    with pytest.raises(ConfigError, match=r"rollout.num_cpus_per_worker=3: no single node has that many CPUs"):
+        plan_placement(small_config("rollout.num_cpus_per_worker=3", "run.device=cpu"), cpus=6, gpus=0, nodes=NODES)
 
 
 def test_strict_spread_needs_a_node_per_actor_where_it_fits():
