@@ -185,11 +185,12 @@ def _read_parquet(path: Path, where: str, other_columns: bool) -> tuple[list[tup
 TRL_ONLY = ("completion_ids", "trainer_state")  # what TRL's GRPOTrainer also passes a reward function
 
 
-def load_reward(spec: str | None, columns: list[str] | None = None):
+def load_reward(spec: str | None):
     """The function named by task.reward ("module:attr") and whether it scores a whole batch, checked to accept
     either (prompt, completion, reference), one sample, or TRL's keyword call with lists, batched: a function
     with a `completions` parameter is called as fn(prompts=[...], completions=[...], COLUMN=[...] for each of
-    the file's `columns`) and returns one value per sample (that call is checked once `columns` are given).
+    the file's columns) and returns one value per sample (that call is checked by `check_batch_call` once the
+    columns are known).
 
     Raises:
         ValueError naming task.reward and what is wrong.
@@ -209,31 +210,7 @@ def load_reward(spec: str | None, columns: list[str] | None = None):
         sig = inspect.signature(fn)
     except ValueError:  # no signature to inspect (some builtins): trust it to take one sample
         return fn, False
-    if "completions" in sig.parameters and columns is None:  # batched: its call is checked with the columns
-        return fn, True
     if "completions" in sig.parameters:  # TRL's reward functions: reward(prompts, completions, **columns)
-        call = f"{attr}(prompts=[...], completions=[...]{''.join(f', {c}=[...]' for c in columns)})"
-        batch = f"task.reward={spec!r}: {attr}{sig} takes a batch (it has a 'completions' parameter), so it is called"
-        clash = [c for c in columns if c in ("prompts", "completions")]
-        if clash:  # the call would pass it twice (TRL's fails the same way)
-            raise ValueError(f"{batch} with prompts=[...] and completions=[...], and the file has a column "
-                             f"{clash[0]!r} too, which that call cannot also pass; rename the column")
-        trl_only = [n for n, p in sig.parameters.items() if n in TRL_ONLY and n not in columns
-                    and p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
-        needed = [n for n, p in sig.parameters.items() if n not in ("prompts", "completions", *columns, *TRL_ONLY)
-                  and p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        if needed:  # a column the file does not have (TRL's would fail on it too)
-            raise ValueError(f"{batch} as {call}, without {needed[0]!r}, which it requires: the file has no column "
-                             f"{needed[0]!r}")
-        if trl_only:
-            raise ValueError(f"{batch} as {call}, without {trl_only[0]!r}, which it requires: TRL's GRPOTrainer "
-                             "passes it, distpg passes only the prompts, the completions and the file's columns; "
-                             "give the parameter a default (e.g. None)")
-        try:
-            sig.bind(prompts=[], completions=[], **{c: [] for c in columns})
-        except TypeError as e:
-            raise ValueError(f"{batch} as {call} with the file's columns, and that call fails: {e}; add **kwargs "
-                             "to take the columns it does not use, as TRL's reward functions do") from None
         return fn, True
     try:
         sig.bind("prompt", "completion", None)
@@ -242,6 +219,34 @@ def load_reward(spec: str | None, columns: list[str] | None = None):
                          "reference), nor, batched, as TRL calls a reward function (a 'completions' "
                          "parameter)") from None
     return fn, False
+
+
+def check_batch_call(spec: str, fn, columns: list[str]) -> None:
+    """Raise a ValueError naming task.reward unless the batched function `fn` (`load_reward`) takes the call
+    fn(prompts=[...], completions=[...], COLUMN=[...] for each of the file's `columns`)."""
+    attr, sig = spec.partition(":")[2], inspect.signature(fn)
+    call = f"{attr}(prompts=[...], completions=[...]{''.join(f', {c}=[...]' for c in columns)})"
+    batch = f"task.reward={spec!r}: {attr}{sig} takes a batch (it has a 'completions' parameter), so it is called"
+    clash = [c for c in columns if c in ("prompts", "completions")]
+    if clash:  # the call would pass it twice (TRL's fails the same way)
+        raise ValueError(f"{batch} with prompts=[...] and completions=[...], and the file has a column "
+                         f"{clash[0]!r} too, which that call cannot also pass; rename the column")
+    trl_only = [n for n, p in sig.parameters.items() if n in TRL_ONLY and n not in columns
+                and p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+    needed = [n for n, p in sig.parameters.items() if n not in ("prompts", "completions", *columns, *TRL_ONLY)
+              and p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if needed:  # a column the file does not have (TRL's would fail on it too)
+        raise ValueError(f"{batch} as {call}, without {needed[0]!r}, which it requires: the file has no column "
+                         f"{needed[0]!r}")
+    if trl_only:
+        raise ValueError(f"{batch} as {call}, without {trl_only[0]!r}, which it requires: TRL's GRPOTrainer "
+                         "passes it, distpg passes only the prompts, the completions and the file's columns; "
+                         "give the parameter a default (e.g. None)")
+    try:
+        sig.bind(prompts=[], completions=[], **{c: [] for c in columns})
+    except TypeError as e:
+        raise ValueError(f"{batch} as {call} with the file's columns, and that call fails: {e}; add **kwargs "
+                         "to take the columns it does not use, as TRL's reward functions do") from None
 
 
 def _encode(tokenizer: Tokenizer, text: str, what: str, path) -> list[int]:
@@ -266,19 +271,19 @@ class PromptsTask:
         self.reward_fn, batched = load_reward(cfg.reward)
         # a per-sample function reads no column but 'prompt' and 'reference': the others are not even read
         rows, columns, conflict = read_rows(cfg.prompts_path, other_columns=batched)
+        # one that scores a sample gets the reference only; a batched function gets every column
+        self.ignored_columns, answers = [c for c in columns if c != "reference"], ""
         if batched:
-            load_reward(cfg.reward, columns)  # the call with the file's columns, checked
+            check_batch_call(cfg.reward, self.reward_fn, columns)
             if conflict:
                 raise ValueError(conflict)
-        # a batched function gets every column; one that scores a sample gets the reference only
-        self.ignored_columns = [] if batched else [c for c in columns if c != "reference"]
-        if batched:
+            self.ignored_columns = []
             self.columns = {p: {"reference": ref, **extra} for p, ref, extra in rows}
             self.column_names = columns
             self.reward_batch = self._reward_batch
-        # a TRL dataset holds its answers in a column of its own ('answer', 'solution'): a batched function's
-        # policy must be able to write them, so the character tokenizer covers the other columns' text too
-        answers = "".join(_column_text(v) for _, _, extra in rows for v in extra.values()) if batched else ""
+            # a TRL dataset holds its answers in a column of its own ('answer', 'solution'): the policy must be
+            # able to write them, so the character tokenizer covers the other columns' text too
+            answers = "".join(_column_text(v) for _, _, extra in rows for v in extra.values())
         rows = [(p, ref) for p, ref, _ in rows]
         self.without_reference = sum(r is None for _, r in rows)  # rows whose reward gets reference=None
         if tokenizer is None:
