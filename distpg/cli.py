@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from distpg.cliargs import number
-from distpg.config import ConfigError, describe, load_config, load_run_config
+from distpg.config import ConfigError, describe, in_job_copy, load_config, load_run_config
 
 
 def _train(args) -> int:
@@ -252,11 +252,6 @@ def _modules_from_cwd() -> None:
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
         sys.path.append(cwd)
-
-
-def in_job_copy() -> bool:
-    """Does this process run as a `ray job submit` entrypoint in Ray's copy of the job's working dir?"""
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "working_dir_files" in Path.cwd().parts
 
 
 def _job_hint(message: str) -> str:

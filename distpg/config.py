@@ -562,11 +562,18 @@ def dump_run_config(cfg: Config) -> str:
     return f"{RUN_ORIGIN}{os.getcwd()}\n" + dump_config(cfg)
 
 
+def in_job_copy() -> bool:
+    """Does this process run as a `ray job submit` entrypoint in Ray's copy of the job's working dir?"""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and "working_dir_files" in Path.cwd().parts
+
+
 def absolute_run_paths(cfg: Config) -> Config:
     """`cfg` with each relative path of `RUN_PATHS` that exists from the current folder made absolute, for the
     actors of a run: Ray starts its workers in the folder its runtime started in (on a cluster, where `ray
-    start` ran), not in the driver's. Not for a job's entrypoint, whose workers each resolve the relative
-    paths in their own copy of the job's working dir."""
+    start` ran), not in the driver's. A job's entrypoint (`in_job_copy`) keeps `cfg` as it is: its workers each
+    resolve the relative paths in their own copy of the job's working dir."""
+    if in_job_copy():
+        return cfg
     for section, key in RUN_PATHS:
         part = getattr(cfg, section)
         value = getattr(part, key)

@@ -1303,9 +1303,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         sigterm = _sigterm_interrupts()
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
-        from distpg.cli import in_job_copy
-
-        trainer = Trainer(cfg if in_job_copy() else absolute_run_paths(cfg), Path(run_dir), placement)
+        trainer = Trainer(absolute_run_paths(cfg), Path(run_dir), placement)
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     except BaseException:
