@@ -70,6 +70,7 @@ def test_train_then_eval(tmp_path):
     assert len([x for x in e.stdout.splitlines() if "-> " in x and "target" in x]) == 3
 
 
+@pytest.mark.slow
 def test_resume_of_an_ended_run_has_nothing_to_do_until_its_config_asks_for_more(tmp_path):
     run = tmp_path / "run"
     # stop_reward 0: the mean of the last 5 steps reaches it at step 5, before run.steps=6

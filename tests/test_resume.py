@@ -177,6 +177,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, t
     assert_resumed_whole(run, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path):
     """A run stopped before its first checkpoint can be resumed: it starts over from step 0 and ends as an
     uninterrupted run, without the first attempt's metrics, rollouts or TensorBoard steps twice."""
