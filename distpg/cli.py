@@ -119,7 +119,8 @@ def _eval(args) -> int:
     else:
         partly = f" (of the {res.with_target} with a reference)" if res.with_target < res.num_prompts else ""
         exact = f"exact_match {res.exact_match:.4f}{partly}"
-    print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed} | {exact}")
+    parts = "".join(f" | {name} {'n/a' if v is None else f'{v:.4f}'}" for name, v in res.reward_parts.items())
+    print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed}{parts} | {exact}")
     if out is not None:  # for scripts (a seed study): the figures and every sample, written whole, before the
         # samples print (`| head` closing the pipe then does not lose it)
         record = {"checkpoint": None if ckpt is None else str(ckpt), "step": step, "run_steps": cfg.run.steps,
@@ -127,6 +128,7 @@ def _eval(args) -> int:
                   "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
                   "prompts_with_reference": res.with_target, "failed_rewards": res.failed,
+                  "reward_parts": res.reward_parts,
                   "samples": [{"prompt": p, "completion": c, "target": t, "reward": r} for p, c, t, r in res.samples]}
         checkpoint.write_atomic(out, json.dumps(record, indent=1) + "\n")
     for prompt, completion, target, reward in res.samples[: args.samples]:

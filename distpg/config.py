@@ -64,8 +64,11 @@ class TaskConfig:
     params: dict = _f(None, "extra parameters for a user task ('module:attr'), passed through as given")
     prompts_path: str | None = _f(
         None, "prompts: a JSONL or Parquet file with a 'prompt' column and an optional 'reference' column")
-    reward: str | None = _f(
-        None, "prompts: 'module:attr' of a function reward(prompt, completion, reference) -> float")
+    reward: str | list | None = _f(
+        None, "prompts: 'module:attr' of a function reward(prompt, completion, reference) -> float, or of TRL's "
+        "form with a 'completions' parameter; a list of them: a sample's reward is their weighted sum")
+    reward_weights: list | None = _f(
+        None, "prompts: one weight per task.reward function, in its order (null: 1 each), as TRL's reward_weights")
     max_prompt_tokens: int | None = _f(
         None, "prompts: leave out the rows whose prompt is longer than this many tokens (null: keep every row)")
 
@@ -426,6 +429,7 @@ def _validate(cfg: Config) -> None:
     if cfg.learner.num_gpus > 1 and cfg.learner.num_gpus != int(cfg.learner.num_gpus):
         raise ConfigError(f"learner.num_gpus={cfg.learner.num_gpus}: Ray allows a fraction below 1 or a whole number")
     _validate_node_resources(cfg)
+    _validate_rewards(cfg.task)
 
 
 def node_resources(cfg: Config) -> tuple[list[str], str | None]:
@@ -449,6 +453,37 @@ def _validate_node_resources(cfg: Config) -> None:
 
 
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def reward_specs(task: TaskConfig) -> list[str]:
+    """task.reward as a list of 'module:attr' (one, several, or none)."""
+    return [task.reward] if isinstance(task.reward, str) else list(task.reward or [])
+
+
+def _validate_rewards(task: TaskConfig) -> None:
+    specs = reward_specs(task)
+    if isinstance(task.reward, list) and not specs:
+        raise ConfigError("task.reward=[]: name at least one reward function 'module:attr', or null")
+    for spec in specs:
+        if not isinstance(spec, str) or not spec.strip():
+            raise ConfigError(f"task.reward: {spec!r} is not a reward function's 'module:attr' (a non-empty string)")
+    twice = next((s for i, s in enumerate(specs) if s in specs[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"task.reward lists {twice!r} twice; to count a function more, give it a larger weight "
+                          "in task.reward_weights")
+    weights = task.reward_weights
+    if weights is None:
+        return
+    if not specs:
+        raise ConfigError("task.reward_weights is set but task.reward is null: the weights are task.reward's")
+    bad = next((w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float))
+                or not math.isfinite(w)), None)
+    if bad is not None:
+        raise ConfigError(f"task.reward_weights={weights!r}: {bad!r} is not a finite number; give one number per "
+                          "task.reward function, in its order")
+    if len(weights) != len(specs):
+        raise ConfigError(f"task.reward_weights={weights!r}: {len(weights)} weights for {len(specs)} reward "
+                          f"function(s) in task.reward; give one number per function, in its order")
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:

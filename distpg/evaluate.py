@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,8 @@ class EvalResult:
     # (None: it failed)
     failed: int = 0  # rewards that failed (raised, not a number, ...): left out of reward_mean
     with_target: int = 0  # prompts with a target, over which exact_match is counted
+    reward_parts: dict[str, float | None] = field(default_factory=dict)  # several reward functions: each one's
+    # mean over the prompts it scored (None: it scored none)
 
 
 def exact_match(completion: str, target: str) -> bool:
@@ -88,8 +90,8 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
     finally:
         kernels.release(model)
     # as in training: a user's reward function runs in a killable child with rollout.reward_timeout_s
-    scores, ok, errors = rewards.score(task, prompts, completions, reward_isolation(cfg),
-                                       cfg.rollout.reward_timeout_s)
+    scores, ok, errors, parts = rewards.score(task, prompts, completions, reward_isolation(cfg),
+                                              cfg.rollout.reward_timeout_s)
     if not any(ok):  # the child hung or died (score raises for a function that failed on every sample)
         raise rewards.RewardError(f"the reward function of task {task.name!r} gave no reward for the "
                                   f"{len(prompts)} held-out prompts: {errors[0]}")
@@ -103,4 +105,9 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
         samples=list(zip(prompts, completions, targets, [r if k else None for r, k in zip(scores, ok)])),
         failed=len(scores) - len(valid),
         with_target=len(matched),
+        reward_parts={name: _mean([v for v in values if v is not None]) for name, values in parts.items()},
     )
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

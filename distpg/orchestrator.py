@@ -1032,8 +1032,22 @@ def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
         "rollout/length_mean": float(lengths.mean()),
         "rollout/failed_rewards": int((~ok).sum()),
         "rollout/truncated_frac": float(table.column("truncated").to_numpy().mean()),
+        **reward_part_stats(table),
         "_tokens": int(lengths.sum()),
     }
+
+
+def reward_part_stats(table: pa.Table) -> dict:
+    """With several reward functions: each one's mean and std over the samples it scored (its `reward/NAME`
+    column, null where it returned None or failed), as TRL logs rewards/NAME/mean and std; NaN where it scored
+    none."""
+    out = {}
+    for name in table.column_names:
+        if name.startswith("reward/"):
+            v = table.column(name).drop_null().to_numpy()
+            out[f"rollout/rewards/{name[len('reward/'):]}/mean"] = float(v.mean()) if len(v) else float("nan")
+            out[f"rollout/rewards/{name[len('reward/'):]}/std"] = float(v.std()) if len(v) else float("nan")
+    return out
 
 
 LOCK = ".lock"  # in the run folder: held (flock) by the process training in it

@@ -1,19 +1,22 @@
-"""Scoring completions with a task's reward function, so that a misbehaving function cannot poison a run.
+"""Scoring completions with a task's reward functions, so that a misbehaving function cannot poison a run.
 
 A task scores one sample with `reward(prompt, completion)`, or a whole batch with an optional
-`reward_batch(prompts, completions) -> list`. Each sample's result is checked: an exception, or a value
-that is not a finite number, marks that sample `reward_ok = False` (left out of the gradient and counted
-in `rollout/failed_rewards`); a batch result of the wrong length fails the whole batch.
+`reward_batch(prompts, completions) -> list`, or with several functions, `reward_functions` (a list of
+`RewardFunction`: a name, the function, whether it takes a batch, a weight), whose weighted sum is a sample's
+reward, as TRL sums its `reward_funcs` with `reward_weights`. A function returning None for a sample does not
+score it (TRL's "not applicable"); a sample no function scores is masked. Each value is checked: an
+exception, or a value that is not a finite number, marks that sample `reward_ok = False` (left out of the
+gradient and counted in `rollout/failed_rewards`); a batch result of the wrong length fails the whole batch.
 
-Isolation: with `isolation="process"` the function runs in a forked child process with a per-batch
+Isolation: with `isolation="process"` the functions run in a forked child process with a per-batch
 timeout. A child that hangs past the timeout or dies (it may even kill itself) is killed and reaped, and
 its batch is marked failed; the worker goes on. A user's code (a "module:attr" task, the `prompts` task's
-reward function) runs this way by default (`rollout.reward_isolation: auto`); the built-in tasks are pure
+reward functions) runs this way by default (`rollout.reward_isolation: auto`); the built-in tasks are pure
 Python and run in-process.
 
-If every sample of a batch *raised or returned garbage*, the reward function is broken rather than unlucky:
-`RewardError` is raised with the first failure, and the run stops with that message. Timeouts and dead
-children are infrastructure faults: those samples are masked and training goes on.
+If every sample of a batch *failed* (the functions raised, returned garbage or None), the reward function is
+broken rather than unlucky: `RewardError` is raised with the first failure, and the run stops with that
+message. Timeouts and dead children are infrastructure faults: those samples are masked and training goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
 class RewardError(RuntimeError):
@@ -47,29 +52,89 @@ def _check(r) -> float:
     return float(r)
 
 
-def score_each(task, prompts: list[str], completions: list[str]) -> tuple[list[float], list[bool], list[str]]:
-    """Rewards, ok flags and error texts, in this process. Never raises for the function's faults."""
+@dataclass(frozen=True)
+class RewardFunction:
+    """One of a task's reward functions: `fn(prompts, completions) -> values` (one per sample) when `batched`,
+    else `fn(prompt, completion) -> value`. A sample's reward is the weighted sum of the values its functions
+    give it; a function returning None for a sample does not score it (TRL's "not applicable")."""
+
+    name: str
+    fn: Callable
+    batched: bool = False
+    weight: float = 1.0
+
+
+def reward_functions(task) -> list[RewardFunction]:
+    """A task's reward functions: its `reward_functions` (several, named and weighted), else its
+    `reward_batch` (a whole batch), else its `reward` (one sample)."""
+    several = getattr(task, "reward_functions", None)
+    if several:
+        return list(several)
     batch_fn = getattr(task, "reward_batch", None)
     if callable(batch_fn):
+        return [RewardFunction("reward_batch", batch_fn, batched=True)]
+    return [RewardFunction("reward", task.reward)]
+
+
+def reward_parts(task) -> list[str]:
+    """The names of a task's reward functions when it has several (each one's values are kept beside the sum:
+    the rollouts' `reward/NAME` columns, the `rollout/rewards/NAME/*` metrics); [] for one."""
+    fns = reward_functions(task)
+    return [f.name for f in fns] if len(fns) > 1 else []
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _values(f: RewardFunction, prompts: list[str], completions: list[str]) -> list[tuple[float | None, str | None]]:
+    """Each sample's (value, or None where `f` returned None or failed; the failure's text, or None) under `f`."""
+    n = len(prompts)
+    if f.batched:
         try:
-            values = list(batch_fn(prompts, completions))
-            if len(values) != len(prompts):
-                raise ValueError(f"reward_batch returned {len(values)} values for {len(prompts)} samples")
+            out = list(f.fn(prompts, completions))
+            if len(out) != n:
+                raise ValueError(f"{f.name} returned {len(out)} values for {n} samples")
         except Exception as e:  # a user's reward function may raise anything: the batch is masked
-            msg = f"{type(e).__name__}: {e}"
-            return [0.0] * len(prompts), [False] * len(prompts), [msg] * len(prompts)
-    else:
-        values = [None] * len(prompts)
-    rewards, ok, errors = [], [], []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            return [(None, _error(e))] * n
+    result = []
+    for i in range(n):
         try:
-            rewards.append(_check(values[i] if callable(batch_fn) else task.reward(prompt, completion)))
-            ok.append(True)
+            value = out[i] if f.batched else f.fn(prompts[i], completions[i])
+            result.append((None if value is None else _check(value), None))
         except Exception as e:  # one bad sample is masked, the others count
-            rewards.append(0.0)
-            ok.append(False)
-            errors.append(f"{type(e).__name__}: {e}")
-    return rewards, ok, errors
+            result.append((None, _error(e)))
+    return result
+
+
+def score_each(task, prompts: list[str], completions: list[str]) -> tuple[list[float], list[bool], list[str], dict]:
+    """Rewards, ok flags, error texts and, for a task with several reward functions, each one's values
+    ({name: [value or None per sample]}), in this process. Never raises for the functions' faults.
+
+    A sample is masked (ok False, reward 0.0) where a function failed on it (raised, or returned something
+    that is not a finite number) or where every function returned None."""
+    fns = reward_functions(task)
+    values = [_values(f, prompts, completions) for f in fns]
+    several = len(fns) > 1
+    rewards, ok, errors = [], [], []
+    for i in range(len(prompts)):
+        failed = [f"{f.name}: {v[i][1]}" if several else v[i][1] for f, v in zip(fns, values) if v[i][1]]
+        scored = [f.weight * v[i][0] for f, v in zip(fns, values) if v[i][0] is not None]
+        if not failed and not scored:
+            failed = ["every reward function returned None for this sample (none applies to it)" if several
+                      else "returned None: no reward for this sample"]
+        if not failed:
+            try:
+                rewards.append(_check(math.fsum(scored)))
+                ok.append(True)
+                continue
+            except ValueError as e:  # the weighted sum beyond float32
+                failed = [f"the weighted sum of the reward functions {_error(e)}"]
+        rewards.append(0.0)
+        ok.append(False)
+        errors.append(failed[0])
+    parts = {f.name: [x for x, _ in v] for f, v in zip(fns, values)} if several else {}
+    return rewards, ok, errors, parts
 
 
 def _child(task, prompts, completions, conn) -> None:
@@ -78,7 +143,8 @@ def _child(task, prompts, completions, conn) -> None:
 
 
 def score_in_subprocess(task, prompts: list[str], completions: list[str], timeout_s: float):
-    """`score_each` in a forked child, killed after `timeout_s`. Returns (rewards, ok, errors, infra_error)."""
+    """`score_each` in a forked child, killed after `timeout_s`. Returns (rewards, ok, errors, parts,
+    infra_error)."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(task, prompts, completions, send), daemon=True)
@@ -101,32 +167,34 @@ def score_in_subprocess(task, prompts: list[str], completions: list[str], timeou
         if problem == "the reward process died":
             problem += f" (exit code {child.exitcode})"
         n = len(prompts)
-        return [0.0] * n, [False] * n, [problem] * n, problem
+        return [0.0] * n, [False] * n, [problem] * n, {}, problem
     return (*result, None)
 
 
 def score(task, prompts: list[str], completions: list[str], isolation: str = "none",
-          timeout_s: float = 30.0) -> tuple[list[float], list[bool], list[str]]:
+          timeout_s: float = 30.0) -> tuple[list[float], list[bool], list[str], dict]:
     """Rewards for (prompt, completion) pairs.
 
     Args:
         isolation: "none" (in this process) or "process" (a killable child with a timeout).
     Returns:
-        rewards (0.0 where failed), ok flags, and the error text of each failure (in order).
+        rewards (0.0 where failed), ok flags, the error text of each failure (in order), and with several reward
+        functions each one's values by name (None where it gave none; {} when the child hung or died).
     Raises:
-        RewardError when the function raised or returned garbage for every sample.
+        RewardError when the functions failed (raised, returned garbage or None) on every sample.
     """
     if not prompts:
-        return [], [], []
+        return [], [], [], {}
     if isolation == "process":
-        rewards, ok, errors, infra = score_in_subprocess(task, prompts, completions, timeout_s)
+        rewards, ok, errors, parts, infra = score_in_subprocess(task, prompts, completions, timeout_s)
         if infra is not None:
-            return rewards, ok, errors
+            return rewards, ok, errors, parts
     else:
-        rewards, ok, errors = score_each(task, prompts, completions)
+        rewards, ok, errors, parts = score_each(task, prompts, completions)
     if not any(ok):
+        several = "functions" if reward_parts(task) else "function"
         raise RewardError(
-            f"the reward function of task {getattr(task, 'name', '?')!r} failed on all {len(prompts)} samples; "
+            f"the reward {several} of task {getattr(task, 'name', '?')!r} failed on all {len(prompts)} samples; "
             f"first failure, for prompt {prompts[0]!r} and completion {completions[0]!r}: {errors[0]}"
         )
-    return rewards, ok, errors
+    return rewards, ok, errors, parts

@@ -57,6 +57,7 @@ class RolloutWorker:
         self.flat = FlatParams(self.model)
         self.params = sampling_params(cfg, self.task)
         self.reward_isolation = reward_isolation(cfg)
+        self.reward_parts = rewards.reward_parts(self.task)
         self.version: int | None = None  # no weights received yet
 
     def set_weights(self, msg: WeightsMessage) -> int:
@@ -121,8 +122,8 @@ class RolloutWorker:
         texts = [self.tokenizer.decode(t) for t in completion_tokens]
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
-        reward, ok, _ = rewards.score(self.task, rep_prompts, texts, self.reward_isolation,
-                                      self.cfg.rollout.reward_timeout_s)
+        reward, ok, _, parts = rewards.score(self.task, rep_prompts, texts, self.reward_isolation,
+                                             self.cfg.rollout.reward_timeout_s)
         t2 = time.perf_counter()
         batch = make_batch(
             {
@@ -141,6 +142,9 @@ class RolloutWorker:
                 "completion_text": texts,
             }
         )
+        for name in self.reward_parts:  # several reward functions: each one's values (null: none, or it failed)
+            batch = batch.append_column(pa.field(f"reward/{name}", pa.float32()),
+                                        pa.array(parts.get(name, [None] * len(rep_prompts)), pa.float32()))
         meta = {b"sync_s": str(t0 - t_sync).encode(), b"gen_s": str(t1 - t0).encode(),
                 b"reward_s": str(t2 - t1).encode()}
         return batch.replace_schema_metadata(meta)

@@ -81,11 +81,23 @@ def test_resolved_config_round_trips(tmp_path):
         ("run.seed=-1", "run.seed=-1: must be between 0 and 18446744073709551615"),
         ("run.seed=18446744073709551616", "run.seed=18446744073709551616: must be between 0 and"),
         ("task.eval_seed=-3", "task.eval_seed=-3: must be between 0 and"),
+        # several reward functions (TRL's reward_funcs and reward_weights)
+        ("task.reward=[]", "task.reward=[]: name at least one reward function 'module:attr', or null"),
+        ("task.reward=[a:f, 3]", "task.reward: 3 is not a reward function's 'module:attr'"),
+        ("task.reward=[a:f, b:g, a:f]", "task.reward lists 'a:f' twice; to count a function more, give it a larger "
+                                        "weight in task.reward_weights"),
+        ("task.reward_weights=[1]", "task.reward_weights is set but task.reward is null"),
+        ("task.reward=[a:f, b:g]\0task.reward_weights=[1]", "task.reward_weights=[1]: 1 weights for 2 reward "
+                                                            "function(s) in task.reward"),
+        ("task.reward=a:f\0task.reward_weights=[1, .nan]", "task.reward_weights=[1, nan]: nan is not a finite "
+                                                          "number"),
+        ("task.reward=[a:f, b:g]\0task.reward_weights=[1, yes]", "True is not a finite number"),
+        ("task.reward=[a:f, b:g]\0task.reward_weights=2", "task.reward_weights=2: expected list or null"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
-        cfg_with(override)
+        cfg_with(*override.split("\0"))
     assert fragment in str(e.value)
 
 

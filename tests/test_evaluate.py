@@ -40,6 +40,24 @@ def test_evaluate_counts_exact_matches_of_the_greedy_completions(pack_every_weig
     assert [task.reward(p, c) for p, c, _, _ in result.samples] == [r for *_, r in result.samples]
 
 
+def test_eval_gives_each_reward_function_s_mean_beside_the_sum(tmp_path, pack_every_weight):
+    """With several reward functions (task.reward a list), eval's result has each one's mean over the held-out
+    prompts it scored (what `distpg eval` prints and writes to --json) beside the weighted sum's."""
+    words = ["ant", "bee", "cat", "owl", "eel", "fox", "gnu", "emu"]  # held out with eval_seed 1234: fox, gnu
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "id": i}) + "\n" for i, w in enumerate(words)))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2",
+                       "task.reward=[tests.user_rewards:length_unless_vowel, tests.user_rewards:id_unless_zero]",
+                       "task.reward_weights=[0.5, 2]")
+    result = evaluate(cfg, Learner(cfg).model.eval())
+    assert [p for p, *_ in result.samples] == ["say fox:", "say gnu:"]
+    lengths = [len(c) for _, c, _, _ in result.samples]
+    assert result.reward_parts == pytest.approx({"length_unless_vowel": sum(lengths) / 2,
+                                                 "id_unless_zero": (0.05 + 0.06) / 2})
+    assert [r for *_, r in result.samples] == pytest.approx([0.5 * lengths[0] + 0.1, 0.5 * lengths[1] + 0.12])
+    assert result.reward_mean == pytest.approx(0.25 * sum(lengths) + 0.11)
+
+
 def test_a_checkpoint_folder_is_read_with_its_runs_config_and_other_folders_are_named(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
     ckpt.mkdir(parents=True)

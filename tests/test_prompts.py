@@ -139,7 +139,7 @@ def test_rewards_run_in_a_child_process(jsonl):
     t = prompts_task(jsonl, reward="distpg.examples.rewards:match_reference")
     prompts = t.eval_prompts()
     completions = [" " + t.target(p) + " " for p in prompts[:2]] + ["zzzz", ""]
-    got, ok, _ = rewards.score(t, prompts, completions, isolation="process", timeout_s=30)
+    got, ok, _, _ = rewards.score(t, prompts, completions, isolation="process", timeout_s=30)
     assert ok == [True] * 4
     assert got == [1.0, 1.0] + [match_reference(p, c, t.target(p)) for p, c in zip(prompts[2:], completions[2:])]
 
@@ -311,7 +311,7 @@ def test_a_trl_style_reward_function_gets_the_batch_and_every_column(tmp_path, s
     assert task.ignored_columns == []
     picked = [rows[i] for i in (7, 2, 7, 11, 0)]  # repeats, out of file order
     completions = [r["answer"] if k % 2 == 0 else "nope" for k, r in enumerate(picked)]
-    got, ok, _ = rewards.score(task, [r["prompt"] for r in picked], completions, isolation=isolation)
+    got, ok, _, _ = rewards.score(task, [r["prompt"] for r in picked], completions, isolation=isolation)
     assert got == [float(k % 2 == 0) + r["id"] / 100 for k, r in enumerate(picked)] and all(ok)
     # a per-sample function (prompt, completion, reference) on the same file gets no column but the reference
     assert prompts_task(path).ignored_columns == ["answer", "id"]

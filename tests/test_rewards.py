@@ -28,7 +28,7 @@ def no_children_left():
 
 @pytest.mark.parametrize("isolation", ["none", "process"])
 def test_raising_on_some_samples_masks_only_those(isolation):
-    rewards, ok, errors = score(misbehaving("some_raise"), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
+    rewards, ok, errors, _ = score(misbehaving("some_raise"), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
     assert ok == [False, True, False, True] and rewards == [0.0, 1.0, 0.0, 1.0]
     assert len(errors) == 2 and errors[0].startswith("KeyError")
     assert no_children_left()
@@ -48,7 +48,7 @@ def test_wrong_length_fails_the_batch():
 
 def test_a_hanging_reward_is_killed_at_the_timeout():
     t0 = time.perf_counter()
-    rewards, ok, errors = score(misbehaving("hang"), PROMPTS, COMPLETIONS, "process", timeout_s=1.0)
+    rewards, ok, errors, _ = score(misbehaving("hang"), PROMPTS, COMPLETIONS, "process", timeout_s=1.0)
     elapsed = time.perf_counter() - t0
     assert ok == [False] * 4 and "did not finish within rollout.reward_timeout_s=1s" in errors[0]
     assert elapsed < 1.0 + 30  # the function sleeps an hour: returning at all proves the timeout fired
@@ -56,7 +56,7 @@ def test_a_hanging_reward_is_killed_at_the_timeout():
 
 
 def test_a_reward_that_kills_its_own_process_is_contained():
-    rewards, ok, errors = score(misbehaving("suicide"), PROMPTS, COMPLETIONS, "process", timeout_s=20)
+    rewards, ok, errors, _ = score(misbehaving("suicide"), PROMPTS, COMPLETIONS, "process", timeout_s=20)
     assert ok == [False] * 4 and "the reward process died (exit code -9)" in errors[0]
     assert no_children_left()
 
@@ -180,6 +180,92 @@ def test_a_trl_style_reward_function_scores_a_training_run(ray_session, tmp_path
     assert len({r["prompt_text"] for r in rows}) > 1
 
 
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_several_reward_functions_are_a_weighted_sum_that_leaves_out_a_none(isolation):
+    """TRL's reward_funcs with reward_weights: each sample's reward is the weighted sum of the values its
+    functions give it (a None leaves that function out); a sample none scores is masked; each one's values come
+    back by name, also from the reward child."""
+    from distpg.rewards import RewardFunction
+
+    class Task:
+        name = "several"
+        reward_functions = [
+            RewardFunction("a", lambda p, c: {"abc=": 1.0, "xyz=": None, "aaa=": None, "zzz=": 2}[p], weight=0.5),
+            RewardFunction("b", lambda ps, cs: [None if p == "aaa=" else 3 for p in ps], batched=True, weight=-1.0),
+        ]
+
+    rewards, ok, errors, parts = score(Task(), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
+    assert rewards == [0.5 * 1 - 3, -3.0, 0.0, 0.5 * 2 - 3] and ok == [True, True, False, True]
+    assert errors == ["every reward function returned None for this sample (none applies to it)"]
+    assert parts == {"a": [1.0, None, None, 2.0], "b": [3.0, 3.0, None, 3.0]}
+
+
+def test_one_reward_function_failing_masks_its_samples_however_the_others_score_them():
+    from distpg.rewards import RewardFunction, score_each
+
+    def flaky(prompt, completion):
+        if prompt == "xyz=":
+            raise KeyError(prompt)
+        return 1.0
+
+    class Task:
+        name = "several"
+        reward_functions = [RewardFunction("ok", lambda ps, cs: [1.0] * len(ps), batched=True),
+                            RewardFunction("flaky", flaky)]
+
+    rewards, ok, errors, parts = score_each(Task(), PROMPTS, COMPLETIONS)
+    assert ok == [True, False, True, True] and rewards == [2.0, 0.0, 2.0, 2.0]
+    assert errors == ["flaky: KeyError: 'xyz='"]
+    assert parts == {"ok": [1.0] * 4, "flaky": [1.0, None, 1.0, 1.0]}
+    Task.reward_functions[0] = RewardFunction("short", lambda ps, cs: [1.0], batched=True)  # the wrong length
+    with pytest.raises(RewardError, match="the reward functions of task 'several' failed on all 4 samples; .*: "
+                                          "short: ValueError: short returned 1 values for 4 samples"):
+        score(Task(), PROMPTS, COMPLETIONS)
+
+
+@pytest.mark.ray
+def test_several_reward_functions_score_a_training_run_each_kept_beside_the_sum(ray_session, tmp_path):
+    """task.reward as a list with task.reward_weights, on real workers in their reward child: every rollout
+    row's reward is the weighted sum of the per-sample and the TRL-style function's values, each kept in its
+    own column (null where it returned None); a row neither scores is masked; metrics.jsonl has each one's
+    mean and std per step."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    words = ["ant", "bee", "cat", "owl", "eel", "fox", "gnu", "emu"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "id": i}) + "\n" for i, w in enumerate(words)))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2", "run.steps=2",
+                       "task.reward=[tests.user_rewards:length_unless_vowel, tests.user_rewards:id_unless_zero]",
+                       "task.reward_weights=[0.5, 2]")
+    train(cfg, tmp_path / "r")
+    rows = pq.read_table(tmp_path / "r" / "rollouts").to_pylist()
+    assert len(rows) == 2 * 16
+    ids = {f"say {w}:": i for i, w in enumerate(words)}
+    for r in rows:
+        word = r["prompt_text"].split()[1][:-1]
+        length = None if word[0] in "aeiou" else float(len(r["completion_text"]))
+        id_ = None if ids[r["prompt_text"]] == 0 else ids[r["prompt_text"]] / 100
+        assert r["reward/length_unless_vowel"] == length
+        assert r["reward/id_unless_zero"] == pytest.approx(id_)
+        assert r["reward_ok"] == (word != "ant")  # "ant": a vowel and id 0, scored by neither
+        if r["reward_ok"]:
+            assert r["reward"] == pytest.approx(0.5 * (length or 0) + 2 * (id_ or 0))
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    for rec in recs:
+        step = [r for r in rows if r["step"] == rec["step"]]
+        for name in ("length_unless_vowel", "id_unless_zero"):
+            values = [r[f"reward/{name}"] for r in step if r[f"reward/{name}"] is not None]
+            if not values:  # it scored no sample of this step: null (strict JSON)
+                assert rec[f"rollout/rewards/{name}/mean"] is None and rec[f"rollout/rewards/{name}/std"] is None
+                continue
+            assert rec[f"rollout/rewards/{name}/mean"] == pytest.approx(np.mean(values), rel=1e-6)
+            assert rec[f"rollout/rewards/{name}/std"] == pytest.approx(np.std(values), rel=1e-5, abs=1e-7)
+        assert rec["rollout/failed_rewards"] == sum(r["prompt_text"] == "say ant:" for r in step)
+    assert any(r["prompt_text"] == "say ant:" for r in rows)  # scored by neither
+    assert any(r["reward/length_unless_vowel"] is None and r["reward_ok"] for r in rows)  # by one
+
+
 def test_a_bool_is_a_reward_and_a_value_beyond_float32_is_masked():
     """`return completion == target` gives 1.0/0.0; a finite Python float that float32 (the batch's reward
     column) cannot hold masks its sample instead of reaching the learner as inf."""
@@ -193,7 +279,7 @@ def test_a_bool_is_a_reward_and_a_value_beyond_float32_is_masked():
         def reward(self, prompt, completion):
             return self.values[PROMPTS.index(prompt)]
 
-    rewards, ok, errors = score_each(Task(), PROMPTS, COMPLETIONS)
+    rewards, ok, errors, _ = score_each(Task(), PROMPTS, COMPLETIONS)
     assert rewards == [1.0, 0.0, 0.0, -3.0e38] and ok == [True, True, False, True]
     assert errors == ["ValueError: returned 1e+39, beyond float32's range (±3.4e38), in which rewards are stored"]
     assert np.isfinite(np.float32(rewards[3]))
@@ -213,7 +299,7 @@ def test_a_zero_dim_tensor_or_array_is_a_reward_and_other_values_name_their_type
         def reward(self, prompt, completion):
             return self.values[PROMPTS.index(prompt)]
 
-    rewards, ok, errors = score_each(Task(), PROMPTS, COMPLETIONS)
+    rewards, ok, errors, _ = score_each(Task(), PROMPTS, COMPLETIONS)
     assert rewards == [0.5, 0.25, 0.0, 0.0] and ok == [True, True, False, False]
     assert errors[0] == ("ValueError: returned tensor([0.5000]) (a Tensor), expected a finite number: a float, "
                          "an int, a bool or a 0-dim numpy/torch value")

@@ -126,7 +126,7 @@ class Flaky:
 
 
 def test_score_masks_bad_rewards():
-    rewards, ok, errors = score(Flaky(), ["p"] * 5, ["good", "nan", "raise", "str", "inf"])
+    rewards, ok, errors, _ = score(Flaky(), ["p"] * 5, ["good", "nan", "raise", "str", "inf"])
     assert ok == [True, False, False, False, False]
     assert rewards == [0.5, 0.0, 0.0, 0.0, 0.0]
     assert "ZeroDivisionError" in errors[1] and "returned nan" in errors[0]

@@ -42,3 +42,13 @@ def trl_with_completion_ids(completions, completion_ids, **kwargs):
 def length_of_reference_or_none(prompt, completion, reference):
     """1.0 when the completion is as long as the reference (as long as the prompt's word without one)."""
     return float(len(completion) == len(reference if reference is not None else prompt.split()[-1][:-1]))
+
+
+def length_unless_vowel(prompt, completion, reference):
+    """One sample: the completion's length; None (not applicable) for a word starting with a vowel."""
+    return None if prompt.split()[-1][0] in "aeiou" else float(len(completion))
+
+
+def id_unless_zero(completions, id, **kwargs):
+    """TRL's form: the row's `id` / 100; None (not applicable) for id 0."""
+    return [None if i == 0 else i / 100 for i in id]

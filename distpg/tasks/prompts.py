@@ -17,7 +17,12 @@ installed, on PYTHONPATH, or in a job's working dir), in one of two forms:
   `reward(prompts=[...], completions=[...], COLUMN=[...], ...)` with each column of the file but `prompt` as a
   list aligned with the samples (None where a row lacks it), returning one float (or None) per sample; columns
   it does not name go into its `**kwargs`.
-It runs in a child process with a timeout (`rollout.reward_isolation: auto`), so a crash or a hang costs a
+Several functions (a list in task.reward, of either form): a sample's reward is their sum weighted by
+task.reward_weights (1 each by default), as TRL sums its reward_funcs; a function returning None for a sample
+leaves it out of that sum, and a sample none of them scores is masked. Each one's values are kept beside the
+sum (the rollouts' `reward/NAME` columns, the `rollout/rewards/NAME/mean` and `/std` metrics, NAME being the
+function's attribute).
+They run in a child process with a timeout (`rollout.reward_isolation: auto`), so a crash or a hang costs a
 batch, not the run.
 
 Held out: `task.num_eval` distinct prompts, picked once with `task.eval_seed`, are the evaluation prompts
@@ -38,10 +43,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from distpg.config import reward_specs
+from distpg.rewards import RewardFunction, score_each
 from distpg.tasks.base import load_attr
 from distpg.tokenizer import CharTokenizer, Tokenizer
 
@@ -185,6 +193,13 @@ def _read_parquet(path: Path, where: str, other_columns: bool) -> tuple[list[tup
 TRL_ONLY = ("completion_ids", "trainer_state")  # what TRL's GRPOTrainer also passes a reward function
 
 
+def function_names(specs: list[str]) -> list[str]:
+    """Each reward function's name (the rollouts' `reward/NAME` columns, the `rollout/rewards/NAME/*` metrics):
+    its attribute, as TRL names a function by its __name__, or 'module.attr' where two share an attribute."""
+    attrs = [s.partition(":")[2] for s in specs]
+    return [a if attrs.count(a) == 1 else s.replace(":", ".") for s, a in zip(specs, attrs)]
+
+
 def load_reward(spec: str | None):
     """The function named by task.reward ("module:attr") and whether it scores a whole batch, checked to accept
     either (prompt, completion, reference), one sample, or TRL's keyword call with lists, batched: a function
@@ -268,22 +283,30 @@ class PromptsTask:
         if not cfg.prompts_path:
             raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
                              "column (and optionally 'reference')")
-        self.reward_fn, batched = load_reward(cfg.reward)
-        # a per-sample function reads no column but 'prompt' and 'reference': the others are not even read
+        specs = reward_specs(cfg)
+        if not specs:
+            load_reward(None)  # raises, saying what task.reward takes
+        loaded = [(spec, *load_reward(spec)) for spec in specs]  # (spec, function, batched)
+        batched = any(b for _, _, b in loaded)
+        # per-sample functions read no column but 'prompt' and 'reference': the others are not even read
         rows, columns, conflict = read_rows(cfg.prompts_path, other_columns=batched)
         # one that scores a sample gets the reference only; a batched function gets every column
         self.ignored_columns, answers = [c for c in columns if c != "reference"], ""
         if batched:
-            check_batch_call(cfg.reward, self.reward_fn, columns)
+            for spec, fn, b in loaded:
+                if b:
+                    check_batch_call(spec, fn, columns)
             if conflict:
                 raise ValueError(conflict)
             self.ignored_columns = []
             self.columns = {p: {"reference": ref, **extra} for p, ref, extra in rows}
             self.column_names = columns
-            self.reward_batch = self._reward_batch
             # a TRL dataset holds its answers in a column of its own ('answer', 'solution'): the policy must be
             # able to write them, so the character tokenizer covers the other columns' text too
             answers = "".join(_column_text(v) for _, _, extra in rows for v in extra.values())
+        weights = cfg.reward_weights or [1.0] * len(specs)
+        self.reward_functions = [RewardFunction(name, partial(self._batch if b else self._one, fn), b, float(w))
+                                 for name, (_, fn, b), w in zip(function_names(specs), loaded, weights)]
         rows = [(p, ref) for p, ref, _ in rows]
         self.without_reference = sum(r is None for _, r in rows)  # rows whose reward gets reference=None
         if tokenizer is None:
@@ -322,13 +345,22 @@ class PromptsTask:
         return list(self._eval)
 
     def reward(self, prompt: str, completion: str) -> float:
-        return self.reward_fn(prompt, completion, self.references[prompt])
+        """One sample's reward (the weighted sum of its functions' values). Raises ValueError where a function
+        fails on it or none scores it (training masks such a sample)."""
+        rewards, ok, errors, _ = score_each(self, [prompt], [completion])
+        if not ok[0]:
+            raise ValueError(errors[0])
+        return rewards[0]
 
-    def _reward_batch(self, prompts: list[str], completions: list[str]) -> list:
-        """A batched (TRL-style) function's rewards: its call with the batch's prompts and completions, and each
+    def _one(self, fn, prompt: str, completion: str):
+        """A per-sample function's value: its call with the prompt's reference."""
+        return fn(prompt, completion, self.references[prompt])
+
+    def _batch(self, fn, prompts: list[str], completions: list[str]) -> list:
+        """A batched (TRL-style) function's values: its call with the batch's prompts and completions, and each
         of the file's columns as a list aligned with them (None where a row lacks the column)."""
         columns = {c: [self.columns[p].get(c) for p in prompts] for c in self.column_names}
-        return self.reward_fn(prompts=list(prompts), completions=list(completions), **columns)
+        return fn(prompts=list(prompts), completions=list(completions), **columns)
 
     def target(self, prompt: str) -> str | None:
         """The reference as text, what `distpg eval` shows and counts exact matches against; None without one
