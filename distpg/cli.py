@@ -109,18 +109,23 @@ def _eval(args) -> int:
         # is still going) does not say
         print(f"checkpoint {ckpt} (step {step} of run.steps={cfg.run.steps}, run.seed={cfg.run.seed}); {decoding}")
     try:
-        res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed)
+        res = evaluate(cfg, model, temperature=args.temperature, seed=args.seed, prompts_path=args.prompts)
     except RewardError as e:
         print(f"distpg: eval failed: {e}", file=sys.stderr)
         return 1
     failed = f" ({res.failed} of {res.num_prompts} rewards failed, left out)" if res.failed else ""
+    which, one = ("held-out prompts", "held-out prompt") if args.prompts is None else \
+        (f"prompts of {args.prompts}", "prompt")
     if res.exact_match is None:
-        exact = "exact_match n/a (no held-out prompt has a reference)"
+        exact = f"exact_match n/a (no {one} has a reference)"
     else:
         partly = f" (of the {res.with_target} with a reference)" if res.with_target < res.num_prompts else ""
         exact = f"exact_match {res.exact_match:.4f}{partly}"
+    if res.left_out:
+        print(f"left out {res.left_out} prompts of {args.prompts} longer than the model holds with the run's "
+              "completion budget (model.n_positions, task.max_prompt_tokens)")
     parts = "".join(f" | {name} {'n/a' if v is None else f'{v:.4f}'}" for name, v in res.reward_parts.items())
-    print(f"held-out prompts: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed}{parts} | {exact}")
+    print(f"{which}: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed}{parts} | {exact}")
     if out is not None:  # for scripts (a seed study): the figures and every sample, written whole, before the
         # samples print (`| head` closing the pipe then does not lose it)
         record = {"checkpoint": None if ckpt is None else str(ckpt), "step": step, "run_steps": cfg.run.steps,
@@ -128,7 +133,7 @@ def _eval(args) -> int:
                   "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
                   "prompts_with_reference": res.with_target, "failed_rewards": res.failed,
-                  "reward_parts": res.reward_parts,
+                  "reward_parts": res.reward_parts, "prompts_path": args.prompts, "left_out": res.left_out,
                   "samples": [{"prompt": p, "completion": c, "target": t, "reward": r} for p, c, t, r in res.samples]}
         checkpoint.write_atomic(out, json.dumps(record, indent=1) + "\n")
     for prompt, completion, target, reward in res.samples[: args.samples]:
@@ -208,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "completion, target, reward; null where the reward failed) to FILE as JSON")
     e.add_argument("--initial", action="store_true", help="score the policy the run folder's config starts from "
                    "(model.init_from, or its run.seed initialisation) instead of a checkpoint: the baseline")
+    e.add_argument("--prompts", metavar="FILE", help="score every prompt of FILE (JSONL or Parquet, as "
+                   "task.prompts_path) instead of the held-out prompts: a test set, for a run of task.name=prompts, "
+                   "with its reward functions and completion budget")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="write a policy as a Hugging Face GPT-2 folder (opens with transformers)")

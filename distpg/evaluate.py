@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from distpg import checkpoint, kernels, rewards
-from distpg.config import Config, load_run_config
+from distpg.config import Config, ConfigError, load_run_config
 from distpg.generate import generate
 from distpg.model import GPT
 from distpg.policy import initial_policy, task_for
@@ -25,6 +25,7 @@ class EvalResult:
     # (None: it failed)
     failed: int = 0  # rewards that failed (raised, not a number, ...): left out of reward_mean
     with_target: int = 0  # prompts with a target, over which exact_match is counted
+    left_out: int = 0  # prompts of a --prompts file too long for the model with the run's completion budget
     reward_parts: dict[str, float | None] = field(default_factory=dict)  # several reward functions: each one's
     # mean over the prompts it scored (None: it scored none)
 
@@ -72,11 +73,17 @@ def load_initial_policy(run_dir: Path) -> tuple[Config, GPT]:
     return cfg, model.eval()
 
 
-def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256) -> EvalResult:
-    """Mean reward and exact-match rate (see `exact_match`) on the held-out prompts (greedy by default)."""
+def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256,
+             prompts_path: str | None = None) -> EvalResult:
+    """Mean reward and exact-match rate (see `exact_match`) on the held-out prompts (greedy by default), or on
+    every prompt of `prompts_path` (a test set of a `prompts` run: see `test_set`)."""
     task = task_for(cfg)
     tok = task.tokenizer
-    params = replace(sampling_params(cfg, task), temperature=temperature)
+    params = replace(sampling_params(cfg, task), temperature=temperature)  # the run's completion budget
+    dropped = 0
+    if prompts_path is not None:
+        task = test_set(cfg, prompts_path, tok, params.max_new_tokens)
+        dropped = task.dropped
     prompts = task.eval_prompts()
     gen = torch.Generator().manual_seed(seed)
     completions: list[str] = []
@@ -106,7 +113,33 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
         failed=len(scores) - len(valid),
         with_target=len(matched),
         reward_parts={name: _mean([v for v in values if v is not None]) for name, values in parts.items()},
+        left_out=dropped,
     )
+
+
+def test_set(cfg: Config, path: str, tokenizer, max_new_tokens: int):
+    """The prompts of another file than the run's (`distpg eval --prompts FILE`: a test set), every one an
+    evaluation prompt, encoded with the run's tokenizer and scored with its reward functions (a batched one
+    gets this file's columns). Prompts that the model cannot hold with the run's completion budget (or longer
+    than its task.max_prompt_tokens) are left out, and counted.
+
+    Raises:
+        ConfigError naming --prompts and what is wrong (a run of another task, a file it cannot read, a
+        character the run's tokenizer cannot write).
+    """
+    from distpg.tasks import PromptsTask
+
+    if cfg.task.name != "prompts":
+        raise ConfigError(f"distpg eval --prompts {path}: scores a file's prompts with a run's task.reward, for a run "
+                          f"of task.name=prompts; this run's task is {cfg.task.name!r}, scored on its held-out "
+                          "prompts (without --prompts)")
+    room = cfg.model.n_positions - max_new_tokens
+    limit = min(room, cfg.task.max_prompt_tokens or room)
+    try:
+        return PromptsTask(replace(cfg.task, prompts_path=str(path), max_prompt_tokens=limit), tokenizer,
+                           eval_only=True)
+    except ValueError as e:
+        raise ConfigError(f"distpg eval --prompts {path}: {e}") from None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -238,3 +238,53 @@ def test_exact_match_counts_only_the_held_out_prompts_with_a_reference(tmp_path,
     assert main(["eval", str(run), "--samples", "0", "--json", str(tmp_path / "e.json")]) == 0
     assert "exact_match n/a (no held-out prompt has a reference)" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["exact_match"] is None
+
+
+def test_eval_scores_a_test_file_with_the_runs_tokenizer_reward_functions_and_budget(tmp_path, capsys,
+                                                                                      pack_every_weight):
+    """`distpg eval RUN --prompts FILE`: every prompt of another file (a test set), in file order, encoded with
+    the run's character tokenizer (built from its training file), scored by its reward functions (a batched one
+    gets the test file's columns) with its completion budget; a prompt the model cannot hold with that budget is
+    left out and counted; a run of another task, or a character the run never saw, is refused naming --prompts."""
+    from distpg import checkpoint
+    from distpg.cli import main
+    from distpg.config import ConfigError, dump_run_config
+    from distpg.rollout import sampling_params
+
+    words = ["ant", "bee", "cat", "owl", "eel", "fox", "gnu", "emu"]
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w, "id": i}) + "\n"
+                                  for i, w in enumerate(words)))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={train_file}", "task.num_eval=2",
+                       "task.reward=[tests.user_rewards:length_unless_vowel, tests.user_rewards:id_unless_zero]")
+    learner = Learner(cfg)
+    budget = sampling_params(cfg, task_for(cfg)).max_new_tokens
+    assert budget == 4  # the longest reference + 1 (the test file, without references, would have 32)
+    room = cfg.model.n_positions - budget  # "say " + k letters + ":" is k + 5 characters
+    tests = ["say gnat:", "say nag:", "say one:", "say " + "a" * (room - 5) + ":", "say " + "a" * (room - 4) + ":"]
+    test_file.write_text("".join(json.dumps({"prompt": p, "id": 10 + i}) + "\n" for i, p in enumerate(tests)))
+    result = evaluate(cfg, learner.model.eval(), prompts_path=str(test_file))
+    assert [p for p, *_ in result.samples] == tests[:4] and result.left_out == 1  # the last: one token too long
+    completions = [c for _, c, _, _ in result.samples]
+    assert all(len(c) <= budget for c in completions) and max(map(len, completions)) >= 3  # the run's budget
+    # "one" and "aaa...": a vowel, scored by the id alone
+    assert [r for *_, r in result.samples] == pytest.approx([len(completions[0]) + 0.10, len(completions[1]) + 0.11,
+                                                             0.12, 0.13])
+    assert result.reward_parts["id_unless_zero"] == pytest.approx(0.115)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_run_config(cfg))
+    checkpoint.save(run, 1, learner.state(), keep=1)
+    assert main(["eval", str(run), "--prompts", str(test_file), "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"left out 1 prompts of {test_file} longer than the model holds" in out
+    assert f"prompts of {test_file}: 4 | reward_mean" in out and "exact_match n/a (no prompt has a reference)" in out
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["prompts_path"] == str(test_file) and record["num_prompts"] == 4 and record["left_out"] == 1
+
+    test_file.write_text(json.dumps({"prompt": "say yak:", "id": 1}) + "\n")  # 'y' and 'k': not in the training file
+    with pytest.raises(ConfigError, match=rf"distpg eval --prompts {test_file}: .*cannot encode the prompt 'say yak:'"):
+        evaluate(cfg, learner.model, prompts_path=str(test_file))
+    with pytest.raises(ConfigError, match="for a run of task.name=prompts; this run's task is 'reverse'"):
+        evaluate(small_config(), learner.model, prompts_path=str(test_file))

@@ -279,7 +279,9 @@ class PromptsTask:
 
     name = "prompts"
 
-    def __init__(self, cfg, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, cfg, tokenizer: Tokenizer | None = None, eval_only: bool = False) -> None:
+        """`eval_only`: every prompt of the file is an evaluation prompt (`distpg eval --prompts FILE`: a test
+        set scored with the run's tokenizer and reward functions), none is trained on."""
         if not cfg.prompts_path:
             raise ValueError("task.name=prompts needs task.prompts_path: a JSONL or Parquet file with a 'prompt' "
                              "column (and optionally 'reference')")
@@ -324,18 +326,24 @@ class PromptsTask:
                                  f"{cfg.prompts_path!r} is longer (the shortest has {min(lengths)} tokens)")
             rows, lengths = [rows[i] for i in kept], [lengths[i] for i in kept]
         self.references = dict(rows)
-        if len(rows) <= cfg.num_eval:
+        if eval_only:
+            held_out = set(range(len(rows)))
+        elif len(rows) <= cfg.num_eval:
             raise ValueError(f"task.prompts_path={cfg.prompts_path!r} has {len(rows)} distinct prompts, too few to "
                              f"hold out task.num_eval={cfg.num_eval} for evaluation and train on the rest; "
                              "lower task.num_eval")
-        held_out = set(np.random.default_rng(cfg.eval_seed).permutation(len(rows))[: cfg.num_eval].tolist())
+        else:
+            held_out = set(np.random.default_rng(cfg.eval_seed).permutation(len(rows))[: cfg.num_eval].tolist())
         self._eval = [p for i, (p, _) in enumerate(rows) if i in held_out]  # in file order
         self._train = [p for i, (p, _) in enumerate(rows) if i not in held_out]
         self.max_prompt_len = max(lengths)
         self.longest = rows[lengths.index(self.max_prompt_len)][0]
         refs = [reference_text(r) for _, r in rows if r is not None]
-        self.max_new_tokens = (max(len(_encode(tokenizer, r, "reference", cfg.prompts_path)) for r in refs) + 1 if refs
-                               else DEFAULT_MAX_NEW_TOKENS)
+        if eval_only:  # scored with the run's completion budget; a reference is only compared as text
+            self.max_new_tokens = None
+        else:
+            self.max_new_tokens = (max(len(_encode(tokenizer, r, "reference", cfg.prompts_path)) for r in refs) + 1
+                                   if refs else DEFAULT_MAX_NEW_TOKENS)
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
         """n training prompts, drawn uniformly with repeats; never a held-out one."""
