@@ -129,6 +129,10 @@ class RolloutConfig:
     temperature: float = _f(1.0, "sampling temperature, > 0; the learner follows softmax(logits / temperature) too")
     top_k: int = _f(0, "keep only the k most likely tokens (0: off)")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0: off)")
+    stop: str | list | None = _f(
+        None, "stop strings: a completion ends with the token that completes the first of them in its text (kept "
+        "in it; the tokens sampled after it are dropped, as if never sampled), e.g. [\"\\n\"] (null: only <eos> "
+        "ends one)")
     dtype: str = _f(
         "float32", "precision the workers sample in; bfloat16 halves the bytes each decode step reads (the learner "
         "stays float32 and corrects every sample by pi/mu as algo.off_policy says, as it does stale ones)",
@@ -430,6 +434,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"learner.num_gpus={cfg.learner.num_gpus}: Ray allows a fraction below 1 or a whole number")
     _validate_node_resources(cfg)
     _validate_rewards(cfg.task)
+    if isinstance(cfg.rollout.stop, list) and not stop_strings(cfg.rollout):
+        raise ConfigError("rollout.stop=[]: give at least one stop string, or null")
+    bad = next((s for s in stop_strings(cfg.rollout) if not isinstance(s, str) or not s), None)
+    if bad is not None:
+        raise ConfigError(f"rollout.stop: {bad!r} is not a stop string (a non-empty string: quote a number, "
+                          "\"\\n\" for a newline)")
 
 
 def node_resources(cfg: Config) -> tuple[list[str], str | None]:
@@ -453,6 +463,11 @@ def _validate_node_resources(cfg: Config) -> None:
 
 
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def stop_strings(rollout: RolloutConfig) -> list[str]:
+    """rollout.stop as a list (one, several, or none)."""
+    return [rollout.stop] if isinstance(rollout.stop, str) else list(rollout.stop or [])
 
 
 def reward_specs(task: TaskConfig) -> list[str]:

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from distpg import checkpoint, kernels, rewards
-from distpg.config import Config, ConfigError, load_run_config
+from distpg.config import Config, ConfigError, load_run_config, stop_strings
 from distpg.generate import generate
 from distpg.model import GPT
 from distpg.policy import initial_policy, task_for
-from distpg.rollout import reward_isolation, sampling_params
+from distpg.rollout import cut_at_stops, reward_isolation, sampling_params
 
 
 @dataclass
@@ -93,7 +93,9 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
             chunk = prompts[s : s + batch_size]
             out = generate(model, [tok.encode(p) for p in chunk], params, gen, pad_id=tok.pad_id,
                            weights_key=same_weights)
-            completions += [tok.decode(r) for r in out.rows()]
+            rows = out.rows()
+            cut_at_stops(rows, [], [False] * len(rows), tok, stop_strings(cfg.rollout))  # as in training
+            completions += [tok.decode(r) for r in rows]
     finally:
         kernels.release(model)
     # as in training: a user's reward function runs in a killable child with rollout.reward_timeout_s

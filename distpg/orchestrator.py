@@ -49,6 +49,7 @@ from distpg.config import (
     dump_run_config,
     node_resources,
     snapshot_prompts,
+    stop_strings,
 )
 from distpg.learner import Learner
 from distpg.metrics import MetricsLogger, read_records
@@ -179,6 +180,13 @@ def validate_with_task(cfg: Config, task) -> None:
                     f"model.init_from={cfg.model.init_from!r}: its tokenizer cannot encode task {task.name!r}'s "
                     f"prompt {prompt!r} ({e}); a character policy exported by distpg knows only its own task's "
                     "characters") from None
+    for stop in stop_strings(cfg.rollout):
+        try:
+            task.tokenizer.encode(stop)
+        except Exception:  # a character tokenizer raises KeyError or ValueError; `tokenizers` its own types
+            raise ConfigError(f"rollout.stop: the policy's tokenizer cannot write {stop!r}, so it would never end a "
+                              f"completion (a character tokenizer knows only the characters of task {task.name!r})") \
+                from None
     params = sampling_params(cfg, task)
     need = task.max_prompt_len + params.max_new_tokens
     if need > cfg.model.n_positions:

@@ -13,7 +13,7 @@ import torch
 
 from distpg import kernels, rewards
 from distpg.batch import make_batch
-from distpg.config import Config
+from distpg.config import Config, stop_strings
 from distpg.generate import SamplingParams, generate
 from distpg.memory import retain_freed_memory
 from distpg.policy import initial_policy
@@ -28,6 +28,43 @@ def sampling_params(cfg: Config, task) -> SamplingParams:
         top_p=cfg.rollout.top_p,
         stop_token=task.tokenizer.eos_id,
     )
+
+
+def stop_lengths(rows: list[list[int]], tokenizer, stops: list[str]) -> list[int | None]:
+    """For each completion, its length up to and including the token that completes the first of `stops` in
+    its text, None where its text holds none. A binary search over its prefixes: once a prefix's text holds a
+    stop string, every longer prefix's does."""
+    def stopped(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids)
+        return any(s in text for s in stops)
+
+    out = []
+    for row in rows:
+        if not stops or not stopped(row):
+            out.append(None)
+            continue
+        lo, hi = 1, len(row)  # the shortest stopped prefix is in [lo, hi]; the whole row is stopped
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if stopped(row[:mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        out.append(lo)
+    return out
+
+
+def cut_at_stops(rows: list[list[int]], per_token: list[list[list]], truncated: list[bool], tokenizer,
+                 stops: list[str]) -> None:
+    """Cut each completion (and its per-token lists) after the token that completes a stop string (see
+    `stop_lengths`), in place: the tokens sampled after it are dropped as if never sampled, and a cut
+    completion is not truncated."""
+    for i, n in enumerate(stop_lengths(rows, tokenizer, stops)):
+        if n is not None:
+            rows[i] = rows[i][:n]
+            for values in per_token:
+                values[i] = values[i][:n]
+            truncated[i] = False
 
 
 def reward_isolation(cfg: Config) -> str:
@@ -58,6 +95,7 @@ class RolloutWorker:
         self.params = sampling_params(cfg, self.task)
         self.reward_isolation = reward_isolation(cfg)
         self.reward_parts = rewards.reward_parts(self.task)
+        self.stops = stop_strings(cfg.rollout)
         self.version: int | None = None  # no weights received yet
 
     def set_weights(self, msg: WeightsMessage) -> int:
@@ -119,6 +157,10 @@ class RolloutWorker:
 
         logprobs = generated(out.logprobs)
         policy_logprobs = logprobs if out.policy_logprobs is out.logprobs else generated(out.policy_logprobs)
+        truncated = out.truncated.cpu().tolist()
+        if self.stops:
+            per_token = [logprobs] if policy_logprobs is logprobs else [logprobs, policy_logprobs]
+            cut_at_stops(completion_tokens, per_token, truncated, self.tokenizer, self.stops)
         texts = [self.tokenizer.decode(t) for t in completion_tokens]
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
@@ -137,7 +179,7 @@ class RolloutWorker:
                 "completion_policy_logprobs": policy_logprobs,
                 "reward": reward,
                 "reward_ok": ok,
-                "truncated": out.truncated.cpu().tolist(),
+                "truncated": truncated,
                 "prompt_text": rep_prompts,
                 "completion_text": texts,
             }

@@ -80,3 +80,46 @@ def test_a_worker_on_cuda_copies_the_handed_weights_to_the_device():
     assert gpu.version == 1 and gpu.flat.held is None and gpu.flat.flat.is_cuda
     for a, b in zip(learner.model.parameters(), gpu.model.parameters()):
         assert b.is_cuda and torch.equal(a.detach().cpu(), b.cpu())
+
+
+def test_stop_strings_cut_each_completion_after_the_token_that_completes_one(pack_every_weight):
+    """rollout.stop: the same samples as without it (the same seed and weights), each cut after the token that
+    completes the first stop string in its text: tokens, both log-prob lists and the text cut together, not
+    truncated; completions without one unchanged. The learner takes the cut batch; eval cuts the same way."""
+    from distpg.evaluate import evaluate
+
+    plain, cfg = small_config("task.length=6"), small_config("task.length=6", "rollout.stop=[ab, c]")
+    learner = Learner(plain)
+    v0 = learner.get_weights()
+    before = RolloutWorker(plain, 0).sample(PROMPTS, IDS, seed=0, weights=v0)
+    after = RolloutWorker(cfg, 0).sample(PROMPTS, IDS, seed=0, weights=v0)
+    decode, cut = RolloutWorker(cfg, 0).tokenizer.decode, 0
+    for x, y in zip(before.to_pylist(), after.to_pylist()):
+        tokens = x["completion_tokens"]  # the first prefix whose text holds a stop string, token by token
+        n = next((k for k in range(1, len(tokens) + 1) if "ab" in decode(tokens[:k]) or "c" in decode(tokens[:k])),
+                 None)
+        if n is None:
+            assert y == x
+            continue
+        cut += 1
+        assert y["completion_tokens"] == tokens[:n] and y["completion_text"] == decode(tokens[:n])
+        text = y["completion_text"]
+        assert text.endswith(("ab", "c")) and text.count("c") + text.count("ab") == 1
+        for name in ("completion_logprobs", "completion_policy_logprobs"):
+            assert y[name] == x[name][:n]
+        assert y["truncated"] is False
+    assert 0 < cut < before.num_rows
+    learner.update(after)  # a valid batch
+
+    for c in [c for _, c, _, _ in evaluate(cfg, learner.model.eval(), temperature=1.0).samples]:
+        ends = [c.find(s) + len(s) for s in ("ab", "c") if s in c]
+        assert not ends or min(ends) == len(c), c
+
+    from distpg.config import ConfigError
+    from distpg.orchestrator import validate_with_task
+    from distpg.policy import task_for
+
+    never = small_config("task.length=6", r'rollout.stop=[ab, "\n"]')  # the task's characters have no newline
+    with pytest.raises(ConfigError, match=r"rollout.stop: the policy's tokenizer cannot write '\\n', so it would "
+                                          "never end a completion"):
+        validate_with_task(never, task_for(never))
