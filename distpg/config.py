@@ -209,6 +209,11 @@ class LearnerConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     micro_batch_size: int = _f(0, "samples per forward/backward pass, to fit memory (0: whole batch)")
+    epochs: int = _f(1, "passes over each step's batch (PPO's epochs, TRL's num_iterations, OpenRLHF's max_epochs): "
+                     "after the first optimizer step the samples are off-policy, corrected by algo.off_policy "
+                     "(clipped: PPO's surrogate)")
+    mini_batches: int = _f(1, "optimizer steps per pass: the step's batch split into this many parts of whole "
+                           "prompt groups (PPO's mini-batches), the baselines computed over the whole batch first")
     max_consecutive_skips: int = _f(
         10, "updates skipped in a row for a non-finite loss or gradient before the run stops")
     num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")
@@ -363,12 +368,22 @@ def _validate(cfg: Config) -> None:
         "log.rollout_flush_every": cfg.log.rollout_flush_every,
         "log.print_every": cfg.log.print_every,
         "log.sample_every": cfg.log.sample_every,
+        "learner.epochs": cfg.learner.epochs,
+        "learner.mini_batches": cfg.learner.mini_batches,
     }
     for path, value in positive.items():
         if value < 1:
             raise ConfigError(f"{path}={value}: must be at least 1")
     if cfg.rollout.max_new_tokens is not None and cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: must be at least 1 (or null)")
+    if cfg.learner.mini_batches > cfg.rollout.prompts_per_step:
+        raise ConfigError(f"learner.mini_batches={cfg.learner.mini_batches} is more than the "
+                          f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} prompt groups a step's batch "
+                          "holds; a mini-batch holds whole groups")
+    if (cfg.learner.epochs > 1 or cfg.learner.mini_batches > 1) and cfg.algo.off_policy == "none":
+        raise ConfigError(f"learner.epochs={cfg.learner.epochs} and learner.mini_batches={cfg.learner.mini_batches} "
+                          "take several optimizer steps on a batch, and after the first its samples are off-policy: "
+                          "algo.off_policy=none would ignore that (a biased gradient); use clipped (PPO) or truncated")
     if cfg.algo.baseline == "group" and cfg.rollout.group_size < 2:
         raise ConfigError(
             f"algo.baseline=group needs rollout.group_size >= 2 (got {cfg.rollout.group_size}): the "

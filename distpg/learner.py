@@ -1,9 +1,10 @@
 """Learner: a plain class holding the policy being trained and its optimizer.
 
 `update(*batches)` validates the trajectory batches, computes advantages, recomputes log-probabilities
-in one batched forward (micro-batches only to fit memory), takes one optimizer step, bumps the policy
-version and returns the metrics and the new weights. A step whose loss or gradient is not finite is
-skipped: parameters, optimizer state and version stay as they were.
+in one batched forward (micro-batches only to fit memory), takes one optimizer step (learner.epochs x
+learner.mini_batches of them, the steps after the first correcting every sample as off-policy), bumps the
+policy version and returns the metrics and the new weights. An optimizer step whose loss or gradient is not
+finite is skipped: parameters and optimizer state stay as they were (the version still counts the update).
 
 The orchestrator makes it a Ray actor; tests construct it directly.
 """
@@ -122,10 +123,9 @@ class Learner:
         stale = (staleness > 0) | (rc.dtype != "float32") | filters(rc.temperature, rc.top_k, rc.top_p)
         ac = self.cfg.algo
         mb = self.cfg.learner.micro_batch_size or B
-        chunks = [slice(s, s + mb) for s in range(0, B, mb)]
+        chunks = [slice(s, s + mb) for s in range(0, B, mb)]  # for the reference policy's forward
         lengths = [int(b.response_mask[idx].any(0).nonzero().max()) + 1 for idx in chunks]  # trim padding
         prompt_len = b.response_mask.int().argmax(1)  # each row's first completion token follows its prompt
-        num_tokens = int(b.response_mask.sum())
 
         # KL to the reference policy: K_i = Σ_t k_t with log π from the sampler's policy (= πθ on-policy); its
         # score-function part enters through the rewards, its pathwise part through the loss below.
@@ -147,51 +147,6 @@ class Learner:
         scale = algo.whiten(torch.ones_like(adv), rewards, ok, ac.whiten).reshape(B)
         adv, valid = adv.reshape(B) * scale, valid.reshape(B)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = ent_sum = kl_sum = value_loss_sum = 0.0
-        corrected = 0
-        for idx, L in zip(chunks, lengths):
-            tokens, mask = b.tokens[idx, :L], b.response_mask[idx, 1:L]
-            # model(tokens[:, :-1]): (b, L-1, V), and (b, L-1, C) for the value head; a group's prompt once
-            out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[idx],
-                                         return_hidden=self.value_head is not None)
-            logits, hidden = out if self.value_head is not None else (out, None)
-            logits = self.tempered(logits)
-            logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
-            grad_mask = mask & valid[idx, None]
-            sample_adv = adv[idx]
-            loss = torch.zeros((), device=logp.device)
-            if self.value_head is not None:
-                values = self.value_head(hidden.detach()).squeeze(-1)  # (b, L-1): V(s_t) for the token at t
-                sample_adv = algo.value_advantages(returns[idx], values) * scale[idx, None]
-                err = torch.where(grad_mask, values - returns[idx, None], 0.0)
-                value_loss = ac.value_coef * (err**2).sum() / max(1, num_tokens)
-                loss = loss + value_loss
-                value_loss_sum += value_loss.item()
-            pg, n_corrected = algo.off_policy_loss(
-                logp, b.old_logprobs[idx, 1:L], grad_mask, sample_adv, stale[idx], num_samples=B,
-                mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps, agg=ac.loss_agg, num_tokens=num_tokens,
-                policy_logprobs=b.policy_logprobs[idx, 1:L],
-            )
-            loss = loss + pg
-            corrected += int(n_corrected)
-            # the chunk's share of the batch's response tokens: the entropy and the KL diagnostic are means
-            # over every response token of the batch, so micro-batching must not change them
-            n = int(mask.sum()) / max(1, num_tokens)
-            if self.ref_model is not None:
-                norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
-                loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[idx, 1:L], grad_mask, ac.kl_estimator, norm)
-            ent = algo.entropy(logits, mask)
-            if ac.entropy_coef > 0:
-                loss = loss - ac.entropy_coef * ent * n
-            loss.backward()
-            loss_sum += loss.item()
-            with torch.no_grad():
-                ent_sum += ent.item() * n
-                kl_sum += algo.kl_k3(logp, b.policy_logprobs[idx, 1:L], mask).item() * n
-
-        grad_norm = self._grad_norm()
-        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         # The version counts updates attempted: a skipped one publishes unchanged weights under the next
         # version, so version == step always holds (the async schedule relies on it).
         self.version += 1
@@ -201,14 +156,114 @@ class Learner:
             group["lr"] = lr
         if self.ledger is not None:  # (prompt_id, sample_idx, version of this update): consumed once, used or not
             self.ledger.append(torch.stack([b.prompt_id, b.sample_idx, torch.full_like(b.prompt_id, self.version)]))
-        if not bool(valid.any()):
-            pass  # no sample carries gradient (every reward failed): an optimizer step would only replay momentum
-        elif finite:
+        # learner.epochs passes over the batch, each split into learner.mini_batches parts of whole prompt groups,
+        # an optimizer step each (PPO's epochs and mini-batches). After the first step the learner's policy is no
+        # longer the one that sampled: every sample is off-policy, corrected by algo.off_policy (clipped: PPO's
+        # surrogate around the sampling version's policy)
+        groups = B // G
+        bounds = [G * (groups * m // lc.mini_batches) for m in range(lc.mini_batches + 1)]
+        parts = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        diagnostics, corrected, off_tokens, taken = [], 0, 0, False
+        for epoch in range(lc.epochs):
+            for m, rows in enumerate(parts):
+                off_policy = stale[rows] if epoch == 0 and m == 0 else torch.ones_like(stale[rows])
+                step = self._optimizer_step(b, rows, adv, valid, scale, returns, ref_lp, off_policy, prompt_len)
+                if step is None:  # no sample of this part carries gradient (every reward failed)
+                    continue
+                diagnostics.append(step)
+                corrected += step.pop("corrected")
+                off_tokens += int((b.response_mask[rows] & off_policy[:, None]).sum())
+                taken |= step.pop("taken")
+        if taken and bool(ok.any()):
+            self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
+
+        def mean(key: str) -> float:
+            return sum(d[key] for d in diagnostics) / len(diagnostics) if diagnostics else 0.0
+
+        learn_s = time.perf_counter() - t0
+        metrics = {
+            "learner/loss": mean("loss"),
+            "learner/grad_norm": mean("grad_norm"),
+            "learner/lr": lr,
+            "learner/entropy": mean("entropy"),
+            "learner/kl": mean("kl"),
+            "learner/skipped_steps": self.skipped_steps,
+            "learner/value_loss": mean("value_loss"),
+            "learner/kl_ref": float(kl_seq.mean()),
+            "learner/baseline_ema": self.ema if self.ema is not None else 0.0,
+            "policy/version": self.version,
+            "rollout/staleness_mean": float(staleness.float().mean()),
+            "rollout/staleness_max": int(staleness.max()),
+            "learner/offpolicy_corrected_frac": corrected / max(1, off_tokens),
+            "perf/learner_tokens_per_s": float(b.response_mask.shape[0] * b.tokens.shape[1]) / learn_s,
+            "perf/learner_compute_s": learn_s,
+        }
+        return metrics
+
+    def _optimizer_step(self, b: LearnerBatch, rows: slice, adv: torch.Tensor, valid: torch.Tensor,
+                        scale: torch.Tensor, returns: torch.Tensor, ref_lp: torch.Tensor, stale: torch.Tensor,
+                        prompt_len: torch.Tensor) -> dict | None:
+        """One optimizer step on the samples `rows` of the batch (the whole batch, or a mini-batch of whole
+        prompt groups), in micro-batches of learner.micro_batch_size; `stale` marks the samples to correct as
+        off-policy. Returns its diagnostics (None, and no step, where no sample carries gradient); skips the step
+        where the loss or the gradient is not finite."""
+        ac = self.cfg.algo
+        if not bool(valid[rows].any()):
+            return None  # an optimizer step would only replay momentum
+        B, num_tokens = rows.stop - rows.start, int(b.response_mask[rows].sum())
+        mb = self.cfg.learner.micro_batch_size or B
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = ent_sum = kl_sum = value_loss_sum = 0.0
+        corrected = 0
+        for lo in range(0, B, mb):
+            chunk = slice(rows.start + lo, min(rows.start + lo + mb, rows.stop))
+            L = int(b.response_mask[chunk].any(0).nonzero().max()) + 1  # trim padding
+            tokens, mask = b.tokens[chunk, :L], b.response_mask[chunk, 1:L]
+            # model(tokens[:, :-1]): (b, L-1, V), and (b, L-1, C) for the value head; a group's prompt once
+            out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[chunk],
+                                         return_hidden=self.value_head is not None)
+            logits, hidden = out if self.value_head is not None else (out, None)
+            logits = self.tempered(logits)
+            logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
+            grad_mask = mask & valid[chunk, None]
+            sample_adv = adv[chunk]
+            loss = torch.zeros((), device=logp.device)
+            if self.value_head is not None:
+                values = self.value_head(hidden.detach()).squeeze(-1)  # (b, L-1): V(s_t) for the token at t
+                sample_adv = algo.value_advantages(returns[chunk], values) * scale[chunk, None]
+                err = torch.where(grad_mask, values - returns[chunk, None], 0.0)
+                value_loss = ac.value_coef * (err**2).sum() / max(1, num_tokens)
+                loss = loss + value_loss
+                value_loss_sum += value_loss.item()
+            pg, n_corrected = algo.off_policy_loss(
+                logp, b.old_logprobs[chunk, 1:L], grad_mask, sample_adv, stale[lo:lo + mb], num_samples=B,
+                mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps, agg=ac.loss_agg, num_tokens=num_tokens,
+                policy_logprobs=b.policy_logprobs[chunk, 1:L],
+            )
+            loss = loss + pg
+            corrected += int(n_corrected)
+            # the chunk's share of the part's response tokens: the entropy and the KL diagnostic are means over
+            # every response token of the part, so micro-batching must not change them
+            n = int(mask.sum()) / max(1, num_tokens)
+            if self.ref_model is not None:
+                norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
+                loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[chunk, 1:L], grad_mask, ac.kl_estimator,
+                                                            norm)
+            ent = algo.entropy(logits, mask)
+            if ac.entropy_coef > 0:
+                loss = loss - ac.entropy_coef * ent * n
+            loss.backward()
+            loss_sum += loss.item()
+            with torch.no_grad():
+                ent_sum += ent.item() * n
+                kl_sum += algo.kl_k3(logp, b.policy_logprobs[chunk, 1:L], mask).item() * n
+
+        grad_norm = self._grad_norm()
+        taken = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if taken:
             if self.cfg.learner.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable(), self.cfg.learner.grad_clip)
             self.optimizer.step()
-            if bool(ok.any()):
-                self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
             self.consecutive_skips = 0
         else:
             self.skipped_steps += 1
@@ -221,25 +276,8 @@ class Learner:
                     f"{limit}. Lower learner.lr, check the reward scale, or resume from the latest checkpoint"
                 )
         self.optimizer.zero_grad(set_to_none=True)
-        learn_s = time.perf_counter() - t0
-        metrics = {
-            "learner/loss": loss_sum,
-            "learner/grad_norm": grad_norm,
-            "learner/lr": lr,
-            "learner/entropy": ent_sum,
-            "learner/kl": kl_sum,
-            "learner/skipped_steps": self.skipped_steps,
-            "learner/value_loss": value_loss_sum,
-            "learner/kl_ref": float(kl_seq.mean()),
-            "learner/baseline_ema": self.ema if self.ema is not None else 0.0,
-            "policy/version": self.version,
-            "rollout/staleness_mean": float(staleness.float().mean()),
-            "rollout/staleness_max": int(staleness.max()),
-            "learner/offpolicy_corrected_frac": corrected / max(1, int((b.response_mask & stale[:, None]).sum())),
-            "perf/learner_tokens_per_s": float(b.response_mask.shape[0] * b.tokens.shape[1]) / learn_s,
-            "perf/learner_compute_s": learn_s,
-        }
-        return metrics
+        return {"loss": loss_sum, "grad_norm": grad_norm, "entropy": ent_sum, "kl": kl_sum,
+                "value_loss": value_loss_sum, "corrected": corrected, "taken": taken}
 
     def _grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

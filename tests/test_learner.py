@@ -327,3 +327,44 @@ def test_the_default_schedule_is_the_constant_rate():
     learner, worker = setup()
     batch = worker.sample(["abcd="], [0], seed=0)
     assert [learner.update(batch)[0]["learner/lr"] for _ in range(2)] == [learner.cfg.learner.lr] * 2
+
+
+@pytest.mark.parametrize("epochs, mini_batches", [(2, 1), (1, 2), (3, 2)])
+def test_epochs_and_mini_batches_are_updates_on_the_parts_with_the_samples_corrected_as_off_policy(epochs,
+                                                                                                   mini_batches):
+    """learner.epochs x learner.mini_batches optimizer steps on one step's batch are as many plain updates, one
+    per (pass, part of whole prompt groups) in that order, each after the first seeing its samples one version
+    stale or more, so that algo.off_policy=clipped takes PPO's surrogate around the sampling policy; with the
+    group baseline (per group: the same on a part) the parameters and Adam's moments come out the same. The
+    version still counts one update per step."""
+    sets = ["rollout.prompts_per_step=4", "algo.baseline=group"]
+    learner, worker = setup(*sets, f"learner.epochs={epochs}", f"learner.mini_batches={mini_batches}")
+    reference, _ = setup(*sets)
+    batch = worker.sample(["abcd=", "dcba=", "bbad=", "cacb="], [0, 1, 2, 3], seed=0)  # prompt-major, G rows each
+    metrics, weights = learner.update(batch)
+    G, groups = 4, 4
+    bounds = [G * (groups * m // mini_batches) for m in range(mini_batches + 1)]
+    losses = [reference.learn(batch.slice(lo, hi - lo))["learner/loss"]
+              for _ in range(epochs) for lo, hi in zip(bounds, bounds[1:])]
+    assert learner.version == weights.version == 1 and reference.version == epochs * mini_batches
+    params, ref_params = snapshot(learner)[0], snapshot(reference)[0]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(params, ref_params))
+    for p, q in zip(learner.model.parameters(), reference.model.parameters()):
+        mine, ref = learner.optimizer.state[p], reference.optimizer.state[q]
+        assert float(mine["step"]) == float(ref["step"]) == epochs * mini_batches  # Adam steps
+        assert torch.allclose(mine["exp_avg"], ref["exp_avg"], rtol=0, atol=1e-7)
+    assert metrics["learner/loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5, abs=1e-7)
+    assert metrics["learner/offpolicy_corrected_frac"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(params, snapshot(setup(*sets)[0])[0]))  # it did learn
+
+
+def test_epochs_need_an_off_policy_correction_and_mini_batches_whole_groups():
+    from distpg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="learner.epochs=2 and learner.mini_batches=1 take several optimizer steps "
+                                          "on a batch.*use clipped \\(PPO\\) or truncated"):
+        small_config("learner.epochs=2", "algo.off_policy=none")
+    with pytest.raises(ConfigError, match="learner.mini_batches=5 is more than the rollout.prompts_per_step=4"):
+        small_config("learner.mini_batches=5")
+    with pytest.raises(ConfigError, match="learner.epochs=0: must be at least 1"):
+        small_config("learner.epochs=0")
