@@ -51,6 +51,9 @@ class RunConfig:
                                  "checkpoint (a --resume counts afresh: a time slot per job; null: no limit)")
     checkpoint_every: int = _f(100, "write a checkpoint every this many steps (and always at the end)")
     keep_checkpoints: int = _f(3, "how many of the newest complete checkpoints to keep")
+    eval_every: int | None = _f(
+        None, "score the learner's policy on the held-out prompts (greedy, as distpg eval) every this many steps "
+        "and at the end: RUN_DIR/eval.jsonl and eval/* in TensorBoard (null: off)")
 
 
 @dataclass(frozen=True)
@@ -374,6 +377,8 @@ def _validate(cfg: Config) -> None:
     for path, value in positive.items():
         if value < 1:
             raise ConfigError(f"{path}={value}: must be at least 1")
+    if cfg.run.eval_every is not None and cfg.run.eval_every < 1:
+        raise ConfigError(f"run.eval_every={cfg.run.eval_every}: must be at least 1 (or null: no evaluation)")
     if cfg.rollout.max_new_tokens is not None and cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: must be at least 1 (or null)")
     if cfg.learner.mini_batches > cfg.rollout.prompts_per_step:

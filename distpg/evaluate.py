@@ -30,6 +30,15 @@ class EvalResult:
     # mean over the prompts it scored (None: it scored none)
 
 
+def eval_metrics(res: EvalResult) -> dict:
+    """An evaluation's figures as metrics (`run.eval_every`'s eval.jsonl and TensorBoard): eval/reward_mean,
+    eval/exact_match (null without references), eval/failed_rewards and eval/rewards/NAME of each of several
+    reward functions."""
+    return {"eval/reward_mean": res.reward_mean, "eval/exact_match": res.exact_match,
+            "eval/failed_rewards": res.failed, "eval/num_prompts": res.num_prompts,
+            **{f"eval/rewards/{name}": v for name, v in res.reward_parts.items()}}
+
+
 def exact_match(completion: str, target: str) -> bool:
     """The completion is the target, up to whitespace at either end (a GPT-2-style tokenizer's completion
     usually starts with a space; a reference in a prompts file usually does not)."""
@@ -74,10 +83,11 @@ def load_initial_policy(run_dir: Path) -> tuple[Config, GPT]:
 
 
 def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256,
-             prompts_path: str | None = None) -> EvalResult:
+             prompts_path: str | None = None, task=None) -> EvalResult:
     """Mean reward and exact-match rate (see `exact_match`) on the held-out prompts (greedy by default), or on
-    every prompt of `prompts_path` (a test set of a `prompts` run: see `test_set`)."""
-    task = task_for(cfg)
+    every prompt of `prompts_path` (a test set of a `prompts` run: see `test_set`). `task`: the config's task,
+    if built already."""
+    task = task or task_for(cfg)
     tok = task.tokenizer
     params = replace(sampling_params(cfg, task), temperature=temperature)  # the run's completion budget
     dropped = 0
@@ -85,7 +95,7 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
         task = test_set(cfg, prompts_path, tok, params.max_new_tokens)
         dropped = task.dropped
     prompts = task.eval_prompts()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     completions: list[str] = []
     same_weights = object()  # the weights do not change during this loop: laid out for oneDNN once
     try:

@@ -24,7 +24,7 @@ from distpg.config import Config
 from distpg.generate import filters
 from distpg.memory import retain_freed_memory
 from distpg.model import forward_shared_prompts, token_logprobs
-from distpg.policy import initial_policy
+from distpg.policy import initial_policy, task_for
 from distpg.weights import FlatParams, WeightsMessage
 
 
@@ -73,6 +73,7 @@ class Learner:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.ledger: list[torch.Tensor] | None = [] if cfg.log.ledger else None
+        self.eval_task = None  # the task, built for the first `evaluate`
 
     def trainable(self) -> list[torch.nn.Parameter]:
         head = list(self.value_head.parameters()) if self.value_head is not None else []
@@ -284,6 +285,20 @@ class Learner:
         if not grads:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def evaluate(self) -> dict:
+        """The current policy's figures on the task's held-out prompts, greedy, as `distpg eval` scores them
+        (`run.eval_every`), with the version scored. A reward function that fails on every prompt raises
+        RewardError."""
+        from distpg.evaluate import eval_metrics, evaluate
+
+        if self.eval_task is None:
+            self.eval_task = task_for(self.cfg)
+        self.model.eval()
+        try:
+            return {"version": self.version, **eval_metrics(evaluate(self.cfg, self.model, task=self.eval_task))}
+        finally:
+            self.model.train()
 
     # -------------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict:

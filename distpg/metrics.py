@@ -43,6 +43,9 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+EVALS = "eval.jsonl"  # in the run folder, with run.eval_every: one record per evaluation
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, print_every: int,
                  start_step: int = 0, stream=None) -> None:
@@ -81,6 +84,23 @@ class MetricsLogger:
                 self._tb.add_text("samples", text, step)
         if step % self.print_every == 0 or step == self.total_steps:
             self._print(record)
+        return record
+
+    def log_eval(self, step: int, res: dict) -> dict:
+        """Record an evaluation made after step `step` (`run.eval_every`; `res` from `Learner.evaluate`): a line
+        of eval.jsonl, the eval/* scalars in TensorBoard at the version scored, a console line."""
+        record = {"step": step, "time_s": round(self.t_offset + time.time() - self.t_start, 4), **res}
+        with open(self.run_dir / EVALS, "a") as f:
+            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in record.items()}, allow_nan=False) + "\n")
+        if self._tb is not None:
+            for k, v in res.items():
+                if k.startswith("eval/") and v is not None:
+                    self._tb.add_scalar(k, v, res["version"])
+        exact = res["eval/exact_match"]
+        print(f"eval  {res['version']:>5} | held-out reward {res['eval/reward_mean']:.3f} | exact match "
+              f"{'n/a' if exact is None else format(exact, '.3f')} | {res['eval/num_prompts']} prompts, greedy",
+              file=self.stream, flush=True)
         return record
 
     def _print(self, r: dict) -> None:

@@ -52,7 +52,7 @@ from distpg.config import (
     stop_strings,
 )
 from distpg.learner import Learner
-from distpg.metrics import MetricsLogger, read_records
+from distpg.metrics import EVALS, MetricsLogger, read_records
 from distpg.policy import task_for
 from distpg.rewards import RewardError
 from distpg.rollout import RolloutWorker, sampling_params
@@ -673,11 +673,13 @@ class Trainer:
         self.open_outputs(start_step)
         steps = self.async_steps(start_step, version) if cfg.run.mode == "async" else self.sync_steps(start_step)
         record: dict = {}
-        step = start_step
+        step = evaluated = start_step
         try:
             for record in steps:
                 step = record["step"]
                 recent.append(record["rollout/reward_mean"])
+                if cfg.run.eval_every is not None and step % cfg.run.eval_every == 0:
+                    evaluated = self.evaluate(step)
                 if cfg.run.max_time_s is not None and time.perf_counter() - self.t_start >= cfg.run.max_time_s:
                     print(f"run.max_time_s={cfg.run.max_time_s:g} reached; stopping at step {step}", flush=True)
                     break
@@ -688,6 +690,8 @@ class Trainer:
                 if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
                     self.save(step, {"recent_rewards": list(recent)})
             steps.close()
+            if cfg.run.eval_every is not None and evaluated < step:  # the policy the run ends with
+                self.evaluate(step)
             self.save(step, {"recent_rewards": list(recent)})  # with the window: see ended_run
         except RewardFailure as e:  # a broken reward function (a service down): keep every step learned so far
             if step == 0:
@@ -700,6 +704,19 @@ class Trainer:
                 self.writer.flush()
             self.logger.close()
         return {"steps": step, "final_reward": record.get("rollout/reward_mean"), "run_dir": str(self.run_dir)}
+
+    def evaluate(self, step: int) -> int:
+        """run.eval_every: the learner's policy scored on the held-out prompts (greedy, as `distpg eval`), into
+        eval.jsonl, TensorBoard and a console line. In async mode the learner may have applied later updates
+        when the call reaches it: the record names the version scored. A reward function that fails on every
+        held-out prompt is reported, and training goes on. Returns the version scored (or `step`)."""
+        try:
+            res = wait(self.learner.evaluate.remote(), self.cfg.ray.timeout_s, f"the evaluation after step {step}")
+        except RewardFailure as e:
+            print(f"distpg: {e}; training goes on", flush=True)
+            return step
+        self.logger.log_eval(step, res)
+        return res["version"]
 
     def open_outputs(self, start_step: int) -> None:
         """Metrics logger, rollout writer and the busy-time counters of a run starting after `start_step`."""
@@ -1203,6 +1220,12 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
 
         kept = [r for r in read_records(metrics) if r["step"] <= start]  # also a last line cut off by a kill
         checkpoint.write_atomic(metrics, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    evals = run_dir / EVALS
+    if evals.exists():  # run.eval_every: the evaluations of the policies the resume does not redo
+        import json
+
+        kept = [r for r in read_records(evals) if r["version"] <= start]
+        checkpoint.write_atomic(evals, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
     # the rollouts buffered at its latest checkpoint, unless the flush that followed wrote them to their file
     unflushed = run_dir / "rollouts" / UNFLUSHED
     if unflushed.exists():

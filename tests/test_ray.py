@@ -64,7 +64,8 @@ def test_every_step_samples_with_the_version_handed_along(ray_session, tmp_path)
 def test_training_run_folder_and_determinism(ray_session, tmp_path):
     cfg = small_config("run.steps=4")
     a = train(cfg, tmp_path / "a")
-    train(cfg, tmp_path / "b")
+    evaluated = small_config("run.steps=4", "run.eval_every=2")  # scoring the held-out prompts changes nothing
+    train(evaluated, tmp_path / "b")
     train(small_config("run.steps=4", "run.seed=1"), tmp_path / "c")
     assert a["steps"] == 4
 
@@ -89,6 +90,28 @@ def test_training_run_folder_and_determinism(ray_session, tmp_path):
     # checkpoints every 2 steps and at the end
     assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == "step_000004"
     assert (tmp_path / "a" / "checkpoints" / "step_000002" / "model.safetensors").exists()
+
+    # run.eval_every=2: the learner's policy after steps 2 and 4 scored as `distpg eval` scores its checkpoints,
+    # in eval.jsonl and TensorBoard; a resume forgets the evaluations of the policies it redoes
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distpg.evaluate import evaluate, load_policy
+    from distpg.orchestrator import prepare_run_dir
+
+    run = tmp_path / "b"
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["version"]) for e in evals] == [(2, 2), (4, 4)]
+    for e in evals:
+        res = evaluate(*load_policy(run / "checkpoints" / f"step_{e['step']:06d}"))
+        assert (e["eval/reward_mean"], e["eval/exact_match"]) == (res.reward_mean, res.exact_match)
+        assert e["eval/num_prompts"] == 16 and e["eval/failed_rewards"] == 0
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(x.step, x.value) for x in acc.Scalars("eval/reward_mean")] == \
+        [(e["version"], pytest.approx(e["eval/reward_mean"])) for e in evals]
+    (run / "checkpoints" / "latest").write_text("step_000002\n")  # as if stopped before checkpoint 4
+    assert prepare_run_dir(evaluated, run, resume=True) == 2
+    assert [json.loads(line)["version"] for line in (run / "eval.jsonl").read_text().splitlines()] == [2]
 
 
 def test_a_reward_function_that_always_fails_stops_the_run_clearly(ray_session, tmp_path):
