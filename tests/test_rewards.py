@@ -180,6 +180,16 @@ def test_a_trl_style_reward_function_scores_a_training_run(ray_session, tmp_path
     assert len({r["prompt_text"] for r in rows}) > 1
 
 
+@pytest.mark.ray
+def test_an_evaluation_whose_reward_function_fails_is_reported_and_training_goes_on(ray_session, tmp_path, capsys):
+    cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: held_out}", "run.steps=2",
+                       "run.eval_every=1")
+    assert train(cfg, tmp_path / "r")["steps"] == 2
+    out = capsys.readouterr().out
+    assert out.count("distpg: the evaluation after step") == 2 and "LookupError: no grader for held-out prompts" in out
+    assert "training goes on" in out and not (tmp_path / "r" / "eval.jsonl").exists()
+
+
 @pytest.mark.parametrize("isolation", ["none", "process"])
 def test_several_reward_functions_are_a_weighted_sum_that_leaves_out_a_none(isolation):
     """TRL's reward_funcs with reward_weights: each sample's reward is the weighted sum of the values its

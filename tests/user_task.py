@@ -73,6 +73,8 @@ class Misbehaving(Echo):
                 if f.read().count("\n") >= self.params["calls"]:
                     raise RuntimeError("reward service unavailable")
                 f.write("x\n")
+        if self.fault == "held_out" and prompt in self._eval_set:  # fails on every evaluation prompt only
+            raise LookupError("no grader for held-out prompts")
         if self.fault == "nan":
             return float("nan") if prompt[0] < "m" else None
         return super().reward(prompt, completion)
