@@ -797,10 +797,15 @@ class Trainer:
     def async_steps(self, start_step: int, version: int):
         """Asynchronous loop with bounded staleness; see `AsyncPipeline`."""
         pipeline = AsyncPipeline(self, start_step, version)
-        while pipeline.next_update <= self.cfg.run.steps:
-            record = pipeline.advance()
-            if record is not None:
-                yield record
+        try:
+            while pipeline.next_update <= self.cfg.run.steps:
+                record = pipeline.advance()
+                if record is not None:
+                    yield record
+        except GeneratorExit:  # the run stops (run.stop_reward, run.max_time_s) at the step just logged
+            if pipeline.failure is not None:  # held for that step's record: said, not dropped
+                print(f"distpg: warning: {pipeline.failure} (a step after the one the run stops at)", flush=True)
+            raise
 
     # -------------------------------------------------------------------------------------- logging
     def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:

@@ -135,6 +135,26 @@ def test_in_async_mode_a_reward_function_that_breaks_stops_the_run_with_its_last
         f"distpg train --resume {tmp_path / 'r'}")
 
 
+@pytest.mark.ray
+def test_in_async_mode_a_failure_held_for_the_step_the_run_stops_at_is_said(ray_session, tmp_path, monkeypatch,
+                                                                              capsys):
+    """As above, but step 3's record also ends the run (its stop rule, here forced): the run ends at step 3,
+    checkpointed, and the held failure of step 4's shares is printed, not dropped."""
+    from distpg import checkpoint, orchestrator
+    from distpg.orchestrator import Trainer
+
+    monkeypatch.setattr(Trainer, "learner_class", SlowThirdUpdate)
+    monkeypatch.setattr(orchestrator, "stop_reward_reached", lambda cfg, recent: len(recent) == 3)
+    counter = tmp_path / "calls"
+    cfg = small_config("task.name=tests.user_task:misbehaving", "run.steps=8", "run.mode=async",
+                       "algo.max_staleness=1", "run.checkpoint_every=100",
+                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}")
+    assert train(cfg, tmp_path / "r")["steps"] == 3
+    assert checkpoint.run_state(checkpoint.latest(tmp_path / "r"))["step"] == 3
+    out = capsys.readouterr().out
+    assert "distpg: warning: rollout of step 4 failed: RewardError" in out and "reward service unavailable" in out
+
+
 def strict(constant: str):
     raise ValueError(f"metrics.jsonl holds {constant}, which strict JSON parsers reject")
 
