@@ -97,6 +97,7 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
     prompts = task.eval_prompts()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     completions: list[str] = []
+    ids: list[list[int]] = []
     same_weights = object()  # the weights do not change during this loop: laid out for oneDNN once
     try:
         for s in range(0, len(prompts), batch_size):
@@ -106,11 +107,12 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
             rows = out.rows()
             cut_at_stops(rows, [], [False] * len(rows), tok, stop_strings(cfg.rollout))  # as in training
             completions += [tok.decode(r) for r in rows]
+            ids += rows
     finally:
         kernels.release(model)
     # as in training: a user's reward function runs in a killable child with rollout.reward_timeout_s
     scores, ok, errors, parts = rewards.score(task, prompts, completions, reward_isolation(cfg),
-                                              cfg.rollout.reward_timeout_s)
+                                              cfg.rollout.reward_timeout_s, ids)
     if not any(ok):  # the child hung or died (score raises for a function that failed on every sample)
         raise rewards.RewardError(f"the reward function of task {task.name!r} gave no reward for the "
                                   f"{len(prompts)} held-out prompts: {errors[0]}")

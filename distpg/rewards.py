@@ -62,6 +62,7 @@ class RewardFunction:
     fn: Callable
     batched: bool = False
     weight: float = 1.0
+    ids: bool = False  # batched: also called with completion_ids=[...] (each completion's token ids), as TRL does
 
 
 def reward_functions(task) -> list[RewardFunction]:
@@ -87,12 +88,13 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _values(f: RewardFunction, prompts: list[str], completions: list[str]) -> list[tuple[float | None, str | None]]:
+def _values(f: RewardFunction, prompts: list[str], completions: list[str],
+            completion_ids: list | None) -> list[tuple[float | None, str | None]]:
     """Each sample's (value, or None where `f` returned None or failed; the failure's text, or None) under `f`."""
     n = len(prompts)
     if f.batched:
         try:
-            out = list(f.fn(prompts, completions))
+            out = list(f.fn(prompts, completions, completion_ids) if f.ids else f.fn(prompts, completions))
             if len(out) != n:
                 raise ValueError(f"{f.name} returned {len(out)} values for {n} samples")
         except Exception as e:  # a user's reward function may raise anything: the batch is masked
@@ -107,14 +109,15 @@ def _values(f: RewardFunction, prompts: list[str], completions: list[str]) -> li
     return result
 
 
-def score_each(task, prompts: list[str], completions: list[str]) -> tuple[list[float], list[bool], list[str], dict]:
+def score_each(task, prompts: list[str], completions: list[str],
+               completion_ids: list | None = None) -> tuple[list[float], list[bool], list[str], dict]:
     """Rewards, ok flags, error texts and, for a task with several reward functions, each one's values
     ({name: [value or None per sample]}), in this process. Never raises for the functions' faults.
 
     A sample is masked (ok False, reward 0.0) where a function failed on it (raised, or returned something
     that is not a finite number) or where every function returned None."""
     fns = reward_functions(task)
-    values = [_values(f, prompts, completions) for f in fns]
+    values = [_values(f, prompts, completions, completion_ids) for f in fns]
     several = len(fns) > 1
     rewards, ok, errors = [], [], []
     for i in range(len(prompts)):
@@ -137,17 +140,18 @@ def score_each(task, prompts: list[str], completions: list[str]) -> tuple[list[f
     return rewards, ok, errors, parts
 
 
-def _child(task, prompts, completions, conn) -> None:
-    conn.send(score_each(task, prompts, completions))
+def _child(task, prompts, completions, completion_ids, conn) -> None:
+    conn.send(score_each(task, prompts, completions, completion_ids))
     conn.close()
 
 
-def score_in_subprocess(task, prompts: list[str], completions: list[str], timeout_s: float):
+def score_in_subprocess(task, prompts: list[str], completions: list[str], timeout_s: float,
+                        completion_ids: list | None = None):
     """`score_each` in a forked child, killed after `timeout_s`. Returns (rewards, ok, errors, parts,
     infra_error)."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(task, prompts, completions, send), daemon=True)
+    child = ctx.Process(target=_child, args=(task, prompts, completions, completion_ids, send), daemon=True)
     child.start()
     send.close()
     result, problem = None, None
@@ -171,12 +175,13 @@ def score_in_subprocess(task, prompts: list[str], completions: list[str], timeou
     return (*result, None)
 
 
-def score(task, prompts: list[str], completions: list[str], isolation: str = "none",
-          timeout_s: float = 30.0) -> tuple[list[float], list[bool], list[str], dict]:
+def score(task, prompts: list[str], completions: list[str], isolation: str = "none", timeout_s: float = 30.0,
+          completion_ids: list | None = None) -> tuple[list[float], list[bool], list[str], dict]:
     """Rewards for (prompt, completion) pairs.
 
     Args:
         isolation: "none" (in this process) or "process" (a killable child with a timeout).
+        completion_ids: each completion's token ids, for the functions that take them (TRL's completion_ids).
     Returns:
         rewards (0.0 where failed), ok flags, the error text of each failure (in order), and with several reward
         functions each one's values by name (None where it gave none; {} when the child hung or died).
@@ -186,11 +191,11 @@ def score(task, prompts: list[str], completions: list[str], isolation: str = "no
     if not prompts:
         return [], [], [], {}
     if isolation == "process":
-        rewards, ok, errors, parts, infra = score_in_subprocess(task, prompts, completions, timeout_s)
+        rewards, ok, errors, parts, infra = score_in_subprocess(task, prompts, completions, timeout_s, completion_ids)
         if infra is not None:
             return rewards, ok, errors, parts
     else:
-        rewards, ok, errors, parts = score_each(task, prompts, completions)
+        rewards, ok, errors, parts = score_each(task, prompts, completions, completion_ids)
     if not any(ok):
         several = "functions" if reward_parts(task) else "function"
         raise RewardError(

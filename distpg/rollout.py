@@ -165,7 +165,7 @@ class RolloutWorker:
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
         reward, ok, _, parts = rewards.score(self.task, rep_prompts, texts, self.reward_isolation,
-                                             self.cfg.rollout.reward_timeout_s)
+                                             self.cfg.rollout.reward_timeout_s, completion_tokens)
         t2 = time.perf_counter()
         batch = make_batch(
             {

@@ -349,26 +349,30 @@ def test_a_trl_style_function_that_cannot_take_the_files_columns_says_to_add_kwa
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"], "answer": r["reference"], "id": 1}
                                               for r in ROWS])
     with pytest.raises(ConfigError, match=r"trl_without_kwargs\(completions, answer\) takes a batch .* called as "
-                                          r"trl_without_kwargs\(prompts=\[...\], completions=\[...\], answer=\[...\], "
-                                          r"id=\[...\]\) .* add \*\*kwargs"):
+                                          r"trl_without_kwargs\(prompts=\[...\], completions=\[...\], "
+                                          r"completion_ids=\[...\], answer=\[...\], id=\[...\]\) .* add \*\*kwargs"):
         prompts_task(path, reward="tests.user_rewards:trl_without_kwargs")
 
 
 def test_a_trl_style_function_refused_for_a_column_clash_trls_own_arguments_or_a_missing_column_says_why(tmp_path):
     """Calls that would fail with a TypeError under a message asking for the **kwargs the function has: a
-    column named `completions` (the call would pass it twice), a required `completion_ids` (TRL's trainer
-    passes it; distpg does not), and a required column the file lacks."""
+    column named `completions` (the call would pass it twice), a required `trainer_state` (TRL's trainer
+    passes it; distpg does not), and a required column the file lacks. `completion_ids` is passed."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"], "answer": r["reference"], "completions": 1}
                                               for r in ROWS])
     with pytest.raises(ConfigError, match=r"the file has a column 'completions' too, which that call cannot also "
                                           "pass; rename the column"):
         prompts_task(path, reward="tests.user_rewards:trl_style")
-    with pytest.raises(ConfigError, match=r"trl_with_completion_ids\(completions, completion_ids, \*\*kwargs\) takes "
-                                          r"a batch .* without 'completion_ids', which it requires: TRL's GRPOTrainer "
-                                          r"passes it, distpg passes only .* give the parameter a default"):
-        prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS), reward="tests.user_rewards:trl_with_completion_ids")
+    with pytest.raises(ConfigError, match=r"trl_with_trainer_state\(completions, trainer_state, \*\*kwargs\) takes "
+                                          r"a batch .* without 'trainer_state', which it requires: TRL's GRPOTrainer "
+                                          r"passes it, distpg passes the prompts, .* give the parameter a default"):
+        prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS), reward="tests.user_rewards:trl_with_trainer_state")
+    with pytest.raises(ConfigError, match=r"the file has a column 'completion_ids' too"):
+        prompts_task(write_jsonl(tmp_path / "i.jsonl", [{**r, "completion_ids": 1} for r in ROWS]),
+                     reward="tests.user_rewards:trl_style")
     with pytest.raises(ConfigError, match=r"called as trl_style\(prompts=\[...\], completions=\[...\], "
-                                          r"reference=\[...\]\), without 'answer', which it requires: the file has "
+                                          r"completion_ids=\[...\], reference=\[...\]\), without 'answer', which it "
+                                          r"requires: the file has "
                                           r"no column 'answer'$"):  # a column of another file
         prompts_task(tmp_path / "q.jsonl", reward="tests.user_rewards:trl_style")
 

@@ -334,3 +334,20 @@ def test_a_zero_dim_tensor_or_array_is_a_reward_and_other_values_name_their_type
     assert errors[0] == ("ValueError: returned tensor([0.5000]) (a Tensor), expected a finite number: a float, "
                          "an int, a bool or a 0-dim numpy/torch value")
     assert errors[1].startswith("ValueError: returned '0.5' (a str), expected a finite number")
+
+
+def test_a_trl_style_function_gets_each_completions_token_ids(tmp_path):
+    """TRL's `completion_ids`: each completion's token ids (its <eos> included where sampled), aligned with the
+    completions, in the reward child: the function's reward is their number, the batch's completion_tokens'."""
+    from distpg.rollout import RolloutWorker
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "answer": w}) + "\n"
+                               for w in ["ant", "bee", "cat", "dog", "eel"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=1",
+                       "task.reward=tests.user_rewards:trl_with_completion_ids")
+    worker = RolloutWorker(cfg, 0)
+    assert worker.reward_isolation == "process"
+    batch = worker.sample(["say ant:", "say bee:"], [0, 1], seed=0, weights=Learner(cfg).get_weights()).to_pylist()
+    assert [r["reward"] for r in batch] == [float(len(r["completion_tokens"])) for r in batch]
+    assert len({r["reward"] for r in batch}) > 1

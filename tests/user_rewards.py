@@ -36,7 +36,12 @@ def trl_without_kwargs(completions, answer):
 
 
 def trl_with_completion_ids(completions, completion_ids, **kwargs):
+    """TRL's completion_ids: the number of tokens of each completion."""
     return [float(len(ids)) for ids in completion_ids]
+
+
+def trl_with_trainer_state(completions, trainer_state, **kwargs):
+    return [0.0] * len(completions)
 
 
 def length_of_reference_or_none(prompt, completion, reference):

@@ -14,9 +14,9 @@ Reward, imported from "module:attr" (the module must be importable by the worker
 installed, on PYTHONPATH, or in a job's working dir), in one of two forms:
 - one sample: `reward(prompt, completion, reference) -> float`; the other columns are ignored (the run says so);
 - a batch, as TRL's reward functions are written (a `completions` parameter): called as
-  `reward(prompts=[...], completions=[...], COLUMN=[...], ...)` with each column of the file but `prompt` as a
-  list aligned with the samples (None where a row lacks it), returning one float (or None) per sample; columns
-  it does not name go into its `**kwargs`.
+  `reward(prompts=[...], completions=[...], completion_ids=[...], COLUMN=[...], ...)` with each completion's
+  token ids and each column of the file but `prompt` as a list aligned with the samples (None where a row lacks
+  it), returning one float (or None) per sample; what it does not name goes into its `**kwargs`.
 Several functions (a list in task.reward, of either form): a sample's reward is their sum weighted by
 task.reward_weights (1 each by default), as TRL sums its reward_funcs; a function returning None for a sample
 leaves it out of that sum, and a sample none of them scores is masked. Each one's values are kept beside the
@@ -190,7 +190,8 @@ def _read_parquet(path: Path, where: str, other_columns: bool) -> tuple[list[tup
         set(names)
 
 
-TRL_ONLY = ("completion_ids", "trainer_state")  # what TRL's GRPOTrainer also passes a reward function
+TRL_ONLY = ("trainer_state",)  # what TRL's GRPOTrainer also passes a reward function, and distpg does not
+PASSED = ("prompts", "completions", "completion_ids")  # what a batched function gets beside the file's columns
 
 
 def function_names(specs: list[str]) -> list[str]:
@@ -238,27 +239,28 @@ def load_reward(spec: str | None):
 
 def check_batch_call(spec: str, fn, columns: list[str]) -> None:
     """Raise a ValueError naming task.reward unless the batched function `fn` (`load_reward`) takes the call
-    fn(prompts=[...], completions=[...], COLUMN=[...] for each of the file's `columns`)."""
+    fn(prompts=[...], completions=[...], completion_ids=[...], COLUMN=[...] for each of the file's `columns`)."""
     attr, sig = spec.partition(":")[2], inspect.signature(fn)
-    call = f"{attr}(prompts=[...], completions=[...]{''.join(f', {c}=[...]' for c in columns)})"
+    call = f"{attr}(prompts=[...], completions=[...], completion_ids=[...]{''.join(f', {c}=[...]' for c in columns)})"
     batch = f"task.reward={spec!r}: {attr}{sig} takes a batch (it has a 'completions' parameter), so it is called"
-    clash = [c for c in columns if c in ("prompts", "completions")]
+    clash = [c for c in columns if c in PASSED]
     if clash:  # the call would pass it twice (TRL's fails the same way)
-        raise ValueError(f"{batch} with prompts=[...] and completions=[...], and the file has a column "
-                         f"{clash[0]!r} too, which that call cannot also pass; rename the column")
+        raise ValueError(f"{batch} with prompts=[...], completions=[...] and completion_ids=[...], and the file has a "
+                         f"column {clash[0]!r} too, which that call cannot also pass; rename the column")
     trl_only = [n for n, p in sig.parameters.items() if n in TRL_ONLY and n not in columns
                 and p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
-    needed = [n for n, p in sig.parameters.items() if n not in ("prompts", "completions", *columns, *TRL_ONLY)
+    needed = [n for n, p in sig.parameters.items() if n not in (*PASSED, *columns, *TRL_ONLY)
               and p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if needed:  # a column the file does not have (TRL's would fail on it too)
         raise ValueError(f"{batch} as {call}, without {needed[0]!r}, which it requires: the file has no column "
                          f"{needed[0]!r}")
     if trl_only:
         raise ValueError(f"{batch} as {call}, without {trl_only[0]!r}, which it requires: TRL's GRPOTrainer "
-                         "passes it, distpg passes only the prompts, the completions and the file's columns; "
+                         "passes it, distpg passes the prompts, the completions, their token ids and the file's "
+                         "columns; "
                          "give the parameter a default (e.g. None)")
     try:
-        sig.bind(prompts=[], completions=[], **{c: [] for c in columns})
+        sig.bind(prompts=[], completions=[], completion_ids=[], **{c: [] for c in columns})
     except TypeError as e:
         raise ValueError(f"{batch} as {call} with the file's columns, and that call fails: {e}; add **kwargs "
                          "to take the columns it does not use, as TRL's reward functions do") from None
@@ -307,7 +309,7 @@ class PromptsTask:
             # able to write them, so the character tokenizer covers the other columns' text too
             answers = "".join(_column_text(v) for _, _, extra in rows for v in extra.values())
         weights = cfg.reward_weights or [1.0] * len(specs)
-        self.reward_functions = [RewardFunction(name, partial(self._batch if b else self._one, fn), b, float(w))
+        self.reward_functions = [RewardFunction(name, partial(self._batch if b else self._one, fn), b, float(w), b)
                                  for name, (_, fn, b), w in zip(function_names(specs), loaded, weights)]
         rows = [(p, ref) for p, ref, _ in rows]
         self.without_reference = sum(r is None for _, r in rows)  # rows whose reward gets reference=None
@@ -364,11 +366,12 @@ class PromptsTask:
         """A per-sample function's value: its call with the prompt's reference."""
         return fn(prompt, completion, self.references[prompt])
 
-    def _batch(self, fn, prompts: list[str], completions: list[str]) -> list:
-        """A batched (TRL-style) function's values: its call with the batch's prompts and completions, and each
-        of the file's columns as a list aligned with them (None where a row lacks the column)."""
+    def _batch(self, fn, prompts: list[str], completions: list[str], completion_ids: list | None = None) -> list:
+        """A batched (TRL-style) function's values: its call with the batch's prompts, completions and their
+        token ids (as TRL's, the <eos> included where one was sampled), and each of the file's columns as a list
+        aligned with them (None where a row lacks the column)."""
         columns = {c: [self.columns[p].get(c) for p in prompts] for c in self.column_names}
-        return fn(prompts=list(prompts), completions=list(completions), **columns)
+        return fn(prompts=list(prompts), completions=list(completions), completion_ids=completion_ids, **columns)
 
     def target(self, prompt: str) -> str | None:
         """The reference as text, what `distpg eval` shows and counts exact matches against; None without one
