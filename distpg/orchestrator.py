@@ -438,10 +438,11 @@ def start_local_ray(**kwargs):
 
 
 def stop_local_ray() -> None:
-    """`ray.shutdown()` of the runtime `start_local_ray` started, a second sooner. Ray stops the autoscaler's
-    monitor process after the GCS, with SIGTERM, on which the monitor tries to report its end to the GCS that is
-    gone, until Ray gives up on it after a second and kills it (SIGKILL). Killed first, it reports nothing, and
-    a local runtime has nothing for it to scale. The rest stops as ray.shutdown stops it."""
+    """`ray.shutdown()`, a second sooner where it stops the runtime `start_local_ray` started (joined to a
+    cluster, it only disconnects, as ray.shutdown does). Ray stops the autoscaler's monitor process after the GCS,
+    with SIGTERM, on which the monitor tries to report its end to the GCS that is gone, until Ray gives up on it
+    after a second and kills it (SIGKILL). Killed first, it reports nothing, and a local runtime has nothing for
+    it to scale. The rest stops as ray.shutdown stops it."""
     node = ray._private.worker._global_node
     if node is not None and node.is_head():
         node.kill_monitor(check_alive=False)
