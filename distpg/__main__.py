@@ -1,5 +1,3 @@
-import sys
+from distpg.cli import run
 
-from distpg.cli import main
-
-sys.exit(main())
+run()

@@ -829,7 +829,7 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
 
     started = not ray.is_initialized()
     if started:  # "local": a fresh runtime of our own, never someone else's cluster
-        from distpg.orchestrator import start_local_ray
+        from distpg.orchestrator import start_local_ray, stop_local_ray
 
         start_local_ray(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
@@ -852,7 +852,7 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
             print_figure(res[-1])
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()
 
 
 def _names(csv: str, known: dict) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from distpg.config import Config, config_from_dict, merge_overrides
-from distpg.orchestrator import start_local_ray
+from distpg.orchestrator import start_local_ray, stop_local_ray
 
 # 1 worker + 1 learner = 2 busy threads on a 2-core machine, and a batch size at which generating and
 # learning take about the same time on 2 cores: the setting where overlap can pay the most.
@@ -62,7 +62,7 @@ def bench_async(overrides: list[str] | None = None, max_staleness: int = 2, warm
             s, a = _throughput(Path(tmp) / "sync", warmup), _throughput(Path(tmp) / "async", warmup)
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()
     per_step = sync_cfg.rollout.prompts_per_step * sync_cfg.rollout.group_size
     bound = (s["t_gen"] + s["t_learn"]) / max(s["t_gen"], s["t_learn"])
     speedup = a["steps_per_s"] / s["steps_per_s"]
@@ -114,7 +114,7 @@ def learning_race(overrides: list[str] | None = None, max_staleness: int = 2, th
                                  "final_reward": recs[-1]["rollout/reward_mean"]})
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()
     print(f"seconds of training until the 5-step mean reward reaches {threshold} "
           f"(async: max_staleness {max_staleness})")
     print(f"{'seed':>4} {'sync s':>8} {'sync steps':>10} {'async s':>8} {'async steps':>11}")

@@ -463,7 +463,12 @@ def run(address: str | None, cfg: Config | None = None, config_label: str = "the
         if cfg is not None:
             check_config(report, cfg, config_label)
     finally:
-        ray.shutdown()
+        if address:  # joined a cluster: ray.shutdown disconnects
+            ray.shutdown()
+        else:  # the runtime connect started (and imported the orchestrator for)
+            from distpg.orchestrator import stop_local_ray
+
+            stop_local_ray()
     if as_json:
         print(json.dumps({"address": address, "dashboard": url, "nodes": report.nodes,
                           "findings": report.findings, "failed": report.failed}, indent=1))

@@ -383,7 +383,7 @@ def _load() -> float | None:
 def main(args: argparse.Namespace) -> int:
     import ray
 
-    from distpg.orchestrator import cluster_nodes, plan_placement
+    from distpg.orchestrator import cluster_nodes, plan_placement, stop_local_ray
 
     check_overrides(args.set, args.strong)
     base = load_config(args.config, args.set)
@@ -416,7 +416,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  {_label(n, k)}: skipped, does not fit: {e}", flush=True)
         tries, stop = sweep(fitting, args.repeats, args.warmup, out)
     finally:
-        ray.shutdown()
+        stop_local_ray()
     points = [best(ps) for ps in tries.values()]
     if not points and stop is None:
         raise ConfigError("no point of the sweep fits the cluster; lower --workers or --cpus-per-worker")
