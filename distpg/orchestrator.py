@@ -451,9 +451,12 @@ def stop_local_ray() -> None:
     with SIGTERM, on which the monitor tries to report its end to the GCS that is gone, until Ray gives up on it
     after a second and kills it (SIGKILL). Killed first, it reports nothing, and a local runtime has nothing for
     it to scale. The rest stops as ray.shutdown stops it."""
-    node = ray._private.worker._global_node
-    if node is not None and node.is_head():
-        node.kill_monitor(check_alive=False)
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's private API: a shortcut only, if there
+    try:
+        if node is not None and node.is_head():
+            node.kill_monitor(check_alive=False)
+    except AttributeError:  # another Ray version's Node: ray.shutdown alone stops the monitor
+        pass
     ray.shutdown()
 
 
