@@ -164,7 +164,7 @@ class Learner:
         groups = B // G
         bounds = [G * (groups * m // lc.mini_batches) for m in range(lc.mini_batches + 1)]
         parts = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-        diagnostics, corrected, off_tokens, taken = [], 0, 0, False
+        diagnostics, corrected, off_tokens, taken, skipped = [], 0, 0, False, None
         for epoch in range(lc.epochs):
             for m, rows in enumerate(parts):
                 off_policy = stale[rows] if epoch == 0 and m == 0 else torch.ones_like(stale[rows])
@@ -174,7 +174,24 @@ class Learner:
                 diagnostics.append(step)
                 corrected += step.pop("corrected")
                 off_tokens += int((b.response_mask[rows] & off_policy[:, None]).sum())
-                taken |= step.pop("taken")
+                if step.pop("taken"):
+                    taken = True
+                else:
+                    skipped = step
+        # learner.max_consecutive_skips counts updates: one with a skipped optimizer step (a non-finite loss or
+        # gradient), however many of its epochs x mini_batches steps were, is one skipped update
+        if skipped is not None:
+            self.consecutive_skips += 1
+            limit = lc.max_consecutive_skips
+            if self.consecutive_skips > limit:
+                raise FloatingPointError(
+                    f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient "
+                    f"(loss {skipped['loss']}, grad norm {skipped['grad_norm']}) and were skipped; "
+                    f"learner.max_consecutive_skips={limit}. Lower learner.lr, check the reward scale, or resume "
+                    "from the latest checkpoint"
+                )
+        elif taken:
+            self.consecutive_skips = 0
         if taken and bool(ok.any()):
             self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
 
@@ -265,17 +282,8 @@ class Learner:
             if self.cfg.learner.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable(), self.cfg.learner.grad_clip)
             self.optimizer.step()
-            self.consecutive_skips = 0
         else:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            limit = self.cfg.learner.max_consecutive_skips
-            if self.consecutive_skips > limit:
-                raise FloatingPointError(
-                    f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient "
-                    f"(loss {loss_sum}, grad norm {grad_norm}) and were skipped; learner.max_consecutive_skips="
-                    f"{limit}. Lower learner.lr, check the reward scale, or resume from the latest checkpoint"
-                )
+            self.skipped_steps += 1  # learner.max_consecutive_skips is checked per update, in `learn`
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum, "grad_norm": grad_norm, "entropy": ent_sum, "kl": kl_sum,
                 "value_loss": value_loss_sum, "corrected": corrected, "taken": taken}

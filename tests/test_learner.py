@@ -368,3 +368,15 @@ def test_epochs_need_an_off_policy_correction_and_mini_batches_whole_groups():
         small_config("learner.mini_batches=5")
     with pytest.raises(ConfigError, match="learner.epochs=0: must be at least 1"):
         small_config("learner.epochs=0")
+
+
+def test_max_consecutive_skips_counts_updates_not_the_optimizer_steps_of_one():
+    """learner.max_consecutive_skips counts updates: with learner.epochs x learner.mini_batches optimizer steps
+    per update, one update whose steps are all non-finite is one skipped update, not four."""
+    learner, worker = setup("learner.max_consecutive_skips=2", "learner.epochs=2", "learner.mini_batches=2")
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+    learner.model.ln_f.forward = nan_forward(learner.model)
+    learner.update(batch)
+    learner.update(batch)
+    with pytest.raises(FloatingPointError, match=r"3 consecutive updates .* learner.max_consecutive_skips=2"):
+        learner.update(batch)
