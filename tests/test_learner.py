@@ -403,3 +403,28 @@ def test_mini_batches_with_micro_batches_and_stale_samples_give_the_same_steps()
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-5)  # Adam's step amplifies rounding where v is tiny
         assert torch.allclose(a.optimizer.state[p]["exp_avg"], b.optimizer.state[q]["exp_avg"], rtol=0, atol=1e-7)
+
+
+def test_the_value_baseline_s_advantages_are_computed_once_before_an_update_s_optimizer_steps(monkeypatch):
+    """With algo.baseline=value and several optimizer steps per update, each sample's per-token advantages come
+    from the value head as it was before the update (as PPO computes them once per batch): a head already fit to
+    the sample's own return would make r_i - V(s_{i,t}) depend on r_i, a biased baseline that shrinks the
+    gradient of the later epochs towards 0."""
+    from distpg import algo
+
+    seen = []
+    real = algo.off_policy_loss
+
+    def spy(logprobs, old_logprobs, response_mask, adv, *args, **kwargs):
+        seen.append(torch.where(response_mask, adv.detach(), 0.0).clone())
+        return real(logprobs, old_logprobs, response_mask, adv, *args, **kwargs)
+
+    monkeypatch.setattr(algo, "off_policy_loss", spy)
+    learner, worker = setup("algo.baseline=value", "algo.value_coef=10", "learner.epochs=3", "learner.lr=0.05")
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+    head = [p.detach().clone() for p in learner.value_head.parameters()]
+    learner.update(batch)
+    assert any(not torch.equal(a, b) for a, b in zip(head, learner.value_head.parameters()))  # the head learned
+    assert len(seen) == 3 and seen[0].abs().sum() > 0
+    for later in seen[1:]:
+        assert torch.allclose(later, seen[0], rtol=0, atol=1e-6)
