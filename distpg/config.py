@@ -218,7 +218,8 @@ class LearnerConfig:
     mini_batches: int = _f(1, "optimizer steps per pass: the step's batch split into this many parts of whole "
                            "prompt groups (PPO's mini-batches), the baselines computed over the whole batch first")
     max_consecutive_skips: int = _f(
-        10, "updates skipped in a row for a non-finite loss or gradient before the run stops")
+        10, "updates skipped in a row for a non-finite loss or gradient before the run stops (an update with "
+        "learner.epochs x learner.mini_batches optimizer steps counts once, however many of them were skipped)")
     num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")
     num_gpus: float = _f(0.5, "GPUs for the learner when training on GPUs (0.5: with the default 2 workers at "
                           "0.25 each, one GPU holds the whole run)")

@@ -162,19 +162,49 @@ class Learner:
         # longer the one that sampled: every sample is off-policy, corrected by algo.off_policy (clipped: PPO's
         # surrogate around the sampling version's policy)
         groups = B // G
+        # the value baseline's V(s_{i,t}) too, from the value head as it was before this update (as PPO computes
+        # its advantages once per batch): after a step on a sample, the head has been fit to that sample's own
+        # return, and r_i - V(s_{i,t}) would no longer be an unbiased baseline. One step alone (the defaults)
+        # takes them from its own forward, as before
+        values = None
+        if self.value_head is not None and lc.epochs * lc.mini_batches > 1:
+            values = torch.zeros(B, b.tokens.shape[1] - 1, device=b.tokens.device)
+            with torch.no_grad():
+                for idx, L in zip(chunks, lengths):
+                    _, hidden = forward_shared_prompts(self.model, b.tokens[idx, : L - 1], prompt_len[idx],
+                                                       return_hidden=True)
+                    values[idx, : L - 1] = self.value_head(hidden).squeeze(-1).float()
         bounds = [G * (groups * m // lc.mini_batches) for m in range(lc.mini_batches + 1)]
         parts = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-        diagnostics, corrected, off_tokens, taken = [], 0, 0, False
+        diagnostics, corrected, off_tokens, taken, skipped = [], 0, 0, False, None
         for epoch in range(lc.epochs):
             for m, rows in enumerate(parts):
                 off_policy = stale[rows] if epoch == 0 and m == 0 else torch.ones_like(stale[rows])
-                step = self._optimizer_step(b, rows, adv, valid, scale, returns, ref_lp, off_policy, prompt_len)
+                step = self._optimizer_step(b, rows, adv, valid, scale, returns, ref_lp, off_policy, prompt_len,
+                                            values)
                 if step is None:  # no sample of this part carries gradient (every reward failed)
                     continue
                 diagnostics.append(step)
                 corrected += step.pop("corrected")
                 off_tokens += int((b.response_mask[rows] & off_policy[:, None]).sum())
-                taken |= step.pop("taken")
+                if step.pop("taken"):
+                    taken = True
+                else:
+                    skipped = step
+        # learner.max_consecutive_skips counts updates: one with a skipped optimizer step (a non-finite loss or
+        # gradient), however many of its epochs x mini_batches steps were, is one skipped update
+        if skipped is not None:
+            self.consecutive_skips += 1
+            limit = lc.max_consecutive_skips
+            if self.consecutive_skips > limit:
+                raise FloatingPointError(
+                    f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient "
+                    f"(loss {skipped['loss']}, grad norm {skipped['grad_norm']}) and were skipped; "
+                    f"learner.max_consecutive_skips={limit}. Lower learner.lr, check the reward scale, or resume "
+                    "from the latest checkpoint"
+                )
+        elif taken:
+            self.consecutive_skips = 0
         if taken and bool(ok.any()):
             self.ema = algo.ema_update(self.ema, float(rewards[ok].mean()), self.cfg.algo.ema_decay)
 
@@ -203,10 +233,11 @@ class Learner:
 
     def _optimizer_step(self, b: LearnerBatch, rows: slice, adv: torch.Tensor, valid: torch.Tensor,
                         scale: torch.Tensor, returns: torch.Tensor, ref_lp: torch.Tensor, stale: torch.Tensor,
-                        prompt_len: torch.Tensor) -> dict | None:
+                        prompt_len: torch.Tensor, baseline: torch.Tensor | None = None) -> dict | None:
         """One optimizer step on the samples `rows` of the batch (the whole batch, or a mini-batch of whole
         prompt groups), in micro-batches of learner.micro_batch_size; `stale` marks the samples to correct as
-        off-policy. Returns its diagnostics (None, and no step, where no sample carries gradient); skips the step
+        off-policy; `baseline`: the value baseline's V(s_{i,t}) of the whole batch, (B, T-1) (None: this step's
+        value head's). Returns its diagnostics (None, and no step, where no sample carries gradient); skips the step
         where the loss or the gradient is not finite."""
         ac = self.cfg.algo
         if not bool(valid[rows].any()):
@@ -231,7 +262,8 @@ class Learner:
             loss = torch.zeros((), device=logp.device)
             if self.value_head is not None:
                 values = self.value_head(hidden.detach()).squeeze(-1)  # (b, L-1): V(s_t) for the token at t
-                sample_adv = algo.value_advantages(returns[chunk], values) * scale[chunk, None]
+                v = values if baseline is None else baseline[chunk, : L - 1]
+                sample_adv = algo.value_advantages(returns[chunk], v) * scale[chunk, None]
                 err = torch.where(grad_mask, values - returns[chunk, None], 0.0)
                 value_loss = ac.value_coef * (err**2).sum() / max(1, num_tokens)
                 loss = loss + value_loss
@@ -265,17 +297,8 @@ class Learner:
             if self.cfg.learner.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable(), self.cfg.learner.grad_clip)
             self.optimizer.step()
-            self.consecutive_skips = 0
         else:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            limit = self.cfg.learner.max_consecutive_skips
-            if self.consecutive_skips > limit:
-                raise FloatingPointError(
-                    f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient "
-                    f"(loss {loss_sum}, grad norm {grad_norm}) and were skipped; learner.max_consecutive_skips="
-                    f"{limit}. Lower learner.lr, check the reward scale, or resume from the latest checkpoint"
-                )
+            self.skipped_steps += 1  # learner.max_consecutive_skips is checked per update, in `learn`
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum, "grad_norm": grad_norm, "entropy": ent_sum, "kl": kl_sum,
                 "value_loss": value_loss_sum, "corrected": corrected, "taken": taken}

@@ -368,3 +368,63 @@ def test_epochs_need_an_off_policy_correction_and_mini_batches_whole_groups():
         small_config("learner.mini_batches=5")
     with pytest.raises(ConfigError, match="learner.epochs=0: must be at least 1"):
         small_config("learner.epochs=0")
+
+
+def test_max_consecutive_skips_counts_updates_not_the_optimizer_steps_of_one():
+    """learner.max_consecutive_skips counts updates: with learner.epochs x learner.mini_batches optimizer steps
+    per update, one update whose steps are all non-finite is one skipped update, not four."""
+    learner, worker = setup("learner.max_consecutive_skips=2", "learner.epochs=2", "learner.mini_batches=2")
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+    learner.model.ln_f.forward = nan_forward(learner.model)
+    learner.update(batch)
+    learner.update(batch)
+    with pytest.raises(FloatingPointError, match=r"3 consecutive updates .* learner.max_consecutive_skips=2"):
+        learner.update(batch)
+
+
+def test_mini_batches_with_micro_batches_and_stale_samples_give_the_same_steps():
+    """learner.micro_batch_size inside a mini-batch changes no step, also where the first step's part mixes stale
+    (async) and fresh samples within a micro-batch: each micro-batch corrects its own stale samples."""
+    sets = ["rollout.prompts_per_step=4", "learner.epochs=2", "learner.mini_batches=2"]
+    a, worker = setup(*sets)
+    b, _ = setup(*sets, "learner.micro_batch_size=3")
+    fresh_worker = RolloutWorker(a.cfg, 1)
+    first = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+    for learner in (a, b):
+        learner.update(first)
+    # ordered by prompt id: 2 (stale), 3 (fresh) | 4 (fresh), 5 (stale); rows 3-5, a micro-batch, mix the two
+    stale = worker.sample(["bbad=", "cacb="], [2, 5], seed=1)  # still version 0
+    fresh_worker.set_weights(a.get_weights())
+    fresh = fresh_worker.sample(["abca=", "ddcb="], [3, 4], seed=2)  # version 1
+    ma, mb = a.learn(stale, fresh), b.learn(stale, fresh)
+    assert ma["rollout/staleness_max"] == 1 and ma["rollout/staleness_mean"] == 0.5
+    assert ma["learner/offpolicy_corrected_frac"] == mb["learner/offpolicy_corrected_frac"]
+    assert ma["learner/loss"] == pytest.approx(mb["learner/loss"], rel=1e-5, abs=1e-7)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-5)  # Adam's step amplifies rounding where v is tiny
+        assert torch.allclose(a.optimizer.state[p]["exp_avg"], b.optimizer.state[q]["exp_avg"], rtol=0, atol=1e-7)
+
+
+def test_the_value_baseline_s_advantages_are_computed_once_before_an_update_s_optimizer_steps(monkeypatch):
+    """With algo.baseline=value and several optimizer steps per update, each sample's per-token advantages come
+    from the value head as it was before the update (as PPO computes them once per batch): a head already fit to
+    the sample's own return would make r_i - V(s_{i,t}) depend on r_i, a biased baseline that shrinks the
+    gradient of the later epochs towards 0."""
+    from distpg import algo
+
+    seen = []
+    real = algo.off_policy_loss
+
+    def spy(logprobs, old_logprobs, response_mask, adv, *args, **kwargs):
+        seen.append(torch.where(response_mask, adv.detach(), 0.0).clone())
+        return real(logprobs, old_logprobs, response_mask, adv, *args, **kwargs)
+
+    monkeypatch.setattr(algo, "off_policy_loss", spy)
+    learner, worker = setup("algo.baseline=value", "algo.value_coef=10", "learner.epochs=3", "learner.lr=0.05")
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+    head = [p.detach().clone() for p in learner.value_head.parameters()]
+    learner.update(batch)
+    assert any(not torch.equal(a, b) for a, b in zip(head, learner.value_head.parameters()))  # the head learned
+    assert len(seen) == 3 and seen[0].abs().sum() > 0
+    for later in seen[1:]:
+        assert torch.allclose(later, seen[0], rtol=0, atol=1e-6)
