@@ -382,6 +382,10 @@ def test_a_trl_style_function_refused_for_a_column_clash_trls_own_arguments_or_a
                                           r"a batch .* without 'trainer_state', which it requires: TRL's GRPOTrainer "
                                           r"passes it, distpg passes the prompts, .* give the parameter a default"):
         prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS), reward="tests.user_rewards:trl_with_trainer_state")
+    # recent TRL's log_metric too: not a column the file lacks ("the file has no column 'log_metric'")
+    with pytest.raises(ConfigError, match=r"without 'log_metric', which it requires: TRL's GRPOTrainer passes it, "
+                                          r"distpg passes the prompts, .* give the parameter a default"):
+        prompts_task(tmp_path / "q.jsonl", reward="tests.user_rewards:trl_with_log_metric")
     with pytest.raises(ConfigError, match=r"the file has a column 'completion_ids' too"):
         prompts_task(write_jsonl(tmp_path / "i.jsonl", [{**r, "completion_ids": 1} for r in ROWS]),
                      reward="tests.user_rewards:trl_style")
