@@ -153,7 +153,13 @@ def test_set(cfg: Config, path: str, tokenizer, max_new_tokens: int):
         return PromptsTask(replace(cfg.task, prompts_path=str(path), max_prompt_tokens=limit), tokenizer,
                            eval_only=True)
     except ValueError as e:
-        raise ConfigError(f"distpg eval --prompts {path}: {e}") from None
+        why = str(e)
+        if limit == room and why.startswith(f"task.max_prompt_tokens={limit}: every prompt"):  # the run's room, not
+            # a task.max_prompt_tokens the user set: say where the limit comes from
+            why = (f"the model holds prompts of at most {room} tokens with the run's completion budget "
+                   f"(model.n_positions={cfg.model.n_positions} - {max_new_tokens} completion tokens)"
+                   + why[len(f"task.max_prompt_tokens={limit}"):])
+        raise ConfigError(f"distpg eval --prompts {path}: {why}") from None
 
 
 def _mean(values: list[float]) -> float | None:

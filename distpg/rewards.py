@@ -4,9 +4,10 @@ A task scores one sample with `reward(prompt, completion)`, or a whole batch wit
 `reward_batch(prompts, completions) -> list`, or with several functions, `reward_functions` (a list of
 `RewardFunction`: a name, the function, whether it takes a batch, a weight), whose weighted sum is a sample's
 reward, as TRL sums its `reward_funcs` with `reward_weights`. A function returning None for a sample does not
-score it (TRL's "not applicable"); a sample no function scores is masked. Each value is checked: an
-exception, or a value that is not a finite number, marks that sample `reward_ok = False` (left out of the
-gradient and counted in `rollout/failed_rewards`); a batch result of the wrong length fails the whole batch.
+score it (TRL's "not applicable"); a sample no function scores is masked. An `async def` function is awaited,
+as TRL awaits one. Each value is checked: an exception, or a value that is not a finite number, marks that
+sample `reward_ok = False` (left out of the gradient and counted in `rollout/failed_rewards`); a batch result of
+the wrong length fails the whole batch.
 
 Isolation: with `isolation="process"` the functions run in a forked child process with a per-batch
 timeout. A child that hangs past the timeout or dies (it may even kill itself) is killed and reaped, and
@@ -21,6 +22,8 @@ message. Timeouts and dead children are infrastructure faults: those samples are
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import multiprocessing as mp
 import numbers
@@ -88,13 +91,25 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _awaited(value):
+    """What an `async def` reward function returns once awaited (TRL's GRPOTrainer takes those too, e.g. an LLM
+    judge), run to its end on a loop of its own; any other value as it is."""
+    if not inspect.isawaitable(value):
+        return value
+
+    async def wait():
+        return await value
+
+    return asyncio.run(wait())
+
+
 def _values(f: RewardFunction, prompts: list[str], completions: list[str],
             completion_ids: list | None) -> list[tuple[float | None, str | None]]:
     """Each sample's (value, or None where `f` returned None or failed; the failure's text, or None) under `f`."""
     n = len(prompts)
     if f.batched:
         try:
-            out = list(f.fn(prompts, completions, completion_ids) if f.ids else f.fn(prompts, completions))
+            out = list(_awaited(f.fn(prompts, completions, completion_ids) if f.ids else f.fn(prompts, completions)))
             if len(out) != n:
                 raise ValueError(f"{f.name} returned {len(out)} values for {n} samples")
         except Exception as e:  # a user's reward function may raise anything: the batch is masked
@@ -102,7 +117,7 @@ def _values(f: RewardFunction, prompts: list[str], completions: list[str],
     result = []
     for i in range(n):
         try:
-            value = out[i] if f.batched else f.fn(prompts[i], completions[i])
+            value = out[i] if f.batched else _awaited(f.fn(prompts[i], completions[i]))
             result.append((None if value is None else _check(value), None))
         except Exception as e:  # one bad sample is masked, the others count
             result.append((None, _error(e)))

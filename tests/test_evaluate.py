@@ -283,6 +283,13 @@ def test_eval_scores_a_test_file_with_the_runs_tokenizer_reward_functions_and_bu
     record = json.loads((tmp_path / "e.json").read_text())
     assert record["prompts_path"] == str(test_file) and record["num_prompts"] == 4 and record["left_out"] == 1
 
+    test_file.write_text(json.dumps({"prompt": tests[4], "id": 1}) + "\n")  # every prompt too long: the limit is the
+    # run's room, which the message explains, not a task.max_prompt_tokens the run never set
+    with pytest.raises(ConfigError, match=rf"distpg eval --prompts {test_file}: the model holds prompts of at most "
+                                          rf"{room} tokens with the run's completion budget \(model.n_positions="
+                                          rf"{cfg.model.n_positions} - {budget} completion tokens\): every prompt of "
+                                          rf"'{test_file}' is longer \(the shortest has {room + 1} tokens\)"):
+        evaluate(cfg, learner.model, prompts_path=str(test_file))
     test_file.write_text(json.dumps({"prompt": "say yak:", "id": 1}) + "\n")  # 'y' and 'k': not in the training file
     with pytest.raises(ConfigError, match=rf"distpg eval --prompts {test_file}: .*cannot encode the prompt 'say yak:'"):
         evaluate(cfg, learner.model, prompts_path=str(test_file))

@@ -317,6 +317,21 @@ def test_a_trl_style_reward_function_gets_the_batch_and_every_column(tmp_path, s
     assert prompts_task(path).ignored_columns == ["answer", "id"]
 
 
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_an_async_reward_function_is_awaited_as_trl_awaits_one(tmp_path, isolation):
+    """TRL's GRPOTrainer takes `async def` reward functions (it awaits them); one is awaited here too, batched or
+    of one sample, instead of every sample failing with "'coroutine' object is not iterable" (or "returned
+    <coroutine ...>")."""
+    rows, path = trl_dataset(tmp_path, ".jsonl")
+    prompts, completions = [r["prompt"] for r in rows[:4]], ["ant", "nope", "cat", "x"]
+    got, ok, _, _ = rewards.score(prompts_task(path, reward="tests.user_rewards:trl_async"), prompts, completions,
+                                  isolation=isolation)
+    assert got == [1.0, 0.0, 1.0, 0.0] and all(ok)
+    one = prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS), reward="tests.user_rewards:async_length_of_reference")
+    got, ok, _, _ = rewards.score(one, prompts, completions, isolation=isolation)
+    assert got == [1.0, 0.0, 1.0, 0.0] and all(ok)
+
+
 def test_a_parquet_column_only_a_batched_function_gets_is_read_only_for_one(tmp_path):
     """A column that Python cannot hold (a timestamp past the year 9999, a sentinel some exports write) stops
     neither a per-sample function's run, which never reads the column (nor its memory: a file's other columns
@@ -367,6 +382,10 @@ def test_a_trl_style_function_refused_for_a_column_clash_trls_own_arguments_or_a
                                           r"a batch .* without 'trainer_state', which it requires: TRL's GRPOTrainer "
                                           r"passes it, distpg passes the prompts, .* give the parameter a default"):
         prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS), reward="tests.user_rewards:trl_with_trainer_state")
+    # recent TRL's log_metric too: not a column the file lacks ("the file has no column 'log_metric'")
+    with pytest.raises(ConfigError, match=r"without 'log_metric', which it requires: TRL's GRPOTrainer passes it, "
+                                          r"distpg passes the prompts, .* give the parameter a default"):
+        prompts_task(tmp_path / "q.jsonl", reward="tests.user_rewards:trl_with_log_metric")
     with pytest.raises(ConfigError, match=r"the file has a column 'completion_ids' too"):
         prompts_task(write_jsonl(tmp_path / "i.jsonl", [{**r, "completion_ids": 1} for r in ROWS]),
                      reward="tests.user_rewards:trl_style")

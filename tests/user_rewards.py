@@ -57,3 +57,22 @@ def length_unless_vowel(prompt, completion, reference):
 def id_unless_zero(completions, id, **kwargs):
     """TRL's form: the row's `id` / 100; None (not applicable) for id 0."""
     return [None if i == 0 else i / 100 for i in id]
+
+
+async def trl_async(completions, answer, **kwargs):
+    """TRL's form as an `async def` function (an LLM judge's, say): awaited, as TRL's GRPOTrainer awaits it."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    return [float(c == a) for c, a in zip(completions, answer)]
+
+
+async def async_length_of_reference(prompt, completion, reference):
+    """`length_of_reference` as an `async def` function of one sample."""
+    return float(len(completion) == len(reference))
+
+
+def trl_with_log_metric(completions, log_metric, **kwargs):
+    """Recent TRL passes log_metric (a callable to log a scalar) too."""
+    log_metric("judge_calls", len(completions))
+    return [0.0] * len(completions)

@@ -190,7 +190,9 @@ def _read_parquet(path: Path, where: str, other_columns: bool) -> tuple[list[tup
         set(names)
 
 
-TRL_ONLY = ("trainer_state",)  # what TRL's GRPOTrainer also passes a reward function, and distpg does not
+# what TRL's GRPOTrainer also passes a reward function (recent versions log_extra and log_metric too, and
+# environments where it has some), and distpg does not
+TRL_ONLY = ("trainer_state", "log_extra", "log_metric", "environments")
 PASSED = ("prompts", "completions", "completion_ids")  # what a batched function gets beside the file's columns
 
 
