@@ -123,8 +123,8 @@ def _eval(args) -> int:
         partly = f" (of the {res.with_target} with a reference)" if res.with_target < res.num_prompts else ""
         exact = f"exact_match {res.exact_match:.4f}{partly}"
     if res.left_out:
-        print(f"left out {res.left_out} prompts of {args.prompts} longer than the model holds with the run's "
-              "completion budget (model.n_positions, task.max_prompt_tokens)")
+        print(f"left out {res.left_out} prompt{'s' if res.left_out > 1 else ''} of {args.prompts} longer than the "
+              "model holds with the run's completion budget (model.n_positions, task.max_prompt_tokens)")
     parts = "".join(f" | {name} {'n/a' if v is None else f'{v:.4f}'}" for name, v in res.reward_parts.items())
     print(f"{which}: {res.num_prompts} | reward_mean {res.reward_mean:.4f}{failed}{parts} | {exact}")
     if out is not None:  # for scripts (a seed study): the figures and every sample, written whole, before the

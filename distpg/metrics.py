@@ -98,7 +98,9 @@ class MetricsLogger:
                 if k.startswith("eval/") and v is not None:
                     self._tb.add_scalar(k, v, res["version"])
         exact = res["eval/exact_match"]
-        print(f"eval  {res['version']:>5} | held-out reward {res['eval/reward_mean']:.3f} | exact match "
+        parts = "".join(f" | {k[len('eval/rewards/'):]} {'n/a' if v is None else format(v, '.3f')}"
+                        for k, v in res.items() if k.startswith("eval/rewards/"))
+        print(f"eval  {res['version']:>5} | held-out reward {res['eval/reward_mean']:.3f}{parts} | exact match "
               f"{'n/a' if exact is None else format(exact, '.3f')} | {res['eval/num_prompts']} prompts, greedy",
               file=self.stream, flush=True)
         return record

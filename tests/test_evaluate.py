@@ -278,7 +278,7 @@ def test_eval_scores_a_test_file_with_the_runs_tokenizer_reward_functions_and_bu
     checkpoint.save(run, 1, learner.state(), keep=1)
     assert main(["eval", str(run), "--prompts", str(test_file), "--json", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
-    assert f"left out 1 prompts of {test_file} longer than the model holds" in out
+    assert f"left out 1 prompt of {test_file} longer than the model holds" in out
     assert f"prompts of {test_file}: 4 | reward_mean" in out and "exact_match n/a (no prompt has a reference)" in out
     record = json.loads((tmp_path / "e.json").read_text())
     assert record["prompts_path"] == str(test_file) and record["num_prompts"] == 4 and record["left_out"] == 1

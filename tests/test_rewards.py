@@ -254,7 +254,7 @@ def test_one_reward_function_failing_masks_its_samples_however_the_others_score_
 
 
 @pytest.mark.ray
-def test_several_reward_functions_score_a_training_run_each_kept_beside_the_sum(ray_session, tmp_path):
+def test_several_reward_functions_score_a_training_run_each_kept_beside_the_sum(ray_session, tmp_path, capsys):
     """task.reward as a list with task.reward_weights, on real workers in their reward child: every rollout
     row's reward is the weighted sum of the per-sample and the TRL-style function's values, each kept in its
     own column (null where it returned None); a row neither scores is masked; metrics.jsonl has each one's
@@ -267,10 +267,14 @@ def test_several_reward_functions_score_a_training_run_each_kept_beside_the_sum(
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "id": i}) + "\n" for i, w in enumerate(words)))
     cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2", "run.steps=2",
                        "task.reward=[tests.user_rewards:length_unless_vowel, tests.user_rewards:id_unless_zero]",
-                       "task.reward_weights=[0.5, 2]")
+                       "task.reward_weights=[0.5, 2]", "run.eval_every=2")
     train(cfg, tmp_path / "r")
     rows = pq.read_table(tmp_path / "r" / "rollouts").to_pylist()
     assert len(rows) == 2 * 16
+    (evaluation,) = [json.loads(x) for x in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
+    assert {"eval/rewards/length_unless_vowel", "eval/rewards/id_unless_zero"} <= set(evaluation)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("eval "))
+    assert f"| id_unless_zero {evaluation['eval/rewards/id_unless_zero']:.3f} |" in line
     ids = {f"say {w}:": i for i, w in enumerate(words)}
     for r in rows:
         word = r["prompt_text"].split()[1][:-1]
