@@ -74,6 +74,9 @@ class TaskConfig:
         None, "prompts: one weight per task.reward function, in its order (null: 1 each), as TRL's reward_weights")
     max_prompt_tokens: int | None = _f(
         None, "prompts: leave out the rows whose prompt is longer than this many tokens (null: keep every row)")
+    eval_prompts_path: str | None = _f(
+        None, "prompts: a test file (JSONL or Parquet, as task.prompts_path) whose every prompt run.eval_every "
+        "scores instead of the held-out ones, as TRL's eval_dataset (null: the held-out prompts)")
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{path}={value}: must be at least 1")
     if cfg.run.eval_every is not None and cfg.run.eval_every < 1:
         raise ConfigError(f"run.eval_every={cfg.run.eval_every}: must be at least 1 (or null: no evaluation)")
+    if cfg.task.eval_prompts_path is not None and cfg.run.eval_every is None:
+        raise ConfigError(f"task.eval_prompts_path={cfg.task.eval_prompts_path!r} is scored every run.eval_every "
+                          "steps, which is null: set run.eval_every (or score the file after training with distpg "
+                          "eval RUN --prompts FILE)")
     if cfg.rollout.max_new_tokens is not None and cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}: must be at least 1 (or null)")
     if cfg.learner.mini_batches > cfg.rollout.prompts_per_step:
@@ -623,7 +630,7 @@ def _check_prompts(data: dict, run_dir: Path) -> None:
 
 
 RUN_ORIGIN = "# distpg: relative paths in this file are relative to the folder the run started in: "
-RUN_PATHS = (("model", "init_from"), ("task", "prompts_path"))  # the config's paths to files a run reads
+RUN_PATHS = (("model", "init_from"), ("task", "prompts_path"), ("task", "eval_prompts_path"))  # files a run reads
 
 
 def dump_run_config(cfg: Config) -> str:

@@ -35,7 +35,7 @@ def eval_metrics(res: EvalResult) -> dict:
     eval/exact_match (null without references), eval/failed_rewards and eval/rewards/NAME of each of several
     reward functions."""
     return {"eval/reward_mean": res.reward_mean, "eval/exact_match": res.exact_match,
-            "eval/failed_rewards": res.failed, "eval/num_prompts": res.num_prompts,
+            "eval/failed_rewards": res.failed, "eval/num_prompts": res.num_prompts, "eval/left_out": res.left_out,
             **{f"eval/rewards/{name}": v for name, v in res.reward_parts.items()}}
 
 
@@ -83,17 +83,17 @@ def load_initial_policy(run_dir: Path) -> tuple[Config, GPT]:
 
 
 def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, batch_size: int = 256,
-             prompts_path: str | None = None, task=None) -> EvalResult:
+             prompts_path: str | None = None, task=None, test=None) -> EvalResult:
     """Mean reward and exact-match rate (see `exact_match`) on the held-out prompts (greedy by default), or on
-    every prompt of `prompts_path` (a test set of a `prompts` run: see `test_set`). `task`: the config's task,
-    if built already."""
+    every prompt of `prompts_path` (a test set of a `prompts` run: see `test_set`). `task` and `test`: the
+    config's task and that test set, if built already."""
     task = task or task_for(cfg)
     tok = task.tokenizer
     params = replace(sampling_params(cfg, task), temperature=temperature)  # the run's completion budget
-    dropped = 0
-    if prompts_path is not None:
-        task = test_set(cfg, prompts_path, tok, params.max_new_tokens)
-        dropped = task.dropped
+    if test is None and prompts_path is not None:
+        test = test_set(cfg, prompts_path, tok, params.max_new_tokens)
+    dropped = 0 if test is None else test.dropped
+    task = test or task
     prompts = task.eval_prompts()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     completions: list[str] = []
@@ -131,22 +131,21 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
     )
 
 
-def test_set(cfg: Config, path: str, tokenizer, max_new_tokens: int):
+def test_set(cfg: Config, path: str, tokenizer, max_new_tokens: int, field: str = "distpg eval --prompts"):
     """The prompts of another file than the run's (`distpg eval --prompts FILE`: a test set), every one an
     evaluation prompt, encoded with the run's tokenizer and scored with its reward functions (a batched one
     gets this file's columns). Prompts that the model cannot hold with the run's completion budget (or longer
     than its task.max_prompt_tokens) are left out, and counted.
 
     Raises:
-        ConfigError naming --prompts and what is wrong (a run of another task, a file it cannot read, a
-        character the run's tokenizer cannot write).
+        ConfigError naming `field` (--prompts, or task.eval_prompts_path) and what is wrong (a run of another
+        task, a file it cannot read, a character the run's tokenizer cannot write).
     """
     from distpg.tasks import PromptsTask
 
     if cfg.task.name != "prompts":
-        raise ConfigError(f"distpg eval --prompts {path}: scores a file's prompts with a run's task.reward, for a run "
-                          f"of task.name=prompts; this run's task is {cfg.task.name!r}, scored on its held-out "
-                          "prompts (without --prompts)")
+        raise ConfigError(f"{field} {path}: scores a file's prompts with a run's task.reward, for a run of "
+                          f"task.name=prompts; this run's task is {cfg.task.name!r}, scored on its held-out prompts")
     room = cfg.model.n_positions - max_new_tokens
     limit = min(room, cfg.task.max_prompt_tokens or room)
     try:
@@ -159,7 +158,7 @@ def test_set(cfg: Config, path: str, tokenizer, max_new_tokens: int):
             why = (f"the model holds prompts of at most {room} tokens with the run's completion budget "
                    f"(model.n_positions={cfg.model.n_positions} - {max_new_tokens} completion tokens)"
                    + why[len(f"task.max_prompt_tokens={limit}"):])
-        raise ConfigError(f"distpg eval --prompts {path}: {why}") from None
+        raise ConfigError(f"{field} {path}: {why}") from None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -73,7 +73,7 @@ class Learner:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.ledger: list[torch.Tensor] | None = [] if cfg.log.ledger else None
-        self.eval_task = None  # the task, built for the first `evaluate`
+        self.eval_task = self.test_task = None  # the task (and task.eval_prompts_path's), built by `evaluate`
 
     def trainable(self) -> list[torch.nn.Parameter]:
         head = list(self.value_head.parameters()) if self.value_head is not None else []
@@ -310,18 +310,25 @@ class Learner:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def evaluate(self) -> dict:
-        """The current policy's figures on the task's held-out prompts, greedy, as `distpg eval` scores them
-        (`run.eval_every`), with the version scored. A reward function that fails on every prompt raises
-        RewardError."""
-        from distpg.evaluate import eval_metrics, evaluate
+        """The current policy's figures on the task's held-out prompts (or task.eval_prompts_path's), greedy,
+        as `distpg eval` scores them (`run.eval_every`), with the version scored. A reward function that fails
+        on every prompt raises RewardError."""
+        from distpg.evaluate import eval_metrics, evaluate, test_set
+        from distpg.rollout import sampling_params
 
+        cfg = self.cfg
         if self.eval_task is None:
-            self.eval_task = task_for(self.cfg)
+            self.eval_task = task_for(cfg)
+            if cfg.task.eval_prompts_path:  # a test set instead of the held-out prompts
+                budget = sampling_params(cfg, self.eval_task).max_new_tokens
+                self.test_task = test_set(cfg, cfg.task.eval_prompts_path, self.eval_task.tokenizer, budget,
+                                          "task.eval_prompts_path")
         self.model.eval()
         try:
-            return {"version": self.version, **eval_metrics(evaluate(self.cfg, self.model, task=self.eval_task))}
+            res = evaluate(cfg, self.model, task=self.eval_task, test=self.test_task)
         finally:
             self.model.train()
+        return {"version": self.version, "prompts": cfg.task.eval_prompts_path or "held-out", **eval_metrics(res)}
 
     # -------------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict:

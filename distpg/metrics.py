@@ -100,7 +100,8 @@ class MetricsLogger:
         exact = res["eval/exact_match"]
         parts = "".join(f" | {k[len('eval/rewards/'):]} {'n/a' if v is None else format(v, '.3f')}"
                         for k, v in res.items() if k.startswith("eval/rewards/"))
-        print(f"eval  {res['version']:>5} | held-out reward {res['eval/reward_mean']:.3f}{parts} | exact match "
+        which = "held-out" if res.get("prompts", "held-out") == "held-out" else "test"
+        print(f"eval  {res['version']:>5} | {which} reward {res['eval/reward_mean']:.3f}{parts} | exact match "
               f"{'n/a' if exact is None else format(exact, '.3f')} | {res['eval/num_prompts']} prompts, greedy",
               file=self.stream, flush=True)
         return record

@@ -188,6 +188,10 @@ def validate_with_task(cfg: Config, task) -> None:
                               f"completion (a character tokenizer knows only the characters of task {task.name!r})") \
                 from None
     params = sampling_params(cfg, task)
+    if cfg.task.eval_prompts_path:  # the learner's run.eval_every reads it: refused now rather than at the first
+        from distpg.evaluate import test_set
+
+        test_set(cfg, cfg.task.eval_prompts_path, task.tokenizer, params.max_new_tokens, "task.eval_prompts_path")
     need = task.max_prompt_len + params.max_new_tokens
     if need > cfg.model.n_positions:
         fix = ""

@@ -82,6 +82,8 @@ def test_resolved_config_round_trips(tmp_path):
         ("run.seed=18446744073709551616", "run.seed=18446744073709551616: must be between 0 and"),
         ("task.eval_seed=-3", "task.eval_seed=-3: must be between 0 and"),
         ("run.eval_every=0", "run.eval_every=0: must be at least 1 (or null: no evaluation)"),
+        ("task.eval_prompts_path=t.jsonl", "task.eval_prompts_path='t.jsonl' is scored every run.eval_every steps, "
+                                           "which is null"),
         # several reward functions (TRL's reward_funcs and reward_weights)
         ("task.reward=[]", "task.reward=[]: name at least one reward function 'module:attr', or null"),
         ("task.reward=[a:f, 3]", "task.reward: 3 is not a reward function's 'module:attr'"),

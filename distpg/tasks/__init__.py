@@ -61,21 +61,22 @@ def make_task(cfg, tokenizer: Tokenizer | None = None) -> Task:
 
 
 def _takes(name: str, field: str) -> bool:
-    return name == "prompts" if field in ("prompts_path", "reward", "reward_weights", "max_prompt_tokens") \
-        else ":" in name
+    return name == "prompts" if field in ("prompts_path", "reward", "reward_weights", "max_prompt_tokens",
+                                          "eval_prompts_path") else ":" in name
 
 
 def _build_task(cfg, tokenizer: Tokenizer | None) -> Task:
     name = cfg.name
     unused = [f"task.{k}" for k, v in (("params", cfg.params), ("prompts_path", cfg.prompts_path),
                                         ("reward", cfg.reward), ("reward_weights", cfg.reward_weights),
-                                        ("max_prompt_tokens", cfg.max_prompt_tokens))
+                                        ("max_prompt_tokens", cfg.max_prompt_tokens),
+                                        ("eval_prompts_path", cfg.eval_prompts_path))
               if v is not None and v != {} and not _takes(name, k)]
     if unused:  # set but read by no task: a typo of task.name, or a field meant for another task
         raise ConfigError(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by "
                           f"task.name={name!r}: task.params is for a user's task ('module:attr'), "
-                          "task.prompts_path, task.reward, task.reward_weights and task.max_prompt_tokens for "
-                          "task.name=prompts")
+                          "task.prompts_path, task.reward, task.reward_weights, task.max_prompt_tokens and "
+                          "task.eval_prompts_path for task.name=prompts")
     if name in BUILTIN_TASKS:
         try:
             # the prompts task measures its prompts and references in the policy's tokens
