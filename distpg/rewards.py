@@ -5,8 +5,9 @@ A task scores one sample with `reward(prompt, completion)`, or a whole batch wit
 `RewardFunction`: a name, the function, whether it takes a batch, a weight), whose weighted sum is a sample's
 reward, as TRL sums its `reward_funcs` with `reward_weights`. A function returning None for a sample does not
 score it (TRL's "not applicable"); a sample no function scores is masked. An `async def` function is awaited,
-as TRL awaits one. Each value is checked: an exception, or a value that is not a finite number, marks that
-sample `reward_ok = False` (left out of the gradient and counted in `rollout/failed_rewards`); a batch result of
+as TRL awaits one (a function of one sample: its calls for a batch's samples together). Each value is checked:
+an exception, or a value that is not a finite number, marks that sample `reward_ok = False` (left out of the
+gradient and counted in `rollout/failed_rewards`); a batch result of
 the wrong length fails the whole batch.
 
 Isolation: with `isolation="process"` the functions run in a forked child process with a per-batch
@@ -91,16 +92,21 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _awaited(value):
-    """What an `async def` reward function returns once awaited (TRL's GRPOTrainer takes those too, e.g. an LLM
-    judge), run to its end on a loop of its own; any other value as it is."""
-    if not inspect.isawaitable(value):
-        return value
+def _awaited(values: list) -> list:
+    """`values` with each awaitable one (what an `async def` reward function returns: TRL's GRPOTrainer takes
+    those too, e.g. an LLM judge) replaced by its result, or by the exception it raised; all awaited together on
+    a loop of their own, so that a judge's calls for a batch's samples overlap; the others as they are."""
+    pending = [i for i, v in enumerate(values) if inspect.isawaitable(v)]
+    if not pending:
+        return values
 
-    async def wait():
-        return await value
+    async def gather():
+        return await asyncio.gather(*(values[i] for i in pending), return_exceptions=True)
 
-    return asyncio.run(wait())
+    out = list(values)
+    for i, result in zip(pending, asyncio.run(gather())):
+        out[i] = result
+    return out
 
 
 def _values(f: RewardFunction, prompts: list[str], completions: list[str],
@@ -109,15 +115,27 @@ def _values(f: RewardFunction, prompts: list[str], completions: list[str],
     n = len(prompts)
     if f.batched:
         try:
-            out = list(_awaited(f.fn(prompts, completions, completion_ids) if f.ids else f.fn(prompts, completions)))
+            (out,) = _awaited([f.fn(prompts, completions, completion_ids) if f.ids else f.fn(prompts, completions)])
+            if isinstance(out, BaseException):  # what the awaited function raised (a cancellation: as an error)
+                raise out if isinstance(out, Exception) else RuntimeError(f"{type(out).__name__}: {out}")
+            out = list(out)
             if len(out) != n:
                 raise ValueError(f"{f.name} returned {len(out)} values for {n} samples")
         except Exception as e:  # a user's reward function may raise anything: the batch is masked
             return [(None, _error(e))] * n
+    else:
+        out = []
+        for i in range(n):
+            try:
+                out.append(f.fn(prompts[i], completions[i]))
+            except Exception as e:  # one bad sample is masked, the others count
+                out.append(e)
+        out = _awaited(out)  # an async function's calls for every sample, awaited together
     result = []
-    for i in range(n):
+    for value in out:
         try:
-            value = out[i] if f.batched else _awaited(f.fn(prompts[i], completions[i]))
+            if isinstance(value, Exception):
+                raise value
             result.append((None if value is None else _check(value), None))
         except Exception as e:  # one bad sample is masked, the others count
             result.append((None, _error(e)))

@@ -330,6 +330,14 @@ def test_an_async_reward_function_is_awaited_as_trl_awaits_one(tmp_path, isolati
     one = prompts_task(write_jsonl(tmp_path / "q.jsonl", ROWS), reward="tests.user_rewards:async_length_of_reference")
     got, ok, _, _ = rewards.score(one, prompts, completions, isolation=isolation)
     assert got == [1.0, 0.0, 1.0, 0.0] and all(ok)
+    # an async function of one sample (an LLM judge's call each) is awaited for the whole batch at once: its calls
+    # overlap, as TRL's judges' do, instead of one sample's call after another's
+    from tests import user_rewards
+
+    user_rewards.IN_FLIGHT.update(now=0, most=0)
+    judge = prompts_task(tmp_path / "q.jsonl", reward="tests.user_rewards:async_judge")
+    got, ok, _, _ = rewards.score(judge, prompts, completions, isolation=isolation)
+    assert got == [4.0] * 4 and all(ok)
 
 
 def test_a_parquet_column_only_a_batched_function_gets_is_read_only_for_one(tmp_path):

@@ -76,3 +76,18 @@ def trl_with_log_metric(completions, log_metric, **kwargs):
     """Recent TRL passes log_metric (a callable to log a scalar) too."""
     log_metric("judge_calls", len(completions))
     return [0.0] * len(completions)
+
+
+IN_FLIGHT = {"now": 0, "most": 0}
+
+
+async def async_judge(prompt, completion, reference):
+    """One sample, as an LLM judge's call would be: its reward is the most calls in flight at once so far (every
+    sample of the batch when they are awaited together, 1 when one after another)."""
+    import asyncio
+
+    IN_FLIGHT["now"] += 1
+    IN_FLIGHT["most"] = max(IN_FLIGHT["most"], IN_FLIGHT["now"])
+    await asyncio.sleep(0.01)
+    IN_FLIGHT["now"] -= 1
+    return float(IN_FLIGHT["most"])
