@@ -470,10 +470,14 @@ def _validate(cfg: Config) -> None:
                           "\"\\n\" for a newline)")
 
 
+def _listed(value: str | list | None) -> list:
+    """A field that takes one string, a list of them, or null, as a list (one, several, or none)."""
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def node_resources(cfg: Config) -> tuple[list[str], str | None]:
     """(the workers' node resources, round-robin; empty: any node) and the learner's (None: any node)."""
-    workers = cfg.rollout.node_resource
-    return ([workers] if isinstance(workers, str) else list(workers or [])), cfg.learner.node_resource
+    return _listed(cfg.rollout.node_resource), cfg.learner.node_resource
 
 
 def _validate_node_resources(cfg: Config) -> None:
@@ -495,12 +499,12 @@ _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 def stop_strings(rollout: RolloutConfig) -> list[str]:
     """rollout.stop as a list (one, several, or none)."""
-    return [rollout.stop] if isinstance(rollout.stop, str) else list(rollout.stop or [])
+    return _listed(rollout.stop)
 
 
 def reward_specs(task: TaskConfig) -> list[str]:
     """task.reward as a list of 'module:attr' (one, several, or none)."""
-    return [task.reward] if isinstance(task.reward, str) else list(task.reward or [])
+    return _listed(task.reward)
 
 
 def _validate_rewards(task: TaskConfig) -> None:
