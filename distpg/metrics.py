@@ -36,6 +36,21 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def record_line(record: dict) -> str:
+    """A record as one line of strict JSON: a value that is not finite (the reward mean of a step whose rewards
+    all failed) is written as null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
+                      allow_nan=False) + "\n"
+
+
+def cut_records(path: Path, key: str, upto: int) -> None:
+    """Keep only the records of a .jsonl file whose `key` is at most `upto` (what a resume from checkpoint
+    `upto` does not redo; a last line cut off by a kill goes too), rewritten atomically."""
+    from distpg import checkpoint
+
+    checkpoint.write_atomic(path, "".join(record_line(r) for r in read_records(path) if r[key] <= upto))
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -72,9 +87,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float], samples: list[tuple[str, str, float]] | None = None) -> dict:
         """Record step `step` (1-based: steps completed). Returns the record written."""
         record = {"step": step, "time_s": round(self.t_offset + time.time() - self.t_start, 4), **metrics}
-        # strict JSON: a non-finite value (the reward mean of a step whose rewards all failed) is written as null
-        self._jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                      for k, v in record.items()}, allow_nan=False) + "\n")
+        self._jsonl.write(record_line(record))
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in metrics.items():
@@ -91,8 +104,7 @@ class MetricsLogger:
         of eval.jsonl, the eval/* scalars in TensorBoard at the version scored, a console line."""
         record = {"step": step, "time_s": round(self.t_offset + time.time() - self.t_start, 4), **res}
         with open(self.run_dir / EVALS, "a") as f:
-            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                for k, v in record.items()}, allow_nan=False) + "\n")
+            f.write(record_line(record))
         if self._tb is not None:
             for k, v in res.items():
                 if k.startswith("eval/") and v is not None:

@@ -52,7 +52,7 @@ from distpg.config import (
     stop_strings,
 )
 from distpg.learner import Learner
-from distpg.metrics import EVALS, MetricsLogger, read_records
+from distpg.metrics import EVALS, MetricsLogger, cut_records, read_records
 from distpg.policy import task_for
 from distpg.rewards import RewardError
 from distpg.rollout import RolloutWorker, sampling_params
@@ -1238,18 +1238,10 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     if ckpt is None:
         shutil.rmtree(run_dir / "tb", ignore_errors=True)  # every step in it is redone
     # forget what the interrupted run logged after its last checkpoint
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        import json
-
-        kept = [r for r in read_records(metrics) if r["step"] <= start]  # also a last line cut off by a kill
-        checkpoint.write_atomic(metrics, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-    evals = run_dir / EVALS
-    if evals.exists():  # run.eval_every: the evaluations of the policies the resume does not redo
-        import json
-
-        kept = [r for r in read_records(evals) if r["version"] <= start]
-        checkpoint.write_atomic(evals, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    if (run_dir / "metrics.jsonl").exists():
+        cut_records(run_dir / "metrics.jsonl", "step", start)
+    if (run_dir / EVALS).exists():  # run.eval_every: the evaluations of the policies the resume does not redo
+        cut_records(run_dir / EVALS, "version", start)
     # the rollouts buffered at its latest checkpoint, unless the flush that followed wrote them to their file
     unflushed = run_dir / "rollouts" / UNFLUSHED
     if unflushed.exists():
