@@ -105,7 +105,7 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
             out = generate(model, [tok.encode(p) for p in chunk], params, gen, pad_id=tok.pad_id,
                            weights_key=same_weights)
             rows = out.rows()
-            cut_at_stops(rows, [], [False] * len(rows), tok, stop_strings(cfg.rollout))  # as in training
+            cut_at_stops(rows, tok, stop_strings(cfg.rollout))  # as in training
             completions += [tok.decode(r) for r in rows]
             ids += rows
     finally:

@@ -54,17 +54,18 @@ def stop_lengths(rows: list[list[int]], tokenizer, stops: list[str]) -> list[int
     return out
 
 
-def cut_at_stops(rows: list[list[int]], per_token: list[list[list]], truncated: list[bool], tokenizer,
-                 stops: list[str]) -> None:
-    """Cut each completion (and its per-token lists) after the token that completes a stop string (see
+def cut_at_stops(rows: list[list[int]], tokenizer, stops: list[str], per_token: tuple[list[list], ...] = (),
+                 truncated: list[bool] | None = None) -> None:
+    """Cut each completion (and its `per_token` lists) after the token that completes a stop string (see
     `stop_lengths`), in place: the tokens sampled after it are dropped as if never sampled, and a cut
-    completion is not truncated."""
+    completion is not `truncated`."""
     for i, n in enumerate(stop_lengths(rows, tokenizer, stops)):
         if n is not None:
             rows[i] = rows[i][:n]
             for values in per_token:
                 values[i] = values[i][:n]
-            truncated[i] = False
+            if truncated is not None:
+                truncated[i] = False
 
 
 def reward_isolation(cfg: Config) -> str:
@@ -159,8 +160,8 @@ class RolloutWorker:
         policy_logprobs = logprobs if out.policy_logprobs is out.logprobs else generated(out.policy_logprobs)
         truncated = out.truncated.cpu().tolist()
         if self.stops:
-            per_token = [logprobs] if policy_logprobs is logprobs else [logprobs, policy_logprobs]
-            cut_at_stops(completion_tokens, per_token, truncated, self.tokenizer, self.stops)
+            per_token = (logprobs,) if policy_logprobs is logprobs else (logprobs, policy_logprobs)
+            cut_at_stops(completion_tokens, self.tokenizer, self.stops, per_token, truncated)
         texts = [self.tokenizer.decode(t) for t in completion_tokens]
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
