@@ -206,8 +206,8 @@ def function_names(specs: list[str]) -> list[str]:
 def load_reward(spec: str | None):
     """The function named by task.reward ("module:attr") and whether it scores a whole batch, checked to accept
     either (prompt, completion, reference), one sample, or TRL's keyword call with lists, batched: a function
-    with a `completions` parameter is called as fn(prompts=[...], completions=[...], COLUMN=[...] for each of
-    the file's columns) and returns one value per sample (that call is checked by `check_batch_call` once the
+    with a `completions` parameter is called as fn(prompts=[...], completions=[...], completion_ids=[...],
+    COLUMN=[...] for each of the file's columns) and returns one value per sample (that call is checked by `check_batch_call` once the
     columns are known).
 
     Raises:
