@@ -120,8 +120,10 @@ def test_in_async_mode_a_reward_function_that_breaks_stops_the_run_with_its_last
 
     monkeypatch.setattr(Trainer, "learner_class", SlowThirdUpdate)
     counter = tmp_path / "calls"
+    # one worker: its shares run one after another, so step 4's (the first to fail) always comes back during
+    # update 3 (with two, under load one worker's step 4 failed while the other still sampled step 3)
     cfg = small_config("task.name=tests.user_task:misbehaving", "run.steps=8", "run.mode=async",
-                       "algo.max_staleness=1", "run.checkpoint_every=100",
+                       "algo.max_staleness=1", "run.checkpoint_every=100", "rollout.num_workers=1",
                        f"task.params={{fault: after, calls: 48, counter: '{counter}'}}")  # 3 x 16 samples
     with pytest.raises(TrainingError, match="step 4 .*failed: RewardError: .*reward service unavailable") as e:
         train(cfg, tmp_path / "r")
@@ -139,7 +141,9 @@ def test_in_async_mode_a_reward_function_that_breaks_stops_the_run_with_its_last
 def test_in_async_mode_a_failure_held_for_the_step_the_run_stops_at_is_said(ray_session, tmp_path, monkeypatch,
                                                                               capsys):
     """As above, but step 3's record also ends the run (its stop rule, here forced): the run ends at step 3,
-    checkpointed, and the held failure of step 4's shares is printed, not dropped."""
+    checkpointed, and the held failure of step 4's share is printed, not dropped. One worker: its shares run one
+    after another, so step 4's (the first to fail) always comes back while the learner applies update 3 (with
+    two, a worker's step 4 could fail while the other still sampled step 3, before any update was in flight)."""
     from distpg import checkpoint, orchestrator
     from distpg.orchestrator import Trainer
 
@@ -147,8 +151,8 @@ def test_in_async_mode_a_failure_held_for_the_step_the_run_stops_at_is_said(ray_
     monkeypatch.setattr(orchestrator, "stop_reward_reached", lambda cfg, recent: len(recent) == 3)
     counter = tmp_path / "calls"
     cfg = small_config("task.name=tests.user_task:misbehaving", "run.steps=8", "run.mode=async",
-                       "algo.max_staleness=1", "run.checkpoint_every=100",
-                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}")
+                       "algo.max_staleness=1", "run.checkpoint_every=100", "rollout.num_workers=1",
+                       f"task.params={{fault: after, calls: 48, counter: '{counter}'}}")  # 3 x 16 samples
     assert train(cfg, tmp_path / "r")["steps"] == 3
     assert checkpoint.run_state(checkpoint.latest(tmp_path / "r"))["step"] == 3
     out = capsys.readouterr().out
