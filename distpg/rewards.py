@@ -5,7 +5,8 @@ A task scores one sample with `reward(prompt, completion)`, or a whole batch wit
 `RewardFunction`: a name, the function, whether it takes a batch, a weight), whose weighted sum is a sample's
 reward, as TRL sums its `reward_funcs` with `reward_weights`. A function returning None for a sample does not
 score it (TRL's "not applicable"); a sample no function scores is masked. An `async def` function is awaited,
-as TRL awaits one (a function of one sample: its calls for a batch's samples together). Each value is checked:
+as TRL awaits one: every async function's calls for a batch (a function of one sample: one per sample) are
+awaited together, so that they overlap, as TRL runs its async functions concurrently. Each value is checked:
 an exception, or a value that is not a finite number, marks that sample `reward_ok = False` (left out of the
 gradient and counted in `rollout/failed_rewards`); a batch result of
 the wrong length fails the whole batch.
@@ -109,13 +110,31 @@ def _awaited(values: list) -> list:
     return out
 
 
-def _values(f: RewardFunction, prompts: list[str], completions: list[str],
-            completion_ids: list | None) -> list[tuple[float | None, str | None]]:
-    """Each sample's (value, or None where `f` returned None or failed; the failure's text, or None) under `f`."""
-    n = len(prompts)
+def _call(f: RewardFunction, prompts: list[str], completions: list[str], completion_ids: list | None) -> list:
+    """`f`'s raw outputs, not yet awaited or checked: a batched function's `[its return value]`, or the
+    exception it raised; else one entry per sample (its return value, or the exception it raised)."""
     if f.batched:
         try:
-            (out,) = _awaited([f.fn(prompts, completions, completion_ids) if f.ids else f.fn(prompts, completions)])
+            return [f.fn(prompts, completions, completion_ids) if f.ids else f.fn(prompts, completions)]
+        except Exception as e:  # a user's reward function may raise anything: the batch is masked
+            return e
+    out = []
+    for i in range(len(prompts)):
+        try:
+            out.append(f.fn(prompts[i], completions[i]))
+        except Exception as e:  # one bad sample is masked, the others count
+            out.append(e)
+    return out
+
+
+def _values(f: RewardFunction, out, n: int) -> list[tuple[float | None, str | None]]:
+    """Each sample's (value, or None where `f` returned None or failed; the failure's text, or None) from `f`'s
+    outputs (`_call`, awaited)."""
+    if f.batched:
+        try:
+            if isinstance(out, Exception):
+                raise out
+            (out,) = out
             if isinstance(out, BaseException):  # what the awaited function raised (a cancellation: as an error)
                 raise out if isinstance(out, Exception) else RuntimeError(f"{type(out).__name__}: {out}")
             out = list(out)
@@ -123,14 +142,6 @@ def _values(f: RewardFunction, prompts: list[str], completions: list[str],
                 raise ValueError(f"{f.name} returned {len(out)} values for {n} samples")
         except Exception as e:  # a user's reward function may raise anything: the batch is masked
             return [(None, _error(e))] * n
-    else:
-        out = []
-        for i in range(n):
-            try:
-                out.append(f.fn(prompts[i], completions[i]))
-            except Exception as e:  # one bad sample is masked, the others count
-                out.append(e)
-        out = _awaited(out)  # an async function's calls for every sample, awaited together
     result = []
     for value in out:
         try:
@@ -142,6 +153,16 @@ def _values(f: RewardFunction, prompts: list[str], completions: list[str],
     return result
 
 
+def _scored(fns: list[RewardFunction], prompts: list[str], completions: list[str],
+            completion_ids: list | None) -> list[list[tuple[float | None, str | None]]]:
+    """`_values` of every function; the `async def` ones' calls (every function's, every sample's) awaited
+    together, as TRL's GRPOTrainer runs its async reward functions concurrently."""
+    raw = [_call(f, prompts, completions, completion_ids) for f in fns]
+    done = iter(_awaited([x for r in raw if isinstance(r, list) for x in r]))
+    raw = [[next(done) for _ in r] if isinstance(r, list) else r for r in raw]
+    return [_values(f, r, len(prompts)) for f, r in zip(fns, raw)]
+
+
 def score_each(task, prompts: list[str], completions: list[str],
                completion_ids: list | None = None) -> tuple[list[float], list[bool], list[str], dict]:
     """Rewards, ok flags, error texts and, for a task with several reward functions, each one's values
@@ -150,7 +171,7 @@ def score_each(task, prompts: list[str], completions: list[str],
     A sample is masked (ok False, reward 0.0) where a function failed on it (raised, or returned something
     that is not a finite number) or where every function returned None."""
     fns = reward_functions(task)
-    values = [_values(f, prompts, completions, completion_ids) for f in fns]
+    values = _scored(fns, prompts, completions, completion_ids)
     several = len(fns) > 1
     rewards, ok, errors = [], [], []
     for i in range(len(prompts)):

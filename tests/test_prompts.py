@@ -338,6 +338,13 @@ def test_an_async_reward_function_is_awaited_as_trl_awaits_one(tmp_path, isolati
     judge = prompts_task(tmp_path / "q.jsonl", reward="tests.user_rewards:async_judge")
     got, ok, _, _ = rewards.score(judge, prompts, completions, isolation=isolation)
     assert got == [4.0] * 4 and all(ok)
+    # and several async functions are awaited together, as TRL runs them concurrently: both judges' calls for
+    # the batch overlap (8 in flight; one function after the other: 4 each, so 8 instead of 16 in sum)
+    user_rewards.IN_FLIGHT.update(now=0, most=0)
+    judges = prompts_task(tmp_path / "q.jsonl", reward=["tests.user_rewards:async_judge",
+                                                        "tests.user_rewards:async_judge_too"])
+    got, ok, _, parts = rewards.score(judges, prompts, completions, isolation=isolation)
+    assert got == [16.0] * 4 and all(ok) and parts == {"async_judge": [8.0] * 4, "async_judge_too": [8.0] * 4}
 
 
 def test_a_parquet_column_only_a_batched_function_gets_is_read_only_for_one(tmp_path):

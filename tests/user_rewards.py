@@ -91,3 +91,9 @@ async def async_judge(prompt, completion, reference):
     await asyncio.sleep(0.01)
     IN_FLIGHT["now"] -= 1
     return float(IN_FLIGHT["most"])
+
+
+async def async_judge_too(prompt, completion, reference):
+    """A second judge counting in the same `IN_FLIGHT`: several async functions awaited together see each other's
+    calls in flight."""
+    return await async_judge(prompt, completion, reference)

@@ -207,8 +207,8 @@ def load_reward(spec: str | None):
     """The function named by task.reward ("module:attr") and whether it scores a whole batch, checked to accept
     either (prompt, completion, reference), one sample, or TRL's keyword call with lists, batched: a function
     with a `completions` parameter is called as fn(prompts=[...], completions=[...], completion_ids=[...],
-    COLUMN=[...] for each of the file's columns) and returns one value per sample (that call is checked by `check_batch_call` once the
-    columns are known).
+    COLUMN=[...] for each of the file's columns) and returns one value per sample (that call is checked by
+    `check_batch_call` once the columns are known).
 
     Raises:
         ValueError naming task.reward and what is wrong.
