@@ -9,7 +9,7 @@ import torch
 
 from distpg import checkpoint, kernels, rewards
 from distpg.config import Config, ConfigError, load_run_config, stop_strings
-from distpg.generate import generate
+from distpg.generate import generate, stop_checker
 from distpg.model import GPT
 from distpg.policy import initial_policy, task_for
 from distpg.rollout import cut_at_stops, reward_isolation, sampling_params
@@ -99,13 +99,14 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
     completions: list[str] = []
     ids: list[list[int]] = []
     same_weights = object()  # the weights do not change during this loop: laid out for oneDNN once
+    stops = stop_strings(cfg.rollout)
     try:
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s : s + batch_size]
             out = generate(model, [tok.encode(p) for p in chunk], params, gen, pad_id=tok.pad_id,
-                           weights_key=same_weights)
+                           weights_key=same_weights, stop_when=stop_checker(tok, stops) if stops else None)
             rows = out.rows()
-            cut_at_stops(rows, tok, stop_strings(cfg.rollout))  # as in training
+            cut_at_stops(rows, tok, stops)  # as in training
             completions += [tok.decode(r) for r in rows]
             ids += rows
     finally:

@@ -12,9 +12,9 @@ tokens, and one at the end (are the log-probabilities finite? not with a diverge
 Where it pays, the decode loop does less than a plain `model(...)` call per token: each token's forward is
 `decode_step` (functional calls instead of module calls, the cache written by the attention kernel; the
 same logits), the attention mask is built once (and dropped when no prompt is padded), the output layer
-runs on the last position only, and when at least half of the rows still being decoded have stopped, they
-are dropped from the batch and the cache (the random draws stay per row, so dropping rows changes no
-sample).
+runs on the last position only, and when at least half of the rows still being decoded have stopped (at the
+stop token, or, checked with the host sync, at a stop string: `stop_when`), they are dropped from the batch
+and the cache (the random draws stay per row, so dropping rows changes no sample).
 
 On a CPU with n ≥ 2 intra-op threads the rows are split into n shards (at least `SHARD_MIN_ROWS` each),
 each decoded by its own thread on one core, with the uniform draws of its rows: the same samples, and no
@@ -33,6 +33,7 @@ off-policy correction.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ from distpg.model import (
     output_layer,
 )
 from distpg.ragged import ragged_index
+
+StopCheck = Callable[[list[list[int]]], list[bool]]  # rows' tokens so far -> which have ended (`generate`)
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ def generate(
     check_every: int = 4,
     weights_key: object = None,
     cuda_graph: bool = False,
+    stop_when: StopCheck | None = None,
 ) -> Generation:
     """Sample one completion per prompt (repeat a prompt G times to get a group).
 
@@ -282,6 +286,11 @@ def generate(
             weights do (a policy version); None lays them out for this call only.
         cuda_graph: decode in fixed shapes (`_generate_static`), on a GPU replaying one token's step as a
             CUDA graph; on a CPU the same steps run one by one (which is how the tests check them).
+        stop_when: called every `check_every` tokens with the tokens so far of the rows still decoded; True
+            where a row has ended (its text holds a stop string, `stop_checker`): that row is decoded no
+            further, as after the stop token, and dropped with the others. Its tokens up to the check are
+            kept: the caller cuts them (`rollout.cut_at_stops`) as it would a row decoded to the end, and
+            gets the same tokens. Not with `cuda_graph` (its rows run to the end; the cut is the same).
     Returns:
         a `Generation` with (B, max_new_tokens) tokens, log-probabilities and mask.
     """
@@ -290,10 +299,11 @@ def generate(
     with kernels.packed_weights(model, decode_weights(model), weights_key, len(prompts)):
         n = 1 if cuda_graph or model.wte.weight.device.type != "cpu" else shard_count(len(prompts))
         if n > 1:
-            gen = _generate_sharded(model, prompts, params, generator, pad_id, check_every, n)
+            gen = _generate_sharded(model, prompts, params, generator, pad_id, check_every, n, stop_when)
+        elif cuda_graph:
+            gen = _generate_static(model, prompts, params, generator, pad_id, check_every)
         else:
-            run = _generate_static if cuda_graph else _generate
-            gen = run(model, prompts, params, generator, pad_id, check_every)
+            gen = _generate(model, prompts, params, generator, pad_id, check_every, stop_when=stop_when)
     # a sampled token never has probability 0, so its log-probability is finite unless the logits were not
     if not bool(torch.isfinite(gen.logprobs).all()):  # host sync, once per generation
         raise FloatingPointError(
@@ -317,7 +327,7 @@ def shard_count(rows: int) -> int:
 
 
 def _generate_sharded(model: GPT, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
-                      pad_id: int, check_every: int, n: int) -> Generation:
+                      pad_id: int, check_every: int, n: int, stop_when: StopCheck | None = None) -> Generation:
     """`_generate` on n contiguous shards of the rows at once, each in its own thread with one intra-op thread
     and the pre-packed weights of the calling thread, each row with the uniform draws it gets unsharded."""
     global _pool
@@ -331,7 +341,7 @@ def _generate_sharded(model: GPT, prompts: list[list[int]], params: SamplingPara
         lo, hi = bounds[i], bounds[i + 1]
         with torch.inference_mode(), kernels.using_packs(packs):
             return _generate(model, prompts[lo:hi], params, generator, pad_id, check_every,
-                             uniforms[:, lo:hi].contiguous())
+                             uniforms[:, lo:hi].contiguous(), stop_when)
 
     with _pool_lock:
         if _pool is None or _pool[1] < n - 1:
@@ -394,7 +404,8 @@ def _setup(model: GPT, prompts: list[list[int]], params: SamplingParams, generat
 
 
 def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
-              pad_id: int, check_every: int, uniforms: torch.Tensor | None = None) -> Generation:
+              pad_id: int, check_every: int, uniforms: torch.Tensor | None = None,
+              stop_when: StopCheck | None = None) -> Generation:
     device = model.wte.weight.device
     N = params.max_new_tokens
     st = _setup(model, prompts, params, generator, pad_id, uniforms)
@@ -407,18 +418,20 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
     rows, cache_k, cache_v = None, cache.k, cache.v
     keys = key_mask[:, None, None, :] if padded else None  # (b, 1, 1, S)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    stopping = params.stop_token is not None or stop_when is not None  # rows may end before the budget
 
     logits = _prefill_distinct(model, prompts, st, key_mask if padded else None, cache_k, cache_v)
     layers = decode_layers(model)
     for t in range(N):
         tok, logp, logpi = _sample(logits, params, uniforms[t] if rows is None else uniforms[t, rows])
         alive = None
-        if params.stop_token is not None:
+        if stopping:
             alive = ~stopped
             tok = torch.where(alive, tok, pad_id)
             logp = torch.where(alive, logp, 0.0)
             logpi = torch.where(alive, logpi, 0.0) if params.filtered else logp
-            stopped = stopped | (tok == params.stop_token)
+            if params.stop_token is not None:
+                stopped = stopped | (tok == params.stop_token)
         out = slice(None) if rows is None else rows
         tokens[out, t], logprobs[out, t] = tok, logp
         if params.filtered:
@@ -427,7 +440,9 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
             mask[out, t] = alive
         if t + 1 == N:
             break
-        if params.stop_token is not None and (t + 1) % check_every == 0:
+        if stopping and (t + 1) % check_every == 0:
+            if stop_when is not None:
+                stopped = _stopped_by(stop_when, tokens, stopped, rows, t + 1)
             n_live = int((~stopped).sum())  # host sync
             if n_live == 0:
                 break
@@ -440,13 +455,43 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
         pos_in = new_positions[:, t] if rows is None else new_positions[rows, t]
         attn_mask = None if keys is None else keys[..., : Tp + t + 1]
         logits = decode_step(model, layers, tok, pos_in, attn_mask, cache_k, cache_v, Tp + t)
-    if params.stop_token is None:
+    if not stopping:
         mask.fill_(True)
         truncated = torch.ones(B, dtype=torch.bool, device=device)
     else:
         truncated = torch.zeros(B, dtype=torch.bool, device=device)  # dropped rows had all stopped
         truncated[slice(None) if rows is None else rows] = ~stopped
     return Generation(tokens=tokens, logprobs=logprobs, mask=mask, truncated=truncated, policy_logprobs=policy_logprobs)
+
+
+def _stopped_by(stop_when: StopCheck, tokens: torch.Tensor, stopped: torch.Tensor, rows: torch.Tensor | None,
+                n: int) -> torch.Tensor:
+    """`stopped` (the rows still decoded), with the live ones whose first `n` tokens `stop_when` says ended."""
+    live = (~stopped).nonzero().squeeze(-1)
+    if live.numel() == 0:
+        return stopped
+    index = live if rows is None else rows[live]
+    ended = stop_when(tokens[index, :n].tolist())  # a live row has sampled all n (none is the stop token)
+    hit = torch.tensor(ended, dtype=torch.bool, device=stopped.device)
+    if not bool(hit.any()):
+        return stopped
+    stopped = stopped.clone()
+    stopped[live[hit]] = True
+    return stopped
+
+
+def stop_checker(tokenizer, stops: list[str]) -> StopCheck:
+    """`generate`'s `stop_when` for stop strings: a row has ended once its text holds one of `stops`."""
+    def ended(rows: list[list[int]]) -> list[bool]:
+        return [holds_stop(tokenizer, stops, row) for row in rows]
+
+    return ended
+
+
+def holds_stop(tokenizer, stops: list[str], ids: list[int]) -> bool:
+    """Does the text of `ids` hold one of `stops`? Once a prefix's does, every longer prefix's does."""
+    text = tokenizer.decode(ids)
+    return any(s in text for s in stops)
 
 
 GRAPH_WARMUP = 2  # eager steps before the capture (on a side stream, as CUDA graphs need)

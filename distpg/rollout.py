@@ -14,7 +14,7 @@ import torch
 from distpg import kernels, rewards
 from distpg.batch import make_batch
 from distpg.config import Config, stop_strings
-from distpg.generate import SamplingParams, generate
+from distpg.generate import SamplingParams, generate, holds_stop, stop_checker
 from distpg.memory import retain_freed_memory
 from distpg.policy import initial_policy
 from distpg.weights import FlatParams, WeightsError, WeightsMessage, receive
@@ -35,8 +35,7 @@ def stop_lengths(rows: list[list[int]], tokenizer, stops: list[str]) -> list[int
     its text, None where its text holds none. A binary search over its prefixes: once a prefix's text holds a
     stop string, every longer prefix's does."""
     def stopped(ids: list[int]) -> bool:
-        text = tokenizer.decode(ids)
-        return any(s in text for s in stops)
+        return holds_stop(tokenizer, stops, ids)
 
     out = []
     for row in rows:
@@ -97,6 +96,7 @@ class RolloutWorker:
         self.reward_isolation = reward_isolation(cfg)
         self.reward_parts = rewards.reward_parts(self.task)
         self.stops = stop_strings(cfg.rollout)
+        self.stop_when = stop_checker(self.tokenizer, self.stops) if self.stops else None  # rows end early
         self.version: int | None = None  # no weights received yet
 
     def set_weights(self, msg: WeightsMessage) -> int:
@@ -149,7 +149,7 @@ class RolloutWorker:
         prompt_tokens = [self.tokenizer.encode(p) for p in prompts]
         generator = torch.Generator(device=self.device).manual_seed(seed)
         out = generate(self.model, [t for t in prompt_tokens for _ in range(G)], self.params, generator,
-                       pad_id=self.tokenizer.pad_id, weights_key=self.version)
+                       pad_id=self.tokenizer.pad_id, weights_key=self.version, stop_when=self.stop_when)
         completion_tokens = out.rows()
         mask = out.mask.cpu()
 

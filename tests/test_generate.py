@@ -250,6 +250,44 @@ def test_all_rows_stopping_early_still_returns_full_width(model):
         assert not gen.truncated.any()
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("stop_token", [None, 5])
+def test_rows_a_stop_check_ends_are_decoded_no_further(model, monkeypatch, shards, stop_token):
+    """`stop_when` (stop strings, checked every `check_every` tokens): a row it says has ended is decoded no
+    further and dropped with the stopped ones, so a generation decodes fewer rows; up to its end every row
+    holds the full generation's tokens and log-probabilities, and a row is cut no earlier than that end."""
+    import distpg.generate as G
+
+    monkeypatch.setattr(G, "SHARDS", shards)
+    prompts, N, every = _prompts([3, 5, 2, 4], seed=3) * 6, 24, 2
+    params = SamplingParams(max_new_tokens=N, stop_token=stop_token)
+    seen = []
+
+    def ended(rows):  # the "stop string": token 3 (as a decoded text holding one)
+        seen.extend(len(r) for r in rows)
+        return [3 in r for r in rows]
+
+    decoded = []
+    step = G.decode_step
+    monkeypatch.setattr(G, "decode_step", lambda m, layers, tok, *a: decoded.append(tok.shape[0]) or step(m, layers,
+                                                                                                         tok, *a))
+    got = generate(model, prompts, params, torch.Generator().manual_seed(2), check_every=every, stop_when=ended)
+    rows_decoded, decoded[:] = sum(decoded), []
+    full = generate(model, prompts, params, torch.Generator().manual_seed(2), check_every=every)
+    assert rows_decoded < sum(decoded) and set(seen) <= set(range(every, N, every))  # checked every 2 tokens
+    ends = 0
+    for i, (g, f) in enumerate(zip(got.rows(), full.rows())):
+        end = f.index(3) + 1 if 3 in f else len(f)  # where a stop string would cut the full row
+        checked = -(-end // every) * every  # the first check after it: the row ends there, if before the last token
+        ended = 3 in f and checked < N
+        assert g == (f[:checked] if ended else f)
+        torch.testing.assert_close(got.logprobs[i, : len(g)], full.logprobs[i, : len(g)], atol=1e-5, rtol=0)
+        assert not got.mask[i, len(g):].any()
+        assert bool(got.truncated[i]) == (bool(full.truncated[i]) and not ended)  # the caller's cut does the rest
+        ends += ended and len(g) < len(f)
+    assert ends > 0
+
+
 # ---------------------------------------------------------------- sampling frequencies
 
 

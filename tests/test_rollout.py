@@ -82,17 +82,25 @@ def test_a_worker_on_cuda_copies_the_handed_weights_to_the_device():
         assert b.is_cuda and torch.equal(a.detach().cpu(), b.cpu())
 
 
-def test_stop_strings_cut_each_completion_after_the_token_that_completes_one(pack_every_weight):
+def test_stop_strings_cut_each_completion_after_the_token_that_completes_one(pack_every_weight, monkeypatch):
     """rollout.stop: the same samples as without it (the same seed and weights), each cut after the token that
     completes the first stop string in its text: tokens, both log-prob lists and the text cut together, not
-    truncated; completions without one unchanged. The learner takes the cut batch; eval cuts the same way."""
+    truncated; completions without one unchanged; the rows that reached one decoded no further (checked with the
+    stop token). The learner takes the cut batch; eval cuts the same way."""
+    import distpg.generate as G
     from distpg.evaluate import evaluate
 
+    decoded = []
+    step = G.decode_step
+    monkeypatch.setattr(G, "decode_step", lambda m, layers, tok, *a: decoded.append(tok.shape[0]) or step(m, layers,
+                                                                                                         tok, *a))
     plain, cfg = small_config("task.length=6"), small_config("task.length=6", "rollout.stop=[ab, c]")
     learner = Learner(plain)
     v0 = learner.get_weights()
     before = RolloutWorker(plain, 0).sample(PROMPTS, IDS, seed=0, weights=v0)
+    rows_decoded, decoded[:] = sum(decoded), []
     after = RolloutWorker(cfg, 0).sample(PROMPTS, IDS, seed=0, weights=v0)
+    assert sum(decoded) < rows_decoded
     decode, cut = RolloutWorker(cfg, 0).tokenizer.decode, 0
     for x, y in zip(before.to_pylist(), after.to_pylist()):
         tokens = x["completion_tokens"]  # the first prefix whose text holds a stop string, token by token
