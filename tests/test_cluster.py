@@ -116,24 +116,6 @@ def test_every_port_of_every_node_is_on_loopback(cluster):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
-def test_job_submit_spreads_workers_over_nodes(cluster, tmp_path):
-    """submit.sh -> SUCCEEDED; the run folder on the head has metrics showing workers on 2 nodes (SPREAD)."""
-    env, cluster_dir, _ = cluster
-    run_dir = tmp_path / "job-run"
-    p = sh("cluster/submit.sh", "configs/cluster.yaml", "--set", "run.steps=3", "--set", "log.print_every=1",
-           "--set", "run.checkpoint_every=2", "--set", "task.length=6", "--run-dir", str(run_dir), env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "job id:  distpg-" in p.stdout and "ray job logs --address" in p.stdout
-    assert "SUCCEEDED" in p.stdout and "distpg: done after 3 steps" in p.stdout  # the job's own log, tailed
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["policy/version"] for r in records] == [1, 2, 3]
-    # configs/cluster.yaml: 4 workers x 1 CPU + a 1-CPU learner under SPREAD on three 2-CPU nodes
-    assert all(r["workers/alive"] == 4 for r in records)
-    assert min(r["workers/nodes"] for r in records) >= 2, [r["workers/nodes"] for r in records]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
-    assert "SPREAD" in (run_dir / "config.yaml").read_text()
-
-
 def test_a_raw_job_without_an_absolute_run_dir_is_refused(cluster):
     """`ray job submit ... -- distpg train` without --run-dir: the job would write into Ray's temporary copy of
     its working dir; it fails at once, saying so (detected from the job's own environment and folder)."""
@@ -151,15 +133,21 @@ SMALL_RUN = ["--set", "task.length=4", "--set", "rollout.prompts_per_step=8", "-
              "--set", "run.stop_reward=null", "--set", "log.print_every=1"]
 
 
-def test_job_from_another_folder_resumes_with_commands_for_a_fresh_shell(cluster, tmp_path):
-    """CONFIG relative to the caller's folder; `submit.sh --resume RUN_DIR` continues the run; the printed
-    follow/status commands carry the token settings submit.sh picked up, so they work in a fresh shell."""
+def test_job_from_another_folder_spreads_workers_over_nodes_and_resumes_with_commands_for_a_fresh_shell(
+        cluster, tmp_path):
+    """submit.sh with CONFIG relative to the caller's folder -> SUCCEEDED, the job's log tailed; the run folder on
+    the head has metrics showing workers on 2 nodes or more (configs/cluster.yaml: SPREAD); `submit.sh --resume
+    RUN_DIR` continues the run; the printed follow/status commands carry the token settings submit.sh picked up,
+    so they work in a fresh shell."""
     env, cluster_dir, _ = cluster
     run_dir = tmp_path / "resumed"
-    p = sh(str(ROOT / "cluster" / "submit.sh"), "default.yaml", *SMALL_RUN, "--set", "run.steps=2",
+    p = sh(str(ROOT / "cluster" / "submit.sh"), "cluster.yaml", *SMALL_RUN, "--set", "run.steps=2",
            "--set", "run.checkpoint_every=1", "--run-dir", str(run_dir), env=env, cwd=ROOT / "configs")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "submitting configs/default.yaml" in p.stdout and "distpg: done after 2 steps" in p.stdout
+    assert "submitting configs/cluster.yaml" in p.stdout and "job id:  distpg-" in p.stdout
+    assert "ray job logs --address" in p.stdout
+    assert "SUCCEEDED" in p.stdout and "distpg: done after 2 steps" in p.stdout  # the job's own log, tailed
+    assert "SPREAD" in (run_dir / "config.yaml").read_text()
     # the ended run trains on once run.steps is raised in its config.yaml (as `nothing to resume` says)
     config = run_dir / "config.yaml"
     text, n = re.subn(r"(?m)^(\s+steps:) 2$", r"\1 3", config.read_text())
@@ -177,6 +165,9 @@ def test_job_from_another_folder_resumes_with_commands_for_a_fresh_shell(cluster
     assert status.returncode == 0 and "succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["policy/version"] for r in records] == [1, 2, 3]
+    # configs/cluster.yaml: 4 workers x 1 CPU + a 1-CPU learner under SPREAD on three 2-CPU nodes
+    assert all(r["workers/alive"] == 4 for r in records)
+    assert min(r["workers/nodes"] for r in records) >= 2, [r["workers/nodes"] for r in records]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
 
 
