@@ -4,11 +4,12 @@ The other learner tests compare the learner with itself (micro-batches, the shar
 plain updates); the enumeration in test_estimator checks `distpg.algo`'s functions but not how the learner wires
 them. Here one update's gradient (captured at the optimizer step, no clipping) is compared with the gradient of
 
-    L = −1/N Σ_i A_i Σ_t w_it log π_it  +  β/N Σ_i Σ_t k(π_it, ref_it)  −  c_H · mean_t H_t  (+ the value loss)
+    L = −1/N Σ_i A_i Σ_t w_it log π_it  +  β/N Σ_i Σ_t k(π_it, ref_it) / σ_i  −  c_H · mean_t H_t  (+ the value loss)
 
 built inline from a float64 copy of the policy run row by row (no shared prompts, no micro-batches, no algo
 functions): the returns R_i = r_i − β Σ_t k(π_old, ref) (π_old: the sampler's stored policy log-probs), the
-leave-one-out / ema / value baselines over the samples whose reward is ok, the whitening by the returns' std,
+leave-one-out / ema / value baselines over the samples whose reward is ok, the whitening by the rewards' std
+(of every term of the sample, the KL's pathwise one too),
 N = B (seq_sum) or the response tokens (token_mean), w_it = π_old/μ for top-k samples, and a failed reward
 that carries no gradient and enters no baseline.
 """
@@ -87,7 +88,8 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
     for i in range(B):
         groups.setdefault(col["prompt_id"][i], []).append(i)
     base, std = [0.0] * B, [1.0] * B
-    ok_all = [R[j] for j in range(B) if ok[j]]
+    r = col["reward"]
+    ok_all = [r[j] for j in range(B) if ok[j]]
     for members in groups.values():
         good = [j for j in members if ok[j]]
         for i in members:
@@ -96,10 +98,10 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
                 base[i] = sum(others) / len(others)
             elif ac.baseline == "ema":
                 base[i] = EMA
-            if ac.whiten == "group":
-                std[i] = statistics.stdev([R[j] for j in good])
+            if ac.whiten == "group":  # the rewards' std (not the returns'): a KL-only spread is not blown up
+                std[i] = statistics.stdev([r[j] for j in good]) + 1e-6
             elif ac.whiten == "batch":
-                std[i] = statistics.stdev(ok_all)
+                std[i] = statistics.stdev(ok_all) + 1e-6
 
     loss = torch.zeros((), dtype=torch.float64)
     for i in range(B):
@@ -110,10 +112,10 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
         mu = torch.tensor(col["completion_logprobs"][i], dtype=torch.float64)
         pi_old = torch.tensor(col["completion_policy_logprobs"][i], dtype=torch.float64)
         if ac.baseline == "value":
-            adv = (R[i] - values[i].detach()) / (std[i] + 1e-6)
+            adv = (R[i] - values[i].detach()) / std[i]
             loss = loss + ac.value_coef * ((values[i] - R[i]) ** 2).sum() / n_tokens
         else:
-            adv = (R[i] - base[i]) / (std[i] + 1e-6) * torch.ones_like(logp[i])
+            adv = (R[i] - base[i]) / std[i] * torch.ones_like(logp[i])
         if ac.off_policy == "clipped":
             # PPO: w·min(r A, clip(r, 1 ± ε) A), r = π/π_old, w = π_old/μ (the kept mass of top-k/top-p, 1
             # without): the gradient is w r A ∇log π, or 0 where the clipped side is the smaller one
@@ -125,7 +127,8 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
             coef = torch.clamp((logp[i] - mu).detach().exp(), max=ac.is_cap)
         loss = loss - (adv * coef * logp[i]).sum() / norm
         if ref_model is not None:
-            loss = loss + ac.kl_coef * k_est(logp[i], K[i][0], ac.kl_estimator).sum() / norm
+            # the pathwise part, rescaled by the whitening as the score-function part is through R_i
+            loss = loss + ac.kl_coef * k_est(logp[i], K[i][0], ac.kl_estimator).sum() / std[i] / norm
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     return [g.float() for g in torch.autograd.grad(loss, params, allow_unused=True)]
 
