@@ -32,7 +32,7 @@ CASES = {
     "value-k1-whiten_batch-token_mean-T0.7": ("algo.baseline=value", "algo.kl_coef=0.3", "algo.kl_estimator=k1",
                                               "algo.whiten=batch", "algo.loss_agg=token_mean",
                                               "rollout.temperature=0.7", "algo.value_coef=0.5",
-                                              "learner.micro_batch_size=3"),
+                                              "algo.entropy_coef=0.03", "learner.micro_batch_size=3"),
     "ema-top_k-clipped-stale": ("algo.baseline=ema", "rollout.top_k=3", "algo.off_policy=clipped",
                                 "algo.entropy_coef=0.02", "learner.micro_batch_size=5"),
     "none-top_p-truncated-token_mean-stale": ("algo.baseline=none", "rollout.top_p=0.8", "algo.off_policy=truncated",
