@@ -24,7 +24,8 @@ Optional terms:
 - entropy bonus: − coef · mean per-token entropy (the usual per-state bonus, not the gradient of the
   sequence entropy).
 - whitening: advantages divided by the reward std of the batch or the group: the common GRPO trick;
-  it rescales each group's gradient by a random factor and is biased, so it is off by default.
+  it rescales each group's gradient by a random factor and is biased, so it is off by default. With a KL
+  penalty the std is the rewards' (not that of r − β K) and both parts of the KL term are rescaled with it.
 - aggregation: `seq_sum` (−1/B Σ_i Σ_t A log π: the unbiased estimator of ∇J) or `token_mean`
   (−Σ_i Σ_t A log π / Σ_i T_i, as the group-relative methods use: length-weighted, biased).
 
@@ -159,10 +160,14 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 
 
 def kl_pathwise(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor, estimator: str,
-                num_samples: int) -> torch.Tensor:
+                num_samples: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The E[∇K] part of the KL gradient as a loss: 1/B Σ_i Σ_t k_t (differentiated through log π).
-    Add β times this to the loss and subtract β·K_i (detached) from the rewards for the exact gradient."""
+    Add β times this to the loss and subtract β·K_i (detached) from the rewards for the exact gradient.
+    `weight`: (B,) factors w_i of the samples' terms (the whitening's 1 / std, which scales the score-function
+    part through the advantages); None: 1."""
     k = kl_per_token(logprobs, ref_logprobs.detach(), estimator)
+    if weight is not None:
+        k = k * weight.detach()[:, None]
     return torch.where(response_mask.bool(), k, 0.0).sum() / num_samples
 
 

@@ -144,8 +144,11 @@ class Learner:
         rewards, ok = returns.view(-1, G), b.ok.view(-1, G)
         adv, valid = algo.advantages(rewards, ok, ac.baseline, self.ema)
         # 1 / (reward std) of each sample's batch or group (ones without whitening), also for the value
-        # baseline's per-token advantages, which are computed per micro-batch below
-        scale = algo.whiten(torch.ones_like(adv), rewards, ok, ac.whiten).reshape(B)
+        # baseline's per-token advantages, which are computed per micro-batch below, and for the KL's pathwise
+        # part: whitening rescales each sample's whole gradient. The std is of the task's rewards, not of the
+        # returns r - beta K: a group whose rewards are all equal differs only by its KL, and dividing by that
+        # std (about beta times the KL's) would blow the KL penalty up into unit-size advantages
+        scale = algo.whiten(torch.ones_like(adv), b.rewards.view(-1, G), ok, ac.whiten).reshape(B)
         adv, valid = adv.reshape(B) * scale, valid.reshape(B)
 
         # The version counts updates attempted: a skipped one publishes unchanged weights under the next
@@ -281,7 +284,7 @@ class Learner:
             if self.ref_model is not None:
                 norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
                 loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[chunk, 1:L], grad_mask, ac.kl_estimator,
-                                                            norm)
+                                                            norm, weight=scale[chunk])
             ent = algo.entropy(logits, mask)
             if ac.entropy_coef > 0:
                 loss = loss - ac.entropy_coef * ent * n

@@ -260,3 +260,108 @@ def test_the_learning_rate_schedules_are_transformers_as_trl_steps_them(schedule
     # a run resumed with run.steps raised past where it ended: the decay is over the new total, never below
     # the minimum (transformers' cosine would rise again after its total)
     assert algo.lr_factor(30, schedule, warmup, steps, min_ratio) == (1.0 if schedule == "constant" else min_ratio)
+
+
+# ------------------------------------------------------------------- exact expectations, by enumeration
+# A tabular policy over V = 3 tokens writing T = 2 tokens: π(a, b) = softmax(θ1)[a] · softmax(θ2[a])[b]. Its 9
+# completions are listed, so the expectation of an estimator's gradient is the gradient of Σ_τ π(τ) s(τ) with
+# π(τ) held constant (s: the surrogate of one sample) — exact in float64, no sampling (test_estimator samples).
+V2 = 3
+SEQS = torch.tensor([[a, b] for a in range(V2) for b in range(V2)])  # (9, 2)
+R9 = torch.tensor([0.1, 0.9, 0.4, 0.0, 0.7, 1.0, 0.3, 0.2, 0.6], dtype=torch.float64)  # r(τ)
+MASK9 = torch.ones(9, 2, dtype=torch.bool)
+
+
+def tabular(seed: int, requires_grad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    th1 = torch.randn(V2, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
+    th2 = torch.randn(V2, V2, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
+    return th1, th2
+
+
+def seq_logprobs(th1, th2) -> torch.Tensor:
+    """(9, 2) log π of each token of each completion."""
+    return torch.stack([torch.log_softmax(th1, -1)[SEQS[:, 0]],
+                        torch.log_softmax(th2, -1)[SEQS[:, 0], SEQS[:, 1]]], dim=1)
+
+
+def grad(f, params) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params, retain_graph=True)])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("weight", [1.0, 0.4])
+def test_kl_score_function_and_pathwise_parts_are_the_exact_kl_gradient(estimator, weight):
+    """E[(r − β K) ∇log π(τ)] + β E[∇K] = ∇(E[r] − β KL(π‖π_ref)) exactly (K = Σ_t k_t of the detached
+    log-probs in the advantage; `kl_pathwise` differentiates k_t); a per-sample weight (whitening's 1/std) on
+    the advantage and on the pathwise part scales both."""
+    th = tabular(0)
+    ref = seq_logprobs(*tabular(1, requires_grad=False))
+    logp = seq_logprobs(*th)
+    pi = logp.sum(1).exp().detach()  # π(τ), a constant of the expectation
+    beta = 0.7
+    K = torch.where(MASK9, algo.kl_per_token(logp.detach(), ref, estimator), 0.0).sum(1)
+    w = torch.full((9,), weight, dtype=torch.float64)
+    surrogate = (algo.pg_loss(logp, MASK9, pi * w * (R9 - beta * K), num_samples=1)
+                 + beta * algo.kl_pathwise(logp, ref, MASK9, estimator, num_samples=1, weight=pi * w))
+    pi_grad = logp.sum(1).exp()
+    exact = (pi_grad * R9).sum() - beta * (pi_grad * (logp.sum(1) - ref.sum(1))).sum()
+    torch.testing.assert_close(-grad(surrogate, th), weight * grad(exact, th), rtol=1e-10, atol=1e-12)
+    # E_π[K] is KL(π‖π_ref) for both estimators
+    kl = (pi * (logp.detach().sum(1) - ref.sum(1))).sum()
+    assert float((pi * K).sum()) == pytest.approx(float(kl), rel=1e-10)
+
+
+def test_value_baseline_per_token_is_exactly_unbiased():
+    """Σ_t (r − V(s_t)) ∇log π(a_t | s_t) for any V of the prefix: expectation ∇E[r] exactly."""
+    th = tabular(2)
+    logp = seq_logprobs(*th)
+    pi = logp.sum(1).exp().detach()
+    v_first, v_second = 0.35, torch.tensor([0.9, -0.2, 0.5], dtype=torch.float64)  # V(prompt), V(prompt, a)
+    values = torch.stack([torch.full((9,), v_first, dtype=torch.float64), v_second[SEQS[:, 0]]], dim=1)
+    adv = algo.value_advantages(R9, values) * pi[:, None]
+    surrogate = algo.pg_loss(logp, MASK9, adv, num_samples=1)
+    exact = (logp.sum(1).exp() * R9).sum()
+    torch.testing.assert_close(-grad(surrogate, th), grad(exact, th), rtol=1e-10, atol=1e-12)
+    # a baseline that depends on the token it multiplies (V of the state after it) is biased: the check can tell
+    after = torch.stack([v_second[SEQS[:, 0]], v_second[SEQS[:, 1]]], dim=1)
+    biased = algo.pg_loss(logp, MASK9, algo.value_advantages(R9, after) * pi[:, None], num_samples=1)
+    assert not torch.allclose(-grad(biased, th), grad(exact, th), atol=1e-3)
+
+
+def test_leave_one_out_group_baseline_is_exactly_unbiased_and_the_group_mean_is_not():
+    """G = 2 samples per prompt, all 81 pairs of completions: the leave-one-out estimator's expectation is
+    ∇E[r]; the group mean including the sample itself gives (G − 1)/G of it."""
+    th = tabular(3)
+    logp = seq_logprobs(*th)
+    pi = logp.sum(1).exp().detach()
+    i, j = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
+    i, j = i.reshape(-1), j.reshape(-1)  # (81,) the pair (τ_i, τ_j)
+    p_pair = pi[i] * pi[j]
+    rewards = torch.stack([R9[i], R9[j]], dim=1)  # (81, 2): 81 "prompts" of G = 2
+    ok = torch.ones(81, 2, dtype=torch.bool)
+    pair_logp = torch.stack([logp[i], logp[j]], dim=1).reshape(162, 2)
+    exact = grad((logp.sum(1).exp() * R9).sum(), th)
+    adv, _ = algo.advantages(rewards, ok, "group")
+    loo = algo.pg_loss(pair_logp, torch.ones(162, 2), (adv.double() * p_pair[:, None]).reshape(-1), num_samples=2)
+    torch.testing.assert_close(-grad(loo, th), exact, rtol=1e-6, atol=1e-7)  # advantages are float32
+    incl_self = rewards - rewards.mean(1, keepdim=True)
+    biased = algo.pg_loss(pair_logp, torch.ones(162, 2), (incl_self * p_pair[:, None]).reshape(-1), num_samples=2)
+    torch.testing.assert_close(-grad(biased, th), 0.5 * exact, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["truncated", "clipped"])
+def test_off_policy_corrections_are_exactly_unbiased_for_one_token(mode):
+    """One token sampled from μ ≠ π (full support): E_μ[(π/μ) A ∇log π] = ∇E_π[r] exactly, for truncated with a
+    cap above every ratio and for clipped at the sampling version (r = π/π_old = 1, weight π_old/μ unclipped)."""
+    th = tabular(4)[0]
+    logp = torch.log_softmax(th, -1)[:, None]  # (3, 1): the three one-token completions
+    mu = torch.log_softmax(tabular(5, requires_grad=False)[0], -1)[:, None]
+    r = R9[:V2]
+    pi, mu_p = logp.exp().detach()[:, 0], mu.exp()[:, 0]
+    kw = {"cap": 100.0} if mode == "truncated" else {"policy_logprobs": logp.detach(), "clip_eps": 0.2}
+    loss, _ = algo.off_policy_loss(logp, mu, torch.ones(3, 1), r * mu_p, torch.ones(3, dtype=torch.bool), 1,
+                                   mode=mode, **kw)
+    exact = grad((logp[:, 0].exp() * r).sum(), [th])
+    torch.testing.assert_close(-grad(loss, [th]), exact, rtol=1e-10, atol=1e-12)
+    assert float((pi / mu_p).max()) > 1.05  # μ is far from π: the correction matters

@@ -178,6 +178,31 @@ def test_whitening_divides_the_value_baselines_per_token_advantages_too():
     assert whitened.learn(batch)["learner/loss"] == pytest.approx(loss / (std + 1e-6), rel=1e-5)
 
 
+@pytest.mark.parametrize("whiten", ["group", "batch"])
+def test_whitening_with_a_kl_penalty_divides_by_the_rewards_std_not_the_returns(whiten):
+    """Every reward equal (a task with 0/1 rewards where each group is all solved or all failed): whitening has
+    no scale and leaves the update as it is. The returns r - beta K still differ by the KL, and dividing by
+    their std (about beta times the KL's) turned a penalty of kl_coef 0.01 into unit-size advantages: a
+    gradient ~150x the unwhitened one."""
+    import pyarrow as pa
+
+    from tests.conftest import randomize_parameters
+
+    grads = {}
+    for mode in ("none", whiten):
+        learner, worker = setup("algo.kl_coef=0.01", "learner.grad_clip=0", f"algo.whiten={mode}")
+        randomize_parameters(learner.model, seed=5, scale=0.4)  # away from the reference policy
+        worker.set_weights(learner.get_weights())
+        batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+        batch = batch.set_column(batch.schema.get_field_index("reward"), "reward",
+                                 pa.array([1.0] * batch.num_rows, pa.float32()))
+        learner.optimizer.step = lambda *a, learner=learner, mode=mode, **k: grads.setdefault(
+            mode, [p.grad.clone() for p in learner.model.parameters()])
+        assert learner.update(batch)[0]["learner/kl_ref"] > 0.5
+    for a, b in zip(grads["none"], grads[whiten]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+
 def test_value_head_learns_the_return_and_survives_a_checkpoint(tmp_path):
     from distpg import checkpoint
 
