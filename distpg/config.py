@@ -219,7 +219,8 @@ class LearnerConfig:
                      "after the first optimizer step the samples are off-policy, corrected by algo.off_policy "
                      "(clipped: PPO's surrogate)")
     mini_batches: int = _f(1, "optimizer steps per pass: the step's batch split into this many parts of whole "
-                           "prompt groups (PPO's mini-batches), the baselines computed over the whole batch first")
+                           "prompt groups (PPO's mini-batches; split afresh at random in each later pass), the "
+                           "baselines computed over the whole batch first")
     max_consecutive_skips: int = _f(
         10, "updates skipped in a row for a non-finite loss or gradient before the run stops (an update with "
         "learner.epochs x learner.mini_batches optimizer steps counts once, however many of them were skipped)")

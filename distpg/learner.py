@@ -15,6 +15,7 @@ import copy
 import math
 import time
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -180,7 +181,14 @@ class Learner:
         bounds = [G * (groups * m // lc.mini_batches) for m in range(lc.mini_batches + 1)]
         parts = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
         diagnostics, corrected, off_tokens, taken, skipped = [], 0, 0, False, None
+        batch = b, adv, valid, scale, returns, ref_lp, stale, prompt_len, values  # in the batch's order of groups
         for epoch in range(lc.epochs):
+            if epoch and lc.mini_batches > 1:  # each later pass splits the groups afresh, as PPO's loaders shuffle
+                order = mini_batch_order(self.cfg.run.seed, self.version, epoch, groups, lc.mini_batches)
+                rows_order = (torch.tensor(order)[:, None] * G + torch.arange(G)).reshape(-1).to(b.tokens.device)
+                b = LearnerBatch(**{k: v[rows_order] for k, v in batch[0].__dict__.items()})
+                adv, valid, scale, returns, ref_lp, stale, prompt_len, values = (
+                    None if t is None else t[rows_order] for t in batch[1:])
             for m, rows in enumerate(parts):
                 off_policy = stale[rows] if epoch == 0 and m == 0 else torch.ones_like(stale[rows])
                 step = self._optimizer_step(b, rows, adv, valid, scale, returns, ref_lp, off_policy, prompt_len,
@@ -358,6 +366,16 @@ class Learner:
         self.ema = state["ema"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+def mini_batch_order(seed: int, version: int, epoch: int, groups: int, parts: int) -> list[int]:
+    """The order of a step's prompt groups in pass `epoch` (> 0) of learner.epochs: a random split into `parts`
+    mini-batches of the sizes the first pass has (a permutation drawn from run.seed, the update's version and
+    the pass, so a resumed run draws the same), each mini-batch's groups in their batch order. The first pass
+    keeps the batch order. Against the batch's order of groups (by prompt id)."""
+    perm = np.random.default_rng([seed, version, epoch]).permutation(groups).tolist()
+    bounds = [groups * m // parts for m in range(parts + 1)]
+    return [g for lo, hi in zip(bounds, bounds[1:]) for g in sorted(perm[lo:hi])]
 
 
 def _to_cpu(obj):

@@ -361,19 +361,26 @@ def test_the_default_schedule_is_the_constant_rate():
 def test_epochs_and_mini_batches_are_updates_on_the_parts_with_the_samples_corrected_as_off_policy(epochs,
                                                                                                    mini_batches):
     """learner.epochs x learner.mini_batches optimizer steps on one step's batch are as many plain updates, one
-    per (pass, part of whole prompt groups) in that order, each after the first seeing its samples one version
-    stale or more, so that algo.off_policy=clipped takes PPO's surrogate around the sampling policy; with the
-    group baseline (per group: the same on a part) the parameters and Adam's moments come out the same. The
-    version still counts one update per step."""
+    per (pass, part of whole prompt groups) in that order (consecutive groups in the first pass, the split that
+    `mini_batch_order` draws in each later one), each after the first seeing its samples one version stale or
+    more, so that algo.off_policy=clipped takes PPO's surrogate around the sampling policy; with the group
+    baseline (per group: the same on a part) the parameters and Adam's moments come out the same. The version
+    still counts one update per step."""
+    from distpg.learner import mini_batch_order
+
     sets = ["rollout.prompts_per_step=4", "algo.baseline=group"]
     learner, worker = setup(*sets, f"learner.epochs={epochs}", f"learner.mini_batches={mini_batches}")
     reference, _ = setup(*sets)
     batch = worker.sample(["abcd=", "dcba=", "bbad=", "cacb="], [0, 1, 2, 3], seed=0)  # prompt-major, G rows each
     metrics, weights = learner.update(batch)
     G, groups = 4, 4
-    bounds = [G * (groups * m // mini_batches) for m in range(mini_batches + 1)]
-    losses = [reference.learn(batch.slice(lo, hi - lo))["learner/loss"]
-              for _ in range(epochs) for lo, hi in zip(bounds, bounds[1:])]
+    bounds = [groups * m // mini_batches for m in range(mini_batches + 1)]
+    orders = [list(range(groups)) if epoch == 0 or mini_batches == 1 else
+              mini_batch_order(learner.cfg.run.seed, 1, epoch, groups, mini_batches) for epoch in range(epochs)]
+    if (epochs, mini_batches) == (3, 2):  # a later pass splits the groups otherwise than the first
+        assert any({frozenset(o[:2]), frozenset(o[2:])} != {frozenset([0, 1]), frozenset([2, 3])} for o in orders)
+    losses = [reference.learn(batch.take([g * G + k for g in order[lo:hi] for k in range(G)]))["learner/loss"]
+              for order in orders for lo, hi in zip(bounds, bounds[1:])]
     assert learner.version == weights.version == 1 and reference.version == epochs * mini_batches
     params, ref_params = snapshot(learner)[0], snapshot(reference)[0]
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(params, ref_params))
