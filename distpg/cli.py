@@ -11,6 +11,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def _train(args) -> int:
         summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     except KeyboardInterrupt as e:
         sigterm = e.args == ("SIGTERM",)  # raised by orchestrator._sigterm_interrupts
+        if sigterm:  # the runtime is cleaned up: a SIGTERM repeated now would only lose the resume hint
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
         print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {hint}", file=sys.stderr, flush=True)
         return 143 if sigterm else 130

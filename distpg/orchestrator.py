@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -1314,11 +1315,17 @@ def _sigterm_interrupts():
     """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop) raises
     KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as on Ctrl-C (actors closed, a
     local runtime shut down) instead of dying in Ray's crash handler. Set after `ray.init`, which installs
-    that handler. None off the main thread (where Python cannot handle signals)."""
+    that handler. A second SIGTERM while the run cleans up (a scheduler or `kill` repeating itself) is said and
+    ignored until the caller puts the previous handler back: raised in the middle of the cleanup it would leave
+    the local runtime's processes behind. None off the main thread (where Python cannot handle signals)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
+    def stopping(signum, frame):
+        print("distpg: SIGTERM again; already stopping (cleaning up)", file=sys.stderr, flush=True)
+
     def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, stopping)
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, interrupt)

@@ -130,13 +130,16 @@ def assert_resumed_whole(run: Path, clean: Path):
 
 def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     """SIGTERM to the driver alone (`kill`, `timeout`, a scheduler) stops the run as Ctrl-C does, says what is
-    kept and how to resume, and leaves no process of the local runtime behind; the resumed run ends as the
-    uninterrupted one. (A SIGKILL, with no chance to clean up: the next test.)"""
+    kept and how to resume, and leaves no process of the local runtime behind, also when the SIGTERM comes again
+    while it cleans up (before, that one left the runtime's agents alive and the exit status 1); the resumed run
+    ends as the uninterrupted one. (A SIGKILL, with no chance to clean up: the next test.)"""
     run = tmp_path / "run"
     p = start(["train", *CONFIG, "--run-dir", str(run)])
     deadline = time.time() + 240
     while steps_logged(run) < 4 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.1)  # the cleanup takes about 0.4 s
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 143, out[-3000:]
