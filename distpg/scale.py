@@ -13,7 +13,11 @@ carry `distpg_node_I` resources as cluster/local-cluster.sh gives them, on 1, 2,
 
 Weak scaling by default: every worker gets `--prompts-per-worker` prompts per step, so N workers sample N
 times the batch (the learner's batch grows too, and with it the learn time). `--strong` keeps the
-config's prompts_per_step and splits it N ways. Runs are synchronous (run.mode=sync), so the split is clean.
+config's prompts_per_step and splits it N ways. Runs are in the config's run.mode: synchronous (the default),
+where the rollout phase is a clean slice of each step; or asynchronous (`--set run.mode=async`), where the
+workers sample while the learner learns: the phases overlap, so tokens/s and trajectories/s are per second of
+the run (the sum of the measured steps' perf/step_s, the time from one update's metrics to the next), the
+throughput the overlap buys.
 
 On a shared machine other work disturbs the figures: `--repeats R` runs the whole sweep R times, interleaved,
 and keeps each point's fastest run (all of them are in scaling.json); the load average before and after is
@@ -83,7 +87,6 @@ SWEPT = {
     "rollout.num_cpus_per_worker": "give it with --cpus-per-worker",
     "rollout.node_resource": "the sweep pins the workers itself; give node counts with --nodes",
     "run.steps": "give it with --steps",
-    "run.mode": "distpg scale measures synchronous runs only (run.mode=sync)",
     "run.stop_reward": "every point trains all --steps",
 }
 
@@ -121,7 +124,6 @@ def plan_points(base: Config, workers: list[int], node_counts: list[int | None],
                 "rollout.num_workers": n,
                 "rollout.num_cpus_per_worker": cpus_per_worker,
                 "rollout.node_resource": node_names[:k] if k is not None else None,
-                "run.mode": "sync",
                 "run.stop_reward": None,
                 "run.checkpoint_every": 10**6,
                 "log.tensorboard": False,
@@ -152,14 +154,16 @@ def summarise(records: list[dict], cfg: Config, nodes: int | None, run_dir: str 
         raise ConfigError("no measured steps: --steps must exceed --warmup")
     col = lambda key: np.array([r[key] for r in records], dtype=float)  # noqa: E731
     rollout_s, step_s = col("perf/rollout_s"), col("perf/step_s")
-    tokens = col("perf/rollout_tokens_per_s") * rollout_s
+    tokens = col("perf/rollout_tokens_per_s") * rollout_s  # each step's completion tokens
     per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    # async: a step's rollout overlaps the learning of earlier steps, so per second of the run instead
+    sampling_s = step_s.sum() if cfg.run.mode == "async" else rollout_s.sum()
     return Point(
         workers=cfg.rollout.num_workers, nodes=nodes, nodes_used=int(max(r["workers/nodes"] for r in records)),
         prompts_per_step=cfg.rollout.prompts_per_step, trajectories_per_step=per_step,
         measured_steps=len(records),
-        rollout_tokens_per_s=float(tokens.sum() / rollout_s.sum()),
-        trajectories_per_s=float(per_step * len(records) / rollout_s.sum()),
+        rollout_tokens_per_s=float(tokens.sum() / sampling_s),
+        trajectories_per_s=float(per_step * len(records) / sampling_s),
         train_trajectories_per_s=float(per_step * len(records) / step_s.sum()),
         step_s=float(step_s.mean()), rollout_s=float(rollout_s.mean()), learn_s=float(col("perf/learn_s").mean()),
         sync_s=float(col("perf/sync_s").mean()), run_dir=run_dir,
@@ -387,9 +391,6 @@ def main(args: argparse.Namespace) -> int:
 
     check_overrides(args.set, args.strong)
     base = load_config(args.config, args.set)
-    if base.run.mode != "sync":
-        raise ConfigError(f"{args.config}: run.mode={base.run.mode}: distpg scale measures synchronous runs only "
-                          "(run.mode=sync); use a config in sync mode")
     workers = args.workers
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}: nothing would be measured")
@@ -406,7 +407,8 @@ def main(args: argparse.Namespace) -> int:
         plan = plan_points(base, workers, node_counts, names, None if args.strong else args.prompts_per_worker,
                            args.cpus_per_worker)
         load_before = _load()
-        print(f"distpg scale: {len(plan)} points on {where}; {machine()}; load average {load_before}", flush=True)
+        print(f"distpg scale: {len(plan)} points, {base.run.mode} mode, on {where}; {machine()}; load average "
+              f"{load_before}", flush=True)
         fitting = []
         for n, k, cfg in plan:
             try:
@@ -425,10 +427,13 @@ def main(args: argparse.Namespace) -> int:
     add_efficiency(points)
     meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
             "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
+            "mode": base.run.mode,
             "sweep": sweep_settings(args),
             # 1-minute load average of the machine before and after: other work on the cores skews the figures
             "load_average": [load_before, _load()],
-            "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)"}
+            "efficiency": "rollout tokens/s with N workers / (N x with the smallest point)",
+            "tokens_per_s": "per second of the rollout phase" if base.run.mode == "sync" else
+            "per second of the run (async: the phases overlap)"}
     if stop is not None:
         meta["stopped"] = f"{stop[0]}: {stop[2] or 'interrupted'}"
     files = write_outputs(points, out, meta)

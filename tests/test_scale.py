@@ -107,27 +107,33 @@ def test_outputs_csv_json_png_and_table(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # ~20 s; test_cluster's sweep runs the command end to end in the default run
-def test_scale_on_plain_local_ray(tmp_path):
+@pytest.mark.slow  # ~20 s each; test_cluster's sweep runs the command end to end in the default run
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_scale_on_plain_local_ray(tmp_path, mode):
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
+    sets = ["task.length=4", f"run.mode={mode}"]
     p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--workers", "1,2", "--steps", "3", "--warmup", "1",
-                        "--prompts-per-worker", "4", "--set", "task.length=4", "--out", str(tmp_path)],
+                        "--prompts-per-worker", "4", *(x for s in sets for x in ("--set", s)), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "efficiency" in p.stdout and "wrote " in p.stdout
+    assert "efficiency" in p.stdout and "wrote " in p.stdout and f"{mode} mode" in p.stdout
     data = json.loads((tmp_path / "scaling.json").read_text())
-    assert data["where"].startswith("local Ray") and data["scaling"] == "weak"
+    assert data["where"].startswith("local Ray") and data["scaling"] == "weak" and data["mode"] == mode
     assert data["sweep"] == {"workers": [1, 2], "nodes": "auto", "cpus_per_worker": 1.0, "prompts_per_worker": 4,
-                             "repeats": 1, "set": ["task.length=4"], "config_file": None}
+                             "repeats": 1, "set": sets, "config_file": None}
     pts = data["points"]
     assert [(pt["workers"], pt["nodes"], pt["measured_steps"]) for pt in pts] == [(1, None, 2), (2, None, 2)]
     # efficiency is T(2) / (2 T(1)) of the recorded throughputs; its size is timing, which the test does not judge
     assert pts[0]["efficiency"] == 1.0 and pts[1]["efficiency"] > 0
     assert pts[1]["efficiency"] == pytest.approx(pts[1]["rollout_tokens_per_s"] / (2 * pts[0]["rollout_tokens_per_s"]))
     assert [pt["trajectories_per_step"] for pt in pts] == [4 * 8, 8 * 8]  # weak scaling: 4 prompts per worker
-    for pt in pts:  # each point is a real run folder
-        assert len((Path(pt["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 3
+    for pt in pts:  # each point is a real run folder, in the sweep's mode, whose measured steps give its figures
+        records = [json.loads(x) for x in (Path(pt["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert len(records) == 3 and f"mode: {mode}" in (Path(pt["run_dir"]) / "config.yaml").read_text()
+        tokens = sum(r["perf/rollout_tokens_per_s"] * r["perf/rollout_s"] for r in records[1:])
+        seconds = sum(r["perf/step_s" if mode == "async" else "perf/rollout_s"] for r in records[1:])
+        assert pt["rollout_tokens_per_s"] == pytest.approx(tokens / seconds)
 
 
 def test_scale_rejects_a_sweep_that_measures_nothing(tmp_path):
@@ -167,7 +173,6 @@ def scale_args(*argv):
 
 
 @pytest.mark.parametrize("item, hint", [
-    ("run.mode=async", "synchronous runs only"),
     ("rollout.num_cpus_per_worker=2", "--cpus-per-worker"),
     ("rollout.num_workers=3", "--workers"),
     ("rollout.node_resource=[distpg_node_1]", "--nodes"),
@@ -184,15 +189,24 @@ def test_scale_refuses_a_set_of_a_field_the_sweep_sets_before_ray_starts(item, h
     assert not any(tmp_path.iterdir())
 
 
-def test_scale_keeps_other_sets_and_the_strong_batch_and_refuses_an_async_config(tmp_path):
-    from distpg.scale import check_overrides, main
+def test_scale_keeps_other_sets_the_strong_batch_and_the_configs_mode(tmp_path):
+    from distpg.scale import check_overrides, plan_points
 
-    check_overrides(["task.length=4", "model.preset=small"], strong=False)
+    check_overrides(["task.length=4", "model.preset=small", "run.mode=async"], strong=False)
     check_overrides(["rollout.prompts_per_step=8"], strong=True)  # --strong splits the config's batch
-    cfg = tmp_path / "async.yaml"
-    cfg.write_text("run:\n  mode: async\n")
-    with pytest.raises(ConfigError, match=r"async.yaml: run.mode=async: distpg scale measures synchronous runs"):
-        main(scale_args(str(cfg)))
+    for mode in ("sync", "async"):  # every point runs in the config's mode (it was sync whatever the config said)
+        plan = plan_points(small_config(f"run.mode={mode}"), [1, 2], [None], [], 4, 1.0)
+        assert [cfg.run.mode for _, _, cfg in plan] == [mode, mode]
+
+
+def test_async_throughput_is_per_second_of_the_run():
+    """In async mode a step's rollout overlaps the learning of earlier steps: tokens/s and trajectories/s are
+    per second of whole steps (the sum of perf/step_s), not of the overlapping rollout phases."""
+    cfg = small_config("rollout.num_workers=2", "run.mode=async")  # 16 trajectories per step
+    p = summarise([record(0.1, 100, 0.2, 0.08, 0.02), record(0.3, 500, 0.4, 0.08, 0.02)], cfg, nodes=None)
+    # 600 tokens and 32 trajectories in 0.6 s of whole steps (their rollouts took 0.4 s, overlapping)
+    assert p.rollout_tokens_per_s == pytest.approx(1000)
+    assert p.trajectories_per_s == pytest.approx(32 / 0.6) == p.train_trajectories_per_s
 
 
 def test_scaling_json_records_the_options_each_point_ran_with():
