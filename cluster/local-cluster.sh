@@ -7,6 +7,8 @@
 #   cluster/local-cluster.sh stop        stop every process of this cluster (and nothing else)
 #   cluster/local-cluster.sh status      `ray status` of this cluster
 #   cluster/local-cluster.sh stop-node I kill worker node I (SIGKILL, its whole process tree): a node lost
+#   cluster/local-cluster.sh start-node I start worker node I (again, after stop-node, or a new one): a node
+#                                        joining, with the CPUs and object store the others were started with
 #
 # Loopback only: every port of every node (GCS, raylets, object managers, dashboard, agents, metrics, the
 # Ray client server) listens on 127.0.0.1, nothing on the machine's network address. Ray's CLI rewrites
@@ -87,7 +89,7 @@ start_node() {  # $1 = node index (0 = head)
   else
     timeout "$TIMEOUT" "$RAY" start --address="$ADDRESS" "${args[@]}" > "$DIR/node_$i.log" 2>&1
   fi || { echo "node $i failed to start (or took over ${TIMEOUT}s); its log:" >&2; tail -20 "$DIR/node_$i.log" >&2
-          "$0" stop >&2 || true; exit 1; }
+          [ "${STOP_ON_FAILURE:-1}" = 1 ] && { "$0" stop >&2 || true; }; exit 1; }
 }
 
 case "${1:-}" in
@@ -108,6 +110,7 @@ case "${1:-}" in
     export RAY_USAGE_STATS_ENABLED=0
     GCS_PORT="${DISTPG_CLUSTER_PORT:-$(free_port)}"; DASH_PORT="$(free_port)"
     echo "$GCS_PORT" > "$DIR/gcs_port"
+    echo "$CPUS $STORE_MB" > "$DIR/node_shape"  # for start-node: a node joining later is like the others
     ADDRESS="LOCALHOST:$GCS_PORT"
     start_node 0
     for i in $(seq 1 "$N"); do start_node "$i"; done
@@ -143,11 +146,27 @@ case "${1:-}" in
     kill -KILL $pids 2>/dev/null || true
     echo "killed node $I ($(echo "$pids" | wc -w) processes)"
     ;;
+  start-node)
+    I="${2:-}"
+    [[ "$I" =~ ^[1-9][0-9]*$ ]] || { echo "local-cluster.sh: start-node takes a worker node index >= 1, got '$I'" >&2; exit 2; }
+    [ -f "$DIR/address" ] && [ -n "$(cluster_pids)" ] || { echo "no cluster running under $DIR; start one first" >&2; exit 1; }
+    if pgrep -f -- "$DIR/node_$I/" > /dev/null 2>&1; then echo "node $I is running already" >&2; exit 1; fi
+    if [ -f "$DIR/auth_token" ]; then export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
+    else export RAY_AUTH_MODE=disabled; fi
+    export RAY_USAGE_STATS_ENABLED=0
+    ADDRESS="$(cat "$DIR/address")"
+    read -r cpus store_mb < "$DIR/node_shape" || true
+    CPUS="${DISTPG_CLUSTER_CPUS:-${cpus:-$CPUS}}"; STORE_MB="${DISTPG_CLUSTER_OBJECT_STORE_MB:-${store_mb:-$STORE_MB}}"
+    rm -rf "${DIR:?}/node_$I"  # a lost node's session files; the node starts afresh
+    STOP_ON_FAILURE=0 start_node "$I"  # a node that fails to join leaves the rest of the cluster running
+    { cat "$DIR/pids" 2>/dev/null; pgrep -f -- "$DIR/node_$I/"; } | sort -u > "$DIR/pids.new" && mv "$DIR/pids.new" "$DIR/pids"
+    echo "node $I joined $ADDRESS ($CPUS CPU)"
+    ;;
   status)
     [ -f "$DIR/address" ] || { echo "no cluster state under $DIR" >&2; exit 1; }
     [ -f "$DIR/auth_token" ] && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
     RAY_ADDRESS="$(cat "$DIR/address")" timeout "$TIMEOUT" "$RAY" status
     ;;
   *)
-    sed -n '2,10p' "$0"; exit 2 ;;
+    sed -n '2,12p' "$0"; exit 2 ;;
 esac

@@ -383,3 +383,44 @@ def test_a_node_loss_that_leaves_no_room_says_so_while_it_waits(cluster, tmp_pat
     assert waiting and "the run reserves 3 CPUs and the cluster's live nodes have 2" in waiting[0], out[-4000:]
     assert out.index(waiting[0]) < out.index("did not start within ray.timeout_s=60s"), out[-4000:]
     assert f"continue with: distpg train --resume {run}" in out, out[-2000:]
+
+
+@pytest.mark.slow
+def test_a_run_that_lost_its_workers_node_goes_on_once_the_node_joins_again(cluster, tmp_path):
+    """`local-cluster.sh start-node` brings a lost worker node back (it also runs alone, `-m slow`, so it restarts
+    node 1 first, whatever the tests before left): a run whose workers are pinned to node 1 loses them with the
+    node, waits for room to replace them, and goes on once the node has joined again, to its last step, every
+    sample consumed once."""
+    env, cluster_dir, _ = cluster
+    sh("cluster/local-cluster.sh", "stop-node", "1", env=env)  # exit 1 where it is down already
+    joined = sh("cluster/local-cluster.sh", "start-node", "1", env=env)
+    assert joined.returncode == 0 and "node 1 joined" in joined.stdout, joined.stdout + joined.stderr
+    again = sh("cluster/local-cluster.sh", "start-node", "1", env=env)
+    assert again.returncode == 1 and "node 1 is running already" in again.stderr
+    run = tmp_path / "rejoin"
+    cmd = [sys.executable, "-m", "distpg", "train", "--run-dir", str(run), "--set", "run.steps=30",
+           "--set", "run.stop_reward=null", "--set", "learner.node_resource=distpg_node_0",
+           "--set", "rollout.node_resource=distpg_node_1", "--set", "rollout.num_workers=2",
+           "--set", "rollout.num_cpus_per_worker=1", "--set", "ray.timeout_s=120", "--set", "log.ledger=true",
+           "--set", "log.print_every=1", "--set", "rollout.timeout_s=60"]
+    proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.1)
+    killed = sh("cluster/local-cluster.sh", "stop-node", "1", env=env)
+    assert killed.returncode == 0, killed.stderr
+    time.sleep(2)
+    joined = sh("cluster/local-cluster.sh", "start-node", "1", env=env)
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    assert recs[-1]["workers/restarts"] >= 2 and recs[-1]["workers/alive"] == 2, out[-4000:]  # both replaced
+    ledger = pq.read_table(run / "ledger.parquet")
+    keys = list(zip(ledger.column("prompt_id").to_pylist(), ledger.column("sample_idx").to_pylist()))
+    assert len(keys) == len(set(keys)) == 30 * 32 * 8
