@@ -455,11 +455,26 @@ def stop_local_ray() -> None:
     cluster, it only disconnects, as ray.shutdown does). Ray stops the autoscaler's monitor process after the GCS,
     with SIGTERM, on which the monitor tries to report its end to the GCS that is gone, until Ray gives up on it
     after a second and kills it (SIGKILL). Killed first, it reports nothing, and a local runtime has nothing for
-    it to scale. The rest stops as ray.shutdown stops it."""
+    it to scale. The rest stops as ray.shutdown stops it.
+
+    ray.shutdown destroys the driver's core worker first, which sets SIGTERM's action back to the default
+    (the Python handler, `_sigterm_interrupts`'s, is then still named by signal.getsignal but no longer runs),
+    and only then stops the runtime's processes, the longest part: a SIGTERM repeated meanwhile killed the
+    driver outright. The Python handler is put back before the processes are stopped."""
     node = getattr(ray._private.worker, "_global_node", None)  # Ray's private API: a shortcut only, if there
     try:
         if node is not None and node.is_head():
             node.kill_monitor(check_alive=False)
+        if node is not None and threading.current_thread() is threading.main_thread():
+            kill_all = node.kill_all_processes
+
+            def handler_back_then_kill_all(*args, **kwargs):
+                handler = signal.getsignal(signal.SIGTERM)
+                if handler is not None:  # None: a handler not set from Python
+                    signal.signal(signal.SIGTERM, handler)
+                return kill_all(*args, **kwargs)
+
+            node.kill_all_processes = handler_back_then_kill_all
     except AttributeError:  # another Ray version's Node: ray.shutdown alone stops the monitor
         pass
     ray.shutdown()

@@ -162,6 +162,34 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     assert_resumed_whole(run, uninterrupted)
 
 
+SIGTERM_IN_SHUTDOWN = """
+import os, signal, sys, time
+import ray
+from distpg.orchestrator import start_local_ray, stop_local_ray
+start_local_ray(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+seen = []
+signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # as the run's cleanup handler
+node = ray._private.worker._global_node
+kill_all = node.kill_all_processes
+def sigterm_then_kill_all(*args, **kwargs):  # a SIGTERM while ray.shutdown stops the runtime's processes
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    return kill_all(*args, **kwargs)
+node.kill_all_processes = sigterm_then_kill_all
+stop_local_ray()
+print("handled", len(seen), flush=True)
+"""
+
+
+def test_a_sigterm_while_the_local_runtime_stops_reaches_the_python_handler():
+    """ray.shutdown destroys the driver's core worker, which puts SIGTERM's action back to the default (the
+    Python handler then no longer runs), before it stops the runtime's processes (the longest part of a run's
+    cleanup): a SIGTERM repeated then killed the driver outright, without the resume hint, its runtime's
+    processes left unreaped. stop_local_ray puts the Python handler back first."""
+    code, out = run_to_end([], script=SIGTERM_IN_SHUTDOWN)
+    assert code == 0 and "handled 1" in out, (code, out[-3000:])
+
+
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, tmp_path):
     """The driver dies at once (exit 137, as under SIGKILL: no cleanup) half-way through writing checkpoint 6,
     after steps 4-6 were logged and their rollouts partly flushed; its Ray processes are then killed too. The
