@@ -891,10 +891,13 @@ class Trainer:
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
         checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
-    def close(self) -> None:
+    def close(self, remove_group: bool = True) -> None:
+        """Kill the actors and (with `remove_group`) remove the placement group: a call to the GCS, which waits
+        on it; a local runtime about to be stopped takes the group with it."""
         for actor in [self.learner, *(w for w in self.workers if w is not self.learner)]:
             ray.kill(actor)
-        remove_placement_group(self.pg)
+        if remove_group:
+            remove_placement_group(self.pg)
 
 
 WORKER_FAULTS = (RayActorError, WorkerCrashedError, OutOfMemoryError, ObjectLostError, NodeDiedError)
@@ -1396,7 +1399,9 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         raise
     finally:
         if trainer is not None:
-            trainer.close()
+            # a SIGTERM sent to the whole process group (`timeout`, `kill -TERM -PGID`) also stopped the local
+            # runtime's GCS: removing the group would wait 60 s on it, then Ray ends the driver (exit 1, no hint)
+            trainer.close(remove_group=not started)
         if started:
             stop_local_ray()
         if sigterm is not None:

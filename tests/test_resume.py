@@ -162,6 +162,33 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     assert_resumed_whole(run, uninterrupted)
 
 
+def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_path):
+    """`timeout` (without --foreground), `kill -TERM -PGID` or a scheduler that signals every process of a job
+    send the SIGTERM to the local runtime's processes as well: the GCS stops serving at once. The cleanup then
+    waited on it to remove the placement group for 60 s, until Ray's core worker gave up and ended the driver
+    with exit status 1, without the resume hint. A local runtime is stopped whole instead (its actors and
+    placement group with it): the run ends as on a SIGTERM to the driver alone."""
+    run = tmp_path / "run"
+    p = start(["train", *CONFIG, "--run-dir", str(run)])
+    try:
+        deadline = time.time() + 240
+        while steps_logged(run) < 4 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            out, _ = p.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run was still cleaning up 40 s after the SIGTERM to its process group")
+        assert p.returncode == 143, out[-3000:]
+        assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint" in out, out[-3000:]
+        deadline = time.time() + 60
+        while group_alive(p.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(p.pid), "Ray processes of the run outlived it"
+    finally:
+        kill_group(p)
+
+
 SIGTERM_IN_SHUTDOWN = """
 import os, signal, sys, time
 import ray
