@@ -1350,6 +1350,21 @@ def _sigterm_interrupts():
     return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
 
 
+def _said_and_ignored_while_stopping():
+    """From here until the caller puts the returned SIGINT handler back: Ctrl-C (SIGINT) and SIGTERM are said and
+    ignored (main thread only), so that the run's cleanup (actors, the local runtime) is not cut short: a Ctrl-C
+    pressed twice, or after a SIGTERM, left the runtime's dashboard and runtime-env agents running and the exit
+    status 1. The caller puts SIGTERM's handler back too."""
+    def stopping(signum, frame):
+        print(f"distpg: {signal.Signals(signum).name} while stopping; ignored (cleaning up)", file=sys.stderr,
+              flush=True)
+
+    if signal.getsignal(signal.SIGTERM) is not None:  # None: a handler not set from Python, left as it is
+        signal.signal(signal.SIGTERM, stopping)
+    previous = signal.signal(signal.SIGINT, stopping)
+    return signal.default_int_handler if previous is None else previous
+
+
 def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False) -> dict:
     """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed)."""
     task = task_for(cfg)
@@ -1398,11 +1413,16 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
         raise
     finally:
-        if trainer is not None:
-            # a SIGTERM sent to the whole process group (`timeout`, `kill -TERM -PGID`) also stopped the local
-            # runtime's GCS: removing the group would wait 60 s on it, then Ray ends the driver (exit 1, no hint)
-            trainer.close(remove_group=not started)
-        if started:
-            stop_local_ray()
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
+        sigint = _said_and_ignored_while_stopping() if sigterm is not None else None
+        try:
+            if trainer is not None:
+                # a SIGTERM sent to the whole process group (`timeout`, `kill -TERM -PGID`) also stopped the local
+                # runtime's GCS: removing the group would wait 60 s on it, then Ray ends the driver (exit 1, no hint)
+                trainer.close(remove_group=not started)
+            if started:
+                stop_local_ray()
+        finally:
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)

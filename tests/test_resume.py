@@ -189,6 +189,39 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_p
         kill_group(p)
 
 
+CTRL_C_IN_CLEANUP = """
+import os, signal, sys, time
+import distpg.orchestrator as o
+real_stop = o.stop_local_ray
+def ctrl_c_then_stop():  # Ctrl-C (pressed again, or a SIGINT after a SIGTERM) while the run stops its runtime
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    real_stop()
+o.stop_local_ray = ctrl_c_then_stop
+from distpg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_run_cleans_up_is_said_and_ignored(tmp_path):
+    """Ctrl-C pressed twice (or after a SIGTERM) landed in the cleanup and cut it short: the local runtime's
+    dashboard and runtime-env agents were left running and the exit status was 1. Like a repeated SIGTERM, it is
+    said and ignored until the cleanup is done."""
+    run = tmp_path / "run"
+    p = start(["train", *CONFIG, "--set", "run.steps=2", "--run-dir", str(run)], script=CTRL_C_IN_CLEANUP)
+    try:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+        assert "distpg: SIGINT while stopping; ignored (cleaning up)" in out and "distpg: done after 2 steps" in out, \
+            out[-3000:]
+        deadline = time.time() + 60
+        while group_alive(p.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(p.pid), "Ray processes of the run outlived it"
+    finally:
+        kill_group(p)
+
+
 SIGTERM_IN_SHUTDOWN = """
 import os, signal, sys, time
 import ray
