@@ -455,11 +455,26 @@ def stop_local_ray() -> None:
     cluster, it only disconnects, as ray.shutdown does). Ray stops the autoscaler's monitor process after the GCS,
     with SIGTERM, on which the monitor tries to report its end to the GCS that is gone, until Ray gives up on it
     after a second and kills it (SIGKILL). Killed first, it reports nothing, and a local runtime has nothing for
-    it to scale. The rest stops as ray.shutdown stops it."""
+    it to scale. The rest stops as ray.shutdown stops it.
+
+    ray.shutdown destroys the driver's core worker first, which sets SIGTERM's action back to the default
+    (the Python handler, `_sigterm_interrupts`'s, is then still named by signal.getsignal but no longer runs),
+    and only then stops the runtime's processes, the longest part: a SIGTERM repeated meanwhile killed the
+    driver outright. The Python handler is put back before the processes are stopped."""
     node = getattr(ray._private.worker, "_global_node", None)  # Ray's private API: a shortcut only, if there
     try:
         if node is not None and node.is_head():
             node.kill_monitor(check_alive=False)
+        if node is not None and threading.current_thread() is threading.main_thread():
+            kill_all = node.kill_all_processes
+
+            def handler_back_then_kill_all(*args, **kwargs):
+                handler = signal.getsignal(signal.SIGTERM)
+                if handler is not None:  # None: a handler not set from Python
+                    signal.signal(signal.SIGTERM, handler)
+                return kill_all(*args, **kwargs)
+
+            node.kill_all_processes = handler_back_then_kill_all
     except AttributeError:  # another Ray version's Node: ray.shutdown alone stops the monitor
         pass
     ray.shutdown()
@@ -876,10 +891,13 @@ class Trainer:
         state = wait(self.learner.state.remote(), self.cfg.ray.timeout_s, "fetching the learner state")
         checkpoint.save(self.run_dir, step, state, self.cfg.run.keep_checkpoints, run_state)
 
-    def close(self) -> None:
+    def close(self, remove_group: bool = True) -> None:
+        """Kill the actors and (with `remove_group`) remove the placement group: a call to the GCS, which waits
+        on it; a local runtime about to be stopped takes the group with it."""
         for actor in [self.learner, *(w for w in self.workers if w is not self.learner)]:
             ray.kill(actor)
-        remove_placement_group(self.pg)
+        if remove_group:
+            remove_placement_group(self.pg)
 
 
 WORKER_FAULTS = (RayActorError, WorkerCrashedError, OutOfMemoryError, ObjectLostError, NodeDiedError)
@@ -1332,6 +1350,21 @@ def _sigterm_interrupts():
     return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
 
 
+def _said_and_ignored_while_stopping():
+    """From here until the caller puts the returned SIGINT handler back: Ctrl-C (SIGINT) and SIGTERM are said and
+    ignored (main thread only), so that the run's cleanup (actors, the local runtime) is not cut short: a Ctrl-C
+    pressed twice, or after a SIGTERM, left the runtime's dashboard and runtime-env agents running and the exit
+    status 1. The caller puts SIGTERM's handler back too."""
+    def stopping(signum, frame):
+        print(f"distpg: {signal.Signals(signum).name} while stopping; ignored (cleaning up)", file=sys.stderr,
+              flush=True)
+
+    if signal.getsignal(signal.SIGTERM) is not None:  # None: a handler not set from Python, left as it is
+        signal.signal(signal.SIGTERM, stopping)
+    previous = signal.signal(signal.SIGINT, stopping)
+    return signal.default_int_handler if previous is None else previous
+
+
 def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False) -> dict:
     """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed)."""
     task = task_for(cfg)
@@ -1380,9 +1413,16 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
         raise
     finally:
-        if trainer is not None:
-            trainer.close()
-        if started:
-            stop_local_ray()
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
+        sigint = _said_and_ignored_while_stopping() if sigterm is not None else None
+        try:
+            if trainer is not None:
+                # a SIGTERM sent to the whole process group (`timeout`, `kill -TERM -PGID`) also stopped the local
+                # runtime's GCS: removing the group would wait 60 s on it, then Ray ends the driver (exit 1, no hint)
+                trainer.close(remove_group=not started)
+            if started:
+                stop_local_ray()
+        finally:
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)

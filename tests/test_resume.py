@@ -162,6 +162,94 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     assert_resumed_whole(run, uninterrupted)
 
 
+def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_path):
+    """`timeout` (without --foreground), `kill -TERM -PGID` or a scheduler that signals every process of a job
+    send the SIGTERM to the local runtime's processes as well: the GCS stops serving at once. The cleanup then
+    waited on it to remove the placement group for 60 s, until Ray's core worker gave up and ended the driver
+    with exit status 1, without the resume hint. A local runtime is stopped whole instead (its actors and
+    placement group with it): the run ends as on a SIGTERM to the driver alone."""
+    run = tmp_path / "run"
+    p = start(["train", *CONFIG, "--run-dir", str(run)])
+    try:
+        deadline = time.time() + 240
+        while steps_logged(run) < 4 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            out, _ = p.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run was still cleaning up 40 s after the SIGTERM to its process group")
+        assert p.returncode == 143, out[-3000:]
+        assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint" in out, out[-3000:]
+        deadline = time.time() + 60
+        while group_alive(p.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(p.pid), "Ray processes of the run outlived it"
+    finally:
+        kill_group(p)
+
+
+CTRL_C_IN_CLEANUP = """
+import os, signal, sys, time
+import distpg.orchestrator as o
+real_stop = o.stop_local_ray
+def ctrl_c_then_stop():  # Ctrl-C (pressed again, or a SIGINT after a SIGTERM) while the run stops its runtime
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    real_stop()
+o.stop_local_ray = ctrl_c_then_stop
+from distpg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_run_cleans_up_is_said_and_ignored(tmp_path):
+    """Ctrl-C pressed twice (or after a SIGTERM) landed in the cleanup and cut it short: the local runtime's
+    dashboard and runtime-env agents were left running and the exit status was 1. Like a repeated SIGTERM, it is
+    said and ignored until the cleanup is done."""
+    run = tmp_path / "run"
+    p = start(["train", *CONFIG, "--set", "run.steps=2", "--run-dir", str(run)], script=CTRL_C_IN_CLEANUP)
+    try:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+        assert "distpg: SIGINT while stopping; ignored (cleaning up)" in out and "distpg: done after 2 steps" in out, \
+            out[-3000:]
+        deadline = time.time() + 60
+        while group_alive(p.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(p.pid), "Ray processes of the run outlived it"
+    finally:
+        kill_group(p)
+
+
+SIGTERM_IN_SHUTDOWN = """
+import os, signal, sys, time
+import ray
+from distpg.orchestrator import start_local_ray, stop_local_ray
+start_local_ray(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+seen = []
+signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # as the run's cleanup handler
+node = ray._private.worker._global_node
+kill_all = node.kill_all_processes
+def sigterm_then_kill_all(*args, **kwargs):  # a SIGTERM while ray.shutdown stops the runtime's processes
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    return kill_all(*args, **kwargs)
+node.kill_all_processes = sigterm_then_kill_all
+stop_local_ray()
+print("handled", len(seen), flush=True)
+"""
+
+
+def test_a_sigterm_while_the_local_runtime_stops_reaches_the_python_handler():
+    """ray.shutdown destroys the driver's core worker, which puts SIGTERM's action back to the default (the
+    Python handler then no longer runs), before it stops the runtime's processes (the longest part of a run's
+    cleanup): a SIGTERM repeated then killed the driver outright, without the resume hint, its runtime's
+    processes left unreaped. stop_local_ray puts the Python handler back first."""
+    code, out = run_to_end([], script=SIGTERM_IN_SHUTDOWN)
+    assert code == 0 and "handled 1" in out, (code, out[-3000:])
+
+
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, tmp_path):
     """The driver dies at once (exit 137, as under SIGKILL: no cleanup) half-way through writing checkpoint 6,
     after steps 4-6 were logged and their rollouts partly flushed; its Ray processes are then killed too. The
