@@ -1339,15 +1339,17 @@ def _sigterm_interrupts():
     if threading.current_thread() is not threading.main_thread():
         return None
 
-    def stopping(signum, frame):
-        print("distpg: SIGTERM again; already stopping (cleaning up)", file=sys.stderr, flush=True)
-
     def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, stopping)
+        signal.signal(signal.SIGTERM, _stopping)  # until the cleanup installs it for SIGINT too
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+
+
+def _stopping(signum, frame):
+    """The handler of SIGINT and SIGTERM while a run stops: said, and ignored."""
+    print(f"distpg: {signal.Signals(signum).name} while stopping; ignored (cleaning up)", file=sys.stderr, flush=True)
 
 
 def _said_and_ignored_while_stopping():
@@ -1355,13 +1357,9 @@ def _said_and_ignored_while_stopping():
     ignored (main thread only), so that the run's cleanup (actors, the local runtime) is not cut short: a Ctrl-C
     pressed twice, or after a SIGTERM, left the runtime's dashboard and runtime-env agents running and the exit
     status 1. The caller puts SIGTERM's handler back too."""
-    def stopping(signum, frame):
-        print(f"distpg: {signal.Signals(signum).name} while stopping; ignored (cleaning up)", file=sys.stderr,
-              flush=True)
-
     if signal.getsignal(signal.SIGTERM) is not None:  # None: a handler not set from Python, left as it is
-        signal.signal(signal.SIGTERM, stopping)
-    previous = signal.signal(signal.SIGINT, stopping)
+        signal.signal(signal.SIGTERM, _stopping)
+    previous = signal.signal(signal.SIGINT, _stopping)
     return signal.default_int_handler if previous is None else previous
 
 

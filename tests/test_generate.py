@@ -288,6 +288,17 @@ def test_rows_a_stop_check_ends_are_decoded_no_further(model, monkeypatch, shard
     assert ends > 0
 
 
+def test_stop_checks_thin_out_on_long_rows():
+    """A stop check decodes every live row whole: every 4 tokens up to 32, then about 8 per doubling of the length,
+    so that the decoding grows linearly with the rows' length, each row checked at most ~n/8 tokens late."""
+    from distpg.generate import stop_check_due
+
+    due = [n for n in range(1, 1025) if stop_check_due(n, 4)]
+    assert due[:8] == list(range(4, 33, 4)) and all(n % 4 == 0 for n in due)
+    assert all(b - a <= max(4, a // 8 + 4) for a, b in zip(due, due[1:]))  # never more than ~n/8 late
+    assert len(due) < 70 and sum(due) < 20 * 1024  # every 4 tokens: 256 checks, decoding 131,584 tokens a row
+
+
 # ---------------------------------------------------------------- sampling frequencies
 
 
