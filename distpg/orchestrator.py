@@ -1330,12 +1330,13 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
 
 
 def _sigterm_interrupts():
-    """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop) raises
-    KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as on Ctrl-C (actors closed, a
-    local runtime shut down) instead of dying in Ray's crash handler. Set after `ray.init`, which installs
-    that handler. A second SIGTERM while the run cleans up (a scheduler or `kill` repeating itself) is said and
-    ignored until the caller puts the previous handler back: raised in the middle of the cleanup it would leave
-    the local runtime's processes behind. None off the main thread (where Python cannot handle signals)."""
+    """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop; to the driver or
+    its whole process group) raises KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as
+    on Ctrl-C (actors closed, a local runtime shut down) instead of dying in Ray's crash handler. Set after
+    `ray.init`, which installs that handler. A second SIGTERM while the run cleans up (a scheduler or `kill`
+    repeating itself) is said and ignored until the caller puts the previous handler back: raised in the
+    middle of the cleanup it would leave the local runtime's processes behind. None off the main thread
+    (where Python cannot handle signals)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 

@@ -129,8 +129,8 @@ def assert_resumed_whole(run: Path, clean: Path):
 
 
 def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
-    """SIGTERM to the driver alone (`kill`, `timeout`, a scheduler) stops the run as Ctrl-C does, says what is
-    kept and how to resume, and leaves no process of the local runtime behind, also when the SIGTERM comes again
+    """SIGTERM to the driver alone (`kill`, `timeout --foreground`, a scheduler) stops the run as Ctrl-C does, says
+    what is kept and how to resume, and leaves no process of the local runtime behind, also when the SIGTERM comes again
     while it cleans up (before, that one left the runtime's agents alive and the exit status 1); the resumed run
     ends as the uninterrupted one. (A SIGKILL, with no chance to clean up: the next test.)"""
     run = tmp_path / "run"
