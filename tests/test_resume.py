@@ -203,6 +203,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # ~14 s; the SIGTERM test's second signal covers the cleanup's first half in the default run
 def test_ctrl_c_while_the_run_cleans_up_is_said_and_ignored(tmp_path):
     """Ctrl-C pressed twice (or after a SIGTERM) landed in the cleanup and cut it short: the local runtime's
     dashboard and runtime-env agents were left running and the exit status was 1. Like a repeated SIGTERM, it is
@@ -241,6 +242,7 @@ print("handled", len(seen), flush=True)
 """
 
 
+@pytest.mark.slow  # ~10 s: a local runtime started and stopped
 def test_a_sigterm_while_the_local_runtime_stops_reaches_the_python_handler():
     """ray.shutdown destroys the driver's core worker, which puts SIGTERM's action back to the default (the
     Python handler then no longer runs), before it stops the runtime's processes (the longest part of a run's
