@@ -60,6 +60,7 @@ def test_sampler_bounds_count_what_generate_does():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~28 s: `distpg bench all --quick` as a process of its own; the default run has the next test
 def test_bench_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -67,17 +68,33 @@ def test_bench_quick_writes_json(tmp_path):
     p = subprocess.run([sys.executable, "-m", "distpg", "bench", "all", "--quick", "--json", str(out)],
                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
-    data = json.loads(out.read_text())
-    assert data["machine"]["cores"] >= 1 and data["quick"] is True
-    assert set(data["results"]) == {"sampler", "weights", "step", "learner"}
-    figures = [f for group in data["results"].values() for f in group]
     # sampler; weights to 1 and 2 workers, a call each and handed with the sample call; step with worker and
     # learner apart and colocated, sync share; learner
-    assert len(figures) == 9
+    _check_quick_bench(json.loads(out.read_text()), p.stdout, {"sampler", "weights", "step", "learner"}, 9)
+
+
+@pytest.mark.ray
+def test_bench_quick_of_the_ray_parts_on_the_tests_runtime(ray_session, tmp_path, capsys):
+    """`distpg bench weights step learner --quick` by cli.main on the shared runtime (the sampler's CLI runs in
+    the test below)."""
+    from distpg.cli import main
+
+    out = tmp_path / "bench.json"
+    capsys.readouterr()
+    assert main(["bench", "weights", "step", "learner", "--quick", "--json", str(out)]) == 0
+    assert ray_session.is_initialized()  # a runtime the bench did not start is left running
+    _check_quick_bench(json.loads(out.read_text()), capsys.readouterr().out, {"weights", "step", "learner"}, 8)
+
+
+def _check_quick_bench(data: dict, stdout: str, parts: set, count: int) -> None:
+    assert data["machine"]["cores"] >= 1 and data["quick"] is True
+    assert set(data["results"]) == parts
+    figures = [f for group in data["results"].values() for f in group]
+    assert len(figures) == count
     for f in figures:
         assert f["better"] in ("higher", "lower")
         assert f["ours"] > 0 and f["reference"] > 0 and math.isclose(f["ratio"], f["ours"] / f["reference"])
-        assert f["name"] in p.stdout
+        assert f["name"] in stdout
     apart, together = data["results"]["step"][:2]
     assert "rollout.colocate" in together["name"] and "rollout.colocate" not in apart["name"]
     for step in (apart, together):  # Ray and the single-process loop computed the same steps

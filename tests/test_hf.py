@@ -394,9 +394,10 @@ def _in_process(capsys, monkeypatch, *args, cwd=ROOT) -> subprocess.CompletedPro
 def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkeypatch):
     """The shipped worked example: make a small GPT-2 folder, `distpg train configs/gpt2-prompts.yaml` from it
     with the bundled prompts and reward function, then `distpg eval` and `distpg export` the result."""
+    from distpg.examples import make_tiny_gpt2
+
     folder, run, out = tmp_path / "tiny-gpt2", tmp_path / "run", tmp_path / "exported"
-    p = _run("-m", "distpg.examples.make_tiny_gpt2", str(folder))
-    assert p.returncode == 0, p.stderr[-3000:]
+    make_tiny_gpt2.main([str(folder)])  # `python -m distpg.examples.make_tiny_gpt2 FOLDER`, in this process
     shape = read_shape(folder)
     assert shape.n_layer == 2 and 256 < shape.vocab_size <= 512
 
@@ -420,13 +421,15 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkey
     assert table.column("prompt_tokens")[0].as_py() == tok.encode(table.column("prompt_text")[0].as_py())
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
 
-    # from another folder: the run's relative task.prompts_path is found where the run started
+    # from another folder: the run's relative task.prompts_path is found where the run started (eval and export
+    # by cli.main in this process: no Ray runtime, and test_cli runs `distpg eval` as a process of its own)
+    cli = functools.partial(_in_process, capsys, monkeypatch)
     assert cfg.task.prompts_path == "configs/data/repeat_words.jsonl"
-    p = _run("-m", "distpg", "eval", str(run), "--samples", "2", cwd=tmp_path)
+    p = cli("eval", str(run), "--samples", "2", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "held-out prompts: 32 | reward_mean" in p.stdout
 
-    p = _run("-m", "distpg", "export", str(run), str(out))
+    p = cli("export", str(run), str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     from distpg.evaluate import load_policy
 
@@ -434,7 +437,6 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkey
     idx = torch.tensor([tok.encode("Repeat the word: river\nAnswer:")])
     with torch.no_grad():
         assert (_transformers_logits(out, idx) - trained(idx)).abs().max().item() < 1e-4
-    cli = functools.partial(_in_process, capsys, monkeypatch)  # the real processes above, in-process below
     for target in (out, folder):  # another export, or the folder the run started from, is not overwritten
         p = cli("export", str(run), str(target))
         assert p.returncode == 2 and f"OUT={str(target)!r} is not empty (it holds config.json" in p.stderr
