@@ -100,11 +100,12 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
     ids: list[list[int]] = []
     same_weights = object()  # the weights do not change during this loop: laid out for oneDNN once
     stops = stop_strings(cfg.rollout)
+    stop_when = stop_checker(tok, stops) if stops else None
     try:
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s : s + batch_size]
             out = generate(model, [tok.encode(p) for p in chunk], params, gen, pad_id=tok.pad_id,
-                           weights_key=same_weights, stop_when=stop_checker(tok, stops) if stops else None)
+                           weights_key=same_weights, stop_when=stop_when)
             rows = out.rows()
             cut_at_stops(rows, tok, stops)  # as in training
             completions += [tok.decode(r) for r in rows]

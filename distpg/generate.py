@@ -287,11 +287,11 @@ def generate(
         cuda_graph: decode in fixed shapes (`_generate_static`), on a GPU replaying one token's step as a
             CUDA graph; on a CPU the same steps run one by one (which is how the tests check them).
         stop_when: called every `check_every` tokens (less often on long rows: `stop_check_due`) with the tokens
-            so far of the rows still decoded; True
-            where a row has ended (its text holds a stop string, `stop_checker`): that row is decoded no
-            further, as after the stop token, and dropped with the others. Its tokens up to the check are
-            kept: the caller cuts them (`rollout.cut_at_stops`) as it would a row decoded to the end, and
-            gets the same tokens. Not with `cuda_graph` (its rows run to the end; the cut is the same).
+            so far of the rows still decoded; True where a row has ended (its text holds a stop string,
+            `stop_checker`): that row is decoded no further, as after the stop token, and dropped with the
+            others. Its tokens up to the check are kept: the caller cuts them (`rollout.cut_at_stops`) as it
+            would a row decoded to the end, and gets the same tokens. Not with `cuda_graph` (its rows run to the
+            end; the cut is the same).
     Returns:
         a `Generation` with (B, max_new_tokens) tokens, log-probabilities and mask.
     """

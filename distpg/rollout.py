@@ -34,18 +34,15 @@ def stop_lengths(rows: list[list[int]], tokenizer, stops: list[str]) -> list[int
     """For each completion, its length up to and including the token that completes the first of `stops` in
     its text, None where its text holds none. A binary search over its prefixes: once a prefix's text holds a
     stop string, every longer prefix's does."""
-    def stopped(ids: list[int]) -> bool:
-        return holds_stop(tokenizer, stops, ids)
-
     out = []
     for row in rows:
-        if not stops or not stopped(row):
+        if not stops or not holds_stop(tokenizer, stops, row):
             out.append(None)
             continue
         lo, hi = 1, len(row)  # the shortest stopped prefix is in [lo, hi]; the whole row is stopped
         while lo < hi:
             mid = (lo + hi) // 2
-            if stopped(row[:mid]):
+            if holds_stop(tokenizer, stops, row[:mid]):
                 hi = mid
             else:
                 lo = mid + 1
