@@ -106,6 +106,20 @@ def client_env(env: dict, cluster_dir: Path) -> dict:
             "RAY_AUTH_TOKEN_PATH": str(cluster_dir / "auth_token")}
 
 
+def train_on(cluster, cmd: list[str]) -> subprocess.Popen:
+    """`cmd` (a `distpg train`) started as a client of the cluster, its output collected."""
+    env, cluster_dir, _ = cluster
+    return subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(proc: subprocess.Popen, reached, timeout: float = 180) -> None:
+    """Until `reached()` holds, the process ends, or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not reached():
+        time.sleep(0.1)
+
+
 def test_every_port_of_every_node_is_on_loopback(cluster):
     env, cluster_dir, gcs_port = cluster
     pids = cluster_pids(cluster_dir, gcs_port)
@@ -336,14 +350,9 @@ def test_training_survives_losing_a_worker_node(cluster, tmp_path):
            "--set", "learner.node_resource=distpg_node_0", "--set", "rollout.num_workers=2",
            "--set", "rollout.num_cpus_per_worker=1", "--set", "log.ledger=true", "--set", "log.print_every=1",
            "--set", "rollout.timeout_s=60"]
-    proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = train_on(cluster, cmd)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.1)
+    wait_until(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5)
     killed = sh("cluster/local-cluster.sh", "stop-node", "2", env=env)
     assert killed.returncode == 0, killed.stderr
     out, _ = proc.communicate(timeout=400)
@@ -370,11 +379,8 @@ def test_a_node_loss_that_leaves_no_room_says_so_while_it_waits(cluster, tmp_pat
            "--set", "run.stop_reward=null", "--set", "learner.node_resource=distpg_node_0",
            "--set", "rollout.node_resource=distpg_node_1", "--set", "rollout.num_workers=2",
            "--set", "rollout.num_cpus_per_worker=1", "--set", "run.checkpoint_every=2", "--set", "ray.timeout_s=60"]
-    proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / "latest").exists():
-        time.sleep(0.1)
+    proc = train_on(cluster, cmd)
+    wait_until(proc, (run / "checkpoints" / "latest").exists)
     killed = sh("cluster/local-cluster.sh", "stop-node", "1", env=env)
     assert killed.returncode == 0, killed.stderr
     out, _ = proc.communicate(timeout=400)
@@ -403,14 +409,9 @@ def test_a_run_that_lost_its_workers_node_goes_on_once_the_node_joins_again(clus
            "--set", "rollout.node_resource=distpg_node_1", "--set", "rollout.num_workers=2",
            "--set", "rollout.num_cpus_per_worker=1", "--set", "ray.timeout_s=120", "--set", "log.ledger=true",
            "--set", "log.print_every=1", "--set", "rollout.timeout_s=60"]
-    proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = train_on(cluster, cmd)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.1)
+    wait_until(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 5)
     killed = sh("cluster/local-cluster.sh", "stop-node", "1", env=env)
     assert killed.returncode == 0, killed.stderr
     time.sleep(2)

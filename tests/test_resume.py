@@ -113,6 +113,14 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def group_ends(pgid: int, timeout: float = 60) -> bool:
+    """Whether every process of the group has ended within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    return not group_alive(pgid)
+
+
 def assert_resumed_whole(run: Path, clean: Path):
     """A resumed run ends as the uninterrupted one: its parameters and losses, every step once in metrics.jsonl
     and TensorBoard (the steps redone after the checkpoint purged from the first attempt's event file), and every
@@ -150,10 +158,7 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     kept = logged - logged % 3
     assert f"distpg: stopped by SIGTERM; the steps after the latest checkpoint (step {kept}) are lost; continue " \
            f"with: distpg train --resume {run}" in out, out[-3000:]
-    deadline = time.time() + 60
-    while group_alive(p.pid) and time.time() < deadline:
-        time.sleep(0.2)
-    survivors = group_alive(p.pid)
+    survivors = not group_ends(p.pid)
     kill_group(p)
     assert not survivors, "Ray processes of the run outlived it"
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{kept:06d}"
@@ -181,10 +186,7 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_p
             pytest.fail("the run was still cleaning up 40 s after the SIGTERM to its process group")
         assert p.returncode == 143, out[-3000:]
         assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint" in out, out[-3000:]
-        deadline = time.time() + 60
-        while group_alive(p.pid) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not group_alive(p.pid), "Ray processes of the run outlived it"
+        assert group_ends(p.pid), "Ray processes of the run outlived it"
     finally:
         kill_group(p)
 
@@ -215,10 +217,7 @@ def test_ctrl_c_while_the_run_cleans_up_is_said_and_ignored(tmp_path):
         assert p.returncode == 0, out[-3000:]
         assert "distpg: SIGINT while stopping; ignored (cleaning up)" in out and "distpg: done after 2 steps" in out, \
             out[-3000:]
-        deadline = time.time() + 60
-        while group_alive(p.pid) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not group_alive(p.pid), "Ray processes of the run outlived it"
+        assert group_ends(p.pid), "Ray processes of the run outlived it"
     finally:
         kill_group(p)
 
