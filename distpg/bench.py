@@ -40,7 +40,7 @@ import torch
 from distpg import kernels
 from distpg import model as distpg_model
 from distpg.cliargs import number, whole_numbers
-from distpg.config import ConfigError
+from distpg.config import ConfigError, load_config
 
 GPT2_VOCAB = 50257
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -701,10 +701,11 @@ def bench_learner(overrides: list[str], repeats: int) -> dict:
     lc = cfg.learner
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=(lc.beta1, lc.beta2), weight_decay=lc.weight_decay)
 
-    def supervised():
+    def supervised():  # in the learner's precision (learner.dtype), as a mixed-precision trainer runs it
         opt.zero_grad(set_to_none=True)
-        logits = model(tokens[:, :-1])
-        nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        with learner.autocast():
+            logits = model(tokens[:, :-1])
+        nll = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
         (nll * mask.flatten()).sum().div(mask.sum()).backward()
         opt.step()
 
@@ -714,16 +715,26 @@ def bench_learner(overrides: list[str], repeats: int) -> dict:
 
     # the same learner with the plain forward of every row (each group's prompt G times, as the reference)
     plain = _with_setting(lambda: learner.update(batch), learner_mod, "forward_shared_prompts", forward_every_row)
-    times = best_of({"supervised": supervised, "learner": lambda: learner.update(batch),
-                     "learner_plain_forward": plain}, repeats)
+    fns = {"supervised": supervised, "learner": lambda: learner.update(batch), "learner_plain_forward": plain}
+    mixed = cfg.learner.dtype != "float32"
+    if mixed:  # the same learner in float32, side by side: what the lower precision gains
+        learner32 = Learner(load_config(None, [*overrides, "learner.dtype=float32"]), threads)
+        fns["learner_float32"] = lambda: learner32.update(batch)
+    times = best_of(fns, repeats)
     n_tok = tokens.numel()
     like = min(times["supervised"]) / min(times["learner_plain_forward"])
     gain = min(times["learner_plain_forward"]) / min(times["learner"])
-    return figure(f"learner ({cfg.model.preset}, {tokens.shape[0]} samples x {tokens.shape[1]} tokens)",
+    note = (f"with the plain forward of every row, as the reference does: {like:.2f}x; running each group's prompt "
+            f"once: {gain:.2f}x over that")
+    extra = {}
+    if mixed:
+        extra["speedup_over_float32"] = min(times["learner_float32"]) / min(times["learner"])
+        note += (f"; both sides in {cfg.learner.dtype} autocast, {extra['speedup_over_float32']:.2f}x the float32 "
+                 "learner")
+    dtype = "" if not mixed else f", {cfg.learner.dtype}"
+    return figure(f"learner ({cfg.model.preset}{dtype}, {tokens.shape[0]} samples x {tokens.shape[1]} tokens)",
                   n_tok / min(times["learner"]), n_tok / min(times["supervised"]), "tokens/s", "higher", 0.8,
-                  times_s=times, ratio_plain_forward=like, shared_prompts_speedup=gain,
-                  note=f"with the plain forward of every row, as the reference does: {like:.2f}x; running each "
-                       f"group's prompt once: {gain:.2f}x over that")
+                  times_s=times, ratio_plain_forward=like, shared_prompts_speedup=gain, note=note, **extra)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -796,9 +807,14 @@ def run(args: argparse.Namespace) -> dict:
     if "learner" in chosen:
         print("learner: Learner.update vs a plain supervised step on the same batch", flush=True)
         res = out["results"]["learner"] = []
-        for extra in ([[]] if quick else [[], ["model.preset=small"]]):
-            res.append(bench_learner(sets + extra, max(repeats, 3)))
-            print_figure(res[-1])
+        done = []  # configs already measured (--set may make two of the cases one)
+        cases = [[]] if quick else [[], ["model.preset=small"], ["model.preset=small", "learner.dtype=bfloat16"]]
+        for extra in cases:
+            cfg = load_config(None, sets + extra)
+            if cfg not in done:
+                done.append(cfg)
+                res.append(bench_learner(sets + extra, max(repeats, 3)))
+                print_figure(res[-1])
     if "async" in extra:
         from distpg.bench_async import bench_async, learning_race
 

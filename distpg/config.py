@@ -224,6 +224,14 @@ class LearnerConfig:
     max_consecutive_skips: int = _f(
         10, "updates skipped in a row for a non-finite loss or gradient before the run stops (an update with "
         "learner.epochs x learner.mini_batches optimizer steps counts once, however many of them were skipped)")
+    dtype: str = _f(
+        "float32", "precision of the learner's forward and backward passes: bfloat16 runs their matrix products "
+        "under torch.autocast in bfloat16, while the parameters, gradients and Adam's state stay float32 (mixed "
+        "precision, as TRL's bf16=True and OpenRLHF's --bf16; on a GPU it needs bfloat16 support, Ampere or "
+        "newer); the learner's log-probabilities then differ from the sampler's by rounding, so every sample is "
+        "corrected as off-policy as algo.off_policy says (as with rollout.dtype=bfloat16)",
+        ("float32", "bfloat16"),
+    )
     num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")
     num_gpus: float = _f(0.5, "GPUs for the learner when training on GPUs (0.5: with the default 2 workers at "
                           "0.25 each, one GPU holds the whole run)")

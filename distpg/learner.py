@@ -11,6 +11,7 @@ The orchestrator makes it a Ray actor; tests construct it directly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -55,6 +56,10 @@ class Learner:
         self.device = device
         kernels.enabled = cfg.rollout.cpu_kernels  # the reference policy's forward (no autograd) may use them
         self.model = initial_policy(cfg, device)[1].train()
+        if cfg.learner.dtype == "bfloat16" and torch.device(device).type == "cuda" and not \
+                torch.cuda.is_bf16_supported():
+            raise ValueError(f"learner.dtype=bfloat16: this GPU ({torch.cuda.get_device_name(device)}) has no "
+                             "bfloat16; use learner.dtype=float32")
         self.vocab_size = self.model.shape.vocab_size  # every token id a batch may hold
         self.flat = FlatParams(self.model)
         ac, lc = cfg.algo, cfg.learner
@@ -98,6 +103,14 @@ class Learner:
         """One policy-gradient step on the given batches; returns (metrics, new weights)."""
         return self.learn(*batches), self.get_weights()
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision of the policy's forward passes: bfloat16 autocast with learner.dtype=bfloat16 (the
+        parameters, gradients and optimizer state stay float32), else nothing changes. Its outputs are taken
+        back to float32 before any loss term."""
+        if self.cfg.learner.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, self.cfg.learner.dtype))
+
     def tempered(self, logits: torch.Tensor) -> torch.Tensor:
         """The policy the learner follows is softmax(logits / rollout.temperature): the distribution the
         workers sample from (before top-k/top-p), as TRL, OpenRLHF and veRL have it."""
@@ -120,9 +133,11 @@ class Learner:
         # samples drawn from another policy than the learner's: older versions, or the same version sampled
         # in a lower precision (rollout.dtype), which is a slightly different distribution mu
         # and samples from a top-k/top-p filtered distribution, which is not the policy's: pi/mu <= 1 on
-        # every token they hold (mu renormalises pi over a subset)
+        # every token they hold (mu renormalises pi over a subset); a learner in a lower precision
+        # (learner.dtype) differs from the sampler by its own rounding
         rc = self.cfg.rollout
-        stale = (staleness > 0) | (rc.dtype != "float32") | filters(rc.temperature, rc.top_k, rc.top_p)
+        stale = ((staleness > 0) | (rc.dtype != "float32") | (self.cfg.learner.dtype != "float32")
+                 | filters(rc.temperature, rc.top_k, rc.top_p))
         ac = self.cfg.algo
         mb = self.cfg.learner.micro_batch_size or B
         chunks = [slice(s, s + mb) for s in range(0, B, mb)]  # for the reference policy's forward
@@ -137,8 +152,9 @@ class Learner:
             with torch.no_grad():
                 for idx, L in zip(chunks, lengths):
                     tokens = b.tokens[idx, :L]
-                    ref_logits = forward_shared_prompts(self.ref_model, tokens[:, :-1], prompt_len[idx])
-                    ref_lp[idx, 1:L] = token_logprobs(self.tempered(ref_logits), tokens[:, 1:])
+                    with self.autocast():
+                        ref_logits = forward_shared_prompts(self.ref_model, tokens[:, :-1], prompt_len[idx])
+                    ref_lp[idx, 1:L] = token_logprobs(self.tempered(ref_logits.float()), tokens[:, 1:])
                 k = algo.kl_per_token(b.policy_logprobs, ref_lp, ac.kl_estimator)
                 kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
@@ -175,9 +191,10 @@ class Learner:
             values = torch.zeros(B, b.tokens.shape[1] - 1, device=b.tokens.device)
             with torch.no_grad():
                 for idx, L in zip(chunks, lengths):
-                    _, hidden = forward_shared_prompts(self.model, b.tokens[idx, : L - 1], prompt_len[idx],
-                                                       return_hidden=True)
-                    values[idx, : L - 1] = self.value_head(hidden).squeeze(-1).float()
+                    with self.autocast():
+                        _, hidden = forward_shared_prompts(self.model, b.tokens[idx, : L - 1], prompt_len[idx],
+                                                           return_hidden=True)
+                    values[idx, : L - 1] = self.value_head(hidden.float()).squeeze(-1)
         bounds = [G * (groups * m // lc.mini_batches) for m in range(lc.mini_batches + 1)]
         parts = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
         diagnostics, corrected, off_tokens, taken, skipped = [], 0, 0, False, None
@@ -262,17 +279,19 @@ class Learner:
             chunk = slice(rows.start + lo, min(rows.start + lo + mb, rows.stop))
             L = int(b.response_mask[chunk].any(0).nonzero().max()) + 1  # trim padding
             tokens, mask = b.tokens[chunk, :L], b.response_mask[chunk, 1:L]
-            # model(tokens[:, :-1]): (b, L-1, V), and (b, L-1, C) for the value head; a group's prompt once
-            out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[chunk],
-                                         return_hidden=self.value_head is not None)
+            # model(tokens[:, :-1]): (b, L-1, V), and (b, L-1, C) for the value head; a group's prompt once;
+            # float32 from here on (the loss terms, the value head), whatever learner.dtype the forward ran in
+            with self.autocast():
+                out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[chunk],
+                                             return_hidden=self.value_head is not None)
             logits, hidden = out if self.value_head is not None else (out, None)
-            logits = self.tempered(logits)
+            logits = self.tempered(logits.float())
             logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
             grad_mask = mask & valid[chunk, None]
             sample_adv = adv[chunk]
             loss = torch.zeros((), device=logp.device)
             if self.value_head is not None:
-                values = self.value_head(hidden.detach()).squeeze(-1)  # (b, L-1): V(s_t) for the token at t
+                values = self.value_head(hidden.detach().float()).squeeze(-1)  # (b, L-1): V(s_t) of the token at t
                 v = values if baseline is None else baseline[chunk, : L - 1]
                 sample_adv = algo.value_advantages(returns[chunk], v) * scale[chunk, None]
                 err = torch.where(grad_mask, values - returns[chunk, None], 0.0)

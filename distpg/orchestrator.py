@@ -940,6 +940,7 @@ def describe_run(cfg: Config, trainer: Trainer, placement: Placement, resources:
         f"baseline {cfg.algo.baseline}; {cfg.run.steps} steps; mode {cfg.run.mode}"
         + (f" (max_staleness {cfg.algo.max_staleness}, {cfg.algo.off_policy})" if cfg.run.mode == "async" else "")
         + (f"; workers sample in {cfg.rollout.dtype}" if cfg.rollout.dtype != "float32" else "")
+        + (f"; the learner trains in {cfg.learner.dtype} mixed precision" if cfg.learner.dtype != "float32" else "")
         + ("; rollout worker 0 runs in the learner's actor (rollout.colocate)" if placement.colocated else "")
     )
 

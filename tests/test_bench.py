@@ -331,3 +331,24 @@ def test_variance_on_a_runs_policy_uses_the_runs_task_and_model(tmp_path):
     res = bench_run(args)["results"]["variance"]
     assert res["task"] == "sort" and res["model"] == "2x32"
     assert set(res["baselines"]) == {"none", "ema", "group", "value"}
+
+
+def test_the_learner_bench_in_mixed_precision_times_the_float32_learner_beside_it(tmp_path, monkeypatch):
+    """`distpg bench learner` also measures the learner in bfloat16 (learner.dtype) against a supervised step in
+    the same precision, with the float32 learner timed beside it; a case that --set makes equal to another is
+    measured once."""
+    from distpg import bench
+    from distpg.bench import add_arguments, bench_learner
+
+    quick = ["task.length=4", "task.alphabet=abcd", "rollout.prompts_per_step=4", "rollout.group_size=2"]
+    f = bench_learner([*quick, "learner.dtype=bfloat16"], repeats=1)
+    assert "bfloat16" in f["name"] and {"learner", "learner_float32", "supervised"} <= set(f["times_s"])
+    assert math.isclose(f["speedup_over_float32"], min(f["times_s"]["learner_float32"]) / min(f["times_s"]["learner"]))
+    assert "float32 learner" in f["note"]
+    measured = []
+    monkeypatch.setattr(bench, "bench_learner", lambda sets, repeats: measured.append(sets) or f)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    bench.run(parser.parse_args(["learner", "--set", "model.preset=small", "--json", str(tmp_path / "l.json")]))
+    # the default and the small preset are one case here; the bfloat16 one differs
+    assert measured == [["model.preset=small"], ["model.preset=small", "model.preset=small", "learner.dtype=bfloat16"]]

@@ -166,6 +166,70 @@ def test_bfloat16_sampler_holds_bfloat16_weights_and_the_learner_corrects_every_
     assert learner32.update(worker32.sample(["abcd="], [2], seed=1))[0]["learner/offpolicy_corrected_frac"] == 0
 
 
+def _grads_at_the_step(learner, batch):
+    """learner.update(batch); returns the gradients the optimizer stepped with, and the dtypes of the results of
+    every matrix product (mm, addmm, bmm, baddbmm) run meanwhile, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
+
+    class Products(TorchDispatchMode):
+        dtypes: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in products:
+                self.dtypes.add(out.dtype)
+            return out
+
+    grads, step = [], learner.optimizer.step
+    learner.optimizer.step = lambda *a, **k: grads.extend(p.grad.clone() for p in learner.model.parameters()) or \
+        step(*a, **k)
+    mode = Products()
+    with mode:
+        metrics, _ = learner.update(batch)
+    return grads, mode.dtypes, metrics
+
+
+@pytest.mark.parametrize("sets", [("algo.kl_coef=0.1", "algo.entropy_coef=0.01"),
+                                  ("algo.baseline=value", "learner.epochs=2", "learner.mini_batches=2")],
+                         ids=["kl-entropy", "value-2x2-steps"])
+def test_a_bfloat16_learner_multiplies_in_bfloat16_and_keeps_float32_weights_gradients_and_adam_state(sets):
+    """learner.dtype=bfloat16: mixed precision. Every matrix product of the policy's forward and backward passes
+    (the reference policy's too) runs in bfloat16, float32 ones with the default; only the value head's stay
+    float32; parameters, gradients and Adam's moments stay float32; the gradient is the float32 learner's up to
+    bfloat16 rounding, and the same config gives the same numbers."""
+    learner32, worker = setup(*sets)
+    batch = worker.sample(["abcd=", "dcba=", "bbad="], [0, 1, 2], seed=1)
+    g32, dtypes32, _ = _grads_at_the_step(learner32, batch)
+    assert dtypes32 == {torch.float32}
+    runs = []
+    for _ in range(2):
+        learner = Learner(small_config("learner.dtype=bfloat16", *sets))
+        grads, dtypes, metrics = _grads_at_the_step(learner, batch)
+        assert dtypes == ({torch.bfloat16, torch.float32} if learner.value_head is not None else {torch.bfloat16})
+        assert all(t.dtype == torch.float32 for t in [*learner.model.parameters(), *grads])
+        assert all(t.dtype == torch.float32 for state in learner.optimizer.state.values() for t in state.values())
+        runs.append((grads, metrics))
+    flat32, flat16 = torch.cat([g.reshape(-1) for g in g32]), torch.cat([g.reshape(-1) for g in runs[0][0]])
+    err = float((flat16 - flat32).norm() / flat32.norm())
+    assert 1e-5 < err < 0.05, err  # rounded, not another gradient
+    numbers = [{k: v for k, v in m.items() if not k.startswith("perf/")} for _, m in runs]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0])) and numbers[0] == numbers[1]
+
+
+def test_a_bfloat16_learner_corrects_every_sample_as_off_policy():
+    """The float32 sampler's log-probabilities are not the bfloat16 learner's: every token goes through the
+    pi/mu correction (truncated at 1 here, which binds on some), as with a bfloat16 sampler."""
+    learner32, worker = setup("algo.off_policy=truncated")
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=1)
+    learner = Learner(small_config("algo.off_policy=truncated", "learner.dtype=bfloat16"))
+    metrics = learner.update(batch)[0]
+    assert 1e-9 < metrics["learner/kl"] < 1e-2
+    assert metrics["learner/offpolicy_corrected_frac"] > 0
+    assert learner32.update(batch)[0]["learner/offpolicy_corrected_frac"] == 0
+
+
 def test_whitening_divides_the_value_baselines_per_token_advantages_too():
     # the value head starts at 0, so the first update's per-token advantages are the rewards themselves, and
     # whitening by the batch divides the policy loss by the batch's reward std (value_coef 0: no value loss)

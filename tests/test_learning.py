@@ -34,12 +34,14 @@ def distpg(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_quickstart_run_learns_the_default_task(tmp_path, dtype):
+@pytest.mark.parametrize("setting", ["rollout.dtype=float32", "rollout.dtype=bfloat16", "learner.dtype=bfloat16"])
+def test_the_quickstart_run_learns_the_default_task(tmp_path, setting):
     """The README's main job, `distpg train` with the embedded default (its own local Ray), in each
-    sampling precision: it stops at run.stop_reward before run.steps, and greedy decoding reverses the
-    held-out prompts."""
-    distpg("train", "--run-dir", "r", "--set", f"rollout.dtype={dtype}", cwd=tmp_path)
+    sampling precision and with the learner in mixed precision: it stops at run.stop_reward before run.steps,
+    and greedy decoding reverses the held-out prompts."""
+    out = distpg("train", "--run-dir", "r", "--set", setting, cwd=tmp_path).stdout
+    if setting.startswith("learner"):
+        assert "the learner trains in bfloat16 mixed precision" in out
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) < 400 and sum(r["rollout/reward_mean"] for r in records[-5:]) / 5 >= 0.97
     out = distpg("eval", "r", cwd=tmp_path).stdout
