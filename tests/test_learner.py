@@ -230,6 +230,33 @@ def test_a_bfloat16_learner_corrects_every_sample_as_off_policy():
     assert learner32.update(batch)[0]["learner/offpolicy_corrected_frac"] == 0
 
 
+def test_a_bfloat16_learner_is_refused_on_a_gpu_that_only_emulates_bfloat16(monkeypatch):
+    """A V100 (compute capability 7.0) has no bfloat16 in hardware, but torch.cuda.is_bf16_supported() says yes
+    (since PyTorch 2.3 it counts emulation: a bfloat16 tensor can be made there), so the learner's check never
+    refused: it ran bfloat16 autocast emulated, slower than float32. It is refused before the model is built;
+    an Ampere GPU (8.0) and a float32 learner pass."""
+    from types import SimpleNamespace
+
+    from distpg.learner import check_learner_dtype
+
+    capability = [(7, 0)]
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=capability[0][0], minor=capability[0][1]))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ValueError, match=r"learner.dtype=bfloat16: this GPU \(Tesla V100-SXM2-16GB\) has no "
+                       r"bfloat16 in hardware .*use learner.dtype=float32"):
+        Learner(small_config("learner.dtype=bfloat16"), device="cuda")
+    check_learner_dtype("float32", "cuda")
+    check_learner_dtype("bfloat16", "cpu")
+    capability[0] = (8, 0)
+    check_learner_dtype("bfloat16", "cuda:0")
+
+
 def test_whitening_divides_the_value_baselines_per_token_advantages_too():
     # the value head starts at 0, so the first update's per-token advantages are the rewards themselves, and
     # whitening by the batch divides the policy loss by the batch's reward std (value_coef 0: no value loss)
