@@ -55,11 +55,8 @@ class Learner:
         self.cfg = cfg
         self.device = device
         kernels.enabled = cfg.rollout.cpu_kernels  # the reference policy's forward (no autograd) may use them
+        check_learner_dtype(cfg.learner.dtype, device)
         self.model = initial_policy(cfg, device)[1].train()
-        if cfg.learner.dtype == "bfloat16" and torch.device(device).type == "cuda" and not \
-                torch.cuda.is_bf16_supported():
-            raise ValueError(f"learner.dtype=bfloat16: this GPU ({torch.cuda.get_device_name(device)}) has no "
-                             "bfloat16; use learner.dtype=float32")
         self.vocab_size = self.model.shape.vocab_size  # every token id a batch may hold
         self.flat = FlatParams(self.model)
         ac, lc = cfg.algo, cfg.learner
@@ -385,6 +382,19 @@ class Learner:
         self.ema = state["ema"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+def check_learner_dtype(dtype: str, device: str) -> None:
+    """learner.dtype=bfloat16 on a GPU needs bfloat16 in hardware (compute capability 8.0, Ampere, or newer; ROCm):
+    raises ValueError on an older GPU. torch.cuda.is_bf16_supported() alone says yes there too: since PyTorch 2.3
+    it counts emulation (a bfloat16 tensor can be made), under which the products run slower than in float32,
+    and it asks about the current device, not `device`."""
+    dev = torch.device(device)
+    if dtype != "bfloat16" or dev.type != "cuda":
+        return
+    if not torch.version.hip and torch.cuda.get_device_capability(dev) < (8, 0):
+        raise ValueError(f"learner.dtype=bfloat16: this GPU ({torch.cuda.get_device_name(dev)}) has no bfloat16 in "
+                         "hardware (it needs compute capability 8.0, Ampere, or newer); use learner.dtype=float32")
 
 
 def mini_batch_order(seed: int, version: int, epoch: int, groups: int, parts: int) -> list[int]:

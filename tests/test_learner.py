@@ -230,6 +230,100 @@ def test_a_bfloat16_learner_corrects_every_sample_as_off_policy():
     assert learner32.update(batch)[0]["learner/offpolicy_corrected_frac"] == 0
 
 
+def test_a_bfloat16_learner_resumed_from_a_checkpoint_ends_bitwise_where_an_uninterrupted_one_does(tmp_path):
+    """learner.dtype=bfloat16 keeps float32 parameters and Adam state, which the checkpoint holds: a learner
+    resumed after update 2 takes updates 3-4 to the very numbers of an uninterrupted one (the KL reference policy,
+    built before loading, and the epochs' mini-batch orders included)."""
+    from distpg import checkpoint
+
+    sets = ("learner.dtype=bfloat16", "algo.kl_coef=0.1", "algo.baseline=value", "learner.epochs=2",
+            "learner.mini_batches=2")
+    learner, worker = setup(*sets)
+    batches = [worker.sample(["abcd=", "dcba=", "bacd=", "ccab="], [0, 1, 2, 3], seed=k) for k in range(4)]
+    for b in batches[:2]:
+        learner.update(b)
+    checkpoint.save(tmp_path, 2, learner.state(), keep=1)
+    whole = [learner.update(b)[0] for b in batches[2:]]
+    resumed = Learner(learner.cfg)
+    resumed.load_state(checkpoint.load(checkpoint.latest(tmp_path))[0])
+    cut = [resumed.update(b)[0] for b in batches[2:]]
+    assert [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in cut] == \
+        [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in whole]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(learner)[0], snapshot(resumed)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(learner.value_head.parameters(), resumed.value_head.parameters()))
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 3, 5])
+def test_bfloat16_micro_batches_give_the_whole_batchs_step_up_to_rounding(micro_batch_size):
+    """learner.micro_batch_size with learner.dtype=bfloat16: the loss and its diagnostics are the whole batch's
+    (float32 sums of float32 terms), the gradient the whole batch's up to bfloat16 rounding (each micro-batch's
+    weight gradients come out of its bfloat16 products), well within what separates it from the float32 one."""
+    sets = ("algo.kl_coef=0.1", "algo.entropy_coef=0.01", "algo.baseline=value")
+    _, worker = setup()
+    batch = worker.sample(["abcd=", "bbca=", "ddda="], [0, 1, 2], seed=3)
+    g32 = _grads_at_the_step(Learner(small_config(*sets)), batch)[0]
+    whole, _, mw = _grads_at_the_step(Learner(small_config("learner.dtype=bfloat16", *sets)), batch)
+    micro, _, mm = _grads_at_the_step(
+        Learner(small_config("learner.dtype=bfloat16", f"learner.micro_batch_size={micro_batch_size}", *sets)), batch)
+    for key in ("learner/loss", "learner/entropy", "learner/kl", "learner/value_loss", "learner/kl_ref"):
+        assert mm[key] == pytest.approx(mw[key], rel=1e-5, abs=1e-8), key
+    flat = [torch.cat([g.reshape(-1) for g in gs]) for gs in (g32, whole, micro)]
+    assert float((flat[2] - flat[1]).norm() / flat[1].norm()) < 0.01
+    assert float((flat[1] - flat[0]).norm() / flat[0].norm()) < 0.02
+
+
+def test_a_colocated_bfloat16_learner_samples_and_learns_as_a_separate_worker_and_learner(pack_every_weight):
+    """rollout.colocate with learner.dtype=bfloat16: the worker in the learner's process samples in float32 with
+    the learner's float32 parameters (the autocast covers the learner's passes only), so each step gives the
+    batch and the update of a RolloutWorker + Learner pair."""
+    from distpg.colocated import ColocatedLearner
+    from distpg.orchestrator import sample_seed, step_prompts
+
+    cfg = small_config("rollout.num_workers=1", "learner.dtype=bfloat16")
+    both = ColocatedLearner(cfg)
+    both.set_weights(both.get_weights())
+    worker, learner = RolloutWorker(cfg, 0), Learner(cfg)
+    weights = learner.get_weights()
+    for step in (1, 2, 3):
+        prompts, ids = step_prompts(both.worker.task, cfg, step)
+        seed = sample_seed(cfg.run.seed, step, 0)
+        batch, metrics = both.step(prompts, ids, seed)
+        ref_batch = worker.sample(prompts, ids, seed, weights)
+        ref_metrics, weights = learner.update(ref_batch)
+        assert batch.column("completion_tokens").equals(ref_batch.column("completion_tokens"))
+        assert batch.column("completion_logprobs").equals(ref_batch.column("completion_logprobs"))
+        assert {k: v for k, v in metrics.items() if not k.startswith("perf/")} == \
+            {k: v for k, v in ref_metrics.items() if not k.startswith("perf/")}
+    assert all(torch.equal(a, b) for a, b in zip(both.model.parameters(), learner.model.parameters()))
+
+
+def test_a_bfloat16_learner_is_refused_on_a_gpu_that_only_emulates_bfloat16(monkeypatch):
+    """A V100 (compute capability 7.0) has no bfloat16 in hardware, but torch.cuda.is_bf16_supported() says yes
+    (since PyTorch 2.3 it counts emulation: a bfloat16 tensor can be made there), so the learner's check never
+    refused: it ran bfloat16 autocast emulated, slower than float32. It is refused before the model is built;
+    an Ampere GPU (8.0) and a float32 learner pass."""
+    from types import SimpleNamespace
+
+    from distpg.learner import check_learner_dtype
+
+    capability = [(7, 0)]
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=capability[0][0], minor=capability[0][1]))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ValueError, match=r"learner.dtype=bfloat16: this GPU \(Tesla V100-SXM2-16GB\) has no "
+                       r"bfloat16 in hardware .*use learner.dtype=float32"):
+        Learner(small_config("learner.dtype=bfloat16"), device="cuda")
+    check_learner_dtype("float32", "cuda")
+    check_learner_dtype("bfloat16", "cpu")
+    capability[0] = (8, 0)
+    check_learner_dtype("bfloat16", "cuda:0")
+
+
 def test_whitening_divides_the_value_baselines_per_token_advantages_too():
     # the value head starts at 0, so the first update's per-token advantages are the rewards themselves, and
     # whitening by the batch divides the policy loss by the batch's reward std (value_coef 0: no value loss)

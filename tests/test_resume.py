@@ -323,3 +323,42 @@ def test_a_run_folder_in_use_is_refused_and_left_as_it_is(uninterrupted, tmp_pat
     from distpg.orchestrator import lock_run_dir
 
     lock_run_dir(new).close()
+
+
+@pytest.mark.slow  # ~20-30 s: three short runs on the tests' runtime
+def test_a_bfloat16_learners_run_repeats_and_resumes_to_the_same_numbers(ray_session, tmp_path, monkeypatch):
+    """learner.dtype=bfloat16 (autocast on float32 parameters and Adam state): the same config and seed give the
+    same numbers twice, and a run stopped after a checkpoint and resumed ends as the uninterrupted one, with the
+    KL reference policy and several optimizer steps per update."""
+    from distpg import checkpoint
+    from distpg.orchestrator import Trainer, train
+    from tests.conftest import small_config
+
+    cfg = small_config("run.steps=4", "run.checkpoint_every=2", "learner.dtype=bfloat16", "algo.kl_coef=0.05",
+                       "learner.epochs=2")
+    keys = ("learner/loss", "learner/grad_norm", "learner/kl", "learner/kl_ref", "rollout/reward_mean",
+            "learner/offpolicy_corrected_frac")
+
+    def numbers(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        params = checkpoint.load(checkpoint.latest(run))[0]["model"]
+        return [{k: r[k] for k in keys} for r in recs], params
+
+    for name in ("a", "b"):
+        train(cfg, tmp_path / name)
+    save = Trainer.save
+
+    def save_then_fail(self, step, run_state=None):
+        save(self, step, run_state)
+        if step == 2:
+            raise RuntimeError("stopped after the checkpoint of step 2")
+
+    monkeypatch.setattr(Trainer, "save", save_then_fail)
+    with pytest.raises(RuntimeError, match="stopped after"):
+        train(cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    train(cfg, tmp_path / "cut", resume=True)
+    (ra, pa), (rb, pb), (rc, pc) = (numbers(tmp_path / n) for n in ("a", "b", "cut"))
+    assert len(ra) == 4 and ra == rb == rc
+    assert pa.keys() == pb.keys() == pc.keys() and all(torch.equal(pa[k], pb[k]) and torch.equal(pa[k], pc[k])
+                                                       for k in pa)
