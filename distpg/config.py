@@ -229,7 +229,8 @@ class LearnerConfig:
         "under torch.autocast in bfloat16, while the parameters, gradients and Adam's state stay float32 (mixed "
         "precision, as TRL's bf16=True and OpenRLHF's --bf16; on a GPU it needs bfloat16 support, Ampere or "
         "newer); the learner's log-probabilities then differ from the sampler's by rounding, so every sample is "
-        "corrected as off-policy as algo.off_policy says (as with rollout.dtype=bfloat16)",
+        "corrected as off-policy as algo.off_policy says, with the sampling policy's log-probabilities recomputed "
+        "by the learner (as with rollout.dtype=bfloat16)",
         ("float32", "bfloat16"),
     )
     num_cpus: float = _f(1.0, "CPUs reserved for the learner actor")

@@ -132,28 +132,37 @@ class Learner:
         # and samples from a top-k/top-p filtered distribution, which is not the policy's: pi/mu <= 1 on
         # every token they hold (mu renormalises pi over a subset); a learner in a lower precision
         # (learner.dtype) differs from the sampler by its own rounding
-        rc = self.cfg.rollout
-        stale = ((staleness > 0) | (rc.dtype != "float32") | (self.cfg.learner.dtype != "float32")
-                 | filters(rc.temperature, rc.top_k, rc.top_p))
+        rc, lc = self.cfg.rollout, self.cfg.learner
+        rounding = rc.dtype != "float32" or lc.dtype != "float32"
+        stale = (staleness > 0) | rounding | filters(rc.temperature, rc.top_k, rc.top_p)
         ac = self.cfg.algo
-        mb = self.cfg.learner.micro_batch_size or B
+        mb = lc.micro_batch_size or B
         chunks = [slice(s, s + mb) for s in range(0, B, mb)]  # for the reference policy's forward
         lengths = [int(b.response_mask[idx].any(0).nonzero().max()) + 1 for idx in chunks]  # trim padding
         prompt_len = b.response_mask.int().argmax(1)  # each row's first completion token follows its prompt
+
+        # pi_old, the sampling version's policy, as the learner computes it: where the sampler and the learner
+        # differ only by float rounding (float32 on both sides), the sampler's own log pi_old (before top-k/top-p)
+        # is it; where either side runs in bfloat16, the two differ by that rounding (a few tenths of a nat on
+        # logits as large as a pretrained GPT-2's), so for the samples of the learner's own version the learner
+        # recomputes it, as veRL's and OpenRLHF's actors recompute old_log_prob: it anchors PPO's clip and the
+        # KL penalty, and the sampler's mu enters only through the detached weight pi_old/mu. One no-grad forward
+        # before the update where it is needed before the first optimizer step (the KL penalty, or several
+        # optimizer steps); otherwise the first step's own forward gives it (`own` None, `fresh` set)
+        pi_old = b.policy_logprobs
+        fresh = (staleness == 0) if rounding else None
+        if fresh is not None and bool(fresh.any()) and (self.ref_model is not None or lc.epochs * lc.mini_batches > 1):
+            own = self._logprobs_without_grad(self.model, b.tokens, chunks, lengths, prompt_len)
+            pi_old, fresh = torch.where(fresh[:, None], own, b.policy_logprobs), None
 
         # KL to the reference policy: K_i = Σ_t k_t with log π from the sampler's policy (= πθ on-policy); its
         # score-function part enters through the rewards, its pathwise part through the loss below.
         ref_lp = torch.zeros_like(b.old_logprobs)
         kl_seq = torch.zeros(B, device=b.tokens.device)
         if self.ref_model is not None:
-            with torch.no_grad():
-                for idx, L in zip(chunks, lengths):
-                    tokens = b.tokens[idx, :L]
-                    with self.autocast():
-                        ref_logits = forward_shared_prompts(self.ref_model, tokens[:, :-1], prompt_len[idx])
-                    ref_lp[idx, 1:L] = token_logprobs(self.tempered(ref_logits.float()), tokens[:, 1:])
-                k = algo.kl_per_token(b.policy_logprobs, ref_lp, ac.kl_estimator)
-                kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
+            ref_lp = self._logprobs_without_grad(self.ref_model, b.tokens, chunks, lengths, prompt_len)
+            k = algo.kl_per_token(pi_old, ref_lp, ac.kl_estimator)
+            kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
         rewards, ok = returns.view(-1, G), b.ok.view(-1, G)
         adv, valid = algo.advantages(rewards, ok, ac.baseline, self.ema)
@@ -168,7 +177,6 @@ class Learner:
         # The version counts updates attempted: a skipped one publishes unchanged weights under the next
         # version, so version == step always holds (the async schedule relies on it).
         self.version += 1
-        lc = self.cfg.learner
         lr = lc.lr * algo.lr_factor(self.version, lc.lr_schedule, lc.warmup_steps, self.cfg.run.steps, lc.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -195,18 +203,18 @@ class Learner:
         bounds = [G * (groups * m // lc.mini_batches) for m in range(lc.mini_batches + 1)]
         parts = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
         diagnostics, corrected, off_tokens, taken, skipped = [], 0, 0, False, None
-        batch = b, adv, valid, scale, returns, ref_lp, stale, prompt_len, values  # in the batch's order of groups
+        batch = b, adv, valid, scale, returns, ref_lp, stale, prompt_len, values, pi_old, fresh  # the groups' order
         for epoch in range(lc.epochs):
             if epoch and lc.mini_batches > 1:  # each later pass splits the groups afresh, as PPO's loaders shuffle
                 order = mini_batch_order(self.cfg.run.seed, self.version, epoch, groups, lc.mini_batches)
                 rows_order = (torch.tensor(order)[:, None] * G + torch.arange(G)).reshape(-1).to(b.tokens.device)
                 b = LearnerBatch(**{k: v[rows_order] for k, v in batch[0].__dict__.items()})
-                adv, valid, scale, returns, ref_lp, stale, prompt_len, values = (
+                adv, valid, scale, returns, ref_lp, stale, prompt_len, values, pi_old, fresh = (
                     None if t is None else t[rows_order] for t in batch[1:])
             for m, rows in enumerate(parts):
                 off_policy = stale[rows] if epoch == 0 and m == 0 else torch.ones_like(stale[rows])
                 step = self._optimizer_step(b, rows, adv, valid, scale, returns, ref_lp, off_policy, prompt_len,
-                                            values)
+                                            values, pi_old, fresh)
                 if step is None:  # no sample of this part carries gradient (every reward failed)
                     continue
                 diagnostics.append(step)
@@ -256,14 +264,30 @@ class Learner:
         }
         return metrics
 
+    def _logprobs_without_grad(self, model: torch.nn.Module, tokens: torch.Tensor, chunks: list[slice],
+                               lengths: list[int], prompt_len: torch.Tensor) -> torch.Tensor:
+        """(B, T) log-probabilities of each row's tokens under `model` (the policy, or the KL's reference policy)
+        as the update computes them (tempered, in learner.dtype, each group's prompt once), without autograd, in
+        micro-batches `chunks` trimmed to `lengths`; 0 at position 0 and past each chunk's length."""
+        out = torch.zeros(tokens.shape, device=tokens.device)
+        with torch.no_grad():
+            for idx, L in zip(chunks, lengths):
+                with self.autocast():
+                    logits = forward_shared_prompts(model, tokens[idx, : L - 1], prompt_len[idx])
+                out[idx, 1:L] = token_logprobs(self.tempered(logits.float()), tokens[idx, 1:L])
+        return out
+
     def _optimizer_step(self, b: LearnerBatch, rows: slice, adv: torch.Tensor, valid: torch.Tensor,
                         scale: torch.Tensor, returns: torch.Tensor, ref_lp: torch.Tensor, stale: torch.Tensor,
-                        prompt_len: torch.Tensor, baseline: torch.Tensor | None = None) -> dict | None:
+                        prompt_len: torch.Tensor, baseline: torch.Tensor | None = None,
+                        pi_old: torch.Tensor | None = None, fresh: torch.Tensor | None = None) -> dict | None:
         """One optimizer step on the samples `rows` of the batch (the whole batch, or a mini-batch of whole
         prompt groups), in micro-batches of learner.micro_batch_size; `stale` marks the samples to correct as
         off-policy; `baseline`: the value baseline's V(s_{i,t}) of the whole batch, (B, T-1) (None: this step's
-        value head's). Returns its diagnostics (None, and no step, where no sample carries gradient); skips the step
-        where the loss or the gradient is not finite."""
+        value head's); `pi_old`: (B, T) log pi_old, the clip's anchor (None: the sampler's `policy_logprobs`);
+        `fresh`: (B,) samples whose pi_old is this step's own log-probabilities, detached (the first optimizer
+        step's, where nothing was recomputed before). Returns its diagnostics (None, and no step, where no sample
+        carries gradient); skips the step where the loss or the gradient is not finite."""
         ac = self.cfg.algo
         if not bool(valid[rows].any()):
             return None  # an optimizer step would only replay momentum
@@ -295,10 +319,13 @@ class Learner:
                 value_loss = ac.value_coef * (err**2).sum() / max(1, num_tokens)
                 loss = loss + value_loss
                 value_loss_sum += value_loss.item()
+            anchor = (b.policy_logprobs if pi_old is None else pi_old)[chunk, 1:L]
+            if fresh is not None:
+                anchor = torch.where(fresh[chunk, None], logp.detach(), anchor)
             pg, n_corrected = algo.off_policy_loss(
                 logp, b.old_logprobs[chunk, 1:L], grad_mask, sample_adv, stale[lo:lo + mb], num_samples=B,
                 mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps, agg=ac.loss_agg, num_tokens=num_tokens,
-                policy_logprobs=b.policy_logprobs[chunk, 1:L],
+                policy_logprobs=anchor,
             )
             loss = loss + pg
             corrected += int(n_corrected)

@@ -230,6 +230,55 @@ def test_a_bfloat16_learner_corrects_every_sample_as_off_policy():
     assert learner32.update(batch)[0]["learner/offpolicy_corrected_frac"] == 0
 
 
+def _pretrained_like(learner, offset=150.0):
+    """Logits as large as a pretrained GPT-2's: about -offset for every token, a few nats apart (bfloat16 rounds
+    them by tenths of a nat)."""
+    from tests.conftest import randomize_parameters
+
+    randomize_parameters(learner.model, seed=3, scale=0.3)
+    with torch.no_grad():  # a final-LayerNorm feature that is `offset` everywhere, times -1 in every token's row
+        learner.model.ln_f.weight[0], learner.model.ln_f.bias[0] = 0.0, offset
+        learner.model.wte.weight[:, 0] = -1.0
+    if learner.ref_model is not None:
+        learner.ref_model.load_state_dict(learner.model.state_dict())
+
+
+@pytest.mark.parametrize("sets", [("learner.dtype=bfloat16",), ("rollout.dtype=bfloat16",),
+                                  ("learner.dtype=bfloat16", "algo.kl_coef=0.1"),
+                                  ("learner.dtype=bfloat16", "learner.epochs=2", "learner.mini_batches=2",
+                                   "learner.lr=1e-5")],
+                         ids=["learner-bf16", "sampler-bf16", "learner-bf16-kl", "learner-bf16-2x2-steps"])
+def test_with_bfloat16_on_one_side_the_clip_and_the_kl_are_anchored_on_the_learners_own_logprobs(sets):
+    """Where the sampler and the learner differ by bfloat16 rounding, which moves a pretrained model's
+    log-probabilities by tenths of a nat, the learner recomputes pi_old for its own version's samples (as veRL's
+    and OpenRLHF's actors recompute old_log_prob): PPO's clip, which the rounding alone would make bind on some
+    tokens, binds on none at the first step and in the later steps of epochs x mini-batches, and the KL to a
+    reference policy equal to the policy is exactly 0. At the first step the gradient is the importance-weighted
+    one, A pi/mu grad log pi (truncated's with no cap)."""
+    learner = Learner(small_config(*sets))
+    _pretrained_like(learner)
+    worker = RolloutWorker(learner.cfg, 0)
+    worker.set_weights(learner.get_weights())
+    batch = worker.sample(["abcd=", "dcba=", "bbad=", "cabd="], [0, 1, 2, 3], seed=1)
+    uncapped = Learner(small_config(*sets, "algo.off_policy=truncated", "algo.is_cap=1e9"))
+    uncapped.model.load_state_dict(learner.model.state_dict())
+    if uncapped.ref_model is not None:
+        uncapped.ref_model.load_state_dict(learner.model.state_dict())
+    grads, _, metrics = _grads_at_the_step(learner, batch)
+    assert metrics["learner/kl"] > 1e-3  # the two sides' log-probabilities are that far apart
+    assert metrics["learner/offpolicy_corrected_frac"] == 0
+    if learner.ref_model is not None:
+        assert metrics["learner/kl_ref"] == 0
+    if learner.cfg.learner.epochs == 1:
+        for g, h in zip(grads, _grads_at_the_step(uncapped, batch)[0]):
+            torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-8)
+    else:  # the anchor is the policy before the update, not each step's own: a large step moves the later
+        # steps' ratios out of the clip range
+        moved = Learner(small_config(*sets, "learner.lr=0.1"))
+        moved.model.load_state_dict(learner.model.state_dict())
+        assert moved.update(batch)[0]["learner/offpolicy_corrected_frac"] > 0
+
+
 def test_a_bfloat16_learner_resumed_from_a_checkpoint_ends_bitwise_where_an_uninterrupted_one_does(tmp_path):
     """learner.dtype=bfloat16 keeps float32 parameters and Adam state, which the checkpoint holds: a learner
     resumed after update 2 takes updates 3-4 to the very numbers of an uninterrupted one (the KL reference policy,
