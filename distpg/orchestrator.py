@@ -1218,6 +1218,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
               f"the steps from {start + 1} on run with the new values ({PROVENANCE} keeps both)", flush=True)
     with open(path, "a") as f:
         f.write(json.dumps({**provenance(start), "config": config}) + "\n")
+    if resume:
+        print(f"distpg: resuming at step {start + 1} from the checkpoint of step {start}" if start else
+              "distpg: resuming from step 0: the run has no checkpoint yet", flush=True)
     return start
 
 

@@ -164,6 +164,7 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{kept:06d}"
     code, out = run_to_end(["train", "--resume", str(run)])
     assert code == 0, out[-3000:]
+    assert f"distpg: resuming at step {kept + 1} from the checkpoint of step {kept}" in out
     assert_resumed_whole(run, uninterrupted)
 
 
@@ -287,6 +288,7 @@ def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path)
     assert "distpg train --resume" in _resume_hint(run, 9) and "starts it over from step 0" in _resume_hint(run, 9)
     code, out = run_to_end(["train", "--resume", str(run)])
     assert code == 0, out[-3000:]
+    assert "distpg: resuming from step 0: the run has no checkpoint yet" in out
     assert_resumed_whole(run, uninterrupted)
 
 
