@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -1336,10 +1337,10 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
 def _sigterm_interrupts():
     """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop; to the driver or
     its whole process group) raises KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as
-    on Ctrl-C (actors closed, a local runtime shut down) instead of dying in Ray's crash handler. Set after
-    `ray.init`, which installs that handler. A second SIGTERM while the run cleans up (a scheduler or `kill`
-    repeating itself) is said and ignored until the caller puts the previous handler back: raised in the
-    middle of the cleanup it would leave the local runtime's processes behind. None off the main thread
+    on Ctrl-C (actors closed, a local runtime shut down) instead of dying in Ray's crash handler. Set before
+    `ray.init` and again after it (it installs that handler). A second SIGTERM while the run cleans up (a
+    scheduler or `kill` repeating itself) is said and ignored until the caller puts the previous handler back:
+    raised in the middle of the cleanup it would leave the local runtime's processes behind. None off the main thread
     (where Python cannot handle signals)."""
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -1350,6 +1351,24 @@ def _sigterm_interrupts():
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+
+
+@contextmanager
+def _ctrl_c_after_it() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) during this block takes effect at its end (main thread only). Ray's processes ignore a
+    terminal's Ctrl-C, so a local runtime that `ray.init` is starting finishes starting and is then stopped whole;
+    interrupted halfway, it left the raylet's dashboard and runtime-env agents running for about a minute."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _stopping(signum, frame):
@@ -1402,9 +1421,14 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     """`train` in the prepared, locked run folder, from `start_step`."""
     print(f"distpg: run folder {run_dir.resolve()}", flush=True)
     started, trainer, sigterm = False, None, None
+    # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
+    # dashboard and runtime-env agents outlived an interrupted ray.init)
+    local = not ray.is_initialized() and not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     try:
-        started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
-        sigterm = _sigterm_interrupts()
+        sigterm = _sigterm_interrupts()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
+        with _ctrl_c_after_it():
+            started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
+        _sigterm_interrupts()  # again: ray.init put its own handler (Ray's crash report) in place of the first
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
         trainer = Trainer(absolute_run_paths(cfg), Path(run_dir), placement)
@@ -1422,7 +1446,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
                 # a SIGTERM sent to the whole process group (`timeout`, `kill -TERM -PGID`) also stopped the local
                 # runtime's GCS: removing the group would wait 60 s on it, then Ray ends the driver (exit 1, no hint)
                 trainer.close(remove_group=not started)
-            if started:
+            if started or local:
                 stop_local_ray()
         finally:
             if sigterm is not None:

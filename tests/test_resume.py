@@ -242,6 +242,35 @@ print("handled", len(seen), flush=True)
 """
 
 
+CTRL_C_IN_RAY_INIT = """
+import os, signal, sys
+import ray._private.node as node
+start_raylet = node.Node.start_raylet
+def start_raylet_then_ctrl_c(self, *args, **kwargs):
+    out = start_raylet(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C while ray.init starts the runtime (Ray's own ignore it)
+    return out
+node.Node.start_raylet = start_raylet_then_ctrl_c
+from distpg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_local_runtime_starts_stops_it_whole(tmp_path):
+    """Ctrl-C while `ray.init` starts the local runtime (the raylet just up) takes effect once it has started, and
+    the run stops as on any Ctrl-C: exit 130, the folder of a run with no step removed, and every process of the
+    runtime gone. Interrupted halfway, the start left the raylet's dashboard and runtime-env agents running for
+    about a minute."""
+    run = tmp_path / "run"
+    p = start(["train", *CONFIG, "--run-dir", str(run)], script=CTRL_C_IN_RAY_INIT)
+    out, _ = p.communicate(timeout=120)
+    survivors = not group_ends(p.pid, timeout=10)
+    kill_group(p)
+    assert p.returncode == 130, out[-3000:]
+    assert "no run folder was kept" in out and not run.exists(), out[-3000:]
+    assert not survivors, "processes of the local runtime outlived the run"
+
+
 @pytest.mark.slow  # ~10 s: a local runtime started and stopped
 def test_a_sigterm_while_the_local_runtime_stops_reaches_the_python_handler():
     """ray.shutdown destroys the driver's core worker, which puts SIGTERM's action back to the default (the
