@@ -688,12 +688,14 @@ class Trainer:
             self.check_version(step, w, batch)
         return [done[w][0] for w in range(n)], [done[w][1] for w in range(n)]
 
-    def check_version(self, step: int, wid: int, batch: pa.RecordBatch) -> None:
-        """Raise TrainingError unless worker `wid` sampled its share of `step` with the version it was handed."""
+    def check_version(self, step: int, wid: int, batch: pa.RecordBatch, version: int | None = None) -> None:
+        """Raise TrainingError unless worker `wid` sampled its share of `step` with the version it was handed
+        (`version`; None: the trainer's current one, as in sync mode)."""
+        version = self.version if version is None else version
         held = set(batch.column("policy_version").unique().to_pylist())
-        if held - {self.version}:
+        if held - {version}:
             raise TrainingError(f"rollout worker {wid} sampled step {step} with policy version(s) {sorted(held)} "
-                                f"after being handed version {self.version}")
+                                f"after being handed version {version}")
 
     def run(self, start_step: int = 0) -> dict:
         cfg = self.cfg
@@ -971,8 +973,9 @@ class AsyncPipeline:
         self.version = version
         self.exact, self.first_version = self.cfg.algo.staleness_schedule == "exact", version
         self.refs = {version: trainer.weights_ref}  # exact: version -> its published weights, while needed
-        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_started) | ("update",); t_started: when
-        # the call was issued, or when the call before it on that worker ended, if later (it waited in its queue)
+        self.pending: dict = {}  # ObjectRef -> ("sample", step, worker, t_started, version) | ("update",); t_started:
+        # when the call was issued, or when the call before it on that worker ended, if later (it waited in its
+        # queue); version: the policy version the call samples with
         self.parts: dict[int, dict[int, tuple]] = {}  # step -> worker -> (ref, batch)
         self.rollout_t: dict[int, float] = {}  # step -> first issue time, then its rollout seconds
         self.update = None  # (step, metrics_ref, weights_ref, t_launch) of the update in flight
@@ -993,7 +996,8 @@ class AsyncPipeline:
         weights = None
         if self.handed[w] < want:
             weights, self.handed[w] = [self.refs[want] if self.exact else self.t.weights_ref], want
-        self.pending[self.t.sample_part(s, w, weights)] = ("sample", s, w, time.perf_counter())
+        # the version the call samples with: the worker runs its calls in order, loading what each one carries
+        self.pending[self.t.sample_part(s, w, weights)] = ("sample", s, w, time.perf_counter(), self.handed[w])
         self.rollout_t.setdefault(s, time.perf_counter())
 
     def advance(self) -> dict | None:
@@ -1024,20 +1028,23 @@ class AsyncPipeline:
             now = time.perf_counter()  # the worker's share queued behind this one starts now: so does its clock
             for r, k in self.pending.items():
                 if k[0] == "sample" and k[2] == kind[2]:
-                    self.pending[r] = (*k[:3], max(k[3], now))
-            self.on_sample(ref, kind[1], kind[2])
+                    self.pending[r] = (*k[:3], max(k[3], now), *k[4:])
+            self.on_sample(ref, kind[1], kind[2], kind[4])
         else:
             return self.on_update()
         return None
 
-    def on_sample(self, ref, s: int, w: int) -> None:
+    def on_sample(self, ref, s: int, w: int, version: int) -> None:
         try:
             batch = ray.get(ref, timeout=self.cfg.ray.timeout_s)
+            # a batch of another version than the call carried would break the staleness bound (or, with the
+            # exact schedule, the repeatable numbers) unseen: the learner takes any version up to its own
+            self.t.check_version(s, w, batch, version)
         except WORKER_FAULTS as e:
             self.replace(w, f"died during step {s} ({type(e).__name__})", also=[s])
             return
-        except RayTaskError as e:
-            self.failure = task_failure(f"rollout of step {s}", e)
+        except (RayTaskError, TrainingError) as e:
+            self.failure = task_failure(f"rollout of step {s}", e) if isinstance(e, RayTaskError) else e
             if self.update is None:
                 raise self.failure from None
             return  # the learner is applying the update of an earlier step: its record comes first (see advance)

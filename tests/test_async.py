@@ -246,6 +246,41 @@ def test_async_workers_get_each_version_with_a_sample_call(ray_session, tmp_path
     assert all(r["perf/sync_s"] >= 0 for r in recs) and any(r["perf/sync_s"] > 0 for r in recs[1:])
 
 
+class IgnoresLaterWeights(RolloutWorker):
+    """A rollout worker that loads the weights of the first sample call that carries some, and ignores the
+    later ones (it samples with the version it holds)."""
+
+    carried = 0
+
+    def sample(self, prompts, prompt_ids, seed, weights=None):
+        if weights is not None:
+            self.carried += 1
+            if self.carried > 1:
+                weights = None
+        return super().sample(prompts, prompt_ids, seed, weights)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("schedule", ["newest", "exact"])
+def test_an_async_batch_of_another_version_than_its_call_carried_stops_the_run(ray_session, tmp_path, monkeypatch,
+                                                                               schedule):
+    """In async mode the driver checks each batch against the version its call carried, as in sync mode: a worker
+    that samples with an older one (the learner would take any version up to its own, past the staleness bound)
+    stops the run naming the worker, the step and both versions."""
+    from distpg.orchestrator import TrainingError
+
+    cfg = small_config("run.steps=8", *ASYNC, "algo.max_staleness=1", f"algo.staleness_schedule={schedule}")
+    monkeypatch.setattr(Trainer, "worker_class", IgnoresLaterWeights)
+    trainer = Trainer(cfg, tmp_path / "r", plan_placement(cfg, cpus=2, gpus=0))
+    try:
+        (tmp_path / "r").mkdir()
+        with pytest.raises(TrainingError, match=r"rollout worker \d sampled step \d+ with policy version\(s\) "
+                           r"\[\d+\] after being handed version \d+"):
+            trainer.run()
+    finally:
+        trainer.close()
+
+
 @pytest.mark.ray
 def test_a_kill_right_after_a_checkpoint_keeps_the_rollouts_of_the_steps_it_kept(ray_session, tmp_path, monkeypatch):
     # the rollouts of the steps since the last flush were only in the driver's memory when a checkpoint was
