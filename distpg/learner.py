@@ -358,7 +358,10 @@ class Learner:
                 "value_loss": value_loss_sum, "corrected": corrected, "taken": taken}
 
     def _grad_norm(self) -> float:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        """The norm of every trainable parameter's gradient (the value head's too), as learner.grad_clip clips it
+        and as the step's skip check needs it: a non-finite one would turn the clip's scale, and so every
+        parameter, into NaN."""
+        grads = [p.grad for p in self.trainable() if p.grad is not None]
         if not grads:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))

@@ -54,6 +54,22 @@ def test_non_finite_loss_skips_the_step_and_changes_nothing():
     assert learner.version == version + 2 and metrics["learner/skipped_steps"] == 1
 
 
+def test_a_non_finite_value_head_gradient_skips_the_step_too():
+    """The skip check and learner/grad_norm cover every parameter grad_clip clips, the value head's too: a NaN in
+    its gradient alone (the loss finite) made the clip's scale, and with it every parameter, NaN."""
+    learner, worker = setup("algo.baseline=value")
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+    learner.update(batch)
+    params, _ = snapshot(learner)
+    head = [p.detach().clone() for p in learner.value_head.parameters()]
+    hook = learner.value_head.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    metrics, _ = learner.update(batch)
+    hook.remove()
+    assert metrics["learner/skipped_steps"] == 1 and metrics["learner/grad_norm"] != metrics["learner/grad_norm"]
+    assert all(torch.equal(a, b) for a, b in zip(params, snapshot(learner)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(head, learner.value_head.parameters()))
+
+
 @pytest.mark.parametrize("steps", [[], ["learner.epochs=2", "learner.mini_batches=2"]], ids=["one-step", "2x2-steps"])
 def test_too_many_consecutive_skips_stop_with_a_clear_message(steps):
     """learner.max_consecutive_skips counts updates: with learner.epochs x learner.mini_batches optimizer steps
