@@ -64,3 +64,24 @@ def ray_session():
              runtime_env={"env_vars": {"PYTHONPATH": root}})
     yield ray
     ray.shutdown()
+
+
+def train_stopped_after_checkpoint_then_resumed(cfg, run, step: int, monkeypatch) -> None:
+    """`train(cfg, run)` stopped by an error right after it saved the checkpoint of `step`, then
+    `train(cfg, run, resume=True)`: a run cut at a known checkpoint and continued from it."""
+    import pytest
+
+    from distpg.orchestrator import Trainer, train
+
+    save = Trainer.save
+
+    def save_then_fail(self, at, run_state=None):
+        save(self, at, run_state)
+        if at == step:
+            raise RuntimeError(f"stopped after the checkpoint of step {step}")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "save", save_then_fail)
+        with pytest.raises(RuntimeError, match="stopped after"):
+            train(cfg, run)
+    train(cfg, run, resume=True)

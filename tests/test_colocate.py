@@ -11,7 +11,7 @@ from distpg.colocated import ColocatedLearner
 from distpg.config import ConfigError
 from distpg.orchestrator import Trainer, TrainingError, plan_placement, sample_seed, step_prompts, train
 from distpg.weights import FlatParams, WeightsError
-from tests.conftest import small_config
+from tests.conftest import small_config, train_stopped_after_checkpoint_then_resumed
 
 KEYS = ("learner/loss", "learner/grad_norm", "rollout/reward_mean", "policy/version", "rollout/staleness_max")
 
@@ -111,12 +111,15 @@ def test_colocate_needs_sync_mode_and_frees_a_workers_share():
     assert p.reserved(3, "CPU") == 2.0 and len(p.bundles(3)) == 3
 
 
-def test_the_colocated_worker_samples_as_a_separate_one_in_one_process(pack_every_weight):
-    """Without Ray: ColocatedLearner.step gives the batch and update of a RolloutWorker + Learner pair."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_colocated_worker_samples_as_a_separate_one_in_one_process(pack_every_weight, dtype):
+    """Without Ray: ColocatedLearner.step gives the batch and update of a RolloutWorker + Learner pair, also with
+    learner.dtype=bfloat16 (the worker in the learner's process samples in float32 with the learner's float32
+    parameters: the autocast covers the learner's passes only)."""
     from distpg.learner import Learner
     from distpg.rollout import RolloutWorker
 
-    cfg = small_config("rollout.num_workers=1")
+    cfg = small_config("rollout.num_workers=1", f"learner.dtype={dtype}")
     both = ColocatedLearner(cfg)
     both.set_weights(both.get_weights())
     worker, learner = RolloutWorker(cfg, 0), Learner(cfg)
@@ -128,10 +131,14 @@ def test_the_colocated_worker_samples_as_a_separate_one_in_one_process(pack_ever
         ref_batch = worker.sample(prompts, ids, seed, weights)
         ref_metrics, weights = learner.update(ref_batch)
         assert batch.column("completion_tokens").equals(ref_batch.column("completion_tokens"))
+        assert batch.column("completion_logprobs").equals(ref_batch.column("completion_logprobs"))
         assert metrics["learner/loss"] == ref_metrics["learner/loss"]
+        assert {k: v for k, v in metrics.items() if not k.startswith("perf/")} == \
+            {k: v for k, v in ref_metrics.items() if not k.startswith("perf/")}
         assert batch.column("policy_version").to_pylist() == [step - 1] * batch.num_rows
         # the sampled version's pre-packed weights are not kept over the update (memory)
         assert both.worker.model not in kernels._packs
+    assert all(torch.equal(a, b) for a, b in zip(both.model.parameters(), learner.model.parameters()))
     with pytest.raises(WeightsError, match=r"handed v2; its learner holds v3"):
         both.set_weights(learner.get_weights().__class__(2, weights.buffer, weights.manifest, weights.checksum))
 
@@ -185,18 +192,7 @@ def test_a_colocated_run_stopped_after_a_checkpoint_resumes_exactly(ray_session,
 
     cfg = small_config("run.steps=4", "run.checkpoint_every=2", "rollout.num_workers=1", "rollout.colocate=true")
     train(cfg, tmp_path / "whole")
-    save = Trainer.save
-
-    def save_then_fail(self, step, run_state=None):
-        save(self, step, run_state)
-        if step == 2:
-            raise RuntimeError("stopped after the checkpoint of step 2")
-
-    monkeypatch.setattr(Trainer, "save", save_then_fail)
-    with pytest.raises(RuntimeError, match="stopped after"):
-        train(cfg, tmp_path / "cut")
-    monkeypatch.undo()
-    train(cfg, tmp_path / "cut", resume=True)
+    train_stopped_after_checkpoint_then_resumed(cfg, tmp_path / "cut", 2, monkeypatch)
     whole, cut = records(tmp_path / "whole"), records(tmp_path / "cut")
     assert [{k: r[k] for k in KEYS} for r in cut] == [{k: r[k] for k in KEYS} for r in whole]
     a = checkpoint.load(checkpoint.latest(tmp_path / "whole"))[0]["model"]

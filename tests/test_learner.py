@@ -337,31 +337,6 @@ def test_bfloat16_micro_batches_give_the_whole_batchs_step_up_to_rounding(micro_
     assert float((flat[1] - flat[0]).norm() / flat[0].norm()) < 0.02
 
 
-def test_a_colocated_bfloat16_learner_samples_and_learns_as_a_separate_worker_and_learner(pack_every_weight):
-    """rollout.colocate with learner.dtype=bfloat16: the worker in the learner's process samples in float32 with
-    the learner's float32 parameters (the autocast covers the learner's passes only), so each step gives the
-    batch and the update of a RolloutWorker + Learner pair."""
-    from distpg.colocated import ColocatedLearner
-    from distpg.orchestrator import sample_seed, step_prompts
-
-    cfg = small_config("rollout.num_workers=1", "learner.dtype=bfloat16")
-    both = ColocatedLearner(cfg)
-    both.set_weights(both.get_weights())
-    worker, learner = RolloutWorker(cfg, 0), Learner(cfg)
-    weights = learner.get_weights()
-    for step in (1, 2, 3):
-        prompts, ids = step_prompts(both.worker.task, cfg, step)
-        seed = sample_seed(cfg.run.seed, step, 0)
-        batch, metrics = both.step(prompts, ids, seed)
-        ref_batch = worker.sample(prompts, ids, seed, weights)
-        ref_metrics, weights = learner.update(ref_batch)
-        assert batch.column("completion_tokens").equals(ref_batch.column("completion_tokens"))
-        assert batch.column("completion_logprobs").equals(ref_batch.column("completion_logprobs"))
-        assert {k: v for k, v in metrics.items() if not k.startswith("perf/")} == \
-            {k: v for k, v in ref_metrics.items() if not k.startswith("perf/")}
-    assert all(torch.equal(a, b) for a, b in zip(both.model.parameters(), learner.model.parameters()))
-
-
 def test_a_bfloat16_learner_is_refused_on_a_gpu_that_only_emulates_bfloat16(monkeypatch):
     """A V100 (compute capability 7.0) has no bfloat16 in hardware, but torch.cuda.is_bf16_supported() says yes
     (since PyTorch 2.3 it counts emulation: a bfloat16 tensor can be made there), so the learner's check never

@@ -362,8 +362,8 @@ def test_a_bfloat16_learners_run_repeats_and_resumes_to_the_same_numbers(ray_ses
     same numbers twice, and a run stopped after a checkpoint and resumed ends as the uninterrupted one, with the
     KL reference policy and several optimizer steps per update."""
     from distpg import checkpoint
-    from distpg.orchestrator import Trainer, train
-    from tests.conftest import small_config
+    from distpg.orchestrator import train
+    from tests.conftest import small_config, train_stopped_after_checkpoint_then_resumed
 
     cfg = small_config("run.steps=4", "run.checkpoint_every=2", "learner.dtype=bfloat16", "algo.kl_coef=0.05",
                        "learner.epochs=2")
@@ -377,18 +377,7 @@ def test_a_bfloat16_learners_run_repeats_and_resumes_to_the_same_numbers(ray_ses
 
     for name in ("a", "b"):
         train(cfg, tmp_path / name)
-    save = Trainer.save
-
-    def save_then_fail(self, step, run_state=None):
-        save(self, step, run_state)
-        if step == 2:
-            raise RuntimeError("stopped after the checkpoint of step 2")
-
-    monkeypatch.setattr(Trainer, "save", save_then_fail)
-    with pytest.raises(RuntimeError, match="stopped after"):
-        train(cfg, tmp_path / "cut")
-    monkeypatch.undo()
-    train(cfg, tmp_path / "cut", resume=True)
+    train_stopped_after_checkpoint_then_resumed(cfg, tmp_path / "cut", 2, monkeypatch)
     (ra, pa), (rb, pb), (rc, pc) = (numbers(tmp_path / n) for n in ("a", "b", "cut"))
     assert len(ra) == 4 and ra == rb == rc
     assert pa.keys() == pb.keys() == pc.keys() and all(torch.equal(pa[k], pb[k]) and torch.equal(pa[k], pc[k])
