@@ -411,11 +411,16 @@ def _check_strict(bundles: list[dict], nodes: list[dict], strategy: str, colocat
                           "nodes, or SPREAD (which may share nodes)")
 
 
+def cluster_address(cfg: Config, address: str | None) -> str | None:
+    """The cluster to join: --address, else ray.address, else $RAY_ADDRESS; None: start a local runtime."""
+    return address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(cfg: Config, address: str | None) -> bool:
     """Join the cluster named by --address, ray.address or $RAY_ADDRESS (an address nothing listens on fails
     within seconds), else start a local runtime that listens on 127.0.0.1 only. Returns True when a local
     runtime was started here."""
-    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg, address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         from distpg.doctor import DoctorError, auth_hint, probe
@@ -1398,7 +1403,7 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
     """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed)."""
     task = task_for(cfg)
     validate_with_task(cfg, task)
-    address_given = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address_given = cluster_address(cfg, address)
     if not address_given and not ray.is_initialized():  # a local runtime: check the fit before starting Ray
         import torch
 
@@ -1430,7 +1435,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     started, trainer, sigterm = False, None, None
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
     # dashboard and runtime-env agents outlived an interrupted ray.init)
-    local = not ray.is_initialized() and not (address or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    local = not ray.is_initialized() and not cluster_address(cfg, address)
     try:
         sigterm = _sigterm_interrupts()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
         with _ctrl_c_after_it():
