@@ -149,10 +149,19 @@ class Learner:
         # KL penalty, and the sampler's mu enters only through the detached weight pi_old/mu. One no-grad forward
         # before the update where it is needed before the first optimizer step (the KL penalty, or several
         # optimizer steps); otherwise the first step's own forward gives it (`own` None, `fresh` set)
+        # The value baseline's V(s_{i,t}) comes from the value head as it was before this update (as PPO computes
+        # its advantages once per batch) where there are several optimizer steps: after a step on a sample, the
+        # head has been fit to that sample's own return, and r_i - V(s_{i,t}) would no longer be an unbiased
+        # baseline. One step alone (the defaults) takes them from its own forward. Where both are needed, the
+        # one no-grad forward gives pi_old and the values
         pi_old = b.policy_logprobs
         fresh = (staleness == 0) if rounding else None
-        if fresh is not None and bool(fresh.any()) and (self.ref_model is not None or lc.epochs * lc.mini_batches > 1):
-            own = self._logprobs_without_grad(self.model, b.tokens, chunks, lengths, prompt_len)
+        own_needed = fresh is not None and bool(fresh.any()) and (self.ref_model is not None
+                                                                   or lc.epochs * lc.mini_batches > 1)
+        values_needed = self.value_head is not None and lc.epochs * lc.mini_batches > 1
+        own, values = self._without_grad(self.model, b.tokens, chunks, lengths, prompt_len, own_needed,
+                                         self.value_head if values_needed else None)
+        if own is not None:
             pi_old, fresh = torch.where(fresh[:, None], own, b.policy_logprobs), None
 
         # KL to the reference policy: K_i = Σ_t k_t with log π from the sampler's policy (= πθ on-policy); its
@@ -160,7 +169,7 @@ class Learner:
         ref_lp = torch.zeros_like(b.old_logprobs)
         kl_seq = torch.zeros(B, device=b.tokens.device)
         if self.ref_model is not None:
-            ref_lp = self._logprobs_without_grad(self.ref_model, b.tokens, chunks, lengths, prompt_len)
+            ref_lp, _ = self._without_grad(self.ref_model, b.tokens, chunks, lengths, prompt_len)
             k = algo.kl_per_token(pi_old, ref_lp, ac.kl_estimator)
             kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
@@ -187,19 +196,6 @@ class Learner:
         # longer the one that sampled: every sample is off-policy, corrected by algo.off_policy (clipped: PPO's
         # surrogate around the sampling version's policy)
         groups = B // G
-        # the value baseline's V(s_{i,t}) too, from the value head as it was before this update (as PPO computes
-        # its advantages once per batch): after a step on a sample, the head has been fit to that sample's own
-        # return, and r_i - V(s_{i,t}) would no longer be an unbiased baseline. One step alone (the defaults)
-        # takes them from its own forward, as before
-        values = None
-        if self.value_head is not None and lc.epochs * lc.mini_batches > 1:
-            values = torch.zeros(B, b.tokens.shape[1] - 1, device=b.tokens.device)
-            with torch.no_grad():
-                for idx, L in zip(chunks, lengths):
-                    with self.autocast():
-                        _, hidden = forward_shared_prompts(self.model, b.tokens[idx, : L - 1], prompt_len[idx],
-                                                           return_hidden=True)
-                    values[idx, : L - 1] = self.value_head(hidden.float()).squeeze(-1)
         bounds = [G * (groups * m // lc.mini_batches) for m in range(lc.mini_batches + 1)]
         parts = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
         diagnostics, corrected, off_tokens, taken, skipped = [], 0, 0, False, None
@@ -264,18 +260,30 @@ class Learner:
         }
         return metrics
 
-    def _logprobs_without_grad(self, model: torch.nn.Module, tokens: torch.Tensor, chunks: list[slice],
-                               lengths: list[int], prompt_len: torch.Tensor) -> torch.Tensor:
-        """(B, T) log-probabilities of each row's tokens under `model` (the policy, or the KL's reference policy)
-        as the update computes them (tempered, in learner.dtype, each group's prompt once), without autograd, in
-        micro-batches `chunks` trimmed to `lengths`; 0 at position 0 and past each chunk's length."""
-        out = torch.zeros(tokens.shape, device=tokens.device)
+    def _without_grad(self, model: torch.nn.Module, tokens: torch.Tensor, chunks: list[slice], lengths: list[int],
+                      prompt_len: torch.Tensor, logprobs: bool = True, value_head: torch.nn.Module | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One no-grad forward of `model` (the policy, or the KL's reference policy) over the batch as the update
+        runs it (in learner.dtype, each group's prompt once, in micro-batches `chunks` trimmed to `lengths`), for
+        (B, T) log-probabilities of each row's tokens (tempered; 0 at position 0 and past each chunk's length)
+        where `logprobs`, and (B, T-1) values V(s_t) from `value_head` where given; None for either not asked
+        for (and no forward where neither is)."""
+        if not logprobs and value_head is None:
+            return None, None
+        out = torch.zeros(tokens.shape, device=tokens.device) if logprobs else None
+        values = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, device=tokens.device) \
+            if value_head is not None else None
         with torch.no_grad():
             for idx, L in zip(chunks, lengths):
                 with self.autocast():
-                    logits = forward_shared_prompts(model, tokens[idx, : L - 1], prompt_len[idx])
-                out[idx, 1:L] = token_logprobs(self.tempered(logits.float()), tokens[idx, 1:L])
-        return out
+                    res = forward_shared_prompts(model, tokens[idx, : L - 1], prompt_len[idx],
+                                                 return_hidden=value_head is not None)
+                logits, hidden = res if value_head is not None else (res, None)
+                if out is not None:
+                    out[idx, 1:L] = token_logprobs(self.tempered(logits.float()), tokens[idx, 1:L])
+                if values is not None:
+                    values[idx, : L - 1] = value_head(hidden.float()).squeeze(-1)
+        return out, values
 
     def _optimizer_step(self, b: LearnerBatch, rows: slice, adv: torch.Tensor, valid: torch.Tensor,
                         scale: torch.Tensor, returns: torch.Tensor, ref_lp: torch.Tensor, stale: torch.Tensor,

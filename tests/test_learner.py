@@ -649,3 +649,32 @@ def test_the_value_baseline_s_advantages_are_computed_once_before_an_update_s_op
     assert len(seen) == 3 and seen[0].abs().sum() > 0
     for later in seen[1:]:
         assert torch.allclose(later, seen[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sets", [("learner.dtype=bfloat16",), ("rollout.dtype=bfloat16", "algo.kl_coef=0.1")],
+                         ids=["learner-bf16", "sampler-bf16-kl"])
+def test_pi_old_and_the_value_baseline_come_from_one_forward_before_the_update(monkeypatch, sets):
+    """Where bfloat16 on one side makes the learner recompute pi_old and the value baseline with several
+    optimizer steps takes V(s_t) from the head as it was before the update, one no-grad forward of the policy
+    gives both (and one of the KL's reference policy); each optimizer step then runs its own forward, and the
+    clip anchored on the recomputed pi_old binds on no token at a small learning rate."""
+    import distpg.learner as learner_mod
+
+    learner, worker = setup(*sets, "algo.baseline=value", "learner.epochs=2", "learner.mini_batches=2",
+                            "learner.lr=1e-5")
+    batch = worker.sample(["abcd=", "dcba=", "bbad=", "cabd="], [0, 1, 2, 3], seed=1)
+    rows = batch.num_rows
+    calls = {True: [], False: []}
+    shared = learner_mod.forward_shared_prompts
+
+    def counting(model, idx, prompt_len, return_hidden=False):
+        calls[torch.is_grad_enabled()].append((model is learner.model, idx.shape[0]))
+        return shared(model, idx, prompt_len, return_hidden)
+
+    monkeypatch.setattr(learner_mod, "forward_shared_prompts", counting)
+    metrics, _ = learner.update(batch)
+    policy = [n for own, n in calls[False] if own]
+    assert sum(policy) == rows  # one pass over the batch, not one for pi_old and another for the values
+    assert sum(n for own, n in calls[False] if not own) == (rows if learner.ref_model is not None else 0)
+    assert sum(n for _, n in calls[True]) == 2 * rows  # two epochs of optimizer steps
+    assert metrics["learner/offpolicy_corrected_frac"] == 0 and metrics["learner/value_loss"] > 0
