@@ -155,6 +155,9 @@ def test_set(cfg: Config, path: str, tokenizer, max_new_tokens: int, field: str 
                            eval_only=True)
     except ValueError as e:
         why = str(e)
+        own = f"task.prompts_path={str(path)!r}: "  # the file's reader names the field it reads for training;
+        if why.startswith(own):  # this file is `field`'s, and the run's task.prompts_path is another one
+            why = why[len(own):]
         if limit == room and why.startswith(f"task.max_prompt_tokens={limit}: every prompt"):  # the run's room, not
             # a task.max_prompt_tokens the user set: say where the limit comes from
             why = (f"the model holds prompts of at most {room} tokens with the run's completion budget "

@@ -295,3 +295,25 @@ def test_eval_scores_a_test_file_with_the_runs_tokenizer_reward_functions_and_bu
         evaluate(cfg, learner.model, prompts_path=str(test_file))
     with pytest.raises(ConfigError, match="for a run of task.name=prompts; this run's task is 'reverse'"):
         evaluate(small_config(), learner.model, prompts_path=str(test_file))
+
+
+def test_a_test_file_that_is_missing_or_malformed_is_named_by_its_own_field_not_task_prompts_path(tmp_path):
+    """`distpg eval --prompts FILE` and task.eval_prompts_path: the error names that option and the file, not
+    "task.prompts_path='FILE'", which is the run's training file (another one) in the user's config."""
+    from distpg.config import ConfigError
+    from distpg.evaluate import test_set
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
+                                  for w in ["ant", "bee", "cat", "owl"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={train_file}", "task.num_eval=2",
+                       "task.reward=distpg.examples.rewards:match_reference")
+    missing, bad = tmp_path / "missing.jsonl", tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "say ant:"}\n{"promt": "say bee:"}\n')
+    for field in ("distpg eval --prompts", "task.eval_prompts_path"):
+        with pytest.raises(ConfigError) as e:
+            test_set(cfg, str(missing), None, 4, field)
+        assert str(e.value) == f"{field} {missing}: no such file"
+        with pytest.raises(ConfigError) as e:
+            test_set(cfg, str(bad), None, 4, field)
+        assert str(e.value).startswith(f"{field} {bad}: line 2: expected an object with a 'prompt' key")
