@@ -48,6 +48,11 @@ def exact_match(completion: str, target: str) -> bool:
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     """RUN_DIR or RUN_DIR/checkpoints/step_N -> (run folder, checkpoint folder)."""
     path = Path(path)
+    if not path.exists():  # a typo, or a checkpoint that run.keep_checkpoints has since deleted
+        held = sorted(p.name for p in path.parent.glob("step_*")) if path.parent.name == "checkpoints" else []
+        raise checkpoint.CheckpointError(f"{str(path)!r}: no such folder" + (
+            f"; the run's checkpoints are {', '.join(held)} (run.keep_checkpoints keeps the newest)" if held else
+            "; give a run folder or one of its RUN_DIR/checkpoints/step_N"))
     if (path / "model.safetensors").exists():
         run_dir = path.parent.parent
         if (run_dir / "config.yaml").exists() and path.parent.name == "checkpoints":

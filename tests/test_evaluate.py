@@ -74,6 +74,12 @@ def test_a_checkpoint_folder_is_read_with_its_runs_config_and_other_folders_are_
     with pytest.raises(CheckpointError, match=r"Hugging Face GPT-2 folder, not a distpg run: .*model.init_from="):
         resolve_checkpoint(copied)
 
+    # a path that does not exist says so; a checkpoint that run.keep_checkpoints deleted names those kept
+    with pytest.raises(CheckpointError, match=r"'.*/runs/typo': no such folder; give a run folder or one of its"):
+        resolve_checkpoint(tmp_path / "runs" / "typo")
+    with pytest.raises(CheckpointError, match=r"step_000002': no such folder; the run's checkpoints are step_000004 "):
+        resolve_checkpoint(ckpt.parent / "step_000002")
+
 
 def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, capsys):
     """A reward that raises on some held-out prompts: eval's mean is over the others and says how many
