@@ -51,6 +51,12 @@ def _train(args) -> int:
         hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
         print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {hint}", file=sys.stderr, flush=True)
         return 143 if sigterm else 130
+    except BrokenPipeError:  # `distpg train | head`, or a pager quit: the run is stopped (and cleaned up) as a
+        # pipe's writer is, but said with the resume hint instead of a traceback
+        _stdout_gone()
+        hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
+        print(f"distpg: stopped: its standard output was closed (broken pipe); {hint}", file=sys.stderr, flush=True)
+        return 141
     except TrainingError as e:
         hint = _resume_hint(run_dir, cfg.run.steps, e.last_step) if run_dir.exists() else "no run folder was kept"
         print(f"distpg: training failed: {e}\n{hint}", file=sys.stderr, flush=True)
@@ -293,6 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distpg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `distpg eval RUN | head`: the reader has what it wanted
+        _stdout_gone()
+        return 141
+
+
+def _stdout_gone() -> None:
+    """After a broken pipe on stdout: what is left in its buffer goes nowhere, so that flushing it at exit does
+    not raise again (Python's advice for a program whose output is piped to `head`)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor (a test's capture)
+        pass
 
 
 def run() -> None:

@@ -591,6 +591,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return config_from_dict(merge_overrides(data, overrides or []))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (a field, or a whole section pasted twice),
+    where PyYAML would silently keep the last one and drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: PyYAML's merge keys, left to it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the constructor below names it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}): the "
+                    "second would silently replace the first; keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> tuple[str, dict]:
     """A config file's text and its mapping of sections. Raises ConfigError."""
     try:
@@ -600,7 +621,7 @@ def _read_yaml(path: Path) -> tuple[str, dict]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}): a YAML file?") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

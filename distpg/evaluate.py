@@ -48,6 +48,11 @@ def exact_match(completion: str, target: str) -> bool:
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     """RUN_DIR or RUN_DIR/checkpoints/step_N -> (run folder, checkpoint folder)."""
     path = Path(path)
+    if not path.exists():  # a typo, or a checkpoint that run.keep_checkpoints has since deleted
+        held = sorted(p.name for p in path.parent.glob("step_*")) if path.parent.name == "checkpoints" else []
+        raise checkpoint.CheckpointError(f"{str(path)!r}: no such folder" + (
+            f"; the run's checkpoints are {', '.join(held)} (run.keep_checkpoints keeps the newest)" if held else
+            "; give a run folder or one of its RUN_DIR/checkpoints/step_N"))
     if (path / "model.safetensors").exists():
         run_dir = path.parent.parent
         if (run_dir / "config.yaml").exists() and path.parent.name == "checkpoints":
@@ -155,6 +160,9 @@ def test_set(cfg: Config, path: str, tokenizer, max_new_tokens: int, field: str 
                            eval_only=True)
     except ValueError as e:
         why = str(e)
+        own = f"task.prompts_path={str(path)!r}: "  # the file's reader names the field it reads for training;
+        if why.startswith(own):  # this file is `field`'s, and the run's task.prompts_path is another one
+            why = why[len(own):]
         if limit == room and why.startswith(f"task.max_prompt_tokens={limit}: every prompt"):  # the run's room, not
             # a task.max_prompt_tokens the user set: say where the limit comes from
             why = (f"the model holds prompts of at most {room} tokens with the run's completion budget "

@@ -137,6 +137,11 @@ def _values(f: RewardFunction, out, n: int) -> list[tuple[float | None, str | No
             (out,) = out
             if isinstance(out, BaseException):  # what the awaited function raised (a cancellation: as an error)
                 raise out if isinstance(out, Exception) else RuntimeError(f"{type(out).__name__}: {out}")
+            if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__") or getattr(out, "ndim", 1) == 0:
+                # `return "1.0"` would count its characters, `return 1.0` fail inside list(): say what it was
+                raise ValueError(f"{f.name} returned {repr(out)[:60]} (a {type(out).__name__}), expected a list of "
+                                 f"{n} values, one per sample: a function with a `completions` parameter scores "
+                                 "the whole batch, as TRL calls it")
             out = list(out)
             if len(out) != n:
                 raise ValueError(f"{f.name} returned {len(out)} values for {n} samples")

@@ -108,6 +108,33 @@ def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
     assert p.stderr.rstrip().endswith(f"distpg train --resume {tmp_path / 'r'} starts it over from step 0")
 
 
+def test_a_run_whose_output_pipe_closes_stops_with_the_resume_hint_and_no_traceback(tmp_path):
+    """`distpg train | head`, or a pager quit: the run stops at its next line of output, as a pipe's writer does,
+    with the resume hint instead of a traceback, and `distpg eval | head` ends quietly."""
+    run = tmp_path / "r"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "distpg", "train", *SMALL, "--set", "run.steps=400",
+                          "--set", "log.print_every=1", "--set", "run.checkpoint_every=2", "--run-dir", str(run)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for line in p.stdout:  # as `head` reads up to a step line, then exits
+        if line.startswith("step     3/"):
+            break
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141, err[-3000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert "distpg: stopped: its standard output was closed (broken pipe); " in err
+    assert err.rstrip().endswith(f"continue with: distpg train --resume {run}")
+    assert 3 <= len((run / "metrics.jsonl").read_text().splitlines()) < 400
+
+    e = subprocess.Popen([sys.executable, "-m", "distpg", "eval", str(run), "--samples", "16"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    e.stdout.readline()  # its header is flushed first; if the rest was buffered already, the exit's flush fails
+    e.stdout.close()
+    err = e.stderr.read()
+    assert e.wait(timeout=120) in (0, 141) and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_bad_config_exits_2_without_starting_ray(tmp_path):
     p = distpg("train", "--set", "rollout.num_workers=3", "--set", "ray.num_cpus=2",
                "--run-dir", str(tmp_path / "r"), timeout=60)

@@ -154,6 +154,22 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_key_or_section_given_twice_in_a_config_file_is_an_error_not_a_silent_override(tmp_path):
+    """PyYAML keeps the last of two equal keys: a section pasted twice lost every field of the first."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("learner:\n  lr: 0.01\nrollout:\n  group_size: 4\nlearner:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"'learner' is given twice \(lines 1 and 5\): the second would silently "
+                                          "replace the first; keep one"):
+        load_config(twice)
+    twice.write_text("run:\n  steps: 10\n  seed: 1\n  steps: 20\n")
+    with pytest.raises(ConfigError, match=r"'steps' is given twice \(lines 2 and 4\)"):
+        load_config(twice)
+    once = tmp_path / "once.yaml"  # a field name in two sections (num_cpus) is two keys, and fine
+    once.write_text("run:\n  steps: 10\nlearner:\n  num_cpus: 1\nray:\n  num_cpus: 2\n")
+    cfg = load_config(once)
+    assert cfg.run.steps == 10 and cfg.learner.num_cpus == 1 and cfg.ray.num_cpus == 2
+
+
 def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):

@@ -74,6 +74,12 @@ def test_a_checkpoint_folder_is_read_with_its_runs_config_and_other_folders_are_
     with pytest.raises(CheckpointError, match=r"Hugging Face GPT-2 folder, not a distpg run: .*model.init_from="):
         resolve_checkpoint(copied)
 
+    # a path that does not exist says so; a checkpoint that run.keep_checkpoints deleted names those kept
+    with pytest.raises(CheckpointError, match=r"'.*/runs/typo': no such folder; give a run folder or one of its"):
+        resolve_checkpoint(tmp_path / "runs" / "typo")
+    with pytest.raises(CheckpointError, match=r"step_000002': no such folder; the run's checkpoints are step_000004 "):
+        resolve_checkpoint(ckpt.parent / "step_000002")
+
 
 def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, capsys):
     """A reward that raises on some held-out prompts: eval's mean is over the others and says how many
@@ -295,3 +301,25 @@ def test_eval_scores_a_test_file_with_the_runs_tokenizer_reward_functions_and_bu
         evaluate(cfg, learner.model, prompts_path=str(test_file))
     with pytest.raises(ConfigError, match="for a run of task.name=prompts; this run's task is 'reverse'"):
         evaluate(small_config(), learner.model, prompts_path=str(test_file))
+
+
+def test_a_test_file_that_is_missing_or_malformed_is_named_by_its_own_field_not_task_prompts_path(tmp_path):
+    """`distpg eval --prompts FILE` and task.eval_prompts_path: the error names that option and the file, not
+    "task.prompts_path='FILE'", which is the run's training file (another one) in the user's config."""
+    from distpg.config import ConfigError
+    from distpg.evaluate import test_set
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
+                                  for w in ["ant", "bee", "cat", "owl"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={train_file}", "task.num_eval=2",
+                       "task.reward=distpg.examples.rewards:match_reference")
+    missing, bad = tmp_path / "missing.jsonl", tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "say ant:"}\n{"promt": "say bee:"}\n')
+    for field in ("distpg eval --prompts", "task.eval_prompts_path"):
+        with pytest.raises(ConfigError) as e:
+            test_set(cfg, str(missing), None, 4, field)
+        assert str(e.value) == f"{field} {missing}: no such file"
+        with pytest.raises(ConfigError) as e:
+            test_set(cfg, str(bad), None, 4, field)
+        assert str(e.value).startswith(f"{field} {bad}: line 2: expected an object with a 'prompt' key")

@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing as mp
+import re
 import time
 
 import pytest
@@ -346,6 +347,23 @@ def test_a_bool_is_a_reward_and_a_value_beyond_float32_is_masked():
     assert rewards == [1.0, 0.0, 0.0, -3.0e38] and ok == [True, True, False, True]
     assert errors == ["ValueError: returned 1e+39, beyond float32's range (±3.4e38), in which rewards are stored"]
     assert np.isfinite(np.float32(rewards[3]))
+
+
+@pytest.mark.parametrize("returned, named", [("1.0", "'1.0' (a str)"), (1.0, "1.0 (a float)"),
+                                              (None, "None (a NoneType)"), ({"a": 1.0}, "{'a': 1.0} (a dict)")])
+def test_a_batched_function_returning_one_value_instead_of_a_list_is_named_as_such(returned, named):
+    """A TRL-style function that returns a string (whose characters would count as "values"), a single
+    number or None instead of a list is an error saying what it returned, not "3 values for 4 samples" or
+    "'float' object is not iterable"."""
+    from distpg.rewards import RewardFunction
+
+    class Task:
+        name = "one"
+        reward_functions = [RewardFunction("judge", lambda ps, cs: returned, batched=True)]
+
+    with pytest.raises(RewardError, match=re.escape(f"ValueError: judge returned {named}, expected a list of 4 "
+                                                    "values, one per sample")):
+        score(Task(), PROMPTS, COMPLETIONS)
 
 
 def test_a_zero_dim_tensor_or_array_is_a_reward_and_other_values_name_their_type():
