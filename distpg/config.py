@@ -696,6 +696,22 @@ def absolute_run_paths(cfg: Config) -> Config:
     return cfg
 
 
+def _origin(text: str) -> Path | None:
+    first = text.split("\n", 1)[0]
+    origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
+    return origin if origin is not None and origin.is_dir() else None
+
+
+def run_origin(run_dir: str | os.PathLike) -> Path | None:
+    """The folder a run started in (the first line of its config.yaml, `dump_run_config`), where it still exists;
+    None otherwise."""
+    try:
+        with open(Path(run_dir) / "config.yaml", encoding="utf-8") as f:
+            return _origin(f.readline())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True) -> Config:
     """A run folder's config.yaml (`dump_run_config`), for `--resume`, `distpg eval` and `distpg export` from
     any folder: a relative path that does not exist from the current folder, but does from the folder the run
@@ -708,9 +724,8 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
     come from a checkpoint). `task.prompts_path` must be the file the run started from (`snapshot_prompts`).
     Raises ConfigError otherwise."""
     text, data = _read_yaml(Path(path))
-    first = text.split("\n", 1)[0]
-    origin = Path(first.removeprefix(RUN_ORIGIN)) if first.startswith(RUN_ORIGIN) else None
-    if origin is not None and origin.is_dir():
+    origin = _origin(text)
+    if origin is not None:
         if str(origin) not in sys.path:
             sys.path.append(str(origin))
         for section, key in RUN_PATHS:

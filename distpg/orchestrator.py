@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from ray.exceptions import (
     RayTaskError,
     WorkerCrashedError,
 )
+from ray.job_config import JobConfig
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -49,7 +50,9 @@ from distpg.config import (
     ConfigError,
     absolute_run_paths,
     dump_run_config,
+    in_job_copy,
     node_resources,
+    run_origin,
     snapshot_prompts,
     stop_strings,
 )
@@ -416,12 +419,17 @@ def cluster_address(cfg: Config, address: str | None) -> str | None:
     return address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
 
 
-def init_ray(cfg: Config, address: str | None) -> bool:
+def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -> bool:
     """Join the cluster named by --address, ray.address or $RAY_ADDRESS (an address nothing listens on fails
     within seconds), else start a local runtime that listens on 127.0.0.1 only. Returns True when a local
-    runtime was started here."""
+    runtime was started here.
+
+    `code_paths`: folders the actors import from besides the current one, which Ray puts on their sys.path
+    (as it does the driver's current folder): the folder a resumed run started in, for its task and reward
+    modules."""
     address = cluster_address(cfg, address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    job = {"job_config": JobConfig(_py_driver_sys_path=list(code_paths))} if code_paths else {}
     if address:
         from distpg.doctor import DoctorError, auth_hint, probe
 
@@ -431,12 +439,12 @@ def init_ray(cfg: Config, address: str | None) -> bool:
             except DoctorError as e:
                 raise TrainingError(str(e)) from None
         try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True, **job)
         except (ConnectionError, RayError, ValueError) as e:
             raise TrainingError(f"cannot connect to the Ray cluster at {address!r}: {e}{auth_hint()}") from None
         return False
     start_local_ray(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
-                    dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=True)
+                    dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=True, **job)
     return True
 
 
@@ -1424,13 +1432,18 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
                 if created and not any(run_dir.iterdir()):
                     run_dir.rmdir()
             raise
-        return _train_in(cfg, run_dir, address, start_step, created)
+        # resumed from another folder than the one it started in: the actors import the run's task and reward
+        # modules from there too, as the driver does (`load_run_config`); a job's workers have its working dir
+        origin = run_origin(run_dir) if resume and not in_job_copy() else None
+        code_paths = [str(origin)] if origin is not None and origin != Path.cwd() else []
+        return _train_in(cfg, run_dir, address, start_step, created, code_paths)
     finally:
         lock.close()
 
 
-def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, created: bool) -> dict:
-    """`train` in the prepared, locked run folder, from `start_step`."""
+def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, created: bool,
+              code_paths: Sequence[str] = ()) -> dict:
+    """`train` in the prepared, locked run folder, from `start_step` (`code_paths`: see `init_ray`)."""
     print(f"distpg: run folder {run_dir.resolve()}", flush=True)
     started, trainer, sigterm = False, None, None
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
@@ -1439,7 +1452,8 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     try:
         sigterm = _sigterm_interrupts()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
         with _ctrl_c_after_it():
-            started = False if ray.is_initialized() else init_ray(cfg, address)  # a caller's runtime is reused
+            # a caller's runtime is reused
+            started = False if ray.is_initialized() else init_ray(cfg, address, code_paths)
         _sigterm_interrupts()  # again: ray.init put its own handler (Ray's crash report) in place of the first
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())

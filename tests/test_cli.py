@@ -198,6 +198,25 @@ def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
                        timeout=300, cwd=elsewhere)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "held-out prompts: 16" in p.stdout
+    # what a stop now keeps (a resume that stops before its first step, or a stop after step 3 unlogged) ...
+    from distpg.cli import _resume_hint
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    logged = metrics.read_text()
+    assert "checkpoint is step 2, the last step done: nothing is lost" in _resume_hint(tmp_path / "run", 3)
+    metrics.write_text(logged + '{"step": 3, "rollout/rew')  # a record cut off by a kill
+    assert "nothing is lost" in _resume_hint(tmp_path / "run", 3)
+    metrics.write_text(logged + '{"step": 3}\n')
+    assert "the steps after the latest checkpoint (step 2) are lost" in _resume_hint(tmp_path / "run", 3)
+    metrics.write_text(logged)
+    # ... and resumed from there, one more step: the Ray workers find the module where the run started too
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("\n  steps: 2\n", "\n  steps: 3\n"))
+    p = subprocess.run([str(command), "train", "--resume", str(tmp_path / "run")], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=elsewhere)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
     (tmp_path / "notes.txt").write_text("mine")
     p = subprocess.run([str(command), "export", "run", "notes.txt"], capture_output=True, text=True, env=env,
                        timeout=300, cwd=tmp_path)
