@@ -541,6 +541,9 @@ def _validate_rewards(task: TaskConfig) -> None:
     if len(weights) != len(specs):
         raise ConfigError(f"task.reward_weights={weights!r}: {len(weights)} weights for {len(specs)} reward "
                           f"function(s) in task.reward; give one number per function, in its order")
+    if not any(weights):
+        raise ConfigError(f"task.reward_weights={weights!r}: every weight is 0, so every reward would be 0 and "
+                          "there would be nothing to learn; give at least one function a non-zero weight")
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:

@@ -96,6 +96,7 @@ def test_resolved_config_round_trips(tmp_path):
                                                           "number"),
         ("task.reward=[a:f, b:g]\0task.reward_weights=[1, yes]", "True is not a finite number"),
         ("task.reward=[a:f, b:g]\0task.reward_weights=2", "task.reward_weights=2: expected list or null"),
+        ("task.reward=[a:f, b:g]\0task.reward_weights=[0, 0.0]", "task.reward_weights=[0, 0.0]: every weight is 0"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
