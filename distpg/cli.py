@@ -122,8 +122,11 @@ def _eval(args) -> int:
     else:
         _, ckpt = resolve_checkpoint(Path(args.path))
     out = Path(args.json) if args.json is not None else None  # "" is refused below, not ignored
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        raise ConfigError(f"distpg eval: --json {args.json!r} must name a file in an existing folder")
+    if out is not None and out.is_dir():
+        raise ConfigError(f"distpg eval: --json {args.json!r} is a folder; give a file name (e.g. {out / 'eval.json'})")
+    if out is not None and not out.parent.is_dir():
+        raise ConfigError(f"distpg eval: --json {args.json!r}: no folder {str(out.parent)!r}; it must name a file in "
+                          "an existing folder")
     decoding = 'greedy' if args.temperature == 0 else f'temperature {args.temperature:g}'
     if ckpt is None:
         cfg, model = load_initial_policy(Path(args.path))

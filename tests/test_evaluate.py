@@ -116,9 +116,12 @@ def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, ca
     assert data["failed_rewards"] == sum(bad) and data["num_prompts"] == len(bad)
     assert [(s["prompt"], s["completion"], s["target"], s["reward"]) for s in data["samples"]] == result.samples
     assert f"wrote {tmp_path / 'eval.json'}" in capsys.readouterr().out
-    for bad in (str(tmp_path / "no" / "eval.json"), ""):  # a missing folder; an empty name is not "no file"
+    for bad, says in ((str(tmp_path / "no" / "eval.json"), f"no folder {str(tmp_path / 'no')!r}"),
+                      ("", "is a folder"), (str(tmp_path), "is a folder; give a file name")):
+        # a missing folder; an empty name is not "no file"; a folder
         assert main(["eval", str(run), "--json", bad]) == 2
-        assert "--json" in capsys.readouterr().err and not (tmp_path / "no").exists()
+        err = capsys.readouterr().err
+        assert "--json" in err and says in err and not (tmp_path / "no").exists()
     (run / "config.yaml").write_text(dump_run_config(small_config("task.name=tests.user_task:always_fails")))
     assert main(["eval", str(run)]) == 1
     err = capsys.readouterr().err
@@ -167,8 +170,7 @@ def test_eval_json_is_written_before_the_samples_are_printed(tmp_path, monkeypat
             pass
 
     monkeypatch.setattr(sys, "stdout", Head())
-    with pytest.raises(BrokenPipeError):
-        main(["eval", str(run), "--samples", "4", "--json", str(tmp_path / "eval.json")])
+    assert main(["eval", str(run), "--samples", "4", "--json", str(tmp_path / "eval.json")]) == 141  # as a pipe's
     assert json.loads((tmp_path / "eval.json").read_text())["num_prompts"] == cfg.task.num_eval
 
 
