@@ -196,7 +196,11 @@ def whiten(adv: torch.Tensor, rewards: torch.Tensor, ok: torch.Tensor, mode: str
 
 def entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of softmax(logits) over the response tokens: (B, T, V), (B, T) -> scalar."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    return entropy_of_logprobs(torch.log_softmax(logits.float(), dim=-1), response_mask)
+
+
+def entropy_of_logprobs(logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """`entropy` from the log-probabilities log softmax(logits) (B, T, V) a caller already has."""
     # 0 · log 0 = 0: a token of probability 0 (logit -inf) must add 0, not 0 · -inf = NaN
     ent = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # (B, T)
     m = response_mask.float()

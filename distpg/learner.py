@@ -314,8 +314,10 @@ class Learner:
                 out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[chunk],
                                              return_hidden=self.value_head is not None)
             logits, hidden = out if self.value_head is not None else (out, None)
-            logits = self.tempered(logits.float())
-            logp = token_logprobs(logits, tokens[:, 1:])  # (b, L-1)
+            # log pi over the vocabulary once, for the tokens' log-probabilities and the entropy: (b, L-1, V), the
+            # largest tensors of an update with a large vocabulary (GPT-2's 50257)
+            logp_all = torch.log_softmax(self.tempered(logits.float()), dim=-1)
+            logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (b, L-1), as token_logprobs
             grad_mask = mask & valid[chunk, None]
             sample_adv = adv[chunk]
             loss = torch.zeros((), device=logp.device)
@@ -344,9 +346,12 @@ class Learner:
                 norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
                 loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[chunk, 1:L], grad_mask, ac.kl_estimator,
                                                             norm, weight=scale[chunk])
-            ent = algo.entropy(logits, mask)
             if ac.entropy_coef > 0:
+                ent = algo.entropy_of_logprobs(logp_all, mask)
                 loss = loss - ac.entropy_coef * ent * n
+            else:  # logged only: no autograd graph (it held three more (b, L-1, V) tensors until the step's end)
+                with torch.no_grad():
+                    ent = algo.entropy_of_logprobs(logp_all, mask)
             loss.backward()
             loss_sum += loss.item()
             with torch.no_grad():

@@ -678,3 +678,33 @@ def test_pi_old_and_the_value_baseline_come_from_one_forward_before_the_update(m
     assert sum(n for own, n in calls[False] if not own) == (rows if learner.ref_model is not None else 0)
     assert sum(n for _, n in calls[True]) == 2 * rows  # two epochs of optimizer steps
     assert metrics["learner/offpolicy_corrected_frac"] == 0 and metrics["learner/value_loss"] > 0
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.01])
+def test_one_log_softmax_over_the_vocabulary_per_micro_batch_and_no_graph_for_an_entropy_only_logged(monkeypatch,
+                                                                                                     coef):
+    """The tokens' log-probabilities and the entropy come from one log softmax over the vocabulary per
+    micro-batch (with GPT-2's 50257 tokens its (b, T, V) tensors are an update's largest), and an entropy that
+    is only logged (algo.entropy_coef=0) keeps no autograd graph, which held three more of them."""
+    from distpg import algo
+
+    learner, worker = setup(f"algo.entropy_coef={coef}", "learner.micro_batch_size=3")
+    batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
+    calls, entropies = [], []
+    log_softmax, entropy = torch.log_softmax, algo.entropy_of_logprobs
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return log_softmax(x, *args, **kwargs)
+
+    def spy(logp, mask):
+        out = entropy(logp, mask)
+        entropies.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(torch, "log_softmax", counting)
+    monkeypatch.setattr(algo, "entropy_of_logprobs", spy)
+    metrics, _ = learner.update(batch)
+    micro_batches = -(-batch.num_rows // 3)
+    assert len(calls) == micro_batches and all(shape[-1] == learner.vocab_size for shape in calls)
+    assert entropies == [coef > 0] * micro_batches and metrics["learner/entropy"] > 0
