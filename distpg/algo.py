@@ -199,10 +199,13 @@ def entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     return entropy_of_logprobs(torch.log_softmax(logits.float(), dim=-1), response_mask)
 
 
-def entropy_of_logprobs(logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """`entropy` from the log-probabilities log softmax(logits) (B, T, V) a caller already has."""
+def entropy_of_logprobs(logp: torch.Tensor, response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`entropy` from the log-probabilities log softmax(logits) (B, T, V) a caller already has; without a mask,
+    the mean over every position of logp (..., V) (the response tokens' alone, packed (N, V))."""
     # 0 · log 0 = 0: a token of probability 0 (logit -inf) must add 0, not 0 · -inf = NaN
     ent = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # (B, T)
+    if response_mask is None:
+        return ent.sum() / max(1, ent.numel())
     m = response_mask.float()
     return (ent * m).sum() / m.sum().clamp(min=1)
 

@@ -159,7 +159,7 @@ class Learner:
         own_needed = fresh is not None and bool(fresh.any()) and (self.ref_model is not None
                                                                    or lc.epochs * lc.mini_batches > 1)
         values_needed = self.value_head is not None and lc.epochs * lc.mini_batches > 1
-        own, values = self._without_grad(self.model, b.tokens, chunks, lengths, prompt_len, own_needed,
+        own, values = self._without_grad(self.model, b, chunks, lengths, prompt_len, own_needed,
                                          self.value_head if values_needed else None)
         if own is not None:
             pi_old, fresh = torch.where(fresh[:, None], own, b.policy_logprobs), None
@@ -169,7 +169,7 @@ class Learner:
         ref_lp = torch.zeros_like(b.old_logprobs)
         kl_seq = torch.zeros(B, device=b.tokens.device)
         if self.ref_model is not None:
-            ref_lp, _ = self._without_grad(self.ref_model, b.tokens, chunks, lengths, prompt_len)
+            ref_lp, _ = self._without_grad(self.ref_model, b, chunks, lengths, prompt_len)
             k = algo.kl_per_token(pi_old, ref_lp, ac.kl_estimator)
             kl_seq = torch.where(b.response_mask, k, 0.0).sum(1)
         returns = b.rewards - ac.kl_coef * kl_seq if self.ref_model is not None else b.rewards
@@ -260,27 +260,30 @@ class Learner:
         }
         return metrics
 
-    def _without_grad(self, model: torch.nn.Module, tokens: torch.Tensor, chunks: list[slice], lengths: list[int],
+    def _without_grad(self, model: torch.nn.Module, b: LearnerBatch, chunks: list[slice], lengths: list[int],
                       prompt_len: torch.Tensor, logprobs: bool = True, value_head: torch.nn.Module | None = None
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One no-grad forward of `model` (the policy, or the KL's reference policy) over the batch as the update
-        runs it (in learner.dtype, each group's prompt once, in micro-batches `chunks` trimmed to `lengths`), for
-        (B, T) log-probabilities of each row's tokens (tempered; 0 at position 0 and past each chunk's length)
-        where `logprobs`, and (B, T-1) values V(s_t) from `value_head` where given; None for either not asked
-        for (and no forward where neither is)."""
+        runs it (in learner.dtype, each group's prompt once, in micro-batches `chunks` trimmed to `lengths`, the
+        output layer at the response tokens only), for (B, T) log-probabilities of each row's response tokens
+        (tempered; 0 elsewhere) where `logprobs`, and (B, T-1) values V(s_t) from `value_head` where given; None
+        for either not asked for (and no forward where neither is)."""
         if not logprobs and value_head is None:
             return None, None
+        tokens = b.tokens
         out = torch.zeros(tokens.shape, device=tokens.device) if logprobs else None
         values = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, device=tokens.device) \
             if value_head is not None else None
         with torch.no_grad():
             for idx, L in zip(chunks, lengths):
+                keep = b.response_mask[idx, 1:L] & logprobs  # no logits at all for the values alone
                 with self.autocast():
                     res = forward_shared_prompts(model, tokens[idx, : L - 1], prompt_len[idx],
-                                                 return_hidden=value_head is not None)
+                                                 return_hidden=value_head is not None, logits_at=keep)
                 logits, hidden = res if value_head is not None else (res, None)
                 if out is not None:
-                    out[idx, 1:L] = token_logprobs(self.tempered(logits.float()), tokens[idx, 1:L])
+                    lp = token_logprobs(self.tempered(logits.float()), tokens[idx, 1:L][keep])
+                    out[idx, 1:L] = torch.zeros(keep.shape, device=lp.device).masked_scatter_(keep, lp)
                 if values is not None:
                     values[idx, : L - 1] = value_head(hidden.float()).squeeze(-1)
         return out, values
@@ -310,14 +313,17 @@ class Learner:
             tokens, mask = b.tokens[chunk, :L], b.response_mask[chunk, 1:L]
             # model(tokens[:, :-1]): (b, L-1, V), and (b, L-1, C) for the value head; a group's prompt once;
             # float32 from here on (the loss terms, the value head), whatever learner.dtype the forward ran in
+            # the output layer at the response tokens only: logits (N, V) for the mask's N tokens (none at prompt
+            # and padding positions, where the loss does not look)
             with self.autocast():
                 out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[chunk],
-                                             return_hidden=self.value_head is not None)
+                                             return_hidden=self.value_head is not None, logits_at=mask)
             logits, hidden = out if self.value_head is not None else (out, None)
-            # log pi over the vocabulary once, for the tokens' log-probabilities and the entropy: (b, L-1, V), the
+            # log pi over the vocabulary once, for the tokens' log-probabilities and the entropy: (N, V), the
             # largest tensors of an update with a large vocabulary (GPT-2's 50257)
             logp_all = torch.log_softmax(self.tempered(logits.float()), dim=-1)
-            logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (b, L-1), as token_logprobs
+            picked = logp_all.gather(-1, tokens[:, 1:][mask][:, None]).squeeze(-1)  # (N,), as token_logprobs
+            logp = torch.zeros(mask.shape, device=picked.device).masked_scatter(mask, picked)  # (b, L-1), 0 outside
             grad_mask = mask & valid[chunk, None]
             sample_adv = adv[chunk]
             loss = torch.zeros((), device=logp.device)
@@ -347,11 +353,11 @@ class Learner:
                 loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[chunk, 1:L], grad_mask, ac.kl_estimator,
                                                             norm, weight=scale[chunk])
             if ac.entropy_coef > 0:
-                ent = algo.entropy_of_logprobs(logp_all, mask)
+                ent = algo.entropy_of_logprobs(logp_all)
                 loss = loss - ac.entropy_coef * ent * n
-            else:  # logged only: no autograd graph (it held three more (b, L-1, V) tensors until the step's end)
+            else:  # logged only: no autograd graph (it held three more (N, V) tensors until the step's end)
                 with torch.no_grad():
-                    ent = algo.entropy_of_logprobs(logp_all, mask)
+                    ent = algo.entropy_of_logprobs(logp_all)
             loss.backward()
             loss_sum += loss.item()
             with torch.no_grad():

@@ -224,8 +224,9 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         pos: int = 0,
         return_hidden: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits for every input position.
+        """Logits for every input position (or those of `logits_at`).
 
         Args:
             idx: token ids (B, T).
@@ -235,6 +236,10 @@ class GPT(nn.Module):
             cache: a `KVCache`; the new keys and values are written at [pos, pos + T).
             pos: index of the first new token in the cache.
             return_hidden: also return the final hidden states (B, T, C) after ln_f (for a value head).
+            logits_at: bool (B, T): the output layer runs on these positions only, and the logits are (N, V) for
+                its N True entries in row-major order (as `logits[logits_at]`; HF's `logits_to_keep`): the
+                learner's, which needs no logits at prompt and padding positions. With GPT-2's vocabulary the
+                output layer is about a third of a position's work and its logits an update's largest tensors.
         Returns:
             logits (B, T, V) in the parameters' dtype (and the hidden states with return_hidden).
         """
@@ -249,22 +254,23 @@ class GPT(nn.Module):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, attn_mask, layer_cache, pos)
         x = self.ln_f(x)
-        logits = output_layer(self, x)
+        logits = output_layer(self, x if logits_at is None else x[logits_at])
         return (logits, x) if return_hidden else logits
 
 
-def forward_every_row(model: GPT, idx: torch.Tensor, prompt_len: torch.Tensor,
-                      return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def forward_every_row(model: GPT, idx: torch.Tensor, prompt_len: torch.Tensor, return_hidden: bool = False,
+                      logits_at: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`forward_shared_prompts` without the sharing: the plain forward of every row, prompt included (the
     reference the shared forward is measured and checked against)."""
-    return model(idx, return_hidden=return_hidden)
+    return model(idx, return_hidden=return_hidden, logits_at=logits_at)
 
 
-def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tensor,
-                           return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`model(idx)` (logits (B, T, V), and the hidden states with return_hidden) for rows that begin with a
-    prompt many of them share (a group of G samples per prompt), with each distinct prompt run through the
-    model once: rows = prompt (prompt_len[i] tokens) + the rest, right-padded.
+def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tensor, return_hidden: bool = False,
+                           logits_at: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`model(idx)` (logits (B, T, V), and the hidden states with return_hidden; (N, V) at `logits_at` only, as
+    `GPT.forward`) for rows that begin with a prompt many of them share (a group of G samples per prompt), with
+    each distinct prompt run through the model once: rows = prompt (prompt_len[i] tokens) + the rest,
+    right-padded.
 
     Two streams per layer: the distinct prompts (U, P) under a causal mask, and every row's own tokens after
     its prompt, whose queries see their prompt's keys and values (gathered from the prompt stream, so the
@@ -286,7 +292,7 @@ def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tens
     # the longest row's own part; at least 1 (one padding query per row) where every row is all prompt
     Lc = max(T - int(plen.min()), 1)
     if uniq.shape[0] * P + B * Lc >= B * T:  # no saving (nothing repeats, or prompt lengths far apart)
-        return model(idx, return_hidden=return_hidden)
+        return model(idx, return_hidden=return_hidden, logits_at=logits_at)
     j = cols[None, :Lc]
     own_pos = (plen[:, None] + j).clamp(max=T - 1)  # (B, Lc) positions of each row's own tokens (then padding)
     own = idx.gather(1, own_pos)
@@ -316,7 +322,7 @@ def forward_shared_prompts(model: GPT, idx: torch.Tensor, prompt_len: torch.Tens
     hp = xp[group].gather(1, cols[:T].clamp(max=P - 1)[None, :, None].expand(B, T, C))
     hc = xc.gather(1, (cols[None, :T] - plen[:, None]).clamp(0, Lc - 1)[..., None].expand(B, T, C))
     x = model.ln_f(torch.where(in_prompt[..., None], hp, hc))
-    logits = output_layer(model, x)
+    logits = output_layer(model, x if logits_at is None else x[logits_at])
     return (logits, x) if return_hidden else logits
 
 

@@ -472,9 +472,9 @@ def test_a_groups_prompt_run_once_gives_the_update_of_the_plain_forward(monkeypa
     calls = []
     shared = learner_mod.forward_shared_prompts
 
-    def counting(model, idx, prompt_len, return_hidden=False):
+    def counting(model, idx, prompt_len, return_hidden=False, **kwargs):
         calls.append(idx.shape[0])
-        return shared(model, idx, prompt_len, return_hidden)
+        return shared(model, idx, prompt_len, return_hidden, **kwargs)
 
     monkeypatch.setattr(learner_mod, "forward_shared_prompts", counting)
     got, _ = learner.update(batch)
@@ -667,9 +667,9 @@ def test_pi_old_and_the_value_baseline_come_from_one_forward_before_the_update(m
     calls = {True: [], False: []}
     shared = learner_mod.forward_shared_prompts
 
-    def counting(model, idx, prompt_len, return_hidden=False):
+    def counting(model, idx, prompt_len, return_hidden=False, **kwargs):
         calls[torch.is_grad_enabled()].append((model is learner.model, idx.shape[0]))
-        return shared(model, idx, prompt_len, return_hidden)
+        return shared(model, idx, prompt_len, return_hidden, **kwargs)
 
     monkeypatch.setattr(learner_mod, "forward_shared_prompts", counting)
     metrics, _ = learner.update(batch)
@@ -697,7 +697,7 @@ def test_one_log_softmax_over_the_vocabulary_per_micro_batch_and_no_graph_for_an
         calls.append(tuple(x.shape))
         return log_softmax(x, *args, **kwargs)
 
-    def spy(logp, mask):
+    def spy(logp, mask=None):
         out = entropy(logp, mask)
         entropies.append(out.requires_grad)
         return out
@@ -708,3 +708,30 @@ def test_one_log_softmax_over_the_vocabulary_per_micro_batch_and_no_graph_for_an
     micro_batches = -(-batch.num_rows // 3)
     assert len(calls) == micro_batches and all(shape[-1] == learner.vocab_size for shape in calls)
     assert entropies == [coef > 0] * micro_batches and metrics["learner/entropy"] > 0
+
+
+@pytest.mark.parametrize("sets", [(), ("learner.dtype=bfloat16", "algo.kl_coef=0.1"),
+                                  ("algo.baseline=value", "learner.epochs=2")],
+                         ids=["plain", "bf16-kl-pre-passes", "value-pre-pass"])
+def test_the_output_layer_runs_on_the_response_tokens_only(monkeypatch, sets):
+    """The loss and the recomputed log-probabilities look only at the completion tokens: the learner's forwards
+    run the output layer (with GPT-2's vocabulary a third of a position's work, and its logits an update's
+    largest tensors) on those positions alone, and not at all in a pre-pass for the values alone."""
+    import distpg.model as model_mod
+
+    learner, worker = setup(*sets)
+    batch = worker.sample(["abcd=", "dcba=", "bbad="], [0, 1, 2], seed=0)
+    response = sum(len(t) for t in batch.column("completion_tokens").to_pylist())
+    rows = {True: [], False: []}
+    real = model_mod.output_layer
+
+    def counting(model, x):
+        rows[torch.is_grad_enabled()].append(x.shape[0])
+        return real(model, x)
+
+    monkeypatch.setattr(model_mod, "output_layer", counting)
+    learner.update(batch)
+    assert rows[True] == [response] * learner.cfg.learner.epochs  # each optimizer step's forward
+    no_grad = {(): [], ("learner.dtype=bfloat16", "algo.kl_coef=0.1"): [response, response],  # pi_old, reference
+               ("algo.baseline=value", "learner.epochs=2"): [0]}[sets]
+    assert rows[False] == no_grad

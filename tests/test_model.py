@@ -363,6 +363,19 @@ def test_a_prompt_shared_by_its_group_runs_once_with_the_plain_forwards_numbers(
     seen.clear()
     alone = forward_shared_prompts(m, idx[::3], plen[::3])
     assert seen == [4 * T] and torch.equal(alone, m(idx[::3]))
+    # the output layer at chosen positions only (the learner's: the response tokens), shared or not: the
+    # logits of those positions, (N, V) in row-major order, and the same hidden states
+    keep = torch.rand(B, T, generator=g) < 0.4
+    rows_out = []
+    real_output = model_mod.output_layer
+    monkeypatch.setattr(model_mod, "output_layer",
+                        lambda model, x: rows_out.append(x.shape[0]) or real_output(model, x))
+    some, some_h = forward_shared_prompts(m, idx, plen, return_hidden=True, logits_at=keep)
+    torch.testing.assert_close(some, ref[keep], atol=1e-12, rtol=0)
+    torch.testing.assert_close(some_h, ref_h, atol=1e-12, rtol=0)
+    assert torch.equal(m(idx, logits_at=keep), m(idx)[keep])
+    assert torch.equal(forward_shared_prompts(m, idx[::3], plen[::3], logits_at=keep[::3]), m(idx[::3])[keep[::3]])
+    assert rows_out[0] == rows_out[1] == int(keep.sum()) < B * T
 
 
 @pytest.mark.parametrize("T", [1, 5])
