@@ -530,12 +530,21 @@ class Trainer:
         self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
         if busy:
             print(f"distpg: waiting up to ray.timeout_s={cfg.ray.timeout_s:g}s for room: {busy}", flush=True)
+        self.placement = placement
         try:  # on any failure (a SIGTERM too) the caller gets no trainer to close: free the group here
+            said = None  # a node lost after the fit was checked (Ray declares it dead a while later)
             try:
-                wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
+                ready, deadline = self.pg.ready(), time.monotonic() + cfg.ray.timeout_s
+                while not ray.wait([ready], timeout=max(0.0, min(5.0, deadline - time.monotonic())))[0]:
+                    said = self._say_shortage(said, "the placement group")
+                    if time.monotonic() >= deadline:
+                        raise TrainingError(f"reserving the placement group did not finish within "
+                                            f"{cfg.ray.timeout_s:g}s (raise ray.timeout_s if the cluster is just "
+                                            "slow to make room)")
+                wait(ready, cfg.ray.timeout_s, "reserving the placement group")  # its errors, if it failed
             except TrainingError as e:
-                raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
-            self.placement = placement
+                why = said.replace("the replacement", "the placement group") if said else None
+                raise TrainingError(f"{e}; {why or busy or 'the cluster had room when it was asked'}") from None
             self.device = "cuda" if placement.use_gpu else "cpu"
             learner_cls = ColocatedLearner if placement.colocated else self.learner_class
             self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
@@ -583,9 +592,12 @@ class Trainer:
             res, need, have = short
             return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for the "
                     "replacement")
-        if strategy in STRICT:  # enough in total, but maybe not on the right nodes (read only then)
+        # enough in total, but maybe not on the right nodes: a node resource pinned to (learner/rollout
+        # .node_resource) that only the lost node had, or a strict strategy
+        if strategy in STRICT or self.placement.worker_nodes or any(
+                k not in ("CPU", "GPU") for k in self.placement.learner):
             try:
-                _check_strict(self.placement.bundles(n), cluster_nodes(), strategy, self.placement.colocated)
+                _check_nodes(self.placement, n, cluster_nodes(), strategy)
             except ConfigError as e:
                 return f"no room for the replacement on the cluster's live nodes: {e}"
         return None
@@ -633,11 +645,11 @@ class Trainer:
             except WORKER_FAULTS as e:  # the replacement died too: one more fault, against the same budget
                 self.restart_worker(wid, f"died while being handed the weights ({type(e).__name__})", weights_ref)
 
-    def _say_shortage(self, said: str | None) -> str | None:
-        """Print the room shortage (`room_shortage`) once it is known; returns what has been said."""
+    def _say_shortage(self, said: str | None, what: str = "the replacement") -> str | None:
+        """Print the room shortage (`room_shortage`, for `what`) once it is known; returns what has been said."""
         if said is None and (said := self.room_shortage()):
-            print(f"distpg: {said}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
-                  flush=True)
+            print(f"distpg: {said.replace('the replacement', what)}; waiting up to ray.timeout_s="
+                  f"{self.cfg.ray.timeout_s:g}s for a node to join", flush=True)
         return said
 
     def _started_on(self, actor, said: str | None) -> tuple[str, str | None]:

@@ -131,6 +131,41 @@ def test_a_replacement_names_a_strict_placement_the_live_nodes_cannot_hold(ray_s
                           "but only 1 of them fit"), why
 
 
+def test_a_replacement_names_a_node_resource_that_only_the_lost_node_had(ray_session):
+    """Workers (or the learner) pinned to a node resource whose node is lost: the CPUs of the live nodes can
+    still suffice, but no live node has the resource, so the wait for a replacement says so (the local runtime
+    here stands for the live nodes: it has no distpg_node_1)."""
+    from types import SimpleNamespace
+
+    def shortage(*sets):
+        cfg = small_config("run.device=cpu", *sets)
+        return Trainer.room_shortage(SimpleNamespace(cfg=cfg, placement=plan_placement(cfg, 6, 0, NODES)))
+
+    assert shortage() is None
+    why = shortage("rollout.node_resource=distpg_node_1")
+    assert why and why.startswith("no room for the replacement on the cluster's live nodes: rollout.node_resource="
+                                  "'distpg_node_1': no alive node of the cluster has this resource"), why
+    assert "learner.node_resource='distpg_node_0': no alive node" in shortage("learner.node_resource=distpg_node_0")
+
+
+@pytest.mark.ray
+def test_a_placement_group_that_no_live_node_can_hold_is_named_while_the_run_waits(ray_session, tmp_path, capsys):
+    """The fit is checked before the group is asked for; a node lost between the check and the placement (Ray
+    declares it dead a while later) left the run waiting ray.timeout_s in silence, then saying 'the cluster had
+    room when it was asked'. The wait now says what no live node has (here the local runtime lacks the node
+    resource the plan, made against three nodes, pins the workers to)."""
+    from distpg.orchestrator import TrainingError
+
+    cfg = small_config("run.device=cpu", "rollout.node_resource=distpg_node_1", "ray.timeout_s=2")
+    with pytest.raises(TrainingError, match=r"reserving the placement group did not finish within 2s .*; no room "
+                       r"for the placement group on the cluster's live nodes: rollout.node_resource='distpg_node_1': "
+                       r"no alive node"):
+        Trainer(cfg, tmp_path, plan_placement(cfg, 6, 0, NODES))
+    out = capsys.readouterr().out
+    assert "distpg: no room for the placement group on the cluster's live nodes: rollout.node_resource=" in out, out
+    assert "waiting up to ray.timeout_s=2s for a node to join" in out, out
+
+
 def test_gpu_requests_whole_and_fractional_are_checked_per_node():
     two_gpu_nodes = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     # fractional: learner 0.5 + 2 workers x 0.25 = 1 GPU; fits on either node
