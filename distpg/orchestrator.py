@@ -1366,6 +1366,11 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
                                  f"run.stop_reward in {run_dir / 'config.yaml'}"}
 
 
+# set by `_sigterm_interrupts`'s handler: a SIGTERM that lands inside a blocking Ray call (ray.get, ray.wait) comes
+# out of it as a bare KeyboardInterrupt (Ray raises its own on the pending signal), without the "SIGTERM" mark
+_SIGTERM_SEEN = threading.Event()
+
+
 def _sigterm_interrupts():
     """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop; to the driver or
     its whole process group) raises KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as
@@ -1379,6 +1384,7 @@ def _sigterm_interrupts():
 
     def interrupt(signum, frame):
         signal.signal(signal.SIGTERM, _stopping)  # until the cleanup installs it for SIGINT too
+        _SIGTERM_SEEN.set()
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -1461,6 +1467,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
     # dashboard and runtime-env agents outlived an interrupted ray.init)
     local = not ray.is_initialized() and not cluster_address(cfg, address)
+    _SIGTERM_SEEN.clear()
     try:
         sigterm = _sigterm_interrupts()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
         with _ctrl_c_after_it():
@@ -1472,10 +1479,12 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         trainer = Trainer(absolute_run_paths(cfg), Path(run_dir), placement)
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
-    except BaseException:
+    except BaseException as e:
         if created and not (run_dir / "metrics.jsonl").exists():  # failed before its first step
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
+        if isinstance(e, KeyboardInterrupt) and e.args != ("SIGTERM",) and _SIGTERM_SEEN.is_set():
+            raise KeyboardInterrupt("SIGTERM") from None  # Ray's own, raised on our SIGTERM: said as one (143)
         raise
     finally:
         sigint = _said_and_ignored_while_stopping() if sigterm is not None else None

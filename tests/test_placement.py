@@ -246,6 +246,37 @@ def test_a_busy_cluster_is_named_when_the_run_cannot_reserve_its_share(ray_sessi
 
 
 @pytest.mark.ray
+def test_a_sigterm_while_the_run_waits_for_room_is_said_as_a_sigterm(ray_session, tmp_path):
+    """SIGTERM (a scheduler's stop, `timeout`) inside a blocking Ray call, here the wait for the placement group
+    on a busy cluster: Ray raises its own bare KeyboardInterrupt there, so the run ended as a Ctrl-C ('interrupted',
+    exit 130) instead of 'stopped by SIGTERM' (143)."""
+    import os
+    import signal
+    import threading
+
+    @ray_session.remote(num_cpus=1)
+    class Other:
+        def ready(self):
+            return True
+
+    other = Other.remote()
+    try:
+        ray_session.get(other.ready.remote(), timeout=60)
+        cfg = small_config("ray.timeout_s=60")
+        timer = threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt) as raised:
+                train(cfg, tmp_path / "run")
+        finally:
+            timer.cancel()
+        assert raised.value.args == ("SIGTERM",)
+        assert not (tmp_path / "run").exists()
+    finally:
+        ray_session.kill(other)
+
+
+@pytest.mark.ray
 def test_a_run_right_after_another_does_not_call_its_predecessors_share_busy(ray_session):
     """Ray reports the resources of a removed placement group as free a little late: a run started at once after
     another (as distpg scale and distpg bench do) said other jobs held them and that it was waiting for room."""
