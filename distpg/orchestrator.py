@@ -312,6 +312,17 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
                 f"learner.num_gpus={learner['GPU']:g} + {workers} x rollout.num_gpus_per_worker="
                 f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}{hint}"
             )
+        if nodes is not None:
+            # the actors that use a GPU can only go to the nodes that have one, with their CPUs: each may fit there
+            # while all of them do not, and Ray would wait for room that never comes
+            on_gpu = [b for b in placement.bundles(n) if b.get("GPU", 0) > 0]
+            need = sum(b.get("CPU", 0) for b in on_gpu)
+            have = sum(node.get("CPU", 0) for node in nodes if node.get("GPU", 0) > 0)
+            if on_gpu and need > have + 1e-9:
+                raise ConfigError(f"{len(on_gpu)} actor(s) use a GPU (learner.num_gpus, rollout.num_gpus_per_worker) "
+                                  f"and need {need:g} CPUs beside it, but the nodes with GPUs have {have:g} CPUs; "
+                                  "allowed: lower learner.num_cpus or rollout.num_cpus_per_worker, fewer "
+                                  "rollout.num_workers, or run.device=cpu")
     return placement
 
 

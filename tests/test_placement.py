@@ -166,6 +166,18 @@ def test_a_placement_group_that_no_live_node_can_hold_is_named_while_the_run_wai
     assert "waiting up to ray.timeout_s=2s for a node to join" in out, out
 
 
+def test_the_gpu_actors_must_fit_together_on_the_gpu_nodes_cpus():
+    """A cluster whose one GPU node has 1 CPU: each GPU actor of the default config fits there alone, but the
+    learner (1 CPU) and two workers (0.5 each) do not fit together, and Ray waited ray.timeout_s for the group
+    (then 'the cluster had room when it was asked')."""
+    nodes = [{"CPU": 2, "distpg_node_0": 1}, {"CPU": 2, "distpg_node_1": 1}, {"CPU": 1, "GPU": 1}]
+    with pytest.raises(ConfigError, match=r"3 actor\(s\) use a GPU .* need 2 CPUs beside it, but the nodes with "
+                                          r"GPUs have 1 CPUs; allowed: .*run.device=cpu"):
+        plan_placement(small_config(), cpus=5, gpus=1, nodes=nodes)
+    assert plan_placement(small_config("run.device=cpu"), cpus=5, gpus=1, nodes=nodes).use_gpu is False
+    plan_placement(small_config("rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.5"), 5, 1, nodes)
+
+
 def test_gpu_requests_whole_and_fractional_are_checked_per_node():
     two_gpu_nodes = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     # fractional: learner 0.5 + 2 workers x 0.25 = 1 GPU; fits on either node
