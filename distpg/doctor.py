@@ -170,7 +170,7 @@ def connect(address: str | None, timeout: float) -> str | None:
     127.0.0.1). Returns the dashboard URL. A connect that outlives `timeout` ends the process with exit 1:
     ray.init cannot be interrupted otherwise."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
+    if address and address != "auto" and "://" not in address:  # as `distpg train` (init_ray) probes it
         probe(address, min(timeout, 5.0))
     done = threading.Event()
 

@@ -312,6 +312,17 @@ def plan_placement(cfg: Config, cpus: float, gpus: float, nodes: list[dict] | No
                 f"learner.num_gpus={learner['GPU']:g} + {workers} x rollout.num_gpus_per_worker="
                 f"{worker['GPU']:g} need {need_gpu:g} GPUs, but the Ray cluster has {gpus:g}{hint}"
             )
+        if nodes is not None:
+            # the actors that use a GPU can only go to the nodes that have one, with their CPUs: each may fit there
+            # while all of them do not, and Ray would wait for room that never comes
+            on_gpu = [b for b in placement.bundles(n) if b.get("GPU", 0) > 0]
+            need = sum(b.get("CPU", 0) for b in on_gpu)
+            have = sum(node.get("CPU", 0) for node in nodes if node.get("GPU", 0) > 0)
+            if on_gpu and need > have + 1e-9:
+                raise ConfigError(f"{len(on_gpu)} actor(s) use a GPU (learner.num_gpus, rollout.num_gpus_per_worker) "
+                                  f"and need {need:g} CPUs beside it, but the nodes with GPUs have {have:g} CPUs; "
+                                  "allowed: lower learner.num_cpus or rollout.num_cpus_per_worker, fewer "
+                                  "rollout.num_workers, or run.device=cpu")
     return placement
 
 
@@ -530,12 +541,21 @@ class Trainer:
         self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
         if busy:
             print(f"distpg: waiting up to ray.timeout_s={cfg.ray.timeout_s:g}s for room: {busy}", flush=True)
+        self.placement = placement
         try:  # on any failure (a SIGTERM too) the caller gets no trainer to close: free the group here
+            said = None  # a node lost after the fit was checked (Ray declares it dead a while later)
             try:
-                wait(self.pg.ready(), cfg.ray.timeout_s, "reserving the placement group")
+                ready, deadline = self.pg.ready(), time.monotonic() + cfg.ray.timeout_s
+                while not ray.wait([ready], timeout=max(0.0, min(5.0, deadline - time.monotonic())))[0]:
+                    said = self._say_shortage(said, "the placement group")
+                    if time.monotonic() >= deadline:
+                        raise TrainingError(f"reserving the placement group did not finish within "
+                                            f"{cfg.ray.timeout_s:g}s (raise ray.timeout_s if the cluster is just "
+                                            "slow to make room)")
+                wait(ready, cfg.ray.timeout_s, "reserving the placement group")  # its errors, if it failed
             except TrainingError as e:
-                raise TrainingError(f"{e}; {busy or 'the cluster had room when it was asked'}") from None
-            self.placement = placement
+                why = said.replace("the replacement", "the placement group") if said else None
+                raise TrainingError(f"{e}; {why or busy or 'the cluster had room when it was asked'}") from None
             self.device = "cuda" if placement.use_gpu else "cpu"
             learner_cls = ColocatedLearner if placement.colocated else self.learner_class
             self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
@@ -583,9 +603,12 @@ class Trainer:
             res, need, have = short
             return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for the "
                     "replacement")
-        if strategy in STRICT:  # enough in total, but maybe not on the right nodes (read only then)
+        # enough in total, but maybe not on the right nodes: a node resource pinned to (learner/rollout
+        # .node_resource) that only the lost node had, or a strict strategy
+        if strategy in STRICT or self.placement.worker_nodes or any(
+                k not in ("CPU", "GPU") for k in self.placement.learner):
             try:
-                _check_strict(self.placement.bundles(n), cluster_nodes(), strategy, self.placement.colocated)
+                _check_nodes(self.placement, n, cluster_nodes(), strategy)
             except ConfigError as e:
                 return f"no room for the replacement on the cluster's live nodes: {e}"
         return None
@@ -633,11 +656,11 @@ class Trainer:
             except WORKER_FAULTS as e:  # the replacement died too: one more fault, against the same budget
                 self.restart_worker(wid, f"died while being handed the weights ({type(e).__name__})", weights_ref)
 
-    def _say_shortage(self, said: str | None) -> str | None:
-        """Print the room shortage (`room_shortage`) once it is known; returns what has been said."""
+    def _say_shortage(self, said: str | None, what: str = "the replacement") -> str | None:
+        """Print the room shortage (`room_shortage`, for `what`) once it is known; returns what has been said."""
         if said is None and (said := self.room_shortage()):
-            print(f"distpg: {said}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
-                  flush=True)
+            print(f"distpg: {said.replace('the replacement', what)}; waiting up to ray.timeout_s="
+                  f"{self.cfg.ray.timeout_s:g}s for a node to join", flush=True)
         return said
 
     def _started_on(self, actor, said: str | None) -> tuple[str, str | None]:
@@ -1354,6 +1377,11 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
                                  f"run.stop_reward in {run_dir / 'config.yaml'}"}
 
 
+# set by `_sigterm_interrupts`'s handler: a SIGTERM that lands inside a blocking Ray call (ray.get, ray.wait) comes
+# out of it as a bare KeyboardInterrupt (Ray raises its own on the pending signal), without the "SIGTERM" mark
+_SIGTERM_SEEN = threading.Event()
+
+
 def _sigterm_interrupts():
     """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop; to the driver or
     its whole process group) raises KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as
@@ -1367,6 +1395,7 @@ def _sigterm_interrupts():
 
     def interrupt(signum, frame):
         signal.signal(signal.SIGTERM, _stopping)  # until the cleanup installs it for SIGINT too
+        _SIGTERM_SEEN.set()
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -1449,6 +1478,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
     # dashboard and runtime-env agents outlived an interrupted ray.init)
     local = not ray.is_initialized() and not cluster_address(cfg, address)
+    _SIGTERM_SEEN.clear()
     try:
         sigterm = _sigterm_interrupts()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
         with _ctrl_c_after_it():
@@ -1460,10 +1490,12 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         trainer = Trainer(absolute_run_paths(cfg), Path(run_dir), placement)
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
-    except BaseException:
+    except BaseException as e:
         if created and not (run_dir / "metrics.jsonl").exists():  # failed before its first step
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
+        if isinstance(e, KeyboardInterrupt) and e.args != ("SIGTERM",) and _SIGTERM_SEEN.is_set():
+            raise KeyboardInterrupt("SIGTERM") from None  # Ray's own, raised on our SIGTERM: said as one (143)
         raise
     finally:
         sigint = _said_and_ignored_while_stopping() if sigterm is not None else None

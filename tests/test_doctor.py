@@ -103,6 +103,27 @@ def test_a_bad_address_fails_fast_with_a_clear_message(tmp_path):
     assert p.returncode == 1 and "--address 'headnode' is not HOST:PORT" in p.stdout
 
 
+def test_the_addresses_ray_init_takes_besides_host_port_are_tried_as_distpg_train_tries_them(monkeypatch):
+    """RAY_ADDRESS=auto (Ray's 'the cluster running on this machine') and ray://: `distpg train` hands them to
+    ray.init, while doctor refused them as 'not HOST:PORT', so it could not check the cluster a run would use."""
+    import ray
+
+    from distpg import doctor
+
+    tried = []
+
+    def init(address=None, **kwargs):
+        tried.append(address)
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "init", init)
+    for address in ("auto", "ray://headnode:10001"):
+        with pytest.raises(doctor.DoctorError, match=f"cannot connect to the Ray cluster at '{address}': "
+                                                     "ConnectionError: Could not find any running Ray instance"):
+            doctor.connect(address, timeout=30)
+    assert tried == ["auto", "ray://headnode:10001"]
+
+
 def test_the_dashboard_port_given_as_the_gcs_address_fails_fast_naming_it(tmp_path):
     """HOST:8265 (the dashboard, RAY_API_SERVER_ADDRESS's port) as --address: it accepts the TCP connect, so
     ray.init would retry it as a GCS for many minutes; here an HTTP server stands in for the dashboard."""

@@ -131,6 +131,53 @@ def test_a_replacement_names_a_strict_placement_the_live_nodes_cannot_hold(ray_s
                           "but only 1 of them fit"), why
 
 
+def test_a_replacement_names_a_node_resource_that_only_the_lost_node_had(ray_session):
+    """Workers (or the learner) pinned to a node resource whose node is lost: the CPUs of the live nodes can
+    still suffice, but no live node has the resource, so the wait for a replacement says so (the local runtime
+    here stands for the live nodes: it has no distpg_node_1)."""
+    from types import SimpleNamespace
+
+    def shortage(*sets):
+        cfg = small_config("run.device=cpu", *sets)
+        return Trainer.room_shortage(SimpleNamespace(cfg=cfg, placement=plan_placement(cfg, 6, 0, NODES)))
+
+    assert shortage() is None
+    why = shortage("rollout.node_resource=distpg_node_1")
+    assert why and why.startswith("no room for the replacement on the cluster's live nodes: rollout.node_resource="
+                                  "'distpg_node_1': no alive node of the cluster has this resource"), why
+    assert "learner.node_resource='distpg_node_0': no alive node" in shortage("learner.node_resource=distpg_node_0")
+
+
+@pytest.mark.ray
+def test_a_placement_group_that_no_live_node_can_hold_is_named_while_the_run_waits(ray_session, tmp_path, capsys):
+    """The fit is checked before the group is asked for; a node lost between the check and the placement (Ray
+    declares it dead a while later) left the run waiting ray.timeout_s in silence, then saying 'the cluster had
+    room when it was asked'. The wait now says what no live node has (here the local runtime lacks the node
+    resource the plan, made against three nodes, pins the workers to)."""
+    from distpg.orchestrator import TrainingError
+
+    cfg = small_config("run.device=cpu", "rollout.node_resource=distpg_node_1", "ray.timeout_s=2")
+    with pytest.raises(TrainingError, match=r"reserving the placement group did not finish within 2s .*; no room "
+                       r"for the placement group on the cluster's live nodes: rollout.node_resource='distpg_node_1': "
+                       r"no alive node"):
+        Trainer(cfg, tmp_path, plan_placement(cfg, 6, 0, NODES))
+    out = capsys.readouterr().out
+    assert "distpg: no room for the placement group on the cluster's live nodes: rollout.node_resource=" in out, out
+    assert "waiting up to ray.timeout_s=2s for a node to join" in out, out
+
+
+def test_the_gpu_actors_must_fit_together_on_the_gpu_nodes_cpus():
+    """A cluster whose one GPU node has 1 CPU: each GPU actor of the default config fits there alone, but the
+    learner (1 CPU) and two workers (0.5 each) do not fit together, and Ray waited ray.timeout_s for the group
+    (then 'the cluster had room when it was asked')."""
+    nodes = [{"CPU": 2, "distpg_node_0": 1}, {"CPU": 2, "distpg_node_1": 1}, {"CPU": 1, "GPU": 1}]
+    with pytest.raises(ConfigError, match=r"3 actor\(s\) use a GPU .* need 2 CPUs beside it, but the nodes with "
+                                          r"GPUs have 1 CPUs; allowed: .*run.device=cpu"):
+        plan_placement(small_config(), cpus=5, gpus=1, nodes=nodes)
+    assert plan_placement(small_config("run.device=cpu"), cpus=5, gpus=1, nodes=nodes).use_gpu is False
+    plan_placement(small_config("rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.5"), 5, 1, nodes)
+
+
 def test_gpu_requests_whole_and_fractional_are_checked_per_node():
     two_gpu_nodes = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     # fractional: learner 0.5 + 2 workers x 0.25 = 1 GPU; fits on either node
@@ -208,6 +255,37 @@ def test_a_busy_cluster_is_named_when_the_run_cannot_reserve_its_share(ray_sessi
     time.sleep(1)
     assert ray_session.available_resources().get("CPU") == 2
 
+
+
+@pytest.mark.ray
+def test_a_sigterm_while_the_run_waits_for_room_is_said_as_a_sigterm(ray_session, tmp_path):
+    """SIGTERM (a scheduler's stop, `timeout`) inside a blocking Ray call, here the wait for the placement group
+    on a busy cluster: Ray raises its own bare KeyboardInterrupt there, so the run ended as a Ctrl-C ('interrupted',
+    exit 130) instead of 'stopped by SIGTERM' (143)."""
+    import os
+    import signal
+    import threading
+
+    @ray_session.remote(num_cpus=1)
+    class Other:
+        def ready(self):
+            return True
+
+    other = Other.remote()
+    try:
+        ray_session.get(other.ready.remote(), timeout=60)
+        cfg = small_config("ray.timeout_s=60")
+        timer = threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt) as raised:
+                train(cfg, tmp_path / "run")
+        finally:
+            timer.cancel()
+        assert raised.value.args == ("SIGTERM",)
+        assert not (tmp_path / "run").exists()
+    finally:
+        ray_session.kill(other)
 
 
 @pytest.mark.ray
