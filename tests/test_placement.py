@@ -2,6 +2,7 @@
 starts (CPUs, whole and fractional GPUs, custom resources), and torch threads = the CPUs an actor got."""
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -229,11 +230,9 @@ def test_torch_threads_are_the_cpus_each_actor_was_given(ray_session, tmp_path):
         trainer.close()
 
 
-@pytest.mark.ray
-def test_a_busy_cluster_is_named_when_the_run_cannot_reserve_its_share(ray_session, tmp_path, capsys):
-    """Another job holds a CPU of the two: the run says at once what it waits for, and the timeout names it."""
-    from distpg.orchestrator import TrainingError
-
+@contextmanager
+def another_job_holding_a_cpu(ray_session):
+    """An actor of another job holding one CPU of the tests' runtime while the block runs."""
     @ray_session.remote(num_cpus=1)
     class Other:
         def ready(self):
@@ -242,13 +241,22 @@ def test_a_busy_cluster_is_named_when_the_run_cannot_reserve_its_share(ray_sessi
     other = Other.remote()
     try:
         ray_session.get(other.ready.remote(), timeout=60)
+        yield
+    finally:
+        ray_session.kill(other)
+
+
+@pytest.mark.ray
+def test_a_busy_cluster_is_named_when_the_run_cannot_reserve_its_share(ray_session, tmp_path, capsys):
+    """Another job holds a CPU of the two: the run says at once what it waits for, and the timeout names it."""
+    from distpg.orchestrator import TrainingError
+
+    with another_job_holding_a_cpu(ray_session):
         cfg = small_config("ray.timeout_s=2")
         with pytest.raises(TrainingError, match=r"reserving the placement group did not finish within 2s .*; the run "
                            r"reserves 2 CPUs and 1 of the cluster's 2 are free \(other jobs or actors hold the rest\)"):
             Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
         assert "waiting up to ray.timeout_s=2s for room: the run reserves 2 CPUs and 1 of" in capsys.readouterr().out
-    finally:
-        ray_session.kill(other)
     deadline = time.time() + 30  # the group it asked for is given up, not left to take the CPUs later
     while ray_session.available_resources().get("CPU") != 2 and time.time() < deadline:
         time.sleep(0.2)
@@ -266,14 +274,7 @@ def test_a_sigterm_while_the_run_waits_for_room_is_said_as_a_sigterm(ray_session
     import signal
     import threading
 
-    @ray_session.remote(num_cpus=1)
-    class Other:
-        def ready(self):
-            return True
-
-    other = Other.remote()
-    try:
-        ray_session.get(other.ready.remote(), timeout=60)
+    with another_job_holding_a_cpu(ray_session):
         cfg = small_config("ray.timeout_s=60")
         timer = threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM))
         timer.start()
@@ -284,8 +285,6 @@ def test_a_sigterm_while_the_run_waits_for_room_is_said_as_a_sigterm(ray_session
             timer.cancel()
         assert raised.value.args == ("SIGTERM",)
         assert not (tmp_path / "run").exists()
-    finally:
-        ray_session.kill(other)
 
 
 @pytest.mark.ray
