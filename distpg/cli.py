@@ -48,17 +48,17 @@ def _train(args) -> int:
         sigterm = e.args == ("SIGTERM",)  # raised by orchestrator._sigterm_interrupts
         if sigterm:  # the runtime is cleaned up: a SIGTERM repeated now would only lose the resume hint
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
+        hint = _resume_hint(run_dir, cfg.run.steps)
         print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {hint}", file=sys.stderr, flush=True)
         return 143 if sigterm else 130
     except BrokenPipeError:  # `distpg train | head`, or a pager quit: the run is stopped (and cleaned up) as a
         # pipe's writer is, but said with the resume hint instead of a traceback
         _stdout_gone()
-        hint = _resume_hint(run_dir, cfg.run.steps) if run_dir.exists() else "no run folder was kept"
+        hint = _resume_hint(run_dir, cfg.run.steps)
         print(f"distpg: stopped: its standard output was closed (broken pipe); {hint}", file=sys.stderr, flush=True)
         return 141
     except TrainingError as e:
-        hint = _resume_hint(run_dir, cfg.run.steps, e.last_step) if run_dir.exists() else "no run folder was kept"
+        hint = _resume_hint(run_dir, cfg.run.steps, e.last_step)
         print(f"distpg: training failed: {e}\n{hint}", file=sys.stderr, flush=True)
         return 1
     final = summary["final_reward"]
@@ -73,11 +73,14 @@ def _train(args) -> int:
 
 def _resume_hint(run_dir: Path, steps: int, last_step: int | None = None) -> str:
     """What an interrupted run of `steps` steps keeps: its latest complete checkpoint and the command that
-    continues it. `last_step`: the step the run had done when it stopped (None: the last one metrics.jsonl
-    logged; a resume cuts it to the checkpoint, so a resume that stops before its first step lost nothing)."""
+    continues it (or that no run folder was kept: a new run that failed before its first step removes it).
+    `last_step`: the step the run had done when it stopped (None: the last one metrics.jsonl logged; a resume
+    cuts it to the checkpoint, so a resume that stops before its first step lost nothing)."""
     from distpg import checkpoint
 
-    ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
+    if not run_dir.exists():
+        return "no run folder was kept"
+    ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         return (f"no checkpoint was written yet (run.checkpoint_every): distpg train --resume {run_dir} starts it "
                 "over from step 0")

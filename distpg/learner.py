@@ -311,10 +311,10 @@ class Learner:
             chunk = slice(rows.start + lo, min(rows.start + lo + mb, rows.stop))
             L = int(b.response_mask[chunk].any(0).nonzero().max()) + 1  # trim padding
             tokens, mask = b.tokens[chunk, :L], b.response_mask[chunk, 1:L]
-            # model(tokens[:, :-1]): (b, L-1, V), and (b, L-1, C) for the value head; a group's prompt once;
-            # float32 from here on (the loss terms, the value head), whatever learner.dtype the forward ran in
-            # the output layer at the response tokens only: logits (N, V) for the mask's N tokens (none at prompt
-            # and padding positions, where the loss does not look)
+            # model(tokens[:, :-1]) with a group's prompt once: logits (N, V) at the mask's N response tokens only
+            # (none at prompt and padding positions, where the loss does not look), and (b, L-1, C) hidden states
+            # for the value head; float32 from here on (the loss terms, the value head), whatever learner.dtype
+            # the forward ran in
             with self.autocast():
                 out = forward_shared_prompts(self.model, tokens[:, :-1], prompt_len[chunk],
                                              return_hidden=self.value_head is not None, logits_at=mask)

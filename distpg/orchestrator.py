@@ -554,8 +554,7 @@ class Trainer:
                                             "slow to make room)")
                 wait(ready, cfg.ray.timeout_s, "reserving the placement group")  # its errors, if it failed
             except TrainingError as e:
-                why = said.replace("the replacement", "the placement group") if said else None
-                raise TrainingError(f"{e}; {why or busy or 'the cluster had room when it was asked'}") from None
+                raise TrainingError(f"{e}; {said or busy or 'the cluster had room when it was asked'}") from None
             self.device = "cuda" if placement.use_gpu else "cpu"
             learner_cls = ColocatedLearner if placement.colocated else self.learner_class
             self.learner = ray.remote(learner_cls).options(**self.on_bundle(0, placement.learner)).remote(
@@ -594,15 +593,16 @@ class Trainer:
             self.cfg, wid, _threads(self.placement.worker["CPU"]), self.device
         )
 
-    def room_shortage(self) -> str | None:
+    def room_shortage(self, what: str = "the replacement") -> str | None:
         """Why the run's placement group cannot be whole on the cluster's live nodes (after a node loss), or
-        None when they have the resources it reserves."""
+        None when they have the resources it reserves; `what` is what lacks the room (a replacement worker, or
+        the placement group itself at start)."""
         n, strategy = self.cfg.rollout.num_workers, self.cfg.ray.placement_strategy
         short = _short_of(self.placement, n, ray.cluster_resources())  # live nodes
         if short is not None:
             res, need, have = short
-            return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for the "
-                    "replacement")
+            return (f"the run reserves {need:g} {res}s and the cluster's live nodes have {have:g}: no room for "
+                    f"{what}")
         # enough in total, but maybe not on the right nodes: a node resource pinned to (learner/rollout
         # .node_resource) that only the lost node had, or a strict strategy
         if strategy in STRICT or self.placement.worker_nodes or any(
@@ -610,7 +610,7 @@ class Trainer:
             try:
                 _check_nodes(self.placement, n, cluster_nodes(), strategy)
             except ConfigError as e:
-                return f"no room for the replacement on the cluster's live nodes: {e}"
+                return f"no room for {what} on the cluster's live nodes: {e}"
         return None
 
     def restart_worker(self, wid: int, reason: str, weights_ref=None) -> None:
@@ -658,9 +658,9 @@ class Trainer:
 
     def _say_shortage(self, said: str | None, what: str = "the replacement") -> str | None:
         """Print the room shortage (`room_shortage`, for `what`) once it is known; returns what has been said."""
-        if said is None and (said := self.room_shortage()):
-            print(f"distpg: {said.replace('the replacement', what)}; waiting up to ray.timeout_s="
-                  f"{self.cfg.ray.timeout_s:g}s for a node to join", flush=True)
+        if said is None and (said := self.room_shortage(what)):
+            print(f"distpg: {said}; waiting up to ray.timeout_s={self.cfg.ray.timeout_s:g}s for a node to join",
+                  flush=True)
         return said
 
     def _started_on(self, actor, said: str | None) -> tuple[str, str | None]:
