@@ -558,7 +558,24 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    if parts == ["rollout", "stop"] and "\\" in raw:
+        escape = _plain_escape(yaml.compose(raw))
+        if escape is not None:  # the shell passed the backslash on, and YAML keeps it outside double quotes
+            name = {"n": "a newline", "t": "a tab", "r": "a carriage return"}[escape[1]]
+            raise ConfigError(
+                f"--set {item}: {escape} is two characters here, a backslash and {escape[1]!r} (YAML reads "
+                f"escapes only inside double quotes): for {name} double-quote it (--set 'rollout.stop=\"{escape}\"'); "
+                f"for the two characters, single-quote it ('{escape}')")
     return parts, value
+
+
+def _plain_escape(node: yaml.Node | None) -> str | None:
+    """The first \\n, \\t or \\r in an unquoted YAML scalar of `node` (a scalar or a list of them), or None."""
+    nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    for n in nodes:
+        if isinstance(n, yaml.ScalarNode) and n.style is None and (m := re.search(r"\\[ntr]", n.value)):
+            return m.group(0)
+    return None
 
 
 def merge_overrides(data: dict, overrides: list[str]) -> dict:

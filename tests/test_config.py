@@ -146,6 +146,22 @@ def test_set_syntax_errors():
         merge_overrides({}, ["steps=3"])
 
 
+def test_a_stop_string_escape_outside_double_quotes_is_refused_with_both_spellings():
+    """`--set 'rollout.stop=\\n'`: YAML keeps an unquoted backslash, so the run would stop at a backslash and an n
+    (never, with a BPE tokenizer) where the user meant a newline; the error gives the spelling of each."""
+    for item in (r"rollout.stop=\n", r"rollout.stop=[ab, \n]"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [item])
+        said = str(e.value)
+        assert "a backslash and 'n'" in said and r"""for a newline double-quote it (--set 'rollout.stop="\n"')""" \
+            in said and r"single-quote it ('\n')" in said, said
+    with pytest.raises(ConfigError, match="for a tab double-quote it"):
+        load_config(None, [r"rollout.stop=\t"])
+    assert load_config(None, [r'rollout.stop="\n"']).rollout.stop == "\n"  # a newline
+    assert load_config(None, [r"rollout.stop='\n'"]).rollout.stop == "\\n"  # the two characters, asked for
+    assert load_config(None, [r"""rollout.stop=["\t", 'a\r', x\y]"""]).rollout.stop == ["\t", "a\\r", "x\\y"]
+
+
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: [unclosed\n")
