@@ -215,8 +215,7 @@ def _doctor(args) -> int:
     from distpg.doctor import run
 
     cfg = load_config(args.config, args.set) if args.config or args.set else None
-    address = args.address or (cfg.ray.address if cfg is not None else None)
-    return run(address, cfg, args.config or "the default config", timeout=args.timeout, as_json=args.json)
+    return run(args.address, cfg, args.config or "the default config", timeout=args.timeout, as_json=args.json)
 
 
 def _scale(args) -> int:

@@ -427,7 +427,9 @@ def _check_strict(bundles: list[dict], nodes: list[dict], strategy: str, colocat
 
 def cluster_address(cfg: Config, address: str | None) -> str | None:
     """The cluster to join: --address, else ray.address, else $RAY_ADDRESS; None: start a local runtime."""
-    return address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    from distpg.doctor import named_address
+
+    return named_address(address, cfg.ray.address)[0]
 
 
 def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -> bool:
@@ -438,15 +440,15 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
     `code_paths`: folders the actors import from besides the current one, which Ray puts on their sys.path
     (as it does the driver's current folder): the folder a resumed run started in, for its task and reward
     modules."""
-    address = cluster_address(cfg, address)
+    from distpg.doctor import DoctorError, auth_hint, named_address, probe
+
+    address, source = named_address(address, cfg.ray.address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     job = {"job_config": JobConfig(_py_driver_sys_path=list(code_paths))} if code_paths else {}
     if address:
-        from distpg.doctor import DoctorError, auth_hint, probe
-
         if address != "auto" and "://" not in address:  # ray.init would retry an unreachable GCS for minutes
             try:
-                probe(address, timeout=min(10.0, cfg.ray.timeout_s))
+                probe(address, timeout=min(10.0, cfg.ray.timeout_s), source=source)
             except DoctorError as e:
                 raise TrainingError(str(e)) from None
         try:

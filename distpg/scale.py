@@ -318,12 +318,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> str:
     """Join the cluster (--address, ray.address, $RAY_ADDRESS) or start a local runtime big enough for the
     largest point. Returns where the sweep runs, in words."""
-    address = args.address or base.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        from distpg.doctor import DoctorError, connect
+    from distpg.doctor import DoctorError, connect, named_address
 
+    address, source = named_address(args.address, base.ray.address)
+    if address:
         try:
-            connect(address, args.timeout)
+            connect(address, args.timeout, source)
         except DoctorError as e:
             raise ConfigError(str(e)) from None
         return f"Ray cluster at {address}"
