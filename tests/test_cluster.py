@@ -5,6 +5,7 @@ cluster/local-cluster.sh (`ray start` each), jobs submitted by cluster/submit.sh
 One cluster serves the whole module (starting one takes ~20 s on 2 cores); the tests share it read-only.
 """
 
+import csv
 import json
 import os
 import re
@@ -310,16 +311,26 @@ def test_doctor_names_the_address_ray_would_rewrite(cluster):
 def test_scale_on_the_cluster_sweeps_nodes(cluster, tmp_path):
     env, cluster_dir, _ = cluster
     out = tmp_path / "scale"
-    p = sh(sys.executable, "-m", "distpg", "scale", "--workers", "2", "--nodes", "1,2", "--steps", "3", "--warmup",
+    # 6 workers fit on neither 1 nor 2 of the 2-CPU nodes: skipped, and said so in the files, not only on the console
+    p = sh(sys.executable, "-m", "distpg", "scale", "--workers", "2,6", "--nodes", "1,2", "--steps", "3", "--warmup",
            "1", "--prompts-per-worker", "4", "--set", "task.length=4", "--out", str(out),
            env=client_env(env, cluster_dir), timeout=200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     data = json.loads((out / "scaling.json").read_text())
     points = {(pt["nodes"], pt["workers"]): pt for pt in data["points"]}
-    assert set(points) == {(1, 2), (2, 2)}
+    assert list(points) == [(1, 2), (1, 6), (2, 2), (2, 6)]  # as asked
+    measured = [points[1, 2], points[2, 2]]
     assert points[1, 2]["nodes_used"] == 1 and points[2, 2]["nodes_used"] == 2  # pinned by node resources
-    assert all(pt["rollout_tokens_per_s"] > 0 and pt["measured_steps"] == 2 for pt in points.values())
-    assert (out / "scaling.png").stat().st_size > 10_000 and (out / "scaling.csv").exists()
+    assert all(pt["rollout_tokens_per_s"] > 0 and pt["measured_steps"] == 2 and pt["skipped"] is None
+               for pt in measured)
+    for k in (1, 2):
+        assert points[k, 6]["skipped"].startswith("does not fit the cluster: ") and "skipped, does not fit" in p.stdout
+        assert points[k, 6]["rollout_tokens_per_s"] is None and points[k, 6]["efficiency"] is None
+    assert points[1, 2]["efficiency"] == 1.0
+    rows = list(csv.DictReader(open(out / "scaling.csv")))
+    assert [(r["nodes"], r["workers"], bool(r["skipped"])) for r in rows] == [
+        ("1", "2", False), ("1", "6", True), ("2", "2", False), ("2", "6", True)]
+    assert (out / "scaling.png").stat().st_size > 10_000
     assert "3 node(s)" in data["where"]
 
 
