@@ -2,7 +2,8 @@
 cluster/local-cluster.sh (`ray start` each), jobs submitted by cluster/submit.sh (`ray job submit`),
 `distpg doctor` and `distpg scale` against it, and `stop` leaving no process behind.
 
-One cluster serves the whole module (starting one takes ~20 s on 2 cores); the tests share it read-only.
+One cluster serves the whole module (starting one takes ~20 s on 2 cores); the tests share it read-only, but
+for the last ones, which kill its worker nodes. The test that kills a head's GCS starts clusters of its own.
 """
 
 import csv
