@@ -129,3 +129,42 @@ def _retain(root: Path, keep: int, protect: str) -> None:
     for p in complete[: max(0, len(complete) - keep)]:
         if p.name != protect:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_hint(run_dir: Path, steps: int, last_step: int | None = None) -> str:
+    """What an interrupted run of `steps` steps keeps: its latest complete checkpoint and the command that
+    continues it (or that no run folder was kept: a new run that failed before its first step removes it).
+    `last_step`: the step the run had done when it stopped (None: the last one metrics.jsonl logged; a resume
+    cuts it to the checkpoint, so a resume that stops before its first step lost nothing)."""
+    if not run_dir.exists():
+        return "no run folder was kept"
+    ckpt = latest(run_dir)
+    if ckpt is None:
+        return (f"no checkpoint was written yet (run.checkpoint_every): distpg train --resume {run_dir} starts it "
+                "over from step 0")
+    step = run_state(ckpt)["step"]
+    if last_step is None:
+        last_step = last_logged_step(run_dir / "metrics.jsonl")
+    if step >= steps:
+        return f"the run had reached its last step ({step}, checkpointed): nothing is lost"
+    if step == last_step:
+        return (f"the latest checkpoint is step {step}, the last step done: nothing is lost; continue with: "
+                f"distpg train --resume {run_dir}")
+    return (f"the steps after the latest checkpoint (step {step}) are lost; continue with: "
+            f"distpg train --resume {run_dir}")
+
+
+def last_logged_step(path: Path, tail: int = 1 << 16) -> int | None:
+    """The step of the last whole record of a metrics.jsonl (read from its end), or None."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut off by a kill, or the tail's first, partial one
+            continue
+    return None

@@ -21,6 +21,7 @@ from distpg.config import ConfigError, describe, in_job_copy, load_config, load_
 
 
 def _train(args) -> int:
+    from distpg.checkpoint import resume_hint
     from distpg.orchestrator import TrainingError, train
 
     if args.resume:
@@ -48,17 +49,17 @@ def _train(args) -> int:
         sigterm = e.args == ("SIGTERM",)  # raised by orchestrator._sigterm_interrupts
         if sigterm:  # the runtime is cleaned up: a SIGTERM repeated now would only lose the resume hint
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        hint = _resume_hint(run_dir, cfg.run.steps)
+        hint = resume_hint(run_dir, cfg.run.steps)
         print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {hint}", file=sys.stderr, flush=True)
         return 143 if sigterm else 130
     except BrokenPipeError:  # `distpg train | head`, or a pager quit: the run is stopped (and cleaned up) as a
         # pipe's writer is, but said with the resume hint instead of a traceback
         _stdout_gone()
-        hint = _resume_hint(run_dir, cfg.run.steps)
+        hint = resume_hint(run_dir, cfg.run.steps)
         print(f"distpg: stopped: its standard output was closed (broken pipe); {hint}", file=sys.stderr, flush=True)
         return 141
     except TrainingError as e:
-        hint = _resume_hint(run_dir, cfg.run.steps, e.last_step)
+        hint = resume_hint(run_dir, cfg.run.steps, e.last_step)
         print(f"distpg: training failed: {e}\n{hint}", file=sys.stderr, flush=True)
         return 1
     final = summary["final_reward"]
@@ -69,47 +70,6 @@ def _train(args) -> int:
     print(f"distpg: done after {summary['steps']} steps; final reward "
           f"{'n/a' if final is None else format(final, '.3f')}; run folder {summary['run_dir']}", flush=True)
     return 0
-
-
-def _resume_hint(run_dir: Path, steps: int, last_step: int | None = None) -> str:
-    """What an interrupted run of `steps` steps keeps: its latest complete checkpoint and the command that
-    continues it (or that no run folder was kept: a new run that failed before its first step removes it).
-    `last_step`: the step the run had done when it stopped (None: the last one metrics.jsonl logged; a resume
-    cuts it to the checkpoint, so a resume that stops before its first step lost nothing)."""
-    from distpg import checkpoint
-
-    if not run_dir.exists():
-        return "no run folder was kept"
-    ckpt = checkpoint.latest(run_dir)
-    if ckpt is None:
-        return (f"no checkpoint was written yet (run.checkpoint_every): distpg train --resume {run_dir} starts it "
-                "over from step 0")
-    step = checkpoint.run_state(ckpt)["step"]
-    if last_step is None:
-        last_step = _last_logged_step(run_dir / "metrics.jsonl")
-    if step >= steps:
-        return f"the run had reached its last step ({step}, checkpointed): nothing is lost"
-    if step == last_step:
-        return (f"the latest checkpoint is step {step}, the last step done: nothing is lost; continue with: "
-                f"distpg train --resume {run_dir}")
-    return (f"the steps after the latest checkpoint (step {step}) are lost; continue with: "
-            f"distpg train --resume {run_dir}")
-
-
-def _last_logged_step(path: Path, tail: int = 1 << 16) -> int | None:
-    """The step of the last whole record of a metrics.jsonl (read from its end), or None."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):  # a line cut off by a kill, or the tail's first, partial one
-            continue
-    return None
 
 
 def _eval(args) -> int:
@@ -215,8 +175,7 @@ def _doctor(args) -> int:
     from distpg.doctor import run
 
     cfg = load_config(args.config, args.set) if args.config or args.set else None
-    address = args.address or (cfg.ray.address if cfg is not None else None)
-    return run(address, cfg, args.config or "the default config", timeout=args.timeout, as_json=args.json)
+    return run(args.address, cfg, args.config or "the default config", timeout=args.timeout, as_json=args.json)
 
 
 def _scale(args) -> int:

@@ -62,16 +62,24 @@ def auth_hint() -> str:
             "(cluster/local-cluster.sh writes $DISTPG_CLUSTER_DIR/auth_token)")
 
 
-def probe(address: str, timeout: float) -> None:
+def named_address(flag: str | None, configured: str | None) -> tuple[str | None, str]:
+    """The cluster to join and what named it, for messages about it: `flag` (--address), else `configured`
+    (the config's ray.address), else $RAY_ADDRESS. (None, ""): none did; a local runtime is started."""
+    named = ((flag, "--address"), (configured, "ray.address"), (os.environ.get("RAY_ADDRESS"), "$RAY_ADDRESS"))
+    return next(((address, source) for address, source in named if address), (None, ""))
+
+
+def probe(address: str, timeout: float, source: str) -> None:
     """Fail fast on an address nothing listens on: a TCP connect to the GCS, then to the address Ray itself
-    would dial (its CLI and ray.init rewrite 127.0.0.1 and localhost to the machine's routable address)."""
+    would dial (its CLI and ray.init rewrite 127.0.0.1 and localhost to the machine's routable address).
+    `source`: what named the address (`named_address`), which a malformed one's message names."""
     from ray._common.network_utils import parse_address
     from ray._private.services import canonicalize_bootstrap_address
 
     token_check()
     parsed = parse_address(address) if ":" in address else None
     if parsed is None or not str(parsed[1]).isdigit():
-        raise DoctorError(f"--address {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
+        raise DoctorError(f"{source} {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
                           "that cluster/local-cluster.sh prints, or 10.0.0.5:6379)")
     host, port = parsed[0], int(parsed[1])
     _tcp(host, port, timeout, f"cannot reach the Ray cluster at {address!r}")
@@ -165,13 +173,13 @@ def _tcp(host: str, port: int, timeout: float, what: str,
         raise DoctorError(f"{what}: {reason} (TCP connect to {host}:{port}, {timeout:g}s timeout){hint}") from None
 
 
-def connect(address: str | None, timeout: float) -> str | None:
-    """Join the cluster at `address`, or start a local runtime as `distpg train` would (dashboard on
-    127.0.0.1). Returns the dashboard URL. A connect that outlives `timeout` ends the process with exit 1:
-    ray.init cannot be interrupted otherwise."""
+def connect(address: str | None, timeout: float, source: str) -> str | None:
+    """Join the cluster at `address` (named by `source`: see `named_address`), or start a local runtime as
+    `distpg train` would (dashboard on 127.0.0.1). Returns the dashboard URL. A connect that outlives `timeout`
+    ends the process with exit 1: ray.init cannot be interrupted otherwise."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address and address != "auto" and "://" not in address:  # as `distpg train` (init_ray) probes it
-        probe(address, min(timeout, 5.0))
+        probe(address, min(timeout, 5.0), source)
     done = threading.Event()
 
     def give_up() -> None:
@@ -442,14 +450,14 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def run(address: str | None, cfg: Config | None = None, config_label: str = "the config", timeout: float = 60.0,
+def run(flag: str | None, cfg: Config | None = None, config_label: str = "the config", timeout: float = 60.0,
         as_json: bool = False) -> int:
-    """Check the cluster at `address` ($RAY_ADDRESS when None; a local runtime when neither), print the
-    report, return the exit code (1 if anything would make a run fail)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    """Check the cluster at `flag` (--address), else the `cfg`'s ray.address, else $RAY_ADDRESS (a local runtime
+    when none names one), print the report, return the exit code (1 if anything would make a run fail)."""
+    address, source = named_address(flag, cfg.ray.address if cfg is not None else None)
     report = Report(address=f"Ray cluster at {address}" if address else "local Ray runtime (as distpg train starts)")
     try:
-        url = connect(address, timeout)
+        url = connect(address, timeout, source)
     except DoctorError as e:
         report.add(FAIL, str(e))
         print(json.dumps({"address": address, "nodes": [], "findings": report.findings}) if as_json

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -427,7 +428,9 @@ def _check_strict(bundles: list[dict], nodes: list[dict], strategy: str, colocat
 
 def cluster_address(cfg: Config, address: str | None) -> str | None:
     """The cluster to join: --address, else ray.address, else $RAY_ADDRESS; None: start a local runtime."""
-    return address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    from distpg.doctor import named_address
+
+    return named_address(address, cfg.ray.address)[0]
 
 
 def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -> bool:
@@ -438,15 +441,15 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
     `code_paths`: folders the actors import from besides the current one, which Ray puts on their sys.path
     (as it does the driver's current folder): the folder a resumed run started in, for its task and reward
     modules."""
-    address = cluster_address(cfg, address)
+    from distpg.doctor import DoctorError, auth_hint, named_address, probe
+
+    address, source = named_address(address, cfg.ray.address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     job = {"job_config": JobConfig(_py_driver_sys_path=list(code_paths))} if code_paths else {}
     if address:
-        from distpg.doctor import DoctorError, auth_hint, probe
-
         if address != "auto" and "://" not in address:  # ray.init would retry an unreachable GCS for minutes
             try:
-                probe(address, timeout=min(10.0, cfg.ray.timeout_s))
+                probe(address, timeout=min(10.0, cfg.ray.timeout_s), source=source)
             except DoctorError as e:
                 raise TrainingError(str(e)) from None
         try:
@@ -522,6 +525,59 @@ def _loopback_node():
         else:
             os.environ[LOCAL_ONLY_ENV] = saved[0]
         ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+GCS_LOST_EXIT = 1
+
+
+def gcs_reconnect_s() -> float:
+    """How long Ray lets this driver go without its cluster's GCS before it ends the process: the
+    RAY_gcs_rpc_server_reconnect_timeout_s of this process's environment (Ray's documented switch), else Ray's
+    default of 60 s."""
+    try:
+        return max(1.0, float(os.environ.get(GCS_RECONNECT_ENV, "60")))
+    except ValueError:
+        return 60.0
+
+
+def watch_gcs(run_dir: Path, steps: int, every_s: float = 1.0) -> threading.Event:
+    """Watch the GCS (the head node) of the Ray cluster this driver is connected to, until the returned event is
+    set, and end the run with a message when the GCS is lost. Ray itself ends the driver from C++ when its GCS
+    has been gone for `gcs_reconnect_s()` (std::_Exit(1) after its log line "Failed to connect to GCS within 60
+    seconds"), which no Python code outlives; until then the run goes on stepping on the nodes that are left. So
+    a thread dials the GCS every `every_s`; unreachable for all but the last few seconds of Ray's timeout, it
+    prints what happened and the resume hint of the run in `run_dir` (of `steps` steps) and ends the process
+    the same way, exit status GCS_LOST_EXIT: nothing can be cleaned up without the GCS (the actors go with the
+    cluster; the run folder keeps its checkpoints). Not through Ray Client (ray://): the GCS is for its server
+    to reach, not for this process."""
+    from ray._common.network_utils import parse_address
+
+    done = threading.Event()
+    if ray.util.client.ray.is_connected():
+        return done
+    host, port = parse_address(ray.get_runtime_context().gcs_address)
+    reconnect = gcs_reconnect_s()
+    limit = reconnect - min(5.0, reconnect / 2)  # ahead of Ray's own end
+
+    def watch() -> None:
+        lost_at = None
+        while not done.wait(every_s):
+            try:
+                with socket.create_connection((host, int(port)), timeout=every_s):
+                    lost_at = None
+            except OSError:
+                lost_at = lost_at or time.monotonic() - every_s  # it answered `every_s` ago at the latest
+                if time.monotonic() - lost_at >= limit and not done.is_set():
+                    print(f"distpg: training failed: lost the Ray head node: its GCS at {host}:{port} has not "
+                          f"answered for {time.monotonic() - lost_at:.0f}s, and Ray ends this driver at "
+                          f"{reconnect:g}s ({GCS_RECONNECT_ENV}); the run's actors are gone with the cluster. "
+                          f"Restart the cluster; {checkpoint.resume_hint(run_dir, steps)}", file=sys.stderr,
+                          flush=True)
+                    os._exit(GCS_LOST_EXIT)
+
+    threading.Thread(target=watch, daemon=True, name="distpg-gcs-watch").start()
+    return done
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -1474,7 +1530,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
               code_paths: Sequence[str] = ()) -> dict:
     """`train` in the prepared, locked run folder, from `start_step` (`code_paths`: see `init_ray`)."""
     print(f"distpg: run folder {run_dir.resolve()}", flush=True)
-    started, trainer, sigterm = False, None, None
+    started, trainer, sigterm, gcs_watch = False, None, None, None
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
     # dashboard and runtime-env agents outlived an interrupted ray.init)
     local = not ray.is_initialized() and not cluster_address(cfg, address)
@@ -1485,6 +1541,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             # a caller's runtime is reused
             started = False if ray.is_initialized() else init_ray(cfg, address, code_paths)
         _sigterm_interrupts()  # again: ray.init put its own handler (Ray's crash report) in place of the first
+        gcs_watch = watch_gcs(run_dir, cfg.run.steps)  # through the cleanup below too, which needs the GCS
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
         trainer = Trainer(absolute_run_paths(cfg), Path(run_dir), placement)
@@ -1507,6 +1564,8 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             if started or local:
                 stop_local_ray()
         finally:
+            if gcs_watch is not None:
+                gcs_watch.set()
             if sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)
             if sigint is not None:

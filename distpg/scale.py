@@ -24,7 +24,8 @@ and keeps each point's fastest run (all of them are in scaling.json); the load a
 recorded too. On plain local Ray the runtime is given max(cores, learner + N x CPUs per worker) logical CPUs, so that
 N workers can start even past the number of cores: that is the point of the experiment, and why the
 efficiency falls once the workers outnumber the cores. Outputs: scaling.csv, scaling.json, scaling.png
-and one run folder per point under --out, and a table on the console.
+and one run folder per point under --out, and a table on the console. A point whose actors do not fit the cluster
+is not run; the two files keep it, marked `skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,17 @@ class Point:
     efficiency: float = float("nan")
     run_dir: str = ""
     tries_tokens_per_s: list = field(default_factory=list)  # rollout tokens/s of every try (--repeats)
+
+
+@dataclass
+class Skipped:
+    """A point of the sweep that was asked for but not run, and why: its actors do not fit the cluster. Kept in
+    scaling.csv and scaling.json (its measured fields empty), left out of the efficiency, the table and the plot."""
+    workers: int
+    nodes: int | None
+    prompts_per_step: int
+    trajectories_per_step: int
+    skipped: str  # why
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -170,6 +182,23 @@ def summarise(records: list[dict], cfg: Config, nodes: int | None, run_dir: str 
     )
 
 
+def split_by_fit(plan: list[tuple[int, int | None, Config]], cpus: float, gpus: float,
+                 nodes: list[dict]) -> tuple[list[tuple[int, int | None, Config]], list[Skipped]]:
+    """The points of `plan` whose actors fit the cluster (`cpus`, `gpus` in all, on `nodes`), and those that do
+    not, with the reason."""
+    from distpg.orchestrator import plan_placement
+
+    fitting, skipped = [], []
+    for n, k, cfg in plan:
+        try:
+            plan_placement(cfg, cpus, gpus, nodes=nodes)
+            fitting.append((n, k, cfg))
+        except ConfigError as e:
+            per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+            skipped.append(Skipped(n, k, cfg.rollout.prompts_per_step, per_step, f"does not fit the cluster: {e}"))
+    return fitting, skipped
+
+
 def best(tries: list[Point]) -> Point:
     """The try with the highest rollout tokens/s (the one least disturbed by other work on the machine); every
     try's figure is kept in `tries_tokens_per_s`."""
@@ -220,13 +249,15 @@ def format_table(points: list[Point]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(points: list[Point], out: Path, meta: dict) -> list[Path]:
+def write_outputs(points: list[Point | Skipped], out: Path, meta: dict) -> list[Path]:
     """scaling.csv, scaling.json and (where matplotlib is installed: `pip install 'distpg[plot]'`) scaling.png
-    under `out`."""
+    under `out`. Every point asked for has a row, in the order given; a skipped one says why (`skipped`) and
+    has its measured fields empty (null in the JSON), and the plot leaves it out."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(p) for p in points]
+    columns = [f.name for f in fields(Point)] + ["skipped"]
+    rows = [{**dict.fromkeys(columns), **asdict(p)} for p in points]
     with open(out / "scaling.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
     (out / "scaling.json").write_text(json.dumps({**meta, "points": rows}, indent=1))
@@ -237,7 +268,7 @@ def write_outputs(points: list[Point], out: Path, meta: dict) -> list[Path]:
         print("distpg scale: no scaling.png without matplotlib (pip install 'distpg[plot]', then distpg scale "
               "again); the figures are in scaling.csv and scaling.json", flush=True)
         return files
-    return [*files, plot(points, out / "scaling.png", meta)]
+    return [*files, plot([p for p in points if isinstance(p, Point)], out / "scaling.png", meta)]
 
 
 def plot(points: list[Point], path: Path, meta: dict) -> Path:
@@ -318,12 +349,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> str:
     """Join the cluster (--address, ray.address, $RAY_ADDRESS) or start a local runtime big enough for the
     largest point. Returns where the sweep runs, in words."""
-    address = args.address or base.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        from distpg.doctor import DoctorError, connect
+    from distpg.doctor import DoctorError, connect, named_address
 
+    address, source = named_address(args.address, base.ray.address)
+    if address:
         try:
-            connect(address, args.timeout)
+            connect(address, args.timeout, source)
         except DoctorError as e:
             raise ConfigError(str(e)) from None
         return f"Ray cluster at {address}"
@@ -387,7 +418,7 @@ def _load() -> float | None:
 def main(args: argparse.Namespace) -> int:
     import ray
 
-    from distpg.orchestrator import cluster_nodes, plan_placement, stop_local_ray
+    from distpg.orchestrator import cluster_nodes, stop_local_ray
 
     check_overrides(args.set, args.strong)
     base = load_config(args.config, args.set)
@@ -409,13 +440,9 @@ def main(args: argparse.Namespace) -> int:
         load_before = _load()
         print(f"distpg scale: {len(plan)} points, {base.run.mode} mode, on {where}; {machine()}; load average "
               f"{load_before}", flush=True)
-        fitting = []
-        for n, k, cfg in plan:
-            try:
-                plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=nodes)
-                fitting.append((n, k, cfg))
-            except ConfigError as e:
-                print(f"  {_label(n, k)}: skipped, does not fit: {e}", flush=True)
+        fitting, skipped = split_by_fit(plan, res.get("CPU", 0), res.get("GPU", 0), nodes)
+        for s in skipped:
+            print(f"  {_label(s.workers, s.nodes)}: skipped, {s.skipped}", flush=True)
         tries, stop = sweep(fitting, args.repeats, args.warmup, out)
     finally:
         stop_local_ray()
@@ -425,6 +452,8 @@ def main(args: argparse.Namespace) -> int:
     if not points:
         _raise_stop(stop, "no point was measured before it")
     add_efficiency(points)
+    order = [(n, k) for n, k, _ in plan]  # the plan's, so a skipped point sits where it was asked for
+    asked = sorted([*points, *skipped], key=lambda p: order.index((p.workers, p.nodes)))
     meta = {"where": where, "machine": machine(), "cores": os.cpu_count(), "config": base.to_dict(),
             "warmup": args.warmup, "steps": args.steps, "scaling": "strong" if args.strong else "weak",
             "mode": base.run.mode,
@@ -436,7 +465,7 @@ def main(args: argparse.Namespace) -> int:
             "per second of the run (async: the phases overlap)"}
     if stop is not None:
         meta["stopped"] = f"{stop[0]}: {stop[2] or 'interrupted'}"
-    files = write_outputs(points, out, meta)
+    files = write_outputs(asked, out, meta)
     print(format_table(points))
     print("wrote " + ", ".join(str(f) for f in files))
     if stop is not None:

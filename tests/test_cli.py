@@ -199,15 +199,15 @@ def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "held-out prompts: 16" in p.stdout
     # what a stop now keeps (a resume that stops before its first step, or a stop after step 3 unlogged) ...
-    from distpg.cli import _resume_hint
+    from distpg.checkpoint import resume_hint
 
     metrics = tmp_path / "run" / "metrics.jsonl"
     logged = metrics.read_text()
-    assert "checkpoint is step 2, the last step done: nothing is lost" in _resume_hint(tmp_path / "run", 3)
+    assert "checkpoint is step 2, the last step done: nothing is lost" in resume_hint(tmp_path / "run", 3)
     metrics.write_text(logged + '{"step": 3, "rollout/rew')  # a record cut off by a kill
-    assert "nothing is lost" in _resume_hint(tmp_path / "run", 3)
+    assert "nothing is lost" in resume_hint(tmp_path / "run", 3)
     metrics.write_text(logged + '{"step": 3}\n')
-    assert "the steps after the latest checkpoint (step 2) are lost" in _resume_hint(tmp_path / "run", 3)
+    assert "the steps after the latest checkpoint (step 2) are lost" in resume_hint(tmp_path / "run", 3)
     metrics.write_text(logged)
     # ... and resumed from there, one more step: the Ray workers find the module where the run started too
     config = tmp_path / "run" / "config.yaml"

@@ -2,19 +2,23 @@
 cluster/local-cluster.sh (`ray start` each), jobs submitted by cluster/submit.sh (`ray job submit`),
 `distpg doctor` and `distpg scale` against it, and `stop` leaving no process behind.
 
-One cluster serves the whole module (starting one takes ~20 s on 2 cores); the tests share it read-only.
+One cluster serves the whole module (starting one takes ~20 s on 2 cores); the tests share it read-only, but
+for the last ones, which kill its worker nodes. The test that kills a head's GCS starts clusters of its own.
 """
 
+import csv
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -76,13 +80,22 @@ def listening_addresses(pids: set[int]) -> list[tuple[int, str]]:
 @pytest.fixture(scope="module")
 def cluster():
     """A head + 2 worker nodes, 2 CPUs each, token authentication on. Stopped at the end, and checked gone."""
-    cluster_dir = Path(f"/tmp/distpg-test-{os.getpid()}-{int(time.time())}")
+    with running_cluster(2) as started:
+        yield started
+
+
+@contextmanager
+def running_cluster(workers: int, name: str = "test"):
+    """cluster/local-cluster.sh with a head and `workers` worker nodes of 2 CPUs each: (env, its dir, GCS port).
+    Stopped at the end, and checked gone. A short `name`: Ray's socket paths under the dir must stay within
+    the 107 bytes of a Unix socket's (with "head-loss" the head's dashboard failed to start)."""
+    cluster_dir = Path(f"/tmp/distpg-{name}-{os.getpid()}-{int(time.time())}")
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "DISTPG_CLUSTER_DIR": str(cluster_dir), "DISTPG_CLUSTER_CPUS": "2",
            "PATH": bindir + os.pathsep + os.environ["PATH"], "PYTHON": sys.executable}
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
-    started = sh("cluster/local-cluster.sh", "start", "2", env=env)
+    started = sh("cluster/local-cluster.sh", "start", str(workers), env=env)
     assert started.returncode == 0, started.stdout + started.stderr
     gcs_port = (cluster_dir / "gcs_port").read_text().strip()
     try:
@@ -310,16 +323,26 @@ def test_doctor_names_the_address_ray_would_rewrite(cluster):
 def test_scale_on_the_cluster_sweeps_nodes(cluster, tmp_path):
     env, cluster_dir, _ = cluster
     out = tmp_path / "scale"
-    p = sh(sys.executable, "-m", "distpg", "scale", "--workers", "2", "--nodes", "1,2", "--steps", "3", "--warmup",
+    # 6 workers fit on neither 1 nor 2 of the 2-CPU nodes: skipped, and said so in the files, not only on the console
+    p = sh(sys.executable, "-m", "distpg", "scale", "--workers", "2,6", "--nodes", "1,2", "--steps", "3", "--warmup",
            "1", "--prompts-per-worker", "4", "--set", "task.length=4", "--out", str(out),
            env=client_env(env, cluster_dir), timeout=200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     data = json.loads((out / "scaling.json").read_text())
     points = {(pt["nodes"], pt["workers"]): pt for pt in data["points"]}
-    assert set(points) == {(1, 2), (2, 2)}
+    assert list(points) == [(1, 2), (1, 6), (2, 2), (2, 6)]  # as asked
+    measured = [points[1, 2], points[2, 2]]
     assert points[1, 2]["nodes_used"] == 1 and points[2, 2]["nodes_used"] == 2  # pinned by node resources
-    assert all(pt["rollout_tokens_per_s"] > 0 and pt["measured_steps"] == 2 for pt in points.values())
-    assert (out / "scaling.png").stat().st_size > 10_000 and (out / "scaling.csv").exists()
+    assert all(pt["rollout_tokens_per_s"] > 0 and pt["measured_steps"] == 2 and pt["skipped"] is None
+               for pt in measured)
+    for k in (1, 2):
+        assert points[k, 6]["skipped"].startswith("does not fit the cluster: ") and "skipped, does not fit" in p.stdout
+        assert points[k, 6]["rollout_tokens_per_s"] is None and points[k, 6]["efficiency"] is None
+    assert points[1, 2]["efficiency"] == 1.0
+    rows = list(csv.DictReader(open(out / "scaling.csv")))
+    assert [(r["nodes"], r["workers"], bool(r["skipped"])) for r in rows] == [
+        ("1", "2", False), ("1", "6", True), ("2", "2", False), ("2", "6", True)]
+    assert (out / "scaling.png").stat().st_size > 10_000
     assert "3 node(s)" in data["where"]
 
 
@@ -425,3 +448,38 @@ def test_a_run_that_lost_its_workers_node_goes_on_once_the_node_joins_again(clus
     ledger = pq.read_table(run / "ledger.parquet")
     keys = list(zip(ledger.column("prompt_id").to_pylist(), ledger.column("sample_idx").to_pylist()))
     assert len(keys) == len(set(keys)) == 30 * 32 * 8
+
+
+@pytest.mark.slow
+def test_losing_the_head_node_ends_the_run_with_the_resume_hint_before_ray_ends_it(tmp_path):
+    """The head's GCS killed mid-run, its raylet left (as for a driver on a node that survives the head): the
+    run steps on, and Ray ends the driver from C++ after RAY_gcs_rpc_server_reconnect_timeout_s (60 s by
+    default) with exit status 1 and only its own log line. distpg says what was lost and how to go on a few
+    seconds before (here with Ray's timeout at 10 s), and the run resumed on a new cluster ends at its last step.
+    Its own clusters: the GCS does not come back."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distpg", "train", "--run-dir", str(run), "--set", "run.steps=60",
+           "--set", "run.stop_reward=null", "--set", "task.length=4", "--set", "run.checkpoint_every=2",
+           "--set", "learner.node_resource=distpg_node_1", "--set", "rollout.num_workers=1"]
+    with running_cluster(1, "hl") as (env, cluster_dir, _):
+        proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT),
+                                          "RAY_gcs_rpc_server_reconnect_timeout_s": "10"},
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(proc, (run / "checkpoints" / "latest").exists)
+        gcs = subprocess.run(["pgrep", "-f", f"gcs_server --log_dir={cluster_dir}/node_0/"], capture_output=True,
+                             text=True).stdout.split()
+        assert len(gcs) == 1 and proc.poll() is None, gcs
+        os.kill(int(gcs[0]), signal.SIGKILL)
+        t0 = time.perf_counter()
+        out, _ = proc.communicate(timeout=120)
+        took = time.perf_counter() - t0
+    assert proc.returncode == 1, out[-4000:]
+    assert "distpg: training failed: lost the Ray head node: its GCS at LOCALHOST:" in out, out[-4000:]
+    assert "Ray ends this driver at 10s (RAY_gcs_rpc_server_reconnect_timeout_s)" in out
+    assert f"continue with: distpg train --resume {run}" in out and "Failed to connect to GCS" not in out, out[-3000:]
+    assert 4 < took < 10, took  # from 5 s of silence on; Ray's own end would come at 10 s
+    with running_cluster(1, "hl2") as (env, cluster_dir, _):
+        p = sh(sys.executable, "-m", "distpg", "train", "--resume", str(run),
+               env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "done after 60 steps" in p.stdout

@@ -3,6 +3,7 @@ real run against the local runtime `distpg train` would start. (Against a 3-node
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -120,8 +121,31 @@ def test_the_addresses_ray_init_takes_besides_host_port_are_tried_as_distpg_trai
     for address in ("auto", "ray://headnode:10001"):
         with pytest.raises(doctor.DoctorError, match=f"cannot connect to the Ray cluster at '{address}': "
                                                      "ConnectionError: Could not find any running Ray instance"):
-            doctor.connect(address, timeout=30)
+            doctor.connect(address, timeout=30, source="--address")
     assert tried == ["auto", "ray://headnode:10001"]
+
+
+@pytest.mark.parametrize("flag, setting, env, named", [
+    ("headnode", "LOCALHOST:1", "LOCALHOST:1", "--address 'headnode'"),
+    (None, "headnode", "LOCALHOST:1", "ray.address 'headnode'"),  # the config's field before the environment's
+    (None, None, "headnode", "$RAY_ADDRESS 'headnode'"),
+])
+def test_a_malformed_address_is_named_by_what_gave_it(flag, setting, env, named, monkeypatch, capsys, tmp_path):
+    """The "is not HOST:PORT" message of `distpg train`, `doctor` and `scale` said --address also where the address
+    came from the config or $RAY_ADDRESS. Each fails before Ray is started."""
+    from distpg.cli import main
+    from distpg.orchestrator import TrainingError, init_ray
+    from tests.conftest import small_config
+
+    monkeypatch.setenv("RAY_ADDRESS", env)
+    says = f"{named} is not HOST:PORT"
+    overrides = [] if setting is None else [f"ray.address={setting}"]
+    with pytest.raises(TrainingError, match=re.escape(says)):  # where `distpg train` joins the cluster
+        init_ray(small_config(*overrides), flag)
+    args = ([] if flag is None else ["--address", flag]) + [a for o in overrides for a in ("--set", o)]
+    assert main(["doctor", *args]) == 1 and says in capsys.readouterr().out
+    assert main(["scale", *args, "--out", str(tmp_path / "scale")]) == 2
+    assert says in capsys.readouterr().err
 
 
 def test_the_dashboard_port_given_as_the_gcs_address_fails_fast_naming_it(tmp_path):

@@ -309,12 +309,12 @@ def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path)
     uninterrupted run, without the first attempt's metrics, rollouts or TensorBoard steps twice."""
     import shutil
 
-    from distpg.cli import _resume_hint
+    from distpg.checkpoint import resume_hint
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
     shutil.rmtree(run / "checkpoints")  # as if stopped at step 9 before checkpoint 3 was written
-    assert "distpg train --resume" in _resume_hint(run, 9) and "starts it over from step 0" in _resume_hint(run, 9)
+    assert "distpg train --resume" in resume_hint(run, 9) and "starts it over from step 0" in resume_hint(run, 9)
     code, out = run_to_end(["train", "--resume", str(run)])
     assert code == 0, out[-3000:]
     assert "distpg: resuming from step 0: the run has no checkpoint yet" in out

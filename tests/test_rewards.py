@@ -85,7 +85,7 @@ def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_check
     and with step 3 checkpointed (run.checkpoint_every=2 alone would keep step 2), so fixing the reward and
     resuming redoes no update."""
     from distpg import checkpoint
-    from distpg.cli import _resume_hint
+    from distpg.checkpoint import resume_hint
     from distpg.orchestrator import TrainingError
 
     counter = tmp_path / "calls"
@@ -95,7 +95,7 @@ def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_check
         train(cfg, tmp_path / "r")
     assert checkpoint.run_state(checkpoint.latest(tmp_path / "r"))["step"] == 3
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
-    assert _resume_hint(tmp_path / "r", 6, e.value.last_step) == (
+    assert resume_hint(tmp_path / "r", 6, e.value.last_step) == (
         f"the latest checkpoint is step 3, the last step done: nothing is lost; continue with: "
         f"distpg train --resume {tmp_path / 'r'}")
 
@@ -116,7 +116,7 @@ def test_in_async_mode_a_reward_function_that_breaks_stops_the_run_with_its_last
     step 3's update, which is logged and checkpointed before the run stops (a checkpoint taken at once would
     hold that update under step 2's number; none at all was taken before)."""
     from distpg import checkpoint
-    from distpg.cli import _resume_hint
+    from distpg.checkpoint import resume_hint
     from distpg.orchestrator import Trainer, TrainingError
 
     monkeypatch.setattr(Trainer, "learner_class", SlowThirdUpdate)
@@ -133,7 +133,7 @@ def test_in_async_mode_a_reward_function_that_breaks_stops_the_run_with_its_last
     saved = checkpoint.latest(tmp_path / "r")
     assert checkpoint.run_state(saved)["step"] == 3
     assert json.loads((saved / "state.json").read_text())["version"] == 3  # step 3's update, no later one
-    assert _resume_hint(tmp_path / "r", 8, 3) == (
+    assert resume_hint(tmp_path / "r", 8, 3) == (
         f"the latest checkpoint is step 3, the last step done: nothing is lost; continue with: "
         f"distpg train --resume {tmp_path / 'r'}")
 

@@ -13,6 +13,7 @@ import pytest
 from distpg.config import ConfigError
 from distpg.scale import (
     Point,
+    Skipped,
     add_efficiency,
     best,
     format_table,
@@ -85,6 +86,18 @@ def test_efficiency_is_throughput_over_n_times_the_one_worker_point():
     assert [p.efficiency for p in pts] == pytest.approx([1.0, 2000 * 2 / (4 * 1800)])
 
 
+def test_points_that_do_not_fit_the_cluster_are_skipped_with_the_reason():
+    from distpg.scale import split_by_fit
+
+    names = ["distpg_node_0", "distpg_node_1"]
+    nodes = [{"CPU": 2.0, name: 1.0} for name in names]  # two 2-CPU nodes; the learner takes 1 CPU, G = 4
+    plan = plan_points(small_config(), [1, 3], [1, 2], names, 4, 1.0)
+    fitting, skipped = split_by_fit(plan, 4, 0, nodes)
+    assert [(n, k) for n, k, _ in fitting] == [(1, 1), (3, 2)]
+    assert [(s.workers, s.nodes, s.prompts_per_step, s.trajectories_per_step) for s in skipped] == [(3, 1, 12, 48)]
+    assert skipped[0].skipped.startswith("does not fit the cluster: ") and "distpg_node_0" in skipped[0].skipped
+
+
 def test_the_fastest_try_of_a_point_counts_and_all_are_kept():
     tries = [point(2, 1500), point(2, 1800), point(2, 900)]
     top = best(tries)
@@ -94,14 +107,19 @@ def test_the_fastest_try_of_a_point_counts_and_all_are_kept():
 def test_outputs_csv_json_png_and_table(tmp_path):
     pts = [point(1, 1000, 1), point(2, 1800, 1), point(2, 1700, 2)]
     add_efficiency(pts)
-    files = write_outputs(pts, tmp_path, {"where": "test", "machine": "test machine"})
+    # a point that did not fit the cluster is in both files, saying so (it was printed, then left out of them)
+    skipped = Skipped(4, 1, 16, 128, "does not fit the cluster: only 3 workers fit")
+    files = write_outputs([*pts[:2], skipped, pts[2]], tmp_path, {"where": "test", "machine": "test machine"})
     assert [f.name for f in files] == ["scaling.csv", "scaling.json", "scaling.png"]
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
-    assert [(r["workers"], r["nodes"], r["efficiency"]) for r in rows] == [("1", "1", "1.0"), ("2", "1", "0.9"),
-                                                                            ("2", "2", "0.85")]
+    assert [(r["workers"], r["nodes"], r["efficiency"], r["skipped"]) for r in rows] == [
+        ("1", "1", "1.0", ""), ("2", "1", "0.9", ""), ("4", "1", "", skipped.skipped), ("2", "2", "0.85", "")]
+    assert rows[2]["rollout_tokens_per_s"] == rows[2]["run_dir"] == "" and rows[2]["trajectories_per_step"] == "128"
     data = json.loads((tmp_path / "scaling.json").read_text())
-    assert data["machine"] == "test machine" and len(data["points"]) == 3
-    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["machine"] == "test machine" and len(data["points"]) == 4
+    assert data["points"][2]["skipped"] == skipped.skipped and data["points"][2]["rollout_tokens_per_s"] is None
+    assert data["points"][0]["skipped"] is None and data["points"][0]["rollout_tokens_per_s"] == 1000
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"  # drawn from the measured points
     table = format_table(pts).splitlines()
     assert "tokens/s" in table[0] and "efficiency" in table[0] and table[2].split()[-1] == "0.90"
 
