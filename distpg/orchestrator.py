@@ -884,6 +884,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- logging
     def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:
         cfg = self.cfg
+        say_not_scored(step, batches)
         stats = rollout_stats(batches)
         rollout_tokens = stats.pop("_tokens")
         self.worker_busy_s += sum(_meta_seconds(b) for b in batches)
@@ -1131,6 +1132,26 @@ class AsyncPipeline:
             self.handed[w] = self.version
         for s in lost:
             self.issue(s, w)
+
+
+def say_not_scored(step: int, batches: list[pa.RecordBatch]) -> None:
+    """A step's samples that no reward function scored (each returned None: it does not apply) are masked, as
+    failed ones (`reward_ok` false, in `rollout/failed_rewards`, no gradient); said with a warning, as TRL warns
+    where every function returned None, and the run goes on. Where not one sample of the run's first step was
+    scored, the functions return nothing at all (a forgotten `return`, which returns None): TrainingError.
+    Only the first step is checked so: a later step whose samples none applies to is a warning, and a resumed
+    run, which never redoes the first step, goes on where the uninterrupted one went on."""
+    n = sum(int((b.schema.metadata or {}).get(b"not_scored", 0)) for b in batches)
+    total = sum(b.num_rows for b in batches)
+    if n == total and step == 1:
+        raise TrainingError(f"every reward function returned None for all {total} samples of the run's first "
+                            "step: a function that forgot its `return` does that. None says that a function does "
+                            "not apply to a sample (TRL's convention), and none applied to any of them: return a "
+                            "number for the samples a function scores (if they apply to so few prompts that a "
+                            "step can miss them all, another run.seed draws another first step)")
+    if n:
+        print(f"distpg: warning: step {step}: {n} of its {total} samples got no reward (every reward function "
+              "returned None: none applies to them); they are masked and carry no gradient", flush=True)
 
 
 def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
