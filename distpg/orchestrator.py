@@ -781,9 +781,11 @@ class Trainer:
 
     def evaluate(self, step: int) -> int:
         """run.eval_every: the learner's policy scored on the held-out prompts (greedy, as `distpg eval`), into
-        eval.jsonl, TensorBoard and a console line. In async mode the learner may have applied later updates
-        when the call reaches it: the record names the version scored. A reward function that fails on every
-        held-out prompt is reported, and training goes on. Returns the version scored (or `step`)."""
+        eval.jsonl, TensorBoard and a console line. The version scored is `step`'s, in async mode too: the loop
+        gets a step's record only once its update is done and issues the next update after this call returns,
+        so none is in flight (a resume forgets the evaluations past its checkpoint and redoes them with the
+        steps, see `_prepare_run_dir`). A reward function that fails on every held-out prompt is reported, and
+        training goes on. Returns the version scored (or `step`)."""
         try:
             res = wait(self.learner.evaluate.remote(), self.cfg.ray.timeout_s, f"the evaluation after step {step}")
         except RewardFailure as e:
@@ -1329,6 +1331,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     if (run_dir / "metrics.jsonl").exists():
         cut_records(run_dir / "metrics.jsonl", "step", start)
     if (run_dir / EVALS).exists():  # run.eval_every: the evaluations of the policies the resume does not redo
+        # (an evaluation's version is its step: `Trainer.evaluate`)
         cut_records(run_dir / EVALS, "version", start)
     # the rollouts buffered at its latest checkpoint, unless the flush that followed wrote them to their file
     unflushed = run_dir / "rollouts" / UNFLUSHED
