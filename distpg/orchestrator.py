@@ -751,7 +751,8 @@ class Trainer:
         try:
             for record in steps:
                 step = record["step"]
-                recent.append(record["rollout/reward_mean"])
+                if not np.isnan(record["rollout/reward_mean"]):  # a step no sample of which was scored has none
+                    recent.append(record["rollout/reward_mean"])
                 if cfg.run.eval_every is not None and step % cfg.run.eval_every == 0:
                     evaluated = self.evaluate(step)
                 if cfg.run.max_time_s is not None and time.perf_counter() - self.t_start >= cfg.run.max_time_s:
@@ -1367,11 +1368,14 @@ def _cut_table(path: Path, column: str, last: int, out: Path | None = None, **op
     write_table(table.filter(pc.less_equal(table.column(column), last)), out or path, **options)
 
 
-STOP_WINDOW = 5  # run.stop_reward compares the mean reward of this many last steps
+STOP_WINDOW = 5  # run.stop_reward compares the mean reward of this many last steps (those with a reward)
 
 
 def stop_reward_reached(cfg: Config, recent) -> bool:
-    """Has the mean reward of the last STOP_WINDOW steps (`recent`, oldest first) reached run.stop_reward?"""
+    """Has the mean reward of the last STOP_WINDOW steps (`recent`, oldest first) reached run.stop_reward? A step
+    none of whose samples was scored (its rewards all failed, hung, or every function returned None) has no
+    reward and is not one of them: it would hold the window's mean at NaN, and the run from stopping, for
+    STOP_WINDOW steps."""
     return cfg.run.stop_reward is not None and len(recent) == STOP_WINDOW and np.mean(recent) >= cfg.run.stop_reward
 
 
