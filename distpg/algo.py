@@ -201,7 +201,8 @@ def entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
 
 def entropy_of_logprobs(logp: torch.Tensor, response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`entropy` from the log-probabilities log softmax(logits) (B, T, V) a caller already has; without a mask,
-    the mean over every position of logp (..., V) (the response tokens' alone, packed (N, V))."""
+    the mean over every position of logp (..., V) (the response tokens' alone, packed (N, V)); with one, the mean
+    over its positions (for packed (N, V), an (N,) mask: the tokens of the samples that carry gradient)."""
     # 0 · log 0 = 0: a token of probability 0 (logit -inf) must add 0, not 0 · -inf = NaN
     ent = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # (B, T)
     if response_mask is None:

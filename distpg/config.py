@@ -45,7 +45,8 @@ class RunConfig:
     )
     device: str = _f("auto", "auto: GPUs when the cluster has them, else CPU", ("auto", "cpu", "cuda"))
     stop_reward: float | None = _f(
-        None, "stop early once the mean reward of the last 5 steps reaches this (null: run all steps)"
+        None, "stop early once the mean reward of the last 5 steps reaches this (steps no sample of which got a "
+        "reward are left out; null: run all steps)"
     )
     max_time_s: float | None = _f(None, "stop after this many seconds of training in this start, with a "
                                  "checkpoint (a --resume counts afresh: a time slot per job; null: no limit)")

@@ -120,7 +120,7 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
     # as in training: a user's reward function runs in a killable child with rollout.reward_timeout_s
     scores, ok, errors, parts = rewards.score(task, prompts, completions, reward_isolation(cfg),
                                               cfg.rollout.reward_timeout_s, ids)
-    if not any(ok):  # the child hung or died (score raises for a function that failed on every sample)
+    if not any(ok):  # the child hung or died, or every function returned None (score raises for the others)
         raise rewards.RewardError(f"the reward function of task {task.name!r} gave no reward for the "
                                   f"{len(prompts)} held-out prompts: {errors[0]}")
     targets = [task.target(p) for p in prompts]

@@ -303,6 +303,7 @@ class Learner:
         if not bool(valid[rows].any()):
             return None  # an optimizer step would only replay momentum
         B, num_tokens = rows.stop - rows.start, int(b.response_mask[rows].sum())
+        learned_tokens = int((b.response_mask[rows] & valid[rows, None]).sum())
         mb = self.cfg.learner.micro_batch_size or B
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = ent_sum = kl_sum = value_loss_sum = 0.0
@@ -345,24 +346,26 @@ class Learner:
             )
             loss = loss + pg
             corrected += int(n_corrected)
-            # the chunk's share of the part's response tokens: the entropy and the KL diagnostic are means over
-            # every response token of the part, so micro-batching must not change them
-            n = int(mask.sum()) / max(1, num_tokens)
+            # the chunk's share of the part's response tokens of the samples that carry gradient: the entropy (its
+            # bonus and its log) and the KL diagnostic are means over those tokens of the part, so micro-batching
+            # must not change them, and a sample whose reward failed is left out of them as out of every term
+            n = int(grad_mask.sum()) / max(1, learned_tokens)
+            learned = grad_mask[mask]  # (N,): which of the packed response tokens (logp_all's rows) count
             if self.ref_model is not None:
                 norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
                 loss = loss + ac.kl_coef * algo.kl_pathwise(logp, ref_lp[chunk, 1:L], grad_mask, ac.kl_estimator,
                                                             norm, weight=scale[chunk])
             if ac.entropy_coef > 0:
-                ent = algo.entropy_of_logprobs(logp_all)
+                ent = algo.entropy_of_logprobs(logp_all, learned)
                 loss = loss - ac.entropy_coef * ent * n
             else:  # logged only: no autograd graph (it held three more (N, V) tensors until the step's end)
                 with torch.no_grad():
-                    ent = algo.entropy_of_logprobs(logp_all)
+                    ent = algo.entropy_of_logprobs(logp_all, learned)
             loss.backward()
             loss_sum += loss.item()
             with torch.no_grad():
                 ent_sum += ent.item() * n
-                kl_sum += algo.kl_k3(logp, b.policy_logprobs[chunk, 1:L], mask).item() * n
+                kl_sum += algo.kl_k3(logp, b.policy_logprobs[chunk, 1:L], grad_mask).item() * n
 
         grad_norm = self._grad_norm()
         taken = math.isfinite(loss_sum) and math.isfinite(grad_norm)

@@ -807,7 +807,8 @@ class Trainer:
         try:
             for record in steps:
                 step = record["step"]
-                recent.append(record["rollout/reward_mean"])
+                if not np.isnan(record["rollout/reward_mean"]):  # a step no sample of which was scored has none
+                    recent.append(record["rollout/reward_mean"])
                 if cfg.run.eval_every is not None and step % cfg.run.eval_every == 0:
                     evaluated = self.evaluate(step)
                 if cfg.run.max_time_s is not None and time.perf_counter() - self.t_start >= cfg.run.max_time_s:
@@ -837,9 +838,11 @@ class Trainer:
 
     def evaluate(self, step: int) -> int:
         """run.eval_every: the learner's policy scored on the held-out prompts (greedy, as `distpg eval`), into
-        eval.jsonl, TensorBoard and a console line. In async mode the learner may have applied later updates
-        when the call reaches it: the record names the version scored. A reward function that fails on every
-        held-out prompt is reported, and training goes on. Returns the version scored (or `step`)."""
+        eval.jsonl, TensorBoard and a console line. The version scored is `step`'s, in async mode too: the loop
+        gets a step's record only once its update is done and issues the next update after this call returns,
+        so none is in flight (a resume forgets the evaluations past its checkpoint and redoes them with the
+        steps, see `_prepare_run_dir`). A reward function that fails on every held-out prompt is reported, and
+        training goes on. Returns the version scored (or `step`)."""
         try:
             res = wait(self.learner.evaluate.remote(), self.cfg.ray.timeout_s, f"the evaluation after step {step}")
         except RewardFailure as e:
@@ -940,6 +943,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- logging
     def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:
         cfg = self.cfg
+        say_not_scored(step, batches)
         stats = rollout_stats(batches)
         rollout_tokens = stats.pop("_tokens")
         self.worker_busy_s += sum(_meta_seconds(b) for b in batches)
@@ -1189,6 +1193,26 @@ class AsyncPipeline:
             self.issue(s, w)
 
 
+def say_not_scored(step: int, batches: list[pa.RecordBatch]) -> None:
+    """A step's samples that no reward function scored (each returned None: it does not apply) are masked, as
+    failed ones (`reward_ok` false, in `rollout/failed_rewards`, no gradient); said with a warning, as TRL warns
+    where every function returned None, and the run goes on. Where not one sample of the run's first step was
+    scored, the functions return nothing at all (a forgotten `return`, which returns None): TrainingError.
+    Only the first step is checked so: a later step whose samples none applies to is a warning, and a resumed
+    run, which never redoes the first step, goes on where the uninterrupted one went on."""
+    n = sum(int((b.schema.metadata or {}).get(b"not_scored", 0)) for b in batches)
+    total = sum(b.num_rows for b in batches)
+    if n == total and step == 1:
+        raise TrainingError(f"every reward function returned None for all {total} samples of the run's first "
+                            "step: a function that forgot its `return` does that. None says that a function does "
+                            "not apply to a sample (TRL's convention), and none applied to any of them: return a "
+                            "number for the samples a function scores (if they apply to so few prompts that a "
+                            "step can miss them all, another run.seed draws another first step)")
+    if n:
+        print(f"distpg: warning: step {step}: {n} of its {total} samples got no reward (every reward function "
+              "returned None: none applies to them); they are masked and carry no gradient", flush=True)
+
+
 def rollout_stats(batches: list[pa.RecordBatch]) -> dict:
     table = pa.Table.from_batches(batches)
     reward = table.column("reward").to_numpy()
@@ -1364,6 +1388,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     if (run_dir / "metrics.jsonl").exists():
         cut_records(run_dir / "metrics.jsonl", "step", start)
     if (run_dir / EVALS).exists():  # run.eval_every: the evaluations of the policies the resume does not redo
+        # (an evaluation's version is its step: `Trainer.evaluate`)
         cut_records(run_dir / EVALS, "version", start)
     # the rollouts buffered at its latest checkpoint, unless the flush that followed wrote them to their file
     unflushed = run_dir / "rollouts" / UNFLUSHED
@@ -1399,11 +1424,14 @@ def _cut_table(path: Path, column: str, last: int, out: Path | None = None, **op
     write_table(table.filter(pc.less_equal(table.column(column), last)), out or path, **options)
 
 
-STOP_WINDOW = 5  # run.stop_reward compares the mean reward of this many last steps
+STOP_WINDOW = 5  # run.stop_reward compares the mean reward of this many last steps (those with a reward)
 
 
 def stop_reward_reached(cfg: Config, recent) -> bool:
-    """Has the mean reward of the last STOP_WINDOW steps (`recent`, oldest first) reached run.stop_reward?"""
+    """Has the mean reward of the last STOP_WINDOW steps (`recent`, oldest first) reached run.stop_reward? A step
+    none of whose samples was scored (its rewards all failed, hung, or every function returned None) has no
+    reward and is not one of them: it would hold the window's mean at NaN, and the run from stopping, for
+    STOP_WINDOW steps."""
     return cfg.run.stop_reward is not None and len(recent) == STOP_WINDOW and np.mean(recent) >= cfg.run.stop_reward
 
 

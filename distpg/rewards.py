@@ -17,9 +17,12 @@ its batch is marked failed; the worker goes on. A user's code (a "module:attr" t
 reward functions) runs this way by default (`rollout.reward_isolation: auto`); the built-in tasks are pure
 Python and run in-process.
 
-If every sample of a batch *failed* (the functions raised, returned garbage or None), the reward function is
-broken rather than unlucky: `RewardError` is raised with the first failure, and the run stops with that
-message. Timeouts and dead children are infrastructure faults: those samples are masked and training goes on.
+If no sample of a batch was scored and the functions *failed* on some (raised, returned garbage), the reward
+function is broken rather than unlucky: `RewardError` is raised with the first failure, and the run stops with
+that message. A batch that no function scored only because each returned None is not an error here: None
+says a function does not apply, and TRL warns and trains on (the driver says how many samples of a step got no
+reward, and stops where none of the run's first step did: see `NOT_SCORED`). Timeouts and dead children are
+infrastructure faults: those samples are masked and training goes on.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ from dataclasses import dataclass
 
 class RewardError(RuntimeError):
     """Every reward of a batch failed."""
+
+
+# The error text of a sample that no function scored, each returning None (for one function; for several): the
+# function does not apply to it. Such a sample is masked like a failed one, but a batch of them alone is no error
+NOT_SCORED = ("returned None: no reward for this sample",
+              "every reward function returned None for this sample (none applies to it)")
+
+
+def not_scored(errors: list[str]) -> int:
+    """How many of the failures `errors` (as `score` returns them) are samples no function scored (`NOT_SCORED`)."""
+    return sum(e in NOT_SCORED for e in errors)
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # rewards are stored and learned from as float32
@@ -183,8 +197,7 @@ def score_each(task, prompts: list[str], completions: list[str],
         failed = [f"{f.name}: {v[i][1]}" if several else v[i][1] for f, v in zip(fns, values) if v[i][1]]
         scored = [f.weight * v[i][0] for f, v in zip(fns, values) if v[i][0] is not None]
         if not failed and not scored:
-            failed = ["every reward function returned None for this sample (none applies to it)" if several
-                      else "returned None: no reward for this sample"]
+            failed = [NOT_SCORED[int(several)]]
         if not failed:
             try:
                 rewards.append(_check(math.fsum(scored)))
@@ -245,7 +258,8 @@ def score(task, prompts: list[str], completions: list[str], isolation: str = "no
         rewards (0.0 where failed), ok flags, the error text of each failure (in order), and with several reward
         functions each one's values by name (None where it gave none; {} when the child hung or died).
     Raises:
-        RewardError when the functions failed (raised, returned garbage or None) on every sample.
+        RewardError when no sample was scored and the functions failed (raised, returned garbage) on some; not
+        where each returned None (does not apply) on every sample: those are masked.
     """
     if not prompts:
         return [], [], [], {}
@@ -255,10 +269,13 @@ def score(task, prompts: list[str], completions: list[str], isolation: str = "no
             return rewards, ok, errors, parts
     else:
         rewards, ok, errors, parts = score_each(task, prompts, completions, completion_ids)
-    if not any(ok):
+    none = not_scored(errors)
+    if not any(ok) and none < len(prompts):  # every sample failed (ok False: errors[i] is sample i's)
         several = "functions" if reward_parts(task) else "function"
+        i = next(i for i, e in enumerate(errors) if e not in NOT_SCORED)
         raise RewardError(
-            f"the reward {several} of task {getattr(task, 'name', '?')!r} failed on all {len(prompts)} samples; "
-            f"first failure, for prompt {prompts[0]!r} and completion {completions[0]!r}: {errors[0]}"
+            f"the reward {several} of task {getattr(task, 'name', '?')!r} failed on all {len(prompts)} samples"
+            + (f" ({none} of them got None from every function)" if none else "")
+            + f"; first failure, for prompt {prompts[i]!r} and completion {completions[i]!r}: {errors[i]}"
         )
     return rewards, ok, errors, parts

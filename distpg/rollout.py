@@ -134,7 +134,8 @@ class RolloutWorker:
                 held.
         Returns:
             a RecordBatch of P·G rows (prompt-major) whose policy_version is the version sampled with, with
-            `sync_s` (receiving and loading `weights`), `gen_s` and `reward_s` in its schema metadata.
+            `sync_s` (receiving and loading `weights`), `gen_s`, `reward_s` and `not_scored` (how many of its
+            samples no reward function scored, each returning None; masked as failed) in its schema metadata.
         """
         t_sync = time.perf_counter()
         if weights is not None:
@@ -162,8 +163,8 @@ class RolloutWorker:
         texts = [self.tokenizer.decode(t) for t in completion_tokens]
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
-        reward, ok, _, parts = rewards.score(self.task, rep_prompts, texts, self.reward_isolation,
-                                             self.cfg.rollout.reward_timeout_s, completion_tokens)
+        reward, ok, errors, parts = rewards.score(self.task, rep_prompts, texts, self.reward_isolation,
+                                                  self.cfg.rollout.reward_timeout_s, completion_tokens)
         t2 = time.perf_counter()
         batch = make_batch(
             {
@@ -186,5 +187,5 @@ class RolloutWorker:
             batch = batch.append_column(pa.field(f"reward/{name}", pa.float32()),
                                         pa.array(parts.get(name, [None] * len(rep_prompts)), pa.float32()))
         meta = {b"sync_s": str(t0 - t_sync).encode(), b"gen_s": str(t1 - t0).encode(),
-                b"reward_s": str(t2 - t1).encode()}
+                b"reward_s": str(t2 - t1).encode(), b"not_scored": str(rewards.not_scored(errors)).encode()}
         return batch.replace_schema_metadata(meta)

@@ -72,23 +72,29 @@ class SlowWorker(RolloutWorker):
 @pytest.mark.ray
 def test_the_ledger_of_an_interrupted_and_resumed_run_holds_every_step_once(ray_session, tmp_path, monkeypatch):
     # the ledger was written only at the end of a run, from the learner's memory: after an interruption and
-    # --resume it held the resumed steps only
-    from distpg.metrics import MetricsLogger
+    # --resume it held the resumed steps only. With run.eval_every=3 the interrupted run has evaluated the policy
+    # after step 3, past the checkpoint the resume continues from: the resume forgets it and evaluates step 3
+    # again, so the run ends with the evaluations of an uninterrupted one (3, and 5 at the end), each once
+    from distpg.metrics import EVALS, MetricsLogger
 
     run = tmp_path / "run"
-    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=2", "algo.max_staleness=1")
+    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=2", "algo.max_staleness=1", "run.eval_every=3")
     real_log = MetricsLogger.log
 
-    def interrupted_log(self, step, metrics, samples=None):  # after update 3, past the checkpoint of step 2
-        if step == 3:
+    def interrupted_log(self, step, metrics, samples=None):  # after update 4, past the checkpoint of step 2
+        if step == 4:
             raise KeyboardInterrupt("SIGTERM")
         return real_log(self, step, metrics, samples)
 
     monkeypatch.setattr(MetricsLogger, "log", interrupted_log)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run)
+    evals = [json.loads(x) for x in (run / EVALS).read_text().splitlines()]
+    assert [(e["step"], e["version"]) for e in evals] == [(3, 3)]
     monkeypatch.setattr(MetricsLogger, "log", real_log)
     train(cfg, run, resume=True)
+    evals = [json.loads(x) for x in (run / EVALS).read_text().splitlines()]
+    assert [(e["step"], e["version"]) for e in evals] == [(3, 3), (5, 5)]  # the driver evaluates between updates
     consumed, generated = pq.read_table(run / "ledger.parquet"), pq.read_table(run / "rollouts")
     keys = list(zip(consumed.column("prompt_id").to_pylist(), consumed.column("sample_idx").to_pylist()))
     assert len(keys) == len(set(keys)) == 5 * 4 * cfg.rollout.group_size  # every step's samples, none twice

@@ -144,6 +144,20 @@ def test_eval_runs_a_users_reward_function_as_training_does(fault, why):
         evaluate(cfg, Learner(cfg).model.eval())
 
 
+def test_eval_of_a_function_that_returns_none_for_every_prompt_says_there_is_no_reward(tmp_path):
+    """None for every held-out prompt (a forgotten `return`) is masked as in training, so the reward scores none:
+    the evaluation says so rather than report a mean of nothing."""
+    from distpg.rewards import RewardError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:"}) + "\n" for w in ["ant", "bee", "cat", "dog"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2",
+                       "task.reward=tests.user_rewards:forgot_return")
+    with pytest.raises(RewardError, match="task 'prompts' gave no reward for the 2 held-out prompts: returned None: "
+                                          "no reward for this sample"):
+        evaluate(cfg, Learner(cfg).model.eval())
+
+
 def test_eval_json_is_written_before_the_samples_are_printed(tmp_path, monkeypatch):
     """`distpg eval RUN --json F | head`: the pipe closing while samples print does not lose the file."""
     import sys

@@ -4,14 +4,14 @@ The other learner tests compare the learner with itself (micro-batches, the shar
 plain updates); the enumeration in test_estimator checks `distpg.algo`'s functions but not how the learner wires
 them. Here one update's gradient (captured at the optimizer step, no clipping) is compared with the gradient of
 
-    L = −1/N Σ_i A_i Σ_t w_it log π_it  +  β/N Σ_i Σ_t k(π_it, ref_it) / σ_i  −  c_H · mean_t H_t  (+ the value loss)
+    L = −1/N Σ_i A_i Σ_t w_it log π_it  +  β/N Σ_i Σ_t k(π_it, ref_it) / σ_i  −  c_H · mean_it H_it  (+ the value loss)
 
 built inline from a float64 copy of the policy run row by row (no shared prompts, no micro-batches, no algo
 functions): the returns R_i = r_i − β Σ_t k(π_old, ref) (π_old: the sampler's stored policy log-probs), the
 leave-one-out / ema / value baselines over the samples whose reward is ok, the whitening by the rewards' std
 (of every term of the sample, the KL's pathwise one too),
 N = B (seq_sum) or the response tokens (token_mean), w_it = π_old/μ for top-k samples, and a failed reward
-that carries no gradient and enters no baseline.
+that carries no gradient (its tokens are out of the entropy bonus's mean too) and enters no baseline.
 """
 
 import copy
@@ -103,14 +103,18 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
             elif ac.whiten == "batch":
                 std[i] = statistics.stdev(ok_all) + 1e-6
 
-    loss = torch.zeros((), dtype=torch.float64)
+    # the entropy bonus: the mean over the response tokens of the samples whose reward counts (a failed one's
+    # tokens get no gradient from it either); the logged learner/entropy is that mean
+    ok_tokens = sum(len(col["completion_tokens"][i]) for i in range(B) if ok[i])
+    mean_entropy = sum(ent[i].sum() for i in range(B) if ok[i]) / ok_tokens
+    loss = -ac.entropy_coef * mean_entropy
+    drift = 0.0  # learner/kl: k3 of KL(π_old‖πθ) from the samples of π_old, over the same tokens as the entropy
     for i in range(B):
-        ent_i = ent[i].sum() / n_tokens  # the entropy bonus: every response token (failed rewards too)
-        loss = loss - ac.entropy_coef * ent_i
         if not ok[i]:
             continue
         mu = torch.tensor(col["completion_logprobs"][i], dtype=torch.float64)
         pi_old = torch.tensor(col["completion_policy_logprobs"][i], dtype=torch.float64)
+        drift += float(k_est(pi_old, logp[i].detach(), "k3").sum()) / ok_tokens
         if ac.baseline == "value":
             adv = (R[i] - values[i].detach()) / std[i]
             loss = loss + ac.value_coef * ((values[i] - R[i]) ** 2).sum() / n_tokens
@@ -130,7 +134,7 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
             # the pathwise part, rescaled by the whitening as the score-function part is through R_i
             loss = loss + ac.kl_coef * k_est(logp[i], K[i][0], ac.kl_estimator).sum() / std[i] / norm
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
-    return [g.float() for g in torch.autograd.grad(loss, params, allow_unused=True)]
+    return [g.float() for g in torch.autograd.grad(loss, params, allow_unused=True)], float(mean_entropy), drift
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -162,7 +166,7 @@ def test_the_learners_gradient_is_the_float64_reference(case):
             for p in learner.model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
 
-    expected = reference_grads(learner, batch)
+    expected, entropy, drift = reference_grads(learner, batch)
     got = []
     learner.optimizer.step = lambda *a, **k: got.extend(
         p.grad.clone() if p.grad is not None else None for p in learner.trainable())
@@ -178,3 +182,5 @@ def test_the_learners_gradient_is_the_float64_reference(case):
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
     assert not math.isnan(scale)
+    assert metrics["learner/entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert metrics["learner/kl"] == pytest.approx(drift, rel=1e-3, abs=1e-6)

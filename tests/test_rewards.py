@@ -9,7 +9,7 @@ import pytest
 
 from distpg.config import TaskConfig
 from distpg.learner import Learner
-from distpg.orchestrator import train
+from distpg.orchestrator import TrainingError, train
 from distpg.rewards import RewardError, score
 from distpg.rollout import reward_isolation
 from distpg.tasks import make_task
@@ -39,6 +39,28 @@ def test_raising_on_some_samples_masks_only_those(isolation):
 def test_nan_and_none_are_masked_and_all_failed_is_an_error(isolation):
     with pytest.raises(RewardError, match="failed on all 4 samples"):
         score(misbehaving("nan"), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_a_batch_that_every_function_returns_none_for_is_masked_not_an_error(isolation):
+    """None says a function does not apply (TRL's convention; TRL warns and trains on): a batch that no function
+    scores is masked, not the RewardError of a broken function. One that also raised on a sample still is,
+    naming that sample's failure."""
+    from distpg.rewards import NOT_SCORED, RewardFunction
+
+    class Task:
+        name = "several"
+        reward_functions = [RewardFunction("a", lambda p, c: None), RewardFunction("b", lambda ps, cs: [None] * 4,
+                                                                                  batched=True)]
+
+    rewards, ok, errors, parts = score(Task(), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
+    assert rewards == [0.0] * 4 and ok == [False] * 4 and errors == [NOT_SCORED[1]] * 4
+    assert parts == {"a": [None] * 4, "b": [None] * 4}
+    Task.reward_functions[0] = RewardFunction("a", lambda p, c: 1 / 0 if p == "aaa=" else None)
+    with pytest.raises(RewardError, match=re.escape("failed on all 4 samples (3 of them got None from every "
+                                                    "function); first failure, for prompt 'aaa=' and completion "
+                                                    "'no': a: ZeroDivisionError")):
+        score(Task(), PROMPTS, COMPLETIONS, isolation, timeout_s=20)
 
 
 def test_wrong_length_fails_the_batch():
@@ -182,6 +204,76 @@ def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_sessio
     assert reward_isolation(small_config()) == "none"  # the built-in tasks score in the worker
     assert reward_isolation(small_config("task.name=tests.user_task:make")) == "process"
     assert reward_isolation(small_config("task.name=tests.user_task:make", "rollout.reward_isolation=none")) == "none"
+
+
+@pytest.mark.ray
+def test_steps_no_reward_function_scores_are_masked_with_a_warning_and_the_run_goes_on(ray_session, tmp_path,
+                                                                                        capsys):
+    """A function returning None for every sample of a worker's share (TRL's "does not apply"; TRL warns and
+    trains on) stopped the run as a broken one. Now each step says how many of its samples got no reward, those
+    rows are reward_ok false in the rollouts and counted in rollout/failed_rewards, they carry no gradient (no
+    optimizer step where none was scored), and the run goes on. Seed 2 draws only vowel words (None) for step
+    5, a consonant in each of steps 1-4 and 6: a step with no reward is left out of run.stop_reward's window
+    (its NaN held the mean there for 5 steps), so the run stops after the 5 steps with one, at step 6."""
+    import pyarrow.parquet as pq
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:"}) + "\n"
+                               for w in ["ant", "eel", "owl", "emu", "ape", "cat", "dog", "fox"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2", "run.seed=2",
+                       "run.steps=8", "run.stop_reward=0", "rollout.num_workers=1",
+                       "task.reward=tests.user_rewards:length_unless_vowel")
+    assert train(cfg, tmp_path / "r")["steps"] == 6
+    rows = pq.read_table(tmp_path / "r" / "rollouts").to_pylist()
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    out = capsys.readouterr().out
+    assert "reached run.stop_reward=0.0; stopping at step 6" in out
+    for rec in recs:
+        step = [r for r in rows if r["step"] == rec["step"]]
+        vowel = [r["prompt_text"].split()[1][0] in "aeiou" for r in step]
+        assert [r["reward_ok"] for r in step] == [not v for v in vowel]
+        assert rec["rollout/failed_rewards"] == sum(vowel)
+        assert (f"distpg: warning: step {rec['step']}: {sum(vowel)} of its 16 samples got no reward" in out) == \
+            any(vowel)
+        assert (rec["learner/grad_norm"] == 0) == all(vowel) == (rec["step"] == 5)
+
+
+def test_none_for_every_sample_of_the_first_step_is_a_forgotten_return_and_later_a_warning(tmp_path, capsys):
+    """A function that forgot its `return` gives None for every sample: where that is the whole of the run's first
+    step, the driver stops the run, saying so, rather than train on nothing with a warning a step; at a later
+    step it is a warning (a resumed run never redoes the first step: it stops where the uninterrupted one
+    would). The worker's batch, scored in its reward child, says how many samples no function scored."""
+    from distpg.orchestrator import say_not_scored
+    from distpg.rollout import RolloutWorker
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:"}) + "\n" for w in ["ant", "bee", "cat", "dog"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=1",
+                       "task.reward=tests.user_rewards:forgot_return")
+    learner, worker = Learner(cfg), RolloutWorker(cfg, 0)
+    worker.set_weights(learner.get_weights())
+    batch = worker.sample(["say ant:", "say bee:"], [0, 1], seed=0)
+    assert batch.schema.metadata[b"not_scored"] == b"8"
+    with pytest.raises(TrainingError, match="every reward function returned None for all 8 samples of the run's "
+                                            "first step: a function that forgot its `return` does that"):
+        say_not_scored(1, [batch])
+    say_not_scored(2, [batch])
+    assert "distpg: warning: step 2: 8 of its 8 samples got no reward" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~5 s: the in-process test above checks the rule
+def test_a_reward_function_that_forgot_its_return_stops_the_run_at_its_first_step(ray_session, tmp_path):
+    """None for every sample of the run's first step is a function returning nothing at all: the run stops
+    there, saying so, rather than training on nothing with a warning a step."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:"}) + "\n" for w in ["ant", "bee", "cat", "dog"]))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=1",
+                       "rollout.num_workers=1", "task.reward=tests.user_rewards:forgot_return")
+    with pytest.raises(TrainingError, match="every reward function returned None for all 16 samples of the run's "
+                                            "first step: a function that forgot its `return` does that"):
+        train(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 @pytest.mark.ray

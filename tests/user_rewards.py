@@ -97,3 +97,8 @@ async def async_judge_too(prompt, completion, reference):
     """A second judge counting in the same `IN_FLIGHT`: several async functions awaited together see each other's
     calls in flight."""
     return await async_judge(prompt, completion, reference)
+
+
+def forgot_return(prompt, completion, reference):
+    """A reward function missing its `return`: it gives None (TRL's "does not apply") for every sample."""
+    float(len(completion))
