@@ -346,10 +346,12 @@ class Learner:
             )
             loss = loss + pg
             corrected += int(n_corrected)
-            # the chunk's share of the part's response tokens of the samples that carry gradient: the entropy (its
-            # bonus and its log) and the KL diagnostic are means over those tokens of the part, so micro-batching
-            # must not change them, and a sample whose reward failed is left out of them as out of every term
-            n = int(grad_mask.sum()) / max(1, learned_tokens)
+            # the chunk's share of the part's response tokens of the samples that carry gradient: the logged entropy
+            # and KL diagnostic are means over those tokens of the part, so micro-batching must not change them; the
+            # entropy bonus is their sum over every response token of the part, as the policy-gradient term's
+            # token mean: a sample whose reward failed adds 0 to every term, and failures leave the terms' ratio
+            kept = int(grad_mask.sum())
+            n = kept / max(1, learned_tokens)
             learned = grad_mask[mask]  # (N,): which of the packed response tokens (logp_all's rows) count
             if self.ref_model is not None:
                 norm = B if ac.loss_agg == "seq_sum" else max(1, num_tokens)
@@ -357,7 +359,7 @@ class Learner:
                                                             norm, weight=scale[chunk])
             if ac.entropy_coef > 0:
                 ent = algo.entropy_of_logprobs(logp_all, learned)
-                loss = loss - ac.entropy_coef * ent * n
+                loss = loss - ac.entropy_coef * ent * kept / max(1, num_tokens)
             else:  # logged only: no autograd graph (it held three more (N, V) tensors until the step's end)
                 with torch.no_grad():
                     ent = algo.entropy_of_logprobs(logp_all, learned)

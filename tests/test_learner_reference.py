@@ -11,7 +11,7 @@ functions): the returns R_i = r_i − β Σ_t k(π_old, ref) (π_old: the sample
 leave-one-out / ema / value baselines over the samples whose reward is ok, the whitening by the rewards' std
 (of every term of the sample, the KL's pathwise one too),
 N = B (seq_sum) or the response tokens (token_mean), w_it = π_old/μ for top-k samples, and a failed reward
-that carries no gradient (its tokens are out of the entropy bonus's mean too) and enters no baseline.
+that carries no gradient (its tokens add nothing to the entropy bonus either) and enters no baseline.
 """
 
 import copy
@@ -103,11 +103,14 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
             elif ac.whiten == "batch":
                 std[i] = statistics.stdev(ok_all) + 1e-6
 
-    # the entropy bonus: the mean over the response tokens of the samples whose reward counts (a failed one's
-    # tokens get no gradient from it either); the logged learner/entropy is that mean
+    # the entropy bonus: the sum over the response tokens of the samples whose reward counts (a failed one's
+    # tokens get no gradient from it either) over every response token, as the token-mean policy-gradient term;
+    # the logged learner/entropy is the mean over those tokens
     ok_tokens = sum(len(col["completion_tokens"][i]) for i in range(B) if ok[i])
-    mean_entropy = sum(ent[i].sum() for i in range(B) if ok[i]) / ok_tokens
-    loss = -ac.entropy_coef * mean_entropy
+    all_tokens = sum(len(col["completion_tokens"][i]) for i in range(B))
+    kept_entropy = sum(ent[i].sum() for i in range(B) if ok[i])
+    mean_entropy = kept_entropy / ok_tokens
+    loss = -ac.entropy_coef * kept_entropy / all_tokens
     drift = 0.0  # learner/kl: k3 of KL(π_old‖πθ) from the samples of π_old, over the same tokens as the entropy
     for i in range(B):
         if not ok[i]:
@@ -134,7 +137,8 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
             # the pathwise part, rescaled by the whitening as the score-function part is through R_i
             loss = loss + ac.kl_coef * k_est(logp[i], K[i][0], ac.kl_estimator).sum() / std[i] / norm
     params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
-    return [g.float() for g in torch.autograd.grad(loss, params, allow_unused=True)], float(mean_entropy), drift
+    grads = [g.float() for g in torch.autograd.grad(loss, params, allow_unused=True)]
+    return grads, float(mean_entropy.detach()), drift
 
 
 @pytest.mark.parametrize("case", list(CASES))
