@@ -359,7 +359,7 @@ class Learner:
                                                             norm, weight=scale[chunk])
             if ac.entropy_coef > 0:
                 ent = algo.entropy_of_logprobs(logp_all, learned)
-                loss = loss - ac.entropy_coef * ent * kept / max(1, num_tokens)
+                loss = loss - ac.entropy_coef * ent * (kept / max(1, num_tokens))
             else:  # logged only: no autograd graph (it held three more (N, V) tensors until the step's end)
                 with torch.no_grad():
                     ent = algo.entropy_of_logprobs(logp_all, learned)
