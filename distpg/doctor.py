@@ -72,7 +72,8 @@ def named_address(flag: str | None, configured: str | None) -> tuple[str | None,
 def probe(address: str, timeout: float, source: str) -> None:
     """Fail fast on an address nothing listens on: a TCP connect to the GCS, then to the address Ray itself
     would dial (its CLI and ray.init rewrite 127.0.0.1 and localhost to the machine's routable address).
-    `source`: what named the address (`named_address`), which a malformed one's message names."""
+    `source`: what named the address (`named_address`), which every message of a bad address names: an address
+    from an old exported $RAY_ADDRESS looks like one the user meant."""
     from ray._common.network_utils import parse_address
     from ray._private.services import canonicalize_bootstrap_address
 
@@ -82,15 +83,24 @@ def probe(address: str, timeout: float, source: str) -> None:
         raise DoctorError(f"{source} {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
                           "that cluster/local-cluster.sh prints, or 10.0.0.5:6379)")
     host, port = parsed[0], int(parsed[1])
-    _tcp(host, port, timeout, f"cannot reach the Ray cluster at {address!r}")
-    _not_http(host, port, timeout, address)
+    named = _named(address, source)
+    stale = ("; is the cluster up? $RAY_ADDRESS of this environment named it: is it left from an earlier cluster "
+             "(unset it, or name the cluster with --address)?")  # an export outlives the cluster it named
+    _tcp(host, port, timeout, f"cannot reach the Ray cluster at {named}",
+         **({"hint": stale} if source == "$RAY_ADDRESS" else {}))
+    _not_http(host, port, timeout, named)
     dialed = canonicalize_bootstrap_address(address)
     if dialed and dialed != address:
         dhost, dport = parse_address(dialed)
         _tcp(dhost, int(dport), timeout,
-             f"{address!r} answers, but Ray rewrites it to {dialed!r}, where nothing listens: the cluster listens "
+             f"{named} answers, but Ray rewrites it to {dialed!r}, where nothing listens: the cluster listens "
              f"on loopback only; connect with LOCALHOST:{port} (the form cluster/local-cluster.sh prints)", hint="")
-    _authenticate(dialed or address, address, timeout)
+    _authenticate(dialed or address, named, timeout)
+
+
+def _named(address: str, source: str) -> str:
+    """An address as messages name it: with what named it (`named_address`'s source), where known."""
+    return f"{address!r} (from {source})" if source else repr(address)
 
 
 def token_check() -> None:
@@ -115,11 +125,11 @@ def token_check() -> None:
                       "$DISTPG_CLUSTER_DIR/auth_token) or RAY_AUTH_TOKEN to the token itself")
 
 
-def _not_http(host: str, port: int, timeout: float, address: str) -> None:
+def _not_http(host: str, port: int, timeout: float, named: str) -> None:
     """Fail fast where an HTTP server answers, most often the dashboard (RAY_API_SERVER_ADDRESS, port 8265)
     given as the GCS address: it accepts the TCP connect, and ray.init would retry it for many minutes. The GCS
     speaks gRPC (HTTP/2), which answers an HTTP/1 request with a frame; an HTTP/1 server answers it with a status
-    line. No answer within `timeout` is left to ray.init."""
+    line. No answer within `timeout` is left to ray.init. `named`: the address as messages name it (`_named`)."""
     head = b""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
@@ -129,16 +139,16 @@ def _not_http(host: str, port: int, timeout: float, address: str) -> None:
     except OSError:
         return
     if head == b"HTTP/":
-        raise DoctorError(f"{address!r} is an HTTP server, not a Ray GCS: is it the dashboard (RAY_API_SERVER_ADDRESS, "
+        raise DoctorError(f"{named} is an HTTP server, not a Ray GCS: is it the dashboard (RAY_API_SERVER_ADDRESS, "
                           "port 8265 by default), which takes `ray job submit` and cluster/submit.sh? --address, "
                           "ray.address and RAY_ADDRESS take the GCS address (the RAY_ADDRESS that "
                           "cluster/local-cluster.sh prints, port 6379 by default)")
 
 
-def _authenticate(dialed: str, address: str, timeout: float) -> None:
+def _authenticate(dialed: str, named: str, timeout: float) -> None:
     """Fail fast where the cluster refuses this client's token (or its lack of one): ray.init retries that
     for about 20 seconds before it gives up. A GCS client answers within milliseconds; anything else it meets
-    (or no answer within `timeout`) is left to ray.init to report."""
+    (or no answer within `timeout`) is left to ray.init to report. `named`: the address as messages name it."""
     try:
         from ray._raylet import GcsClient
         from ray.exceptions import AuthenticationError
@@ -158,7 +168,7 @@ def _authenticate(dialed: str, address: str, timeout: float) -> None:
     checker.start()
     checker.join(timeout)
     if refused:
-        raise DoctorError(f"cannot connect to the Ray cluster at {address!r}: it refused this client ({refused[0]})"
+        raise DoctorError(f"cannot connect to the Ray cluster at {named}: it refused this client ({refused[0]})"
                           + (auth_hint() or "; RAY_AUTH_MODE=token is set here: is RAY_AUTH_TOKEN_PATH (or "
                              "RAY_AUTH_TOKEN) the cluster's token?"))
 

@@ -92,7 +92,8 @@ def test_a_bad_address_fails_fast_with_a_clear_message(tmp_path):
     # ray.init alone would retry for minutes: the 60 s limit of the subprocess would stop it first
     p = doctor("--address", f"LOCALHOST:{port}", timeout=60)
     assert p.returncode == 1
-    assert f"cannot reach the Ray cluster at 'LOCALHOST:{port}': Connection refused" in p.stdout, p.stdout + p.stderr
+    assert f"cannot reach the Ray cluster at 'LOCALHOST:{port}' (from --address): Connection refused" in p.stdout, \
+        p.stdout + p.stderr
     # `distpg train` checks the address the same way before ray.init
     run = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", f"LOCALHOST:{port}", "--run-dir",
@@ -148,6 +149,35 @@ def test_a_malformed_address_is_named_by_what_gave_it(flag, setting, env, named,
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, setting, env, source", [
+    ("CLOSED", "LOCALHOST:1", "LOCALHOST:1", "--address"),
+    (None, "CLOSED", "LOCALHOST:1", "ray.address"),  # the config's field before the environment's
+    (None, None, "CLOSED", "$RAY_ADDRESS"),
+])
+def test_an_unreachable_address_is_named_by_what_gave_it(flag, setting, env, source, monkeypatch, capsys, tmp_path):
+    """"cannot reach the Ray cluster at X" of `distpg train`, `doctor` and `scale` did not say where X came from:
+    an old exported $RAY_ADDRESS looks like a cluster that is down. Each fails before Ray is started."""
+    from distpg.cli import main
+    from distpg.orchestrator import TrainingError, init_ray
+    from tests.conftest import small_config
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"LOCALHOST:{s.getsockname()[1]}"
+    flag, setting, env = (closed if v == "CLOSED" else v for v in (flag, setting, env))
+    monkeypatch.setenv("RAY_ADDRESS", env)
+    says = f"cannot reach the Ray cluster at {closed!r} (from {source}): Connection refused"
+    stale = "$RAY_ADDRESS of this environment named it: is it left from an earlier cluster"
+    overrides = [] if setting is None else [f"ray.address={setting}"]
+    with pytest.raises(TrainingError, match=re.escape(says)) as e:  # where `distpg train` joins the cluster
+        init_ray(small_config(*overrides), flag)
+    assert (stale in str(e.value)) == (source == "$RAY_ADDRESS"), str(e.value)
+    args = ([] if flag is None else ["--address", flag]) + [a for o in overrides for a in ("--set", o)]
+    assert main(["doctor", *args]) == 1 and says in capsys.readouterr().out
+    assert main(["scale", *args, "--out", str(tmp_path / "scale")]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_the_dashboard_port_given_as_the_gcs_address_fails_fast_naming_it(tmp_path):
     """HOST:8265 (the dashboard, RAY_API_SERVER_ADDRESS's port) as --address: it accepts the TCP connect, so
     ray.init would retry it as a GCS for many minutes; here an HTTP server stands in for the dashboard."""
@@ -159,13 +189,14 @@ def test_the_dashboard_port_given_as_the_gcs_address_fails_fast_naming_it(tmp_pa
     address = f"LOCALHOST:{server.server_address[1]}"
     try:
         p = doctor("--address", address, "--timeout", "30", timeout=60)
-        assert p.returncode == 1 and f"{address!r} is an HTTP server" in p.stdout, p.stdout + p.stderr[-2000:]
+        assert p.returncode == 1 and f"{address!r} (from --address) is an HTTP server" in p.stdout, \
+            p.stdout + p.stderr[-2000:]
         assert "RAY_API_SERVER_ADDRESS" in p.stdout and "the GCS address" in p.stdout
         run = tmp_path / "run"
         p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--run-dir", str(run)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert p.returncode != 0 and f"{address!r} is an HTTP server" in p.stderr, p.stderr[-2000:]
+        assert p.returncode != 0 and f"{address!r} (from --address) is an HTTP server" in p.stderr, p.stderr[-2000:]
         assert not run.exists()
     finally:
         server.shutdown()
