@@ -21,7 +21,8 @@
 # uses it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH). Clients must do the same (cluster/submit.sh does);
 # set DISTPG_CLUSTER_AUTH=off to start a cluster without authentication.
 #
-# Environment: DISTPG_CLUSTER_DIR (state and Ray temp dirs, default /tmp/distpg-cluster), DISTPG_CLUSTER_CPUS
+# Environment: DISTPG_CLUSTER_DIR (state and Ray temp dirs, default /tmp/distpg-cluster; short enough for Ray's
+# Unix sockets under it, see check_socket_room), DISTPG_CLUSTER_CPUS
 # (CPUs per node, default 1), DISTPG_CLUSTER_OBJECT_STORE_MB (object store per node, default 256),
 # DISTPG_CLUSTER_PORT (GCS port, default: a free one), DISTPG_CLUSTER_TIMEOUT (seconds each `ray start`
 # may take, default 120). `stop` kills exactly the process trees this script started, so other Ray
@@ -51,6 +52,27 @@ while True:
 with open(sys.argv[1], "a") as f:
     f.write(f"{port}\n")
 print(port)' "$DIR/ports"
+}
+
+# Ray binds Unix sockets under each node's temp dir, and a socket path holds at most 107 bytes (108 with its
+# NUL): past that the head's dashboard fails with a bare "Module MetricsHead failed to start". The longest is
+# the head's $DIR/node_0/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid of ray start>/sockets/dash_MetricsHead
+# (the dashboard's modules' sockets; a worker node's, plasma_store and raylet, are shorter). Checked before
+# anything starts, with the longest pid this kernel hands out (kernel.pid_max).
+check_socket_room() {
+  local abs="$DIR" top_pid=4194303 bytes longest
+  [[ "$abs" = /* ]] || abs="$PWD/$abs"
+  [ -r /proc/sys/kernel/pid_max ] && top_pid=$(( $(cat /proc/sys/kernel/pid_max) - 1 ))
+  bytes=$(printf %s "$abs" | wc -c)
+  # /node_0/ + session_ + date (26) + _ + pid + /sockets/ + dash_MetricsHead
+  longest=$(( bytes + 8 + 8 + 26 + 1 + ${#top_pid} + 9 + 16 ))
+  if [ "$longest" -gt 107 ]; then
+    echo "local-cluster.sh: DISTPG_CLUSTER_DIR=$abs is too long: Ray's Unix sockets under it" \
+         "(node_0/session_..._PID/sockets/dash_MetricsHead) would take up to $longest bytes, and a Unix socket" \
+         "path holds at most 107 (the head's dashboard would fail: 'Module MetricsHead failed to start');" \
+         "allowed: a DISTPG_CLUSTER_DIR of at most $((107 - longest + bytes)) bytes (default /tmp/distpg-cluster)" >&2
+    exit 2
+  fi
 }
 
 descendants() {  # a pid and all its descendants
@@ -96,6 +118,7 @@ case "${1:-}" in
   start)
     N="${2:-2}"
     [[ "$N" =~ ^[0-9]+$ ]] || { echo "local-cluster.sh: N must be a number of worker nodes, got '$N'" >&2; exit 2; }
+    check_socket_room
     if [ -n "$(cluster_pids)" ]; then
       echo "a cluster is already running from $DIR (address $(cat "$DIR/address" 2>/dev/null)); stop it first" >&2
       exit 1

@@ -3,6 +3,8 @@ launcher spec against Ray's own schema, the KubeRay RayJob by its key fields; an
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -72,3 +74,29 @@ def test_local_cluster_rejects_a_bad_node_count():
     p = subprocess.run([str(CLUSTER / "local-cluster.sh"), "start", "two"], capture_output=True, text=True,
                        timeout=30, env={**os.environ, "DISTPG_CLUSTER_DIR": "/tmp/distpg-never-started"})
     assert p.returncode == 2 and "'two'" in p.stderr
+
+
+def test_local_cluster_refuses_a_dir_too_long_for_rays_sockets_before_starting_anything():
+    """A long DISTPG_CLUSTER_DIR made the head's Unix socket paths (node_0/session_..._PID/sockets/dash_MetricsHead)
+    exceed 107 bytes, and the head failed with "Module MetricsHead failed to start". The script now says so up
+    front; a dir of the length it allows gets past the check, to the folder made and the first port asked of a
+    PYTHON that fails at once (no Ray is started)."""
+    env = {**os.environ, "RAY": "false", "PYTHON": "false", "DISTPG_CLUSTER_AUTH": "off"}
+    long = Path("/tmp/distpg-" + "x" * 60)
+    p = subprocess.run([str(CLUSTER / "local-cluster.sh"), "start", "1"], capture_output=True, text=True, timeout=30,
+                       env={**env, "DISTPG_CLUSTER_DIR": str(long)})
+    assert p.returncode == 2 and f"DISTPG_CLUSTER_DIR={long} is too long" in p.stderr, p.stderr
+    assert "at most 107" in p.stderr and not long.exists()
+    most = int(re.search(r"a DISTPG_CLUSTER_DIR of at most (\d+) bytes", p.stderr).group(1))
+    top_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    # the head's longest socket with the longest pid this kernel hands out, at exactly 107 bytes
+    assert most + len(f"/node_0/session_2026-11-30_19-12-30_123456_{top_pid}/sockets/dash_MetricsHead") == 107
+    for extra, refused in ((0, False), (1, True)):  # "/tmp/distpg-" is 12 bytes
+        d = Path("/tmp/distpg-" + "y" * (most - 12 + extra))
+        try:
+            p = subprocess.run([str(CLUSTER / "local-cluster.sh"), "start", "1"], capture_output=True, text=True,
+                               timeout=30, env={**env, "DISTPG_CLUSTER_DIR": str(d)})
+            assert p.returncode == (2 if refused else 1) and ("is too long" in p.stderr) == refused, p.stderr
+            assert d.exists() != refused
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
