@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -541,16 +541,16 @@ def gcs_reconnect_s() -> float:
         return 60.0
 
 
-def watch_gcs(run_dir: Path, steps: int, every_s: float = 1.0) -> threading.Event:
+def watch_gcs(then: Callable[[], str], every_s: float = 1.0) -> threading.Event:
     """Watch the GCS (the head node) of the Ray cluster this driver is connected to, until the returned event is
     set, and end the run with a message when the GCS is lost. Ray itself ends the driver from C++ when its GCS
     has been gone for `gcs_reconnect_s()` (std::_Exit(1) after its log line "Failed to connect to GCS within 60
     seconds"), which no Python code outlives; until then the run goes on stepping on the nodes that are left. So
     a thread dials the GCS every `every_s`; unreachable for all but the last few seconds of Ray's timeout, it
-    prints what happened and the resume hint of the run in `run_dir` (of `steps` steps) and ends the process
-    the same way, exit status GCS_LOST_EXIT: nothing can be cleaned up without the GCS (the actors go with the
-    cluster; the run folder keeps its checkpoints). Not through Ray Client (ray://): the GCS is for its server
-    to reach, not for this process."""
+    prints what happened and `then()`, what the user can do now (a run's: `head_lost_hint`; a `distpg scale`
+    sweep's: where the sweep was), and ends the process the same way, exit status GCS_LOST_EXIT: nothing can be
+    cleaned up without the GCS (the actors go with the cluster; the run folder keeps its checkpoints). Not
+    through Ray Client (ray://): the GCS is for its server to reach, not for this process."""
     from ray._common.network_utils import parse_address
 
     done = threading.Event()
@@ -572,12 +572,16 @@ def watch_gcs(run_dir: Path, steps: int, every_s: float = 1.0) -> threading.Even
                     print(f"distpg: training failed: lost the Ray head node: its GCS at {host}:{port} has not "
                           f"answered for {time.monotonic() - lost_at:.0f}s, and Ray ends this driver at "
                           f"{reconnect:g}s ({GCS_RECONNECT_ENV}); the run's actors are gone with the cluster. "
-                          f"Restart the cluster; {checkpoint.resume_hint(run_dir, steps)}", file=sys.stderr,
-                          flush=True)
+                          f"Restart the cluster; {then()}", file=sys.stderr, flush=True)
                     os._exit(GCS_LOST_EXIT)
 
     threading.Thread(target=watch, daemon=True, name="distpg-gcs-watch").start()
     return done
+
+
+def head_lost_hint(run_dir: Path, steps: int) -> Callable[[], str]:
+    """`watch_gcs`'s `then` for a run of `steps` steps in `run_dir`: its resume hint, as of when the head is lost."""
+    return lambda: checkpoint.resume_hint(run_dir, steps)
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -1520,8 +1524,11 @@ def _said_and_ignored_while_stopping():
     return signal.default_int_handler if previous is None else previous
 
 
-def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False) -> dict:
-    """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed)."""
+def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False,
+          head_lost: Callable[[], str] | None = None) -> dict:
+    """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed).
+    `head_lost`: what to tell the user to do when the Ray head node is lost mid-run (`watch_gcs`'s `then`; None:
+    this run's resume hint)."""
     task = task_for(cfg)
     validate_with_task(cfg, task)
     address_given = cluster_address(cfg, address)
@@ -1549,14 +1556,16 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         # modules from there too, as the driver does (`load_run_config`); a job's workers have its working dir
         origin = run_origin(run_dir) if resume and not in_job_copy() else None
         code_paths = [str(origin)] if origin is not None and origin != Path.cwd() else []
-        return _train_in(cfg, run_dir, address, start_step, created, code_paths)
+        return _train_in(cfg, run_dir, address, start_step, created, code_paths,
+                         head_lost or head_lost_hint(run_dir, cfg.run.steps))
     finally:
         lock.close()
 
 
 def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, created: bool,
-              code_paths: Sequence[str] = ()) -> dict:
-    """`train` in the prepared, locked run folder, from `start_step` (`code_paths`: see `init_ray`)."""
+              code_paths: Sequence[str], head_lost: Callable[[], str]) -> dict:
+    """`train` in the prepared, locked run folder, from `start_step` (`code_paths`: see `init_ray`; `head_lost`:
+    see `watch_gcs`)."""
     print(f"distpg: run folder {run_dir.resolve()}", flush=True)
     started, trainer, sigterm, gcs_watch = False, None, None, None
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
@@ -1569,7 +1578,7 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             # a caller's runtime is reused
             started = False if ray.is_initialized() else init_ray(cfg, address, code_paths)
         _sigterm_interrupts()  # again: ray.init put its own handler (Ray's crash report) in place of the first
-        gcs_watch = watch_gcs(run_dir, cfg.run.steps)  # through the cleanup below too, which needs the GCS
+        gcs_watch = watch_gcs(head_lost)  # through the cleanup below too, which needs the GCS
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
         trainer = Trainer(absolute_run_paths(cfg), Path(run_dir), placement)

@@ -33,11 +33,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -149,13 +151,15 @@ def plan_points(base: Config, workers: list[int], node_counts: list[int | None],
     return points
 
 
-def measure(cfg: Config, run_dir: Path, warmup: int, nodes: int | None) -> Point:
-    """Train `cfg` into `run_dir` (its console output goes to run_dir/train.log) and summarise its metrics."""
+def measure(cfg: Config, run_dir: Path, warmup: int, nodes: int | None,
+            head_lost: Callable[[], str] | None = None) -> Point:
+    """Train `cfg` into `run_dir` (its console output goes to run_dir/train.log) and summarise its metrics.
+    `head_lost`: what to tell the user when the Ray head is lost meanwhile (see `orchestrator.train`)."""
     from distpg.orchestrator import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
-        train(cfg, run_dir)
+        train(cfg, run_dir, head_lost=head_lost)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     return summarise(records[warmup:], cfg, nodes, str(run_dir))
 
@@ -482,18 +486,32 @@ def sweep(fitting: list[tuple[int, int | None, Config]], repeats: int, warmup: i
 
     # repeats go round the whole sweep (1, 2, .., 1, 2, ..) so a busy spell on the machine hits every point
     tries: dict[tuple, list[Point]] = {}
+    done: list[str] = []  # the runs measured, by run folder name
     for r in range(repeats):
         for n, k, cfg in fitting:
             t0 = time.perf_counter()
             name = (f"w{n}" if k is None else f"n{k}-w{n}") + (f"-r{r}" if repeats > 1 else "")
+            head_lost = functools.partial(sweep_head_lost, _label(n, k), out / "runs" / name, list(done), out)
             try:
-                p = measure(cfg, out / "runs" / name, warmup, k)
+                p = measure(cfg, out / "runs" / name, warmup, k, head_lost)
             except (TrainingError, KeyboardInterrupt) as e:
                 return tries, (_label(n, k), out / "runs" / name, e)
             tries.setdefault((n, k), []).append(p)
+            done.append(name)
             print(f"  {_label(n, k)}: {p.rollout_tokens_per_s:,.0f} rollout tokens/s, step {p.step_s * 1e3:.0f} "
                   f"ms ({time.perf_counter() - t0:.0f}s)", flush=True)
     return tries, None
+
+
+def sweep_head_lost(label: str, run_dir: Path, done: list[str], out: Path) -> str:
+    """What a sweep whose Ray head was lost while it measured point `label` (into `run_dir`) leaves, after the
+    runs `done` (run folder names under out/runs), and what to do: the driver ends with the cluster, before the
+    sweep writes anything of its own, so the sweep is run again (a run of a sweep is a measurement, not a training
+    to resume)."""
+    before = (f"the runs done before it ({', '.join(done)}) are in {out}/runs, each with its metrics.jsonl"
+              if done else "no run of the sweep was done before it")
+    return (f"the sweep (distpg scale) was measuring {label}, run folder {run_dir}; {before}, but no scaling.* was "
+            f"written. Run the sweep again, with a new --out ({out} holds this one's runs)")
 
 
 def _raise_stop(stop: tuple, kept: str) -> None:

@@ -269,3 +269,32 @@ def test_scale_refuses_an_out_folder_with_an_earlier_sweep_before_ray_starts(tmp
     (tmp_path / "notes.txt").write_text("mine")  # anything else in the folder is fine; a file is not a folder
     with pytest.raises(ConfigError, match=r"--out '.*notes.txt' is a file"):
         main(scale_args("--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "notes.txt")))
+
+
+def test_a_lost_head_during_a_sweep_says_which_point_ran_and_which_runs_were_done(monkeypatch, tmp_path):
+    """The lost-head message (orchestrator.watch_gcs) of a sweep's run said `distpg train --resume` that run's folder,
+    which a sweep cannot use. Each point's run is handed what to say instead: the point, the runs done before it,
+    and to run the sweep again. (`measure` here only reads what its run would print: the real head-loss run is
+    test_cluster.py's.)"""
+    from distpg import scale
+
+    said = []
+    record = {"perf/rollout_s": 1.0, "perf/step_s": 2.0, "perf/rollout_tokens_per_s": 10.0, "workers/nodes": 1,
+              "perf/learn_s": 1.0, "perf/sync_s": 0.0}
+
+    def measure(cfg, run_dir, warmup, nodes, head_lost=None):
+        said.append(head_lost())
+        return summarise([record], cfg, nodes, str(run_dir))
+
+    monkeypatch.setattr(scale, "measure", measure)
+    points = [(1, None, small_config()), (2, 2, small_config("rollout.num_workers=2"))]
+    tries, stop = scale.sweep(points, 2, 0, tmp_path)
+    assert stop is None and len(said) == 4
+    runs = tmp_path / "runs"
+    assert said[0] == (f"the sweep (distpg scale) was measuring 1 worker(s), run folder {runs / 'w1-r0'}; no run of "
+                       "the sweep was done before it, but no scaling.* was written. Run the sweep again, with a new "
+                       f"--out ({tmp_path} holds this one's runs)")
+    assert said[3].startswith(f"the sweep (distpg scale) was measuring 2 worker(s) on 2 node(s), run folder "
+                              f"{runs / 'n2-w2-r1'}; the runs done before it (w1-r0, n2-w2-r0, w1-r1) are in {runs}, "
+                              "each with its metrics.jsonl, but no scaling.* was written")
+    assert not any("--resume" in s for s in said)
