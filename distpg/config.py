@@ -249,7 +249,8 @@ class RayConfig:
         "STRICT_PACK puts them all on one node, STRICT_SPREAD each on a node of its own (checked against the "
         "cluster's nodes before any actor starts)", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     dashboard: bool = _f(False, "start the dashboard with a local runtime (bound to 127.0.0.1)")
-    timeout_s: float = _f(300.0, "longest wait for any remote call other than sampling")
+    timeout_s: float = _f(300.0, "longest wait for any remote call other than sampling (a run.eval_every "
+                              "evaluation also gets rollout.timeout_s per worker's share of a step it generates)")
 
 
 @dataclass(frozen=True)

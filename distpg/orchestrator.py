@@ -99,16 +99,17 @@ def split(items: list, parts: int) -> list[list]:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException], ...] = ()):
+def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException], ...] = (),
+         why: str = "raise ray.timeout_s or rollout.timeout_s if the work is just slow"):
     """ray.get with a timeout; failures become a TrainingError that names what failed and why, except
-    those of a type in `passthrough`, which the caller handles."""
+    those of a type in `passthrough`, which the caller handles. `why`: what a timeout's message adds, in
+    parentheses (the settings that set `timeout`, and which to raise)."""
     try:
         return ray.get(refs, timeout=timeout)
     except passthrough:
         raise
     except GetTimeoutError:
-        raise TrainingError(f"{what} did not finish within {timeout:g}s (raise ray.timeout_s or "
-                            "rollout.timeout_s if the work is just slow)") from None
+        raise TrainingError(f"{what} did not finish within {timeout:g}s ({why})") from None
     except RayTaskError as e:
         raise task_failure(what, e) from None
     except RayActorError as e:
@@ -116,6 +117,36 @@ def wait(refs, timeout: float, what: str, passthrough: tuple[type[BaseException]
             raise TrainingError(f"{what} failed: the actor's constructor raised {raised}") from None
         raise TrainingError(f"{what} failed: the actor died ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def eval_prompts(cfg: Config, task) -> tuple[int, str]:
+    """How many prompts a run.eval_every evaluation scores, and what names them: the task's held-out prompts
+    (task.num_eval), or those of task.eval_prompts_path that the model holds, counted as the learner reads them."""
+    if not cfg.task.eval_prompts_path:
+        return len(task.eval_prompts()), "task.num_eval"
+    from distpg.evaluate import test_set
+
+    budget = sampling_params(cfg, task).max_new_tokens
+    test = test_set(cfg, cfg.task.eval_prompts_path, task.tokenizer, budget, "task.eval_prompts_path")
+    return len(test.eval_prompts()), f"task.eval_prompts_path={cfg.task.eval_prompts_path}"
+
+
+def eval_wait(cfg: Config, num_prompts: int, prompts: str) -> tuple[float, str]:
+    """How long the driver waits for a run.eval_every evaluation of `num_prompts` prompts (`prompts` names them:
+    task.num_eval, task.eval_prompts_path), and what the timeout's message says of it: (seconds, why).
+
+    The evaluation generates one greedy completion per prompt on the learner, so it is granted what a worker is
+    granted for its share of a step's samples, rollout.timeout_s, for each such share of its completions, plus
+    ray.timeout_s for the call: the wait grows with the held-out set (a test file of thousands of prompts), and
+    a learner that hangs is still caught."""
+    r = cfg.rollout
+    share = -(-r.prompts_per_step // r.num_workers) * r.group_size  # the most samples a worker draws in a step
+    shares = max(1, -(-num_prompts // share))
+    why = (f"ray.timeout_s={cfg.ray.timeout_s:g} + rollout.timeout_s={r.timeout_s:g} x {shares}: one "
+           f"rollout.timeout_s for each {share} of the {num_prompts} completions ({prompts}), a worker's share of "
+           f"a step (rollout.prompts_per_step={r.prompts_per_step} / rollout.num_workers={r.num_workers} x "
+           f"rollout.group_size={r.group_size}); raise rollout.timeout_s if the evaluation is just slow")
+    return cfg.ray.timeout_s + shares * r.timeout_s, why
 
 
 def init_error(e: BaseException) -> str | None:
@@ -597,6 +628,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.task = task_for(cfg)
+        self.eval_timeout: tuple[float, str] | None = None  # run.eval_every's wait and its why: `evaluate`
         busy = _busy_note(placement, cfg.rollout.num_workers)  # before the group takes its share
         self.pg = placement_group(placement.bundles(cfg.rollout.num_workers), strategy=cfg.ray.placement_strategy)
         if busy:
@@ -846,9 +878,12 @@ class Trainer:
         gets a step's record only once its update is done and issues the next update after this call returns,
         so none is in flight (a resume forgets the evaluations past its checkpoint and redoes them with the
         steps, see `_prepare_run_dir`). A reward function that fails on every held-out prompt is reported, and
-        training goes on. Returns the version scored (or `step`)."""
+        training goes on. Returns the version scored (or `step`). The wait grows with the prompts: `eval_wait`."""
+        if self.eval_timeout is None:  # counted once: a test file is read again for it
+            self.eval_timeout = eval_wait(self.cfg, *eval_prompts(self.cfg, self.task))
+        timeout, why = self.eval_timeout
         try:
-            res = wait(self.learner.evaluate.remote(), self.cfg.ray.timeout_s, f"the evaluation after step {step}")
+            res = wait(self.learner.evaluate.remote(), timeout, f"the evaluation after step {step}", why=why)
         except RewardFailure as e:
             print(f"distpg: {e}; training goes on", flush=True)
             return step

@@ -339,3 +339,35 @@ def test_a_test_file_that_is_missing_or_malformed_is_named_by_its_own_field_not_
         with pytest.raises(ConfigError) as e:
             test_set(cfg, str(bad), None, 4, field)
         assert str(e.value).startswith(f"{field} {bad}: line 2: expected an object with a 'prompt' key")
+
+
+def test_the_drivers_wait_for_an_eval_every_evaluation_grows_with_its_prompts(tmp_path, monkeypatch):
+    """run.eval_every's evaluation was waited for ray.timeout_s (300 s) however many prompts it scores, so a large
+    test file on a slow learner stopped the run. The wait is ray.timeout_s plus rollout.timeout_s for each worker's
+    share of a step's samples among the evaluation's completions (one per prompt), worked by hand here."""
+    from distpg.config import load_config
+    from distpg.orchestrator import eval_prompts, eval_wait
+
+    cfg = load_config()  # the default: 32 prompts x 8 samples over 2 workers, a share of 128; 128 held out
+    assert eval_prompts(cfg, task_for(cfg)) == (128, "task.num_eval")
+    timeout, why = eval_wait(cfg, 128, "task.num_eval")
+    assert timeout == 300 + 300 * 1 and why == (
+        "ray.timeout_s=300 + rollout.timeout_s=300 x 1: one rollout.timeout_s for each 128 of the 128 completions "
+        "(task.num_eval), a worker's share of a step (rollout.prompts_per_step=32 / rollout.num_workers=2 x "
+        "rollout.group_size=8); raise rollout.timeout_s if the evaluation is just slow")
+    assert eval_wait(cfg, 5000, "f")[0] == 300 + 300 * 40  # ceil(5000 / 128) shares
+    uneven = small_config("rollout.prompts_per_step=5", "rollout.group_size=3", "rollout.timeout_s=7",
+                          "ray.timeout_s=2")  # the bigger worker draws ceil(5 / 2) x 3 = 9 samples
+    assert eval_wait(uneven, 9, "f")[0] == 2 + 7 and eval_wait(uneven, 10, "f")[0] == 2 + 7 * 2
+    # a test file is counted as the learner reads it: 300 prompts the model holds (and one too long for it, left
+    # out), a share of 2 x 4 = 8, 38 shares
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"say {w}:"}) + "\n" for w in "abcdefgh"))
+    held = [f"say {a}{b}{c}:" for a in "abcdefgh" for b in "abcdefgh" for c in "abcdefgh"][:300]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*held, "a" * 5000]))
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config("task.name=prompts", "task.prompts_path=train.jsonl", "task.num_eval=2",
+                       "task.reward=tests.user_rewards:length_unless_vowel", "task.eval_prompts_path=test.jsonl",
+                       "run.eval_every=2")
+    count = eval_prompts(cfg, task_for(cfg))
+    assert count == (300, "task.eval_prompts_path=test.jsonl")
+    assert eval_wait(cfg, *count)[0] == 300 + 300 * 38

@@ -147,3 +147,34 @@ def test_max_time_stops_with_a_checkpoint_and_a_resume_counts_afresh(ray_session
     assert "run.max_time_s=0.001 reached; stopping at step 1" in capsys.readouterr().out
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000001"
     assert train(cfg, run, resume=True)["steps"] == 2  # a new start: a new budget, one more step
+
+
+class SlowEvaluations(Learner):
+    """A learner whose first evaluation takes 11 s and whose second hangs."""
+
+    def evaluate(self):
+        import time
+
+        time.sleep(11 if self.version == 1 else 600)
+        return super().evaluate()
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # an evaluation of 11 s and one waited for 24 s
+def test_an_evaluation_slower_than_ray_timeout_s_is_waited_for_by_its_size_and_a_hung_one_is_stopped(
+        ray_session, tmp_path, monkeypatch):
+    """run.eval_every's evaluation was waited for ray.timeout_s alone, so one merely slower stopped the run. It is
+    waited for ray.timeout_s + rollout.timeout_s for each worker's share of a step among its completions: here
+    16 held-out prompts and shares of 4 / 2 x 4 = 8 samples, 8 + 8 x 2 = 24 s. The first evaluation (11 s, past
+    ray.timeout_s=8) is scored; the second, hung, stops the run with a message naming the settings."""
+    monkeypatch.setattr(Trainer, "learner_class", SlowEvaluations)
+    cfg = small_config("run.steps=3", "run.eval_every=1", "ray.timeout_s=8", "rollout.timeout_s=8")
+    with pytest.raises(TrainingError) as e:
+        train(cfg, tmp_path / "r")
+    assert str(e.value).startswith(
+        "the evaluation after step 2 did not finish within 24s (ray.timeout_s=8 + rollout.timeout_s=8 x 2: one "
+        "rollout.timeout_s for each 8 of the 16 completions (task.num_eval), a worker's share of a step "
+        "(rollout.prompts_per_step=4 / rollout.num_workers=2 x rollout.group_size=4); raise rollout.timeout_s if "
+        "the evaluation is just slow)"), str(e.value)
+    (record,) = [json.loads(x) for x in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["eval/num_prompts"] == 16
