@@ -83,7 +83,7 @@ def probe(address: str, timeout: float, source: str) -> None:
         raise DoctorError(f"{source} {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
                           "that cluster/local-cluster.sh prints, or 10.0.0.5:6379)")
     host, port = parsed[0], int(parsed[1])
-    named = _named(address, source)
+    named = address_text(address, source)
     stale = ("; is the cluster up? $RAY_ADDRESS of this environment named it: is it left from an earlier cluster "
              "(unset it, or name the cluster with --address)?")  # an export outlives the cluster it named
     _tcp(host, port, timeout, f"cannot reach the Ray cluster at {named}",
@@ -98,7 +98,7 @@ def probe(address: str, timeout: float, source: str) -> None:
     _authenticate(dialed or address, named, timeout)
 
 
-def _named(address: str, source: str) -> str:
+def address_text(address: str, source: str) -> str:
     """An address as messages name it: with what named it (`named_address`'s source), where known."""
     return f"{address!r} (from {source})" if source else repr(address)
 
@@ -129,7 +129,8 @@ def _not_http(host: str, port: int, timeout: float, named: str) -> None:
     """Fail fast where an HTTP server answers, most often the dashboard (RAY_API_SERVER_ADDRESS, port 8265)
     given as the GCS address: it accepts the TCP connect, and ray.init would retry it for many minutes. The GCS
     speaks gRPC (HTTP/2), which answers an HTTP/1 request with a frame; an HTTP/1 server answers it with a status
-    line. No answer within `timeout` is left to ray.init. `named`: the address as messages name it (`_named`)."""
+    line. No answer within `timeout` is left to ray.init. `named`: the address as messages name it
+    (`address_text`)."""
     head = b""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
@@ -194,7 +195,8 @@ def connect(address: str | None, timeout: float, source: str) -> str | None:
 
     def give_up() -> None:
         if not done.is_set():
-            print(f"distpg doctor: FAIL: connecting to {address or 'a local Ray runtime'} did not finish within "
+            where = address_text(address, source) if address else "a local Ray runtime"
+            print(f"distpg doctor: FAIL: connecting to {where} did not finish within "
                   f"{timeout:g}s (--timeout): what answers there may not be a Ray GCS, or the cluster refuses this "
                   "client (token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH)",
                   file=sys.stderr, flush=True)
@@ -212,8 +214,8 @@ def connect(address: str | None, timeout: float, source: str) -> str | None:
             ctx = start_local_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
                                   logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as e:
-        raise DoctorError(f"cannot connect to the Ray cluster at {address!r}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}{auth_hint()}") from None
+        raise DoctorError(f"cannot connect to the Ray cluster at {address_text(address, source)}: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{auth_hint()}") from None
     finally:
         done.set()
         watchdog.cancel()

@@ -472,7 +472,7 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
     `code_paths`: folders the actors import from besides the current one, which Ray puts on their sys.path
     (as it does the driver's current folder): the folder a resumed run started in, for its task and reward
     modules."""
-    from distpg.doctor import DoctorError, auth_hint, named_address, probe
+    from distpg.doctor import DoctorError, address_text, auth_hint, named_address, probe
 
     address, source = named_address(address, cfg.ray.address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -486,7 +486,8 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True, **job)
         except (ConnectionError, RayError, ValueError) as e:
-            raise TrainingError(f"cannot connect to the Ray cluster at {address!r}: {e}{auth_hint()}") from None
+            raise TrainingError(f"cannot connect to the Ray cluster at {address_text(address, source)}: "
+                                f"{e}{auth_hint()}") from None
         return False
     start_local_ray(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
                     dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=True, **job)

@@ -120,10 +120,19 @@ def test_the_addresses_ray_init_takes_besides_host_port_are_tried_as_distpg_trai
 
     monkeypatch.setattr(ray, "init", init)
     for address in ("auto", "ray://headnode:10001"):
-        with pytest.raises(doctor.DoctorError, match=f"cannot connect to the Ray cluster at '{address}': "
-                                                     "ConnectionError: Could not find any running Ray instance"):
+        says = f"cannot connect to the Ray cluster at '{address}' (from --address): ConnectionError: Could not find"
+        with pytest.raises(doctor.DoctorError, match=re.escape(says)):
             doctor.connect(address, timeout=30, source="--address")
     assert tried == ["auto", "ray://headnode:10001"]
+    # RAY_ADDRESS=auto left exported: `distpg train` says where the address came from
+    from distpg.orchestrator import TrainingError, init_ray
+    from tests.conftest import small_config
+
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    says = "cannot connect to the Ray cluster at 'auto' (from $RAY_ADDRESS): Could not find any running Ray instance"
+    with pytest.raises(TrainingError, match=re.escape(says)):
+        init_ray(small_config(), None)
+    assert tried[-1] == "auto"
 
 
 @pytest.mark.parametrize("flag, setting, env, named", [
