@@ -483,3 +483,29 @@ def test_losing_the_head_node_ends_the_run_with_the_resume_hint_before_ray_ends_
                env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "done after 60 steps" in p.stdout
+
+
+@pytest.mark.slow
+def test_losing_the_head_node_during_a_sweep_names_the_point_and_the_runs_done(tmp_path):
+    """As above, in a `distpg scale` sweep: its message said `distpg train --resume` the running point's folder,
+    which a sweep cannot use. It names the point, its run folder and the runs done before it, and says to run the
+    sweep again. The second point (2 workers) loses the head's GCS once it has logged a step."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "distpg", "scale", "--workers", "1,2", "--nodes", "none", "--steps", "40",
+           "--warmup", "1", "--out", str(out), "--set", "task.length=4", "--set", "learner.node_resource=distpg_node_1"]
+    with running_cluster(1, "hs") as (env, cluster_dir, _):
+        proc = subprocess.Popen(cmd, env={**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT),
+                                          "RAY_gcs_rpc_server_reconnect_timeout_s": "10"},
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(proc, (out / "runs" / "w2" / "metrics.jsonl").exists, timeout=300)
+        gcs = subprocess.run(["pgrep", "-f", f"gcs_server --log_dir={cluster_dir}/node_0/"], capture_output=True,
+                             text=True).stdout.split()
+        assert len(gcs) == 1 and proc.poll() is None, gcs
+        os.kill(int(gcs[0]), signal.SIGKILL)
+        out_text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out_text[-4000:]
+    assert "distpg: training failed: lost the Ray head node" in out_text, out_text[-4000:]
+    runs = out / "runs"
+    assert (f"Restart the cluster; the sweep (distpg scale) was measuring 2 worker(s), run folder {runs / 'w2'}; "
+            f"the runs done before it (w1) are in {runs}") in out_text, out_text[-3000:]
+    assert "--resume" not in out_text and not (out / "scaling.json").exists()
