@@ -87,7 +87,7 @@ def probe(address: str, timeout: float, source: str) -> None:
     stale = ("; is the cluster up? $RAY_ADDRESS of this environment named it: is it left from an earlier cluster "
              "(unset it, or name the cluster with --address)?")  # an export outlives the cluster it named
     _tcp(host, port, timeout, f"cannot reach the Ray cluster at {named}",
-         **({"hint": stale} if source == "$RAY_ADDRESS" else {}))
+         hint=stale if source == "$RAY_ADDRESS" else UNREACHABLE_HINT)
     _not_http(host, port, timeout, named)
     dialed = canonicalize_bootstrap_address(address)
     if dialed and dialed != address:
@@ -98,7 +98,7 @@ def probe(address: str, timeout: float, source: str) -> None:
     _authenticate(dialed or address, named, timeout)
 
 
-def address_text(address: str, source: str) -> str:
+def address_text(address: str | None, source: str) -> str:
     """An address as messages name it: with what named it (`named_address`'s source), where known."""
     return f"{address!r} (from {source})" if source else repr(address)
 
@@ -174,8 +174,10 @@ def _authenticate(dialed: str, named: str, timeout: float) -> None:
                              "RAY_AUTH_TOKEN) the cluster's token?"))
 
 
-def _tcp(host: str, port: int, timeout: float, what: str,
-         hint: str = "; is the cluster up, and is this its GCS address (default port 6379)?") -> None:
+UNREACHABLE_HINT = "; is the cluster up, and is this its GCS address (default port 6379)?"
+
+
+def _tcp(host: str, port: int, timeout: float, what: str, hint: str = UNREACHABLE_HINT) -> None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
