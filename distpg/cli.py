@@ -150,7 +150,8 @@ def _export(args) -> int:
         raise ConfigError(f"distpg export: OUT={args.out!r} is not empty (it holds {', '.join(held[:4])}"
                           f"{' ...' if len(held) > 4 else ''}); give a new or empty folder")
     out = export_policy(Path(args.path), Path(args.out))
-    print(f"wrote {out}: config.json, model.safetensors, tokenizer.json (transformers: "
+    # the files written, not a fixed list: a run from a GPT-2 folder also gets its tokenizer_config.json, ...
+    print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))} (transformers: "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}); distpg: --set model.init_from={out})")
     return 0
 

@@ -337,13 +337,15 @@ def test_learner_and_workers_start_from_the_folder(hf_folder, tmp_path):
     assert weights.version == 1 and all(v == v for v in metrics.values() if isinstance(v, float))
 
 
-def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_folder, tmp_path):
+def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_folder, tmp_path, capsys,
+                                                                          monkeypatch):
     """A chat template, special tokens and the tokenizer's class, as the folder the run started from holds them
     (what TRL's save_pretrained of the tokenizer would keep), come out of `distpg export` unchanged; the
-    sampling settings of its generation_config.json do not (the run's own apply)."""
+    sampling settings of its generation_config.json do not (the run's own apply). Its line names every file
+    written (it named config.json, model.safetensors and tokenizer.json whatever else it wrote)."""
     from distpg import checkpoint
     from distpg.config import dump_run_config
-    from distpg.hf import export_policy, snapshot_base
+    from distpg.hf import snapshot_base
 
     folder = tmp_path / "chat-gpt2"
     folder.mkdir()
@@ -358,7 +360,11 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     (run / "config.yaml").write_text(dump_run_config(cfg))
     snapshot_base(folder, run)
     checkpoint.save(run, 1, Learner(cfg).state(), keep=1)
-    out = export_policy(run, tmp_path / "out")
+    out = tmp_path / "out"
+    p = _in_process(capsys, monkeypatch, "export", str(run), str(out))
+    assert p.returncode == 0, p.stderr
+    assert f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))} (transformers" in p.stdout, p.stdout
+    assert "tokenizer_config.json" in p.stdout
     again = AutoTokenizer.from_pretrained(out)
     assert again.chat_template == tok.chat_template and type(again) is type(tok)
     assert tok.pad_token is None and again.pad_token == EOT  # as before: the padding config.json names

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                  if args.prompts == p.get_default("prompts") else ""))
     texts = [t for prompt, ref in rows for t in (prompt, ref) if isinstance(t, str)]
     out = make_tiny_gpt2(args.out, texts, args.vocab_size, args.preset, args.n_positions, args.seed)
-    print(f"wrote {out} (config.json, model.safetensors, tokenizer.json): a random GPT-2 {args.preset} with a "
+    print(f"wrote {out} ({', '.join(sorted(f.name for f in out.iterdir()))}): a random GPT-2 {args.preset} with a "
           f"{read_shape(out).vocab_size}-token byte-level BPE")
 
 
