@@ -39,7 +39,8 @@ done
 if [ "$HAVE_RESUME" = 1 ]; then
   # distpg train --resume takes the config from the run folder and continues in that folder
   [ -z "$CONFIG" ] && [ ${#SETS[@]} -eq 0 ] \
-    || fail "--resume continues a run with the config in its folder; drop CONFIG and --set"
+    || fail "--resume continues a run with the config in its folder; drop CONFIG and --set (to change a \
+setting, e.g. run.steps, edit RUN_DIR/config.yaml first: the resume names each change)"
   [ "$HAVE_RUN_DIR" = 0 ] || fail "--resume continues the run in RUN_DIR itself; drop --run-dir"
   [[ "$RESUME" == /* ]] || fail "--resume '$RESUME': give the run folder's absolute path on the head (as the \
 job printed it): the job runs in Ray's temporary copy of this repository, so a relative path would be looked \

@@ -27,7 +27,9 @@ def _train(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         if args.config or args.set:
-            raise ConfigError("--resume continues a run with the config in its folder; drop CONFIG and --set")
+            raise ConfigError(f"--resume continues a run with the config in its folder; drop CONFIG and --set (to "
+                              f"change a setting, e.g. run.steps, edit {str(run_dir / 'config.yaml')!r} first: the "
+                              "resume names each change)")
         if args.run_dir:  # as cluster/submit.sh says: it was ignored, the run going on in the --resume folder
             raise ConfigError(f"--resume continues the run in {str(run_dir)!r} itself; drop --run-dir (to start a "
                               "new run from that run's config: distpg train RUN_DIR/config.yaml --run-dir NEW)")

@@ -340,6 +340,10 @@ def test_resume_with_run_dir_is_refused_not_ignored(capsys, tmp_path, monkeypatc
     assert f"--resume continues the run in {str(tmp_path / 'a')!r} itself; drop --run-dir" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and [p.name for p in (tmp_path / "a").iterdir()] == [
         "config.yaml"]
+    # --set with --resume is refused too, saying where a setting is changed instead
+    assert main(["train", "--resume", str(tmp_path / "a"), "--set", "run.steps=9"]) == 2
+    assert f"drop CONFIG and --set (to change a setting, e.g. run.steps, edit {str(tmp_path / 'a' / 'config.yaml')!r}" \
+        in capsys.readouterr().err
 
 
 def test_a_kill_while_a_resume_cuts_metrics_jsonl_loses_no_step_it_keeps(tmp_path, monkeypatch):
