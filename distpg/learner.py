@@ -283,7 +283,7 @@ class Learner:
                 logits, hidden = res if value_head is not None else (res, None)
                 if out is not None:
                     lp = token_logprobs(self.tempered(logits.float()), tokens[idx, 1:L][keep])
-                    out[idx, 1:L] = torch.zeros(keep.shape, device=lp.device).masked_scatter_(keep, lp)
+                    out[idx, 1:L] = unpacked(keep, lp)
                 if values is not None:
                     values[idx, : L - 1] = value_head(hidden.float()).squeeze(-1)
         return out, values
@@ -324,7 +324,7 @@ class Learner:
             # largest tensors of an update with a large vocabulary (GPT-2's 50257)
             logp_all = torch.log_softmax(self.tempered(logits.float()), dim=-1)
             picked = logp_all.gather(-1, tokens[:, 1:][mask][:, None]).squeeze(-1)  # (N,), as token_logprobs
-            logp = torch.zeros(mask.shape, device=picked.device).masked_scatter(mask, picked)  # (b, L-1), 0 outside
+            logp = unpacked(mask, picked)  # (b, L-1), 0 outside
             grad_mask = mask & valid[chunk, None]
             sample_adv = adv[chunk]
             loss = torch.zeros((), device=logp.device)
@@ -436,6 +436,12 @@ class Learner:
         self.ema = state["ema"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+def unpacked(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` (N,) of the N True entries of `mask` (b, T), in row-major order (as the logits at `logits_at`),
+    back in place: (b, T), float32 0 elsewhere; differentiable in `values`."""
+    return torch.zeros(mask.shape, device=values.device).masked_scatter(mask, values)
 
 
 def check_learner_dtype(dtype: str, device: str) -> None:
