@@ -83,15 +83,30 @@ def test_too_many_consecutive_skips_stop_with_a_clear_message(steps):
         learner.update(batch)
 
 
+def final_grads(learner):
+    """The gradient each parameter holds when the optimizer steps (the last accumulation's), by name."""
+    grads = {}
+    for name, p in learner.model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
+    return grads
+
+
 def test_micro_batches_give_the_same_gradient_step():
     a, worker = setup()
     b, _ = setup("learner.micro_batch_size=3")
+    ga, gb = final_grads(a), final_grads(b)
     batch = worker.sample(["abcd=", "bbca=", "ddda="], [0, 1, 2], seed=3)
     ma, _ = a.update(batch)
     mb, _ = b.update(batch)
     assert ma["learner/loss"] == pytest.approx(mb["learner/loss"], rel=1e-5)
-    for p, q in zip(a.model.parameters(), b.model.parameters()):
-        assert torch.allclose(p, q, atol=1e-6)
+    assert ga.keys() == gb.keys() == {n for n, _ in a.model.named_parameters()}
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.allclose(ga[name], gb[name], rtol=1e-4, atol=1e-6 * ga[name].abs().max().item()), name
+        # Adam's first step moves each parameter by about lr * g / (|g| + eps): where the gradient is rounding
+        # noise (the attention's key biases, whose exact gradient is 0) it amplifies the noise, so the steps
+        # are compared where the gradient is well above Adam's eps
+        real = ga[name].abs() > 1e-6
+        assert torch.allclose(p[real], q[real], atol=1e-6), name
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 2, 5])
