@@ -76,6 +76,13 @@ def test_resolved_config_round_trips(tmp_path):
         ("rollout.temperature=.inf", "rollout.temperature=inf: must be a finite number"),
         ("algo.entropy_coef=1e400", "algo.entropy_coef=inf: must be a finite number"),
         ("run.stop_reward=.nan", "run.stop_reward=nan: must be a finite number"),
+        # torch's Adam refused them in the learner's actor ("Invalid beta parameter at index 0: 1.0"), and a
+        # learning rate whose first Adam step overflows float32 failed step 1 with "value cannot be converted to
+        # type float without overflow"
+        ("learner.beta1=1.0", "learner.beta1=1.0: must be below 1"),
+        ("learner.beta2=1", "learner.beta2=1.0: must be below 1"),
+        ("learner.lr=1e38", "learner.lr=1e+38: Adam's first step is learner.lr / (1 - learner.beta1) = 1e+39, past "
+                            "float32's largest number (3.4e+38): at most 3.4e+37 with this beta1"),
         # a negative seed failed at the first step with numpy's traceback, one past 2**64 - 1 with
         # "restarting rollout worker 0 failed 6 times" (torch.manual_seed overflowed in every actor)
         ("run.seed=-1", "run.seed=-1: must be between 0 and 18446744073709551615"),

@@ -750,3 +750,16 @@ def test_the_output_layer_runs_on_the_response_tokens_only(monkeypatch, sets):
     no_grad = {(): [], ("learner.dtype=bfloat16", "algo.kl_coef=0.1"): [response, response],  # pi_old, reference
                ("algo.baseline=value", "learner.epochs=2"): [0]}[sets]
     assert rows[False] == no_grad
+
+
+def test_the_largest_learning_rate_the_config_accepts_updates_without_an_error():
+    """The bound on learner.lr (Adam's first step, lr / (1 - beta1), must be a float32) is the real one: just
+    under it an update runs (its step is non-finite, so skipped); just over it the config refuses."""
+    from distpg.config import ConfigError
+
+    cap = 3.4028234663852886e38 * (1 - 0.9)
+    learner, worker = setup(f"learner.lr={cap * 0.999!r}", "learner.beta1=0.9")
+    metrics, _ = learner.update(worker.sample(["abcd=", "dcba="], [0, 1], seed=0))
+    assert metrics["learner/skipped_steps"] in (0, 1)
+    with pytest.raises(ConfigError, match="learner.lr="):
+        setup(f"learner.lr={cap * 1.001!r}", "learner.beta1=0.9")
