@@ -136,6 +136,43 @@ def test_hub_style_names_load_too(hf_folder, tmp_path):
         load_gpt2(tmp_path)
 
 
+def test_a_sharded_checkpoint_loads_with_the_logits_of_transformers(hf_folder, tmp_path):
+    """save_pretrained(max_shard_size=...) (a large model's default) writes model.safetensors.index.json and
+    the shards it names: distpg loads them as transformers does, with the same logits."""
+    folder, hf = hf_folder
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    (sharded / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    assert not (sharded / "model.safetensors").exists() and len(list(sharded.glob("model-*.safetensors"))) > 2
+    assert read_shape(sharded) == read_shape(folder)
+    ours = load_gpt2(sharded)
+    idx = torch.randint(hf.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = _transformers_logits(sharded, idx), ours(idx)
+    assert expected.std() > 1.0 and (got - expected).abs().max().item() < 1e-4
+    for (name, p), q in zip(load_gpt2(folder).state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert ModelConfig(init_from=str(sharded)).n_layer == 2
+
+
+def test_an_untied_output_layer_in_another_shard_is_refused(hf_folder, tmp_path):
+    folder, _ = hf_folder
+    state = load_file(str(folder / "model.safetensors"))
+    head = {"lm_head.weight": state["transformer.wte.weight"] + 1}
+    save_file(state, str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(head, str(tmp_path / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {**{n: "model-00001-of-00002.safetensors" for n in state},
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        read_shape(tmp_path)
+    head["lm_head.weight"] = state["transformer.wte.weight"]
+    save_file(head, str(tmp_path / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    assert read_shape(tmp_path).n_layer == 2
+
+
 # ---------------------------------------------------------------- exporting a distpg policy
 
 
@@ -262,8 +299,11 @@ def test_config_takes_the_shape_from_the_folder(hf_folder):
         ("classifier", {}, r"architectures=\['GPT2ForSequenceClassification'\] is not a GPT-2 language model "
                            r"\(allowed: GPT2LMHeadModel, GPT2Model\); a reward model or classifier cannot be the "
                            r"policy"),
-        ("sharded", {}, r"lacks model.safetensors .*; it holds a sharded checkpoint \(model.safetensors.index.json\) "
-                        r"and distpg reads one file: write it with AutoModelForCausalLM.from_pretrained\("),
+        ("bin shards", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin.index.json and distpg reads "
+                           r"only safetensors: write model.safetensors with AutoModelForCausalLM.from_pretrained\("),
+        ("bad index", {}, r"model.safetensors.index.json' is not a sharded checkpoint's index"),
+        ("shard gone", {}, r"model.safetensors.index.json' names 1 file\(s\) the folder lacks: "
+                           r"model-00002-of-00002.safetensors"),
         ("bin", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin and distpg reads only safetensors"),
         ("slow tokenizer", {}, r"lacks tokenizer.json .*; it holds vocab.json and merges.txt .*: write tokenizer.json "
                                r"with AutoTokenizer.from_pretrained\('.*copy'\).save_pretrained\('.*copy'\)"),
@@ -296,9 +336,17 @@ def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
             state = load_file(str(target / "model.safetensors"))
             state["score.weight"] = state["transformer.wte.weight"][:1].clone()
             save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-        elif setup == "sharded":  # as save_pretrained(max_shard_size=...) writes a large model
+        elif setup == "bin shards":  # an older transformers' save_pretrained(max_shard_size=...)
+            (target / "model.safetensors").rename(target / "pytorch_model-00001-of-00001.bin")
+            (target / "pytorch_model.bin.index.json").write_text("{}")
+        elif setup == "bad index":
             (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
             (target / "model.safetensors.index.json").write_text("{}")
+        elif setup == "shard gone":
+            (target / "model.safetensors").rename(target / "model-00001-of-00002.safetensors")
+            names = load_file(str(target / "model-00001-of-00002.safetensors"))
+            (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                n: f"model-0000{1 + (n == 'transformer.wte.weight')}-of-00002.safetensors" for n in names}}))
         elif setup == "bin":
             (target / "model.safetensors").rename(target / "pytorch_model.bin")
         elif setup == "slow tokenizer":
@@ -351,6 +399,9 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     folder.mkdir()
     for f in hf_folder[0].iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
+    # left behind when a sharded checkpoint is saved again whole (transformers 5 keeps the old index): the
+    # export's single model.safetensors must not come with an index naming shards it lacks
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
     tok = AutoTokenizer.from_pretrained(folder)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok.save_pretrained(folder)
@@ -371,6 +422,7 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     assert again.pad_token_id == json.loads((out / "config.json").read_text())["pad_token_id"]
     assert again(SAMPLES[5])["input_ids"] == tok(SAMPLES[5])["input_ids"]
     assert not (out / "generation_config.json").exists() and not (out / "fingerprint.json").exists()
+    assert not (out / "model.safetensors.index.json").exists()
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2  # distpg's, not a copy
 
 
