@@ -294,21 +294,17 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise ValueError(f"{str(path)!r} is not a tokenizer.json the tokenizers library reads: {e}") from None
-    eos_id = cfg.get("eos_token_id")
-    if isinstance(eos_id, list):  # some configs list several end tokens: the first is the one to emit
-        eos_id = eos_id[0] if eos_id else None
+    eos_id = _eos_id(cfg, tok)
     if eos_id is None:
-        eos_id = tok.token_to_id("<|endoftext|>")
-    if eos_id is None:
-        raise ValueError(f"{str(folder)!r}: config.json has no eos_token_id and tokenizer.json no <|endoftext|>")
-    n, endoftext = tok.get_vocab_size(with_added_tokens=True), tok.token_to_id("<|endoftext|>")
+        raise ValueError(f"{str(folder)!r}: config.json has no eos_token_id and tokenizer.json no <|endoftext|>"
+                         + _tokenizer_eos_hint(folder, tok))
+    n = tok.get_vocab_size(with_added_tokens=True)
     for key, i in (("eos_token_id", eos_id), ("pad_token_id", cfg.get("pad_token_id"))):
         # GPT2Config() defaults both bos and eos to GPT-2's 50256, whatever vocab_size it is given
         if isinstance(i, int) and not 0 <= i < n:
             raise ValueError(
                 f"{str(Path(folder) / 'config.json')!r}: {key}={i} is outside the vocabulary of tokenizer.json "
-                f"({n} tokens); set it to your tokenizer's end-of-text id"
-                f"{f' (<|endoftext|> is {endoftext})' if endoftext is not None else ''}, e.g. "
+                f"({n} tokens); set it to your tokenizer's end-of-text id{_tokenizer_eos_hint(folder, tok)}, e.g. "
                 + ("GPT2Config(..., bos_token_id=ID, eos_token_id=ID) before save_pretrained" if key != "pad_token_id"
                    else "GPT2Config(..., pad_token_id=ID) before save_pretrained, or leave pad_token_id out (pad "
                         "then defaults to eos)"))
@@ -318,8 +314,87 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
         raise ValueError(f"{str(folder)!r}: {e}") from None
     if tokenizer.vocab_size > cfg["vocab_size"]:
         raise ValueError(f"{str(path)!r} has {tokenizer.vocab_size} tokens but the model only {cfg['vocab_size']} "
-                         "(config.json vocab_size)")
+                         "(config.json vocab_size): tokens added to the tokenizer (a pad token) need rows in the "
+                         "model too, model.resize_token_embeddings(len(tokenizer)) before save_pretrained")
     return tokenizer
+
+
+def _eos_id(cfg: dict, tok: tokenizers.Tokenizer) -> int | None:
+    """The token that ends a completion: config.json's eos_token_id (the first where it lists several), else
+    <|endoftext|>; None if neither."""
+    eos_id = cfg.get("eos_token_id")
+    if isinstance(eos_id, list):  # some configs list several end tokens: the first is the one to emit
+        eos_id = eos_id[0] if eos_id else None
+    return tok.token_to_id("<|endoftext|>") if eos_id is None else eos_id
+
+
+def _ids(value) -> list[int]:
+    """An eos_token_id field (an id, a list of them, or absent) as a list of ids."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [i for i in value if isinstance(i, int) and not isinstance(i, bool)] if isinstance(value, list) else []
+
+
+def _tokenizer_eos(folder: Path, tok: tokenizers.Tokenizer) -> tuple[str, int | None] | None:
+    """tokenizer_config.json's eos_token (what transformers' and TRL's `tokenizer.eos_token_id` is) and its id
+    in tokenizer.json; None where the file or the field is absent or unreadable."""
+    try:
+        token = json.loads((Path(folder) / "tokenizer_config.json").read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(token, dict):  # an AddedToken as older transformers saved it
+        token = token.get("content")
+    return (token, tok.token_to_id(token)) if isinstance(token, str) and token else None
+
+
+def _tokenizer_eos_hint(folder: Path, tok: tokenizers.Tokenizer) -> str:
+    endoftext = tok.token_to_id("<|endoftext|>")
+    said = _tokenizer_eos(folder, tok)
+    if said is not None and said[1] is not None and said[1] != endoftext:
+        return f" (tokenizer_config.json's eos_token {said[0]!r} is {said[1]})"
+    return f" (<|endoftext|> is {endoftext})" if endoftext is not None else ""
+
+
+def eos_warnings(folder: str | Path) -> list[str]:
+    """What else in a GPT-2 folder names an end-of-text token than the one that ends distpg's completions
+    (config.json's eos_token_id, see `load_tokenizer`): the other ids a config.json or generation_config.json
+    eos_token_id lists (transformers' `generate` stops at any of them) and a tokenizer_config.json eos_token
+    that is another token (TRL ends and masks completions at `tokenizer.eos_token_id`). distpg samples on
+    through those, as ordinary tokens. One line per finding, [] where all agree."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos_id = _eos_id(cfg, tok)
+    if eos_id is None:
+        return []
+
+    def named(i: int) -> str:
+        token = tok.id_to_token(i)
+        return f"{i} ({token!r})" if token is not None else str(i)
+
+    out = []
+    others = {"config.json": _ids(cfg.get("eos_token_id"))[1:]}
+    try:
+        others["generation_config.json"] = _ids(
+            json.loads((folder / "generation_config.json").read_text()).get("eos_token_id"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name, ids in others.items():
+        extra = sorted(set(ids) - {eos_id})
+        if extra:
+            out.append(f"{name}'s eos_token_id also lists {', '.join(named(i) for i in extra)}, at which "
+                       "transformers' generate stops too")
+    said = _tokenizer_eos(folder, tok)
+    if said is not None and said[1] != eos_id:
+        out.append(f"tokenizer_config.json's eos_token is {said[0]!r}"
+                   + (f" ({said[1]})" if said[1] is not None else " (not in tokenizer.json)")
+                   + ", the token at which TRL ends and masks a completion")
+    return [f"model.init_from={str(folder)!r}: a completion ends only at token {named(eos_id)}, config.json's "
+            f"eos_token_id{' (its first)' if len(_ids(cfg.get('eos_token_id'))) > 1 else ''}; {line}: distpg "
+            "samples on through it as an ordinary token (set config.json's eos_token_id to the token your "
+            "completions should end at)" for line in out]
 
 
 def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path, extra_files: list[Path] = ()) -> Path:

@@ -275,6 +275,74 @@ def test_an_end_token_id_outside_the_vocabulary_names_config_json(hf_folder, tmp
         task_for(run)
 
 
+def _copy_folder(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in folder.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def test_the_eos_of_a_tokenizer_config_is_named_when_config_json_has_gpt2s(bpe, tmp_path):
+    """A tokenizer whose end of text is not <|endoftext|> ('</s>'), saved beside GPT2Config()'s default
+    eos_token_id=50256: the error says which id to set, from tokenizer_config.json's eos_token."""
+    tok = tokenizers.Tokenizer.from_str(bpe.tokenizer.to_str())
+    tok.add_special_tokens(["</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16,
+                               n_positions=16)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"eos_token_id=50256 is outside the vocabulary of tokenizer.json "
+                                         rf"\(\d+ tokens\); set it to your tokenizer's end-of-text id "
+                                         rf"\(tokenizer_config.json's eos_token '</s>' is {tokenizer.eos_token_id}\)"):
+        load_tokenizer(tmp_path)
+
+
+def test_a_pad_token_added_without_resizing_the_model_says_how_to_resize(hf_folder, tmp_path):
+    folder = _copy_folder(hf_folder[0], tmp_path / "padded")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the model only \d+ \(config.json vocab_size\): "
+                                         r"tokens added .* model.resize_token_embeddings\(len\(tokenizer\)\)"):
+        load_tokenizer(folder)
+
+
+def test_other_end_of_text_tokens_than_config_jsons_are_warned_about(hf_folder, tmp_path, capsys):
+    """distpg ends a completion at config.json's eos_token_id alone. A generation_config.json that lists more
+    end tokens (transformers' generate stops at each) or a tokenizer_config.json whose eos_token is another
+    token (TRL ends and masks completions there) would otherwise be ignored without a word."""
+    from distpg.hf import eos_warnings
+    from distpg.orchestrator import validate_with_task
+    from distpg.policy import task_for
+
+    folder, _ = hf_folder
+    assert eos_warnings(folder) == []  # as transformers saves a GPT-2: all agree
+    eot = load_tokenizer(folder).eos_id
+    listed = _copy_folder(folder, tmp_path / "listed")
+    twice = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("Ġriver")
+    gen = json.loads((listed / "generation_config.json").read_text())
+    (listed / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eot, twice]}))
+    [line] = eos_warnings(listed)
+    assert line == (f"model.init_from={str(listed)!r}: a completion ends only at token {eot} ('<|endoftext|>'), "
+                    f"config.json's eos_token_id; generation_config.json's eos_token_id also lists {twice} "
+                    "('Ġriver'), at which transformers' generate stops too: distpg samples on through it as an "
+                    "ordinary token (set config.json's eos_token_id to the token your completions should end at)")
+    cfg = config_from_dict({"model": {"init_from": str(listed)}, "task": {"name": "reverse", "length": 4}})
+    capsys.readouterr()
+    validate_with_task(cfg, task_for(cfg))
+    assert capsys.readouterr().out == f"distpg: warning: {line}\n"
+
+    other = _copy_folder(folder, tmp_path / "other")  # config.json's eos_token_id lists two: the first is used
+    conf = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**conf, "eos_token_id": [twice, eot]}))
+    lines = eos_warnings(other)
+    assert load_tokenizer(other).eos_id == twice and len(lines) == 3
+    assert f"ends only at token {twice} ('Ġriver'), config.json's eos_token_id (its first); config.json's " \
+           f"eos_token_id also lists {eot} ('<|endoftext|>')" in lines[0]
+    assert "generation_config.json's eos_token_id also lists" in lines[1]
+    assert f"tokenizer_config.json's eos_token is '<|endoftext|>' ({eot}), the token at which TRL ends" in lines[2]
+
+
 # ---------------------------------------------------------------- model.init_from
 
 
