@@ -185,6 +185,12 @@ def test_errors_name_the_field(jsonl, kw, message):
         ("p.jsonl", '{"prompt": ""}\n', r"line 1: 'prompt' must be non-empty text, got ''"),
         # blank lines count: the error names the line an editor shows
         ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": 5}\n', r"line 3: 'prompt' must be non-empty text, got 5"),
+        # TRL's conversational form: say how to write the text the model reads
+        ("p.jsonl", '{"prompt": [{"role": "user", "content": "Hi"}]}\n',
+         r"line 1: 'prompt' must be non-empty text, got \[\{'role': 'user', 'content': 'Hi'\}\]; a conversational "
+         r"prompt .* tokenizer.apply_chat_template\(messages, tokenize=False, add_generation_prompt=True\)"),
+        ("chat.parquet", None, r"row 1: 'prompt' must be non-empty text, got \[\{'role': 'user', 'content': 'Hi'\}\]; "
+         r"a conversational prompt"),
         ("p.jsonl", '{"prompt": "a", "reference": 1}\n\n{"prompt": "a", "reference": 2}\n',
          r"lines 1 and 3 have the same prompt 'a' but different references"),
         ("p.jsonl", "\n", r"the file has no rows"),
@@ -194,7 +200,9 @@ def test_errors_name_the_field(jsonl, kw, message):
 )
 def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     path = tmp_path / name
-    if content is None:
+    if content is None and name == "chat.parquet":
+        pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "Hi"}]]}), path)
+    elif content is None:
         pq.write_table(pa.table({"question": ["a"]}), path)
     else:
         path.write_text(content)

@@ -106,7 +106,12 @@ def read_rows(path: str | Path, other_columns: bool = True) -> tuple[list[tuple[
     conflict = None
     for n, prompt, reference, extra in rows:
         if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"{where}: {unit} {n}: 'prompt' must be non-empty text, got {prompt!r}")
+            chat = isinstance(prompt, (list, tuple)) and bool(prompt) and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+            raise ValueError(f"{where}: {unit} {n}: 'prompt' must be non-empty text, got {prompt!r}" + (
+                "; a conversational prompt (a list of messages, as in TRL's conversational datasets) is not "
+                "templated by distpg: store the text the model reads, e.g. tokenizer.apply_chat_template(messages, "
+                "tokenize=False, add_generation_prompt=True), in 'prompt'" if chat else ""))
         if prompt in out and out[prompt][1] != reference:
             raise ValueError(f"{where}: {unit}s {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
                              "different references; keep one")
