@@ -179,7 +179,8 @@ def test_errors_name_the_field(jsonl, kw, message):
 @pytest.mark.parametrize(
     "name,content,message",
     [
-        ("p.csv", "prompt\nx\n", r"unknown file type '.csv'; allowed: .jsonl, .ndjson, .parquet"),
+        ("p.csv", "prompt\nx\n", r"unknown file type '.csv'; allowed: .jsonl, .ndjson, .json \(JSON Lines, or one "
+                                  r"array of objects\), .parquet"),
         ("p.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"line 2 is not JSON"),
         ("p.jsonl", '{"prompt": "a"}\n\n{"question": "b"}\n', r"line 3: expected an object with a 'prompt' key"),
         ("p.jsonl", '{"prompt": ""}\n', r"line 1: 'prompt' must be non-empty text, got ''"),
@@ -209,6 +210,40 @@ def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     with pytest.raises(ConfigError, match=r"task.prompts_path='.*" + name + "'") as e:
         prompts_task(path)
     assert e.match(message)
+
+
+def test_a_json_file_reads_as_json_lines_or_as_one_array(tmp_path):
+    """datasets' `Dataset.to_json("train.json")` writes JSON Lines under a .json name (its default lines=True,
+    records as `json.dumps` writes them, one a line); pandas' `to_json(orient="records")` writes one array.
+    Both read as the same rows as the .jsonl file."""
+    records = [{"prompt": "2 + 3 =", "answer": "5", "reference": None}, {"prompt": "1 + 1 =", "answer": "2"},
+               {"prompt": "café ☕", "reference": "x"}]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = tmp_path / "train.json"
+    lines.write_bytes(jsonl.read_bytes())
+    array = tmp_path / "records.json"
+    array.write_text("\ufeff \n" + json.dumps(records, indent=2, ensure_ascii=False))  # a BOM, a pretty array
+    expected = read_prompts(jsonl)
+    assert expected == ([("2 + 3 =", None), ("1 + 1 =", None), ("café ☕", "x")], ["answer"])
+    assert read_prompts(lines) == read_prompts(array) == expected
+    assert prompts_task(array, num_eval=1).num_rows == 3
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('[{"prompt": "a"}, {"question": "b"}]', r"item 2: expected an object with a 'prompt' key"),
+        ('[{"prompt": "a"}, {"prompt": ""}]', r"item 2: 'prompt' must be non-empty text, got ''"),
+        ('[{"prompt": "a"},', r"not JSON: "),
+        ('{"prompt": "a"}\n[1]\n', r"line 2: expected an object with a 'prompt' key"),  # JSON Lines
+    ],
+)
+def test_json_file_errors_name_the_item(tmp_path, content, message):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*p.json': " + message):
+        prompts_task(path)
 
 
 def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
