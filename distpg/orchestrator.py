@@ -219,6 +219,13 @@ def validate_with_task(cfg: Config, task) -> None:
                     f"model.init_from={cfg.model.init_from!r}: its tokenizer cannot encode task {task.name!r}'s "
                     f"prompt {prompt!r} ({e}); a character policy exported by distpg knows only its own task's "
                     "characters") from None
+    if getattr(task, "token_budget", None):  # a character task encoded with model.init_from's tokenizer
+        per_char, added, (prompt_len, new_tokens) = task.token_budget
+        print(f"distpg: task {task.name!r} counts characters, and model.init_from's tokenizer writes one of its "
+              f"characters in up to {per_char} token(s){f' and adds {added} to a text' if added else ''}: "
+              f"prompts of up to {prompt_len} characters are taken as up to {task.max_prompt_len} tokens, and "
+              f"completions get {task.max_new_tokens} tokens for {new_tokens} characters "
+              "(rollout.max_new_tokens sets them)", flush=True)
     for stop in stop_strings(cfg.rollout):
         try:
             task.tokenizer.encode(stop)

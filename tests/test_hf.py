@@ -253,6 +253,64 @@ def test_export_of_a_char_tokenizer_policy(tmp_path):
         validate_with_task(cfg, task_for(cfg))
 
 
+class _Greek:
+    """A user's CharTask over letters a byte-level BPE writes in two tokens each (as the README's Palindrome)."""
+
+    @staticmethod
+    def make(cfg):
+        from distpg.tasks import CharTask
+
+        class Palindrome(CharTask):
+            name, charset, max_prompt_len, max_new_tokens, num_prompts = "greek", "αβγ=", 5, 4, 81
+
+            def random_prompt(self, rng):
+                return "".join("αβγ"[i] for i in rng.integers(0, 3, 4)) + "="
+
+            def target(self, prompt):
+                return prompt[:-1][::-1]
+
+        return Palindrome(cfg)
+
+
+def test_a_character_tasks_budgets_are_counted_in_the_checkpoints_tokens(bpe, monkeypatch, capsys):
+    """A task over an alphabet counts its prompt length and answer budget in characters; with a checkpoint's
+    tokenizer that writes a character in two tokens, the answer must still fit the completion budget (it got
+    4 tokens for 4 two-token letters: a perfect answer could not be sampled) and the n_positions check must
+    count the prompt's tokens. An ASCII task keeps its budgets; a tokenizer that adds a BOS adds one."""
+    from distpg.config import TaskConfig
+    from distpg.orchestrator import validate_with_task
+    from distpg.tasks import make_task
+
+    monkeypatch.setitem(sys.modules, "greek_task", _Greek)
+    task = make_task(TaskConfig(name="greek_task:make", num_eval=8), bpe)
+    assert (task.max_prompt_len, task.max_new_tokens) == (10, 8)
+    for prompt in task.eval_prompts():
+        assert len(bpe.encode(prompt)) <= task.max_prompt_len
+        assert len(bpe.encode(task.target(prompt))) <= task.max_new_tokens
+    assert make_task(TaskConfig(name="greek_task:make", num_eval=8)).max_new_tokens == 4  # its own characters
+    reverse = make_task(TaskConfig(name="reverse", length=5), bpe)
+    assert (reverse.max_prompt_len, reverse.max_new_tokens) == (6, 5) and not hasattr(reverse, "token_budget")
+
+    bos = tokenizers.Tokenizer.from_str(bpe.tokenizer.to_str())  # as GPT2Tokenizer(add_bos_token=True) saves it
+    bos.post_processor = tokenizers.processors.TemplateProcessing(single=f"{EOT} $A",
+                                                                  special_tokens=[(EOT, bpe.eos_id)])
+    with_bos = HFTokenizer(bos, bpe.eos_id)
+    reverse = make_task(TaskConfig(name="reverse", length=5), with_bos)
+    assert (reverse.max_prompt_len, reverse.max_new_tokens) == (7, 5)
+    assert max(len(with_bos.encode(p)) for p in reverse.eval_prompts()) <= 7
+
+    cfg = config_from_dict({"task": {"name": "greek_task:make", "num_eval": 8}, "model": {"n_positions": 64}})
+    capsys.readouterr()
+    validate_with_task(cfg, task)
+    assert "task 'greek' counts characters, and model.init_from's tokenizer writes one of its characters in up " \
+           "to 2 token(s): prompts of up to 5 characters are taken as up to 10 tokens, and completions get 8 " \
+           "tokens for 4 characters" in capsys.readouterr().out
+    cfg = config_from_dict({"task": {"name": "greek_task:make", "num_eval": 8}, "model": {"n_positions": 16}})
+    with pytest.raises(ConfigError, match=r"model.n_positions=16 is too short .* prompts of up to 10 tokens plus 8 "
+                                          r"new tokens need 18"):
+        validate_with_task(cfg, task)
+
+
 @pytest.mark.parametrize("key", ["eos_token_id", "pad_token_id"])
 def test_an_end_token_id_outside_the_vocabulary_names_config_json(hf_folder, tmp_path, key):
     # a small GPT2Config(vocab_size=400) keeps GPT-2's eos_token_id=50256 unless told otherwise: the error
