@@ -187,9 +187,13 @@ def read_shape(folder: str | Path) -> ModelShape:
 
 BASE = "base"  # in a run folder: what the run needs of its model.init_from folder besides the weights
 FINGERPRINT = "fingerprint.json"  # in BASE: the sha256 of every file of the init_from folder
-# weights, and the index of a sharded checkpoint's files (model.safetensors.index.json): not copied into BASE, so
-# never exported either (an index beside an export's single model.safetensors would name shards it lacks)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
+# weights, in any of the forms a Hub repository holds them (the openai-community/gpt2 download also has
+# rust_model.ot, 64*.tflite, an onnx/ folder), and the index of a sharded checkpoint's files
+# (model.safetensors.index.json): not copied into BASE, so never exported either: they are the initial
+# policy's, not the trained one's (and an index beside an export's single model.safetensors would name shards it
+# lacks)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json", ".ot",
+                   ".tflite", ".onnx", ".onnx_data", ".gguf", ".mlmodel", ".npz", ".pb")
 
 
 # of the init_from folder's files that a run keeps (BASE), those that `distpg export` does not copy into its
@@ -480,5 +484,6 @@ def export_policy(path: str | Path, out: str | Path) -> Path:
 
     cfg, model = load_policy(Path(path))
     base = resolve_checkpoint(Path(path))[0] / BASE  # a run started from a GPT-2 folder: its files but weights
-    kept = [f for f in _files(base) if f.name not in NOT_EXPORTED] if base.is_dir() else []
+    # (a run from before WEIGHT_SUFFIXES named every form of weights may hold some in BASE: not exported either)
+    kept = [f for f in _files(base) if f.name not in NOT_EXPORTED and not _is_weights(f.name)] if base.is_dir() else []
     return export_gpt2(model, task_for(cfg).tokenizer, out, kept)

@@ -528,6 +528,10 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     # left behind when a sharded checkpoint is saved again whole (transformers 5 keeps the old index): the
     # export's single model.safetensors must not come with an index naming shards it lacks
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
+    # the openai-community/gpt2 download's other forms of the initial weights: the trained policy's export must
+    # not come with them (nor every run's RUN_DIR/base with a copy)
+    for name in ("rust_model.ot", "64-8bits.tflite", "tf_model.h5", "flax_model.msgpack", "model.onnx"):
+        (folder / name).write_bytes(b"\0" * 64)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok.save_pretrained(folder)
@@ -549,6 +553,15 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     assert again(SAMPLES[5])["input_ids"] == tok(SAMPLES[5])["input_ids"]
     assert not (out / "generation_config.json").exists() and not (out / "fingerprint.json").exists()
     assert not (out / "model.safetensors.index.json").exists()
+    kept = {f.name for f in (run / "base").iterdir()}
+    for name in ("rust_model.ot", "64-8bits.tflite", "tf_model.h5", "flax_model.msgpack", "model.onnx",
+                 "model.safetensors.index.json"):
+        assert not (out / name).exists() and name not in kept, name
+    # a run from before: its RUN_DIR/base kept copies of such files; they are not exported
+    (run / "base" / "rust_model.ot").write_bytes(b"\0" * 64)
+    again_out = tmp_path / "again"
+    assert _in_process(capsys, monkeypatch, "export", str(run), str(again_out)).returncode == 0
+    assert not (again_out / "rust_model.ot").exists()
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2  # distpg's, not a copy
 
 
