@@ -89,8 +89,8 @@ class ModelConfig:
     n_embd: int | None = _f(None, "embedding width (null: from the preset)")
     n_positions: int | None = _f(None, "longest prompt + completion the model can hold (null: 64)")
     init_from: str | None = _f(
-        None, "a local Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer.json) to start from: "
-        "its weights and tokenizer; the shape fields then come from it and the preset is ignored")
+        None, "a local Hugging Face GPT-2 folder (config.json, model.safetensors or its shards, tokenizer.json) to "
+        "start from: its weights and tokenizer; the shape fields then come from it and the preset is ignored")
 
     def __post_init__(self) -> None:
         if self.init_from is not None:

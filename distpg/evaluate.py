@@ -53,7 +53,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
         raise checkpoint.CheckpointError(f"{str(path)!r}: no such folder" + (
             f"; the run's checkpoints are {', '.join(held)} (run.keep_checkpoints keeps the newest)" if held else
             "; give a run folder or one of its RUN_DIR/checkpoints/step_N"))
-    if (path / "model.safetensors").exists():
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         run_dir = path.parent.parent
         if (run_dir / "config.yaml").exists() and path.parent.name == "checkpoints":
             return run_dir, path

@@ -1,7 +1,8 @@
 """Hugging Face GPT-2 folders: load one into distpg's policy and tokenizer, export a distpg policy as one.
 
 A folder holds what `GPT2LMHeadModel.save_pretrained` and a tokenizer's `save_pretrained` write, and what the
-GPT-2 repositories on the Hub hold: `config.json`, `model.safetensors` and `tokenizer.json`. Only the
+GPT-2 repositories on the Hub hold: `config.json`, `model.safetensors` (or the shards that
+`save_pretrained(max_shard_size=...)` writes, listed by `model.safetensors.index.json`) and `tokenizer.json`. Only the
 `safetensors` and `tokenizers` libraries are used, not transformers, and nothing is downloaded: the folder is
 local (fetch a Hub model yourself, e.g. `hf download openai-community/gpt2 --local-dir gpt2`).
 
@@ -28,6 +29,7 @@ from distpg.model import GPT, ModelShape
 from distpg.tokenizer import HFTokenizer, Tokenizer
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor names to its files, in place of one
 # HF's Conv1D layers: weight stored (in, out)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # config.json's names of a GPT-2 whose weights are all distpg's
@@ -39,10 +41,12 @@ def read_config(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is not a folder")
-    needed = [f for f in FILES if f != "model.safetensors" or not is_snapshot(folder)]  # a run's copy: no weights
+    # a run's copy has no weights; a sharded checkpoint has them in the files its index names
+    needed = [f for f in FILES if f != "model.safetensors" or not (is_snapshot(folder) or (folder / INDEX).is_file())]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
-        raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)})"
+        raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)}; "
+                         f"a sharded one {INDEX} and its files in place of model.safetensors)"
                          + "".join(_conversion_hint(folder, f) for f in missing))
     try:
         cfg = json.loads((folder / "config.json").read_text())
@@ -78,22 +82,68 @@ def read_config(folder: str | Path) -> dict:
 def _conversion_hint(folder: Path, missing: str) -> str:
     """How to write a missing file from what the folder holds instead, as transformers saves it ("" if nothing)."""
     resave = f"AutoModelForCausalLM.from_pretrained({str(folder)!r}).save_pretrained({str(folder)!r}"
-    if missing == "model.safetensors" and (folder / "model.safetensors.index.json").is_file():
-        return (f"; it holds a sharded checkpoint (model.safetensors.index.json) and distpg reads one file: write it "
-                f"with {resave}, max_shard_size='100GB')")
-    if missing == "model.safetensors" and (folder / "pytorch_model.bin").is_file():
-        return (f"; it holds pytorch_model.bin and distpg reads only safetensors: write model.safetensors with "
-                f"{resave})")
+    for bin in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if missing == "model.safetensors" and (folder / bin).is_file():
+            return (f"; it holds {bin} and distpg reads only safetensors: write model.safetensors with {resave})")
     if missing == "tokenizer.json" and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return (f"; it holds vocab.json and merges.txt (a slow tokenizer's files): write tokenizer.json with "
                 f"AutoTokenizer.from_pretrained({str(folder)!r}).save_pretrained({str(folder)!r})")
     return ""
 
 
+def weight_files(folder: str | Path) -> dict[str, Path]:
+    """Each tensor name of a GPT-2 folder's weights -> the safetensors file that holds it: model.safetensors,
+    or, for a sharded checkpoint (no model.safetensors), the files that model.safetensors.index.json maps the
+    names to (transformers too prefers the single file when both are there). Only the files' headers are read.
+    Raises ValueError."""
+    folder = Path(folder)
+    files = [folder / "model.safetensors"]
+    mapped = None
+    if not files[0].is_file():
+        index = folder / INDEX
+        try:
+            mapped = json.loads(index.read_text())["weight_map"]
+            if not isinstance(mapped, dict) or not mapped or not all(isinstance(v, str) for v in mapped.values()):
+                raise ValueError("weight_map is not an object of tensor names to file names")
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{str(index)!r} is not a sharded checkpoint's index (a JSON object whose "
+                             f"weight_map maps tensor names to files): {e!r}") from None
+        files = [folder / name for name in sorted(set(mapped.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"{str(index)!r} names {len(absent)} file(s) the folder lacks: {', '.join(absent[:4])}"
+                             f"{' ...' if len(absent) > 4 else ''}")
+    where: dict[str, Path] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                names = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for a corrupt header
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+        for name in names:
+            if name in where:
+                raise ValueError(f"{name!r} is stored twice, in {where[name].name} and {path.name}")
+            where[name] = path
+    if mapped is not None:
+        wrong = sorted(n for n in mapped.keys() | where.keys() if n not in where or mapped.get(n) != where[n].name)
+        if wrong:
+            raise ValueError(f"{str(folder / INDEX)!r} does not match its files: {', '.join(wrong[:4])}"
+                             f"{' ...' if len(wrong) > 4 else ''} not where its weight_map says")
+    return where
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a GPT-2 folder's weights (see `weight_files`), as stored. Raises ValueError."""
+    state = {}
+    for path in sorted(set(weight_files(folder).values())):
+        state.update(load_file(str(path)))
+    return state
+
+
 def read_shape(folder: str | Path) -> ModelShape:
-    """The architecture of a GPT-2 folder (config.json), with every tensor of model.safetensors checked
-    against it from the file's header, and a stored `lm_head.weight` checked equal to `wte.weight` (the only
-    weights read). Raises ValueError."""
+    """The architecture of a GPT-2 folder (config.json), with every tensor of its weights (model.safetensors,
+    or the shards of a sharded checkpoint) checked against it from the files' headers, and a stored
+    `lm_head.weight` checked equal to `wte.weight` (the only weights read). Raises ValueError."""
     cfg = read_config(folder)
     shape = ModelShape(
         vocab_size=cfg["vocab_size"],
@@ -105,12 +155,12 @@ def read_shape(folder: str | Path) -> ModelShape:
     )
     if is_snapshot(folder):  # no weights to check: a run's checkpoint holds them
         return shape
-    path = Path(folder) / "model.safetensors"
-    try:
+    where = weight_files(folder)
+    stored = {}
+    for path in sorted(set(where.values())):
         with safe_open(str(path), "pt") as f:
-            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+            stored.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    path = next(iter(where.values())) if len(set(where.values())) == 1 else Path(folder) / INDEX
     expected = {name: tuple(_hf_layout(name, p.shape)) for name, p in _meta_model(shape).state_dict().items()}
     got = {}
     for name, size in stored.items():
@@ -128,8 +178,8 @@ def read_shape(folder: str | Path) -> ModelShape:
     heads = [name for name in stored if name.removeprefix("transformer.") == "lm_head.weight"]
     if heads:  # an explicit output layer must be the tied one: read the two matrices now, not in every actor
         wte = next(name for name in stored if name.removeprefix("transformer.") == "wte.weight")
-        with safe_open(str(path), "pt") as f:
-            if stored[heads[0]] != stored[wte] or not torch.equal(f.get_tensor(heads[0]), f.get_tensor(wte)):
+        with safe_open(str(where[heads[0]]), "pt") as f, safe_open(str(where[wte]), "pt") as g:
+            if stored[heads[0]] != stored[wte] or not torch.equal(f.get_tensor(heads[0]), g.get_tensor(wte)):
                 raise ValueError(f"{str(path)!r}: lm_head.weight differs from wte.weight: distpg's GPT ties the "
                                  "output layer to wte")
     return shape
@@ -137,7 +187,13 @@ def read_shape(folder: str | Path) -> ModelShape:
 
 BASE = "base"  # in a run folder: what the run needs of its model.init_from folder besides the weights
 FINGERPRINT = "fingerprint.json"  # in BASE: the sha256 of every file of the init_from folder
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+# weights, in any of the forms a Hub repository holds them (the openai-community/gpt2 download also has
+# rust_model.ot, 64*.tflite, an onnx/ folder), and the index of a sharded checkpoint's files
+# (model.safetensors.index.json): not copied into BASE, so never exported either: they are the initial
+# policy's, not the trained one's (and an index beside an export's single model.safetensors would name shards it
+# lacks)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json", ".ot",
+                   ".tflite", ".onnx", ".onnx_data", ".gguf", ".mlmodel", ".npz", ".pb")
 
 
 # of the init_from folder's files that a run keeps (BASE), those that `distpg export` does not copy into its
@@ -228,7 +284,7 @@ def load_gpt2(folder: str | Path) -> GPT:
     """The policy stored in a GPT-2 folder, on the CPU, float32, in eval mode. Raises ValueError."""
     shape = read_shape(folder)
     model = _meta_model(shape).to_empty(device="cpu")
-    state = from_hf_state(load_file(str(Path(folder) / "model.safetensors")))
+    state = from_hf_state(load_weights(folder))
     model.load_state_dict(state, strict=True)  # strict: every parameter comes from the file
     return model.float().eval()
 
@@ -242,21 +298,17 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise ValueError(f"{str(path)!r} is not a tokenizer.json the tokenizers library reads: {e}") from None
-    eos_id = cfg.get("eos_token_id")
-    if isinstance(eos_id, list):  # some configs list several end tokens: the first is the one to emit
-        eos_id = eos_id[0] if eos_id else None
+    eos_id = _eos_id(cfg, tok)
     if eos_id is None:
-        eos_id = tok.token_to_id("<|endoftext|>")
-    if eos_id is None:
-        raise ValueError(f"{str(folder)!r}: config.json has no eos_token_id and tokenizer.json no <|endoftext|>")
-    n, endoftext = tok.get_vocab_size(with_added_tokens=True), tok.token_to_id("<|endoftext|>")
+        raise ValueError(f"{str(folder)!r}: config.json has no eos_token_id and tokenizer.json no <|endoftext|>"
+                         + _tokenizer_eos_hint(folder, tok))
+    n = tok.get_vocab_size(with_added_tokens=True)
     for key, i in (("eos_token_id", eos_id), ("pad_token_id", cfg.get("pad_token_id"))):
         # GPT2Config() defaults both bos and eos to GPT-2's 50256, whatever vocab_size it is given
         if isinstance(i, int) and not 0 <= i < n:
             raise ValueError(
                 f"{str(Path(folder) / 'config.json')!r}: {key}={i} is outside the vocabulary of tokenizer.json "
-                f"({n} tokens); set it to your tokenizer's end-of-text id"
-                f"{f' (<|endoftext|> is {endoftext})' if endoftext is not None else ''}, e.g. "
+                f"({n} tokens); set it to your tokenizer's end-of-text id{_tokenizer_eos_hint(folder, tok)}, e.g. "
                 + ("GPT2Config(..., bos_token_id=ID, eos_token_id=ID) before save_pretrained" if key != "pad_token_id"
                    else "GPT2Config(..., pad_token_id=ID) before save_pretrained, or leave pad_token_id out (pad "
                         "then defaults to eos)"))
@@ -266,8 +318,87 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
         raise ValueError(f"{str(folder)!r}: {e}") from None
     if tokenizer.vocab_size > cfg["vocab_size"]:
         raise ValueError(f"{str(path)!r} has {tokenizer.vocab_size} tokens but the model only {cfg['vocab_size']} "
-                         "(config.json vocab_size)")
+                         "(config.json vocab_size): tokens added to the tokenizer (a pad token) need rows in the "
+                         "model too, model.resize_token_embeddings(len(tokenizer)) before save_pretrained")
     return tokenizer
+
+
+def _eos_id(cfg: dict, tok: tokenizers.Tokenizer) -> int | None:
+    """The token that ends a completion: config.json's eos_token_id (the first where it lists several), else
+    <|endoftext|>; None if neither."""
+    eos_id = cfg.get("eos_token_id")
+    if isinstance(eos_id, list):  # some configs list several end tokens: the first is the one to emit
+        eos_id = eos_id[0] if eos_id else None
+    return tok.token_to_id("<|endoftext|>") if eos_id is None else eos_id
+
+
+def _ids(value) -> list[int]:
+    """An eos_token_id field (an id, a list of them, or absent) as a list of ids."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [i for i in value if isinstance(i, int) and not isinstance(i, bool)] if isinstance(value, list) else []
+
+
+def _tokenizer_eos(folder: Path, tok: tokenizers.Tokenizer) -> tuple[str, int | None] | None:
+    """tokenizer_config.json's eos_token (what transformers' and TRL's `tokenizer.eos_token_id` is) and its id
+    in tokenizer.json; None where the file or the field is absent or unreadable."""
+    try:
+        token = json.loads((Path(folder) / "tokenizer_config.json").read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(token, dict):  # an AddedToken as older transformers saved it
+        token = token.get("content")
+    return (token, tok.token_to_id(token)) if isinstance(token, str) and token else None
+
+
+def _tokenizer_eos_hint(folder: Path, tok: tokenizers.Tokenizer) -> str:
+    endoftext = tok.token_to_id("<|endoftext|>")
+    said = _tokenizer_eos(folder, tok)
+    if said is not None and said[1] is not None and said[1] != endoftext:
+        return f" (tokenizer_config.json's eos_token {said[0]!r} is {said[1]})"
+    return f" (<|endoftext|> is {endoftext})" if endoftext is not None else ""
+
+
+def eos_warnings(folder: str | Path) -> list[str]:
+    """What else in a GPT-2 folder names an end-of-text token than the one that ends distpg's completions
+    (config.json's eos_token_id, see `load_tokenizer`): the other ids a config.json or generation_config.json
+    eos_token_id lists (transformers' `generate` stops at any of them) and a tokenizer_config.json eos_token
+    that is another token (TRL ends and masks completions at `tokenizer.eos_token_id`). distpg samples on
+    through those, as ordinary tokens. One line per finding, [] where all agree."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos_id = _eos_id(cfg, tok)
+    if eos_id is None:
+        return []
+
+    def named(i: int) -> str:
+        token = tok.id_to_token(i)
+        return f"{i} ({token!r})" if token is not None else str(i)
+
+    out = []
+    others = {"config.json": _ids(cfg.get("eos_token_id"))[1:]}
+    try:
+        others["generation_config.json"] = _ids(
+            json.loads((folder / "generation_config.json").read_text()).get("eos_token_id"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name, ids in others.items():
+        extra = sorted(set(ids) - {eos_id})
+        if extra:
+            out.append(f"{name}'s eos_token_id also lists {', '.join(named(i) for i in extra)}, at which "
+                       "transformers' generate stops too")
+    said = _tokenizer_eos(folder, tok)
+    if said is not None and said[1] != eos_id:
+        out.append(f"tokenizer_config.json's eos_token is {said[0]!r}"
+                   + (f" ({said[1]})" if said[1] is not None else " (not in tokenizer.json)")
+                   + ", the token at which TRL ends and masks a completion")
+    return [f"model.init_from={str(folder)!r}: a completion ends only at token {named(eos_id)}, config.json's "
+            f"eos_token_id{' (its first)' if len(_ids(cfg.get('eos_token_id'))) > 1 else ''}; {line}: distpg "
+            "samples on through it as an ordinary token (set config.json's eos_token_id to the token your "
+            "completions should end at)" for line in out]
 
 
 def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path, extra_files: list[Path] = ()) -> Path:
@@ -353,5 +484,6 @@ def export_policy(path: str | Path, out: str | Path) -> Path:
 
     cfg, model = load_policy(Path(path))
     base = resolve_checkpoint(Path(path))[0] / BASE  # a run started from a GPT-2 folder: its files but weights
-    kept = [f for f in _files(base) if f.name not in NOT_EXPORTED] if base.is_dir() else []
+    # (a run from before WEIGHT_SUFFIXES named every form of weights may hold some in BASE: not exported either)
+    kept = [f for f in _files(base) if f.name not in NOT_EXPORTED and not _is_weights(f.name)] if base.is_dir() else []
     return export_gpt2(model, task_for(cfg).tokenizer, out, kept)

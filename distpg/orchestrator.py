@@ -203,12 +203,14 @@ def validate_with_task(cfg: Config, task) -> None:
     """Checks that need the task: does the model hold the longest prompt + completion? Can the tokenizer of
     `model.init_from` write the task's prompts? (And is it a model folder, not a run's copy without weights?)"""
     if cfg.model.init_from is not None:
-        from distpg.hf import is_snapshot
+        from distpg.hf import eos_warnings, is_snapshot
 
         if is_snapshot(cfg.model.init_from):
             raise ConfigError(f"model.init_from={cfg.model.init_from!r} is a run's copy of the folder it started "
                               "from, without the weights: train from the original folder, or from a run's policy "
                               "exported with distpg export")
+        for line in eos_warnings(cfg.model.init_from):
+            print(f"distpg: warning: {line}", flush=True)
         for prompt in task.eval_prompts():
             try:
                 task.tokenizer.encode(prompt)
@@ -217,6 +219,13 @@ def validate_with_task(cfg: Config, task) -> None:
                     f"model.init_from={cfg.model.init_from!r}: its tokenizer cannot encode task {task.name!r}'s "
                     f"prompt {prompt!r} ({e}); a character policy exported by distpg knows only its own task's "
                     "characters") from None
+    if getattr(task, "token_budget", None):  # a character task encoded with model.init_from's tokenizer
+        per_char, added, (prompt_len, new_tokens) = task.token_budget
+        print(f"distpg: task {task.name!r} counts characters, and model.init_from's tokenizer writes one of its "
+              f"characters in up to {per_char} token(s){f' and adds {added} to a text' if added else ''}: "
+              f"prompts of up to {prompt_len} characters are taken as up to {task.max_prompt_len} tokens, and "
+              f"completions get {task.max_new_tokens} tokens for {new_tokens} characters "
+              "(rollout.max_new_tokens sets them)", flush=True)
     for stop in stop_strings(cfg.rollout):
         try:
             task.tokenizer.encode(stop)

@@ -136,6 +136,43 @@ def test_hub_style_names_load_too(hf_folder, tmp_path):
         load_gpt2(tmp_path)
 
 
+def test_a_sharded_checkpoint_loads_with_the_logits_of_transformers(hf_folder, tmp_path):
+    """save_pretrained(max_shard_size=...) (a large model's default) writes model.safetensors.index.json and
+    the shards it names: distpg loads them as transformers does, with the same logits."""
+    folder, hf = hf_folder
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    (sharded / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    assert not (sharded / "model.safetensors").exists() and len(list(sharded.glob("model-*.safetensors"))) > 2
+    assert read_shape(sharded) == read_shape(folder)
+    ours = load_gpt2(sharded)
+    idx = torch.randint(hf.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = _transformers_logits(sharded, idx), ours(idx)
+    assert expected.std() > 1.0 and (got - expected).abs().max().item() < 1e-4
+    for (name, p), q in zip(load_gpt2(folder).state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert ModelConfig(init_from=str(sharded)).n_layer == 2
+
+
+def test_an_untied_output_layer_in_another_shard_is_refused(hf_folder, tmp_path):
+    folder, _ = hf_folder
+    state = load_file(str(folder / "model.safetensors"))
+    head = {"lm_head.weight": state["transformer.wte.weight"] + 1}
+    save_file(state, str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(head, str(tmp_path / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {**{n: "model-00001-of-00002.safetensors" for n in state},
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        read_shape(tmp_path)
+    head["lm_head.weight"] = state["transformer.wte.weight"]
+    save_file(head, str(tmp_path / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    assert read_shape(tmp_path).n_layer == 2
+
+
 # ---------------------------------------------------------------- exporting a distpg policy
 
 
@@ -216,6 +253,64 @@ def test_export_of_a_char_tokenizer_policy(tmp_path):
         validate_with_task(cfg, task_for(cfg))
 
 
+class _Greek:
+    """A user's CharTask over letters a byte-level BPE writes in two tokens each (as the README's Palindrome)."""
+
+    @staticmethod
+    def make(cfg):
+        from distpg.tasks import CharTask
+
+        class Palindrome(CharTask):
+            name, charset, max_prompt_len, max_new_tokens, num_prompts = "greek", "αβγ=", 5, 4, 81
+
+            def random_prompt(self, rng):
+                return "".join("αβγ"[i] for i in rng.integers(0, 3, 4)) + "="
+
+            def target(self, prompt):
+                return prompt[:-1][::-1]
+
+        return Palindrome(cfg)
+
+
+def test_a_character_tasks_budgets_are_counted_in_the_checkpoints_tokens(bpe, monkeypatch, capsys):
+    """A task over an alphabet counts its prompt length and answer budget in characters; with a checkpoint's
+    tokenizer that writes a character in two tokens, the answer must still fit the completion budget (it got
+    4 tokens for 4 two-token letters: a perfect answer could not be sampled) and the n_positions check must
+    count the prompt's tokens. An ASCII task keeps its budgets; a tokenizer that adds a BOS adds one."""
+    from distpg.config import TaskConfig
+    from distpg.orchestrator import validate_with_task
+    from distpg.tasks import make_task
+
+    monkeypatch.setitem(sys.modules, "greek_task", _Greek)
+    task = make_task(TaskConfig(name="greek_task:make", num_eval=8), bpe)
+    assert (task.max_prompt_len, task.max_new_tokens) == (10, 8)
+    for prompt in task.eval_prompts():
+        assert len(bpe.encode(prompt)) <= task.max_prompt_len
+        assert len(bpe.encode(task.target(prompt))) <= task.max_new_tokens
+    assert make_task(TaskConfig(name="greek_task:make", num_eval=8)).max_new_tokens == 4  # its own characters
+    reverse = make_task(TaskConfig(name="reverse", length=5), bpe)
+    assert (reverse.max_prompt_len, reverse.max_new_tokens) == (6, 5) and not hasattr(reverse, "token_budget")
+
+    bos = tokenizers.Tokenizer.from_str(bpe.tokenizer.to_str())  # as GPT2Tokenizer(add_bos_token=True) saves it
+    bos.post_processor = tokenizers.processors.TemplateProcessing(single=f"{EOT} $A",
+                                                                  special_tokens=[(EOT, bpe.eos_id)])
+    with_bos = HFTokenizer(bos, bpe.eos_id)
+    reverse = make_task(TaskConfig(name="reverse", length=5), with_bos)
+    assert (reverse.max_prompt_len, reverse.max_new_tokens) == (7, 5)
+    assert max(len(with_bos.encode(p)) for p in reverse.eval_prompts()) <= 7
+
+    cfg = config_from_dict({"task": {"name": "greek_task:make", "num_eval": 8}, "model": {"n_positions": 64}})
+    capsys.readouterr()
+    validate_with_task(cfg, task)
+    assert "task 'greek' counts characters, and model.init_from's tokenizer writes one of its characters in up " \
+           "to 2 token(s): prompts of up to 5 characters are taken as up to 10 tokens, and completions get 8 " \
+           "tokens for 4 characters" in capsys.readouterr().out
+    cfg = config_from_dict({"task": {"name": "greek_task:make", "num_eval": 8}, "model": {"n_positions": 16}})
+    with pytest.raises(ConfigError, match=r"model.n_positions=16 is too short .* prompts of up to 10 tokens plus 8 "
+                                          r"new tokens need 18"):
+        validate_with_task(cfg, task)
+
+
 @pytest.mark.parametrize("key", ["eos_token_id", "pad_token_id"])
 def test_an_end_token_id_outside_the_vocabulary_names_config_json(hf_folder, tmp_path, key):
     # a small GPT2Config(vocab_size=400) keeps GPT-2's eos_token_id=50256 unless told otherwise: the error
@@ -236,6 +331,74 @@ def test_an_end_token_id_outside_the_vocabulary_names_config_json(hf_folder, tmp
     run = config_from_dict({"model": {"init_from": str(tmp_path)}, "task": {"name": "reverse", "length": 4}})
     with pytest.raises(ConfigError, match=r"model.init_from=.*" + message):
         task_for(run)
+
+
+def _copy_folder(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in folder.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def test_the_eos_of_a_tokenizer_config_is_named_when_config_json_has_gpt2s(bpe, tmp_path):
+    """A tokenizer whose end of text is not <|endoftext|> ('</s>'), saved beside GPT2Config()'s default
+    eos_token_id=50256: the error says which id to set, from tokenizer_config.json's eos_token."""
+    tok = tokenizers.Tokenizer.from_str(bpe.tokenizer.to_str())
+    tok.add_special_tokens(["</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16,
+                               n_positions=16)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"eos_token_id=50256 is outside the vocabulary of tokenizer.json "
+                                         rf"\(\d+ tokens\); set it to your tokenizer's end-of-text id "
+                                         rf"\(tokenizer_config.json's eos_token '</s>' is {tokenizer.eos_token_id}\)"):
+        load_tokenizer(tmp_path)
+
+
+def test_a_pad_token_added_without_resizing_the_model_says_how_to_resize(hf_folder, tmp_path):
+    folder = _copy_folder(hf_folder[0], tmp_path / "padded")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the model only \d+ \(config.json vocab_size\): "
+                                         r"tokens added .* model.resize_token_embeddings\(len\(tokenizer\)\)"):
+        load_tokenizer(folder)
+
+
+def test_other_end_of_text_tokens_than_config_jsons_are_warned_about(hf_folder, tmp_path, capsys):
+    """distpg ends a completion at config.json's eos_token_id alone. A generation_config.json that lists more
+    end tokens (transformers' generate stops at each) or a tokenizer_config.json whose eos_token is another
+    token (TRL ends and masks completions there) would otherwise be ignored without a word."""
+    from distpg.hf import eos_warnings
+    from distpg.orchestrator import validate_with_task
+    from distpg.policy import task_for
+
+    folder, _ = hf_folder
+    assert eos_warnings(folder) == []  # as transformers saves a GPT-2: all agree
+    eot = load_tokenizer(folder).eos_id
+    listed = _copy_folder(folder, tmp_path / "listed")
+    twice = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("Ġriver")
+    gen = json.loads((listed / "generation_config.json").read_text())
+    (listed / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eot, twice]}))
+    [line] = eos_warnings(listed)
+    assert line == (f"model.init_from={str(listed)!r}: a completion ends only at token {eot} ('<|endoftext|>'), "
+                    f"config.json's eos_token_id; generation_config.json's eos_token_id also lists {twice} "
+                    "('Ġriver'), at which transformers' generate stops too: distpg samples on through it as an "
+                    "ordinary token (set config.json's eos_token_id to the token your completions should end at)")
+    cfg = config_from_dict({"model": {"init_from": str(listed)}, "task": {"name": "reverse", "length": 4}})
+    capsys.readouterr()
+    validate_with_task(cfg, task_for(cfg))
+    assert capsys.readouterr().out == f"distpg: warning: {line}\n"
+
+    other = _copy_folder(folder, tmp_path / "other")  # config.json's eos_token_id lists two: the first is used
+    conf = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**conf, "eos_token_id": [twice, eot]}))
+    lines = eos_warnings(other)
+    assert load_tokenizer(other).eos_id == twice and len(lines) == 3
+    assert f"ends only at token {twice} ('Ġriver'), config.json's eos_token_id (its first); config.json's " \
+           f"eos_token_id also lists {eot} ('<|endoftext|>')" in lines[0]
+    assert "generation_config.json's eos_token_id also lists" in lines[1]
+    assert f"tokenizer_config.json's eos_token is '<|endoftext|>' ({eot}), the token at which TRL ends" in lines[2]
 
 
 # ---------------------------------------------------------------- model.init_from
@@ -262,8 +425,11 @@ def test_config_takes_the_shape_from_the_folder(hf_folder):
         ("classifier", {}, r"architectures=\['GPT2ForSequenceClassification'\] is not a GPT-2 language model "
                            r"\(allowed: GPT2LMHeadModel, GPT2Model\); a reward model or classifier cannot be the "
                            r"policy"),
-        ("sharded", {}, r"lacks model.safetensors .*; it holds a sharded checkpoint \(model.safetensors.index.json\) "
-                        r"and distpg reads one file: write it with AutoModelForCausalLM.from_pretrained\("),
+        ("bin shards", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin.index.json and distpg reads "
+                           r"only safetensors: write model.safetensors with AutoModelForCausalLM.from_pretrained\("),
+        ("bad index", {}, r"model.safetensors.index.json' is not a sharded checkpoint's index"),
+        ("shard gone", {}, r"model.safetensors.index.json' names 1 file\(s\) the folder lacks: "
+                           r"model-00002-of-00002.safetensors"),
         ("bin", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin and distpg reads only safetensors"),
         ("slow tokenizer", {}, r"lacks tokenizer.json .*; it holds vocab.json and merges.txt .*: write tokenizer.json "
                                r"with AutoTokenizer.from_pretrained\('.*copy'\).save_pretrained\('.*copy'\)"),
@@ -296,9 +462,17 @@ def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
             state = load_file(str(target / "model.safetensors"))
             state["score.weight"] = state["transformer.wte.weight"][:1].clone()
             save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-        elif setup == "sharded":  # as save_pretrained(max_shard_size=...) writes a large model
+        elif setup == "bin shards":  # an older transformers' save_pretrained(max_shard_size=...)
+            (target / "model.safetensors").rename(target / "pytorch_model-00001-of-00001.bin")
+            (target / "pytorch_model.bin.index.json").write_text("{}")
+        elif setup == "bad index":
             (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
             (target / "model.safetensors.index.json").write_text("{}")
+        elif setup == "shard gone":
+            (target / "model.safetensors").rename(target / "model-00001-of-00002.safetensors")
+            names = load_file(str(target / "model-00001-of-00002.safetensors"))
+            (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                n: f"model-0000{1 + (n == 'transformer.wte.weight')}-of-00002.safetensors" for n in names}}))
         elif setup == "bin":
             (target / "model.safetensors").rename(target / "pytorch_model.bin")
         elif setup == "slow tokenizer":
@@ -351,6 +525,13 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     folder.mkdir()
     for f in hf_folder[0].iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
+    # left behind when a sharded checkpoint is saved again whole (transformers 5 keeps the old index): the
+    # export's single model.safetensors must not come with an index naming shards it lacks
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
+    # the openai-community/gpt2 download's other forms of the initial weights: the trained policy's export must
+    # not come with them (nor every run's RUN_DIR/base with a copy)
+    for name in ("rust_model.ot", "64-8bits.tflite", "tf_model.h5", "flax_model.msgpack", "model.onnx"):
+        (folder / name).write_bytes(b"\0" * 64)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok.save_pretrained(folder)
@@ -371,6 +552,16 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
     assert again.pad_token_id == json.loads((out / "config.json").read_text())["pad_token_id"]
     assert again(SAMPLES[5])["input_ids"] == tok(SAMPLES[5])["input_ids"]
     assert not (out / "generation_config.json").exists() and not (out / "fingerprint.json").exists()
+    assert not (out / "model.safetensors.index.json").exists()
+    kept = {f.name for f in (run / "base").iterdir()}
+    for name in ("rust_model.ot", "64-8bits.tflite", "tf_model.h5", "flax_model.msgpack", "model.onnx",
+                 "model.safetensors.index.json"):
+        assert not (out / name).exists() and name not in kept, name
+    # a run from before: its RUN_DIR/base kept copies of such files; they are not exported
+    (run / "base" / "rust_model.ot").write_bytes(b"\0" * 64)
+    again_out = tmp_path / "again"
+    assert _in_process(capsys, monkeypatch, "export", str(run), str(again_out)).returncode == 0
+    assert not (again_out / "rust_model.ot").exists()
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2  # distpg's, not a copy
 
 

@@ -179,12 +179,19 @@ def test_errors_name_the_field(jsonl, kw, message):
 @pytest.mark.parametrize(
     "name,content,message",
     [
-        ("p.csv", "prompt\nx\n", r"unknown file type '.csv'; allowed: .jsonl, .ndjson, .parquet"),
+        ("p.csv", "prompt\nx\n", r"unknown file type '.csv'; allowed: .jsonl, .ndjson, .json \(JSON Lines, or one "
+                                  r"array of objects\), .parquet"),
         ("p.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"line 2 is not JSON"),
         ("p.jsonl", '{"prompt": "a"}\n\n{"question": "b"}\n', r"line 3: expected an object with a 'prompt' key"),
         ("p.jsonl", '{"prompt": ""}\n', r"line 1: 'prompt' must be non-empty text, got ''"),
         # blank lines count: the error names the line an editor shows
         ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": 5}\n', r"line 3: 'prompt' must be non-empty text, got 5"),
+        # TRL's conversational form: say how to write the text the model reads
+        ("p.jsonl", '{"prompt": [{"role": "user", "content": "Hi"}]}\n',
+         r"line 1: 'prompt' must be non-empty text, got \[\{'role': 'user', 'content': 'Hi'\}\]; a conversational "
+         r"prompt .* tokenizer.apply_chat_template\(messages, tokenize=False, add_generation_prompt=True\)"),
+        ("chat.parquet", None, r"row 1: 'prompt' must be non-empty text, got \[\{'role': 'user', 'content': 'Hi'\}\]; "
+         r"a conversational prompt"),
         ("p.jsonl", '{"prompt": "a", "reference": 1}\n\n{"prompt": "a", "reference": 2}\n',
          r"lines 1 and 3 have the same prompt 'a' but different references"),
         ("p.jsonl", "\n", r"the file has no rows"),
@@ -194,13 +201,49 @@ def test_errors_name_the_field(jsonl, kw, message):
 )
 def test_file_errors_name_the_file_and_row(tmp_path, name, content, message):
     path = tmp_path / name
-    if content is None:
+    if content is None and name == "chat.parquet":
+        pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "Hi"}]]}), path)
+    elif content is None:
         pq.write_table(pa.table({"question": ["a"]}), path)
     else:
         path.write_text(content)
     with pytest.raises(ConfigError, match=r"task.prompts_path='.*" + name + "'") as e:
         prompts_task(path)
     assert e.match(message)
+
+
+def test_a_json_file_reads_as_json_lines_or_as_one_array(tmp_path):
+    """datasets' `Dataset.to_json("train.json")` writes JSON Lines under a .json name (its default lines=True,
+    records as `json.dumps` writes them, one a line); pandas' `to_json(orient="records")` writes one array.
+    Both read as the same rows as the .jsonl file."""
+    records = [{"prompt": "2 + 3 =", "answer": "5", "reference": None}, {"prompt": "1 + 1 =", "answer": "2"},
+               {"prompt": "café ☕", "reference": "x"}]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = tmp_path / "train.json"
+    lines.write_bytes(jsonl.read_bytes())
+    array = tmp_path / "records.json"
+    array.write_text("\ufeff \n" + json.dumps(records, indent=2, ensure_ascii=False))  # a BOM, a pretty array
+    expected = read_prompts(jsonl)
+    assert expected == ([("2 + 3 =", None), ("1 + 1 =", None), ("café ☕", "x")], ["answer"])
+    assert read_prompts(lines) == read_prompts(array) == expected
+    assert prompts_task(array, num_eval=1).num_rows == 3
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('[{"prompt": "a"}, {"question": "b"}]', r"item 2: expected an object with a 'prompt' key"),
+        ('[{"prompt": "a"}, {"prompt": ""}]', r"item 2: 'prompt' must be non-empty text, got ''"),
+        ('[{"prompt": "a"},', r"not JSON: "),
+        ('{"prompt": "a"}\n[1]\n', r"line 2: expected an object with a 'prompt' key"),  # JSON Lines
+    ],
+)
+def test_json_file_errors_name_the_item(tmp_path, content, message):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"task.prompts_path='.*p.json': " + message):
+        prompts_task(path)
 
 
 def test_a_jsonl_file_that_is_not_utf8_names_the_file_and_line(tmp_path):

@@ -56,8 +56,34 @@ def make_task(cfg, tokenizer: Tokenizer | None = None) -> Task:
     """
     task = _build_task(cfg, tokenizer)
     if tokenizer is not None:
+        if cfg.name != "prompts":
+            _count_in_tokens(task, tokenizer)
         task.tokenizer = tokenizer
     return task
+
+
+def _count_in_tokens(task: Task, tokenizer: Tokenizer) -> None:
+    """A task over an alphabet (`charset`) counts its prompt length and completion budget in characters, one
+    token each with its own character tokenizer. With another tokenizer a character may take more (a byte-level
+    BPE writes 'α' as two bytes' tokens) and a prompt may gain a token of the tokenizer's own (a BOS its
+    post-processor adds): scale both budgets to it, so that the model still holds the longest prompt and a
+    completion has room for the whole answer, and keep what was done in `task.token_budget` (not set where
+    nothing changed). A character the tokenizer cannot write is left to `validate_with_task` to name."""
+    charset = getattr(task, "charset", None)
+    if not isinstance(charset, str) or not charset:
+        return
+    try:
+        added = len(tokenizer.encode(""))
+        per_char = max(len(tokenizer.encode(c)) - added for c in set(charset))
+    except Exception:  # the tokenizers library raises its own types (a WordLevel vocabulary has no unknown token)
+        return
+    if per_char <= 1 and added == 0:
+        return
+    per_char = max(per_char, 1)
+    before = (task.max_prompt_len, task.max_new_tokens)
+    task.max_prompt_len = added + per_char * task.max_prompt_len
+    task.max_new_tokens = per_char * task.max_new_tokens
+    task.token_budget = (per_char, added, before)
 
 
 def _takes(name: str, field: str) -> bool:

@@ -6,9 +6,11 @@
       reward: distpg.examples.rewards:match_reference  # module:attr
 
 The file has one row per prompt: a `prompt` (text) and optionally a `reference` (any JSON value, e.g. the
-answer; null when absent), and any other columns. JSONL files hold one JSON object per line (blank lines
-are skipped); Parquet files are read with pyarrow. A prompt that appears twice is kept once (its first row),
-and must have the same reference both times (and, for a batched reward function, the same other columns).
+answer; null when absent), and any other columns. JSONL files (.jsonl, .ndjson, or .json, which datasets'
+`Dataset.to_json` writes) hold one JSON object per line (blank lines are skipped); a .json file may also hold
+one array of objects (pandas' `to_json(orient="records")`); Parquet files are read with pyarrow. A prompt
+that appears twice is kept once (its first row), and must have the same reference both times (and, for a
+batched reward function, the same other columns).
 
 Reward, imported from "module:attr" (the module must be importable by the workers: in the current folder,
 installed, on PYTHONPATH, or in a job's working dir), in one of two forms:
@@ -94,19 +96,28 @@ def read_rows(path: str | Path, other_columns: bool = True) -> tuple[list[tuple[
     if not path.is_file():
         raise ValueError(f"{where}: no such file")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
+    unit = "line"  # rows are named as an editor finds them: by line in JSON Lines (blank lines count)
+    if suffix == ".json" and _is_json_array(path):  # pandas' to_json(orient="records"): [{...}, {...}]
+        rows, columns = _read_json_array(path, where, other_columns)
+        unit = "item"
+    elif suffix in (".jsonl", ".ndjson", ".json"):  # .json: JSON Lines, as datasets' Dataset.to_json writes it
         rows, columns = _read_jsonl(path, where, other_columns)
     elif suffix in (".parquet", ".pq"):
         rows, columns = _read_parquet(path, where, other_columns)
+        unit = "row"
     else:
-        raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .parquet")
-    # rows are named as an editor finds them: by line in a JSONL file (blank lines count), by row in Parquet
-    unit = "line" if suffix in (".jsonl", ".ndjson") else "row"
+        raise ValueError(f"{where}: unknown file type {suffix or '(none)'!r}; allowed: .jsonl, .ndjson, .json "
+                         "(JSON Lines, or one array of objects), .parquet")
     out: dict[str, tuple[int, object, dict]] = {}
     conflict = None
     for n, prompt, reference, extra in rows:
         if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"{where}: {unit} {n}: 'prompt' must be non-empty text, got {prompt!r}")
+            chat = isinstance(prompt, (list, tuple)) and bool(prompt) and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+            raise ValueError(f"{where}: {unit} {n}: 'prompt' must be non-empty text, got {prompt!r}" + (
+                "; a conversational prompt (a list of messages, as in TRL's conversational datasets) is not "
+                "templated by distpg: store the text the model reads, e.g. tokenizer.apply_chat_template(messages, "
+                "tokenize=False, add_generation_prompt=True), in 'prompt'" if chat else ""))
         if prompt in out and out[prompt][1] != reference:
             raise ValueError(f"{where}: {unit}s {out[prompt][0]} and {n} have the same prompt {prompt[:60]!r} but "
                              "different references; keep one")
@@ -161,6 +172,36 @@ def _read_jsonl(path: Path, where: str, other_columns: bool) -> tuple[list[tuple
             rows.append((n, obj["prompt"], obj.get("reference"),
                          {k: v for k, v in obj.items() if k not in ("prompt", "reference")} if other_columns else {}))
             keys.update(obj)
+    return rows, keys
+
+
+def _is_json_array(path: Path) -> bool:
+    """Does the file open with '[' (after a byte-order mark and white space)?"""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"["
+
+
+def _read_json_array(path: Path, where: str, other_columns: bool) -> tuple[list[tuple[int, object, object, dict]],
+                                                                           set[str]]:
+    """`_read_jsonl` for a .json file that holds one JSON array of row objects; rows are numbered from 1."""
+    try:
+        items = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); JSON is UTF-8: save the file "
+                         "in that encoding") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON: {e}") from None
+    if not isinstance(items, list):  # e.g. '[1] [2]' fails above; a lone array is the only form here
+        raise ValueError(f"{where}: expected an array of objects with a 'prompt' key")
+    rows, keys = [], set()
+    for n, obj in enumerate(items, 1):
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise ValueError(f"{where}: item {n}: expected an object with a 'prompt' key, got "
+                             f"{json.dumps(obj)[:80]}")
+        rows.append((n, obj["prompt"], obj.get("reference"),
+                     {k: v for k, v in obj.items() if k not in ("prompt", "reference")} if other_columns else {}))
+        keys.update(obj)
     return rows, keys
 
 
