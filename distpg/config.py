@@ -214,7 +214,7 @@ class LearnerConfig:
     beta1: float = _f(0.9, "Adam beta1, in [0, 1)")
     beta2: float = _f(0.99, "Adam beta2, in [0, 1)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this, the policy's and the value head's apart (0: off)")
     micro_batch_size: int = _f(0, "samples per forward/backward pass, to fit memory (0: whole batch)")
     epochs: int = _f(1, "passes over each step's batch (PPO's epochs, TRL's num_iterations, OpenRLHF's max_epochs): "
                      "after the first optimizer step the samples are off-policy, corrected by algo.off_policy "

@@ -372,8 +372,13 @@ class Learner:
         grad_norm = self._grad_norm()
         taken = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if taken:
-            if self.cfg.learner.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable(), self.cfg.learner.grad_clip)
+            clip = self.cfg.learner.grad_clip
+            if clip > 0:  # the policy's gradient and the value head's each to the norm `clip`, apart: one clip over
+                # both would let a large value loss scale the policy's step down, and the value loss would move
+                # the policy after all (PPO's critic in OpenRLHF and veRL has an optimizer and a clip of its own)
+                torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), clip)
+                if self.value_head is not None:
+                    torch.nn.utils.clip_grad_norm_(list(self.value_head.parameters()), clip)
             self.optimizer.step()
         else:
             self.skipped_steps += 1  # learner.max_consecutive_skips is checked per update, in `learn`
@@ -382,9 +387,9 @@ class Learner:
                 "value_loss": value_loss_sum, "corrected": corrected, "taken": taken}
 
     def _grad_norm(self) -> float:
-        """The norm of every trainable parameter's gradient (the value head's too), as learner.grad_clip clips it
-        and as the step's skip check needs it: a non-finite one would turn the clip's scale, and so every
-        parameter, into NaN."""
+        """The norm of every trainable parameter's gradient (the value head's too), as the step's skip check needs
+        it: a non-finite one would turn a clip's scale, and so every parameter it clips, into NaN (learner.grad_clip
+        clips the policy's and the value head's gradients apart)."""
         grads = [p.grad for p in self.trainable() if p.grad is not None]
         if not grads:
             return 0.0

@@ -56,7 +56,7 @@ def test_non_finite_loss_skips_the_step_and_changes_nothing():
 
 def test_a_non_finite_value_head_gradient_skips_the_step_too():
     """The skip check and learner/grad_norm cover every parameter grad_clip clips, the value head's too: a NaN in
-    its gradient alone (the loss finite) made the clip's scale, and with it every parameter, NaN."""
+    its gradient alone (the loss finite) made the clip's scale, and with it every parameter it clips, NaN."""
     learner, worker = setup("algo.baseline=value")
     batch = worker.sample(["abcd=", "dcba="], [0, 1], seed=0)
     learner.update(batch)
@@ -68,6 +68,25 @@ def test_a_non_finite_value_head_gradient_skips_the_step_too():
     assert metrics["learner/skipped_steps"] == 1 and metrics["learner/grad_norm"] != metrics["learner/grad_norm"]
     assert all(torch.equal(a, b) for a, b in zip(params, snapshot(learner)[0]))
     assert all(torch.equal(a, b) for a, b in zip(head, learner.value_head.parameters()))
+
+
+def test_the_value_loss_does_not_change_the_policys_clipped_gradient():
+    """The value head's gradient is clipped apart from the policy's: with one clip over both, a large value loss
+    (a high algo.value_coef, or rewards on a large scale) took up the norm learner.grad_clip allows and scaled the
+    policy's gradient down, so that the value loss moved the policy after all (its step, not its direction)."""
+    grads = {}
+    for coef in (0.5, 50.0):
+        learner, worker = setup("algo.baseline=value", f"algo.value_coef={coef}", "learner.grad_clip=0.5")
+        batch = worker.sample(["abcd=", "bbca=", "ddda="], [0, 1, 2], seed=3)
+        learner.optimizer.step = lambda *a, learner=learner, coef=coef, **k: grads.setdefault(
+            coef, ([p.grad.clone() for p in learner.model.parameters()],
+                   [p.grad.clone() for p in learner.value_head.parameters()]))
+        metrics, _ = learner.update(batch)
+        assert metrics["learner/grad_norm"] > 0.5  # the clip binds
+    (policy, _), (policy_big, head_big) = grads[0.5], grads[50.0]
+    for a, b in zip(policy, policy_big):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in head_big]))) <= 0.5 + 1e-5
 
 
 @pytest.mark.parametrize("steps", [[], ["learner.epochs=2", "learner.mini_batches=2"]], ids=["one-step", "2x2-steps"])
