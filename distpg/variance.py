@@ -36,7 +36,8 @@ def _batch(worker: RolloutWorker, cfg: Config, k: int):
 def _forward(learner: Learner, lb):
     tokens, mask = lb.tokens, lb.response_mask[:, 1:]
     logits, hidden = learner.model(tokens[:, :-1], return_hidden=True)
-    logp = torch.gather(torch.log_softmax(logits.float(), -1), -1, tokens[:, 1:, None]).squeeze(-1)
+    # the tempered policy the samples come from (rollout.temperature), as the learner trains it
+    logp = torch.gather(torch.log_softmax(learner.tempered(logits.float()), -1), -1, tokens[:, 1:, None]).squeeze(-1)
     return logp, mask, hidden
 
 

@@ -352,3 +352,21 @@ def test_the_learner_bench_in_mixed_precision_times_the_float32_learner_beside_i
     bench.run(parser.parse_args(["learner", "--set", "model.preset=small", "--json", str(tmp_path / "l.json")]))
     # the default and the small preset are one case here; the bfloat16 one differs
     assert measured == [["model.preset=small"], ["model.preset=small", "model.preset=small", "learner.dtype=bfloat16"]]
+
+
+def test_variance_differentiates_the_tempered_policy_the_samples_come_from():
+    """With rollout.temperature the samples come from softmax(logits / T), the policy the learner trains: the
+    variance bench's gradient estimates are of that policy's log-probabilities (they were of softmax(logits),
+    whose gradient the samples do not estimate without bias), as the worker recorded them."""
+    from distpg.learner import Learner
+    from distpg.rollout import RolloutWorker
+    from distpg.variance import _batch, _forward
+    from tests.conftest import small_config
+
+    cfg = small_config("rollout.temperature=0.5")
+    learner, worker = Learner(cfg), RolloutWorker(cfg, 0)
+    worker.set_weights(learner.get_weights())
+    lb = _batch(worker, cfg, 0)
+    with torch.no_grad():
+        logp, mask, _ = _forward(learner, lb)
+    torch.testing.assert_close(logp[mask], lb.policy_logprobs[:, 1:][mask], rtol=1e-4, atol=1e-5)
