@@ -215,7 +215,8 @@ class Learner:
                     continue
                 diagnostics.append(step)
                 corrected += step.pop("corrected")
-                off_tokens += int((b.response_mask[rows] & off_policy[:, None]).sum())
+                # of the tokens that carry gradient, as `corrected` counts them (a failed reward's never are)
+                off_tokens += int((b.response_mask[rows] & (off_policy & valid[rows])[:, None]).sum())
                 if step.pop("taken"):
                     taken = True
                 else:

@@ -660,6 +660,30 @@ def test_mini_batches_with_micro_batches_and_stale_samples_give_the_same_steps()
         assert torch.allclose(a.optimizer.state[p]["exp_avg"], b.optimizer.state[q]["exp_avg"], rtol=0, atol=1e-7)
 
 
+def test_the_corrected_fraction_is_of_the_tokens_that_carry_gradient():
+    """learner/offpolicy_corrected_frac counts the corrected tokens of the samples that carry gradient, and so
+    must its denominator: a prompt whose every reward failed (no gradient, its tokens never counted as corrected)
+    leaves the fraction as a batch without that prompt gives it; it was diluted by their tokens."""
+    import pyarrow as pa
+
+    from tests.conftest import randomize_parameters
+
+    fracs = []
+    for fail in (False, True):
+        learner, worker = setup("algo.baseline=ema", "algo.clip_eps=0.05")
+        batch = worker.sample(["abcd=", "dcba=", "bbca="], [0, 1, 2], seed=0)  # version 0
+        learner.version = 1  # the learner has moved on since
+        randomize_parameters(learner.model, seed=3, scale=0.3)
+        if fail:  # prompt 1's rewards all failed
+            ok = [pid != 1 for pid in batch.column("prompt_id").to_pylist()]
+            batch = batch.set_column(batch.schema.get_field_index("reward_ok"), "reward_ok", pa.array(ok))
+        else:  # without prompt 1 at all
+            batch = batch.filter(pa.array([pid != 1 for pid in batch.column("prompt_id").to_pylist()]))
+        fracs.append(learner.learn(batch)["learner/offpolicy_corrected_frac"])
+    assert 0 < fracs[0] < 1
+    assert fracs[1] == pytest.approx(fracs[0], rel=1e-6)
+
+
 def test_the_value_baseline_s_advantages_are_computed_once_before_an_update_s_optimizer_steps(monkeypatch):
     """With algo.baseline=value and several optimizer steps per update, each sample's per-token advantages come
     from the value head as it was before the update (as PPO computes them once per batch): a head already fit to
