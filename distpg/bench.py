@@ -242,7 +242,7 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
     if "ours_torch_ops" in times:
         gain = min(times["ours_torch_ops"]) / min(times["ours"])
         extra |= {"cpu_kernels_speedup": gain, "ours_torch_ops_tokens_per_s": n_tok / min(times["ours_torch_ops"])}
-        note += f"; CPU kernels (C + pre-packed oneDNN products) {gain:.2f}x over PyTorch ops"
+        note += f"; CPU kernels (C + pre-laid-out weights) {gain:.2f}x over PyTorch ops"
     elif device == "cpu":
         note += f"; C kernels {kernel_status}"
     if "ours_cuda_graph" in times:

@@ -148,7 +148,8 @@ class RolloutConfig:
     cpu_kernels: bool = _f(
         True, "on a CPU, sample with distpg's C kernels for the decode attention and GELU, built on first use "
         "with the machine's C compiler ($CC or cc) into ~/.cache/distpg, and with the weight matrices laid out "
-        "once per policy version for oneDNN's matrix products (a second copy of the weights in each worker); "
+        "once per policy version for the matrix products (oneDNN's layout, or float32 transposed for MKL on Intel: a "
+        "second copy of the weights in each worker); "
         "without a compiler or oneDNN (a warning says so), or when false, PyTorch's ops: the same samples up to "
         "float rounding, slower")
     colocate: bool = _f(

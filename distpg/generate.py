@@ -281,7 +281,7 @@ def generate(
         pad_id: token written after a row stopped.
         check_every: how often (in tokens) to check on the host whether every row has stopped, and
             whether enough have stopped to drop them from the batch.
-        weights_key: on a CPU the weight matrices are laid out for oneDNN once (`kernels.packed_weights`)
+        weights_key: on a CPU the weight matrices are laid out for the products once (`kernels.packed_weights`)
             and kept for the next call with the same key: pass a value that changes whenever the model's
             weights do (a policy version); None lays them out for this call only.
         cuda_graph: decode in fixed shapes (`_generate_static`), on a GPU replaying one token's step as a

@@ -170,8 +170,10 @@ def test_kernels_leave_autograd_and_other_layouts_to_pytorch():
     assert all(p.grad is not None for p in m.parameters())
 
 
-def test_generate_with_and_without_kernels():
-    """The same samples either way in float32."""
+@pytest.mark.parametrize("layout", ["onednn", "transposed"])
+def test_generate_with_and_without_kernels(layout, monkeypatch):
+    """The same samples either way in float32, with either layout of the weights."""
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)
     m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0)
     randomize_parameters(m, seed=1, scale=0.15)
     m = m.eval()
@@ -186,10 +188,12 @@ def test_generate_with_and_without_kernels():
     torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.15)])
-def test_decode_logits_with_and_without_kernels(dtype, tol):
+@pytest.mark.parametrize("dtype,tol,layout", [(torch.float32, 1e-5, "onednn"), (torch.float32, 1e-5, "transposed"),
+                                              (torch.bfloat16, 0.15, None)])
+def test_decode_logits_with_and_without_kernels(dtype, tol, layout, monkeypatch):
     """Every decode step's logits through the model's KV cache, the same tokens fed both ways (left-padded
     prompts, so the mask is used): the kernels change them by float rounding only."""
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)
     m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0)
     randomize_parameters(m, seed=1, scale=0.15)
     m = m.eval().to(dtype)
@@ -204,7 +208,7 @@ def test_decode_logits_with_and_without_kernels(dtype, tol):
         for on in (True, False):
             kernels.enabled = on
             cache = m.new_cache(B, Tp + N)
-            with kernels.packed_weights(m, decode_weights(m), None, B):  # as generate() does: oneDNN products
+            with kernels.packed_weights(m, decode_weights(m), None, B):  # as generate() does: laid-out products
                 steps = [m(idx[:, :Tp], positions=positions[:, :Tp], key_mask=key_mask[:, :Tp], cache=cache)[:, -1]]
                 for t in range(Tp, Tp + N - 1):
                     steps.append(m(idx[:, t : t + 1], positions=positions[:, t : t + 1],
@@ -214,13 +218,18 @@ def test_decode_logits_with_and_without_kernels(dtype, tol):
     torch.testing.assert_close(logits[True], logits[False], atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_matches_float64(dtype):
-    """oneDNN's product on a pre-packed weight against float64, within float rounding of the inputs' sum of
-    |products|: a decode step's rows, a prefill's (more rows than the layout was chosen for), a strided row
-    slice (the output layer's input), no bias (the tied output layer), and the GELU fused into the product."""
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "onednn"), (torch.float32, "transposed"),
+                                          (torch.bfloat16, None)])
+def test_packed_linear_matches_float64(dtype, layout, monkeypatch):
+    """The product on a pre-packed weight (oneDNN's layout, or float32's transposed copy for the BLAS) against
+    float64, within float rounding of the inputs' sum of |products|: a decode step's rows, a prefill's (more
+    rows than the layout was chosen for), a strided row slice (the output layer's input), no bias (the tied
+    output layer), and the GELU (fused into oneDNN's product, after the BLAS's)."""
     if kernels.packing_unavailable(dtype):
         pytest.skip(kernels.packing_unavailable(dtype))
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)
+    laid_out = kernels._pack(torch.zeros(4, 3, dtype=dtype), 8)
+    assert laid_out.is_mkldnn == (layout != "transposed") and laid_out.dtype == dtype
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(96, 40, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
     head = torch.randn(50, 40, generator=g).to(dtype)
@@ -415,3 +424,20 @@ def test_workers_starting_together_build_once(tmp_path):
     assert len(built) == 1 and {s.split(";")[0] for s in statuses} == {f"C ({built[0]})"}, statuses
     assert log.read_text().count("1") == 1  # compiled once
     assert not list((tmp_path / "kernels").glob("tmp*"))  # no half-written file left behind
+
+
+@pytest.mark.parametrize("cpu,layout", [("vendor_id\t: GenuineIntel", "transposed"),
+                                        ("vendor_id\t: AuthenticAMD", "onednn"), ("aarch64 ", "onednn")])
+def test_float32_weights_are_laid_out_by_the_cpus_vendor_unless_set(cpu, layout, monkeypatch):
+    monkeypatch.setattr(kernels, "_cpu_identity", lambda: cpu)
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", None)
+    kernels._intel.cache_clear()
+    try:
+        assert kernels.float32_layout() == layout
+        assert kernels._pack(torch.zeros(4, 3), 8).is_mkldnn == (layout == "onednn")
+        if not kernels.packing_unavailable(torch.bfloat16):  # bfloat16: oneDNN always
+            assert kernels._pack(torch.zeros(4, 3, dtype=torch.bfloat16), 8).is_mkldnn
+        monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "onednn")
+        assert kernels.float32_layout() == "onednn"
+    finally:
+        kernels._intel.cache_clear()
