@@ -66,6 +66,27 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def small_run(ray_session, tmp_path_factory):
+    """`small_run(*overrides)`: (folder, summary) of `train(small_config(*overrides), folder)` on the shared
+    runtime, trained once per session for each resolved config, so that the tests that train the same config (a
+    plain sync run, say) share one run. Read the folder; never change it (copy it first)."""
+    from distpg.config import dump_config
+    from distpg.orchestrator import train
+
+    runs = {}
+
+    def run(*overrides: str) -> tuple[Path, dict]:
+        cfg = small_config(*overrides)
+        key = dump_config(cfg)
+        if key not in runs:
+            folder = tmp_path_factory.mktemp("small-run") / "run"
+            runs[key] = folder, train(cfg, folder)
+        return runs[key]
+
+    return run
+
+
 def train_stopped_after_checkpoint_then_resumed(cfg, run, step: int, monkeypatch) -> None:
     """`train(cfg, run)` stopped by an error right after it saved the checkpoint of `step`, then
     `train(cfg, run, resume=True)`: a run cut at a known checkpoint and continued from it."""
