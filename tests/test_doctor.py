@@ -13,6 +13,7 @@ import pytest
 
 from distpg import kernels
 from distpg.doctor import FAIL, OK, WARN, Report, _listeners, format_report, judge_nodes
+from tests.conftest import distpg_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,45 +77,6 @@ def test_listeners_reads_the_bound_address_from_proc():
         s.bind(("127.0.0.1", 0))
         s.listen()
         assert _listeners(s.getsockname()[1]) == ["127.0.0.1"]
-
-
-COMMANDS = """
-import json, os, sys
-from distpg.cli import main
-for i, (args, env) in enumerate(json.loads(sys.argv[1])):
-    os.environ.update(env)
-    print(f"=== command {i}", flush=True)
-    print(f"=== command {i}", file=sys.stderr, flush=True)
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    code = 0 if code is None else code if isinstance(code, int) else 1  # as the exit status of `sys.exit(code)`
-    print(f"=== exit {code}", flush=True)
-"""
-
-
-def distpg_commands(*commands: tuple[list[str], dict], timeout: float) -> list[subprocess.CompletedProcess]:
-    """`distpg ARGS` with ENV set for each (ARGS, ENV) of `commands`, one after another by `cli.main` in one
-    process of their own (a fresh interpreter, but its start and torch's import paid once, not per command):
-    a CompletedProcess for each, with its exit status and what it printed. A command that kills the process
-    (as Ray's C++ checks do) ends the list there: it and the commands after it get the process's own output
-    and status."""
-    e = {**os.environ, "PYTHONPATH": str(ROOT)}
-    e.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-c", COMMANDS, json.dumps([[list(a), env] for a, env in commands])],
-                       capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
-    outs, errs = p.stdout.split("=== command ")[1:], p.stderr.split("=== command ")[1:]
-    done = []
-    for (args, _), out, err in zip(commands, outs, errs):
-        out, err = out.split("\n", 1)[1], err.split("\n", 1)[1]
-        if "\n=== exit " not in "\n" + out:
-            break
-        out, code = out.rsplit("=== exit ", 1)
-        done.append(subprocess.CompletedProcess(args, int(code), out, err))
-    for args, _ in commands[len(done):]:
-        done.append(subprocess.CompletedProcess(args, p.returncode, p.stdout, p.stderr))
-    return done
 
 
 def test_a_bad_address_fails_fast_with_a_clear_message(tmp_path):
