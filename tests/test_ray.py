@@ -142,7 +142,9 @@ def test_learner_rejects_a_malformed_batch_whole():
 
 def test_max_time_stops_with_a_checkpoint_and_a_resume_counts_afresh(ray_session, tmp_path, capsys):
     run = tmp_path / "r"
-    cfg = small_config("run.steps=50", "run.max_time_s=0.001", "run.checkpoint_every=100")
+    # one actor to start, not three (the budget is the driver's loop's, whatever the layout): colocated
+    cfg = small_config("run.steps=50", "run.max_time_s=0.001", "run.checkpoint_every=100", "rollout.num_workers=1",
+                       "rollout.colocate=true")
     assert train(cfg, run)["steps"] == 1  # the budget is spent by the first step
     assert "run.max_time_s=0.001 reached; stopping at step 1" in capsys.readouterr().out
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000001"
