@@ -273,20 +273,18 @@ def test_submission_without_the_token_is_refused(cluster, tmp_path):
 
 
 def test_train_without_the_token_says_how_to_set_it(cluster, tmp_path):
+    """Both refused trains by cli.main one after the other in one process (one interpreter and torch import)."""
     env, cluster_dir, _ = cluster
     address = (cluster_dir / "address").read_text().strip()
-    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--set", "run.steps=1",
-                        "--run-dir", str(tmp_path / "r")], env=env, capture_output=True, text=True, timeout=180,
-                       cwd=ROOT)
+    # a token, but not the cluster's: the message asks about the token instead
+    (tmp_path / "token").write_text("not-the-clusters-token\n")
+    wrong = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    train = ["train", "--address", address, "--set", "run.steps=1", "--run-dir", str(tmp_path / "r")]
+    p, with_wrong = distpg_commands((train, {}), (train, wrong), env=env, timeout=360)
     assert p.returncode != 0 and f"cannot connect to the Ray cluster at {address!r}" in p.stderr, p.stderr[-2000:]
     assert "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH" in p.stderr, p.stderr[-2000:]
     assert "it refused this client (RPC error: InvalidAuthToken" in p.stderr, p.stderr[-2000:]  # at once, no retries
-    # a token, but not the cluster's: the message asks about the token instead
-    (tmp_path / "token").write_text("not-the-clusters-token\n")
-    wrong = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
-    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--set", "run.steps=1",
-                        "--run-dir", str(tmp_path / "r")], env=wrong, capture_output=True, text=True, timeout=180,
-                       cwd=ROOT)
+    p = with_wrong
     assert p.returncode != 0 and "it refused this client" in p.stderr, p.stderr[-2000:]
     assert "is RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) the cluster's token?" in p.stderr, p.stderr[-2000:]
 
