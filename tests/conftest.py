@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,27 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def small_run(ray_session, tmp_path_factory):
+    """`small_run(*overrides)`: (folder, summary) of `train(small_config(*overrides), folder)` on the shared
+    runtime, trained once per session for each resolved config, so that the tests that train the same config (a
+    plain sync run, say) share one run. Read the folder; never change it (copy it first)."""
+    from distpg.config import dump_config
+    from distpg.orchestrator import train
+
+    runs = {}
+
+    def run(*overrides: str) -> tuple[Path, dict]:
+        cfg = small_config(*overrides)
+        key = dump_config(cfg)
+        if key not in runs:
+            folder = tmp_path_factory.mktemp("small-run") / "run"
+            runs[key] = folder, train(cfg, folder)
+        return runs[key]
+
+    return run
+
+
 def train_stopped_after_checkpoint_then_resumed(cfg, run, step: int, monkeypatch) -> None:
     """`train(cfg, run)` stopped by an error right after it saved the checkpoint of `step`, then
     `train(cfg, run, resume=True)`: a run cut at a known checkpoint and continued from it."""
@@ -85,3 +108,51 @@ def train_stopped_after_checkpoint_then_resumed(cfg, run, step: int, monkeypatch
         with pytest.raises(RuntimeError, match="stopped after"):
             train(cfg, run)
     train(cfg, run, resume=True)
+
+
+COMMANDS = """
+import json, os, sys, time
+from distpg.cli import main
+for i, (args, env) in enumerate(json.loads(sys.argv[1])):
+    os.environ.update(env)
+    print(f"=== command {i}", flush=True)
+    print(f"=== command {i}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    code = 0 if code is None else code if isinstance(code, int) else 1  # as the exit status of `sys.exit(code)`
+    print(f"=== exit {code} {time.perf_counter() - t0:.3f}", flush=True)
+"""
+
+
+def distpg_commands(*commands: tuple[list[str], dict], timeout: float,
+                    env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """`distpg ARGS` with ENV set for each (ARGS, ENV) of `commands`, one after another by `cli.main` in one
+    process of their own (a fresh interpreter, but its start and torch's import paid once, not per command), in
+    the repository's folder, with `env` (default: this process's less $RAY_ADDRESS): a CompletedProcess for each,
+    with its exit status, what it printed and the `seconds` it took. A command that kills the process (as Ray's
+    C++ checks do) ends the list there: it and the commands after it get the process's own output and status."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    e = {**env, "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, "-c", COMMANDS, json.dumps([[list(a), more] for a, more in commands])],
+                       capture_output=True, text=True, timeout=timeout, cwd=root, env=e)
+    outs, errs = p.stdout.split("=== command ")[1:], p.stderr.split("=== command ")[1:]
+    done = []
+    for (args, _), out, err in zip(commands, outs, errs):
+        out, err = out.split("\n", 1)[1], err.split("\n", 1)[1]
+        if "\n=== exit " not in "\n" + out:
+            break
+        out, status = out.rsplit("=== exit ", 1)
+        code, seconds = status.split()[:2]  # (the last command's: then what the process printed as it ended)
+        done.append(subprocess.CompletedProcess(args, int(code), out, err))
+        done[-1].seconds = float(seconds)
+    for args, _ in commands[len(done):]:
+        done.append(subprocess.CompletedProcess(args, p.returncode, p.stdout, p.stderr))
+        done[-1].seconds = None
+    return done

@@ -27,15 +27,15 @@ def final_weights(run):
 
 
 @pytest.mark.ray
-def test_staleness_zero_is_bitwise_sync(ray_session, tmp_path):
-    steps = "run.steps=5"
-    train(small_config(steps), tmp_path / "sync")
+def test_staleness_zero_is_bitwise_sync(small_run, tmp_path):
+    steps = "run.steps=4"
+    sync, _ = small_run(steps)  # the session's plain 4-step run (test_ray's and test_colocate's too)
     train(small_config(steps, *ASYNC, "algo.max_staleness=0"), tmp_path / "async0")
-    a, b = final_weights(tmp_path / "sync"), final_weights(tmp_path / "async0")
+    a, b = final_weights(sync), final_weights(tmp_path / "async0")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bitwise, not allclose
-    ra, rb = records(tmp_path / "sync"), records(tmp_path / "async0")
+    ra, rb = records(sync), records(tmp_path / "async0")
     assert [r["learner/loss"] for r in ra] == [r["learner/loss"] for r in rb]
     assert all(r["rollout/staleness_max"] == 0 for r in rb)
 

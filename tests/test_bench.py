@@ -105,27 +105,36 @@ def _check_quick_bench(data: dict, stdout: str, parts: set, count: int) -> None:
 
 
 WITHOUT_RAY = """
-import sys
+import json, sys
 class Missing:  # as on a GPU machine that has torch and transformers but neither Ray nor pyarrow
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("ray", "pyarrow", "tensorboard"):
             raise ImportError("No module named " + repr(name))
 sys.meta_path.insert(0, Missing())
 from distpg.cli import main
-sys.exit(main(sys.argv[1:]))
+for args in json.loads(sys.argv[1]):  # one command after another, in this one process
+    print("=== distpg", *args, file=sys.stderr, flush=True)
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    print("=== exit", code, flush=True)
 """
 
 
 def test_the_sampler_bench_needs_neither_ray_nor_pyarrow(tmp_path):
+    """Both commands by `cli.main` in one process without Ray, pyarrow and tensorboard (one interpreter and
+    torch import, not one a command)."""
     out, env = tmp_path / "s.json", {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-c", WITHOUT_RAY, "bench", "sampler", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    commands = [["bench", "sampler", "--quick", "--json", str(out)], ["train"]]
+    p = subprocess.run([sys.executable, "-c", WITHOUT_RAY, json.dumps(commands)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
+    bench, train = p.stdout.split("=== exit ")[1:]
+    assert bench.split()[0] == "0", p.stderr[-2000:]
     assert json.loads(out.read_text())["results"]["sampler"][0]["ratio"] > 0
     # the training command does need them, and says which is missing
-    p = subprocess.run([sys.executable, "-c", WITHOUT_RAY, "train"], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT, env=env)
-    assert p.returncode == 2 and "No module named" in p.stderr
+    assert train.split()[0] == "2" and "No module named" in p.stderr.split("=== distpg train")[1]
 
 
 @pytest.mark.slow

@@ -31,45 +31,6 @@ def distpg(*args, timeout=300):
                           timeout=timeout, cwd=ROOT)
 
 
-def test_train_then_eval(tmp_path):
-    run = tmp_path / "run"
-    p = distpg("train", *SMALL, "--run-dir", str(run))
-    assert p.returncode == 0, p.stderr[-3000:]
-    # progress lines with step, reward, steps/s and ETA
-    progress = [line for line in p.stdout.splitlines() if line.startswith("step ")]
-    assert len(progress) == 3 and "steps/s" in progress[0] and "ETA" in progress[0] and "reward" in progress[0]
-    assert "step     6/6" in progress[-1]
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["task"]["length"] == 4 and cfg["model"]["n_layer"] == 2  # resolved, with the --set values
-
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 7))
-    assert all(set(CONTRACT_METRICS) <= set(r) for r in records)
-    assert records[-1]["time_s"] > records[0]["time_s"] > 0
-
-    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    assert "rollout/reward_mean" in tags["scalars"] and "perf/sync_s" in tags["scalars"]
-    assert [e.step for e in acc.Scalars("rollout/reward_mean")] == list(range(1, 7))
-    assert acc.Scalars("rollout/reward_mean")[-1].value == pytest.approx(records[-1]["rollout/reward_mean"])
-    assert "samples/text_summary" in tags["tensors"]  # sample completions as text
-
-    table = pq.read_table(run / "rollouts")
-    assert table.num_rows == 6 * 8 * 4
-    assert set(table.column("step").to_pylist()) == set(range(1, 7))
-
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
-    for name in ("model.safetensors", "optimizer.pt", "state.json"):
-        assert (run / "checkpoints" / "step_000003" / name).exists()
-
-    e = distpg("eval", str(run), "--samples", "3")
-    assert e.returncode == 0, e.stderr[-3000:]
-    assert "held-out prompts: 16 | reward_mean" in e.stdout
-    assert len([x for x in e.stdout.splitlines() if "-> " in x and "target" in x]) == 3
-
-
 @pytest.mark.slow
 def test_resume_of_an_ended_run_has_nothing_to_do_until_its_config_asks_for_more(tmp_path):
     run = tmp_path / "run"
@@ -100,39 +61,14 @@ def test_resume_of_an_ended_run_has_nothing_to_do_until_its_config_asks_for_more
 
 
 def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
-    p = distpg("train", *SMALL, "--set", "task.name=tests.user_task:always_fails", "--run-dir", str(tmp_path / "r"))
+    # one rollout worker: one actor fewer to start (its share fails as each of two would)
+    p = distpg("train", *SMALL, "--set", "task.name=tests.user_task:always_fails", "--set", "rollout.num_workers=1",
+               "--run-dir", str(tmp_path / "r"))
     assert p.returncode == 1
     assert "distpg: training failed: rollout of step 1 failed: RewardError" in p.stderr
     assert "reward service unavailable" in p.stderr
     assert "Traceback" not in p.stderr
     assert p.stderr.rstrip().endswith(f"distpg train --resume {tmp_path / 'r'} starts it over from step 0")
-
-
-def test_a_run_whose_output_pipe_closes_stops_with_the_resume_hint_and_no_traceback(tmp_path):
-    """`distpg train | head`, or a pager quit: the run stops at its next line of output, as a pipe's writer does,
-    with the resume hint instead of a traceback, and `distpg eval | head` ends quietly."""
-    run = tmp_path / "r"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "distpg", "train", *SMALL, "--set", "run.steps=400",
-                          "--set", "log.print_every=1", "--set", "run.checkpoint_every=2", "--run-dir", str(run)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    for line in p.stdout:  # as `head` reads up to a step line, then exits
-        if line.startswith("step     3/"):
-            break
-    p.stdout.close()
-    err = p.stderr.read()
-    assert p.wait(timeout=120) == 141, err[-3000:]
-    assert "Traceback" not in err and "BrokenPipeError" not in err
-    assert "distpg: stopped: its standard output was closed (broken pipe); " in err
-    assert err.rstrip().endswith(f"continue with: distpg train --resume {run}")
-    assert 3 <= len((run / "metrics.jsonl").read_text().splitlines()) < 400
-
-    e = subprocess.Popen([sys.executable, "-m", "distpg", "eval", str(run), "--samples", "16"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    e.stdout.readline()  # its header is flushed first; if the rest was buffered already, the exit's flush fails
-    e.stdout.close()
-    err = e.stderr.read()
-    assert e.wait(timeout=120) in (0, 141) and "Traceback" not in err and "Exception ignored" not in err, err
 
 
 def test_bad_config_exits_2_without_starting_ray(tmp_path):
@@ -171,10 +107,13 @@ def test_bad_command_line_values_exit_2_naming_the_option(tmp_path, capsys, args
     assert "Traceback" not in stderr and (tmp_path / "file").read_text() == "mine"
 
 
-def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
+def test_train_then_eval_of_the_readmes_own_task_from_its_folder_without_pythonpath(tmp_path):
     """The README's `mytasks.py`, as written there, in the current folder: `distpg train` (the installed
     command, not `python -m`) finds it with no PYTHONPATH, on the driver and on the Ray workers, and
-    `distpg eval` too."""
+    `distpg eval` too. The same run (one run's local runtimes for what three runs showed) writes the run folder a
+    user reads: progress lines, the resolved config, metrics, TensorBoard, rollouts, checkpoints and eval's samples;
+    and resumed as `distpg train | head` reads it (or a pager quit), it stops at its next line of output with the
+    resume hint and no traceback, and `distpg eval | head` ends quietly."""
     readme = (ROOT / "README.md").read_text()
     code = readme.split("```python\n# mytasks.py\n", 1)[1].split("```", 1)[0]
     (tmp_path / "mytasks.py").write_text(code)
@@ -182,41 +121,87 @@ def test_the_readmes_own_task_runs_from_its_folder_without_pythonpath(tmp_path):
     if not command.exists():
         pytest.skip("the distpg command is not installed next to this Python")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    p = subprocess.run([str(command), "train", "--set", "task.name=mytasks:make", "--set", "task.num_eval=16",
-                        "--set", "run.steps=2", "--set", "run.checkpoint_every=2", "--run-dir", "run"],
+    p = subprocess.run([str(command), "train", "--set", "task.name=mytasks:make", *SMALL, "--run-dir", "run"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [1, 2]
-    p = subprocess.run([str(command), "eval", "run"], capture_output=True, text=True, env=env, timeout=300,
-                       cwd=tmp_path)
+    run = tmp_path / "run"
+    # progress lines with step, reward, steps/s and ETA
+    progress = [line for line in p.stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 3 and "steps/s" in progress[0] and "ETA" in progress[0] and "reward" in progress[0]
+    assert "step     6/6" in progress[-1]
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["task"]["length"] == 4 and cfg["model"]["n_layer"] == 2  # resolved, with the --set values
+
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(set(CONTRACT_METRICS) <= set(r) for r in records)
+    assert records[-1]["time_s"] > records[0]["time_s"] > 0
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "rollout/reward_mean" in tags["scalars"] and "perf/sync_s" in tags["scalars"]
+    assert [e.step for e in acc.Scalars("rollout/reward_mean")] == list(range(1, 7))
+    assert acc.Scalars("rollout/reward_mean")[-1].value == pytest.approx(records[-1]["rollout/reward_mean"])
+    assert "samples/text_summary" in tags["tensors"]  # sample completions as text
+
+    table = pq.read_table(run / "rollouts")
+    assert table.num_rows == 6 * 8 * 4
+    assert set(table.column("step").to_pylist()) == set(range(1, 7))
+
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        assert (run / "checkpoints" / "step_000003" / name).exists()
+
+    p = subprocess.run([str(command), "eval", "run", "--samples", "3"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "held-out prompts: 16" in p.stdout
+    assert "held-out prompts: 16 | reward_mean" in p.stdout
+    assert len([x for x in p.stdout.splitlines() if "-> " in x and "target" in x]) == 3
     elsewhere = tmp_path / "elsewhere"  # the run folder from another folder: its module is found where it started
     elsewhere.mkdir()
-    p = subprocess.run([str(command), "eval", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+    p = subprocess.run([str(command), "eval", str(run)], capture_output=True, text=True, env=env,
                        timeout=300, cwd=elsewhere)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "held-out prompts: 16" in p.stdout
-    # what a stop now keeps (a resume that stops before its first step, or a stop after step 3 unlogged) ...
+    # what a stop now keeps (a resume that stops before its first step, or a stop after step 7 unlogged) ...
     from distpg.checkpoint import resume_hint
 
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics = run / "metrics.jsonl"
     logged = metrics.read_text()
-    assert "checkpoint is step 2, the last step done: nothing is lost" in resume_hint(tmp_path / "run", 3)
-    metrics.write_text(logged + '{"step": 3, "rollout/rew')  # a record cut off by a kill
-    assert "nothing is lost" in resume_hint(tmp_path / "run", 3)
-    metrics.write_text(logged + '{"step": 3}\n')
-    assert "the steps after the latest checkpoint (step 2) are lost" in resume_hint(tmp_path / "run", 3)
+    assert "checkpoint is step 6, the last step done: nothing is lost" in resume_hint(run, 7)
+    metrics.write_text(logged + '{"step": 7, "rollout/rew')  # a record cut off by a kill
+    assert "nothing is lost" in resume_hint(run, 7)
+    metrics.write_text(logged + '{"step": 7}\n')
+    assert "the steps after the latest checkpoint (step 6) are lost" in resume_hint(run, 7)
     metrics.write_text(logged)
-    # ... and resumed from there, one more step: the Ray workers find the module where the run started too
-    config = tmp_path / "run" / "config.yaml"
-    config.write_text(config.read_text().replace("\n  steps: 2\n", "\n  steps: 3\n"))
-    p = subprocess.run([str(command), "train", "--resume", str(tmp_path / "run")], capture_output=True, text=True,
-                       env=env, timeout=300, cwd=elsewhere)
-    assert p.returncode == 0, p.stderr[-3000:]
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [1, 2, 3]
+    # ... and resumed from there (run.steps raised), read as `distpg train --resume RUN | head` reads it: the Ray
+    # workers find the module where the run started too, and once the reader is gone the run stops at its next
+    # line of output, as a pipe's writer does, with the resume hint instead of a traceback
+    config = run / "config.yaml"
+    assert config.read_text().count("\n  steps: 6\n") == 1
+    config.write_text(config.read_text().replace("\n  steps: 6\n", "\n  steps: 400\n"))
+    p = subprocess.Popen([str(command), "train", "--resume", str(run)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=elsewhere)
+    for line in p.stdout:  # as `head` reads up to a step line, then exits
+        if line.startswith("step     8/"):  # log.print_every=2: the resumed run's first step line
+            break
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141, err[-3000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert "distpg: stopped: its standard output was closed (broken pipe); " in err
+    assert err.rstrip().endswith(f"continue with: distpg train --resume {run}")
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs][:8] == list(range(1, 9)) and len(recs) < 400
+    # `distpg eval | head` ends quietly
+    e = subprocess.Popen([str(command), "eval", "run", "--samples", "16"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    e.stdout.readline()  # its header is flushed first; if the rest was buffered already, the exit's flush fails
+    e.stdout.close()
+    err = e.stderr.read()
+    assert e.wait(timeout=120) in (0, 141) and "Traceback" not in err and "Exception ignored" not in err, err
     (tmp_path / "notes.txt").write_text("mine")
     p = subprocess.run([str(command), "export", "run", "notes.txt"], capture_output=True, text=True, env=env,
                        timeout=300, cwd=tmp_path)

@@ -9,7 +9,7 @@ import torch
 from distpg import kernels
 from distpg.colocated import ColocatedLearner
 from distpg.config import ConfigError
-from distpg.orchestrator import Trainer, TrainingError, plan_placement, sample_seed, step_prompts, train
+from distpg.orchestrator import Trainer, TrainingError, plan_placement, sample_seed, step_prompts
 from distpg.weights import FlatParams, WeightsError
 from tests.conftest import small_config, train_stopped_after_checkpoint_then_resumed
 
@@ -24,11 +24,12 @@ def records(run):
 @pytest.mark.parametrize("extra", [["rollout.num_workers=1"], ["rollout.num_workers=2"],
                                    ["rollout.num_workers=1", "rollout.dtype=bfloat16"]],
                          ids=["1-worker", "2-workers", "1-worker-bf16"])
-def test_a_colocated_run_computes_the_numbers_of_separate_actors(ray_session, tmp_path, extra):
-    cfg = small_config("run.steps=4", *extra)
-    train(cfg, tmp_path / "apart")
-    train(small_config("run.steps=4", "rollout.colocate=true", *extra), tmp_path / "together")
-    apart, together = records(tmp_path / "apart"), records(tmp_path / "together")
+def test_a_colocated_run_computes_the_numbers_of_separate_actors(small_run, extra):
+    # the session's runs: the plain 2-worker one is test_ray's and test_async's too, and the colocated 1-worker
+    # one is the uninterrupted run of the resume test below
+    run_apart, _ = small_run("run.steps=4", *extra)
+    run_together, _ = small_run("run.steps=4", "rollout.colocate=true", *extra)
+    apart, together = records(run_apart), records(run_together)
     assert len(apart) == len(together) == 4
     for a, t in zip(apart, together):
         assert {k: a[k] for k in KEYS} == {k: t[k] for k in KEYS}
@@ -187,15 +188,16 @@ def test_follow_shares_a_buffer_of_the_same_dtype_and_copies_into_another():
 
 
 @pytest.mark.ray
-def test_a_colocated_run_stopped_after_a_checkpoint_resumes_exactly(ray_session, tmp_path, monkeypatch):
+def test_a_colocated_run_stopped_after_a_checkpoint_resumes_exactly(small_run, tmp_path, monkeypatch):
     from distpg import checkpoint
 
-    cfg = small_config("run.steps=4", "run.checkpoint_every=2", "rollout.num_workers=1", "rollout.colocate=true")
-    train(cfg, tmp_path / "whole")
+    overrides = ("run.steps=4", "run.checkpoint_every=2", "rollout.num_workers=1", "rollout.colocate=true")
+    cfg = small_config(*overrides)
+    run_whole, _ = small_run(*overrides)  # the colocated 1-worker run of the test above
     train_stopped_after_checkpoint_then_resumed(cfg, tmp_path / "cut", 2, monkeypatch)
-    whole, cut = records(tmp_path / "whole"), records(tmp_path / "cut")
+    whole, cut = records(run_whole), records(tmp_path / "cut")
     assert [{k: r[k] for k in KEYS} for r in cut] == [{k: r[k] for k in KEYS} for r in whole]
-    a = checkpoint.load(checkpoint.latest(tmp_path / "whole"))[0]["model"]
+    a = checkpoint.load(checkpoint.latest(run_whole))[0]["model"]
     b = checkpoint.load(checkpoint.latest(tmp_path / "cut"))[0]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -13,6 +13,7 @@ import pytest
 
 from distpg import kernels
 from distpg.doctor import FAIL, OK, WARN, Report, _listeners, format_report, judge_nodes
+from tests.conftest import distpg_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,30 +79,25 @@ def test_listeners_reads_the_bound_address_from_proc():
         assert _listeners(s.getsockname()[1]) == ["127.0.0.1"]
 
 
-def doctor(*args, timeout=120, **env):
-    e = {**os.environ, **env}
-    e.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "distpg", "doctor", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=e)
-
-
 def test_a_bad_address_fails_fast_with_a_clear_message(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # ray.init alone would retry for minutes: the 60 s limit of the subprocess would stop it first
-    p = doctor("--address", f"LOCALHOST:{port}", timeout=60)
+    # ray.init alone would retry for minutes: the 60 s limit of the process would stop it first
+    run = tmp_path / "run"
+    doctor_, train, malformed = distpg_commands(
+        (["doctor", "--address", f"LOCALHOST:{port}"], {}),
+        # `distpg train` checks the address the same way before ray.init
+        (["train", "--address", f"LOCALHOST:{port}", "--run-dir", str(run)], {}),
+        (["doctor", "--address", "headnode"], {}), timeout=60)
+    p = doctor_
     assert p.returncode == 1
     assert f"cannot reach the Ray cluster at 'LOCALHOST:{port}' (from --address): Connection refused" in p.stdout, \
         p.stdout + p.stderr
-    # `distpg train` checks the address the same way before ray.init
-    run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", f"LOCALHOST:{port}", "--run-dir",
-                        str(run)], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = train
     assert p.returncode != 0 and f"cannot reach the Ray cluster at 'LOCALHOST:{port}'" in p.stderr, p.stderr[-2000:]
     assert not run.exists()  # a run that never started leaves no folder behind
-    p = doctor("--address", "headnode", timeout=60)
+    p = malformed
     assert p.returncode == 1 and "--address 'headnode' is not HOST:PORT" in p.stdout
 
 
@@ -197,14 +193,13 @@ def test_the_dashboard_port_given_as_the_gcs_address_fails_fast_naming_it(tmp_pa
     threading.Thread(target=server.serve_forever, daemon=True).start()
     address = f"LOCALHOST:{server.server_address[1]}"
     try:
-        p = doctor("--address", address, "--timeout", "30", timeout=60)
+        run = tmp_path / "run"
+        p, train = distpg_commands((["doctor", "--address", address, "--timeout", "30"], {}),
+                                   (["train", "--address", address, "--run-dir", str(run)], {}), timeout=90)
         assert p.returncode == 1 and f"{address!r} (from --address) is an HTTP server" in p.stdout, \
             p.stdout + p.stderr[-2000:]
         assert "RAY_API_SERVER_ADDRESS" in p.stdout and "the GCS address" in p.stdout
-        run = tmp_path / "run"
-        p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--run-dir", str(run)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        p = train
         assert p.returncode != 0 and f"{address!r} (from --address) is an HTTP server" in p.stderr, p.stderr[-2000:]
         assert not run.exists()
     finally:
@@ -230,53 +225,65 @@ def test_a_token_file_that_cannot_be_read_is_named_instead_of_crashing(tmp_path)
     address = f"LOCALHOST:{listener.getsockname()[1]}"
     (tmp_path / "empty").write_text("")
     try:
-        for token_file in (tmp_path / "missing", tmp_path / "empty"):
+        run = tmp_path / "run"
+        token_files = (tmp_path / "missing", tmp_path / "empty")
+        commands = []
+        for token_file in token_files:
             env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
-            p = doctor("--address", address, "--timeout", "30", timeout=60, **env)
+            commands += [(["doctor", "--address", address, "--timeout", "30"], env),
+                         (["train", "--address", address, "--run-dir", str(run)], env)]
+        done = distpg_commands(*commands, timeout=120)
+        for i, token_file in enumerate(token_files):
+            p = done[2 * i]
             assert p.returncode == 1 and "Check failed" not in p.stdout + p.stderr, p.stdout + p.stderr[-2000:]
             assert f"RAY_AUTH_TOKEN_PATH is set but file cannot be opened or is empty: {token_file}" in p.stdout
-            run = tmp_path / "run"
-            p = subprocess.run([sys.executable, "-m", "distpg", "train", "--address", address, "--run-dir", str(run)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=60,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+            p = done[2 * i + 1]
             assert p.returncode == 1 and "Check failed" not in p.stderr, p.stderr[-2000:]
             assert f"file cannot be opened or is empty: {token_file}" in p.stderr and not run.exists()
     finally:
         listener.close()
 
 
-LISTENING = """
-import json, os, ray
+DOCTOR_LOOKING = """
+import json, os, sys
+import ray
 import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported
 from ray._private import ray_constants
-from distpg.orchestrator import start_local_ray
-start_local_ray(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-ray.get(ray.remote(lambda: 1).remote(), timeout=120)  # a worker process too
-tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
-listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in tree}
-restored = ray_constants.ENABLE_RAY_CLUSTER and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
-print(json.dumps({"listening": sorted(listening), "node_ip": ray.util.get_node_ip_address(), "restored": restored}))
-ray.shutdown()
+from distpg import doctor
+from distpg.cli import main
+seen = {}
+check_gcs = doctor.check_gcs
+def look_then_check_gcs(report):  # the runtime is up and has run doctor's tasks (worker processes too)
+    tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    seen["listening"] = sorted({c.laddr.ip for c in psutil.net_connections("tcp")
+                                if c.status == "LISTEN" and c.pid in tree})
+    seen["node_ip"] = ray.util.get_node_ip_address()
+    return check_gcs(report)
+doctor.check_gcs = look_then_check_gcs
+code = main(sys.argv[1:])
+seen["restored"] = ray_constants.ENABLE_RAY_CLUSTER and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+print(json.dumps(seen))
+sys.exit(code)
 """
 
 
 @pytest.mark.ray
-def test_the_local_runtime_listens_on_loopback_only():
+def test_the_local_runtime_listens_on_loopback_only_and_doctor_reports_it_and_a_config_that_does_not_fit():
+    """`distpg doctor` with no address starts the local runtime `distpg train` would start (by `cli.main` in a
+    process of its own, which also looks at the runtime while it is up: one runtime for what two showed). Every
+    process of that runtime, its workers too, listens on loopback only; Ray's own default is back afterwards; and
+    the report names the node and the config's finding."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    p = subprocess.run([sys.executable, "-c", LISTENING], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                       env={**env, "PYTHONPATH": str(ROOT)})
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    p = subprocess.run([sys.executable, "-c", DOCTOR_LOOKING, "doctor", "--set", "rollout.num_workers=16", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180, env={**env, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]  # the config does not fit: a failure
+    lines = p.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
     assert out["node_ip"] == "127.0.0.1"
     assert out["listening"] and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in out["listening"]), out
     assert out["restored"]  # a later ray.init(address=...) in the same process sees Ray's own default
 
-
-@pytest.mark.ray
-def test_doctor_on_the_local_runtime_reports_it_and_a_config_that_does_not_fit(tmp_path):
-    p = doctor("--set", "rollout.num_workers=16", "--json", timeout=180)
-    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]  # the config does not fit: a failure
-    report = json.loads(p.stdout)
+    report = json.loads("\n".join(lines[:-1]))
     (n,) = report["nodes"]
     assert n["alive"] and n["head"] and n["cpus"] == os.cpu_count() and n["torch"] and n["ray"]
     if kernels.compiler():  # built (or found built) on the node by the probe

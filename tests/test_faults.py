@@ -84,12 +84,12 @@ def consumed_and_generated(run):
 @pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow),
                                   pytest.param("async-exact", marks=pytest.mark.slow)])
 def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
-    steps = 20
+    steps = 14
     # async-exact: algo.staleness_schedule=exact, whose replacements start from the version their share needs
     schedule = ["run.mode=async", "algo.staleness_schedule=exact"] if mode == "async-exact" else [f"run.mode={mode}"]
     cfg = small_config(f"run.steps={steps}", *FOUR_WORKERS, *schedule, "algo.max_staleness=2")
-    # four kills, at about steps 1, 6, 11 and 16 of 20
-    chaos = Chaos(every_steps=5, run_dir=tmp_path / "chaos", max_kills=4)
+    # four kills, at about steps 1, 4, 7 and 10 of 14 (each after the replacement before it has served 3 steps)
+    chaos = Chaos(every_steps=3, run_dir=tmp_path / "chaos", max_kills=4)
     chaos.start()
     try:
         train(cfg, tmp_path / "chaos")

@@ -326,11 +326,26 @@ def _probe(env: dict, source: Path | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"stderr": done.stderr}
 
 
-def test_build_goes_to_a_fresh_cache_then_is_reused(tmp_path):
+def test_no_compiler_falls_back_then_a_fresh_build_is_reused_rebuilt_if_truncated_and_a_wrong_one_refused(tmp_path):
+    """One cache folder, a fresh interpreter for each probe (each of these checks used to start interpreters of
+    its own, and three of them built the same library first): with no compiler on PATH sampling falls back to
+    PyTorch with a warning and makes no cache; with one, the library is built into the fresh cache (0700) and
+    samples the same tokens; a second interpreter reuses it untouched; a cached library left truncated (as a crash
+    or a full disk could leave it) is rebuilt; a build that compiles but attends wrongly is refused by the
+    self-check, and sampling falls back to the same tokens."""
+    bindir = tmp_path / "bin"  # a PATH holding only this Python
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
     env = {"DISTPG_CACHE_DIR": str(tmp_path)}
+    off = _probe({**env, "CC": "", "PATH": str(bindir)})
+    assert off["status"].startswith("off: no C compiler"), off["status"]
+    assert "CPU decode kernels unavailable" in off["stderr"]
+    assert not (tmp_path / "kernels").exists()
+
     first = _probe(env)
     built = list((tmp_path / "kernels").glob("decode-*.so"))
     assert first["status"].startswith("C (") and len(built) == 1 and str(built[0]) in first["status"]
+    assert first["tokens"] == off["tokens"]
     stamp = built[0].stat().st_mtime_ns
     second = _probe(env)
     assert second["status"] == first["status"] and second["tokens"] == first["tokens"]
@@ -338,30 +353,20 @@ def test_build_goes_to_a_fresh_cache_then_is_reused(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp
     assert (tmp_path / "kernels").stat().st_mode & 0o777 == 0o700
 
+    built[0].write_bytes(b"")  # as a crash or a full disk could leave it
+    rebuilt = _probe(env)
+    assert rebuilt["status"] == first["status"] and built[0].stat().st_size > 0
+    assert rebuilt["tokens"] == first["tokens"]
 
-def test_no_compiler_falls_back_to_pytorch_with_a_warning(tmp_path):
-    bindir = tmp_path / "bin"  # a PATH holding only this Python
-    bindir.mkdir()
-    (bindir / "python").symlink_to(sys.executable)
-    env = {"DISTPG_CACHE_DIR": str(tmp_path), "CC": "", "PATH": str(bindir)}
-    off = _probe(env)
-    assert off["status"].startswith("off: no C compiler"), off["status"]
-    assert "CPU decode kernels unavailable" in off["stderr"]
-    assert not (tmp_path / "kernels").exists()
-    on = _probe({"DISTPG_CACHE_DIR": str(tmp_path)})
-    assert on["status"].startswith("C (") and on["tokens"] == off["tokens"]
-
-
-def test_a_wrong_build_is_refused_by_the_self_check(tmp_path):
     bad = tmp_path / "decode.c"
     text = kernels.SOURCE.read_text()
     marker = "h * qh + d]) * scale"  # where q is scaled by 1/sqrt(D)
     assert text.count(marker) == 1
     bad.write_text(text.replace(marker, marker + " * 2.0f"))  # compiles, but attends wrongly
-    res = _probe({"DISTPG_CACHE_DIR": str(tmp_path)}, source=bad)
+    res = _probe(env, source=bad)
     assert res["status"].startswith("off: ") and "disagrees with PyTorch" in res["status"]
     assert "CPU decode kernels unavailable" in res["stderr"]
-    assert res["tokens"] == _probe({"DISTPG_CACHE_DIR": str(tmp_path)})["tokens"]
+    assert res["tokens"] == first["tokens"]
 
 
 def test_rollout_config_switch(tmp_path):
@@ -372,16 +377,6 @@ def test_rollout_config_switch(tmp_path):
     assert not kernels.enabled and kernels.status().startswith("disabled")
     RolloutWorker(small_config(), 0)
     assert kernels.enabled and kernels.status().startswith("C (")
-
-
-def test_a_truncated_cached_library_is_rebuilt(tmp_path):
-    env = {"DISTPG_CACHE_DIR": str(tmp_path)}
-    first = _probe(env)
-    (built,) = (tmp_path / "kernels").glob("decode-*.so")
-    built.write_bytes(b"")  # as a crash or a full disk could leave it
-    second = _probe(env)
-    assert second["status"] == first["status"] and built.stat().st_size > 0
-    assert second["tokens"] == first["tokens"]
 
 
 def test_a_cache_folder_others_can_write_is_not_used(tmp_path):

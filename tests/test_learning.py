@@ -16,9 +16,10 @@ pytestmark = pytest.mark.ray
 
 
 def test_reversing_4_characters_is_learned_and_generalises(ray_session, tmp_path):
+    # colocated (worker 0 in the learner's actor): the numbers of separate actors (test_colocate), one actor fewer
     cfg = small_config("run.steps=300", "run.stop_reward=0.9", "run.checkpoint_every=1000", "log.print_every=50",
                        "rollout.prompts_per_step=16", "rollout.group_size=8", "task.num_eval=64",
-                       "model.preset=tiny", "learner.lr=0.001")
+                       "model.preset=tiny", "learner.lr=0.001", "rollout.colocate=true")
     before = evaluate(cfg, initial_policy(cfg)[1].eval())
     summary = train(cfg, tmp_path / "r")
     assert summary["steps"] < 300, "run.stop_reward=0.9 was not reached"

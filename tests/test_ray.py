@@ -61,18 +61,18 @@ def test_every_step_samples_with_the_version_handed_along(ray_session, tmp_path)
         trainer.close()
 
 
-def test_training_run_folder_and_determinism(ray_session, tmp_path):
+def test_training_run_folder_and_determinism(small_run, tmp_path):
     cfg = small_config("run.steps=4")
-    a = train(cfg, tmp_path / "a")
+    run_a, a = small_run("run.steps=4")  # the session's plain 4-step run (the colocate and async tests' too)
     evaluated = small_config("run.steps=4", "run.eval_every=2")  # scoring the held-out prompts changes nothing
     train(evaluated, tmp_path / "b")
     train(small_config("run.steps=4", "run.seed=1"), tmp_path / "c")
     assert a["steps"] == 4
 
     def records(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    ra, rb, rc = records("a"), records("b"), records("c")
+    ra, rb, rc = records(run_a), records(tmp_path / "b"), records(tmp_path / "c")
     assert [r["step"] for r in ra] == [1, 2, 3, 4]
     for r in ra:
         assert set(CONTRACT_METRICS) <= set(r)
@@ -82,14 +82,14 @@ def test_training_run_folder_and_determinism(ray_session, tmp_path):
     assert [r["learner/loss"] for r in ra] != [r["learner/loss"] for r in rc]
 
     # every sample is in the Parquet files exactly once, with the contract's columns
-    table = pq.read_table(tmp_path / "a" / "rollouts")
+    table = pq.read_table(run_a / "rollouts")
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist()))
     assert len(keys) == len(set(keys)) == 4 * cfg.rollout.prompts_per_step * cfg.rollout.group_size
     assert set(table.column("worker_id").to_pylist()) == {0, 1}
     assert table.column("policy_version").to_pylist()[:16] == [0] * 16  # step 1 sampled with the initial weights
     # checkpoints every 2 steps and at the end
-    assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == "step_000004"
-    assert (tmp_path / "a" / "checkpoints" / "step_000002" / "model.safetensors").exists()
+    assert (run_a / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert (run_a / "checkpoints" / "step_000002" / "model.safetensors").exists()
 
     # run.eval_every=2: the learner's policy after steps 2 and 4 scored as `distpg eval` scores its checkpoints,
     # in eval.jsonl and TensorBoard; a resume forgets the evaluations of the policies it redoes
@@ -142,7 +142,9 @@ def test_learner_rejects_a_malformed_batch_whole():
 
 def test_max_time_stops_with_a_checkpoint_and_a_resume_counts_afresh(ray_session, tmp_path, capsys):
     run = tmp_path / "r"
-    cfg = small_config("run.steps=50", "run.max_time_s=0.001", "run.checkpoint_every=100")
+    # one actor to start, not three (the budget is the driver's loop's, whatever the layout): colocated
+    cfg = small_config("run.steps=50", "run.max_time_s=0.001", "run.checkpoint_every=100", "rollout.num_workers=1",
+                       "rollout.colocate=true")
     assert train(cfg, run)["steps"] == 1  # the budget is spent by the first step
     assert "run.max_time_s=0.001 reached; stopping at step 1" in capsys.readouterr().out
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000001"

@@ -26,8 +26,8 @@ CRASH_IN_CHECKPOINT = """
 import os, sys
 import torch
 real_save = torch.save
-def crashing_save(obj, path, *args, **kwargs):  # die half-way through writing checkpoint 6
-    if "step_000006" in str(path):
+def crashing_save(obj, path, *args, **kwargs):  # die half-way through writing checkpoint CRASH_AT
+    if "step_CRASH_AT" in str(path):
         with open(path, "wb") as f:
             f.write(b"partial")
         os._exit(137)
@@ -136,11 +136,23 @@ def assert_resumed_whole(run: Path, clean: Path):
     assert len(keys) == len(set(keys)) == 9 * 8 * 4  # the steps redone after the kill are not duplicated
 
 
-def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
-    """SIGTERM to the driver alone (`kill`, `timeout --foreground`, a scheduler) stops the run as Ctrl-C does, says
-    what is kept and how to resume, and leaves no process of the local runtime behind, also when the SIGTERM comes again
-    while it cleans up (before, that one left the runtime's agents alive and the exit status 1); the resumed run
-    ends as the uninterrupted one. (A SIGKILL, with no chance to clean up: the next test.)"""
+def crash_in_checkpoint(step: int) -> str:
+    """A `distpg` process that dies at once (exit 137, as under SIGKILL) half-way through writing checkpoint `step`."""
+    return CRASH_IN_CHECKPOINT.replace("CRASH_AT", f"{step:06d}")
+
+
+def test_sigterm_then_a_kill_while_writing_a_checkpoint_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
+    """Two interruptions of one run, then a resume (one run's processes for what two runs showed, each stopped and
+    resumed).
+
+    SIGTERM to the driver alone (`kill`, `timeout --foreground`, a scheduler) stops the run as Ctrl-C does, says
+    what is kept and how to resume, and leaves no process of the local runtime behind, also when the SIGTERM comes
+    again while it cleans up (before, that one left the runtime's agents alive and the exit status 1).
+
+    The resumed run then dies at once (exit 137, as under SIGKILL: no cleanup) half-way through writing its first
+    checkpoint, after its steps up to it were logged and their rollouts partly flushed; its Ray processes are then
+    killed too. The previous checkpoint (the SIGTERM's) is kept, and the resume from it ends as the uninterrupted
+    run."""
     run = tmp_path / "run"
     p = start(["train", *CONFIG, "--run-dir", str(run)])
     deadline = time.time() + 240
@@ -161,10 +173,32 @@ def test_sigterm_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     survivors = not group_ends(p.pid)
     kill_group(p)
     assert not survivors, "Ray processes of the run outlived it"
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{kept:06d}"
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{kept:06d}"
+
+    crash = kept + 3  # the resumed run's first checkpoint: 6 (or 9, the run's last)
+    code, out = run_to_end(["train", "--resume", str(run)], script=crash_in_checkpoint(crash))
+    assert code == 137, out[-3000:]
+    assert f"distpg: resuming at step {kept + 1} from the checkpoint of step {kept}" in out
+    assert (ckpts / "latest").read_text().strip() == f"step_{kept:06d}"  # the half-written one never became latest
+    assert list(ckpts.glob(f".tmp-step_{crash:06d}-*")), "the crash left its temporary folder"
+    assert not (ckpts / f"step_{crash:06d}").exists()
+    assert steps_logged(run) == crash  # the steps after the kept checkpoint were logged: the resume redoes them
+    # and their rollouts written (flushed, and buffered at the checkpoint: log.rollout_flush_every=2 from the
+    # resumed step on leaves the crash's step in the rollouts folder's hidden UNFLUSHED file, which readers skip):
+    # the resume's cut is exercised, so the "every rollout row once" of assert_resumed_whole cannot hold merely
+    # because nothing past the kept checkpoint was written
+    from distpg.batch import UNFLUSHED
+
+    flushed = set(pq.read_table(run / "rollouts").column("step").to_pylist())
+    buffered = set(pq.read_table(run / "rollouts" / UNFLUSHED).column("step").to_pylist())
+    assert sorted(flushed) == list(range(1, crash)) and buffered == {crash}, (flushed, buffered)
+
     code, out = run_to_end(["train", "--resume", str(run)])
     assert code == 0, out[-3000:]
     assert f"distpg: resuming at step {kept + 1} from the checkpoint of step {kept}" in out
+    assert not list(ckpts.glob(".tmp-*"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000006", "step_000009"]  # keep = 2
     assert_resumed_whole(run, uninterrupted)
 
 
@@ -279,28 +313,6 @@ def test_a_sigterm_while_the_local_runtime_stops_reaches_the_python_handler():
     processes left unreaped. stop_local_ray puts the Python handler back first."""
     code, out = run_to_end([], script=SIGTERM_IN_SHUTDOWN)
     assert code == 0 and "handled 1" in out, (code, out[-3000:])
-
-
-def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, tmp_path):
-    """The driver dies at once (exit 137, as under SIGKILL: no cleanup) half-way through writing checkpoint 6,
-    after steps 4-6 were logged and their rollouts partly flushed; its Ray processes are then killed too. The
-    resume continues from checkpoint 3 and ends as the uninterrupted run."""
-    run = tmp_path / "run"
-    code, out = run_to_end(["train", *CONFIG, "--run-dir", str(run)], script=CRASH_IN_CHECKPOINT)
-    assert code == 137, out[-3000:]
-    ckpts = run / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_000003"  # the half-written one never became latest
-    assert list(ckpts.glob(".tmp-step_000006-*")), "the crash left its temporary folder"
-    assert not (ckpts / "step_000006").exists()
-    assert steps_logged(run) == 6  # steps 4-6 were logged: the resume redoes them
-    # and their rollouts written (flushed, and buffered at the checkpoint): the resume's cut is exercised, so the
-    # "every rollout row once" of assert_resumed_whole cannot hold merely because nothing past step 3 was written
-    assert sorted(set(pq.read_table(run / "rollouts").column("step").to_pylist())) == list(range(1, 7))
-    code, out = run_to_end(["train", "--resume", str(run)])
-    assert code == 0, out[-3000:]
-    assert not list(ckpts.glob(".tmp-*"))
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000006", "step_000009"]  # keep = 2
-    assert_resumed_whole(run, uninterrupted)
 
 
 @pytest.mark.slow

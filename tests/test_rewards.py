@@ -327,31 +327,6 @@ def test_several_reward_functions_are_a_weighted_sum_that_leaves_out_a_none(isol
     assert parts == {"a": [1.0, None, None, 2.0], "b": [3.0, 3.0, None, 3.0]}
 
 
-@pytest.mark.ray
-def test_eval_every_scores_a_test_file_given_relative_to_the_drivers_folder(ray_session, tmp_path, monkeypatch):
-    """task.eval_prompts_path (TRL's eval_dataset): run.eval_every scores every prompt of that file, with the run's
-    tokenizer, reward functions (the file's own columns) and budget, as `distpg eval --prompts` scores the
-    checkpoint of the same step; a path relative to the driver's folder reaches the learner actor."""
-    from distpg.evaluate import evaluate, load_policy
-
-    words = ["ant", "bee", "cat", "owl", "eel", "fox", "gnu", "emu"]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"say {w}:", "id": i}) + "\n"
-                                                  for i, w in enumerate(words)))
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"prompt": p, "id": 20 + i}) + "\n"
-                                                 for i, p in enumerate(["say gnat:", "say nag:", "say one:"])))
-    monkeypatch.chdir(tmp_path)  # the learner actor runs in the Ray session's folder, not this one
-    cfg = small_config("task.name=prompts", "task.prompts_path=train.jsonl", "task.num_eval=2", "run.steps=2",
-                       "task.reward=[tests.user_rewards:length_unless_vowel, tests.user_rewards:id_unless_zero]",
-                       "task.eval_prompts_path=test.jsonl", "run.eval_every=2")
-    train(cfg, tmp_path / "r")
-    (record,) = [json.loads(x) for x in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
-    assert record["prompts"] == str(tmp_path / "test.jsonl")  # made absolute for the actors
-    assert record["eval/num_prompts"] == 3 and record["eval/left_out"] == 0
-    res = evaluate(*load_policy(tmp_path / "r" / "checkpoints" / "step_000002"), prompts_path="test.jsonl")
-    assert record["eval/reward_mean"] == res.reward_mean
-    assert record["eval/rewards/id_unless_zero"] == pytest.approx(0.21) == res.reward_parts["id_unless_zero"]
-
-
 def test_one_reward_function_failing_masks_its_samples_however_the_others_score_them():
     from distpg.rewards import RewardFunction, score_each
 
@@ -376,27 +351,44 @@ def test_one_reward_function_failing_masks_its_samples_however_the_others_score_
 
 
 @pytest.mark.ray
-def test_several_reward_functions_score_a_training_run_each_kept_beside_the_sum(ray_session, tmp_path, capsys):
-    """task.reward as a list with task.reward_weights, on real workers in their reward child: every rollout
+def test_several_reward_functions_score_a_training_run_and_eval_every_scores_a_test_file(ray_session, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """One run of the same prompts and reward functions for what two runs showed (a runtime's actors started once):
+
+    task.reward as a list with task.reward_weights, on real workers in their reward child: every rollout
     row's reward is the weighted sum of the per-sample and the TRL-style function's values, each kept in its
     own column (null where it returned None); a row neither scores is masked; metrics.jsonl has each one's
-    mean and std per step."""
+    mean and std per step.
+
+    task.eval_prompts_path (TRL's eval_dataset): run.eval_every scores every prompt of that file, with the run's
+    tokenizer, reward functions (the file's own columns) and budget, as `distpg eval --prompts` scores the
+    checkpoint of the same step; a path relative to the driver's folder reaches the learner actor."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    from distpg.evaluate import evaluate, load_policy
+
     words = ["ant", "bee", "cat", "owl", "eel", "fox", "gnu", "emu"]
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "id": i}) + "\n" for i, w in enumerate(words)))
-    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2", "run.steps=2",
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"say {w}:", "id": i}) + "\n"
+                                                  for i, w in enumerate(words)))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"prompt": p, "id": 20 + i}) + "\n"
+                                                 for i, p in enumerate(["say gnat:", "say nag:", "say one:"])))
+    monkeypatch.chdir(tmp_path)  # the learner actor runs in the Ray session's folder, not this one
+    cfg = small_config("task.name=prompts", "task.prompts_path=train.jsonl", "task.num_eval=2", "run.steps=2",
                        "task.reward=[tests.user_rewards:length_unless_vowel, tests.user_rewards:id_unless_zero]",
-                       "task.reward_weights=[0.5, 2]", "run.eval_every=2")
+                       "task.reward_weights=[0.5, 2]", "task.eval_prompts_path=test.jsonl", "run.eval_every=2")
     train(cfg, tmp_path / "r")
-    rows = pq.read_table(tmp_path / "r" / "rollouts").to_pylist()
-    assert len(rows) == 2 * 16
     (evaluation,) = [json.loads(x) for x in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
+    assert evaluation["prompts"] == str(tmp_path / "test.jsonl")  # made absolute for the actors
+    assert evaluation["eval/num_prompts"] == 3 and evaluation["eval/left_out"] == 0
+    res = evaluate(*load_policy(tmp_path / "r" / "checkpoints" / "step_000002"), prompts_path="test.jsonl")
+    assert evaluation["eval/reward_mean"] == res.reward_mean
+    assert evaluation["eval/rewards/id_unless_zero"] == pytest.approx(0.21) == res.reward_parts["id_unless_zero"]
     assert {"eval/rewards/length_unless_vowel", "eval/rewards/id_unless_zero"} <= set(evaluation)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("eval "))
     assert f"| id_unless_zero {evaluation['eval/rewards/id_unless_zero']:.3f} |" in line
+    rows = pq.read_table(tmp_path / "r" / "rollouts").to_pylist()
+    assert len(rows) == 2 * 16
     ids = {f"say {w}:": i for i, w in enumerate(words)}
     for r in rows:
         word = r["prompt_text"].split()[1][:-1]

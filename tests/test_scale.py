@@ -154,13 +154,22 @@ def test_scale_on_plain_local_ray(tmp_path, mode):
         assert pt["rollout_tokens_per_s"] == pytest.approx(tokens / seconds)
 
 
-def test_scale_rejects_a_sweep_that_measures_nothing(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--steps", "2", "--warmup", "2", "--out",
-                        str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert p.returncode == 2 and "--steps 2 must exceed --warmup 2" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--workers", "1,x"], capture_output=True, text=True,
-                       timeout=60, cwd=ROOT)
-    assert p.returncode == 2 and "argument --workers: '1,x': expected comma-separated whole numbers" in p.stderr
+def test_scale_rejects_a_sweep_that_measures_nothing(tmp_path, capsys, monkeypatch):
+    """By `cli.main` in this process, as test_cli's bad command lines (argparse exits 2 itself; distpg's own checks
+    return 2), before any run starts: two interpreters and torch imports fewer than `distpg scale` processes."""
+    from distpg.cli import main
+
+    def exit_status(args):
+        try:
+            return main(args)
+        except SystemExit as e:
+            return e.code
+
+    monkeypatch.chdir(ROOT)
+    assert exit_status(["scale", "--steps", "2", "--warmup", "2", "--out", str(tmp_path)]) == 2
+    assert "--steps 2 must exceed --warmup 2" in capsys.readouterr().err
+    assert exit_status(["scale", "--workers", "1,x"]) == 2
+    assert "argument --workers: '1,x': expected comma-separated whole numbers" in capsys.readouterr().err
 
 
 def test_scale_nodes_option_is_checked_before_ray_starts(capsys):
