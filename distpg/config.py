@@ -464,15 +464,16 @@ def _validate(cfg: Config) -> None:
         if value != value or value < lo or (hi is not None and value > hi):
             allowed = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise ConfigError(f"{path}={value}: must be {allowed}")
-    for path in ("learner.beta1", "learner.beta2"):  # Adam divides by 1 - beta**t
-        if getattr(cfg.learner, path.split(".")[1]) == 1.0:
-            raise ConfigError(f"{path}=1.0: must be below 1 (Adam divides by 1 - {path.split('.')[1]}**step; "
-                              "the defaults are 0.9 and 0.99)")
+    for name in ("beta1", "beta2"):  # Adam divides by 1 - beta**t
+        if getattr(cfg.learner, name) == 1.0:
+            raise ConfigError(f"learner.{name}=1.0: must be below 1 (Adam divides by 1 - {name}**step; the defaults "
+                              "are 0.9 and 0.99)")
     f32_max = 3.4028234663852886e38  # float32's largest finite number
-    if cfg.learner.lr / (1.0 - cfg.learner.beta1) > f32_max:  # Adam's first step size, a float32 scalar
+    first_step = cfg.learner.lr / (1.0 - cfg.learner.beta1)  # Adam's first step size, a float32 scalar
+    if first_step > f32_max:
         raise ConfigError(f"learner.lr={cfg.learner.lr:g}: Adam's first step is learner.lr / (1 - learner.beta1) = "
-                          f"{cfg.learner.lr / (1.0 - cfg.learner.beta1):g}, past float32's largest number "
-                          f"({f32_max:.3g}): at most {f32_max * (1.0 - cfg.learner.beta1):.3g} with this beta1")
+                          f"{first_step:g}, past float32's largest number ({f32_max:.3g}): at most "
+                          f"{f32_max * (1.0 - cfg.learner.beta1):.3g} with this beta1")
     if cfg.rollout.num_gpus_per_worker > 1 and cfg.rollout.num_gpus_per_worker != int(
         cfg.rollout.num_gpus_per_worker
     ):

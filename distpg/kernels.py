@@ -315,7 +315,7 @@ def _gelu(lib, x) -> bool:
 PACK_MIN_FLOAT32 = 1 << 15
 # float32 weights' layout: "onednn" (oneDNN's blocked format, its GELU fused into the product) or "transposed"
 # (an (in, out) copy multiplied by PyTorch's BLAS without a transpose: MKL's sgemm on x86); None: by the CPU,
-# "transposed" on Intel, where MKL's products ran 8-13% faster per 4x256 generation (a 2-core Xeon with AMX),
+# "transposed" on Intel, where a generation took 7-18% less time with MKL's products (a 2-core Xeon with AMX),
 # "onednn" elsewhere (AMD EPYC: 1.12-1.49x over F.linear). bfloat16 weights always go to oneDNN.
 FLOAT32_LAYOUT: str | None = None
 _PACK_OK: dict[torch.dtype, str | None] = {}  # dtype -> None (usable) or why not, decided once per process

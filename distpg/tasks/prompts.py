@@ -167,12 +167,19 @@ def _read_jsonl(path: Path, where: str, other_columns: bool) -> tuple[list[tuple
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: line {n} is not JSON: {e}") from None
-            if not isinstance(obj, dict) or "prompt" not in obj:
-                raise ValueError(f"{where}: line {n}: expected an object with a 'prompt' key, got {line.strip()[:80]}")
-            rows.append((n, obj["prompt"], obj.get("reference"),
-                         {k: v for k, v in obj.items() if k not in ("prompt", "reference")} if other_columns else {}))
-            keys.update(obj)
+            rows.append(_json_row(obj, n, f"{where}: line {n}", line.strip(), other_columns, keys))
     return rows, keys
+
+
+def _json_row(obj: object, n: int, label: str, shown: str, other_columns: bool,
+              keys: set[str]) -> tuple[int, object, object, dict]:
+    """(n, prompt, reference, other keys) of one JSON row object, its keys added to `keys`; refused, naming
+    `label` and showing `shown`, unless it is an object with a 'prompt' key."""
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise ValueError(f"{label}: expected an object with a 'prompt' key, got {shown[:80]}")
+    keys.update(obj)
+    return (n, obj["prompt"], obj.get("reference"),
+            {k: v for k, v in obj.items() if k not in ("prompt", "reference")} if other_columns else {})
 
 
 def _is_json_array(path: Path) -> bool:
@@ -194,14 +201,9 @@ def _read_json_array(path: Path, where: str, other_columns: bool) -> tuple[list[
         raise ValueError(f"{where}: not JSON: {e}") from None
     if not isinstance(items, list):  # e.g. '[1] [2]' fails above; a lone array is the only form here
         raise ValueError(f"{where}: expected an array of objects with a 'prompt' key")
-    rows, keys = [], set()
-    for n, obj in enumerate(items, 1):
-        if not isinstance(obj, dict) or "prompt" not in obj:
-            raise ValueError(f"{where}: item {n}: expected an object with a 'prompt' key, got "
-                             f"{json.dumps(obj)[:80]}")
-        rows.append((n, obj["prompt"], obj.get("reference"),
-                     {k: v for k, v in obj.items() if k not in ("prompt", "reference")} if other_columns else {}))
-        keys.update(obj)
+    keys: set[str] = set()
+    rows = [_json_row(obj, n, f"{where}: item {n}", json.dumps(obj), other_columns, keys)
+            for n, obj in enumerate(items, 1)]
     return rows, keys
 
 
