@@ -47,6 +47,7 @@ from distpg.model import (
     _attention_mask,
     decode_layers,
     decode_step,
+    decode_stepper,
     decode_weights,
     output_layer,
 )
@@ -422,7 +423,7 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
     stopping = params.stop_token is not None or stop_when is not None  # rows may end before the budget
 
     logits = _prefill_distinct(model, prompts, st, key_mask if padded else None, cache_k, cache_v)
-    layers = decode_layers(model)
+    step = decode_stepper(model, B)
     for t in range(N):
         tok, logp, logpi = _sample(logits, params, uniforms[t] if rows is None else uniforms[t, rows])
         alive = None
@@ -455,7 +456,7 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
                 keys = None if keys is None else keys[keep]
         pos_in = new_positions[:, t] if rows is None else new_positions[rows, t]
         attn_mask = None if keys is None else keys[..., : Tp + t + 1]
-        logits = decode_step(model, layers, tok, pos_in, attn_mask, cache_k, cache_v, Tp + t)
+        logits = step(tok, pos_in, attn_mask, cache_k, cache_v, Tp + t)
     if not stopping:
         mask.fill_(True)
         truncated = torch.ones(B, dtype=torch.bool, device=device)

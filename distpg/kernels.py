@@ -25,6 +25,11 @@ version, with the c_fc GELU fused into its product; on an Intel CPU, float32 wei
 transposed, (in, out) as transformers' Conv1D stores them, for one BLAS call without a transpose (MKL's sgemm
 ran faster there; see `FLOAT32_LAYOUT`). Governed by the same switch (`rollout.cpu_kernels`), checked against
 `F.linear` before first use, and skipped with a warning where oneDNN is missing.
+
+The float32 decode step in one call (`DecodeStep`, `decode_step_in_c`): with the transposed layout, the
+sampler's whole per-token step up to the final layer norm runs in C, calling for its products the sgemm that
+PyTorch's CPU library exports (MKL's on x86: the same call, hence the same numbers, as `torch.addmm`), so
+that a token costs one return to Python instead of a few dozen operator calls.
 """
 
 from __future__ import annotations
@@ -166,6 +171,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, f"distpg_gelu_tanh_{suffix}")
         fn.argtypes = [ptr, i64]
         fn.restype = None
+    lib.distpg_decode_step_f32.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64,
+                                           i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.distpg_decode_step_f32.restype = None
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
@@ -308,10 +316,12 @@ def _gelu(lib, x) -> bool:
 
 # ------------------------------------------------------------------------- pre-packed matrix products
 
-# float32 weights with fewer elements than this stay on F.linear. Measured in 64-row decode loops on this
-# project's 2-core EPYC: oneDNN's fixed cost per call (12-17 us more than F.linear's) outweighs what the layout
-# saves at the tiny preset's sizes (up to 64x256, 16,384 elements: its generation 1.3x faster on F.linear), and
-# the layout pays from 256x256 (65,536) up; in bfloat16 it paid at every size measured (64x192 up)
+# float32 weights with fewer elements than this stay on F.linear in oneDNN's layout (the transposed one takes
+# every size: no fixed cost over F.linear, and the decode step in C needs every weight). Measured in 64-row
+# decode loops on this project's 2-core EPYC: oneDNN's fixed cost per call (12-17 us more than F.linear's)
+# outweighs what the layout saves at the tiny preset's sizes (up to 64x256, 16,384 elements: its generation
+# 1.3x faster on F.linear), and the layout pays from 256x256 (65,536) up; in bfloat16 it paid at every size
+# measured (64x192 up)
 PACK_MIN_FLOAT32 = 1 << 15
 # float32 weights' layout: "onednn" (oneDNN's blocked format, its GELU fused into the product) or "transposed"
 # (an (in, out) copy multiplied by PyTorch's BLAS without a transpose: MKL's sgemm on x86); None: by the CPU,
@@ -372,7 +382,8 @@ def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, 
     enabled, the weights are CPU float32/bfloat16, and oneDNN passed its check.
     """
     w0 = weights[0]
-    weights = [w for w in weights if w.dtype != torch.float32 or w.numel() >= PACK_MIN_FLOAT32]
+    if float32_layout() == "onednn":
+        weights = [w for w in weights if w.dtype != torch.float32 or w.numel() >= PACK_MIN_FLOAT32]
     if (not enabled or not weights or w0.device.type != "cpu" or w0.requires_grad and torch.is_grad_enabled()
             or packing_unavailable(w0.dtype) is not None):
         yield
@@ -454,3 +465,104 @@ def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
     if w.dtype == torch.float32 and float32_layout() == "transposed":
         return w.t().contiguous()
     return torch.ops.mkldnn._reorder_linear_weight(w, max(1, rows))
+
+
+# ------------------------------------------------------------------------- the float32 decode step in one call
+
+_sgemm: list[int | None] = []  # [address]: PyTorch's own sgemm, looked up and checked once per process
+
+
+def torch_sgemm() -> int | None:
+    """The address of the BLAS sgemm (Fortran interface) that PyTorch's float32 CPU products call, exported by
+    its CPU library (MKL's in the x86 wheels); None where it is not exported or disagrees with `torch.mm` on a
+    small product. The C decode step calls it, as `torch.addmm` would, without a return to Python."""
+    if not _sgemm:
+        with _lock:
+            if not _sgemm:
+                _sgemm.append(_find_sgemm())
+    return _sgemm[0]
+
+
+def _find_sgemm() -> int | None:
+    folder = Path(torch.__file__).parent / "lib"
+    for path in sorted(folder.glob("libtorch_cpu.*")):
+        try:
+            fn = ctypes.CDLL(str(path)).sgemm_
+        except (OSError, AttributeError):
+            continue
+        g = torch.Generator().manual_seed(0)
+        x, w, y = torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g), torch.zeros(3, 4)
+        i32, f32 = ctypes.c_int, ctypes.c_float
+        m, n, k, one, zero = i32(4), i32(3), i32(5), f32(1.0), f32(0.0)
+        ref = ctypes.byref
+        fn(b"N", b"N", ref(m), ref(n), ref(k), ref(one), ctypes.c_void_p(w.data_ptr()), ref(m),
+           ctypes.c_void_p(x.data_ptr()), ref(k), ref(zero), ctypes.c_void_p(y.data_ptr()), ref(m))
+        if torch.allclose(y, x @ w, atol=1e-5, rtol=1e-5):
+            return ctypes.cast(fn, ctypes.c_void_p).value
+        log.warning("distpg: %s's sgemm_ disagrees with torch.mm; the decode step keeps PyTorch's ops", path.name)
+    return None
+
+
+class DecodeStep:
+    """`distpg.model.decode_step` up to the final layer norm, float32 on a CPU, in one call of the C library
+    (`distpg_decode_step_f32`): the sampler's per-token loop returns to Python once per token instead of a few
+    dozen times. Built once per generation by `decode_step_in_c`; its work space is sized for `rows` rows (a
+    generation's rows only ever shrink). Calling it returns the final layer norm's output (b, C), a view of
+    that work space valid until the next call."""
+
+    def __init__(self, lib: ctypes.CDLL, gemm: int, wte: torch.Tensor, wpe: torch.Tensor,
+                 blocks: Sequence[Sequence[torch.Tensor | None]], ln_f: tuple[torch.Tensor, torch.Tensor],
+                 eps: float, n_head: int, rows: int) -> None:
+        C = wte.shape[1]
+        self._fn, self._gemm, self._eps, self._H = lib.distpg_decode_step_f32, gemm, eps, n_head
+        self._keep = (wte, wpe, blocks, ln_f)  # what the addresses below point into
+        self._params = torch.tensor([0 if t is None else t.data_ptr() for b in blocks for t in b], dtype=torch.int64)
+        self._work = [torch.empty(rows, n) for n in (C, C, C, 3 * C, 4 * C)]  # x, a, b, qkv, hid
+        self._ptrs = [wte.data_ptr(), wpe.data_ptr(), C, n_head, len(blocks), self._params.data_ptr()]
+
+    def __call__(self, tok: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
+                 cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int) -> torch.Tensor:
+        """tok, positions (b,) int64; attn_mask bool broadcastable to (b, 1, 1, pos + 1) or None; cache_k, cache_v
+        (n_layer, b, H, T_max, D); pos: the new token's cache position."""
+        b, S = tok.shape[0], pos + 1
+        tok, positions = tok.contiguous(), positions.contiguous()
+        mask, msb = None, 0
+        if attn_mask is not None:
+            m = attn_mask.expand(b, 1, 1, S)[:, 0, 0]
+            m = m if m.stride(-1) == 1 else m.contiguous()
+            mask, msb = m.data_ptr(), m.stride(0)
+        sl, sb, sh, ss, _ = cache_k.stride()
+        D = cache_k.shape[-1]
+        scratch = torch.empty(16 * S + 2 * D)
+        x, a, bb, qkv, hid = self._work
+        self._fn(self._gemm, tok.data_ptr(), positions.data_ptr(), b, *self._ptrs, cache_k.data_ptr(),
+                 cache_v.data_ptr(), sl, ss, sb, sh, S, mask, msb, self._eps, self._keep[3][0].data_ptr(),
+                 self._keep[3][1].data_ptr(), x.data_ptr(), a.data_ptr(), bb.data_ptr(), qkv.data_ptr(),
+                 hid.data_ptr(), scratch.data_ptr())
+        return a[:b]
+
+
+def decode_step_in_c(wte: torch.Tensor, wpe: torch.Tensor, layers: Sequence[Sequence[torch.Tensor]],
+                     ln_f: tuple[torch.Tensor, torch.Tensor], eps: float, n_head: int, rows: int) -> DecodeStep | None:
+    """A `DecodeStep` for these parameters (`distpg.model.decode_layers`' order) inside `packed_weights`, or None
+    where it does not apply: the kernels off or not built, not CPU float32 without autograd, a block's weight
+    not laid out transposed (`float32_layout()`), or no usable sgemm."""
+    packs = active_packs()
+    if packs is None or not enabled or _usable(wte, wpe) is None or wte.dtype != torch.float32:
+        return None
+    blocks = []
+    for layer in layers:
+        block = list(layer)
+        for i in (2, 4, 8, 10):  # the four weight matrices: their (in, out) copies
+            w = packs.get(id(layer[i]))
+            if w is None or w.is_mkldnn or w.dtype != torch.float32 or not w.is_contiguous():
+                return None
+            block[i] = w
+        if any(block[i] is None for i in (0, 1, 6, 7)) or any(
+                t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in block):
+            return None
+        blocks.append(block)
+    gemm, lib = torch_sgemm(), load()
+    if gemm is None or lib is None or not (wte.is_contiguous() and wpe.is_contiguous()):
+        return None
+    return DecodeStep(lib, gemm, wte, wpe, blocks, ln_f, eps, n_head, rows)

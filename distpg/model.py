@@ -16,7 +16,9 @@ Loading and exporting Hugging Face GPT-2 folders lives in `distpg.hf`.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -375,6 +377,19 @@ def decode_step(model: GPT, layers, tok, positions, attn_mask, cache_k, cache_v,
         x = x + _linear(attend(qkv, cache_k[i], cache_v[i], pos, attn_mask, H), out_w, out_b)
         x = x + _mlp(F.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b, proj_w, proj_b)
     return output_layer(model, F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias, eps))
+
+
+def decode_stepper(model: GPT, rows: int) -> Callable[..., torch.Tensor]:
+    """`decode_step` for this model with its parameters looked up once: called as
+    `step(tok, positions, attn_mask, cache_k, cache_v, pos)`. Float32 on a CPU inside `kernels.packed_weights`
+    with the transposed layout, the step up to the final layer norm is one call of the C library
+    (`kernels.DecodeStep`, the same operations); elsewhere `decode_step` itself."""
+    layers = decode_layers(model)
+    in_c = kernels.decode_step_in_c(model.wte.weight, model.wpe.weight, layers, (model.ln_f.weight, model.ln_f.bias),
+                                    model.shape.layer_norm_epsilon, model.shape.n_head, rows)
+    if in_c is None:
+        return functools.partial(decode_step, model, layers)
+    return lambda *args: output_layer(model, in_c(*args))
 
 
 def decode_weights(model: GPT) -> list[torch.Tensor]:

@@ -39,6 +39,21 @@ def pack_every_weight(monkeypatch):
     monkeypatch.setattr(kernels, "PACK_MIN_FLOAT32", 0)
 
 
+@pytest.fixture
+def decoded_rows(monkeypatch) -> list[int]:
+    """The number of rows each sampler decode step of this test decodes, in order (stopped rows dropped)."""
+    import distpg.generate as G
+
+    rows, stepper = [], G.decode_stepper
+
+    def counting(model, batch):
+        step = stepper(model, batch)
+        return lambda tok, *args: rows.append(tok.shape[0]) or step(tok, *args)
+
+    monkeypatch.setattr(G, "decode_stepper", counting)
+    return rows
+
+
 def small_config(*overrides: str):
     """A config that trains in a few seconds: tiny model, 2 workers, few prompts."""
     base = [

@@ -188,7 +188,7 @@ def _stopping_model():
 
 
 @pytest.mark.parametrize("lengths", [[1, 4, 7, 2, 5, 3], [4] * 6])  # left-padded, and no padding at all
-def test_dropping_stopped_rows_changes_no_sample(monkeypatch, lengths):
+def test_dropping_stopped_rows_changes_no_sample(monkeypatch, decoded_rows, lengths):
     import distpg.generate as G
 
     monkeypatch.setattr(G, "SHARDS", 1)  # one batch, decoded by one thread (row shards: tests/test_generate.py)
@@ -196,10 +196,7 @@ def test_dropping_stopped_rows_changes_no_sample(monkeypatch, lengths):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(16, (n,), generator=g).tolist() for n in lengths] * 6
     params = G.SamplingParams(max_new_tokens=24, stop_token=4)
-    batch_sizes = []
-    step = G.decode_step
-    monkeypatch.setattr(G, "decode_step",
-                        lambda m, layers, tok, *a: batch_sizes.append(tok.shape[0]) or step(m, layers, tok, *a))
+    batch_sizes = decoded_rows
     dropping = G.generate(model, prompts, params, torch.Generator().manual_seed(4), check_every=2)
     assert min(batch_sizes) < len(prompts) // 2  # rows were dropped, more than once
     batch_sizes.clear()

@@ -252,7 +252,7 @@ def test_all_rows_stopping_early_still_returns_full_width(model):
 
 @pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("stop_token", [None, 5])
-def test_rows_a_stop_check_ends_are_decoded_no_further(model, monkeypatch, shards, stop_token):
+def test_rows_a_stop_check_ends_are_decoded_no_further(model, monkeypatch, decoded_rows, shards, stop_token):
     """`stop_when` (stop strings, checked every `check_every` tokens): a row it says has ended is decoded no
     further and dropped with the stopped ones, so a generation decodes fewer rows; up to its end every row
     holds the full generation's tokens and log-probabilities, and a row is cut no earlier than that end."""
@@ -267,10 +267,7 @@ def test_rows_a_stop_check_ends_are_decoded_no_further(model, monkeypatch, shard
         seen.extend(len(r) for r in rows)
         return [3 in r for r in rows]
 
-    decoded = []
-    step = G.decode_step
-    monkeypatch.setattr(G, "decode_step", lambda m, layers, tok, *a: decoded.append(tok.shape[0]) or step(m, layers,
-                                                                                                         tok, *a))
+    decoded = decoded_rows
     got = generate(model, prompts, params, torch.Generator().manual_seed(2), check_every=every, stop_when=ended)
     rows_decoded, decoded[:] = sum(decoded), []
     full = generate(model, prompts, params, torch.Generator().manual_seed(2), check_every=every)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,21 @@ def test_decode_attention_matches_float64(dtype, B, H, D, S, padded, layout):
         assert torch.equal(kernels.decode_attention(q, k, v, mask), got)
 
 
+@pytest.mark.parametrize("D", [64, 24])  # the grouped path and the generic one
+def test_peaked_attention_matches_float64(D):
+    """Scores spanning hundreds of nats (a head that attends to one position): the probabilities far below the
+    peak are 0 to float32, and the kernel leaves them 0 rather than computing with denormal numbers."""
+    q, k, v, mask = _case(8, 2, D, 40, torch.float32, padded=True)
+    q = q * 64
+    got = kernels.decode_attention(q, k, v, mask)
+    ref = _decode_attention_torch(q.double(), k.double(), v.double(), mask)
+    scores = torch.einsum("bhd,sbhd->bhs", q.double(), k.double()) / D**0.5
+    assert (scores.amax(-1) - scores.amin(-1)).min() > 150  # nats: probabilities down to e^-150 and below
+    # float32 scores of a few hundred are rounded by up to 3e-5 (their spacing), and so are their exponentials
+    tol = 2 * torch.finfo(torch.float32).eps * scores.abs().max().item()
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+
+
 def test_decode_attention_on_rows_dropped_from_the_batch():
     """After rows stop, the sampler keeps the others: the cache becomes cache[:, :, keep] and the mask
     keys[keep]."""
@@ -111,8 +127,9 @@ def test_decode_attention_new_writes_the_new_key_and_value_then_attends(dtype, B
 
 
 def test_small_float32_weights_stay_on_f_linear(monkeypatch):
-    """By default float32 weights under PACK_MIN_FLOAT32 elements are not pre-packed (oneDNN's fixed cost per call
-    exceeds what packing saves), larger ones are, and bfloat16 ones at any size."""
+    """By default float32 weights under PACK_MIN_FLOAT32 elements are not laid out for oneDNN (its fixed cost per
+    call exceeds what packing saves), larger ones are, and bfloat16 ones at any size; the transposed layout takes
+    float32 weights of every size."""
     monkeypatch.setattr(kernels, "PACK_MIN_FLOAT32", DEFAULT_PACK_MIN_FLOAT32)
     if kernels.packing_unavailable(torch.float32):
         pytest.skip(kernels.packing_unavailable(torch.float32))
@@ -121,11 +138,16 @@ def test_small_float32_weights_stay_on_f_linear(monkeypatch):
     x = torch.randn(4, 64, generator=g)
     owner = torch.nn.Module()
     with torch.inference_mode():
+        monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "onednn")
         with kernels.packed_weights(owner, [small, big], "v0", rows=4):
             assert kernels.linear(x, small) is None and kernels.linear(x, big) is not None
         assert len(kernels._packs[owner][2]) == 1  # only the big one's copy is kept
         with kernels.packed_weights(owner, [small], None, rows=4):  # nothing worth packing
             assert kernels.linear(x, small) is None
+        monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "transposed")
+        with kernels.packed_weights(owner, [small, big], "v0", rows=4):
+            assert kernels.linear(x, small) is not None and kernels.linear(x, big) is not None
+        assert len(kernels._packs[owner][2]) == 2
         half = small.bfloat16()
         if not kernels.packing_unavailable(torch.bfloat16):
             with kernels.packed_weights(owner, [half], None, rows=4):
@@ -170,6 +192,14 @@ def test_kernels_leave_autograd_and_other_layouts_to_pytorch():
     assert all(p.grad is not None for p in m.parameters())
 
 
+def _counted(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
 @pytest.mark.parametrize("layout", ["onednn", "transposed"])
 def test_generate_with_and_without_kernels(layout, monkeypatch):
     """The same samples either way in float32, with either layout of the weights."""
@@ -180,10 +210,12 @@ def test_generate_with_and_without_kernels(layout, monkeypatch):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 16, (n,), generator=g).tolist() for n in (3, 7, 5, 7, 2, 6)] * 4
     params = SamplingParams(max_new_tokens=20, stop_token=0)
-    out = {}
+    out, in_c = {}, []
+    monkeypatch.setattr(kernels.DecodeStep, "__call__", _counted(kernels.DecodeStep.__call__, in_c))
     for on in (True, False):
         kernels.enabled = on
         out[on] = generate(m, prompts, params, torch.Generator().manual_seed(0))
+    assert bool(in_c) == (layout == "transposed")  # the transposed layout's steps: one C call each
     assert torch.equal(out[True].tokens, out[False].tokens)
     torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-5, rtol=0)
 
@@ -216,6 +248,68 @@ def test_decode_logits_with_and_without_kernels(dtype, tol, layout, monkeypatch)
             logits[on] = torch.stack(steps).float()
     assert logits[True].abs().max() > 1  # logits with something to get wrong
     torch.testing.assert_close(logits[True], logits[False], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_in_c_matches_float64(padded, monkeypatch):
+    """The float32 decode step in one C call (`kernels.DecodeStep`): every step's logits, and the key and value
+    each layer writes into the cache, as the same step on a float64 copy of the model (PyTorch's ops), over
+    left-padded rows and, after rows are dropped from the batch as the sampler drops stopped ones, on the
+    rest (a smaller batch in the same work space)."""
+    import copy
+
+    from distpg.model import decode_layers, decode_step, output_layer
+
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "transposed")
+    m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0)
+    randomize_parameters(m, seed=1, scale=0.15)
+    m = m.eval()
+    m64 = copy.deepcopy(m).double()
+    g = torch.Generator().manual_seed(4)
+    B, Tp, N = 6, 5, 10
+    idx = torch.randint(1, 16, (B, Tp + N), generator=g)
+    key_mask = torch.ones(B, Tp + N, dtype=torch.bool)
+    if padded:
+        key_mask[::2, :2] = False
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    caches = {}
+    with torch.inference_mode():
+        for model in (m, m64):
+            caches[model] = cache = model.new_cache(B, Tp + N)
+            model(idx[:, :Tp], positions=positions[:, :Tp], key_mask=key_mask[:, :Tp], cache=cache)
+        with kernels.packed_weights(m, decode_weights(m), None, B):
+            in_c = kernels.decode_step_in_c(m.wte.weight, m.wpe.weight, decode_layers(m), (m.ln_f.weight, m.ln_f.bias),
+                                            m.shape.layer_norm_epsilon, m.shape.n_head, B)
+            assert in_c is not None
+            rows = torch.arange(B)
+            k32, v32, k64, v64 = caches[m].k, caches[m].v, caches[m64].k, caches[m64].v
+            for t in range(Tp, Tp + N):
+                if t == Tp + N // 2:  # drop rows 1 and 4, as the sampler does: the caches' rows gathered
+                    keep = torch.tensor([0, 2, 3, 5])
+                    rows, k32, v32, k64, v64 = rows[keep], k32[:, keep], v32[:, keep], k64[:, keep], v64[:, keep]
+                mask = key_mask[rows, None, None, : t + 1] if padded else None
+                args = (idx[rows, t], positions[rows, t], mask)
+                got = output_layer(m, in_c(*args, k32, v32, t))
+                ref = decode_step(m64, decode_layers(m64), *args, k64, v64, t)
+                assert got.abs().max() > 1  # logits with something to get wrong
+                torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(k32[..., t, :].double(), k64[..., t, :], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(v32[..., t, :].double(), v64[..., t, :], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_stays_in_pytorch_without_an_sgemm(monkeypatch):
+    """Where PyTorch exports no usable sgemm, or the layout is oneDNN's, the sampler keeps `decode_step`'s ops."""
+    from distpg.model import decode_layers
+
+    m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0).eval()
+    args = (m.wte.weight, m.wpe.weight, decode_layers(m), (m.ln_f.weight, m.ln_f.bias), 1e-5, 4, 3)
+    for layout, sgemm in (("transposed", None), ("onednn", kernels.torch_sgemm())):
+        monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)
+        monkeypatch.setattr(kernels, "_sgemm", [sgemm])
+        with torch.inference_mode(), kernels.packed_weights(m, decode_weights(m), None, 3):
+            assert kernels.decode_step_in_c(*args) is None
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert kernels.torch_sgemm() is not None  # PyTorch's x86 wheels export MKL's
 
 
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "onednn"), (torch.float32, "transposed"),

@@ -82,18 +82,14 @@ def test_a_worker_on_cuda_copies_the_handed_weights_to_the_device():
         assert b.is_cuda and torch.equal(a.detach().cpu(), b.cpu())
 
 
-def test_stop_strings_cut_each_completion_after_the_token_that_completes_one(pack_every_weight, monkeypatch):
+def test_stop_strings_cut_each_completion_after_the_token_that_completes_one(pack_every_weight, decoded_rows):
     """rollout.stop: the same samples as without it (the same seed and weights), each cut after the token that
     completes the first stop string in its text: tokens, both log-prob lists and the text cut together, not
     truncated; completions without one unchanged; the rows that reached one decoded no further (checked with the
     stop token). The learner takes the cut batch; eval cuts the same way."""
-    import distpg.generate as G
     from distpg.evaluate import evaluate
 
-    decoded = []
-    step = G.decode_step
-    monkeypatch.setattr(G, "decode_step", lambda m, layers, tok, *a: decoded.append(tok.shape[0]) or step(m, layers,
-                                                                                                         tok, *a))
+    decoded = decoded_rows
     plain, cfg = small_config("task.length=6"), small_config("task.length=6", "rollout.stop=[ab, c]")
     learner = Learner(plain)
     v0 = learner.get_weights()

@@ -107,8 +107,11 @@ static inline void softmax_row(float *sc, int64_t S, const uint8_t *m) {
         total += e;
     }
     const float inv = 1.0f / total;
+    /* probabilities under 1e-30 become 0: they change no sum in float32, and their products with the values
+       would be denormal numbers, which cost x86 CPUs a microcode assist each (peaked attention, where scores
+       span more than ~70 nats, ran 2x slower) */
 #pragma omp simd
-    for (int64_t s = 0; s < S; s++) sc[s] *= inv;
+    for (int64_t s = 0; s < S; s++) sc[s] = sc[s] * inv < 1e-30f ? 0.0f : sc[s] * inv;
 }
 
 /* The (row, head) pairs' vectors held in registers at a time: 16 of 16 floats where the target has 32 vector
@@ -239,3 +242,82 @@ DECODE_ATTENTION(distpg_decode_attention_bf16, bf16, from_bf16, load_bf16, to_bf
 
 GELU_TANH(distpg_gelu_tanh_f32, float, from_f32, to_f32)
 GELU_TANH(distpg_gelu_tanh_bf16, bf16, from_bf16, to_bf16)
+
+/* A float32 GPT-2 decode step (distpg.model.decode_step) in one call, for the sampler's per-token loop: the
+ * embeddings, every block (layer norm, qkv product, decode attention writing the new key and value, output
+ * product and residual, layer norm, c_fc product and GELU, c_proj product and residual) and the final layer
+ * norm, without a return to Python between them. The products are the BLAS's: `gemm` is PyTorch's own sgemm
+ * (Fortran interface, 32-bit integers; distpg/kernels.py finds it), called as torch.addmm calls it, so each
+ * product is bitwise PyTorch's. Layer norms are computed here in float32 (mean, then the mean squared
+ * deviation).
+ *   tok, pos (B,): token and position ids; wte (V, C), wpe (n_positions, C);
+ *   params: n_layer * 12 addresses per block: ln_1 weight, bias; c_attn (C, 3C) transposed copy, bias;
+ *     attention c_proj (C, C) transposed, bias; ln_2 weight, bias; c_fc (C, 4C) transposed, bias; MLP c_proj
+ *     (4C, C) transposed, bias (a NULL bias: none);
+ *   k, v: layer 0's cache with the attention's strides (position ss, row sb, head sh), layer l at + l * sl;
+ *     the new token goes to position S - 1; mask, msb: as decode_attention;
+ *   x, a, b (B, C), qkv (B, 3C), hid (B, 4C), scratch (16 S + 2 D): work space; the final layer norm's
+ *   output (the output layer's input) is left in a. */
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
+                        const float *, const int *, const float *, const int *, const float *, float *, const int *);
+
+/* y (B, N) = bias + x (B, K) w (K, N), row-major; in the BLAS's column-major terms y^T = w^T x^T */
+static void linear_f32(sgemm_t gemm, const float *x, const float *w, const float *bias, float *y, int B, int K,
+                       int N) {
+    for (int b = 0; b < B; b++) {
+        if (bias) memcpy(y + (int64_t)b * N, bias, sizeof(float) * N);
+    }
+    const float one = 1.0f, beta = bias ? 1.0f : 0.0f;
+    gemm("N", "N", &N, &B, &K, &one, w, &N, x, &K, &beta, y, &N);
+}
+
+static void layer_norm_f32(const float *x, const float *w, const float *bias, float *out, int64_t B, int64_t C,
+                           float eps) {
+    for (int64_t r = 0; r < B; r++) {
+        const float *xr = x + r * C;
+        float *o = out + r * C, sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < C; c++) sum += xr[c];
+        const float mean = sum / (float)C;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t c = 0; c < C; c++) sq += (xr[c] - mean) * (xr[c] - mean);
+        const float rstd = 1.0f / sqrtf(sq / (float)C + eps);
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) o[c] = (xr[c] - mean) * rstd * w[c] + bias[c];
+    }
+}
+
+static void add_f32(float *x, const float *y, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+void distpg_decode_step_f32(sgemm_t gemm, const int64_t *tok, const int64_t *pos, int64_t B, const float *wte,
+                            const float *wpe, int64_t C, int64_t H, int64_t n_layer, const int64_t *params, float *k,
+                            float *v, int64_t sl, int64_t ss, int64_t sb, int64_t sh, int64_t S, const uint8_t *mask,
+                            int64_t msb, float eps, const float *lnf_w, const float *lnf_b, float *x, float *a,
+                            float *b, float *qkv, float *hid, float *scratch) {
+    const int64_t D = C / H;
+    const int nb = (int)B, c1 = (int)C, c3 = (int)(3 * C), c4 = (int)(4 * C);
+    for (int64_t r = 0; r < B; r++) {
+        const float *e = wte + tok[r] * C, *p = wpe + pos[r] * C;
+        float *xr = x + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) xr[c] = e[c] + p[c];
+    }
+    for (int64_t l = 0; l < n_layer; l++) {
+        const float *const *w = (const float *const *)(params + 12 * l);
+        layer_norm_f32(x, w[0], w[1], a, B, C, eps);
+        linear_f32(gemm, a, w[2], w[3], qkv, nb, c1, c3);
+        distpg_decode_attention_f32(qkv, 3 * C, D, k + l * sl, v + l * sl, b, B, H, D, S, ss, sb, sh, mask, msb,
+                                    (float)(1.0 / sqrt((double)D)), scratch, C);
+        linear_f32(gemm, b, w[4], w[5], a, nb, c1, c1);
+        add_f32(x, a, B * C);
+        layer_norm_f32(x, w[6], w[7], a, B, C, eps);
+        linear_f32(gemm, a, w[8], w[9], hid, nb, c1, c4);
+        distpg_gelu_tanh_f32(hid, B * 4 * C);
+        linear_f32(gemm, hid, w[10], w[11], a, nb, c4, c1);
+        add_f32(x, a, B * C);
+    }
+    layer_norm_f32(x, lnf_w, lnf_b, a, B, C, eps);
+}
