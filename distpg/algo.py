@@ -143,6 +143,10 @@ def value_advantages(returns: torch.Tensor, values: torch.Tensor) -> torch.Tenso
 
 
 KL_ESTIMATORS = ("k1", "k3")
+# log-ratios are clamped to [-20, 20] before exp (veRL's bound): e^88.7 overflows float32, and an infinite ratio
+# makes a loss of -inf or inf and a NaN gradient (0 · inf in the backward pass even where a clamp after the exp
+# cuts the value)
+LOG_RATIO_BOUND = 20.0
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -232,6 +236,7 @@ def off_policy_loss(
     mode: str = "clipped",
     cap: float = 1.0,
     clip_eps: float = 0.2,
+    dual_clip: float = 3.0,
     agg: str = "seq_sum",
     num_tokens: int | None = None,
     policy_logprobs: torch.Tensor | None = None,
@@ -248,10 +253,16 @@ def off_policy_loss(
       the policy that sampled, and the filter's renormalisation (w = the mass kept, ≤ 1) is corrected
       without being clipped (decoupled PPO's behaviour/proximal split, Hilton et al. 2021, with the sampling
       version as the proximal policy; AReaL takes the learner's current one). Without
-      top-k/top-p, π_old = μ and w = 1: the plain clipped surrogate on ρ.
+      top-k/top-p, π_old = μ and w = 1: the plain clipped surrogate on ρ. With `dual_clip` c > 1 (PPO's dual
+      clip, Ye et al. 2020; veRL's clip_ratio_c) a negative advantage's term is max(min(r A, clip(r) A), c A):
+      a token whose ratio ran above c adds c A and no gradient, where the plain surrogate's r A (gradient
+      r A ∇log π) grows without bound; c = 0: off.
     - none:      the on-policy loss, ignoring the lag (biased).
     Fresh samples (`stale` False: drawn with the learner's current weights) always use the plain
     REINFORCE term, so a batch without stale samples gives exactly `pg_loss`.
+    Every log-ratio (of ρ, r and w) is clamped to [−20, 20] before its exp (as veRL does), so no ratio is
+    infinite: a token beyond the bound has the ratio e^±20 and no gradient through it (with c = 0 and A < 0,
+    clipped mode's r A then adds no gradient instead of an overflowing one).
 
     Args:
         logprobs, old_logprobs: (B, T) log πθ (differentiable) and log μ.
@@ -262,7 +273,8 @@ def off_policy_loss(
         num_samples, agg, num_tokens: the normaliser, as in `pg_loss`.
     Returns:
         (loss, corrected) where corrected is the number of response tokens of stale samples whose ratio
-        was truncated (ρ > cap) or clipped (outside [1 − ε, 1 + ε] on the side that binds).
+        was truncated (ρ > cap), clipped (outside [1 − ε, 1 + ε] on the side that binds) or dual-clipped
+        (r > c with A < 0), or whose log-ratio was beyond ±20.
     """
     if mode not in OFF_POLICY:
         raise ValueError(f"algo.off_policy={mode!r}: allowed are {', '.join(OFF_POLICY)}")
@@ -271,22 +283,36 @@ def off_policy_loss(
     mask = response_mask.bool()
     stale_tok = mask & stale[:, None]
     log_ratio = torch.where(stale_tok, logprobs - old_logprobs, 0.0)
-    ratio = log_ratio.exp()
+    ratio = _bounded_exp(log_ratio)
     a = adv.detach()[:, None] if adv.dim() == 1 else adv.detach()
     norm = _normaliser(agg, num_samples, num_tokens)
     logp = torch.where(mask, logprobs, 0.0)
     if mode == "truncated":
         coef = torch.where(stale_tok, ratio.detach().clamp(max=cap), 1.0)
         loss = -torch.where(mask, a * coef * logp, 0.0).sum() / norm
-        corrected = (stale_tok & (ratio > cap)).sum()
+        corrected = (stale_tok & ((ratio > cap) | _beyond_bound(log_ratio))).sum()
     else:
+        bounded = _beyond_bound(log_ratio)
         if policy_logprobs is not None:  # r = πθ/π_old, weighted by π_old/μ
-            ratio = torch.where(stale_tok, logprobs - policy_logprobs, 0.0).exp()
-            a = a * torch.where(stale_tok, policy_logprobs - old_logprobs, 0.0).exp()
+            log_r = torch.where(stale_tok, logprobs - policy_logprobs, 0.0)
+            log_w = torch.where(stale_tok, policy_logprobs - old_logprobs, 0.0)
+            ratio, a = _bounded_exp(log_r), a * _bounded_exp(log_w)
+            bounded = _beyond_bound(log_r) | _beyond_bound(log_w)
         clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
         surrogate = torch.minimum(ratio * a, clipped * a)
+        if dual_clip > 0:  # a negative advantage's term is at least c A (w > 0 leaves the sign of A)
+            surrogate = torch.where(a < 0, torch.maximum(surrogate, dual_clip * a), surrogate)
         # fresh tokens: A log π (gradient A ∇log π); stale tokens: the clipped surrogate (gradient ρ A ∇log π)
         per_token = torch.where(stale_tok, surrogate, a * logp)
         loss = -torch.where(mask, per_token, 0.0).sum() / norm
-        corrected = (stale_tok & ((ratio * a) != surrogate)).sum()
+        corrected = (stale_tok & (((ratio * a) != surrogate) | bounded)).sum()
     return loss, corrected
+
+
+def _bounded_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp of the log-ratio clamped to [−LOG_RATIO_BOUND, LOG_RATIO_BOUND]: finite, no gradient outside."""
+    return log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+
+
+def _beyond_bound(log_ratio: torch.Tensor) -> torch.Tensor:
+    return log_ratio.detach().abs() > LOG_RATIO_BOUND

@@ -199,6 +199,9 @@ class AlgoConfig:
     )
     is_cap: float = _f(1.0, "truncated: cap on the per-token importance ratio pi/mu (V-trace's rho-bar)")
     clip_eps: float = _f(0.2, "clipped: PPO clip range epsilon")
+    dual_clip: float = _f(
+        3.0, "clipped: PPO's dual clip c (veRL's clip_ratio_c): a token with a negative advantage A adds at least "
+        "c * A to the surrogate, so one whose ratio pi/pi_old ran above c adds no gradient; 0: off, else above 1")
 
 
 @dataclass(frozen=True)
@@ -464,6 +467,9 @@ def _validate(cfg: Config) -> None:
         if value != value or value < lo or (hi is not None and value > hi):
             allowed = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise ConfigError(f"{path}={value}: must be {allowed}")
+    if cfg.algo.dual_clip != 0 and not cfg.algo.dual_clip > 1:  # c <= 1 would stop a negative A's gradient at r <= 1
+        raise ConfigError(f"algo.dual_clip={cfg.algo.dual_clip}: must be 0 (off) or above 1 (the bound c on the "
+                          "ratio of a token with a negative advantage, veRL's clip_ratio_c; the default is 3.0)")
     for name in ("beta1", "beta2"):  # Adam divides by 1 - beta**t
         if getattr(cfg.learner, name) == 1.0:
             raise ConfigError(f"learner.{name}=1.0: must be below 1 (Adam divides by 1 - {name}**step; the defaults "
