@@ -147,6 +147,7 @@ KL_ESTIMATORS = ("k1", "k3")
 # makes a loss of -inf or inf and a NaN gradient (0 · inf in the backward pass even where a clamp after the exp
 # cuts the value)
 LOG_RATIO_BOUND = 20.0
+K3_BOUND = 10.0  # the per-token k3 is clamped to [-10, 10], as veRL's low_var_kl
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -154,12 +155,19 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 
     k1 = log π − log π_ref; k3 = ρ − 1 − log ρ with ρ = π_ref / π (non-negative). Both have expectation
     KL(π(·|s)‖π_ref(·|s)) at each state. Differentiable in `logprobs`.
+
+    k3 is bounded as veRL's low_var_kl bounds it: log ρ clamped to [−20, 20], then k3 to [−10, 10]. The clamp
+    binds where ρ > 13.6 or ρ < 1.7e-5 (log π − log π_ref < −2.6 or > 11.0); there the token's k3 is 10 and
+    its gradient 0 (elsewhere ∂k3/∂log π = 1 − ρ), so the estimate is biased low on such tokens and they add
+    nothing to the pathwise part, but it stays finite (unclamped, log ρ = 100 gives inf and a NaN gradient).
+    k1 is left unbounded: it is linear in log π, finite wherever the log-probabilities are.
     """
     log_ratio = ref_logprobs - logprobs  # log ρ
     if estimator == "k1":
         return -log_ratio
     if estimator == "k3":
-        return log_ratio.exp() - 1.0 - log_ratio
+        log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        return (log_ratio.exp() - 1.0 - log_ratio).clamp(-K3_BOUND, K3_BOUND)
     raise ValueError(f"algo.kl_estimator={estimator!r}: allowed are {', '.join(KL_ESTIMATORS)}")
 
 
@@ -217,7 +225,8 @@ def entropy_of_logprobs(logp: torch.Tensor, response_mask: torch.Tensor | None =
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over response tokens of the k3 estimator of KL(ref ‖ π) from samples of ref:
-    (ρ − 1) − log ρ with ρ = π / ref. Non-negative, zero when the two agree."""
+    (ρ − 1) − log ρ with ρ = π / ref, each token's clamped to 10 as in `kl_per_token`. Non-negative, zero when
+    the two agree."""
     k3 = kl_per_token(ref_logp.float(), logp.float(), "k3")  # samples of ref, against π
     m = response_mask.float()
     return (k3 * m).sum() / m.sum().clamp(min=1)

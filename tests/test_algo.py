@@ -478,3 +478,19 @@ def test_truncated_weights_of_extreme_log_ratios_are_finite_and_counted():
     torch.testing.assert_close(logp.grad, torch.tensor([[-math.exp(20), -math.exp(-20)]]), rtol=1e-6, atol=0)
     assert int(corrected) == 2
 
+
+def test_k3_is_clamped_to_10_with_no_gradient_beyond_and_k1_is_not():
+    """log ρ = log π_ref − log π per token: 100, 50, −50, 2, −1.
+      k3 = ρ − 1 − log ρ: e^100 (inf in float32), e^50 = 5.2e21, 49, e^2 − 3 = 4.3891, e^−1 = 0.3679 (+1 − 1)
+      clamped to [−10, 10]: 10, 10, 10, 4.3891, 0.3679; gradient ∂k3/∂log π = 1 − ρ inside (1 − e^2 = −6.3891,
+      1 − e^−1 = 0.6321), 0 where the clamp binds. k1 = −log ρ as it was: −100, −50, 50, −2, 1."""
+    log_rho = torch.tensor([[100.0, 50.0, -50.0, 2.0, -1.0]])
+    logp = torch.full((1, 5), -3.0, requires_grad=True)
+    ref = logp.detach() + log_rho
+    k3 = algo.kl_per_token(logp, ref, "k3")
+    _close(k3.detach(), [[10.0, 10.0, 10.0, math.exp(2) - 3, math.exp(-1)]])
+    algo.kl_pathwise(logp, ref, torch.ones(1, 5), "k3", num_samples=1).backward()
+    _close(logp.grad, [[0.0, 0.0, 0.0, 1 - math.exp(2), 1 - math.exp(-1)]])
+    _close(algo.kl_per_token(logp, ref, "k1").detach(), [[-100.0, -50.0, 50.0, -2.0, 1.0]])
+    # the diagnostic kl_k3 (KL(ref‖π) from samples of ref) is the same clamped estimate: ρ = π / ref = e^50 here
+    assert algo.kl_k3(torch.tensor([[0.0]]), torch.tensor([[-50.0]]), torch.ones(1, 1)).item() == 10.0

@@ -44,10 +44,11 @@ EMA = 0.3  # the ema baseline's running value before the update
 
 
 def k_est(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(π‖π_ref) estimate from a sample of π: k1 = log π/π_ref, k3 = π_ref/π − 1 − log π_ref/π."""
+    """Per-token KL(π‖π_ref) estimate from a sample of π: k1 = log π/π_ref, k3 = π_ref/π − 1 − log π_ref/π at
+    most 10 (veRL's bound: a token where π_ref/π > 13.6 adds 10 and no gradient; the randomized policy has some)."""
     if estimator == "k1":
         return logp - ref
-    return (ref - logp).exp() - 1 - (ref - logp)
+    return ((ref - logp).exp() - 1 - (ref - logp)).clamp(max=10)
 
 
 def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tensor]:
