@@ -179,7 +179,8 @@ class AlgoConfig:
     )
     value_coef: float = _f(0.5, "value baseline: weight of the value head's squared-error loss")
     kl_coef: float = _f(0.0, "weight of the KL penalty to the frozen initial policy (0: off)")
-    kl_estimator: str = _f("k3", "per-token KL estimator: k1 (log ratio) or k3 ((rho - 1) - log rho)", ("k1", "k3"))
+    kl_estimator: str = _f("k3", "per-token KL estimator: k1 (log ratio) or k3 ((rho - 1) - log rho, at most 10 a "
+                           "token as veRL's low_var_kl)", ("k1", "k3"))
     entropy_coef: float = _f(0.0, "entropy bonus weight (0: off)")
     whiten: str = _f("none", "divide advantages by the reward std of the batch or group (biased)",
                      ("none", "batch", "group"))
