@@ -143,6 +143,11 @@ def value_advantages(returns: torch.Tensor, values: torch.Tensor) -> torch.Tenso
 
 
 KL_ESTIMATORS = ("k1", "k3")
+# log-ratios are clamped to [-20, 20] before exp (veRL's bound): e^88.7 overflows float32, and an infinite ratio
+# makes a loss of -inf or inf and a NaN gradient (0 · inf in the backward pass even where a clamp after the exp
+# cuts the value)
+LOG_RATIO_BOUND = 20.0
+K3_BOUND = 10.0  # the per-token k3 is clamped to [-10, 10], as veRL's low_var_kl
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -150,12 +155,19 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 
     k1 = log π − log π_ref; k3 = ρ − 1 − log ρ with ρ = π_ref / π (non-negative). Both have expectation
     KL(π(·|s)‖π_ref(·|s)) at each state. Differentiable in `logprobs`.
+
+    k3 is bounded as veRL's low_var_kl bounds it: log ρ clamped to [−20, 20], then k3 to [−10, 10]. The clamp
+    binds where ρ > 13.6 or ρ < 1.7e-5 (log π − log π_ref < −2.6 or > 11.0); there the token's k3 is 10 and
+    its gradient 0 (elsewhere ∂k3/∂log π = 1 − ρ), so the estimate is biased low on such tokens and they add
+    nothing to the pathwise part, but it stays finite (unclamped, log ρ = 100 gives inf and a NaN gradient).
+    k1 is left unbounded: it is linear in log π, finite wherever the log-probabilities are.
     """
     log_ratio = ref_logprobs - logprobs  # log ρ
     if estimator == "k1":
         return -log_ratio
     if estimator == "k3":
-        return log_ratio.exp() - 1.0 - log_ratio
+        log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        return (log_ratio.exp() - 1.0 - log_ratio).clamp(-K3_BOUND, K3_BOUND)
     raise ValueError(f"algo.kl_estimator={estimator!r}: allowed are {', '.join(KL_ESTIMATORS)}")
 
 
@@ -213,7 +225,8 @@ def entropy_of_logprobs(logp: torch.Tensor, response_mask: torch.Tensor | None =
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over response tokens of the k3 estimator of KL(ref ‖ π) from samples of ref:
-    (ρ − 1) − log ρ with ρ = π / ref. Non-negative, zero when the two agree."""
+    (ρ − 1) − log ρ with ρ = π / ref, each token's clamped to 10 as in `kl_per_token`. Non-negative, zero when
+    the two agree."""
     k3 = kl_per_token(ref_logp.float(), logp.float(), "k3")  # samples of ref, against π
     m = response_mask.float()
     return (k3 * m).sum() / m.sum().clamp(min=1)
@@ -232,6 +245,7 @@ def off_policy_loss(
     mode: str = "clipped",
     cap: float = 1.0,
     clip_eps: float = 0.2,
+    dual_clip: float = 3.0,
     agg: str = "seq_sum",
     num_tokens: int | None = None,
     policy_logprobs: torch.Tensor | None = None,
@@ -248,10 +262,16 @@ def off_policy_loss(
       the policy that sampled, and the filter's renormalisation (w = the mass kept, ≤ 1) is corrected
       without being clipped (decoupled PPO's behaviour/proximal split, Hilton et al. 2021, with the sampling
       version as the proximal policy; AReaL takes the learner's current one). Without
-      top-k/top-p, π_old = μ and w = 1: the plain clipped surrogate on ρ.
+      top-k/top-p, π_old = μ and w = 1: the plain clipped surrogate on ρ. With `dual_clip` c > 1 (PPO's dual
+      clip, Ye et al. 2020; veRL's clip_ratio_c) a negative advantage's term is max(min(r A, clip(r) A), c A):
+      a token whose ratio ran above c adds c A and no gradient, where the plain surrogate's r A (gradient
+      r A ∇log π) grows without bound; c = 0: off.
     - none:      the on-policy loss, ignoring the lag (biased).
     Fresh samples (`stale` False: drawn with the learner's current weights) always use the plain
     REINFORCE term, so a batch without stale samples gives exactly `pg_loss`.
+    Every log-ratio (of ρ, r and w) is clamped to [−20, 20] before its exp (as veRL does), so no ratio is
+    infinite: a token beyond the bound has the ratio e^±20 and no gradient through it (with c = 0 and A < 0,
+    clipped mode's r A then adds no gradient instead of an overflowing one).
 
     Args:
         logprobs, old_logprobs: (B, T) log πθ (differentiable) and log μ.
@@ -262,7 +282,8 @@ def off_policy_loss(
         num_samples, agg, num_tokens: the normaliser, as in `pg_loss`.
     Returns:
         (loss, corrected) where corrected is the number of response tokens of stale samples whose ratio
-        was truncated (ρ > cap) or clipped (outside [1 − ε, 1 + ε] on the side that binds).
+        was truncated (ρ > cap), clipped (outside [1 − ε, 1 + ε] on the side that binds) or dual-clipped
+        (r > c with A < 0), or whose log-ratio was beyond ±20.
     """
     if mode not in OFF_POLICY:
         raise ValueError(f"algo.off_policy={mode!r}: allowed are {', '.join(OFF_POLICY)}")
@@ -271,22 +292,36 @@ def off_policy_loss(
     mask = response_mask.bool()
     stale_tok = mask & stale[:, None]
     log_ratio = torch.where(stale_tok, logprobs - old_logprobs, 0.0)
-    ratio = log_ratio.exp()
+    ratio = _bounded_exp(log_ratio)
     a = adv.detach()[:, None] if adv.dim() == 1 else adv.detach()
     norm = _normaliser(agg, num_samples, num_tokens)
     logp = torch.where(mask, logprobs, 0.0)
     if mode == "truncated":
         coef = torch.where(stale_tok, ratio.detach().clamp(max=cap), 1.0)
         loss = -torch.where(mask, a * coef * logp, 0.0).sum() / norm
-        corrected = (stale_tok & (ratio > cap)).sum()
+        corrected = (stale_tok & ((ratio > cap) | _beyond_bound(log_ratio))).sum()
     else:
+        bounded = _beyond_bound(log_ratio)
         if policy_logprobs is not None:  # r = πθ/π_old, weighted by π_old/μ
-            ratio = torch.where(stale_tok, logprobs - policy_logprobs, 0.0).exp()
-            a = a * torch.where(stale_tok, policy_logprobs - old_logprobs, 0.0).exp()
+            log_r = torch.where(stale_tok, logprobs - policy_logprobs, 0.0)
+            log_w = torch.where(stale_tok, policy_logprobs - old_logprobs, 0.0)
+            ratio, a = _bounded_exp(log_r), a * _bounded_exp(log_w)
+            bounded = _beyond_bound(log_r) | _beyond_bound(log_w)
         clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
         surrogate = torch.minimum(ratio * a, clipped * a)
+        if dual_clip > 0:  # a negative advantage's term is at least c A (w > 0 leaves the sign of A)
+            surrogate = torch.where(a < 0, torch.maximum(surrogate, dual_clip * a), surrogate)
         # fresh tokens: A log π (gradient A ∇log π); stale tokens: the clipped surrogate (gradient ρ A ∇log π)
         per_token = torch.where(stale_tok, surrogate, a * logp)
         loss = -torch.where(mask, per_token, 0.0).sum() / norm
-        corrected = (stale_tok & ((ratio * a) != surrogate)).sum()
+        corrected = (stale_tok & (((ratio * a) != surrogate) | bounded)).sum()
     return loss, corrected
+
+
+def _bounded_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp of the log-ratio clamped to [−LOG_RATIO_BOUND, LOG_RATIO_BOUND]: finite, no gradient outside."""
+    return log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+
+
+def _beyond_bound(log_ratio: torch.Tensor) -> torch.Tensor:
+    return log_ratio.detach().abs() > LOG_RATIO_BOUND

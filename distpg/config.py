@@ -179,7 +179,8 @@ class AlgoConfig:
     )
     value_coef: float = _f(0.5, "value baseline: weight of the value head's squared-error loss")
     kl_coef: float = _f(0.0, "weight of the KL penalty to the frozen initial policy (0: off)")
-    kl_estimator: str = _f("k3", "per-token KL estimator: k1 (log ratio) or k3 ((rho - 1) - log rho)", ("k1", "k3"))
+    kl_estimator: str = _f("k3", "per-token KL estimator: k1 (log ratio) or k3 ((rho - 1) - log rho, at most 10 a "
+                           "token as veRL's low_var_kl)", ("k1", "k3"))
     entropy_coef: float = _f(0.0, "entropy bonus weight (0: off)")
     whiten: str = _f("none", "divide advantages by the reward std of the batch or group (biased)",
                      ("none", "batch", "group"))
@@ -199,6 +200,9 @@ class AlgoConfig:
     )
     is_cap: float = _f(1.0, "truncated: cap on the per-token importance ratio pi/mu (V-trace's rho-bar)")
     clip_eps: float = _f(0.2, "clipped: PPO clip range epsilon")
+    dual_clip: float = _f(
+        3.0, "clipped: PPO's dual clip c (veRL's clip_ratio_c): a token with a negative advantage A adds at least "
+        "c * A to the surrogate, so one whose ratio pi/pi_old ran above c adds no gradient; 0: off, else above 1")
 
 
 @dataclass(frozen=True)
@@ -464,6 +468,9 @@ def _validate(cfg: Config) -> None:
         if value != value or value < lo or (hi is not None and value > hi):
             allowed = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise ConfigError(f"{path}={value}: must be {allowed}")
+    if cfg.algo.dual_clip != 0 and not cfg.algo.dual_clip > 1:  # c <= 1 would stop a negative A's gradient at r <= 1
+        raise ConfigError(f"algo.dual_clip={cfg.algo.dual_clip}: must be 0 (off) or above 1 (the bound c on the "
+                          "ratio of a token with a negative advantage, veRL's clip_ratio_c; the default is 3.0)")
     for name in ("beta1", "beta2"):  # Adam divides by 1 - beta**t
         if getattr(cfg.learner, name) == 1.0:
             raise ConfigError(f"learner.{name}=1.0: must be below 1 (Adam divides by 1 - {name}**step; the defaults "

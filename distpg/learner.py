@@ -342,8 +342,8 @@ class Learner:
                 anchor = torch.where(fresh[chunk, None], logp.detach(), anchor)
             pg, n_corrected = algo.off_policy_loss(
                 logp, b.old_logprobs[chunk, 1:L], grad_mask, sample_adv, stale[lo:lo + mb], num_samples=B,
-                mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps, agg=ac.loss_agg, num_tokens=num_tokens,
-                policy_logprobs=anchor,
+                mode=ac.off_policy, cap=ac.is_cap, clip_eps=ac.clip_eps, dual_clip=ac.dual_clip, agg=ac.loss_agg,
+                num_tokens=num_tokens, policy_logprobs=anchor,
             )
             loss = loss + pg
             corrected += int(n_corrected)

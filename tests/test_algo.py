@@ -365,3 +365,132 @@ def test_off_policy_corrections_are_exactly_unbiased_for_one_token(mode):
     exact = grad((logp[:, 0].exp() * r).sum(), [th])
     torch.testing.assert_close(-grad(loss, [th]), exact, rtol=1e-10, atol=1e-12)
     assert float((pi / mu_p).max()) > 1.05  # μ is far from π: the correction matters
+
+
+# ------------------------------------------------------------------ extreme ratios: dual clip and bounds
+def clipped_surrogate64(logp, old, adv, stale, eps=0.2, dual_clip=0.0):
+    """(B, T) per-token terms of the clipped loss written out in float64, no bound on the log-ratio: stale
+    tokens min(r A, clip(r, 1 ± ε) A), with the dual clip max(·, c A) where A < 0 and c > 0; fresh ones A log π."""
+    r = (logp - old).exp()
+    a = adv[:, None].expand_as(r)
+    surrogate = torch.minimum(r * a, r.clamp(1 - eps, 1 + eps) * a)
+    if dual_clip > 0:
+        surrogate = torch.where(a < 0, torch.maximum(surrogate, dual_clip * a), surrogate)
+    return torch.where(stale[:, None], surrogate, a * logp)
+
+
+def test_dual_clip_by_hand_with_a_ratio_that_overflows_float32():
+    """A stale sample with A = −2 whose tokens have log-ratios 100 (e^100 is inf in float32), 1.5, 0.7, 0.1, and a
+    fresh one. With c = 3 (and ε = 0.2):
+      log r = 100: min(r A, 1.2 A) = r A = −5.4e43; max(·, 3 A = −6) = −6, no gradient (dual-clipped)
+      log r = 1.5: r = 4.4817 > 3: −6 as well, no gradient (dual-clipped)
+      log r = 0.7: r = 2.0138 < 3: r A = −4.0275 (PPO leaves a negative A unclipped above 1 + ε), gradient r A
+      log r = 0.1: r = 1.1052 inside [0.8, 1.2]: r A = −2.2103, gradient r A
+    The float32 loss and gradient are those of the formula in float64, where e^100 is finite; without the dual
+    clip the first token's r A is −inf and its gradient NaN."""
+    lr = torch.tensor([100.0, 1.5, 0.7, 0.1])
+    logp = torch.tensor([[-0.5, -1.0, -0.25, -2.0], [-0.5, -1.5, -0.75, -1.0]], requires_grad=True)
+    old = torch.stack([logp.detach()[0] - lr, logp.detach()[1]])
+    adv, stale, mask = torch.tensor([-2.0, 1.0]), torch.tensor([True, False]), torch.ones(2, 4, dtype=torch.bool)
+    loss, corrected = algo.off_policy_loss(logp, old, mask, adv, stale, 2, mode="clipped", clip_eps=0.2,
+                                           dual_clip=3.0)
+    logp64 = logp.detach().double().requires_grad_(True)
+    ref = -clipped_surrogate64(logp64, old.double(), adv.double(), stale, dual_clip=3.0).sum() / 2
+    # −(−6 − 6 − 4.02751 − 2.21034 + 1 · (−0.5 − 1.5 − 0.75 − 1.0)) / 2 = (18.23785 + 3.75) / 2 = 10.99392
+    assert ref.item() == pytest.approx(10.99392, abs=1e-5)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
+    loss.backward()
+    ref.backward()
+    assert torch.isfinite(logp.grad).all()
+    # d loss / d log π = −r A / 2 on the two unclipped stale tokens, 0 on the dual-clipped ones, −A / 2 fresh
+    torch.testing.assert_close(logp.grad.double(), logp64.grad, rtol=1e-6, atol=1e-7)
+    assert logp.grad[0, :2].eq(0).all() and logp.grad[0, 2].item() == pytest.approx(2.01375, abs=1e-5)
+    assert int(corrected) == 2  # the two dual-clipped tokens (r A changed to c A); the other two are r A
+
+
+def test_dual_clip_off_is_the_plain_clipped_surrogate_and_on_changes_only_negative_advantages_above_c():
+    """Random moderate ratios (|log r| ≤ 2): with dual_clip = 0 the loss and gradient are the plain clipped
+    surrogate's in float64 and the count is PPO's clipfrac; with c = 3 exactly the tokens with A < 0 and r > 3
+    change (to c A, no gradient) and are counted as corrected too."""
+    gen = torch.Generator().manual_seed(7)
+    logp = (-torch.rand(5, 8, generator=gen) * 3).requires_grad_(True)
+    old = logp.detach() - (torch.rand(5, 8, generator=gen) * 4 - 2)
+    adv = torch.tensor([1.5, -0.7, -2.0, 0.3, -0.4])
+    stale = torch.tensor([True, True, True, True, False])
+    mask = torch.rand(5, 8, generator=gen) > 0.2
+    r = (logp.detach().double() - old.double()).exp()
+    a = adv.double()[:, None]
+    counted = mask & stale[:, None]
+    clipfrac = counted & (((a > 0) & (r > 1.2)) | ((a < 0) & (r < 0.8)))
+    dual = counted & (a < 0) & (r > 3)
+    assert int(dual.sum()) >= 2 and int(clipfrac.sum()) >= 2  # the draw has both kinds of tokens
+    for c, expected_count in ((0.0, clipfrac), (3.0, clipfrac | dual)):
+        logp.grad = None
+        loss, corrected = algo.off_policy_loss(logp, old, mask, adv, stale, 5, mode="clipped", clip_eps=0.2,
+                                               dual_clip=c)
+        loss.backward()
+        logp64 = logp.detach().double().requires_grad_(True)
+        terms = clipped_surrogate64(logp64, old.double(), adv.double(), stale, dual_clip=c)
+        ref = -torch.where(mask, terms, 0.0).sum() / 5
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(logp.grad.double(), logp64.grad, rtol=1e-6, atol=1e-7)
+        assert int(corrected) == int(expected_count.sum())
+        if c == 0.0:
+            plain_grad = logp.grad.clone()
+    # the dual clip takes the gradient off exactly the tokens with A < 0 and r > 3
+    assert torch.equal(logp.grad != plain_grad, dual & (plain_grad != 0))
+
+
+@pytest.mark.parametrize("dual_clip", [0.0, 3.0])
+def test_log_ratios_of_plus_and_minus_100_give_a_finite_loss_and_gradient(dual_clip):
+    """Log-ratios are clamped to [−20, 20] before the exp. A = −2 (sample 0) and A = 1 (sample 1), log r = ±100,
+    ε = 0.2 (r− = e^−20 = 2.06e-9, r+ = e^20 = 4.85e8):
+      A = −2, r+: c = 3: max(min(r+ A, 1.2 A), 3 A) = −6; c = 0: r+ A = −2 e^20 (no gradient: beyond the bound)
+      A = −2, r−: min(r− A, 0.8 A) = −1.6 (clipped)
+      A = 1,  r+: min(r+, 1.2) = 1.2 (clipped)
+      A = 1,  r−: r− = 2.06e-9 (no gradient: beyond the bound)
+    loss = −(first − 1.6 + 1.2 + r−) / 2: 3.2 with c = 3, e^20 + 0.2 without; every gradient 0 and every token
+    counted as corrected. Unclamped, e^100 is inf in float32: a loss of inf and a NaN gradient."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    old = logp.detach() - torch.tensor([[100.0, -100.0], [100.0, -100.0]])
+    loss, corrected = algo.off_policy_loss(logp, old, torch.ones(2, 2), torch.tensor([-2.0, 1.0]),
+                                           torch.tensor([True, True]), 2, mode="clipped", clip_eps=0.2,
+                                           dual_clip=dual_clip)
+    first = -6.0 if dual_clip else -2 * math.exp(20)
+    expected = -(first - 1.6 + 1.2 + math.exp(-20)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 2))
+    assert int(corrected) == 4
+
+
+def test_truncated_weights_of_extreme_log_ratios_are_finite_and_counted():
+    """Truncated: the weight min(ρ, cap) of log ρ = 100 is the cap, of log ρ = −100 e^−20 (the bound), no NaN;
+    cap = 1e9 is above e^20, so the first token's weight is e^20 = 4.85e8, and both count as corrected.
+    loss = −A (e^20 · −1 + e^−20 · −2) / 1 = e^20 + 2 e^−20 with A = 1; d loss / d log π = −A w = (−e^20, −e^−20)."""
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = logp.detach() - torch.tensor([[100.0, -100.0]])
+    loss, corrected = algo.off_policy_loss(logp, old, torch.ones(1, 2), torch.tensor([1.0]), torch.tensor([True]),
+                                           1, mode="truncated", cap=1e9)
+    assert loss.item() == pytest.approx(math.exp(20) + 2 * math.exp(-20), rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-math.exp(20), -math.exp(-20)]]), rtol=1e-6, atol=0)
+    assert int(corrected) == 2
+
+
+def test_k3_is_clamped_to_10_with_no_gradient_beyond_and_k1_is_not():
+    """log ρ = log π_ref − log π per token: 100, 50, −50, 2, −1.
+      k3 = ρ − 1 − log ρ: e^100 (inf in float32), e^50 = 5.2e21, 49, e^2 − 3 = 4.3891, e^−1 = 0.3679 (+1 − 1)
+      clamped to [−10, 10]: 10, 10, 10, 4.3891, 0.3679; gradient ∂k3/∂log π = 1 − ρ inside (1 − e^2 = −6.3891,
+      1 − e^−1 = 0.6321), 0 where the clamp binds. k1 = −log ρ as it was: −100, −50, 50, −2, 1."""
+    log_rho = torch.tensor([[100.0, 50.0, -50.0, 2.0, -1.0]])
+    logp = torch.full((1, 5), -3.0, requires_grad=True)
+    ref = logp.detach() + log_rho
+    k3 = algo.kl_per_token(logp, ref, "k3")
+    _close(k3.detach(), [[10.0, 10.0, 10.0, math.exp(2) - 3, math.exp(-1)]])
+    algo.kl_pathwise(logp, ref, torch.ones(1, 5), "k3", num_samples=1).backward()
+    _close(logp.grad, [[0.0, 0.0, 0.0, 1 - math.exp(2), 1 - math.exp(-1)]])
+    _close(algo.kl_per_token(logp, ref, "k1").detach(), [[-100.0, -50.0, 50.0, -2.0, 1.0]])
+    # the diagnostic kl_k3 (KL(ref‖π) from samples of ref) is the same clamped estimate: ρ = π / ref = e^50 here
+    assert algo.kl_k3(torch.tensor([[0.0]]), torch.tensor([[-50.0]]), torch.ones(1, 1)).item() == 10.0

@@ -79,6 +79,12 @@ def test_resolved_config_round_trips(tmp_path):
         # torch's Adam refused them in the learner's actor ("Invalid beta parameter at index 0: 1.0"), and a
         # learning rate whose first Adam step overflows float32 failed step 1 with "value cannot be converted to
         # type float without overflow"
+        # PPO's dual clip bounds a negative advantage's term at c A with c > 1 (veRL asserts clip_ratio_c > 1)
+        ("algo.dual_clip=1", "algo.dual_clip=1.0: must be 0 (off) or above 1 (the bound c on the ratio of a token "
+                             "with a negative advantage, veRL's clip_ratio_c; the default is 3.0)"),
+        ("algo.dual_clip=0.5", "algo.dual_clip=0.5: must be 0 (off) or above 1"),
+        ("algo.dual_clip=-3", "algo.dual_clip=-3.0: must be 0 (off) or above 1"),
+        ("algo.dual_clip=.nan", "algo.dual_clip=nan: must be a finite number"),
         ("learner.beta1=1.0", "learner.beta1=1.0: must be below 1"),
         ("learner.beta2=1", "learner.beta2=1.0: must be below 1"),
         ("learner.lr=1e38", "learner.lr=1e+38: Adam's first step is learner.lr / (1 - learner.beta1) = 1e+39, past "
@@ -110,6 +116,11 @@ def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
         cfg_with(*override.split("\0"))
     assert fragment in str(e.value)
+
+
+def test_dual_clip_is_3_by_default_and_takes_0_or_any_bound_above_1():
+    assert cfg_with().algo.dual_clip == 3.0
+    assert [cfg_with(f"algo.dual_clip={c}").algo.dual_clip for c in ("0", "1.01", "10")] == [0.0, 1.01, 10.0]
 
 
 def test_group_baseline_needs_group_size_two():

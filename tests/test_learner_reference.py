@@ -33,8 +33,10 @@ CASES = {
                                               "algo.whiten=batch", "algo.loss_agg=token_mean",
                                               "rollout.temperature=0.7", "algo.value_coef=0.5",
                                               "algo.entropy_coef=0.03", "learner.micro_batch_size=3"),
-    "ema-top_k-clipped-stale": ("algo.baseline=ema", "rollout.top_k=3", "algo.off_policy=clipped",
-                                "algo.entropy_coef=0.02", "learner.micro_batch_size=5"),
+    # a dual clip of 1.3 binds on a token of this batch (the default 3 on none)
+    "ema-top_k-clipped-dual_clip-stale": ("algo.baseline=ema", "rollout.top_k=3", "algo.off_policy=clipped",
+                                          "algo.dual_clip=1.3", "algo.entropy_coef=0.02",
+                                          "learner.micro_batch_size=5"),
     "none-top_p-truncated-token_mean-stale": ("algo.baseline=none", "rollout.top_p=0.8", "algo.off_policy=truncated",
                                               "algo.is_cap=1.1", "algo.loss_agg=token_mean", "algo.kl_coef=0.1"),
 }
@@ -42,10 +44,11 @@ EMA = 0.3  # the ema baseline's running value before the update
 
 
 def k_est(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(π‖π_ref) estimate from a sample of π: k1 = log π/π_ref, k3 = π_ref/π − 1 − log π_ref/π."""
+    """Per-token KL(π‖π_ref) estimate from a sample of π: k1 = log π/π_ref, k3 = π_ref/π − 1 − log π_ref/π at
+    most 10 (veRL's bound: a token where π_ref/π > 13.6 adds 10 and no gradient; the randomized policy has some)."""
     if estimator == "k1":
         return logp - ref
-    return (ref - logp).exp() - 1 - (ref - logp)
+    return ((ref - logp).exp() - 1 - (ref - logp)).clamp(max=10)
 
 
 def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tensor]:
@@ -125,10 +128,13 @@ def reference_grads(learner: Learner, batch: pa.RecordBatch) -> list[torch.Tenso
             adv = (R[i] - base[i]) / std[i] * torch.ones_like(logp[i])
         if ac.off_policy == "clipped":
             # PPO: w·min(r A, clip(r, 1 ± ε) A), r = π/π_old, w = π_old/μ (the kept mass of top-k/top-p, 1
-            # without): the gradient is w r A ∇log π, or 0 where the clipped side is the smaller one
+            # without), and for A < 0 at least w·c A (the dual clip): the gradient is w r A ∇log π, or 0 where
+            # the clipped side is the smaller one or r > c with A < 0
             r = (logp[i] - pi_old).detach().exp()
             eps = ac.clip_eps
             binds = ((adv > 0) & (r > 1 + eps)) | ((adv < 0) & (r < 1 - eps))
+            if ac.dual_clip > 0:
+                binds = binds | ((adv < 0) & (r > ac.dual_clip))
             coef = torch.where(binds, 0.0, (pi_old - mu).exp() * r)
         else:  # truncated: min(π/μ, cap), detached
             coef = torch.clamp((logp[i] - mu).detach().exp(), max=ac.is_cap)
