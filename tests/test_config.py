@@ -344,6 +344,29 @@ def test_a_resume_after_an_edit_of_config_yaml_names_the_changes_and_keeps_both(
     assert "changed" not in capsys.readouterr().out  # compared with the latest start
 
 
+def test_a_resume_of_a_run_older_than_a_field_names_the_field_and_its_default(tmp_path, capsys):
+    # a run started before algo.dual_clip existed resumed with the new default (3.0) without a word
+    from distpg.orchestrator import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_run_dir(load_config(), run, resume=False)
+    text = (run / "config.yaml").read_text()
+    assert "  dual_clip: 3.0\n" in text and "  max_time_s:" in text
+    (run / "config.yaml").write_text(text.replace("  dual_clip: 3.0\n", "").replace("max_time_s:", "max_time_z:"))
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="max_time_z"):  # an unknown field is still refused
+        prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    (run / "config.yaml").write_text(text.replace("  dual_clip: 3.0\n", ""))
+    prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    out = capsys.readouterr().out
+    assert "config.yaml has no algo.dual_clip (added to distpg since the run started): from step 1 on they take " \
+           "their defaults, algo.dual_clip = 3.0; set them in config.yaml to choose" in out
+    (run / "config.yaml").write_text(text)  # a complete config.yaml: nothing to say
+    prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True)
+    assert "added to distpg" not in capsys.readouterr().out
+
+
 def test_resume_with_run_dir_is_refused_not_ignored(capsys, tmp_path, monkeypatch):
     # `distpg train --resume A --run-dir B` went on in A without a word about B
     import distpg.orchestrator
