@@ -246,9 +246,14 @@ def validate_with_task(cfg: Config, task) -> None:
             shown = task.longest if len(task.longest) <= 60 else task.longest[:57] + "..."
             fix = (f" (the longest: {shown!r}); set "
                    f"task.max_prompt_tokens={room} to leave out the longer prompts" if room > 0 else "")
+        whose = (f"model.init_from={cfg.model.init_from!r} has n_positions={cfg.model.n_positions} (its "
+                 "config.json's; a checkpoint's positions cannot grow)" if cfg.model.init_from
+                 else f"model.n_positions={cfg.model.n_positions}")
+        shorter = (f"; or lower rollout.max_new_tokens (now {params.max_new_tokens})" if cfg.model.init_from
+                   and params.max_new_tokens > 1 else "")
         raise ConfigError(
-            f"model.n_positions={cfg.model.n_positions} is too short for task {task.name!r}: prompts of up to "
-            f"{task.max_prompt_len} tokens plus {params.max_new_tokens} new tokens need {need}{fix}"
+            f"{whose} is too short for task {task.name!r}: prompts of up to "
+            f"{task.max_prompt_len} tokens plus {params.max_new_tokens} new tokens need {need}{fix}{shorter}"
         )
     if getattr(task, "ignored_columns", None):  # e.g. a TRL dataset's `answer`, which is not a reference here
         missing = task.without_reference

@@ -251,6 +251,13 @@ def test_export_of_a_char_tokenizer_policy(tmp_path):
     cfg = config_from_dict({"model": {"init_from": str(tmp_path)}, "task": {"name": "addition"}})
     with pytest.raises(ConfigError, match=r"model.init_from=.*: its tokenizer cannot encode task 'addition'"):
         validate_with_task(cfg, task_for(cfg))
+    # too long for the checkpoint's positions: the error names the checkpoint's n_positions, which the user cannot
+    # raise (it said "model.n_positions=64", a field that init_from fixes), and what can be lowered instead
+    cfg = config_from_dict({"model": {"init_from": str(tmp_path)}, "task": {"name": "reverse", "length": 40}})
+    with pytest.raises(ConfigError, match=r"model.init_from=.* has n_positions=40 \(its config.json's; a "
+                                          r"checkpoint's positions cannot grow\) is too short for task 'reverse': "
+                                          r".*; or lower rollout.max_new_tokens \(now 40\)$"):
+        validate_with_task(cfg, task_for(cfg))
 
 
 class _Greek:
