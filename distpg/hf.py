@@ -291,7 +291,8 @@ def load_gpt2(folder: str | Path) -> GPT:
 
 def load_tokenizer(folder: str | Path) -> HFTokenizer:
     """tokenizer.json of a GPT-2 folder, with eos and pad from config.json's eos_token_id and pad_token_id;
-    eos defaults to the <|endoftext|> token, pad to eos. Raises ValueError."""
+    eos defaults to the <|endoftext|> token, pad to tokenizer_config.json's pad_token (a pad token added with
+    transformers: `tokenizer.pad_token_id`), else to eos. Raises ValueError."""
     cfg = read_config(folder)
     path = Path(folder) / "tokenizer.json"
     try:
@@ -312,8 +313,12 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
                 + ("GPT2Config(..., bos_token_id=ID, eos_token_id=ID) before save_pretrained" if key != "pad_token_id"
                    else "GPT2Config(..., pad_token_id=ID) before save_pretrained, or leave pad_token_id out (pad "
                         "then defaults to eos)"))
+    pad_id = cfg.get("pad_token_id")
+    if pad_id is None:
+        said = _tokenizer_eos(folder, tok, "pad_token")
+        pad_id = None if said is None else said[1]
     try:
-        tokenizer = HFTokenizer(tok, eos_id, cfg.get("pad_token_id"))
+        tokenizer = HFTokenizer(tok, eos_id, pad_id)
     except ValueError as e:  # eos or pad outside the vocabulary
         raise ValueError(f"{str(folder)!r}: {e}") from None
     if tokenizer.vocab_size > cfg["vocab_size"]:
@@ -341,11 +346,12 @@ def _ids(value) -> list[int]:
     return [i for i in value if isinstance(i, int) and not isinstance(i, bool)] if isinstance(value, list) else []
 
 
-def _tokenizer_eos(folder: Path, tok: tokenizers.Tokenizer) -> tuple[str, int | None] | None:
-    """tokenizer_config.json's eos_token (what transformers' and TRL's `tokenizer.eos_token_id` is) and its id
-    in tokenizer.json; None where the file or the field is absent or unreadable."""
+def _tokenizer_eos(folder: Path, tok: tokenizers.Tokenizer, key: str = "eos_token") -> tuple[str, int | None] | None:
+    """tokenizer_config.json's eos_token (what transformers' and TRL's `tokenizer.eos_token_id` is), or another
+    special token (`key`: pad_token), and its id in tokenizer.json; None where the file or the field is absent
+    or unreadable."""
     try:
-        token = json.loads((Path(folder) / "tokenizer_config.json").read_text()).get("eos_token")
+        token = json.loads((Path(folder) / "tokenizer_config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     if isinstance(token, dict):  # an AddedToken as older transformers saved it

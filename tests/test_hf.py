@@ -370,6 +370,19 @@ def test_a_pad_token_added_without_resizing_the_model_says_how_to_resize(hf_fold
     with pytest.raises(ValueError, match=r"has \d+ tokens but the model only \d+ \(config.json vocab_size\): "
                                          r"tokens added .* model.resize_token_embeddings\(len\(tokenizer\)\)"):
         load_tokenizer(folder)
+    # resized as it says (config.json without a pad_token_id, as transformers leaves it): the pad is the added
+    # token, as `tokenizer.pad_token_id` says, and an export names it in config.json too (it named eos there
+    # while its tokenizer_config.json said <pad>)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text()).get("pad_token_id") is None
+    loaded = load_tokenizer(folder)
+    assert loaded.pad_id == tokenizer.pad_token_id != loaded.eos_id
+    out = export_gpt2(load_gpt2(folder), loaded, tmp_path / "out", [folder / "tokenizer_config.json"])
+    again = AutoTokenizer.from_pretrained(out)
+    assert again.pad_token == "<pad>" and json.loads((out / "config.json").read_text())["pad_token_id"] == \
+        again.pad_token_id == tokenizer.pad_token_id
 
 
 def test_other_end_of_text_tokens_than_config_jsons_are_warned_about(hf_folder, tmp_path, capsys):
