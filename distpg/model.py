@@ -387,9 +387,20 @@ def decode_stepper(model: GPT, rows: int) -> Callable[..., torch.Tensor]:
     layers = decode_layers(model)
     in_c = kernels.decode_step_in_c(model.wte.weight, model.wpe.weight, layers, (model.ln_f.weight, model.ln_f.bias),
                                     model.shape.layer_norm_epsilon, model.shape.n_head, rows)
-    if in_c is None:
-        return functools.partial(decode_step, model, layers)
-    return lambda *args: output_layer(model, in_c(*args))
+    return functools.partial(decode_step, model, layers) if in_c is None else _StepInC(model, in_c)
+
+
+class _StepInC:
+    """`decode_stepper`'s step where it runs in C (`in_c` tells the sampler, which then also prefills short
+    prompts through it)."""
+
+    in_c = True
+
+    def __init__(self, model: GPT, step: kernels.DecodeStep) -> None:
+        self.model, self.step = model, step
+
+    def __call__(self, *args) -> torch.Tensor:
+        return output_layer(self.model, self.step(*args))
 
 
 def decode_weights(model: GPT) -> list[torch.Tensor]:

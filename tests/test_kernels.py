@@ -193,16 +193,21 @@ def test_kernels_leave_autograd_and_other_layouts_to_pytorch():
 
 
 def _counted(fn, calls: list):
+    """`fn`, recording the last positional argument of each call (a decode step's cache position)."""
     def counted(*args, **kwargs):
-        calls.append(1)
+        calls.append(args[-1])
         return fn(*args, **kwargs)
 
     return counted
 
 
-@pytest.mark.parametrize("layout", ["onednn", "transposed"])
-def test_generate_with_and_without_kernels(layout, monkeypatch):
-    """The same samples either way in float32, with either layout of the weights."""
+@pytest.mark.parametrize("layout,prefill_in_c", [("onednn", 32), ("transposed", 32), ("transposed", 0)])
+def test_generate_with_and_without_kernels(layout, prefill_in_c, monkeypatch):
+    """The same samples either way in float32, with either layout of the weights; with the transposed one, the
+    decode step in C, and the (left-padded, repeated) prompts prefilled through it or by the batched forward."""
+    import distpg.generate as G
+
+    monkeypatch.setattr(G, "PREFILL_IN_C_MAX", prefill_in_c)
     monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)
     m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0)
     randomize_parameters(m, seed=1, scale=0.15)
@@ -215,7 +220,9 @@ def test_generate_with_and_without_kernels(layout, monkeypatch):
     for on in (True, False):
         kernels.enabled = on
         out[on] = generate(m, prompts, params, torch.Generator().manual_seed(0))
-    assert bool(in_c) == (layout == "transposed")  # the transposed layout's steps: one C call each
+    # the transposed layout's steps: one C call each, and one per prompt position (7) of its prefill when in C
+    assert (layout == "transposed") == any(pos >= 7 for pos in in_c)
+    assert sorted(pos for pos in in_c if pos < 7) == (list(range(7)) if layout == "transposed" and prefill_in_c else [])
     assert torch.equal(out[True].tokens, out[False].tokens)
     torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-5, rtol=0)
 
