@@ -550,12 +550,13 @@ def decode_step_in_c(wte: torch.Tensor, wpe: torch.Tensor, layers: Sequence[Sequ
     packs = active_packs()
     if packs is None or not enabled or _usable(wte, wpe) is None or wte.dtype != torch.float32:
         return None
-    blocks = []
+    blocks, C = [], wte.shape[1]
     for layer in layers:
         block = list(layer)
-        for i in (2, 4, 8, 10):  # the four weight matrices: their (in, out) copies
+        # the four weight matrices: their (in, out) copies, in the shapes the C step assumes
+        for i, shape in ((2, (C, 3 * C)), (4, (C, C)), (8, (C, 4 * C)), (10, (4 * C, C))):
             w = packs.get(id(layer[i]))
-            if w is None or w.is_mkldnn or w.dtype != torch.float32 or not w.is_contiguous():
+            if w is None or w.is_mkldnn or w.dtype != torch.float32 or not w.is_contiguous() or w.shape != shape:
                 return None
             block[i] = w
         if any(block[i] is None for i in (0, 1, 6, 7)) or any(
