@@ -237,12 +237,17 @@ def load() -> ctypes.CDLL | None:
 def status() -> str:
     """Which paths this process's CPU decode steps take: 'C (library)' or 'off: why' for the C kernels, then
     the matrix products' ('; matmuls: oneDNN pre-packed', with ', float32 transposed for the BLAS' where
-    `float32_layout()` says so, or '; matmuls: PyTorch (why)'); or 'disabled'."""
+    `float32_layout()` says so, then ', the float32 decode step in one C call' where `DecodeStep` can run, or
+    '; matmuls: PyTorch (why)'); or 'disabled'."""
     if not enabled:
         return "disabled (rollout.cpu_kernels: false)"
-    load()
+    lib = load()
     why = packing_unavailable(torch.float32)
-    layout = ", float32 transposed for the BLAS" if float32_layout() == "transposed" else ""
+    layout = ""
+    if float32_layout() == "transposed":
+        layout = ", float32 transposed for the BLAS" + (
+            ", the float32 decode step in one C call" if lib is not None and torch_sgemm() is not None
+            else " (no sgemm found in PyTorch's library: the decode step in PyTorch's ops)" if lib is not None else "")
     return f"{_status}; matmuls: " + (f"oneDNN pre-packed{layout}" if why is None else f"PyTorch ({why})")
 
 

@@ -533,6 +533,10 @@ def test_float32_weights_are_laid_out_by_the_cpus_vendor_unless_set(cpu, layout,
         assert kernels._pack(torch.zeros(4, 3), 8).is_mkldnn == (layout == "onednn")
         if not kernels.packing_unavailable(torch.bfloat16):  # bfloat16: oneDNN always
             assert kernels._pack(torch.zeros(4, 3, dtype=torch.bfloat16), 8).is_mkldnn
+        if not kernels.packing_unavailable(torch.float32):  # what `distpg doctor` says of the decode step
+            assert ("the float32 decode step in one C call" in kernels.status()) == (layout == "transposed")
+            monkeypatch.setattr(kernels, "_sgemm", [None])
+            assert ("no sgemm found" in kernels.status()) == (layout == "transposed")
         monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "onednn")
         assert kernels.float32_layout() == "onednn"
     finally:
