@@ -64,7 +64,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 means no top-k filter
     top_p: float = 1.0  # 1.0 means no nucleus filter
-    stop_token: int | None = None
+    stop_token: int | tuple[int, ...] | None = None  # a row ends after sampling this token (or any of these)
 
     @property
     def filtered(self) -> bool:
@@ -103,6 +103,20 @@ class Generation:
         """The generated tokens of each row, as Python lists (stop token included)."""
         lengths = self.mask.sum(1).tolist()
         return [row[:n] for row, n in zip(self.tokens.tolist(), lengths)]
+
+
+def _is_stop(tok: torch.Tensor, stop: int | torch.Tensor) -> torch.Tensor:
+    """Which of the tokens (b,) end their row: equal to `stop`, one id, or to one of `stop`'s ids (a tensor on
+    tok's device, `_stop_ids`)."""
+    return tok == stop if isinstance(stop, int) else torch.isin(tok, stop)
+
+
+def _stop_ids(params: SamplingParams, device) -> int | torch.Tensor | None:
+    """`params.stop_token` as `_is_stop` takes it: one id, or several as a tensor made once per generation."""
+    stop = params.stop_token
+    if stop is None or isinstance(stop, int):
+        return stop
+    return stop[0] if len(stop) == 1 else torch.tensor(stop, device=device)
 
 
 def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -440,6 +454,7 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
     keys = key_mask[:, None, None, :] if padded else None  # (b, 1, 1, S)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     stopping = params.stop_token is not None or stop_when is not None  # rows may end before the budget
+    stop = _stop_ids(params, device)
 
     step = decode_stepper(model, B)
     logits = _prefill_distinct(model, prompts, st, key_mask if padded else None, cache_k, cache_v, step)
@@ -451,8 +466,8 @@ def _generate(model: GPT, prompts: list[list[int]], params: SamplingParams, gene
             tok = torch.where(alive, tok, pad_id)
             logp = torch.where(alive, logp, 0.0)
             logpi = torch.where(alive, logpi, 0.0) if params.filtered else logp
-            if params.stop_token is not None:
-                stopped = stopped | (tok == params.stop_token)
+            if stop is not None:
+                stopped = stopped | _is_stop(tok, stop)
         out = slice(None) if rows is None else rows
         tokens[out, t], logprobs[out, t] = tok, logp
         if params.filtered:
@@ -550,6 +565,7 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
     slots = torch.arange(Tp + N, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)  # the token index, advanced by the step
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = _stop_ids(params, device)  # made before a capture: a graph cannot copy a list to the device
 
     def step() -> None:
         tok, logp, logpi = _sample(logits, params, st.uniforms.index_select(0, t).squeeze(0))
@@ -558,7 +574,7 @@ def _generate_static(model: GPT, prompts: list[list[int]], params: SamplingParam
             tok = torch.where(alive, tok, pad_id)
             logp = torch.where(alive, logp, 0.0)
             logpi = torch.where(alive, logpi, 0.0) if params.filtered else logp
-            stopped.logical_or_(tok == params.stop_token)
+            stopped.logical_or_(_is_stop(tok, stop))
             st.mask.index_copy_(1, t, alive[:, None])
         st.tokens.index_copy_(1, t, tok[:, None])
         st.logprobs.index_copy_(1, t, logp[:, None])

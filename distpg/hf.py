@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from distpg.checkpoint import same_mode_as
 from distpg.config import file_sha256
 from distpg.model import GPT, ModelShape
-from distpg.tokenizer import HFTokenizer, Tokenizer
+from distpg.tokenizer import HFTokenizer, Tokenizer, stop_ids
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 INDEX = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor names to its files, in place of one
@@ -292,7 +292,8 @@ def load_gpt2(folder: str | Path) -> GPT:
 def load_tokenizer(folder: str | Path) -> HFTokenizer:
     """tokenizer.json of a GPT-2 folder, with eos and pad from config.json's eos_token_id and pad_token_id;
     eos defaults to the <|endoftext|> token, pad to tokenizer_config.json's pad_token (a pad token added with
-    transformers: `tokenizer.pad_token_id`), else to eos. Raises ValueError."""
+    transformers: `tokenizer.pad_token_id`), else to eos. Every token the folder names as an end of text
+    (`end_tokens`) ends a completion. Raises ValueError."""
     cfg = read_config(folder)
     path = Path(folder) / "tokenizer.json"
     try:
@@ -317,8 +318,13 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
     if pad_id is None:
         said = _tokenizer_eos(folder, tok, "pad_token")
         pad_id = None if said is None else said[1]
+    ends = end_tokens(folder, cfg, tok)
+    for i, where in ends.items():
+        if isinstance(i, int) and not 0 <= i < n:
+            raise ValueError(f"{str(folder)!r}: {where[0]} lists {i}, outside the vocabulary of tokenizer.json "
+                             f"({n} tokens); remove it or set it to a token of your tokenizer")
     try:
-        tokenizer = HFTokenizer(tok, eos_id, pad_id)
+        tokenizer = HFTokenizer(tok, eos_id, pad_id, more_eos=list(ends)[1:])
     except ValueError as e:  # eos or pad outside the vocabulary
         raise ValueError(f"{str(folder)!r}: {e}") from None
     if tokenizer.vocab_size > cfg["vocab_size"]:
@@ -367,44 +373,45 @@ def _tokenizer_eos_hint(folder: Path, tok: tokenizers.Tokenizer) -> str:
     return f" (<|endoftext|> is {endoftext})" if endoftext is not None else ""
 
 
-def eos_warnings(folder: str | Path) -> list[str]:
-    """What else in a GPT-2 folder names an end-of-text token than the one that ends distpg's completions
-    (config.json's eos_token_id, see `load_tokenizer`): the other ids a config.json or generation_config.json
-    eos_token_id lists (transformers' `generate` stops at any of them) and a tokenizer_config.json eos_token
-    that is another token (TRL ends and masks completions at `tokenizer.eos_token_id`). distpg samples on
-    through those, as ordinary tokens. One line per finding, [] where all agree."""
+def end_tokens(folder: str | Path, cfg: dict | None = None,
+               tok: tokenizers.Tokenizer | None = None) -> dict[int, list[str]]:
+    """The tokens that end a completion from a GPT-2 folder, each with the files that name it, in order:
+    config.json's eos_token_id (`load_tokenizer`'s eos; every id where it lists several), then the ids
+    generation_config.json's eos_token_id lists (transformers' `generate` stops at each), then
+    tokenizer_config.json's eos_token (where TRL ends and masks a completion) where tokenizer.json has it.
+    {} where there is no eos at all (`load_tokenizer` says so)."""
     folder = Path(folder)
-    cfg = read_config(folder)
-    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    cfg = read_config(folder) if cfg is None else cfg
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")) if tok is None else tok
     eos_id = _eos_id(cfg, tok)
     if eos_id is None:
-        return []
-
-    def named(i: int) -> str:
-        token = tok.id_to_token(i)
-        return f"{i} ({token!r})" if token is not None else str(i)
-
-    out = []
-    others = {"config.json": _ids(cfg.get("eos_token_id"))[1:]}
+        return {}
+    found: dict[int, list[str]] = {eos_id: ["config.json's eos_token_id" if _ids(cfg.get("eos_token_id"))
+                                            else "<|endoftext|>"]}
+    for i in _ids(cfg.get("eos_token_id"))[1:]:
+        found.setdefault(i, []).append("config.json's eos_token_id")
     try:
-        others["generation_config.json"] = _ids(
-            json.loads((folder / "generation_config.json").read_text()).get("eos_token_id"))
+        listed = _ids(json.loads((folder / "generation_config.json").read_text()).get("eos_token_id"))
     except (OSError, ValueError, AttributeError):
-        pass
-    for name, ids in others.items():
-        extra = sorted(set(ids) - {eos_id})
-        if extra:
-            out.append(f"{name}'s eos_token_id also lists {', '.join(named(i) for i in extra)}, at which "
-                       "transformers' generate stops too")
+        listed = []
+    for i in listed:
+        found.setdefault(i, []).append("generation_config.json's eos_token_id")
     said = _tokenizer_eos(folder, tok)
-    if said is not None and said[1] != eos_id:
-        out.append(f"tokenizer_config.json's eos_token is {said[0]!r}"
-                   + (f" ({said[1]})" if said[1] is not None else " (not in tokenizer.json)")
-                   + ", the token at which TRL ends and masks a completion")
-    return [f"model.init_from={str(folder)!r}: a completion ends only at token {named(eos_id)}, config.json's "
-            f"eos_token_id{' (its first)' if len(_ids(cfg.get('eos_token_id'))) > 1 else ''}; {line}: distpg "
-            "samples on through it as an ordinary token (set config.json's eos_token_id to the token your "
-            "completions should end at)" for line in out]
+    if said is not None and said[1] is not None:
+        found.setdefault(said[1], []).append("tokenizer_config.json's eos_token")
+    return found
+
+
+def end_tokens_note(folder: str | Path) -> str | None:
+    """What `distpg train` says where a folder names more than one token that ends a completion (`end_tokens`);
+    None where it names one."""
+    found = end_tokens(folder)
+    if len(found) < 2:
+        return None
+    tok = tokenizers.Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    return (f"model.init_from={str(folder)!r}: a completion ends at any of "
+            + "; ".join(f"{i} ({tok.id_to_token(i)!r}, {' and '.join(dict.fromkeys(where))})"
+                        for i, where in found.items()))
 
 
 def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: str | Path, extra_files: list[Path] = ()) -> Path:
@@ -463,7 +470,8 @@ def _write_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
         "attn_pdrop": 0.0,
         "tie_word_embeddings": True,
         "bos_token_id": tokenizer.eos_id,  # GPT-2's convention: <|endoftext|> starts and ends a text
-        "eos_token_id": tokenizer.eos_id,
+        # every token that ends a completion (a list where there are several: transformers stops at each)
+        "eos_token_id": list(stop_ids(tokenizer)) if len(stop_ids(tokenizer)) > 1 else tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
         "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
     }

@@ -203,14 +203,15 @@ def validate_with_task(cfg: Config, task) -> None:
     """Checks that need the task: does the model hold the longest prompt + completion? Can the tokenizer of
     `model.init_from` write the task's prompts? (And is it a model folder, not a run's copy without weights?)"""
     if cfg.model.init_from is not None:
-        from distpg.hf import eos_warnings, is_snapshot
+        from distpg.hf import end_tokens_note, is_snapshot
 
         if is_snapshot(cfg.model.init_from):
             raise ConfigError(f"model.init_from={cfg.model.init_from!r} is a run's copy of the folder it started "
                               "from, without the weights: train from the original folder, or from a run's policy "
                               "exported with distpg export")
-        for line in eos_warnings(cfg.model.init_from):
-            print(f"distpg: warning: {line}", flush=True)
+        note = end_tokens_note(cfg.model.init_from)
+        if note is not None:
+            print(f"distpg: {note}", flush=True)
         for prompt in task.eval_prompts():
             try:
                 task.tokenizer.encode(prompt)

@@ -17,6 +17,7 @@ from distpg.config import Config, stop_strings
 from distpg.generate import SamplingParams, generate, holds_stop, stop_checker
 from distpg.memory import retain_freed_memory
 from distpg.policy import initial_policy
+from distpg.tokenizer import stop_ids
 from distpg.weights import FlatParams, WeightsError, WeightsMessage, receive
 
 
@@ -26,7 +27,7 @@ def sampling_params(cfg: Config, task) -> SamplingParams:
         temperature=cfg.rollout.temperature,
         top_k=cfg.rollout.top_k,
         top_p=cfg.rollout.top_p,
-        stop_token=task.tokenizer.eos_id,
+        stop_token=stop_ids(task.tokenizer) if len(stop_ids(task.tokenizer)) > 1 else task.tokenizer.eos_id,
     )
 
 

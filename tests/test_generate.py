@@ -207,27 +207,30 @@ def test_logprobs_match_full_forward(model, temperature, top_k, top_p, cuda_grap
 # ---------------------------------------------------------------- stop token
 
 
-def test_rows_stop_at_stop_token(model):
+@pytest.mark.parametrize("stop", [5, (5, 9)])  # one stop token, or several (each ends a row)
+def test_rows_stop_at_stop_token(model, stop):
     prompts = _prompts([3, 1, 6, 2], seed=3) * 8
-    N, stop, pad = 8, 5, 13
+    N, pad = 8, 13
+    stops = {stop} if isinstance(stop, int) else set(stop)
     params = SamplingParams(max_new_tokens=N, stop_token=stop)
     gen = generate(model, prompts, params, torch.Generator().manual_seed(1), pad)
     assert gen.tokens.shape == gen.mask.shape == gen.logprobs.shape == (len(prompts), N)
 
-    stopped = 0
+    stopped, ended_by = 0, set()
     for i in range(len(prompts)):
         toks = gen.tokens[i].tolist()
-        if stop in toks:
-            s = toks.index(stop)
+        if stops & set(toks):
+            s = min(toks.index(x) for x in stops if x in toks)
             stopped += 1
+            ended_by.add(toks[s])
             assert gen.mask[i, : s + 1].all() and not gen.mask[i, s + 1 :].any()
             assert all(t == pad for t in toks[s + 1 :])
             assert not gen.truncated[i]
         else:
             assert gen.mask[i].all()
             assert gen.truncated[i]
-    # both kinds of rows occur, and some stop before the last column
-    assert 0 < stopped < len(prompts)
+    # both kinds of rows occur, and some stop before the last column; with two stop tokens, at each
+    assert 0 < stopped < len(prompts) and ended_by == stops
     assert (gen.mask.sum(1) < N - 1).any()
 
     # the stop token only ends rows: the same seed without it samples the same tokens up to the stop
@@ -387,7 +390,7 @@ def test_generate_rejects_empty_prompt(model):
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False])
-@pytest.mark.parametrize("stop_token", [None, 3])
+@pytest.mark.parametrize("stop_token", [None, 3, (3, 8)])
 def test_fixed_shape_decode_samples_what_the_default_loop_samples(model, cpu_kernels, stop_token, monkeypatch):
     """`generate(..., cuda_graph=True)`: every step in the same shapes (attention over the whole zero-filled
     cache under a mask, the token index in a tensor the step advances, no rows dropped), the step a GPU

@@ -385,40 +385,49 @@ def test_a_pad_token_added_without_resizing_the_model_says_how_to_resize(hf_fold
         again.pad_token_id == tokenizer.pad_token_id
 
 
-def test_other_end_of_text_tokens_than_config_jsons_are_warned_about(hf_folder, tmp_path, capsys):
-    """distpg ends a completion at config.json's eos_token_id alone. A generation_config.json that lists more
-    end tokens (transformers' generate stops at each) or a tokenizer_config.json whose eos_token is another
-    token (TRL ends and masks completions there) would otherwise be ignored without a word."""
-    from distpg.hf import eos_warnings
+def test_every_end_of_text_token_a_folder_names_ends_a_completion(hf_folder, tmp_path, capsys):
+    """transformers' generate stops at each id that generation_config.json's (or config.json's) eos_token_id
+    lists, TRL at tokenizer_config.json's eos_token: distpg's sampler stops at all of them (it sampled on through
+    all but config.json's first, with a warning), decoding cuts the text there, `distpg train` names them, and
+    an export lists them in its config.json."""
+    from distpg.hf import end_tokens_note
     from distpg.orchestrator import validate_with_task
     from distpg.policy import task_for
+    from distpg.rollout import sampling_params
 
     folder, _ = hf_folder
-    assert eos_warnings(folder) == []  # as transformers saves a GPT-2: all agree
+    assert end_tokens_note(folder) is None  # as transformers saves a GPT-2: all agree
     eot = load_tokenizer(folder).eos_id
     listed = _copy_folder(folder, tmp_path / "listed")
     twice = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("Ġriver")
     gen = json.loads((listed / "generation_config.json").read_text())
     (listed / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eot, twice]}))
-    [line] = eos_warnings(listed)
-    assert line == (f"model.init_from={str(listed)!r}: a completion ends only at token {eot} ('<|endoftext|>'), "
-                    f"config.json's eos_token_id; generation_config.json's eos_token_id also lists {twice} "
-                    "('Ġriver'), at which transformers' generate stops too: distpg samples on through it as an "
-                    "ordinary token (set config.json's eos_token_id to the token your completions should end at)")
+    tok = load_tokenizer(listed)
+    assert (tok.eos_id, tok.stop_ids) == (eot, (eot, twice))
+    ids = tok.encode(" the river flows")
+    assert twice in ids and tok.decode(ids) == " the"
+    note = end_tokens_note(listed)
+    assert note == (f"model.init_from={str(listed)!r}: a completion ends at any of {eot} ('<|endoftext|>', "
+                    "config.json's eos_token_id and generation_config.json's eos_token_id and tokenizer_config.json's "
+                    f"eos_token); {twice} ('Ġriver', generation_config.json's eos_token_id)")
     cfg = config_from_dict({"model": {"init_from": str(listed)}, "task": {"name": "reverse", "length": 4}})
     capsys.readouterr()
-    validate_with_task(cfg, task_for(cfg))
-    assert capsys.readouterr().out == f"distpg: warning: {line}\n"
+    task = task_for(cfg)
+    validate_with_task(cfg, task)
+    assert capsys.readouterr().out == f"distpg: {note}\n"
+    assert sampling_params(cfg, task).stop_token == (eot, twice)
+    out = export_gpt2(load_gpt2(listed), tok, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [eot, twice]
+    assert load_tokenizer(out).stop_ids == (eot, twice)  # and read back the same
 
-    other = _copy_folder(folder, tmp_path / "other")  # config.json's eos_token_id lists two: the first is used
+    other = _copy_folder(folder, tmp_path / "other")  # config.json's eos_token_id lists two: the first is eos
     conf = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**conf, "eos_token_id": [twice, eot]}))
-    lines = eos_warnings(other)
-    assert load_tokenizer(other).eos_id == twice and len(lines) == 3
-    assert f"ends only at token {twice} ('Ġriver'), config.json's eos_token_id (its first); config.json's " \
-           f"eos_token_id also lists {eot} ('<|endoftext|>')" in lines[0]
-    assert "generation_config.json's eos_token_id also lists" in lines[1]
-    assert f"tokenizer_config.json's eos_token is '<|endoftext|>' ({eot}), the token at which TRL ends" in lines[2]
+    assert (load_tokenizer(other).eos_id, load_tokenizer(other).stop_ids) == (twice, (twice, eot))
+    (other / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eot, 10**6]}))
+    with pytest.raises(ValueError, match=r"generation_config.json's eos_token_id lists 1000000, outside the "
+                                         r"vocabulary of tokenizer.json \(\d+ tokens\)"):
+        load_tokenizer(other)
 
 
 # ---------------------------------------------------------------- model.init_from
