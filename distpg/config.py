@@ -795,8 +795,8 @@ def _check_base(data: dict, init: str, run_dir: Path, weights: bool) -> None:
     changed = base_changes(init, run_dir, weights)
     if changed:
         raise ConfigError(
-            f"model.init_from={init!r} has changed since the run started: {', '.join(changed)} "
-            f"{'differs' if len(changed) == 1 else 'differ'} from what {base / FINGERPRINT} recorded; "
+            f"model.init_from={init!r} has changed since the run started: {', '.join(changed)}, against what "
+            f"{base / FINGERPRINT} recorded; "
             + ("resuming would go on against another initial policy and KL reference: put back the folder "
                "the run started from" if weights else
                "its tokenizer or config is not the run's: put back the folder the run started from, or move "

@@ -229,15 +229,17 @@ def snapshot_base(init_from: str | Path, run_dir: Path) -> None:
 
 
 def base_changes(init_from: str | Path, run_dir: Path, weights: bool) -> list[str]:
-    """The files of `init_from` that differ from those the run in `run_dir` started from (added, removed or
-    changed); only those that are not weights unless `weights`. [] for a run without a snapshot."""
+    """The files of `init_from` that differ from those the run in `run_dir` started from, each as 'NAME
+    (added)', 'NAME (removed)' or 'NAME (changed)'; only those that are not weights unless `weights`. [] for a
+    run without a snapshot."""
     path = run_dir / BASE / FINGERPRINT
     if not path.exists():
         return []
     then = {k: v for k, v in json.loads(path.read_text()).items() if weights or not _is_weights(k)}
     now = {f.name: f for f in _files(Path(init_from)) if weights or not _is_weights(f.name)}
-    return sorted(n for n in then.keys() | now.keys()
-                  if n not in then or n not in now or file_sha256(now[n]) != then[n])
+    return [f"{n} ({'added' if n not in then else 'removed' if n not in now else 'changed'})"
+            for n in sorted(then.keys() | now.keys())
+            if n not in then or n not in now or file_sha256(now[n]) != then[n]]
 
 
 def is_snapshot(folder: str | Path) -> bool:

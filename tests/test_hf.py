@@ -690,9 +690,13 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkey
               str(folder / "model.safetensors"), metadata={"format": "pt"})
     p = cli("train", "--resume", str(run))
     assert p.returncode == 2
-    assert f"model.init_from={str(folder)!r} has changed since the run started: model.safetensors differs" in p.stderr
+    assert f"model.init_from={str(folder)!r} has changed since the run started: model.safetensors (changed), " \
+           "against what" in p.stderr
     p = cli("eval", str(run), "--samples", "2", cwd=tmp_path)  # the weights come from the run
     assert p.returncode == 0, p.stderr[-3000:]
     (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text() + "\n")  # any edit counts
+    (folder / "tokenizer_config.json").rename(tmp_path / "tokenizer_config.json")  # and so does a file gone
+    (folder / "notes.txt").write_text("or added")
     p = cli("eval", str(run), cwd=tmp_path)
-    assert p.returncode == 2 and "tokenizer.json differs from what" in p.stderr, p.stderr
+    assert p.returncode == 2 and "has changed since the run started: notes.txt (added), tokenizer.json (changed), " \
+        "tokenizer_config.json (removed), against what" in p.stderr, p.stderr
