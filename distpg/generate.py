@@ -242,7 +242,9 @@ def _prefill(model: GPT, idx, positions, key_mask, cache_k, cache_v, step=None) 
     position where it runs in C. Returns logits (b, V).
     """
     T = idx.shape[1]
-    if getattr(step, "in_c", False) and T <= PREFILL_IN_C_MAX:
+    # the C step reads embedding rows by id unchecked: ids out of range go to the batched forward's IndexError
+    if (getattr(step, "in_c", False) and T <= PREFILL_IN_C_MAX and int(idx.max()) < model.shape.vocab_size
+            and int(idx.min()) >= 0):
         for t in range(T):
             seen = None
             if key_mask is not None:  # the real slots so far, and the query itself (a padding query sees itself)

@@ -524,12 +524,22 @@ class DecodeStep:
         self._params = torch.tensor([0 if t is None else t.data_ptr() for b in blocks for t in b], dtype=torch.int64)
         self._work = [torch.empty(rows, n) for n in (C, C, C, 3 * C, 4 * C)]  # x, a, b, qkv, hid
         self._ptrs = [wte.data_ptr(), wpe.data_ptr(), C, n_head, len(blocks), self._params.data_ptr()]
+        self._shape = (len(blocks), n_head, C // n_head)  # a cache's (n_layer, ., H, ., D)
 
     def __call__(self, tok: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
                  cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int) -> torch.Tensor:
         """tok, positions (b,) int64; attn_mask bool broadcastable to (b, 1, 1, pos + 1) or None; cache_k, cache_v
         (n_layer, b, H, T_max, D); pos: the new token's cache position."""
         b, S = tok.shape[0], pos + 1
+        L, H, D = self._shape
+        # what the C code takes on trust (it reads and writes by these shapes and strides)
+        if (b > self._work[0].shape[0] or positions.shape != (b,) or tok.dtype != torch.int64
+                or positions.dtype != torch.int64 or cache_k.shape != cache_v.shape
+                or cache_k.stride() != cache_v.stride() or cache_k.dim() != 5 or cache_k.stride(-1) != 1
+                or (cache_k.shape[0], cache_k.shape[1], cache_k.shape[2], cache_k.shape[4]) != (L, b, H, D)
+                or not S <= cache_k.shape[3] or cache_k.dtype != torch.float32):
+            raise ValueError(f"DecodeStep: {b} rows (at most {self._work[0].shape[0]}), a cache of shape "
+                             f"{tuple(cache_k.shape)} (wanted ({L}, {b}, {H}, >= {S}, {D}) float32, D contiguous)")
         tok, positions = tok.contiguous(), positions.contiguous()
         mask, msb = None, 0
         if attn_mask is not None:
@@ -537,7 +547,6 @@ class DecodeStep:
             m = m if m.stride(-1) == 1 else m.contiguous()
             mask, msb = m.data_ptr(), m.stride(0)
         sl, sb, sh, ss, _ = cache_k.stride()
-        D = cache_k.shape[-1]
         scratch = torch.empty(16 * S + 2 * D)
         x, a, bb, qkv, hid = self._work
         self._fn(self._gemm, tok.data_ptr(), positions.data_ptr(), b, *self._ptrs, cache_k.data_ptr(),

@@ -304,6 +304,26 @@ def test_decode_step_in_c_matches_float64(padded, monkeypatch):
                 torch.testing.assert_close(v32[..., t, :].double(), v64[..., t, :], atol=1e-5, rtol=1e-5)
 
 
+def test_decode_step_in_c_refuses_what_it_would_read_out_of_bounds(monkeypatch):
+    """The C step trusts its shapes and ids: more rows than its work space, or a cache of another shape, is a
+    ValueError; a prompt id outside the vocabulary is PyTorch's IndexError (the prefill in C is skipped)."""
+    from distpg.model import decode_layers
+
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "transposed")
+    m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0).eval()
+    with torch.inference_mode(), kernels.packed_weights(m, decode_weights(m), None, 3):
+        in_c = kernels.decode_step_in_c(m.wte.weight, m.wpe.weight, decode_layers(m), (m.ln_f.weight, m.ln_f.bias),
+                                        1e-5, 4, 3)
+        cache = m.new_cache(4, 8)
+        tok = torch.zeros(4, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"DecodeStep: 4 rows \(at most 3\)"):
+            in_c(tok, tok, None, cache.k, cache.v, 2)
+        with pytest.raises(ValueError, match=r"wanted \(2, 3, 4, >= 9, 16\)"):
+            in_c(tok[:3], tok[:3], None, cache.k[:, :3], cache.v[:, :3], 8)
+    with pytest.raises(IndexError):
+        generate(m, [[1, 2, 16]], SamplingParams(max_new_tokens=2), torch.Generator().manual_seed(0))
+
+
 def test_decode_step_stays_in_pytorch_without_an_sgemm(monkeypatch):
     """Where PyTorch exports no usable sgemm, or the layout is oneDNN's, the sampler keeps `decode_step`'s ops."""
     from distpg.model import decode_layers
