@@ -306,7 +306,8 @@ void distpg_decode_step_f32(sgemm_t gemm, const int64_t *tok, const int64_t *pos
         for (int64_t c = 0; c < C; c++) xr[c] = e[c] + p[c];
     }
     for (int64_t l = 0; l < n_layer; l++) {
-        const float *const *w = (const float *const *)(params + 12 * l);
+        const float *w[12];
+        for (int i = 0; i < 12; i++) w[i] = (const float *)(intptr_t)params[12 * l + i];
         layer_norm_f32(x, w[0], w[1], a, B, C, eps);
         linear_f32(gemm, a, w[2], w[3], qkv, nb, c1, c3);
         distpg_decode_attention_f32(qkv, 3 * C, D, k + l * sl, v + l * sl, b, B, H, D, S, ss, sb, sh, mask, msb,
