@@ -61,12 +61,14 @@ def test_resume_of_an_ended_run_has_nothing_to_do_until_its_config_asks_for_more
 
 
 def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
+    """A reward function that always fails stops the run at its first step, clearly: exit status 1, one paragraph
+    naming the failed rollout and the function's own error, no traceback, and how to start it over."""
     # one rollout worker: one actor fewer to start (its share fails as each of two would)
     p = distpg("train", *SMALL, "--set", "task.name=tests.user_task:always_fails", "--set", "rollout.num_workers=1",
                "--run-dir", str(tmp_path / "r"))
     assert p.returncode == 1
     assert "distpg: training failed: rollout of step 1 failed: RewardError" in p.stderr
-    assert "reward service unavailable" in p.stderr
+    assert "RuntimeError: reward service unavailable" in p.stderr  # the function's own error, named
     assert "Traceback" not in p.stderr
     assert p.stderr.rstrip().endswith(f"distpg train --resume {tmp_path / 'r'} starts it over from step 0")
 
