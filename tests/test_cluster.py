@@ -363,8 +363,10 @@ def test_strict_spread_puts_each_actor_on_a_node_of_its_own_or_is_refused_up_fro
     assert [r["workers/nodes"] for r in records] == [2, 2]
 
 
+@pytest.mark.slow  # ~30 s of a multi-node chaos scenario; the default run kills workers in test_faults (chaos)
 def test_training_survives_losing_a_worker_node(cluster, tmp_path):
-    """Last in this module: it kills worker node 2 of the shared cluster mid-run."""
+    """Last in this module: it kills worker node 2 of the shared cluster mid-run. In the slow run only, as are
+    the other node losses below (the one whose node joins again also ends with every sample consumed once)."""
     env, cluster_dir, _ = cluster
     run = tmp_path / "node-loss"
     cmd = [sys.executable, "-m", "distpg", "train", "--run-dir", str(run),
