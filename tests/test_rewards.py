@@ -85,7 +85,12 @@ def test_a_reward_that_kills_its_own_process_is_contained():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # end to end; the default run checks its parts more cheaply (the docstring)
 def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
+    """A reward function that hangs on every sample: each step's samples are masked and counted, and the run goes
+    on. Its parts in the default run: the reward child killed at rollout.reward_timeout_s, in this process
+    (test_a_hanging_reward_is_killed_at_the_timeout), and a run going on through rewards that fail in their child,
+    masked and counted each step (test_the_prompts_tasks_reward_function_runs_in_a_child_by_default)."""
     cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: hang}",
                        "rollout.reward_timeout_s=1", "run.steps=2")
     t0 = time.perf_counter()
