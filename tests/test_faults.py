@@ -114,7 +114,8 @@ def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
 
 
 def test_restart_budget_stops_the_run_with_a_clear_error(ray_session, tmp_path):
-    cfg = small_config("run.steps=300", *FOUR_WORKERS, "rollout.max_restarts=1")
+    # two workers (the default): two actors fewer to start than FOUR_WORKERS, for kills that are counted alike
+    cfg = small_config("run.steps=300", "log.ledger=true", "run.checkpoint_every=100", "rollout.max_restarts=1")
     chaos = Chaos(every_steps=2, run_dir=tmp_path / "r")
     chaos.start()
     try:
