@@ -198,8 +198,10 @@ def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_sessio
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
                                for w in ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]))
+    # one rollout worker: one actor fewer to start (its reward child dies as each of two would)
     cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2",
-                       "task.reward=tests.user_rewards:kills_its_process", "run.steps=2", "rollout.max_restarts=0")
+                       "task.reward=tests.user_rewards:kills_its_process", "run.steps=2", "rollout.max_restarts=0",
+                       "rollout.num_workers=1")
     assert reward_isolation(cfg) == "process"
     train(cfg, tmp_path / "r")
     recs = [json.loads(x, parse_constant=strict) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -304,8 +306,9 @@ def test_a_trl_style_reward_function_scores_a_training_run(ray_session, tmp_path
 
 @pytest.mark.ray
 def test_an_evaluation_whose_reward_function_fails_is_reported_and_training_goes_on(ray_session, tmp_path, capsys):
+    # one rollout worker: one actor fewer to start (the learner evaluates)
     cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: held_out}", "run.steps=2",
-                       "run.eval_every=1")
+                       "run.eval_every=1", "rollout.num_workers=1")
     assert train(cfg, tmp_path / "r")["steps"] == 2
     out = capsys.readouterr().out
     assert out.count("distpg: the evaluation after step") == 2 and "LookupError: no grader for held-out prompts" in out
