@@ -104,8 +104,8 @@ def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("layout", [[], ["rollout.colocate=true", "rollout.num_workers=1"]],
-                         ids=["actors", "colocated"])
+@pytest.mark.parametrize("layout", [["rollout.num_workers=1"], ["rollout.colocate=true", "rollout.num_workers=1"]],
+                         ids=["actors", "colocated"])  # one worker, in an actor of its own or in the learner's
 def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_checkpointed(ray_session, tmp_path,
                                                                                        layout):
     """The reward service goes down at step 4 (every sample fails): the run stops with the function's error,
