@@ -299,7 +299,8 @@ def test_a_kill_right_after_a_checkpoint_keeps_the_rollouts_of_the_steps_it_kept
 
     run = tmp_path / "run"
     # log.rollout_flush_every=2: steps 1-2 are flushed at step 2, step 3 is buffered at checkpoint 3
-    cfg = small_config("run.steps=4", *ASYNC, "run.checkpoint_every=3", "algo.max_staleness=1")
+    # one rollout worker: one actor fewer to start, twice (the rollouts are written by the driver)
+    cfg = small_config("run.steps=4", *ASYNC, "run.checkpoint_every=3", "algo.max_staleness=1", "rollout.num_workers=1")
     real_save, real_flush = checkpoint.save, RolloutWriter.flush
 
     def save_then_killed(run_dir, step, *args, **kwargs):
