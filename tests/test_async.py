@@ -78,7 +78,9 @@ def test_the_ledger_of_an_interrupted_and_resumed_run_holds_every_step_once(ray_
     from distpg.metrics import EVALS, MetricsLogger
 
     run = tmp_path / "run"
-    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=2", "algo.max_staleness=1", "run.eval_every=3")
+    # one rollout worker: one actor fewer to start, twice (the ledger is the learner's)
+    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=2", "algo.max_staleness=1", "run.eval_every=3",
+                       "rollout.num_workers=1")
     real_log = MetricsLogger.log
 
     def interrupted_log(self, step, metrics, samples=None):  # after update 4, past the checkpoint of step 2
