@@ -78,7 +78,9 @@ def test_the_ledger_of_an_interrupted_and_resumed_run_holds_every_step_once(ray_
     from distpg.metrics import EVALS, MetricsLogger
 
     run = tmp_path / "run"
-    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=2", "algo.max_staleness=1", "run.eval_every=3")
+    # one rollout worker: one actor fewer to start, twice (the ledger is the learner's)
+    cfg = small_config("run.steps=5", *ASYNC, "run.checkpoint_every=2", "algo.max_staleness=1", "run.eval_every=3",
+                       "rollout.num_workers=1")
     real_log = MetricsLogger.log
 
     def interrupted_log(self, step, metrics, samples=None):  # after update 4, past the checkpoint of step 2
@@ -275,7 +277,9 @@ def test_an_async_batch_of_another_version_than_its_call_carried_stops_the_run(r
     stops the run naming the worker, the step and both versions."""
     from distpg.orchestrator import TrainingError
 
-    cfg = small_config("run.steps=8", *ASYNC, "algo.max_staleness=1", f"algo.staleness_schedule={schedule}")
+    # one rollout worker: one actor fewer to start (the check is the same for each worker's batches)
+    cfg = small_config("run.steps=8", *ASYNC, "algo.max_staleness=1", f"algo.staleness_schedule={schedule}",
+                       "rollout.num_workers=1")
     monkeypatch.setattr(Trainer, "worker_class", IgnoresLaterWeights)
     trainer = Trainer(cfg, tmp_path / "r", plan_placement(cfg, cpus=2, gpus=0))
     try:
@@ -297,7 +301,8 @@ def test_a_kill_right_after_a_checkpoint_keeps_the_rollouts_of_the_steps_it_kept
 
     run = tmp_path / "run"
     # log.rollout_flush_every=2: steps 1-2 are flushed at step 2, step 3 is buffered at checkpoint 3
-    cfg = small_config("run.steps=4", *ASYNC, "run.checkpoint_every=3", "algo.max_staleness=1")
+    # one rollout worker: one actor fewer to start, twice (the rollouts are written by the driver)
+    cfg = small_config("run.steps=4", *ASYNC, "run.checkpoint_every=3", "algo.max_staleness=1", "rollout.num_workers=1")
     real_save, real_flush = checkpoint.save, RolloutWriter.flush
 
     def save_then_killed(run_dir, step, *args, **kwargs):

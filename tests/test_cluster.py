@@ -345,25 +345,28 @@ def test_scale_on_the_cluster_sweeps_nodes(cluster, tmp_path):
 
 
 def test_strict_spread_puts_each_actor_on_a_node_of_its_own_or_is_refused_up_front(cluster, tmp_path):
+    """Both trains by cli.main one after the other in one process (one interpreter and torch import)."""
     env, cluster_dir, _ = cluster
-    base = [sys.executable, "-m", "distpg", "train", "--set", "ray.placement_strategy=STRICT_SPREAD",
-            "--set", "run.steps=2", "--set", "task.length=4", "--set", "log.print_every=1"]
-    cenv = {**client_env(env, cluster_dir), "PYTHONPATH": str(ROOT)}
-    # a learner and 3 workers on three nodes: Ray would wait for a fourth node; refused before any actor starts
-    p = sh(*base, "--set", "rollout.num_workers=3", "--run-dir", str(tmp_path / "no"), env=cenv, timeout=120)
+    base = ["train", "--set", "ray.placement_strategy=STRICT_SPREAD", "--set", "run.steps=2", "--set",
+            "task.length=4", "--set", "log.print_every=1"]
+    run = tmp_path / "yes"
+    # a learner and 3 workers on three nodes: Ray would wait for a fourth node; refused before any actor starts;
+    # then half-CPU workers, which would share the learner's 2-CPU node under PACK, each get a node of their own
+    p, yes = distpg_commands(([*base, "--set", "rollout.num_workers=3", "--run-dir", str(tmp_path / "no")], {}),
+                             ([*base, "--run-dir", str(run)], {}), env=client_env(env, cluster_dir), timeout=320)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert "ray.placement_strategy=STRICT_SPREAD" in p.stderr and "rollout.num_workers <= 2" in p.stderr
     assert "Traceback" not in p.stderr
-    # half-CPU workers would share the learner's 2-CPU node under PACK; each gets a node of its own here
-    run = tmp_path / "yes"
-    p = sh(*base, "--run-dir", str(run), env=cenv, timeout=200)
+    p = yes
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["workers/nodes"] for r in records] == [2, 2]
 
 
+@pytest.mark.slow  # ~30 s of a multi-node chaos scenario; the default run kills workers in test_faults (chaos)
 def test_training_survives_losing_a_worker_node(cluster, tmp_path):
-    """Last in this module: it kills worker node 2 of the shared cluster mid-run."""
+    """Last in this module: it kills worker node 2 of the shared cluster mid-run. In the slow run only, as are
+    the other node losses below (the one whose node joins again also ends with every sample consumed once)."""
     env, cluster_dir, _ = cluster
     run = tmp_path / "node-loss"
     cmd = [sys.executable, "-m", "distpg", "train", "--run-dir", str(run),

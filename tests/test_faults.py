@@ -114,7 +114,8 @@ def test_chaos_killing_workers_loses_nothing(ray_session, tmp_path, mode):
 
 
 def test_restart_budget_stops_the_run_with_a_clear_error(ray_session, tmp_path):
-    cfg = small_config("run.steps=300", *FOUR_WORKERS, "rollout.max_restarts=1")
+    # two workers (the default): two actors fewer to start than FOUR_WORKERS, for kills that are counted alike
+    cfg = small_config("run.steps=300", "log.ledger=true", "run.checkpoint_every=100", "rollout.max_restarts=1")
     chaos = Chaos(every_steps=2, run_dir=tmp_path / "r")
     chaos.start()
     try:
@@ -177,7 +178,7 @@ def test_a_trainer_that_fails_to_start_frees_what_it_reserved(ray_session, tmp_p
     ray = ray_session
 
     monkeypatch.setattr(Trainer, "worker_class", DiesAtStart)
-    cfg = small_config("rollout.max_restarts=0")
+    cfg = small_config("rollout.max_restarts=0", "rollout.num_workers=1")  # one worker: one actor fewer to start
     before = set(ray.util.placement_group_table())
     with pytest.raises(TrainingError, match=r"rollout worker 0 failed to start .*rollout.max_restarts=0 is spent"):
         Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
@@ -199,7 +200,7 @@ def test_a_worker_whose_constructor_raises_stops_the_run_at_once_naming_the_erro
     # the same error on every try: it was taken for a fault, retried 6 times with back-off (about 30 s) and
     # reported as "restarting rollout worker 0 failed 6 times; last: ActorDiedError", without the error itself
     monkeypatch.setattr(Trainer, "worker_class", RaisesAtStart)
-    cfg = small_config()
+    cfg = small_config("rollout.num_workers=1")  # one worker: one actor fewer to start
     with pytest.raises(TrainingError, match=r"rollout worker 0 failed to start: its constructor raised "
                                             r"distpg.config.ConfigError: task.prompts_path='data/p.jsonl': no such "
                                             r"file$"):
@@ -213,8 +214,9 @@ def test_relative_paths_reach_workers_that_run_in_another_folder(ray_session, tm
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
                                               for w in ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen")))
+    # one rollout worker: one actor fewer to start
     cfg = small_config("task.name=prompts", "task.prompts_path=p.jsonl", "task.num_eval=2", "run.steps=1",
-                       "task.reward=distpg.examples.rewards:match_reference")
+                       "task.reward=distpg.examples.rewards:match_reference", "rollout.num_workers=1")
     summary = train(cfg, tmp_path / "run")
     assert summary["steps"] == 1
     assert "prompts_path: p.jsonl" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config as given

@@ -85,7 +85,12 @@ def test_a_reward_that_kills_its_own_process_is_contained():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # end to end; the default run checks its parts more cheaply (the docstring)
 def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
+    """A reward function that hangs on every sample: each step's samples are masked and counted, and the run goes
+    on. Its parts in the default run: the reward child killed at rollout.reward_timeout_s, in this process
+    (test_a_hanging_reward_is_killed_at_the_timeout), and a run going on through rewards that fail in their child,
+    masked and counted each step (test_the_prompts_tasks_reward_function_runs_in_a_child_by_default)."""
     cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: hang}",
                        "rollout.reward_timeout_s=1", "run.steps=2")
     t0 = time.perf_counter()
@@ -99,8 +104,8 @@ def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("layout", [[], ["rollout.colocate=true", "rollout.num_workers=1"]],
-                         ids=["actors", "colocated"])
+@pytest.mark.parametrize("layout", [["rollout.num_workers=1"], ["rollout.colocate=true", "rollout.num_workers=1"]],
+                         ids=["actors", "colocated"])  # one worker, in an actor of its own or in the learner's
 def test_a_reward_function_that_breaks_mid_run_stops_it_with_the_last_step_checkpointed(ray_session, tmp_path,
                                                                                        layout):
     """The reward service goes down at step 4 (every sample fails): the run stops with the function's error,
@@ -193,8 +198,10 @@ def test_the_prompts_tasks_reward_function_runs_in_a_child_by_default(ray_sessio
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "reference": w}) + "\n"
                                for w in ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]))
+    # one rollout worker: one actor fewer to start (its reward child dies as each of two would)
     cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2",
-                       "task.reward=tests.user_rewards:kills_its_process", "run.steps=2", "rollout.max_restarts=0")
+                       "task.reward=tests.user_rewards:kills_its_process", "run.steps=2", "rollout.max_restarts=0",
+                       "rollout.num_workers=1")
     assert reward_isolation(cfg) == "process"
     train(cfg, tmp_path / "r")
     recs = [json.loads(x, parse_constant=strict) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -299,8 +306,9 @@ def test_a_trl_style_reward_function_scores_a_training_run(ray_session, tmp_path
 
 @pytest.mark.ray
 def test_an_evaluation_whose_reward_function_fails_is_reported_and_training_goes_on(ray_session, tmp_path, capsys):
+    # one rollout worker: one actor fewer to start (the learner evaluates)
     cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: held_out}", "run.steps=2",
-                       "run.eval_every=1")
+                       "run.eval_every=1", "rollout.num_workers=1")
     assert train(cfg, tmp_path / "r")["steps"] == 2
     out = capsys.readouterr().out
     assert out.count("distpg: the evaluation after step") == 2 and "LookupError: no grader for held-out prompts" in out
