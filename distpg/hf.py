@@ -318,7 +318,7 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
                         "then defaults to eos)"))
     pad_id = cfg.get("pad_token_id")
     if pad_id is None:
-        said = _tokenizer_eos(folder, tok, "pad_token")
+        said = _tokenizer_config_token(folder, tok, "pad_token")
         pad_id = None if said is None else said[1]
     ends = end_tokens(folder, cfg, tok)
     for i, where in ends.items():
@@ -354,7 +354,8 @@ def _ids(value) -> list[int]:
     return [i for i in value if isinstance(i, int) and not isinstance(i, bool)] if isinstance(value, list) else []
 
 
-def _tokenizer_eos(folder: Path, tok: tokenizers.Tokenizer, key: str = "eos_token") -> tuple[str, int | None] | None:
+def _tokenizer_config_token(folder: Path, tok: tokenizers.Tokenizer,
+                            key: str = "eos_token") -> tuple[str, int | None] | None:
     """tokenizer_config.json's eos_token (what transformers' and TRL's `tokenizer.eos_token_id` is), or another
     special token (`key`: pad_token), and its id in tokenizer.json; None where the file or the field is absent
     or unreadable."""
@@ -369,7 +370,7 @@ def _tokenizer_eos(folder: Path, tok: tokenizers.Tokenizer, key: str = "eos_toke
 
 def _tokenizer_eos_hint(folder: Path, tok: tokenizers.Tokenizer) -> str:
     endoftext = tok.token_to_id("<|endoftext|>")
-    said = _tokenizer_eos(folder, tok)
+    said = _tokenizer_config_token(folder, tok)
     if said is not None and said[1] is not None and said[1] != endoftext:
         return f" (tokenizer_config.json's eos_token {said[0]!r} is {said[1]})"
     return f" (<|endoftext|> is {endoftext})" if endoftext is not None else ""
@@ -388,9 +389,9 @@ def end_tokens(folder: str | Path, cfg: dict | None = None,
     eos_id = _eos_id(cfg, tok)
     if eos_id is None:
         return {}
-    found: dict[int, list[str]] = {eos_id: ["config.json's eos_token_id" if _ids(cfg.get("eos_token_id"))
-                                            else "<|endoftext|>"]}
-    for i in _ids(cfg.get("eos_token_id"))[1:]:
+    listed = _ids(cfg.get("eos_token_id"))
+    found: dict[int, list[str]] = {eos_id: ["config.json's eos_token_id" if listed else "<|endoftext|>"]}
+    for i in listed[1:]:
         found.setdefault(i, []).append("config.json's eos_token_id")
     try:
         listed = _ids(json.loads((folder / "generation_config.json").read_text()).get("eos_token_id"))
@@ -398,7 +399,7 @@ def end_tokens(folder: str | Path, cfg: dict | None = None,
         listed = []
     for i in listed:
         found.setdefault(i, []).append("generation_config.json's eos_token_id")
-    said = _tokenizer_eos(folder, tok)
+    said = _tokenizer_config_token(folder, tok)
     if said is not None and said[1] is not None:
         found.setdefault(said[1], []).append("tokenizer_config.json's eos_token")
     return found
@@ -407,10 +408,10 @@ def end_tokens(folder: str | Path, cfg: dict | None = None,
 def end_tokens_note(folder: str | Path) -> str | None:
     """What `distpg train` says where a folder names more than one token that ends a completion (`end_tokens`);
     None where it names one."""
-    found = end_tokens(folder)
+    tok = tokenizers.Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    found = end_tokens(folder, tok=tok)
     if len(found) < 2:
         return None
-    tok = tokenizers.Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     return (f"model.init_from={str(folder)!r}: a completion ends at any of "
             + "; ".join(f"{i} ({tok.id_to_token(i)!r}, {' and '.join(dict.fromkeys(where))})"
                         for i, where in found.items()))

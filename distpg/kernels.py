@@ -519,10 +519,12 @@ class DecodeStep:
                  blocks: Sequence[Sequence[torch.Tensor | None]], ln_f: tuple[torch.Tensor, torch.Tensor],
                  eps: float, n_head: int, rows: int) -> None:
         C = wte.shape[1]
-        self._fn, self._gemm, self._eps, self._H = lib.distpg_decode_step_f32, gemm, eps, n_head
+        self._fn, self._gemm, self._eps = lib.distpg_decode_step_f32, gemm, eps
         self._keep = (wte, wpe, blocks, ln_f)  # what the addresses below point into
+        self._ln_f = (ln_f[0].data_ptr(), ln_f[1].data_ptr())
         self._params = torch.tensor([0 if t is None else t.data_ptr() for b in blocks for t in b], dtype=torch.int64)
         self._work = [torch.empty(rows, n) for n in (C, C, C, 3 * C, 4 * C)]  # x, a, b, qkv, hid
+        self._work_ptrs = [t.data_ptr() for t in self._work]
         self._ptrs = [wte.data_ptr(), wpe.data_ptr(), C, n_head, len(blocks), self._params.data_ptr()]
         self._shape = (len(blocks), n_head, C // n_head)  # a cache's (n_layer, ., H, ., D)
 
@@ -548,12 +550,10 @@ class DecodeStep:
             mask, msb = m.data_ptr(), m.stride(0)
         sl, sb, sh, ss, _ = cache_k.stride()
         scratch = torch.empty(16 * S + 2 * D)
-        x, a, bb, qkv, hid = self._work
         self._fn(self._gemm, tok.data_ptr(), positions.data_ptr(), b, *self._ptrs, cache_k.data_ptr(),
-                 cache_v.data_ptr(), sl, ss, sb, sh, S, mask, msb, self._eps, self._keep[3][0].data_ptr(),
-                 self._keep[3][1].data_ptr(), x.data_ptr(), a.data_ptr(), bb.data_ptr(), qkv.data_ptr(),
-                 hid.data_ptr(), scratch.data_ptr())
-        return a[:b]
+                 cache_v.data_ptr(), sl, ss, sb, sh, S, mask, msb, self._eps, *self._ln_f, *self._work_ptrs,
+                 scratch.data_ptr())
+        return self._work[1][:b]  # a: the final layer norm's output
 
 
 def decode_step_in_c(wte: torch.Tensor, wpe: torch.Tensor, layers: Sequence[Sequence[torch.Tensor]],

@@ -1397,9 +1397,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
               f"the steps from {start + 1} on run with the new values ({PROVENANCE} keeps both)", flush=True)
     missing = _missing(cfg.to_dict(), config) if resume else []
     if missing:
-        print(f"distpg: {run_dir / 'config.yaml'} has no {', '.join(m.split(' = ')[0] for m in missing)} (added to "
+        print(f"distpg: {run_dir / 'config.yaml'} has no {', '.join(name for name, _ in missing)} (added to "
               f"distpg since the run started): from step {start + 1} on they take their defaults, "
-              f"{', '.join(missing)}; set them in config.yaml to choose", flush=True)
+              f"{', '.join(f'{name} = {value!r}' for name, value in missing)}; set them in config.yaml to choose",
+              flush=True)
     with open(path, "a") as f:
         f.write(json.dumps({**provenance(start), "config": config}) + "\n")
     if resume:
@@ -1408,12 +1409,12 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
     return start
 
 
-def _missing(resolved: dict, written: dict, prefix: str = "") -> list[str]:
-    """'path = value' for each field of the resolved config that the written one (a run's config.yaml) lacks."""
+def _missing(resolved: dict, written: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(path, value) of each field of the resolved config that the written one (a run's config.yaml) lacks."""
     out = []
     for key, value in resolved.items():
         if key not in written:
-            out.append(f"{prefix}{key} = {value!r}")
+            out.append((f"{prefix}{key}", value))
         elif isinstance(value, dict) and isinstance(written[key], dict):
             out += _missing(value, written[key], f"{prefix}{key}.")
     return out
