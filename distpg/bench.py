@@ -195,7 +195,10 @@ def bench_sampler(case_name: str, repeats: int, threads: int, device: str) -> di
         _sync(device)
 
     def run_ours(n: int = case.new_tokens, cuda_graph: bool = False):
-        out = generate(ours, prompts.tolist(), SamplingParams(max_new_tokens=n), g, cuda_graph=cuda_graph)
+        # a new weights key each time, as a rollout worker's new policy version: the weights are laid out
+        # again (timed), into the memory of the previous layout (as on a worker)
+        out = generate(ours, prompts.tolist(), SamplingParams(max_new_tokens=n), g, cuda_graph=cuda_graph,
+                       weights_key=object())
         assert bool(out.mask.all())
         _sync(device)
 

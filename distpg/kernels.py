@@ -48,6 +48,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -174,6 +175,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.distpg_decode_step_f32.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64,
                                            i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.distpg_decode_step_f32.restype = None
+    lib.distpg_transpose_f32.argtypes = [ptr, ptr, i64, i64]
+    lib.distpg_transpose_f32.restype = None
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
@@ -334,7 +337,9 @@ PACK_MIN_FLOAT32 = 1 << 15
 # "onednn" elsewhere (AMD EPYC: 1.12-1.49x over F.linear). bfloat16 weights always go to oneDNN.
 FLOAT32_LAYOUT: str | None = None
 _PACK_OK: dict[torch.dtype, str | None] = {}  # dtype -> None (usable) or why not, decided once per process
-_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> (key, data pointers, [packed])
+_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> _Packs
+_packs_lock = threading.Lock()
+_SPARE = object()  # the key of an owner's memory kept without valid copies (`release(keep_memory=True)`)
 _active = threading.local()  # .packs: {id(weight): packed weight} inside `packed_weights`, else absent/None
 
 
@@ -394,17 +399,42 @@ def packed_weights(owner: object, weights: Sequence[torch.Tensor], key: object, 
         yield
         return
     ptrs = tuple((w.data_ptr(), w.dtype, tuple(w.shape)) for w in weights)
-    cached = _packs.get(owner) if key is not None else None
-    if cached is not None and cached[0] == key and cached[1] == ptrs:
-        packed = cached[2]
-    else:
-        _packs.pop(owner, None)  # the old copies go before the new ones are made
+    with _packs_lock:
+        entry = _packs.get(owner)
+        if entry is None or key is None or entry.key != key or entry.ptrs != ptrs:
+            spare = None
+            if entry is not None:  # the old copies go before the new ones are made, into their memory if unused
+                del _packs[owner]
+                if entry.users == 0:
+                    spare, entry.buffer = entry.buffer, None
+            entry = None
+        if entry is not None:
+            entry.users += 1
+    if entry is None:
         with torch.no_grad():
-            packed = [_pack(w.detach(), rows) for w in weights]
+            packed, buffer = _pack_all([w.detach() for w in weights], rows, spare)
+        entry = _Packs(key, ptrs, packed, buffer, users=1)
         if key is not None:
-            _packs[owner] = (key, ptrs, packed)
-    with using_packs({id(w): p for w, p in zip(weights, packed)}):
-        yield
+            with _packs_lock:
+                _packs[owner] = entry
+    try:
+        with using_packs({id(w): p for w, p in zip(weights, entry.packed)}):
+            yield
+    finally:
+        with _packs_lock:
+            entry.users -= 1
+
+
+@dataclass
+class _Packs:
+    """An owner's pre-packed copies: made for `key` from the weights at `ptrs`; the transposed ones live in
+    `buffer` (None if none), which the next key's copies reuse once no block (`users`) multiplies by these."""
+
+    key: object
+    ptrs: tuple
+    packed: list[torch.Tensor]
+    buffer: torch.Tensor | None
+    users: int = 0
 
 
 def active_packs() -> dict | None:
@@ -423,10 +453,15 @@ def using_packs(packs: dict | None) -> Iterator[None]:
         _active.packs = outer
 
 
-def release(owner: object) -> None:
+def release(owner: object, keep_memory: bool = False) -> None:
     """Drop the pre-packed copies kept for `owner` (a rollout worker does when its weights change, so that a
-    version's copies do not outlive it)."""
-    _packs.pop(owner, None)
+    version's copies do not outlive it). With `keep_memory`, the transposed copies' memory stays for the next
+    ones (unless a block is multiplying by them): a worker's next version is packed into it, with no fresh
+    pages to fault in (GPT-2 124M: ~470 MB per version)."""
+    with _packs_lock:
+        entry = _packs.pop(owner, None)
+        if keep_memory and entry is not None and entry.users == 0 and entry.buffer is not None:
+            _packs[owner] = _Packs(_SPARE, (), [], entry.buffer)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -464,12 +499,40 @@ def _intel() -> bool:
     return "GenuineIntel" in _cpu_identity()
 
 
-def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """`w` (out, in) laid out for `linear`: transposed for the BLAS (float32 where `float32_layout()` says so),
-    else in oneDNN's blocked format for `rows`-row products."""
-    if w.dtype == torch.float32 and float32_layout() == "transposed":
-        return w.t().contiguous()
-    return torch.ops.mkldnn._reorder_linear_weight(w, max(1, rows))
+ALIGN_FLOATS = 16  # each transposed copy starts on a 64-byte cache line
+
+
+def _pack_all(weights: Sequence[torch.Tensor], rows: int,
+              spare: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Each of `weights` (out, in) laid out for `linear`: transposed for the BLAS (float32 where
+    `float32_layout()` says so), else in oneDNN's blocked format for `rows`-row products; and the buffer the
+    transposed copies share (None if there are none): `spare` where it is large enough, else a new one.
+
+    The transposed copies are written by the C library's tiled transpose where it is built (PyTorch's copy of
+    a transposed view otherwise). GPT-2 124M's 49 matrices, one thread: ~170-220 ms into a reused buffer,
+    against 350-640 ms for a fresh copy of each (half of it faulting in new pages), once per policy version."""
+    transposed = [w.dtype == torch.float32 and float32_layout() == "transposed" for w in weights]
+    sizes = [-(-w.numel() // ALIGN_FLOATS) * ALIGN_FLOATS if t else 0 for w, t in zip(weights, transposed)]
+    need = sum(sizes) + ALIGN_FLOATS
+    buffer = None
+    if any(transposed):
+        buffer = spare if spare is not None and spare.numel() >= need else torch.empty(need)
+    offset = -buffer.data_ptr() // 4 % ALIGN_FLOATS if buffer is not None else 0
+    lib = load() if buffer is not None else None
+    packed = []
+    for w, t, size in zip(weights, transposed, sizes):
+        if not t:
+            packed.append(torch.ops.mkldnn._reorder_linear_weight(w, max(1, rows)))
+            continue
+        w = w.contiguous()
+        out = buffer[offset : offset + w.numel()].view(w.shape[1], w.shape[0])
+        offset += size
+        if lib is not None:
+            lib.distpg_transpose_f32(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1])
+        else:
+            out.copy_(w.t())
+        packed.append(out)
+    return packed, buffer
 
 
 # ------------------------------------------------------------------------- the float32 decode step in one call

@@ -105,7 +105,8 @@ class RolloutWorker:
         distpg.weights), else it is copied (and converted to rollout.dtype); the checksum is re-read only if
         the message was packed on another node.
         """
-        kernels.release(self.model)  # the previous version's pre-packed weights (generate) go first
+        kernels.release(self.model, keep_memory=True)  # the previous version's pre-packed weights go (their memory
+        # takes the next version's)
         self.flat.load_published(msg)
         self.version = msg.version
         return self.version

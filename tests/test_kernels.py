@@ -141,13 +141,13 @@ def test_small_float32_weights_stay_on_f_linear(monkeypatch):
         monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "onednn")
         with kernels.packed_weights(owner, [small, big], "v0", rows=4):
             assert kernels.linear(x, small) is None and kernels.linear(x, big) is not None
-        assert len(kernels._packs[owner][2]) == 1  # only the big one's copy is kept
+        assert len(kernels._packs[owner].packed) == 1  # only the big one's copy is kept
         with kernels.packed_weights(owner, [small], None, rows=4):  # nothing worth packing
             assert kernels.linear(x, small) is None
         monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "transposed")
         with kernels.packed_weights(owner, [small, big], "v0", rows=4):
             assert kernels.linear(x, small) is not None and kernels.linear(x, big) is not None
-        assert len(kernels._packs[owner][2]) == 2
+        assert len(kernels._packs[owner].packed) == 2
         half = small.bfloat16()
         if not kernels.packing_unavailable(torch.bfloat16):
             with kernels.packed_weights(owner, [half], None, rows=4):
@@ -201,13 +201,16 @@ def _counted(fn, calls: list):
     return counted
 
 
-@pytest.mark.parametrize("layout,prefill_in_c", [("onednn", 32), ("transposed", 32), ("transposed", 0)])
-def test_generate_with_and_without_kernels(layout, prefill_in_c, monkeypatch):
+@pytest.mark.parametrize("layout,prefill_in_c,max_width", [("onednn", 32, 512), ("transposed", 32, 512),
+                                                            ("transposed", 0, 512), ("transposed", 32, 32)])
+def test_generate_with_and_without_kernels(layout, prefill_in_c, max_width, monkeypatch):
     """The same samples either way in float32, with either layout of the weights; with the transposed one, the
-    decode step in C, and the (left-padded, repeated) prompts prefilled through it or by the batched forward."""
+    decode step in C, and the (left-padded, repeated) prompts prefilled through it or, when longer than
+    PREFILL_IN_C_MAX or the model (64 wide) is wider than PREFILL_IN_C_MAX_WIDTH, by the batched forward."""
     import distpg.generate as G
 
     monkeypatch.setattr(G, "PREFILL_IN_C_MAX", prefill_in_c)
+    monkeypatch.setattr(G, "PREFILL_IN_C_MAX_WIDTH", max_width)
     monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)
     m = build_model(ModelShape(16, 2, 4, 64, 64), seed=0)
     randomize_parameters(m, seed=1, scale=0.15)
@@ -222,7 +225,8 @@ def test_generate_with_and_without_kernels(layout, prefill_in_c, monkeypatch):
         out[on] = generate(m, prompts, params, torch.Generator().manual_seed(0))
     # the transposed layout's steps: one C call each, and one per prompt position (7) of its prefill when in C
     assert (layout == "transposed") == any(pos >= 7 for pos in in_c)
-    assert sorted(pos for pos in in_c if pos < 7) == (list(range(7)) if layout == "transposed" and prefill_in_c else [])
+    prefilled_in_c = layout == "transposed" and prefill_in_c and max_width >= 64
+    assert sorted(pos for pos in in_c if pos < 7) == (list(range(7)) if prefilled_in_c else [])
     assert torch.equal(out[True].tokens, out[False].tokens)
     torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-5, rtol=0)
 
@@ -349,7 +353,7 @@ def test_packed_linear_matches_float64(dtype, layout, monkeypatch):
     if kernels.packing_unavailable(dtype):
         pytest.skip(kernels.packing_unavailable(dtype))
     monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)
-    laid_out = kernels._pack(torch.zeros(4, 3, dtype=dtype), 8)
+    laid_out = kernels._pack_all([torch.zeros(4, 3, dtype=dtype)], 8)[0][0]
     assert laid_out.is_mkldnn == (layout != "transposed") and laid_out.dtype == dtype
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(96, 40, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
@@ -387,6 +391,34 @@ def test_packed_linear_matches_float64(dtype, layout, monkeypatch):
             assert kernels.linear(x, wp, b) is None
 
 
+@pytest.mark.parametrize("built", [True, False])
+def test_transposed_copies_are_exact_and_aligned(built, monkeypatch):
+    """The transposed layout's copies, by the C library's tiled transpose and by PyTorch's copy where it is not
+    built: each exactly its weight transposed (shapes off the 32-wide tiles), each on its own 64-byte line in
+    one shared buffer, the bfloat16 one left to oneDNN; a spare buffer is written into when it is large enough."""
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "transposed")
+    if not built:
+        monkeypatch.setattr(kernels, "load", lambda: None)
+    elif kernels.load() is None:
+        pytest.skip(kernels.status())
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(r, c, generator=g) for r, c in ((1, 1), (33, 65), (100, 37), (2304, 768), (5, 3))]
+    ws.append(torch.randn(6, 4, generator=g).to(torch.bfloat16))
+    ws[-2] = ws[-2].t()  # a non-contiguous weight is read as its values
+    if kernels.packing_unavailable(torch.bfloat16):
+        ws.pop()
+    packed, buffer = kernels._pack_all(ws, 8)
+    for w, p in zip(ws, packed):
+        if w.dtype == torch.bfloat16:
+            assert p.is_mkldnn
+            continue
+        assert p.is_contiguous() and torch.equal(p, w.t()) and p.data_ptr() % 64 == 0
+    assert {p.untyped_storage().data_ptr() for p in packed if not p.is_mkldnn} == {buffer.data_ptr()}  # one buffer
+    again, reused = kernels._pack_all(ws, 8, spare=buffer)  # into a spare buffer that is large enough
+    assert reused is buffer and all(torch.equal(a, p) for a, p in zip(again, packed) if not p.is_mkldnn)
+    assert kernels._pack_all(ws, 8, spare=buffer[:100])[1] is not buffer  # a smaller one is not written past
+
+
 def test_packed_weights_are_kept_per_key_and_repacked_when_it_changes():
     """The layout is made once per key: reused for the same key and weight memory, made again for another
     key (weights overwritten in place, as a copying load does) or another tensor (zero-copy load); with
@@ -400,19 +432,46 @@ def test_packed_weights_are_kept_per_key_and_repacked_when_it_changes():
         return generate(m, prompts, params, torch.Generator().manual_seed(0), weights_key=key).tokens
 
     first = sample(1)
-    kept = kernels._packs[m][2]
-    assert torch.equal(sample(1), first) and kernels._packs[m][2] is kept
+    kept = kernels._packs[m].packed
+    assert torch.equal(sample(1), first) and kernels._packs[m].packed is kept
     with torch.no_grad():  # new values in the same memory, under a new key
         m.wte.weight.mul_(-3.0)
     second = sample(2)
-    assert kernels._packs[m][2] is not kept
+    assert kernels._packs[m].packed is not kept
     kernels.enabled = False
     assert torch.equal(sample(2), second)  # the same as PyTorch's products on the new weights
     kernels.enabled = True
-    kept = kernels._packs[m][2]
+    kept = kernels._packs[m].packed
     m.wte.weight.data = m.wte.weight.data.clone()  # the same key, new memory: laid out again
-    assert torch.equal(sample(2), second) and kernels._packs[m][2] is not kept
+    assert torch.equal(sample(2), second) and kernels._packs[m].packed is not kept
     sample(None)
+    assert m not in kernels._packs
+
+
+def test_a_new_versions_copies_reuse_the_old_memory_unless_it_is_in_use(monkeypatch):
+    """With the transposed layout, the next key's copies go into the previous key's memory (or the memory
+    `release(keep_memory=True)` kept), with the new values; never into copies a block is still multiplying by."""
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", "transposed")
+    m = build_model(ModelShape(16, 2, 2, 32, 32), seed=0).eval().requires_grad_(False)
+    ws = decode_weights(m)
+
+    def laid_out(key):
+        with kernels.packed_weights(m, ws, key, rows=4):
+            packs = kernels.active_packs()
+            assert all(torch.equal(packs[id(w)], w.t()) for w in ws)  # the current values
+            return kernels._packs[m].buffer
+
+    first = laid_out(1)
+    m.wte.weight.mul_(-3.0)
+    assert laid_out(2) is first  # reused
+    kernels.release(m, keep_memory=True)
+    assert kernels._packs[m].packed == [] and laid_out(3) is first
+    with kernels.packed_weights(m, ws, 4, rows=4):  # in use: another key's copies go elsewhere
+        outer = {k: v.clone() for k, v in kernels.active_packs().items()}
+        m.wte.weight.mul_(-1.0)
+        assert laid_out(5) is not first
+        assert all(torch.equal(outer[k], v) for k, v in kernels.active_packs().items())  # left as they were
+    kernels.release(m)
     assert m not in kernels._packs
 
 
@@ -550,9 +609,9 @@ def test_float32_weights_are_laid_out_by_the_cpus_vendor_unless_set(cpu, layout,
     kernels._intel.cache_clear()
     try:
         assert kernels.float32_layout() == layout
-        assert kernels._pack(torch.zeros(4, 3), 8).is_mkldnn == (layout == "onednn")
+        assert kernels._pack_all([torch.zeros(4, 3)], 8)[0][0].is_mkldnn == (layout == "onednn")
         if not kernels.packing_unavailable(torch.bfloat16):  # bfloat16: oneDNN always
-            assert kernels._pack(torch.zeros(4, 3, dtype=torch.bfloat16), 8).is_mkldnn
+            assert kernels._pack_all([torch.zeros(4, 3, dtype=torch.bfloat16)], 8)[0][0].is_mkldnn
         if not kernels.packing_unavailable(torch.float32):  # what `distpg doctor` says of the decode step
             assert ("the float32 decode step in one C call" in kernels.status()) == (layout == "transposed")
             monkeypatch.setattr(kernels, "_sgemm", [None])

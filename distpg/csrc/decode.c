@@ -322,3 +322,21 @@ void distpg_decode_step_f32(sgemm_t gemm, const int64_t *tok, const int64_t *pos
     }
     layer_norm_f32(x, lnf_w, lnf_b, a, B, C, eps);
 }
+
+/* transpose_f32: dst (cols, rows) = src (rows, cols) transposed, both contiguous; in 32 x 32 tiles, so that a
+   tile's reads and writes stay in the L1 cache (PyTorch's copy of a transposed view is about twice as slow
+   on the sampler's weight matrices). */
+#define TRANSPOSE_TILE 32
+void distpg_transpose_f32(const float *restrict src, float *restrict dst, int64_t rows, int64_t cols) {
+    for (int64_t r0 = 0; r0 < rows; r0 += TRANSPOSE_TILE) {
+        const int64_t r1 = r0 + TRANSPOSE_TILE < rows ? r0 + TRANSPOSE_TILE : rows;
+        for (int64_t c0 = 0; c0 < cols; c0 += TRANSPOSE_TILE) {
+            const int64_t c1 = c0 + TRANSPOSE_TILE < cols ? c0 + TRANSPOSE_TILE : cols;
+            for (int64_t c = c0; c < c1; c++) {
+                float *d = dst + c * rows;
+                const float *s = src + c;
+                for (int64_t r = r0; r < r1; r++) d[r] = s[r * cols];
+            }
+        }
+    }
+}
