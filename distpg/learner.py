@@ -68,8 +68,13 @@ class Learner:
         if self.value_head is not None:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
+        self.fused_adam = torch.device(device).type in ("cpu", "cuda")
+        # PyTorch's fused AdamW (one kernel over each parameter, on the CPU as on CUDA): on a CPU, one thread,
+        # a step took 0.26 / 2.9 / 127 ms at the tiny / 4x256 / GPT-2 124M policies against 1.1 / 15 / 795 ms
+        # for the per-tensor loop PyTorch picks by default there (and 0.8 / 9 / 600-750 for foreach)
         self.optimizer = torch.optim.AdamW(
-            self.trainable(), lr=lc.lr, betas=(lc.beta1, lc.beta2), weight_decay=lc.weight_decay
+            self.trainable(), lr=lc.lr, betas=(lc.beta1, lc.beta2), weight_decay=lc.weight_decay,
+            fused=self.fused_adam,
         )
         self.version = 0
         self.ema: float | None = None
@@ -438,6 +443,8 @@ class Learner:
         if self.value_head is not None and state.get("value_head"):
             self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint of an earlier distpg names the per-tensor loop
+            group["fused"], group["foreach"] = self.fused_adam or None, None
         self.version = int(state["version"])
         self.ema = state["ema"]
         self.skipped_steps = int(state.get("skipped_steps", 0))

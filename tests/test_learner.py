@@ -1,5 +1,7 @@
 """The learner as a plain class: bad numbers skip the step and leave every state untouched."""
 
+import copy
+
 import pytest
 import torch
 
@@ -806,3 +808,23 @@ def test_the_largest_learning_rate_the_config_accepts_updates_without_an_error()
     assert metrics["learner/skipped_steps"] in (0, 1)
     with pytest.raises(ConfigError, match="learner.lr="):
         setup(f"learner.lr={cap * 1.001!r}", "learner.beta1=0.9")
+
+
+def test_adam_is_fused_and_stays_fused_after_resuming_an_earlier_distpgs_checkpoint():
+    """The learner steps with PyTorch's fused AdamW; a checkpoint whose optimizer groups name the per-tensor
+    loop (as an earlier distpg's did) resumes fused, and its next update is the one a fused checkpoint gives."""
+    learner, worker = setup()
+    assert all(g["fused"] for g in learner.optimizer.param_groups)
+    learner.update(worker.sample(["abcd=", "dcba="], [0, 1], seed=0))
+    state = learner.state()
+    older = {**state, "optimizer": {**state["optimizer"], "param_groups": [
+        {**g, "fused": None, "foreach": None} for g in state["optimizer"]["param_groups"]]}}
+    batch = worker.sample(["abcd=", "bcda="], [0, 1], seed=1)
+    after = []
+    for saved in (state, older):
+        resumed, _ = setup()
+        resumed.load_state(copy.deepcopy(saved))  # as read from disk: the update changes the moments in place
+        assert all(g["fused"] for g in resumed.optimizer.param_groups)
+        resumed.update(batch)
+        after.append([p.detach().clone() for p in resumed.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*after))
