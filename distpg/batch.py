@@ -191,8 +191,13 @@ class RolloutWriter:
     def flush(self) -> None:
         if not self._pending:
             return
-        name = f"steps_{self._first_step:06d}-{self._last_step:06d}.parquet"
-        write_table(pa.Table.from_batches(self._pending), self.directory / name, compression="zstd")
+        # named by the steps the buffer holds, not by the counters `add` sets after buffering: a SIGTERM
+        # (raised as KeyboardInterrupt) between the two left them behind it, and the run's last flush failed
+        table = pa.Table.from_batches(self._pending)
+        if table.num_rows:
+            steps = table.column("step")
+            name = f"steps_{pc.min(steps).as_py():06d}-{pc.max(steps).as_py():06d}.parquet"
+            write_table(table, self.directory / name, compression="zstd")
         (self.directory / UNFLUSHED).unlink(missing_ok=True)  # its rows are in that file now
         self._pending, self._first_step, self._last_step = [], None, None
 

@@ -112,6 +112,28 @@ def test_rollout_writer_files_are_complete_and_named_by_steps(tmp_path):
     assert np.allclose(t.column("reward").to_numpy()[:3], [1.0, 0.5, 0.0])
 
 
+def test_a_flush_after_an_add_interrupted_midway_names_the_steps_it_holds(tmp_path, monkeypatch):
+    """A SIGTERM is raised in the driver as KeyboardInterrupt wherever it lands: in `add`, after a batch was
+    buffered and before the step counters were set, the run's last flush failed (formatting None) and the
+    run ended with a TypeError instead of its message; the file is named by the steps it holds."""
+    w = RolloutWriter(tmp_path, flush_every=10)
+    full, calls = np.full, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second batch of the step
+            raise KeyboardInterrupt("SIGTERM")
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(np, "full", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.add(5, [make_batch(columns()), make_batch(columns(2))])
+    monkeypatch.setattr(np, "full", full)
+    w.flush()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps_000005-000005.parquet"]
+    assert pq.read_table(tmp_path).column("step").to_pylist() == [5, 5, 5]  # the batch it had buffered
+
+
 def test_rollout_files_of_the_same_samples_are_byte_identical(tmp_path):
     # the workers' timings (sync_s, gen_s, reward_s in each batch's schema metadata) went into every file's
     # schema, so two runs of the same config and seed wrote the same rows into files that differed
