@@ -322,7 +322,7 @@ def load_tokenizer(folder: str | Path) -> HFTokenizer:
         pad_id = None if said is None else said[1]
     ends = end_tokens(folder, cfg, tok)
     for i, where in ends.items():
-        if isinstance(i, int) and not 0 <= i < n:
+        if not 0 <= i < n:
             raise ValueError(f"{str(folder)!r}: {where[0]} lists {i}, outside the vocabulary of tokenizer.json "
                              f"({n} tokens); remove it or set it to a token of your tokenizer")
     try:
@@ -456,6 +456,7 @@ def _write_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
     s = model.shape
     hf_tok = tokenizer.to_tokenizers()
     eos, pad = hf_tok.id_to_token(tokenizer.eos_id), hf_tok.id_to_token(tokenizer.pad_id)
+    ends = stop_ids(tokenizer)
     config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -474,7 +475,7 @@ def _write_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
         "tie_word_embeddings": True,
         "bos_token_id": tokenizer.eos_id,  # GPT-2's convention: <|endoftext|> starts and ends a text
         # every token that ends a completion (a list where there are several: transformers stops at each)
-        "eos_token_id": list(stop_ids(tokenizer)) if len(stop_ids(tokenizer)) > 1 else tokenizer.eos_id,
+        "eos_token_id": list(ends) if len(ends) > 1 else tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
         "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
     }

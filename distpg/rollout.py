@@ -22,13 +22,12 @@ from distpg.weights import FlatParams, WeightsError, WeightsMessage, receive
 
 
 def sampling_params(cfg: Config, task) -> SamplingParams:
-    stops = stop_ids(task.tokenizer)
     return SamplingParams(
         max_new_tokens=cfg.rollout.max_new_tokens or task.max_new_tokens,
         temperature=cfg.rollout.temperature,
         top_k=cfg.rollout.top_k,
         top_p=cfg.rollout.top_p,
-        stop_token=stops if len(stops) > 1 else stops[0],
+        stop_token=stop_ids(task.tokenizer),  # the sampler compares with one id where there is one
     )
 
 
