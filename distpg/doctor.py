@@ -190,7 +190,9 @@ def connect(address: str | None, timeout: float, source: str) -> str | None:
     """Join the cluster at `address` (named by `source`: see `named_address`), or start a local runtime as
     `distpg train` would (dashboard on 127.0.0.1). Returns the dashboard URL. A connect that outlives `timeout`
     ends the process with exit 1: ray.init cannot be interrupted otherwise."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from distpg.orchestrator import ray_env_defaults
+
+    ray_env_defaults()
     if address and address != "auto" and "://" not in address:  # as `distpg train` (init_ray) probes it
         probe(address, min(timeout, 5.0), source)
     done = threading.Event()

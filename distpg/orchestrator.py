@@ -490,7 +490,7 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
     from distpg.doctor import DoctorError, address_text, auth_hint, named_address, probe
 
     address, source = named_address(address, cfg.ray.address)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_env_defaults()
     job = {"job_config": JobConfig(_py_driver_sys_path=list(code_paths))} if code_paths else {}
     if address:
         if address != "auto" and "://" not in address:  # ray.init would retry an unreachable GCS for minutes
@@ -511,6 +511,18 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+# Ray's defaults that distpg changes for the Ray processes it starts (the driver, and a local runtime's, which
+# inherit its environment); a value set in the environment wins. Task events: a driver's core worker flushes them
+# to the GCS on ray.shutdown and waits up to 5 s for it, all of which it spends when the GCS is gone (a SIGTERM to
+# the whole process group, a lost head); a live GCS takes them in milliseconds.
+RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_task_events_shutdown_flush_timeout_ms": "500"}
+
+
+def ray_env_defaults() -> None:
+    """Put `RAY_ENV_DEFAULTS` in this process's environment where it sets none of them, before ray.init."""
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 def start_local_ray(**kwargs):
     """`ray.init(address="local", **kwargs)`: a fresh runtime on this machine that serves this machine only.
@@ -520,7 +532,7 @@ def start_local_ray(**kwargs):
     reads it when imported, hence the module constant as well as the environment the runtime's processes
     inherit.) Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to keep Ray's default. Both are restored afterwards,
     so joining a real cluster later in this process is unaffected."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_env_defaults()
     with _loopback_node():
         return ray.init(address="local", **kwargs)
 
@@ -535,19 +547,27 @@ def stop_local_ray() -> None:
     ray.shutdown destroys the driver's core worker first, which sets SIGTERM's action back to the default
     (the Python handler, `_sigterm_interrupts`'s, is then still named by signal.getsignal but no longer runs),
     and only then stops the runtime's processes, the longest part: a SIGTERM repeated meanwhile killed the
-    driver outright. The Python handler is put back before the processes are stopped."""
+    driver outright. The Python handler is put back before the processes are stopped.
+
+    Ray stops them gracefully: SIGTERM, then a second for each to exit. A runtime one of whose processes has
+    already exited was signalled with the driver (a SIGTERM to the whole process group) or is failing: its raylet
+    and GCS then spend that second each waiting on one another, so they are killed at once (SIGKILL)."""
     node = getattr(ray._private.worker, "_global_node", None)  # Ray's private API: a shortcut only, if there
     try:
         if node is not None and node.is_head():
+            going = any(info.process.poll() is not None for infos in node.all_processes.values() for info in infos)
             node.kill_monitor(check_alive=False)
+            if going:
+                kill_all = node.kill_all_processes
+                node.kill_all_processes = lambda *args, **kwargs: kill_all(*args, **{**kwargs, "allow_graceful": False})
         if node is not None and threading.current_thread() is threading.main_thread():
-            kill_all = node.kill_all_processes
+            kill_all_now = node.kill_all_processes
 
             def handler_back_then_kill_all(*args, **kwargs):
                 handler = signal.getsignal(signal.SIGTERM)
                 if handler is not None:  # None: a handler not set from Python
                     signal.signal(signal.SIGTERM, handler)
-                return kill_all(*args, **kwargs)
+                return kill_all_now(*args, **kwargs)
 
             node.kill_all_processes = handler_back_then_kill_all
     except AttributeError:  # another Ray version's Node: ray.shutdown alone stops the monitor

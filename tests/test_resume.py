@@ -3,6 +3,7 @@ checkpoint), and resumed ends with parameters bitwise equal to an uninterrupted 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,14 +203,32 @@ def test_sigterm_then_a_kill_while_writing_a_checkpoint_then_resumed_is_bitwise_
     assert_resumed_whole(run, uninterrupted)
 
 
+SAYS_HOW_RAY_STOPS = """
+import sys, time
+import ray._private.node as node
+kill = node.Node._kill_process_impl
+def saying(self, process_type, allow_graceful=False, **kwargs):  # how Ray stops each of the runtime's processes
+    t = time.perf_counter()
+    kill(self, process_type, allow_graceful=allow_graceful, **kwargs)
+    print(f"=== stopped {process_type} graceful={allow_graceful} in {time.perf_counter() - t:.2f} s", flush=True)
+node.Node._kill_process_impl = saying
+from distpg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_path):
     """`timeout` (without --foreground), `kill -TERM -PGID` or a scheduler that signals every process of a job
     send the SIGTERM to the local runtime's processes as well: the GCS stops serving at once. The cleanup then
     waited on it to remove the placement group for 60 s, until Ray's core worker gave up and ended the driver
     with exit status 1, without the resume hint. A local runtime is stopped whole instead (its actors and
-    placement group with it): the run ends as on a SIGTERM to the driver alone."""
+    placement group with it): the run ends as on a SIGTERM to the driver alone.
+
+    And without waiting on the signalled runtime: its raylet and GCS, stopped by Ray with SIGTERM and a second
+    each to exit, spent both seconds waiting on one another; they are killed at once (and the driver's own
+    shutdown no longer waits 5 s to flush its task events to the GCS that is gone: 7.4 s to 0.8 s in all)."""
     run = tmp_path / "run"
-    p = start(["train", *CONFIG, "--run-dir", str(run)])
+    p = start(["train", *CONFIG, "--run-dir", str(run)], script=SAYS_HOW_RAY_STOPS)
     try:
         deadline = time.time() + 240
         while steps_logged(run) < 4 and time.time() < deadline and p.poll() is None:
@@ -222,6 +241,9 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_p
         assert p.returncode == 143, out[-3000:]
         assert "distpg: stopped by SIGTERM; the steps after the latest checkpoint" in out, out[-3000:]
         assert group_ends(p.pid), "Ray processes of the run outlived it"
+        stopped = re.findall(r"=== stopped (\w+) graceful=(\w+)", out)
+        assert {"raylet", "gcs_server"} <= {name for name, _ in stopped}, out[-3000:]
+        assert all(graceful == "False" for _, graceful in stopped), out[-3000:]
     finally:
         kill_group(p)
 
