@@ -549,13 +549,13 @@ def stop_local_ray() -> None:
     and only then stops the runtime's processes, the longest part: a SIGTERM repeated meanwhile killed the
     driver outright. The Python handler is put back before the processes are stopped.
 
-    Ray stops them gracefully: SIGTERM, then a second for each to exit. A runtime one of whose processes has
-    already exited was signalled with the driver (a SIGTERM to the whole process group) or is failing: its raylet
-    and GCS then spend that second each waiting on one another, so they are killed at once (SIGKILL)."""
+    Ray stops them gracefully: SIGTERM, then a second for each to exit. A runtime already going down (see
+    `_going_down`: signalled with the driver, as by a SIGTERM to the whole process group) has its raylet and
+    GCS spend that second each waiting on one another, so they are killed at once (SIGKILL)."""
     node = getattr(ray._private.worker, "_global_node", None)  # Ray's private API: a shortcut only, if there
     try:
         if node is not None and node.is_head():
-            going = any(info.process.poll() is not None for infos in node.all_processes.values() for info in infos)
+            going = _going_down(node)
             node.kill_monitor(check_alive=False)
             if going:
                 kill_all = node.kill_all_processes
@@ -573,6 +573,22 @@ def stop_local_ray() -> None:
     except AttributeError:  # another Ray version's Node: ray.shutdown alone stops the monitor
         pass
     ray.shutdown()
+
+
+def _going_down(node) -> bool:
+    """Whether a local runtime is already going down: one of its processes has exited, or its GCS does not
+    answer within a second (it stops serving at once on SIGTERM; its other processes exit a moment later).
+    A live GCS answers in about a millisecond."""
+    if any(info.process.poll() is not None for infos in node.all_processes.values() for info in infos):
+        return True
+    try:
+        node.get_gcs_client().internal_kv_get(b"distpg-alive", b"distpg", timeout=GCS_ALIVE_TIMEOUT_S)
+    except Exception:  # Ray's RpcError (timed out, unavailable): not a GCS to stop gracefully
+        return True
+    return False
+
+
+GCS_ALIVE_TIMEOUT_S = 0.5
 
 
 @contextmanager

@@ -171,3 +171,13 @@ def test_an_evaluation_slower_than_ray_timeout_s_is_waited_for_by_its_size_and_a
         "the evaluation is just slow)"), str(e.value)
     (record,) = [json.loads(x) for x in (tmp_path / "r" / "eval.jsonl").read_text().splitlines()]
     assert record["step"] == 1 and record["eval/num_prompts"] == 16
+
+
+def test_a_live_local_runtime_is_not_taken_for_one_going_down(ray_session):
+    """`stop_local_ray` kills a runtime already going down at once (the process-group SIGTERM test in
+    test_resume sees that); a live one, as this session's, answers its probe and is stopped gracefully."""
+    from distpg.orchestrator import _going_down
+
+    node = ray_session._private.worker._global_node
+    assert node is not None and node.is_head()
+    assert not _going_down(node)
