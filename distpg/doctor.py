@@ -186,12 +186,23 @@ def _tcp(host: str, port: int, timeout: float, what: str, hint: str = UNREACHABL
         raise DoctorError(f"{what}: {reason} (TCP connect to {host}:{port}, {timeout:g}s timeout){hint}") from None
 
 
+# Ray's defaults that distpg changes for the Ray processes it starts (the driver, and a local runtime's, which
+# inherit its environment); a value set in the environment wins. Task events: a driver's core worker flushes them
+# to the GCS on ray.shutdown and waits up to 5 s for it, all of which it spends when the GCS is gone (a SIGTERM to
+# the whole process group, a lost head); a live GCS takes them in milliseconds.
+RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_task_events_shutdown_flush_timeout_ms": "500"}
+
+
+def ray_env_defaults() -> None:
+    """Put `RAY_ENV_DEFAULTS` in this process's environment where it sets none of them, before ray.init."""
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def connect(address: str | None, timeout: float, source: str) -> str | None:
     """Join the cluster at `address` (named by `source`: see `named_address`), or start a local runtime as
     `distpg train` would (dashboard on 127.0.0.1). Returns the dashboard URL. A connect that outlives `timeout`
     ends the process with exit 1: ray.init cannot be interrupted otherwise."""
-    from distpg.orchestrator import ray_env_defaults
-
     ray_env_defaults()
     if address and address != "auto" and "://" not in address:  # as `distpg train` (init_ray) probes it
         probe(address, min(timeout, 5.0), source)

@@ -487,7 +487,7 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
     `code_paths`: folders the actors import from besides the current one, which Ray puts on their sys.path
     (as it does the driver's current folder): the folder a resumed run started in, for its task and reward
     modules."""
-    from distpg.doctor import DoctorError, address_text, auth_hint, named_address, probe
+    from distpg.doctor import DoctorError, address_text, auth_hint, named_address, probe, ray_env_defaults
 
     address, source = named_address(address, cfg.ray.address)
     ray_env_defaults()
@@ -511,19 +511,6 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
-# Ray's defaults that distpg changes for the Ray processes it starts (the driver, and a local runtime's, which
-# inherit its environment); a value set in the environment wins. Task events: a driver's core worker flushes them
-# to the GCS on ray.shutdown and waits up to 5 s for it, all of which it spends when the GCS is gone (a SIGTERM to
-# the whole process group, a lost head); a live GCS takes them in milliseconds.
-RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_task_events_shutdown_flush_timeout_ms": "500"}
-
-
-def ray_env_defaults() -> None:
-    """Put `RAY_ENV_DEFAULTS` in this process's environment where it sets none of them, before ray.init."""
-    for name, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-
-
 def start_local_ray(**kwargs):
     """`ray.init(address="local", **kwargs)`: a fresh runtime on this machine that serves this machine only.
 
@@ -532,6 +519,8 @@ def start_local_ray(**kwargs):
     reads it when imported, hence the module constant as well as the environment the runtime's processes
     inherit.) Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to keep Ray's default. Both are restored afterwards,
     so joining a real cluster later in this process is unaffected."""
+    from distpg.doctor import ray_env_defaults
+
     ray_env_defaults()
     with _loopback_node():
         return ray.init(address="local", **kwargs)
@@ -577,8 +566,8 @@ def stop_local_ray() -> None:
 
 def _going_down(node) -> bool:
     """Whether a local runtime is already going down: one of its processes has exited, or its GCS does not
-    answer within a second (it stops serving at once on SIGTERM; its other processes exit a moment later).
-    A live GCS answers in about a millisecond."""
+    answer a read (it stops serving at once on SIGTERM; its other processes exit a moment later). A live GCS
+    answers in about a millisecond; Ray's client gives up on one that has stopped after about a second."""
     if any(info.process.poll() is not None for infos in node.all_processes.values() for info in infos):
         return True
     try:

@@ -204,13 +204,14 @@ def test_sigterm_then_a_kill_while_writing_a_checkpoint_then_resumed_is_bitwise_
 
 
 SAYS_HOW_RAY_STOPS = """
-import sys, time
+import os, sys, time
 import ray._private.node as node
 kill = node.Node._kill_process_impl
 def saying(self, process_type, allow_graceful=False, **kwargs):  # how Ray stops each of the runtime's processes
     t = time.perf_counter()
     kill(self, process_type, allow_graceful=allow_graceful, **kwargs)
     print(f"=== stopped {process_type} graceful={allow_graceful} in {time.perf_counter() - t:.2f} s", flush=True)
+    print("=== task events flushed for up to", os.environ.get("RAY_task_events_shutdown_flush_timeout_ms"), "ms")
 node.Node._kill_process_impl = saying
 from distpg.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -244,6 +245,7 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_p
         stopped = re.findall(r"=== stopped (\w+) graceful=(\w+)", out)
         assert {"raylet", "gcs_server"} <= {name for name, _ in stopped}, out[-3000:]
         assert all(graceful == "False" for _, graceful in stopped), out[-3000:]
+        assert "=== task events flushed for up to 500 ms" in out  # the runtime's processes inherit it
     finally:
         kill_group(p)
 
