@@ -511,6 +511,7 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+
 def start_local_ray(**kwargs):
     """`ray.init(address="local", **kwargs)`: a fresh runtime on this machine that serves this machine only.
 
@@ -543,25 +544,27 @@ def stop_local_ray() -> None:
     GCS spend that second each waiting on one another, so they are killed at once (SIGKILL)."""
     node = getattr(ray._private.worker, "_global_node", None)  # Ray's private API: a shortcut only, if there
     try:
-        if node is not None and node.is_head():
-            going = _going_down(node)
-            node.kill_monitor(check_alive=False)
-            if going:
-                kill_all = node.kill_all_processes
-                node.kill_all_processes = lambda *args, **kwargs: kill_all(*args, **{**kwargs, "allow_graceful": False})
-        if node is not None and threading.current_thread() is threading.main_thread():
-            kill_all_now = node.kill_all_processes
+        if node is not None:
+            graceful = True
+            if node.is_head():
+                graceful = not _going_down(node)
+                node.kill_monitor(check_alive=False)
+            main = threading.current_thread() is threading.main_thread()
+            kill_all = node.kill_all_processes
 
             def handler_back_then_kill_all(*args, **kwargs):
                 handler = signal.getsignal(signal.SIGTERM)
-                if handler is not None:  # None: a handler not set from Python
+                if main and handler is not None:  # None: a handler not set from Python
                     signal.signal(signal.SIGTERM, handler)
-                return kill_all_now(*args, **kwargs)
+                return kill_all(*args, **(kwargs if graceful else {**kwargs, "allow_graceful": False}))
 
             node.kill_all_processes = handler_back_then_kill_all
     except AttributeError:  # another Ray version's Node: ray.shutdown alone stops the monitor
         pass
     ray.shutdown()
+
+
+GCS_ALIVE_TIMEOUT_S = 0.5
 
 
 def _going_down(node) -> bool:
@@ -575,9 +578,6 @@ def _going_down(node) -> bool:
     except Exception:  # Ray's RpcError (timed out, unavailable): not a GCS to stop gracefully
         return True
     return False
-
-
-GCS_ALIVE_TIMEOUT_S = 0.5
 
 
 @contextmanager

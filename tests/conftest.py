@@ -75,7 +75,9 @@ def ray_session():
     """A real local Ray runtime (2 CPUs, no dashboard), shared by the `ray` tests."""
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from distpg.doctor import ray_env_defaults
+
+    ray_env_defaults()  # as distpg's own runs have them
     # so workers can import tests.user_task: the runtime's processes inherit this environment (a runtime_env's
     # env_vars would do it too, but then Ray starts every worker through its runtime-env setup process, ~0.3 s of
     # CPU more per actor, and the tests start ~150 actors); put back once they have started, for the subprocesses
