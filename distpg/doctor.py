@@ -188,8 +188,8 @@ def _tcp(host: str, port: int, timeout: float, what: str, hint: str = UNREACHABL
 
 # Ray's defaults that distpg changes for the Ray processes it starts (the driver, and a local runtime's, which
 # inherit its environment); a value set in the environment wins. Task events: a driver's core worker flushes them
-# to the GCS on ray.shutdown and waits up to 5 s for it, all of which it spends when the GCS is gone (a SIGTERM to
-# the whole process group, a lost head); a live GCS takes them in milliseconds.
+# to the GCS on ray.shutdown and waits up to 5 s for it, all of which it spends when the GCS is gone (a
+# scheduler's signal to every process of the job, a lost head); a live GCS takes them in milliseconds.
 RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_task_events_shutdown_flush_timeout_ms": "500"}
 
 

@@ -519,12 +519,52 @@ def start_local_ray(**kwargs):
     loopback instead of every interface. (Ray's switch for this is the one it uses on macOS and Windows; it
     reads it when imported, hence the module constant as well as the environment the runtime's processes
     inherit.) Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to keep Ray's default. Both are restored afterwards,
-    so joining a real cluster later in this process is unaffected."""
+    so joining a real cluster later in this process is unaffected.
+
+    The runtime's processes are started in process groups of their own (see `_own_process_groups`)."""
     from distpg.doctor import ray_env_defaults
 
     ray_env_defaults()
-    with _loopback_node():
+    with _loopback_node(), _own_process_groups():
         return ray.init(address="local", **kwargs)
+
+
+@contextmanager
+def _own_process_groups():
+    """While the block runs, Ray starts the processes of a local runtime (GCS, raylet, dashboard, monitors) each
+    in a process group of its own instead of the driver's, as Ray does on Windows. A signal to the driver's
+    process group (`timeout` without --foreground, `kill -TERM -PGID`, Ctrl-Z) then reaches the driver alone,
+    which stops the runtime itself, as on a SIGTERM to the driver. Sent to the runtime's processes as well, it
+    stopped the raylet at once, which first told the GCS (still serving for a few milliseconds) that its node
+    was gone: the driver's core worker then went to recover the objects of that node from the raylet's store
+    and Ray ended the driver (exit status 1, without the resume hint), often before the driver could stop.
+    They still end with the driver if it dies (Ray's kernel fate-sharing: where Ray has none, they are left in
+    the driver's group, for Ray's reaper to find them). Ray's terminal Ctrl-C handling is unchanged: its
+    processes block SIGINT wherever they are."""
+    from ray._private import services, utils  # Ray's private API: a shortcut only, if there
+
+    popen = getattr(services, "ConsolePopen", None)
+    fate_sharing = getattr(utils, "detect_fate_sharing_support", lambda: False)
+    if popen is None or sys.platform == "win32" or not fate_sharing():
+        yield
+        return
+
+    class OwnGroupPopen(popen):
+        def __init__(self, *args, **kwargs):
+            preexec = kwargs.get("preexec_fn")
+
+            def own_group_then_ray_s():
+                os.setpgid(0, 0)
+                if preexec is not None:
+                    preexec()
+
+            super().__init__(*args, **{**kwargs, "preexec_fn": own_group_then_ray_s})
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def stop_local_ray() -> None:
@@ -540,7 +580,7 @@ def stop_local_ray() -> None:
     driver outright. The Python handler is put back before the processes are stopped.
 
     Ray stops them gracefully: SIGTERM, then a second for each to exit. A runtime already going down (see
-    `_going_down`: signalled with the driver, as by a SIGTERM to the whole process group) has its raylet and
+    `_going_down`: signalled with the driver, as by a scheduler that signals every process of a job) has its raylet and
     GCS spend that second each waiting on one another, so they are killed at once (SIGKILL)."""
     node = getattr(ray._private.worker, "_global_node", None)  # Ray's private API: a shortcut only, if there
     try:
@@ -1688,8 +1728,8 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         sigint = _said_and_ignored_while_stopping() if sigterm is not None else None
         try:
             if trainer is not None:
-                # a SIGTERM sent to the whole process group (`timeout`, `kill -TERM -PGID`) also stopped the local
-                # runtime's GCS: removing the group would wait 60 s on it, then Ray ends the driver (exit 1, no hint)
+                # a signal sent to every process of the job (a scheduler's) also stops the local runtime's GCS:
+                # removing the group would wait 60 s on it, then Ray ends the driver (exit 1, no hint)
                 trainer.close(remove_group=not started)
             if started or local:
                 stop_local_ray()
