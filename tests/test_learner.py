@@ -367,7 +367,12 @@ def test_bfloat16_micro_batches_give_the_whole_batchs_step_up_to_rounding(micro_
     micro, _, mm = _grads_at_the_step(
         Learner(small_config("learner.dtype=bfloat16", f"learner.micro_batch_size={micro_batch_size}", *sets)), batch)
     for key in ("learner/loss", "learner/entropy", "learner/kl", "learner/value_loss", "learner/kl_ref"):
-        assert mm[key] == pytest.approx(mw[key], rel=1e-5, abs=1e-8), key
+        # up to half of bfloat16's relative precision (2**-8): the micro-batches' products round apart from the
+        # whole batch's where the CPU's bfloat16 matrix products depend on the batch's shape (AMD EPYC: 1.1e-4
+        # relative; 1e-5 on Intel with AMX); a micro-batch weighted wrongly is off by far more. learner/kl, of pi_old
+        # recomputed in bfloat16 (as the micro-batches' shapes round it) against the update's pi, is itself that
+        # rounding: ~2.6e-7 nats here, micro-batches of 1 on AMD EPYC 2.3e-7
+        assert mm[key] == pytest.approx(mw[key], rel=2**-9, abs=1e-6 if key == "learner/kl" else 1e-8), key
     flat = [torch.cat([g.reshape(-1) for g in gs]) for gs in (g32, whole, micro)]
     assert float((flat[2] - flat[1]).norm() / flat[1].norm()) < 0.01
     assert float((flat[1] - flat[0]).norm() / flat[0].norm()) < 0.02
@@ -513,14 +518,17 @@ def test_a_groups_prompt_run_once_gives_the_update_of_the_plain_forward(monkeypa
         return shared(model, idx, prompt_len, return_hidden, **kwargs)
 
     monkeypatch.setattr(learner_mod, "forward_shared_prompts", counting)
-    got, _ = learner.update(batch)
+    grads, _, got = _grads_at_the_step(learner, batch)
     assert sum(calls) == (32 if "algo.kl_coef=0.1" in sets else 16)  # every row, policy (and reference)
     monkeypatch.setattr(learner_mod, "forward_shared_prompts", forward_every_row)
-    ref, _ = plain.update(batch)
+    plain_grads, _, ref = _grads_at_the_step(plain, batch)
     for k in ("learner/loss", "learner/grad_norm", "learner/entropy", "learner/kl_ref", "learner/value_loss"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
-    for a, b in zip(learner.model.parameters(), plain.model.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # one AdamW step apart by rounding
+    # the gradients the optimizer stepped with (not the parameters after it: Adam's first step moves each one by
+    # about lr whatever the size of its gradient, so a near-zero gradient's rounding (AMD EPYC: 1 of 16384 by
+    # 2.4e-5) shows at lr's scale)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_one_token_completions_update_with_the_shared_prompt_forward(monkeypatch):
