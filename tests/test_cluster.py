@@ -145,6 +145,7 @@ def test_every_port_of_every_node_is_on_loopback(cluster):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+@pytest.mark.slow  # ~8 s: a job of its own; test_cli's Ray-copy test covers the check in this process
 def test_a_raw_job_without_an_absolute_run_dir_is_refused(cluster):
     """`ray job submit ... -- distpg train` without --run-dir: the job would write into Ray's temporary copy of
     its working dir; it fails at once, saying so (detected from the job's own environment and folder)."""

@@ -157,6 +157,10 @@ def crash_in_checkpoint(step: int) -> str:
     return CRASH_IN_CHECKPOINT.replace("CRASH_AT", f"{step:06d}") + TRAIN
 
 
+# ~33 s (62 s on a 2-core AMD EPYC): three runs' local runtimes. The default run covers its parts more cheaply:
+# SIGTERM's stop, hint and cleanup (the process-group test below), a half-written checkpoint never latest
+# (test_checkpoint), bitwise resumes (test_colocate, test_async, test_ray's max_time)
+@pytest.mark.slow
 def test_sigterm_then_a_kill_while_writing_a_checkpoint_then_resumed_is_bitwise_equal(uninterrupted, tmp_path):
     """Two interruptions of one run, then a resume (one run's processes for what two runs showed, each stopped and
     resumed).
@@ -291,6 +295,7 @@ print("stopped", flush=True)
 """
 
 
+@pytest.mark.slow  # ~9 s (16 s on AMD): a local runtime started and stopped
 def test_a_local_runtime_going_down_is_stopped_without_waiting_on_it():
     """A scheduler that signals every process of a job (by session or cgroup, not by process group) stops the
     runtime's processes too. Ray stops the raylet and the GCS with SIGTERM and a second each to exit, which a
@@ -365,6 +370,7 @@ node.Node.start_raylet = start_raylet_then_ctrl_c
 """
 
 
+@pytest.mark.slow  # ~9 s (16 s on AMD): a local runtime started and stopped
 def test_ctrl_c_while_the_local_runtime_starts_stops_it_whole(tmp_path):
     """Ctrl-C while `ray.init` starts the local runtime (the raylet just up) takes effect once it has started, and
     the run stops as on any Ctrl-C: exit 130, the folder of a run with no step removed, and every process of the
