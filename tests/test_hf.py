@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -597,15 +596,10 @@ def test_export_of_a_run_keeps_the_tokenizer_files_of_its_init_from_folder(hf_fo
 # ---------------------------------------------------------------- end to end
 
 
-def _run(*args, timeout=240, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
-
-
 def _in_process(capsys, monkeypatch, *args, cwd=ROOT) -> subprocess.CompletedProcess:
-    """`distpg ARGS` as `_run` gives it, run by `cli.main` in this process (no interpreter and torch start-up):
-    for the commands that start no Ray runtime (eval, export, refused trains)."""
+    """`distpg ARGS` as a finished process (exit status, stdout, stderr), run by `cli.main` in this process (no
+    interpreter and torch start-up): for the commands that start no Ray runtime (eval, export, refused trains),
+    and trains on the tests' runtime."""
     from distpg.cli import main
 
     capsys.readouterr()
@@ -617,9 +611,11 @@ def _in_process(capsys, monkeypatch, *args, cwd=ROOT) -> subprocess.CompletedPro
 
 
 @pytest.mark.ray
-def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkeypatch):
+def test_train_from_a_gpt2_folder_with_your_own_prompts(ray_session, tmp_path, capsys, monkeypatch):
     """The shipped worked example: make a small GPT-2 folder, `distpg train configs/gpt2-prompts.yaml` from it
-    with the bundled prompts and reward function, then `distpg eval` and `distpg export` the result."""
+    with the bundled prompts and reward function, then `distpg eval` and `distpg export` the result (by cli.main
+    in this process, the training on the tests' runtime; test_cli runs `distpg train` and `distpg eval` as
+    processes of their own)."""
     from distpg.examples import make_tiny_gpt2
 
     folder, run, out = tmp_path / "tiny-gpt2", tmp_path / "run", tmp_path / "exported"
@@ -627,9 +623,10 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkey
     shape = read_shape(folder)
     assert shape.n_layer == 2 and 256 < shape.vocab_size <= 512
 
-    p = _run("-m", "distpg", "train", "configs/gpt2-prompts.yaml", "--run-dir", str(run),
-             "--set", f"model.init_from={folder}", "--set", "run.steps=4", "--set", "run.checkpoint_every=2",
-             "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4", "--set", "log.print_every=2")
+    cli = functools.partial(_in_process, capsys, monkeypatch)
+    p = cli("train", "configs/gpt2-prompts.yaml", "--run-dir", str(run),
+            "--set", f"model.init_from={folder}", "--set", "run.steps=4", "--set", "run.checkpoint_every=2",
+            "--set", "rollout.prompts_per_step=4", "--set", "rollout.group_size=4", "--set", "log.print_every=2")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "task prompts; model 2x64" in p.stdout
     cfg = load_config(run / "config.yaml")
@@ -647,9 +644,7 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(tmp_path, capsys, monkey
     assert table.column("prompt_tokens")[0].as_py() == tok.encode(table.column("prompt_text")[0].as_py())
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
 
-    # from another folder: the run's relative task.prompts_path is found where the run started (eval and export
-    # by cli.main in this process: no Ray runtime, and test_cli runs `distpg eval` as a process of its own)
-    cli = functools.partial(_in_process, capsys, monkeypatch)
+    # from another folder: the run's relative task.prompts_path is found where the run started
     assert cfg.task.prompts_path == "configs/data/repeat_words.jsonl"
     p = cli("eval", str(run), "--samples", "2", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
