@@ -557,10 +557,11 @@ def bench_step(overrides: list[str], steps: int, warmup: int) -> dict:
             floor_s = _floor(empty, steps, cfg.ray.timeout_s)
             # what carrying a step's data adds to those calls: its arguments, a batch back, the batch to the
             # learner, the metrics and a new version back (into the object store), that version fetched by the
-            # worker; measured as echoes (`__ray_call__`) with the data against the same echoes without it
+            # worker; measured as echoes (`__ray_call__`) with the data against the same echoes without it (a
+            # difference of two medians: in a short run noise can make it negative, where the data is counted free)
             echoes = {carry: _echo_calls(trainer, last, gaps, cfg.rollout.colocate, carry) for carry in (False, True)}
-            data_s = floor_s + _floor(echoes[True], steps, cfg.ray.timeout_s) - _floor(echoes[False], steps,
-                                                                                       cfg.ray.timeout_s)
+            data_s = floor_s + max(0.0, _floor(echoes[True], steps, cfg.ray.timeout_s)
+                                   - _floor(echoes[False], steps, cfg.ray.timeout_s))
         finally:
             trainer.close()
     med = {side: {k.split("/")[1][:-2]: statistics.median(v) * 1e3 for k, v in ph.items()}

@@ -100,7 +100,7 @@ def _check_quick_bench(data: dict, stdout: str, parts: set, count: int) -> None:
     for step in (apart, together):  # Ray and the single-process loop computed the same steps
         assert step["same_numbers"] is True
         assert step["ray_floor_ms"] > 0 and "Ray's floor" in step["note"]
-        assert step["ray_floor_data_ms"] > 0 and "carrying the step's data" in step["note"]
+        assert step["ray_floor_data_ms"] >= step["ray_floor_ms"] and "carrying the step's data" in step["note"]
     assert "2 empty calls" in apart["note"] and "1 empty call " in together["note"]
 
 
