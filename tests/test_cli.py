@@ -115,9 +115,8 @@ def test_train_then_eval_of_the_readmes_own_task_from_its_folder_without_pythonp
                                                                                     capsys):
     """The README's `mytasks.py`, as written there, in the current folder: `distpg train` (the installed
     command, not `python -m`) finds it with no PYTHONPATH, on the driver and on the Ray workers, and
-    `distpg eval` too. The same run (one run's local runtimes for what two runs showed) writes the run folder a
-    user reads: progress lines, the resolved config, metrics, TensorBoard, rollouts, checkpoints and eval's
-    samples."""
+    `distpg eval` too. The run writes the run folder a user reads: progress lines, the resolved config, metrics,
+    TensorBoard, rollouts, checkpoints, and eval prints its samples."""
     readme = (ROOT / "README.md").read_text()
     code = readme.split("```python\n# mytasks.py\n", 1)[1].split("```", 1)[0]
     (tmp_path / "mytasks.py").write_text(code)
