@@ -111,19 +111,24 @@ def test_bad_command_line_values_exit_2_naming_the_option(tmp_path, capsys, args
     assert "Traceback" not in stderr and (tmp_path / "file").read_text() == "mine"
 
 
+def readmes_task_in(folder: Path) -> tuple[Path, dict]:
+    """The README's `mytasks.py`, as written there, put in `folder`: (the installed `distpg` command, an
+    environment without PYTHONPATH or RAY_ADDRESS). Skips the test where the command is not installed."""
+    readme = (ROOT / "README.md").read_text()
+    (folder / "mytasks.py").write_text(readme.split("```python\n# mytasks.py\n", 1)[1].split("```", 1)[0])
+    command = Path(sys.executable).parent / "distpg"
+    if not command.exists():
+        pytest.skip("the distpg command is not installed next to this Python")
+    return command, {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+
+
 def test_train_then_eval_of_the_readmes_own_task_from_its_folder_without_pythonpath(tmp_path, monkeypatch,
                                                                                     capsys):
     """The README's `mytasks.py`, as written there, in the current folder: `distpg train` (the installed
     command, not `python -m`) finds it with no PYTHONPATH, on the driver and on the Ray workers, and
     `distpg eval` too. The run writes the run folder a user reads: progress lines, the resolved config, metrics,
     TensorBoard, rollouts, checkpoints, and eval prints its samples."""
-    readme = (ROOT / "README.md").read_text()
-    code = readme.split("```python\n# mytasks.py\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "mytasks.py").write_text(code)
-    command = Path(sys.executable).parent / "distpg"
-    if not command.exists():
-        pytest.skip("the distpg command is not installed next to this Python")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    command, env = readmes_task_in(tmp_path)
     p = subprocess.run([str(command), "train", "--set", "task.name=mytasks:make", *SMALL, "--run-dir", "run"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -192,12 +197,7 @@ def test_a_run_or_eval_read_by_head_stops_at_its_next_line_with_the_resume_hint(
     """Resumed as `distpg train | head` reads it (or a pager quit), a run stops at its next line of output with the
     resume hint and no traceback, as a pipe's writer does; the Ray workers find the run's own task module where it
     started; `distpg eval | head` ends quietly."""
-    readme = (ROOT / "README.md").read_text()
-    (tmp_path / "mytasks.py").write_text(readme.split("```python\n# mytasks.py\n", 1)[1].split("```", 1)[0])
-    command = Path(sys.executable).parent / "distpg"
-    if not command.exists():
-        pytest.skip("the distpg command is not installed next to this Python")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    command, env = readmes_task_in(tmp_path)
     run = tmp_path / "run"
     p = subprocess.run([str(command), "train", "--set", "task.name=mytasks:make", *SMALL, "--set", "run.steps=2",
                         "--run-dir", "run"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

@@ -211,6 +211,7 @@ def test_a_submitted_run_resumes_with_commands_for_a_fresh_shell(cluster, tmp_pa
     assert [r["policy/version"] for r in records] == [1, 2]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
+
 def submit_refused(*args, tmp_path, cwd=ROOT):
     """cluster/submit.sh ARGS with a stub `ray` that records any submission: (result, what was submitted)."""
     stub = tmp_path / "ray"
