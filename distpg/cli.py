@@ -48,12 +48,19 @@ def _train(args) -> int:
     try:
         summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     except KeyboardInterrupt as e:
-        sigterm = e.args == ("SIGTERM",)  # raised by orchestrator._sigterm_interrupts
-        if sigterm:  # the runtime is cleaned up: a SIGTERM repeated now would only lose the resume hint
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        from distpg.orchestrator import STOP_SIGNALS
+
+        # a SIGTERM or SIGHUP, raised by orchestrator._signals_interrupt (otherwise Ctrl-C)
+        sig = next((s for s in STOP_SIGNALS if e.args == (s.name,)), None)
+        if sig is not None:  # the runtime is cleaned up: the signal repeated now would only lose the resume hint
+            signal.signal(sig, signal.SIG_IGN)
         hint = resume_hint(run_dir, cfg.run.steps)
-        print(f"distpg: {'stopped by SIGTERM' if sigterm else 'interrupted'}; {hint}", file=sys.stderr, flush=True)
-        return 143 if sigterm else 130
+        try:  # after a SIGHUP, to /dev/null where the terminal hung up
+            print(f"distpg: {f'stopped by {sig.name}' if sig else 'interrupted'}; {hint}", file=sys.stderr,
+                  flush=True)
+        except OSError:  # a terminal that hung up without a SIGHUP to say so
+            pass
+        return 128 + sig if sig is not None else 130
     except BrokenPipeError:  # `distpg train | head`, or a pager quit: the run is stopped (and cleaned up) as a
         # pipe's writer is, but said with the resume hint instead of a traceback
         _stdout_gone()

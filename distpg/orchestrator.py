@@ -575,7 +575,7 @@ def stop_local_ray() -> None:
     it to scale. The rest stops as ray.shutdown stops it.
 
     ray.shutdown destroys the driver's core worker first, which sets SIGTERM's action back to the default
-    (the Python handler, `_sigterm_interrupts`'s, is then still named by signal.getsignal but no longer runs),
+    (the Python handler, `_signals_interrupt`'s, is then still named by signal.getsignal but no longer runs),
     and only then stops the runtime's processes, the longest part: a SIGTERM repeated meanwhile killed the
     driver outright. The Python handler is put back before the processes are stopped.
 
@@ -1598,29 +1598,64 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
                                  f"run.stop_reward in {run_dir / 'config.yaml'}"}
 
 
-# set by `_sigterm_interrupts`'s handler: a SIGTERM that lands inside a blocking Ray call (ray.get, ray.wait) comes
-# out of it as a bare KeyboardInterrupt (Ray raises its own on the pending signal), without the "SIGTERM" mark
-_SIGTERM_SEEN = threading.Event()
+# the signals that stop a run as Ctrl-C does (KeyboardInterrupt with the signal's name; exit status 128 + its number)
+# where the process has not been told to ignore them: SIGTERM (`kill`, `timeout`, a scheduler's stop) and SIGHUP
+# (the terminal closed: an ssh connection dropped, a terminal window shut)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# set by `_signals_interrupt`'s handler to the signal's name: one that lands inside a blocking Ray call (ray.get,
+# ray.wait) comes out of it as a bare KeyboardInterrupt (Ray raises its own on the pending signal), without the name
+_SIGNALLED: list[str] = []
+# standard input, output and error where they were a terminal when the handlers were set (see `_off_hung_up_terminal`)
+_TTYS: list[int] = []
 
 
-def _sigterm_interrupts():
-    """Until the returned handler is put back: SIGTERM (`kill`, `timeout`, a scheduler's stop; to the driver or
-    its whole process group) raises KeyboardInterrupt("SIGTERM") in the main thread, so that the run stops as
-    on Ctrl-C (actors closed, a local runtime shut down) instead of dying in Ray's crash handler. Set before
-    `ray.init` and again after it (it installs that handler). A second SIGTERM while the run cleans up (a
-    scheduler or `kill` repeating itself) is said and ignored until the caller puts the previous handler back:
-    raised in the middle of the cleanup it would leave the local runtime's processes behind. None off the main thread
-    (where Python cannot handle signals)."""
+def _off_hung_up_terminal() -> None:
+    """Point those of stdin, stdout and stderr that were a terminal and are no longer one (it hung up: its reads and
+    writes now fail with EIO, which would cut a run's cleanup short at its first print) at /dev/null. A SIGHUP
+    sent by `kill -HUP` to a run whose terminal is still open leaves them as they are: the hint is still read."""
+    gone = [fd for fd in _TTYS if not os.isatty(fd)]
+    if gone:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in gone:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def _signals_interrupt() -> dict | None:
+    """Until the returned handlers are put back ({signal: handler}, see `_put_back`): SIGTERM and SIGHUP raise
+    KeyboardInterrupt("SIGTERM" / "SIGHUP") in the main thread, so that the run stops as on Ctrl-C (actors closed,
+    a local runtime shut down, the last checkpoint kept) instead of dying in Ray's crash handler (SIGTERM) or at
+    once (SIGHUP: Python's default action; the runtime's dashboard and runtime-env agents outlived it by a minute).
+    A SIGHUP first takes the run off its hung-up terminal (`_off_hung_up_terminal`). A signal the process ignores
+    (SIGHUP under `nohup`) or that something other than Python handles is left as it is. Set before `ray.init`
+    and again after it (it installs its own SIGTERM handler). A second signal while the run cleans up (a scheduler
+    or `kill` repeating itself) is said and ignored until the caller puts the handlers back: raised in the middle
+    of the cleanup it would leave the local runtime's processes behind. None off the main thread (where Python
+    cannot handle signals)."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    _TTYS[:] = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGTERM and signal.getsignal(sig) not in (signal.SIG_DFL, _interrupt):
+            continue  # ignored (nohup), or handled by the program that runs distpg
+        previous[sig] = signal.signal(sig, _interrupt)
+    return {sig: signal.SIG_DFL if h is None else h for sig, h in previous.items()}  # None: not set from Python
 
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, _stopping)  # until the cleanup installs it for SIGINT too
-        _SIGTERM_SEEN.set()
-        raise KeyboardInterrupt("SIGTERM")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+def _interrupt(signum, frame):
+    """`_signals_interrupt`'s handler."""
+    for sig in STOP_SIGNALS:  # until the cleanup installs it for SIGINT too
+        if signal.getsignal(sig) is _interrupt:
+            signal.signal(sig, _stopping)
+    _off_hung_up_terminal()
+    _SIGNALLED[:] = [signal.Signals(signum).name]
+    raise KeyboardInterrupt(_SIGNALLED[0])
+
+
+def _put_back(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 @contextmanager
@@ -1642,19 +1677,27 @@ def _ctrl_c_after_it() -> Iterator[None]:
 
 
 def _stopping(signum, frame):
-    """The handler of SIGINT and SIGTERM while a run stops: said, and ignored."""
-    print(f"distpg: {signal.Signals(signum).name} while stopping; ignored (cleaning up)", file=sys.stderr, flush=True)
+    """The handler of SIGINT, SIGTERM and SIGHUP while a run stops: said (where the terminal is still there), and
+    ignored."""
+    _off_hung_up_terminal()
+    try:
+        print(f"distpg: {signal.Signals(signum).name} while stopping; ignored (cleaning up)", file=sys.stderr,
+              flush=True)
+    except OSError:  # a terminal hung up and not found so (no SIGHUP's handler ran): the cleanup goes on
+        pass
 
 
-def _said_and_ignored_while_stopping():
-    """From here until the caller puts the returned SIGINT handler back: Ctrl-C (SIGINT) and SIGTERM are said and
-    ignored (main thread only), so that the run's cleanup (actors, the local runtime) is not cut short: a Ctrl-C
-    pressed twice, or after a SIGTERM, left the runtime's dashboard and runtime-env agents running and the exit
-    status 1. The caller puts SIGTERM's handler back too."""
-    if signal.getsignal(signal.SIGTERM) is not None:  # None: a handler not set from Python, left as it is
-        signal.signal(signal.SIGTERM, _stopping)
+def _said_and_ignored_while_stopping(handlers: dict) -> dict:
+    """From here until the caller puts the returned handlers back: Ctrl-C (SIGINT) and the signals of `handlers`
+    (those `_signals_interrupt` set) are said and ignored (main thread only), so that the run's cleanup (actors,
+    the local runtime) is not cut short: a Ctrl-C pressed twice, or after a SIGTERM, left the runtime's dashboard
+    and runtime-env agents running and the exit status 1. Returns SIGINT's handler; the caller puts `handlers`
+    back too."""
+    for sig in handlers:
+        if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left as it is
+            signal.signal(sig, _stopping)
     previous = signal.signal(signal.SIGINT, _stopping)
-    return signal.default_int_handler if previous is None else previous
+    return {signal.SIGINT: signal.default_int_handler if previous is None else previous}
 
 
 def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False,
@@ -1700,17 +1743,17 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     """`train` in the prepared, locked run folder, from `start_step` (`code_paths`: see `init_ray`; `head_lost`:
     see `watch_gcs`)."""
     print(f"distpg: run folder {run_dir.resolve()}", flush=True)
-    started, trainer, sigterm, gcs_watch = False, None, None, None
+    started, trainer, handlers, gcs_watch = False, None, None, None
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
     # dashboard and runtime-env agents outlived an interrupted ray.init)
     local = not ray.is_initialized() and not cluster_address(cfg, address)
-    _SIGTERM_SEEN.clear()
+    _SIGNALLED.clear()
     try:
-        sigterm = _sigterm_interrupts()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
+        handlers = _signals_interrupt()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
         with _ctrl_c_after_it():
             # a caller's runtime is reused
             started = False if ray.is_initialized() else init_ray(cfg, address, code_paths)
-        _sigterm_interrupts()  # again: ray.init put its own handler (Ray's crash report) in place of the first
+        _signals_interrupt()  # again: ray.init put its own SIGTERM handler (Ray's crash report) in place of the first
         gcs_watch = watch_gcs(head_lost)  # through the cleanup below too, which needs the GCS
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
@@ -1721,11 +1764,11 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         if created and not (run_dir / "metrics.jsonl").exists():  # failed before its first step
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
-        if isinstance(e, KeyboardInterrupt) and e.args != ("SIGTERM",) and _SIGTERM_SEEN.is_set():
-            raise KeyboardInterrupt("SIGTERM") from None  # Ray's own, raised on our SIGTERM: said as one (143)
+        if isinstance(e, KeyboardInterrupt) and e.args != tuple(_SIGNALLED) and _SIGNALLED:
+            raise KeyboardInterrupt(_SIGNALLED[0]) from None  # Ray's own, raised on our signal: said as it (143...)
         raise
     finally:
-        sigint = _said_and_ignored_while_stopping() if sigterm is not None else None
+        sigint = _said_and_ignored_while_stopping(handlers) if handlers is not None else None
         try:
             if trainer is not None:
                 # a signal sent to every process of the job (a scheduler's) also stops the local runtime's GCS:
@@ -1736,7 +1779,5 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         finally:
             if gcs_watch is not None:
                 gcs_watch.set()
-            if sigterm is not None:
-                signal.signal(signal.SIGTERM, sigterm)
-            if sigint is not None:
-                signal.signal(signal.SIGINT, sigint)
+            if handlers is not None:
+                _put_back({**handlers, **(sigint or {})})

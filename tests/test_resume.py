@@ -282,6 +282,120 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_p
         kill_session(p)
 
 
+
+@pytest.fixture
+def stop_handlers_put_back():
+    from distpg import orchestrator as o
+
+    saved = {sig: signal.getsignal(sig) for sig in (*o.STOP_SIGNALS, signal.SIGINT)}
+    ttys = list(o._TTYS)
+    yield o
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    o._TTYS[:] = ttys
+
+
+def signalled(sig):
+    """Send `sig` to this process and give Python's handler the time to run (it raises, if it does)."""
+    os.kill(os.getpid(), sig)
+    time.sleep(0.5)
+
+
+def test_a_sighup_stops_the_run_as_sigterm_does_off_its_hung_up_terminal(stop_handlers_put_back):
+    """Closing the terminal (an ssh connection dropped) hangs it up and sends the run SIGHUP, whose default action
+    ended the driver at once: no cleanup, the local runtime's dashboard and runtime-env agents left running for a
+    minute. It now stops the run as SIGTERM does (KeyboardInterrupt("SIGHUP"); exit 129), after pointing the
+    terminal's file descriptors at /dev/null: written to after the hangup they failed with EIO, which would have
+    cut the cleanup short at its first print. A second SIGHUP while the run cleans up is ignored."""
+    o = stop_handlers_put_back
+    master, terminal = os.openpty()
+    try:
+        handlers = o._signals_interrupt()
+        assert set(handlers) == {signal.SIGTERM, signal.SIGHUP}
+        o._TTYS[:] = [terminal]  # as stdout and stderr of a run started in it
+        os.close(master)  # the terminal hangs up
+        with pytest.raises(OSError):
+            os.write(terminal, b"distpg: interrupted")
+        with pytest.raises(KeyboardInterrupt) as e:
+            signalled(signal.SIGHUP)
+        assert e.value.args == ("SIGHUP",)
+        assert os.write(terminal, b"distpg: stopped by SIGHUP") == 25  # to /dev/null
+        assert signal.getsignal(signal.SIGHUP) is o._stopping and signal.getsignal(signal.SIGTERM) is o._stopping
+        signalled(signal.SIGHUP)  # said to /dev/null, and ignored
+    finally:
+        os.close(terminal)
+
+
+def test_a_sighup_to_a_run_whose_terminal_is_open_keeps_it_and_nohup_is_obeyed(stop_handlers_put_back):
+    """`kill -HUP` to a run whose terminal is still there stops it with the hint still printed there; a run under
+    `nohup` (SIGHUP ignored) is left to ignore it."""
+    o = stop_handlers_put_back
+    master, terminal = os.openpty()
+    try:
+        o._signals_interrupt()
+        o._TTYS[:] = [terminal]
+        with pytest.raises(KeyboardInterrupt, match="SIGHUP"):
+            signalled(signal.SIGHUP)
+        os.write(terminal, b"hint")
+        assert os.read(master, 4) == b"hint"
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        assert set(o._signals_interrupt()) == {signal.SIGTERM}
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signalled(signal.SIGHUP)
+    finally:
+        os.close(master)
+        os.close(terminal)
+
+
+@pytest.mark.slow  # ~20 s: a local runtime; the two tests above cover the handler in the default run
+def test_a_run_whose_terminal_closes_stops_whole_and_resumes(uninterrupted, tmp_path):
+    """`distpg train` in a terminal that closes (its pseudo-terminal's other end gone, then SIGHUP to the job's
+    process group, as a shell sends it): the run stops as on SIGTERM, exit 129, every process of its session gone
+    within seconds (the driver used to die at once, the runtime's agents outliving it by a minute), and its last
+    checkpoint resumes to the uninterrupted run's numbers."""
+    import select
+    import threading
+
+    run = tmp_path / "run"
+    master, terminal = os.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "distpg", "train", *CONFIG, "--run-dir", str(run)], env=env(),
+                         cwd=ROOT, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    out, reading = [], threading.Event()
+    reading.set()
+
+    def read():  # what the terminal shows, read so that the run never blocks on a full one
+        while reading.is_set():
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    out.append(os.read(master, 65536).decode(errors="replace"))
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 240
+        while steps_logged(run) < 4 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        reading.clear()
+        reader.join()
+        os.close(master)  # the terminal closes
+        os.killpg(p.pid, signal.SIGHUP)
+        try:
+            p.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run was still cleaning up 40 s after the SIGHUP")
+        shown = "".join(out)[-3000:]
+        assert p.returncode == 129, shown
+        assert session_ends(p.pid, timeout=10), "Ray processes of the run outlived it"
+        assert 4 <= steps_logged(run) < 9 and (run / "checkpoints" / "latest").exists(), shown
+    finally:
+        kill_session(p)
+    code, resumed = run_to_end(["train", "--resume", str(run)])
+    assert code == 0, resumed[-3000:]
+    assert_resumed_whole(run, uninterrupted)
+
 ONE_RUNTIME_PROCESS_GONE = """
 import signal
 import ray
