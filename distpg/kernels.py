@@ -334,7 +334,9 @@ PACK_MIN_FLOAT32 = 1 << 15
 # float32 weights' layout: "onednn" (oneDNN's blocked format, its GELU fused into the product) or "transposed"
 # (an (in, out) copy multiplied by PyTorch's BLAS without a transpose: MKL's sgemm on x86); None: by the CPU,
 # "transposed" on Intel, where a generation took 7-18% less time with MKL's products (a 2-core Xeon with AMX),
-# "onednn" elsewhere (AMD EPYC: 1.12-1.49x over F.linear). bfloat16 weights always go to oneDNN.
+# "onednn" elsewhere (AMD EPYC: 1.12-1.49x over F.linear; there the transposed layout, with the decode step in one
+# C call, took 1.65-1.93x oneDNN's time per generation at the sampler bench's tiny, small and small-charvocab sizes,
+# one thread, best of 7 alternating). bfloat16 weights always go to oneDNN.
 FLOAT32_LAYOUT: str | None = None
 _PACK_OK: dict[torch.dtype, str | None] = {}  # dtype -> None (usable) or why not, decided once per process
 _packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> _Packs
