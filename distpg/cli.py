@@ -48,19 +48,7 @@ def _train(args) -> int:
     try:
         summary = train(cfg, run_dir, address=args.address, resume=bool(args.resume))
     except KeyboardInterrupt as e:
-        from distpg.orchestrator import STOP_SIGNALS
-
-        # a SIGTERM or SIGHUP, raised by orchestrator._signals_interrupt (otherwise Ctrl-C)
-        sig = next((s for s in STOP_SIGNALS if e.args == (s.name,)), None)
-        if sig is not None:  # the runtime is cleaned up: the signal repeated now would only lose the resume hint
-            signal.signal(sig, signal.SIG_IGN)
-        hint = resume_hint(run_dir, cfg.run.steps)
-        try:  # after a SIGHUP, to /dev/null where the terminal hung up
-            print(f"distpg: {f'stopped by {sig.name}' if sig else 'interrupted'}; {hint}", file=sys.stderr,
-                  flush=True)
-        except OSError:  # a terminal that hung up without a SIGHUP to say so
-            pass
-        return 128 + sig if sig is not None else 130
+        return _stopped(e, resume_hint(run_dir, cfg.run.steps))
     except BrokenPipeError:  # `distpg train | head`, or a pager quit: the run is stopped (and cleaned up) as a
         # pipe's writer is, but said with the resume hint instead of a traceback
         _stdout_gone()
@@ -290,12 +278,32 @@ def main(argv: list[str] | None = None) -> int:
     except _loaded("distpg.orchestrator", "TrainingError") as e:
         print(f"distpg: training failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("distpg: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # `distpg scale` stopped in one of its runs, a Ctrl-C in `distpg eval`
+        return _stopped(e)
     except BrokenPipeError:  # `distpg eval RUN | head`: the reader has what it wanted
         _stdout_gone()
         return 141
+
+
+def _stopped(e: KeyboardInterrupt, then: str = "") -> int:
+    """How a command stopped by Ctrl-C, or by a SIGTERM or SIGHUP that `orchestrator._signals_interrupt` turned
+    into KeyboardInterrupt(its name) (`distpg train`, each run of `distpg scale`), ends: said on stderr, with
+    `then` after it, and exit status 130, or 128 + the signal's number (143, 129) as for a process the signal
+    ended. The signal is ignored from here on: the runtime is cleaned up, and a repeat would only lose the
+    message."""
+    sig = None
+    if e.args:  # a plain Ctrl-C has none (and may land before distpg.orchestrator is imported)
+        from distpg.orchestrator import STOP_SIGNALS
+
+        sig = next((s for s in STOP_SIGNALS if e.args == (s.name,)), None)
+    if sig is not None:
+        signal.signal(sig, signal.SIG_IGN)
+    try:  # after a SIGHUP, to /dev/null where the terminal hung up
+        print(f"distpg: {f'stopped by {sig.name}' if sig else 'interrupted'}{f'; {then}' if then else ''}",
+              file=sys.stderr, flush=True)
+    except OSError:  # a terminal that hung up without a SIGHUP to say so
+        pass
+    return 128 + sig if sig is not None else 130
 
 
 def _stdout_gone() -> None:

@@ -1761,9 +1761,10 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     except BaseException as e:
-        if created and not (run_dir / "metrics.jsonl").exists():  # failed before its first step
+        if created and not (run_dir / "metrics.jsonl").exists():  # failed or stopped before its first step
             shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"distpg: removed the run folder {run_dir}: the run failed before its first step", flush=True)
+            ended = "was stopped" if isinstance(e, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, SIGHUP
+            print(f"distpg: removed the run folder {run_dir}: the run {ended} before its first step", flush=True)
         if isinstance(e, KeyboardInterrupt) and e.args != tuple(_SIGNALLED) and _SIGNALLED:
             raise KeyboardInterrupt(_SIGNALLED[0]) from None  # Ray's own, raised on our signal: said as it (143...)
         raise

@@ -256,8 +256,9 @@ def test_a_job_in_rays_copy_of_its_working_dir_needs_an_absolute_run_dir(tmp_pat
 
 
 def test_a_run_stopped_before_its_first_step_offers_no_resume_of_the_folder_it_removed(tmp_path, monkeypatch, capsys):
-    # SIGTERM before the first step removes the new run's folder ("the run failed before its first step"),
-    # and the last line then told the user to continue with `distpg train --resume` of that folder
+    # SIGTERM before the first step removes the new run's folder (said "the run failed before its first step"
+    # until session 27: a user's own stop is no failure), and the last line then told the user to continue with
+    # `distpg train --resume` of that folder
     import distpg.orchestrator
 
     def sigterm():
@@ -268,5 +269,6 @@ def test_a_run_stopped_before_its_first_step_offers_no_resume_of_the_folder_it_r
     run = tmp_path / "run"
     assert main(["train", *SMALL, "--run-dir", str(run)]) == 143
     captured = capsys.readouterr()
-    assert f"removed the run folder {run}" in captured.out and not run.exists()
+    assert f"removed the run folder {run}: the run was stopped before its first step" in captured.out
+    assert not run.exists()
     assert "--resume" not in captured.err and "stopped by SIGTERM; no run folder was kept" in captured.err, captured.err

@@ -396,6 +396,32 @@ def test_a_run_whose_terminal_closes_stops_whole_and_resumes(uninterrupted, tmp_
     assert code == 0, resumed[-3000:]
     assert_resumed_whole(run, uninterrupted)
 
+@pytest.mark.slow  # ~25 s (two points of a sweep on a local runtime)
+def test_a_sigterm_to_a_scale_sweep_keeps_the_points_measured_and_ends_it_as_a_sigterm(tmp_path):
+    """`distpg scale` trains each point with `distpg train`'s machinery, so a SIGTERM (a `ray job stop`, a
+    scheduler) stops the point being measured as it stops a run; the sweep then writes what it measured before
+    and ends with 143 and 'stopped by SIGTERM' (it said 'interrupted' and exited 130, as for a Ctrl-C), its local
+    runtime stopped whole."""
+    out = tmp_path / "scale"
+    p = start(["scale", "--workers", "1,2", "--nodes", "none", "--steps", "200", "--warmup", "1",
+               "--prompts-per-worker", "4", "--set", "task.length=4", "--out", str(out)])
+    try:
+        deadline = time.time() + 240
+        while steps_logged(out / "runs" / "w2") < 2 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)  # the first point measured, the second one training
+        p.send_signal(signal.SIGTERM)
+        shown, _ = p.communicate(timeout=60)
+        assert p.returncode == 143, shown[-3000:]
+        assert "interrupted during 2 worker(s)" in shown and "distpg: stopped by SIGTERM" in shown, shown[-3000:]
+        assert session_ends(p.pid, timeout=10), "Ray processes of the sweep outlived it"
+    finally:
+        kill_session(p)
+    data = json.loads((out / "scaling.json").read_text())
+    assert [(pt["workers"], pt["measured_steps"]) for pt in data["points"]] == [(1, 199)]
+    assert data["stopped"] == "2 worker(s): stopped by SIGTERM"
+    assert steps_logged(out / "runs" / "w2") < 200
+
+
 ONE_RUNTIME_PROCESS_GONE = """
 import signal
 import ray
