@@ -70,6 +70,7 @@ def test_held_out_prompts_are_fixed_distinct_and_never_trained_on():
 
 def test_too_small_prompt_space_is_a_config_error():
     with pytest.raises(ConfigError, match=r"only 8 distinct prompts, too few to hold out task.num_eval=128 .* "
+                                          r"a longer task.length or a larger task.alphabet\), "
                                           r"or lower task.num_eval \(at most 4 here\)"):
         task(name="reverse", length=3, alphabet="ab")
     assert len(task(name="reverse", length=3, alphabet="ab", num_eval=4).eval_prompts()) == 4  # the most allowed

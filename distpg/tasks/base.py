@@ -67,8 +67,8 @@ class CharTask:
             raise ValueError(
                 f"task {self.name}: only {self.num_prompts} distinct prompts, too few to hold out "
                 f"task.num_eval={self.num_eval} for evaluation and train on the rest; "
-                f"use a longer length or a larger alphabet, or lower task.num_eval (at most {self.num_prompts // 2} "
-                "here)"
+                f"give the task more distinct prompts (the built-in ones: a longer task.length or a larger "
+                f"task.alphabet), or lower task.num_eval (at most {self.num_prompts // 2} here)"
             )
         self._eval = self._draw_distinct(np.random.default_rng(self.eval_seed), self.num_eval, exclude=set())
         self._eval_set = set(self._eval)
