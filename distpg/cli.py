@@ -291,16 +291,15 @@ def _stopped(e: KeyboardInterrupt, then: str = "") -> int:
     `then` after it, and exit status 130, or 128 + the signal's number (143, 129) as for a process the signal
     ended. The signal is ignored from here on: the runtime is cleaned up, and a repeat would only lose the
     message."""
-    sig = None
+    sig, how = None, "interrupted"
     if e.args:  # a plain Ctrl-C has none (and may land before distpg.orchestrator is imported)
-        from distpg.orchestrator import STOP_SIGNALS
+        from distpg.orchestrator import how_stopped, stop_signal
 
-        sig = next((s for s in STOP_SIGNALS if e.args == (s.name,)), None)
+        sig, how = stop_signal(e), how_stopped(e)
     if sig is not None:
         signal.signal(sig, signal.SIG_IGN)
     try:  # after a SIGHUP, to /dev/null where the terminal hung up
-        print(f"distpg: {f'stopped by {sig.name}' if sig else 'interrupted'}{f'; {then}' if then else ''}",
-              file=sys.stderr, flush=True)
+        print(f"distpg: {how}{f'; {then}' if then else ''}", file=sys.stderr, flush=True)
     except OSError:  # a terminal that hung up without a SIGHUP to say so
         pass
     return 128 + sig if sig is not None else 130

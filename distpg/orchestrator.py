@@ -1653,6 +1653,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(_SIGNALLED[0])
 
 
+def stop_signal(e: KeyboardInterrupt) -> signal.Signals | None:
+    """The signal (SIGTERM, SIGHUP) that a KeyboardInterrupt stands for (`_interrupt` raises it with the signal's
+    name); None for a Ctrl-C."""
+    return next((s for s in STOP_SIGNALS if e.args == (s.name,)), None)
+
+
+def how_stopped(e: KeyboardInterrupt) -> str:
+    """'stopped by SIGTERM' / 'stopped by SIGHUP', or 'interrupted' (Ctrl-C), as distpg says a stop."""
+    sig = stop_signal(e)
+    return f"stopped by {sig.name}" if sig is not None else "interrupted"
+
+
 def _put_back(handlers: dict) -> None:
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
@@ -1691,8 +1703,8 @@ def _said_and_ignored_while_stopping(handlers: dict) -> dict:
     """From here until the caller puts the returned handlers back: Ctrl-C (SIGINT) and the signals of `handlers`
     (those `_signals_interrupt` set) are said and ignored (main thread only), so that the run's cleanup (actors,
     the local runtime) is not cut short: a Ctrl-C pressed twice, or after a SIGTERM, left the runtime's dashboard
-    and runtime-env agents running and the exit status 1. Returns SIGINT's handler; the caller puts `handlers`
-    back too."""
+    and runtime-env agents running and the exit status 1. Returns {SIGINT: its handler}; the caller puts
+    `handlers` back too."""
     for sig in handlers:
         if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left as it is
             signal.signal(sig, _stopping)

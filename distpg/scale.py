@@ -468,9 +468,10 @@ def main(args: argparse.Namespace) -> int:
             "tokens_per_s": "per second of the rollout phase" if base.run.mode == "sync" else
             "per second of the run (async: the phases overlap)"}
     if stop is not None:
-        e = stop[2]  # a TrainingError, or KeyboardInterrupt: Ctrl-C, or with its signal's name (SIGTERM, SIGHUP)
-        why = str(e) if not isinstance(e, KeyboardInterrupt) else f"stopped by {e}" if e.args else "interrupted"
-        meta["stopped"] = f"{stop[0]}: {why}"
+        from distpg.orchestrator import how_stopped
+
+        e = stop[2]  # a TrainingError, or a KeyboardInterrupt (Ctrl-C, SIGTERM, SIGHUP)
+        meta["stopped"] = f"{stop[0]}: {how_stopped(e) if isinstance(e, KeyboardInterrupt) else e}"
     files = write_outputs(asked, out, meta)
     print(format_table(points))
     print("wrote " + ", ".join(str(f) for f in files))

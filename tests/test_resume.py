@@ -4,9 +4,11 @@ checkpoint), and resumed ends with parameters bitwise equal to an uninterrupted 
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -282,7 +284,6 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_p
         kill_session(p)
 
 
-
 @pytest.fixture
 def stop_handlers_put_back():
     from distpg import orchestrator as o
@@ -353,9 +354,6 @@ def test_a_run_whose_terminal_closes_stops_whole_and_resumes(uninterrupted, tmp_
     process group, as a shell sends it): the run stops as on SIGTERM, exit 129, every process of its session gone
     within seconds (the driver used to die at once, the runtime's agents outliving it by a minute), and its last
     checkpoint resumes to the uninterrupted run's numbers."""
-    import select
-    import threading
-
     run = tmp_path / "run"
     master, terminal = os.openpty()
     p = subprocess.Popen([sys.executable, "-m", "distpg", "train", *CONFIG, "--run-dir", str(run)], env=env(),
@@ -395,6 +393,7 @@ def test_a_run_whose_terminal_closes_stops_whole_and_resumes(uninterrupted, tmp_
     code, resumed = run_to_end(["train", "--resume", str(run)])
     assert code == 0, resumed[-3000:]
     assert_resumed_whole(run, uninterrupted)
+
 
 @pytest.mark.slow  # ~25 s (two points of a sweep on a local runtime)
 def test_a_sigterm_to_a_scale_sweep_keeps_the_points_measured_and_ends_it_as_a_sigterm(tmp_path):
