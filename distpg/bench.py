@@ -39,8 +39,10 @@ import torch
 
 from distpg import kernels
 from distpg import model as distpg_model
+from distpg.checkpoint import write_atomic
 from distpg.cliargs import number, whole_numbers
 from distpg.config import ConfigError, load_config
+from distpg.stopping import how_stopped
 
 GPT2_VOCAB = 50257
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -779,7 +781,6 @@ def run(args: argparse.Namespace) -> dict:
     if bad:
         raise ConfigError(f"distpg bench: unknown benchmark {bad[0]!r}; allowed: "
                           f"{', '.join(BENCHES + EXTRA_BENCHES)}, all")
-    extra = tuple(b for b in EXTRA_BENCHES if b in args.benches)
     if not Path(args.json).resolve().parent.is_dir():  # found out now, not after minutes of benchmarks
         raise ConfigError(f"distpg bench: --json {args.json!r}: no folder {str(Path(args.json).parent)!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -799,6 +800,28 @@ def run(args: argparse.Namespace) -> dict:
     if quick:
         print("--quick: toy sizes and one repetition, a smoke test; the goals are for the full sizes", flush=True)
     t_start = time.perf_counter()
+    try:
+        _run(args, chosen, out, quick, repeats, sets)
+    except BaseException as e:  # Ctrl-C, SIGTERM, SIGHUP (`distpg.stopping`) or a failure: what was measured is kept
+        out["stopped"] = how_stopped(e) if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__}: {e})"
+        raise
+    finally:
+        out["elapsed_s"] = time.perf_counter() - t_start
+        done = sum(len(v) if isinstance(v, list) else 1 for v in out["results"].values())
+        if "stopped" not in out:
+            write_atomic(Path(args.json), json.dumps(out, indent=1))
+            print(f"distpg bench: done in {out['elapsed_s']:.0f}s; results in {args.json}", flush=True)
+        elif done:  # a bench.json of an earlier run is not replaced by an empty one
+            write_atomic(Path(args.json), json.dumps(out, indent=1))
+            print(f"distpg bench: {out['stopped']} after {out['elapsed_s']:.0f}s; the {done} result(s) measured "
+                  f"before it are in {args.json}", flush=True)
+    return out
+
+
+def _run(args: argparse.Namespace, chosen: tuple[str, ...], out: dict, quick: bool, repeats: int,
+         sets: list[str]) -> None:
+    """`run`'s benchmarks, each result into out["results"] as soon as it is measured."""
+    extra = tuple(b for b in EXTRA_BENCHES if b in args.benches)
     if "sampler" in chosen:
         print("sampler: distpg generate vs transformers generate(), same weights", flush=True)
         sizes = ["quick"] if quick else _names(args.sampler_sizes, SAMPLER_CASES)
@@ -813,11 +836,11 @@ def run(args: argparse.Namespace) -> dict:
         res = out["results"]["learner"] = []
         done = []  # configs already measured (--set may make two of the cases one)
         cases = [[]] if quick else [[], ["model.preset=small"], ["model.preset=small", "learner.dtype=bfloat16"]]
-        for extra in cases:
-            cfg = load_config(None, sets + extra)
+        for case in cases:  # not `extra`: that name holds the extra benchmarks (async, variance) asked for
+            cfg = load_config(None, sets + case)
             if cfg not in done:
                 done.append(cfg)
-                res.append(bench_learner(sets + extra, max(repeats, 3)))
+                res.append(bench_learner(sets + case, max(repeats, 3)))
                 print_figure(res[-1])
     if "async" in extra:
         from distpg.bench_async import bench_async, learning_race
@@ -838,10 +861,6 @@ def run(args: argparse.Namespace) -> dict:
             cfg = load_run_config(resolve_checkpoint(Path(args.policy))[0] / "config.yaml", list(args.set),
                                   weights=False)
         out["results"]["variance"] = bench_variance(cfg, batches=args.batches, policy=args.policy)
-    out["elapsed_s"] = time.perf_counter() - t_start
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"distpg bench: done in {out['elapsed_s']:.0f}s; results in {args.json}", flush=True)
-    return out
 
 
 def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> None:

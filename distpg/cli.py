@@ -18,6 +18,7 @@ from pathlib import Path
 
 from distpg.cliargs import number
 from distpg.config import ConfigError, describe, in_job_copy, load_config, load_run_config
+from distpg.stopping import how_stopped, signals_stop_command, stop_signal
 
 
 def _train(args) -> int:
@@ -165,7 +166,8 @@ def _plot(args) -> int:
 def _bench(args) -> int:
     from distpg.bench import run
 
-    run(args)
+    with signals_stop_command():
+        run(args)
     return 0
 
 
@@ -179,7 +181,8 @@ def _doctor(args) -> int:
 def _scale(args) -> int:
     from distpg.scale import main
 
-    return main(args)
+    with signals_stop_command():
+        return main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,16 +289,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stopped(e: KeyboardInterrupt, then: str = "") -> int:
-    """How a command stopped by Ctrl-C, or by a SIGTERM or SIGHUP that `orchestrator._signals_interrupt` turned
+    """How a command stopped by Ctrl-C, or by a SIGTERM or SIGHUP that `stopping.signals_interrupt` turned
     into KeyboardInterrupt(its name) (`distpg train`, each run of `distpg scale`), ends: said on stderr, with
     `then` after it, and exit status 130, or 128 + the signal's number (143, 129) as for a process the signal
     ended. The signal is ignored from here on: the runtime is cleaned up, and a repeat would only lose the
     message."""
-    sig, how = None, "interrupted"
-    if e.args:  # a plain Ctrl-C has none (and may land before distpg.orchestrator is imported)
-        from distpg.orchestrator import how_stopped, stop_signal
-
-        sig, how = stop_signal(e), how_stopped(e)
+    sig, how = stop_signal(e), how_stopped(e)
     if sig is not None:
         signal.signal(sig, signal.SIG_IGN)
     try:  # after a SIGHUP, to /dev/null where the terminal hung up

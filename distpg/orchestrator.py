@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,14 @@ from distpg.metrics import EVALS, MetricsLogger, cut_records, read_records
 from distpg.policy import task_for
 from distpg.rewards import RewardError
 from distpg.rollout import RolloutWorker, sampling_params
+from distpg.stopping import (
+    SIGNALLED,
+    ctrl_c_after_it,
+    interrupt_handler,
+    put_back,
+    said_and_ignored_while_stopping,
+    signals_interrupt,
+)
 
 
 class TrainingError(RuntimeError):
@@ -521,12 +529,17 @@ def start_local_ray(**kwargs):
     inherit.) Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to keep Ray's default. Both are restored afterwards,
     so joining a real cluster later in this process is unaffected.
 
-    The runtime's processes are started in process groups of their own (see `_own_process_groups`)."""
+    The runtime's processes are started in process groups of their own (see `_own_process_groups`). Where
+    `signals_interrupt` had set its handlers, they are set again after ray.init (which replaces SIGTERM's)."""
     from distpg.doctor import ray_env_defaults
 
     ray_env_defaults()
+    ours = signal.getsignal(signal.SIGTERM) is interrupt_handler
     with _loopback_node(), _own_process_groups():
-        return ray.init(address="local", **kwargs)
+        ctx = ray.init(address="local", **kwargs)
+    if ours:  # ray.init put its own SIGTERM handler (Ray's crash report) in place of `signals_interrupt`'s
+        signals_interrupt()
+    return ctx
 
 
 @contextmanager
@@ -575,7 +588,7 @@ def stop_local_ray() -> None:
     it to scale. The rest stops as ray.shutdown stops it.
 
     ray.shutdown destroys the driver's core worker first, which sets SIGTERM's action back to the default
-    (the Python handler, `_signals_interrupt`'s, is then still named by signal.getsignal but no longer runs),
+    (the Python handler, `signals_interrupt`'s, is then still named by signal.getsignal but no longer runs),
     and only then stops the runtime's processes, the longest part: a SIGTERM repeated meanwhile killed the
     driver outright. The Python handler is put back before the processes are stopped.
 
@@ -1598,120 +1611,6 @@ def ended_run(cfg: Config, run_dir: Path) -> dict | None:
                                  f"run.stop_reward in {run_dir / 'config.yaml'}"}
 
 
-# the signals that stop a run as Ctrl-C does (KeyboardInterrupt with the signal's name; exit status 128 + its number)
-# where the process has not been told to ignore them: SIGTERM (`kill`, `timeout`, a scheduler's stop) and SIGHUP
-# (the terminal closed: an ssh connection dropped, a terminal window shut)
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-# set by `_signals_interrupt`'s handler to the signal's name: one that lands inside a blocking Ray call (ray.get,
-# ray.wait) comes out of it as a bare KeyboardInterrupt (Ray raises its own on the pending signal), without the name
-_SIGNALLED: list[str] = []
-# standard input, output and error where they were a terminal when the handlers were set (see `_off_hung_up_terminal`)
-_TTYS: list[int] = []
-
-
-def _off_hung_up_terminal() -> None:
-    """Point those of stdin, stdout and stderr that were a terminal and are no longer one (it hung up: its reads and
-    writes now fail with EIO, which would cut a run's cleanup short at its first print) at /dev/null. A SIGHUP
-    sent by `kill -HUP` to a run whose terminal is still open leaves them as they are: the hint is still read."""
-    gone = [fd for fd in _TTYS if not os.isatty(fd)]
-    if gone:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in gone:
-            os.dup2(devnull, fd)
-        os.close(devnull)
-
-
-def _signals_interrupt() -> dict | None:
-    """Until the returned handlers are put back ({signal: handler}, see `_put_back`): SIGTERM and SIGHUP raise
-    KeyboardInterrupt("SIGTERM" / "SIGHUP") in the main thread, so that the run stops as on Ctrl-C (actors closed,
-    a local runtime shut down, the last checkpoint kept) instead of dying in Ray's crash handler (SIGTERM) or at
-    once (SIGHUP: Python's default action; the runtime's dashboard and runtime-env agents outlived it by a minute).
-    A SIGHUP first takes the run off its hung-up terminal (`_off_hung_up_terminal`). A signal the process ignores
-    (SIGHUP under `nohup`) or that something other than Python handles is left as it is. Set before `ray.init`
-    and again after it (it installs its own SIGTERM handler). A second signal while the run cleans up (a scheduler
-    or `kill` repeating itself) is said and ignored until the caller puts the handlers back: raised in the middle
-    of the cleanup it would leave the local runtime's processes behind. None off the main thread (where Python
-    cannot handle signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    _TTYS[:] = [fd for fd in (0, 1, 2) if os.isatty(fd)]
-    previous = {}
-    for sig in STOP_SIGNALS:
-        if sig != signal.SIGTERM and signal.getsignal(sig) not in (signal.SIG_DFL, _interrupt):
-            continue  # ignored (nohup), or handled by the program that runs distpg
-        previous[sig] = signal.signal(sig, _interrupt)
-    return {sig: signal.SIG_DFL if h is None else h for sig, h in previous.items()}  # None: not set from Python
-
-
-def _interrupt(signum, frame):
-    """`_signals_interrupt`'s handler."""
-    for sig in STOP_SIGNALS:  # until the cleanup installs it for SIGINT too
-        if signal.getsignal(sig) is _interrupt:
-            signal.signal(sig, _stopping)
-    _off_hung_up_terminal()
-    _SIGNALLED[:] = [signal.Signals(signum).name]
-    raise KeyboardInterrupt(_SIGNALLED[0])
-
-
-def stop_signal(e: KeyboardInterrupt) -> signal.Signals | None:
-    """The signal (SIGTERM, SIGHUP) that a KeyboardInterrupt stands for (`_interrupt` raises it with the signal's
-    name); None for a Ctrl-C."""
-    return next((s for s in STOP_SIGNALS if e.args == (s.name,)), None)
-
-
-def how_stopped(e: KeyboardInterrupt) -> str:
-    """'stopped by SIGTERM' / 'stopped by SIGHUP', or 'interrupted' (Ctrl-C), as distpg says a stop."""
-    sig = stop_signal(e)
-    return f"stopped by {sig.name}" if sig is not None else "interrupted"
-
-
-def _put_back(handlers: dict) -> None:
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
-@contextmanager
-def _ctrl_c_after_it() -> Iterator[None]:
-    """A Ctrl-C (SIGINT) during this block takes effect at its end (main thread only). Ray's processes ignore a
-    terminal's Ctrl-C, so a local runtime that `ray.init` is starting finishes starting and is then stopped whole;
-    interrupted halfway, it left the raylet's dashboard and runtime-env agents running for about a minute."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-    if pressed:
-        raise KeyboardInterrupt
-
-
-def _stopping(signum, frame):
-    """The handler of SIGINT, SIGTERM and SIGHUP while a run stops: said (where the terminal is still there), and
-    ignored."""
-    _off_hung_up_terminal()
-    try:
-        print(f"distpg: {signal.Signals(signum).name} while stopping; ignored (cleaning up)", file=sys.stderr,
-              flush=True)
-    except OSError:  # a terminal hung up and not found so (no SIGHUP's handler ran): the cleanup goes on
-        pass
-
-
-def _said_and_ignored_while_stopping(handlers: dict) -> dict:
-    """From here until the caller puts the returned handlers back: Ctrl-C (SIGINT) and the signals of `handlers`
-    (those `_signals_interrupt` set) are said and ignored (main thread only), so that the run's cleanup (actors,
-    the local runtime) is not cut short: a Ctrl-C pressed twice, or after a SIGTERM, left the runtime's dashboard
-    and runtime-env agents running and the exit status 1. Returns {SIGINT: its handler}; the caller puts
-    `handlers` back too."""
-    for sig in handlers:
-        if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left as it is
-            signal.signal(sig, _stopping)
-    previous = signal.signal(signal.SIGINT, _stopping)
-    return {signal.SIGINT: signal.default_int_handler if previous is None else previous}
-
-
 def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool = False,
           head_lost: Callable[[], str] | None = None) -> dict:
     """Run a training job end to end. Raises ConfigError (bad config) or TrainingError (run failed).
@@ -1759,13 +1658,13 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     # a runtime this call starts: stopped at the end, also when a Ctrl-C or SIGTERM lands while it starts (its
     # dashboard and runtime-env agents outlived an interrupted ray.init)
     local = not ray.is_initialized() and not cluster_address(cfg, address)
-    _SIGNALLED.clear()
+    SIGNALLED.clear()
     try:
-        handlers = _signals_interrupt()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
-        with _ctrl_c_after_it():
+        handlers = signals_interrupt()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
+        with ctrl_c_after_it():
             # a caller's runtime is reused
             started = False if ray.is_initialized() else init_ray(cfg, address, code_paths)
-        _signals_interrupt()  # again: ray.init put its own SIGTERM handler (Ray's crash report) in place of the first
+        signals_interrupt()  # again: ray.init put its own SIGTERM handler (Ray's crash report) in place of the first
         gcs_watch = watch_gcs(head_lost)  # through the cleanup below too, which needs the GCS
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())
@@ -1777,11 +1676,11 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             shutil.rmtree(run_dir, ignore_errors=True)
             ended = "was stopped" if isinstance(e, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, SIGHUP
             print(f"distpg: removed the run folder {run_dir}: the run {ended} before its first step", flush=True)
-        if isinstance(e, KeyboardInterrupt) and e.args != tuple(_SIGNALLED) and _SIGNALLED:
-            raise KeyboardInterrupt(_SIGNALLED[0]) from None  # Ray's own, raised on our signal: said as it (143...)
+        if isinstance(e, KeyboardInterrupt) and e.args != tuple(SIGNALLED) and SIGNALLED:
+            raise KeyboardInterrupt(SIGNALLED[0]) from None  # Ray's own, raised on our signal: said as it (143...)
         raise
     finally:
-        sigint = _said_and_ignored_while_stopping(handlers) if handlers is not None else None
+        sigint = said_and_ignored_while_stopping(handlers) if handlers is not None else None
         try:
             if trainer is not None:
                 # a signal sent to every process of the job (a scheduler's) also stops the local runtime's GCS:
@@ -1793,4 +1692,4 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             if gcs_watch is not None:
                 gcs_watch.set()
             if handlers is not None:
-                _put_back({**handlers, **(sigint or {})})
+                put_back({**handlers, **(sigint or {})})

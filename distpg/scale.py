@@ -47,6 +47,7 @@ import numpy as np
 
 from distpg.cliargs import number, whole_numbers
 from distpg.config import Config, ConfigError, config_from_dict, load_config
+from distpg.stopping import how_stopped
 
 NODE_RESOURCE = re.compile(r"^distpg_node_(\d+)$")
 
@@ -468,8 +469,6 @@ def main(args: argparse.Namespace) -> int:
             "tokens_per_s": "per second of the rollout phase" if base.run.mode == "sync" else
             "per second of the run (async: the phases overlap)"}
     if stop is not None:
-        from distpg.orchestrator import how_stopped
-
         e = stop[2]  # a TrainingError, or a KeyboardInterrupt (Ctrl-C, SIGTERM, SIGHUP)
         meta["stopped"] = f"{stop[0]}: {how_stopped(e) if isinstance(e, KeyboardInterrupt) else e}"
     files = write_outputs(asked, out, meta)

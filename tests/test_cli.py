@@ -265,7 +265,7 @@ def test_a_run_stopped_before_its_first_step_offers_no_resume_of_the_folder_it_r
         raise KeyboardInterrupt("SIGTERM")
 
     monkeypatch.setattr(distpg.orchestrator, "init_ray", lambda cfg, address: False)  # no runtime needed
-    monkeypatch.setattr(distpg.orchestrator, "_signals_interrupt", sigterm)  # the signal lands as it is set
+    monkeypatch.setattr(distpg.orchestrator, "signals_interrupt", sigterm)  # the signal lands as it is set
     run = tmp_path / "run"
     assert main(["train", *SMALL, "--run-dir", str(run)]) == 143
     captured = capsys.readouterr()

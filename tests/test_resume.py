@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from distpg import stopping
+
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ["--set", "run.steps=9", "--set", "run.checkpoint_every=3", "--set", "run.keep_checkpoints=2",
@@ -286,14 +288,12 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_as_to_the_driver(tmp_p
 
 @pytest.fixture
 def stop_handlers_put_back():
-    from distpg import orchestrator as o
-
-    saved = {sig: signal.getsignal(sig) for sig in (*o.STOP_SIGNALS, signal.SIGINT)}
-    ttys = list(o._TTYS)
-    yield o
+    saved = {sig: signal.getsignal(sig) for sig in (*stopping.STOP_SIGNALS, signal.SIGINT)}
+    ttys = list(stopping.TTYS)
+    yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
-    o._TTYS[:] = ttys
+    stopping.TTYS[:] = ttys
 
 
 def signalled(sig):
@@ -308,12 +308,11 @@ def test_a_sighup_stops_the_run_as_sigterm_does_off_its_hung_up_terminal(stop_ha
     minute. It now stops the run as SIGTERM does (KeyboardInterrupt("SIGHUP"); exit 129), after pointing the
     terminal's file descriptors at /dev/null: written to after the hangup they failed with EIO, which would have
     cut the cleanup short at its first print. A second SIGHUP while the run cleans up is ignored."""
-    o = stop_handlers_put_back
     master, terminal = os.openpty()
     try:
-        handlers = o._signals_interrupt()
+        handlers = stopping.signals_interrupt()
         assert set(handlers) == {signal.SIGTERM, signal.SIGHUP}
-        o._TTYS[:] = [terminal]  # as stdout and stderr of a run started in it
+        stopping.TTYS[:] = [terminal]  # as stdout and stderr of a run started in it
         os.close(master)  # the terminal hangs up
         with pytest.raises(OSError):
             os.write(terminal, b"distpg: interrupted")
@@ -321,7 +320,7 @@ def test_a_sighup_stops_the_run_as_sigterm_does_off_its_hung_up_terminal(stop_ha
             signalled(signal.SIGHUP)
         assert e.value.args == ("SIGHUP",)
         assert os.write(terminal, b"distpg: stopped by SIGHUP") == 25  # to /dev/null
-        assert signal.getsignal(signal.SIGHUP) is o._stopping and signal.getsignal(signal.SIGTERM) is o._stopping
+        assert signal.getsignal(signal.SIGHUP) is signal.getsignal(signal.SIGTERM) is stopping.while_stopping_handler
         signalled(signal.SIGHUP)  # said to /dev/null, and ignored
     finally:
         os.close(terminal)
@@ -330,17 +329,16 @@ def test_a_sighup_stops_the_run_as_sigterm_does_off_its_hung_up_terminal(stop_ha
 def test_a_sighup_to_a_run_whose_terminal_is_open_keeps_it_and_nohup_is_obeyed(stop_handlers_put_back):
     """`kill -HUP` to a run whose terminal is still there stops it with the hint still printed there; a run under
     `nohup` (SIGHUP ignored) is left to ignore it."""
-    o = stop_handlers_put_back
     master, terminal = os.openpty()
     try:
-        o._signals_interrupt()
-        o._TTYS[:] = [terminal]
+        stopping.signals_interrupt()
+        stopping.TTYS[:] = [terminal]
         with pytest.raises(KeyboardInterrupt, match="SIGHUP"):
             signalled(signal.SIGHUP)
         os.write(terminal, b"hint")
         assert os.read(master, 4) == b"hint"
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
-        assert set(o._signals_interrupt()) == {signal.SIGTERM}
+        assert set(stopping.signals_interrupt()) == {signal.SIGTERM}
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         signalled(signal.SIGHUP)
     finally:
@@ -420,6 +418,55 @@ def test_a_sigterm_to_a_scale_sweep_keeps_the_points_measured_and_ends_it_as_a_s
     assert data["stopped"] == "2 worker(s): stopped by SIGTERM"
     assert steps_logged(out / "runs" / "w2") < 200
 
+
+
+def lines_of(p) -> list[str]:
+    """The lines process `p` prints, as they come (read by a thread of their own)."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True).start()
+    return lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_distpg_bench_keeps_the_figures_measured_and_ends_it_as_that_signal(tmp_path, sig):
+    """`distpg bench` ended in Ray's SIGTERM handler (exit status 15) and at once on a SIGHUP, each time with
+    nothing written, after minutes of measuring. It now stops as `distpg train` does (143 / 129, its local runtime
+    stopped whole) and writes the figures measured before the signal, marked as stopped; a bench.json left by
+    an earlier run is not replaced when nothing was measured."""
+    out = tmp_path / "bench.json"
+    p = start(["bench", "weights", "step", "--quick", "--json", str(out)])
+    lines = lines_of(p)
+    try:
+        deadline = time.time() + 240
+        while not any("ratio" in x for x in lines) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)  # the first figure printed, the next being measured
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        shown = "".join(lines)
+        assert p.returncode == 128 + sig, shown[-3000:]
+        assert f"distpg bench: stopped by {sig.name} after" in shown and f"distpg: stopped by {sig.name}" in shown
+        assert session_ends(p.pid, timeout=10), "Ray processes of the bench outlived it"
+    finally:
+        kill_session(p)
+    data = json.loads(out.read_text())
+    assert data["stopped"] == f"stopped by {sig.name}"
+    measured = [f for group in data["results"].values() for f in group]
+    # of the 7 figures of a whole run (4 weights, 3 step), those printed before the signal
+    assert 1 <= len(measured) < 7 and all(f["ratio"] > 0 and f["name"] in shown for f in measured)
+
+    p = start(["bench", "weights", "--quick", "--json", str(out)])  # stopped before its first figure
+    lines = lines_of(p)
+    try:
+        deadline = time.time() + 120
+        while not any(x.startswith("weights:") for x in lines) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        assert p.returncode == 128 + sig, "".join(lines)[-3000:]
+    finally:
+        kill_session(p)
+    assert json.loads(out.read_text()) == data
 
 ONE_RUNTIME_PROCESS_GONE = """
 import signal
