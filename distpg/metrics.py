@@ -63,9 +63,14 @@ EVALS = "eval.jsonl"  # in the run folder, with run.eval_every: one record per e
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, print_every: int,
-                 start_step: int = 0, stream=None) -> None:
+                 start_step: int = 0, stream=None, stop_reward: float | None = None,
+                 max_time_s: float | None = None) -> None:
+        """`stop_reward`, `max_time_s`: run.stop_reward and run.max_time_s, which may end the run before
+        `total_steps`; the progress line's ETA is then a bound (the time left, counted from this logger's start,
+        caps it)."""
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
+        self.stop_reward, self.max_time_s = stop_reward, max_time_s
         self.print_every = print_every
         self.start_step = start_step
         self.stream = stream or sys.stdout
@@ -122,12 +127,16 @@ class MetricsLogger:
         done = r["step"] - self.start_step
         rate = done / max(r["time_s"] - self.t_offset, 1e-9)  # of this attempt
         eta = (self.total_steps - r["step"]) / rate if rate > 0 else 0.0
+        if self.max_time_s is not None:
+            eta = min(eta, max(0.0, self.max_time_s - (r["time_s"] - self.t_offset)))
+        # at most: run.stop_reward may end the run sooner (the default config's stops near step 150 of 400)
+        bound = "≤ " if self.stop_reward is not None else ""
         print(
             f"step {r['step']:>5}/{self.total_steps} | reward {r['rollout/reward_mean']:.3f}"
             f" ± {r['rollout/reward_std']:.3f} | len {r['rollout/length_mean']:.1f}"
             f" | loss {r['learner/loss']:+.4f} | {rate:.2f} steps/s"
             f" | rollout {r['perf/rollout_s'] * 1000:.0f}ms learn {r['perf/learn_s'] * 1000:.0f}ms"
-            f" sync {r['perf/sync_s'] * 1000:.0f}ms | ETA {_fmt_duration(eta)}",
+            f" sync {r['perf/sync_s'] * 1000:.0f}ms | ETA {bound}{_fmt_duration(eta)}",
             file=self.stream, flush=True,
         )
 

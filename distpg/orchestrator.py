@@ -988,7 +988,8 @@ class Trainer:
         """Metrics logger, rollout writer and the busy-time counters of a run starting after `start_step`."""
         cfg = self.cfg
         self.logger = MetricsLogger(self.run_dir, cfg.run.steps, cfg.log.tensorboard, cfg.log.print_every,
-                                    start_step=start_step)
+                                    start_step=start_step, stop_reward=cfg.run.stop_reward,
+                                    max_time_s=cfg.run.max_time_s)
         self.writer = RolloutWriter(self.run_dir / "rollouts", cfg.log.rollout_flush_every) if cfg.log.rollouts \
             else None
         self.t_start, self.worker_busy_s, self.learner_busy_s = time.perf_counter(), 0.0, 0.0

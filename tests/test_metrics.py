@@ -76,3 +76,24 @@ def test_a_new_run_starts_its_time_at_0(tmp_path):
     logger.log(1, {"x": 0.0})
     logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["time_s"] < 10.0
+
+
+@pytest.mark.parametrize("stop_reward, max_time_s, eta", [(None, None, "ETA 0m18s"), (0.97, None, "ETA ≤ 0m18s"),
+                                                          (None, 5.0, "ETA 0m03s"), (0.97, 60.0, "ETA ≤ 0m18s")])
+def test_the_eta_is_a_bound_where_the_run_may_stop_sooner(tmp_path, monkeypatch, stop_reward, max_time_s, eta):
+    """The ETA counts to run.steps at this attempt's rate; with run.stop_reward it is an upper bound (the default
+    config's run stops near step 150 of 400, and its ETA read as if it ran all 400), and run.max_time_s caps it."""
+    import io
+
+    from distpg import metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
+    out = io.StringIO()
+    logger = metrics.MetricsLogger(tmp_path, total_steps=10, tensorboard=False, print_every=1, stream=out,
+                                   stop_reward=stop_reward, max_time_s=max_time_s)
+    clock[0] += 2.0  # one step in 2 s: 9 steps left take 18 s
+    logger.log(1, {"rollout/reward_mean": 0.3, "rollout/reward_std": 0.0, "rollout/length_mean": 4.0,
+                   "learner/loss": 0.0, "perf/rollout_s": 0.0, "perf/learn_s": 0.0, "perf/sync_s": 0.0})
+    logger.close()
+    assert out.getvalue().rstrip().endswith(f"| {eta}"), out.getvalue()
