@@ -44,11 +44,15 @@ class _FollowingWorker(RolloutWorker):
 
     def sample(self, *args, **kwargs) -> pa.RecordBatch:
         """`RolloutWorker.sample`, then the pre-packed weights (see `kernels.packed_weights`) go: the learner
-        changes these parameters in place (each update, `load_state`), and they are not kept over learn()."""
+        changes these parameters in place (each update, `load_state`), so no copy is valid past learn(). Their
+        memory stays for the next version's copies, as a separate worker's does (`RolloutWorker.set_weights`):
+        with the transposed float32 layout (Intel CPUs) the `small` policy (4x256, 50257 tokens) sampled 8x4
+        in 38.6 ms against 42.7 (medians of 18, alternating) when the copies went into fresh pages each step.
+        The learner's process holds that memory (one transposed copy of the weight matrices) through learn()."""
         try:
             return super().sample(*args, **kwargs)
         finally:
-            kernels.release(self.model)
+            kernels.release(self.model, keep_memory=True)
 
     def follow(self) -> int:
         self.flat.follow(self.learner.flat)

@@ -112,19 +112,21 @@ def test_colocate_needs_sync_mode_and_frees_a_workers_share():
     assert p.reserved(3, "CPU") == 2.0 and len(p.bundles(3)) == 3
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_colocated_worker_samples_as_a_separate_one_in_one_process(pack_every_weight, dtype):
+@pytest.mark.parametrize("dtype, layout", [("float32", "onednn"), ("float32", "transposed"), ("bfloat16", "onednn")])
+def test_the_colocated_worker_samples_as_a_separate_one_in_one_process(pack_every_weight, monkeypatch, dtype, layout):
     """Without Ray: ColocatedLearner.step gives the batch and update of a RolloutWorker + Learner pair, also with
     learner.dtype=bfloat16 (the worker in the learner's process samples in float32 with the learner's float32
     parameters: the autocast covers the learner's passes only)."""
     from distpg.learner import Learner
     from distpg.rollout import RolloutWorker
 
+    monkeypatch.setattr(kernels, "FLOAT32_LAYOUT", layout)  # the transposed one is Intel's, oneDNN's the others'
     cfg = small_config("rollout.num_workers=1", f"learner.dtype={dtype}")
     both = ColocatedLearner(cfg)
     both.set_weights(both.get_weights())
     worker, learner = RolloutWorker(cfg, 0), Learner(cfg)
     weights = learner.get_weights()
+    memory = []  # where the kept memory lies after each step
     for step in (1, 2, 3):
         prompts, ids = step_prompts(both.worker.task, cfg, step)
         seed = sample_seed(cfg.run.seed, step, 0)
@@ -137,8 +139,11 @@ def test_the_colocated_worker_samples_as_a_separate_one_in_one_process(pack_ever
         assert {k: v for k, v in metrics.items() if not k.startswith("perf/")} == \
             {k: v for k, v in ref_metrics.items() if not k.startswith("perf/")}
         assert batch.column("policy_version").to_pylist() == [step - 1] * batch.num_rows
-        # the sampled version's pre-packed weights are not kept over the update (memory)
-        assert both.worker.model not in kernels._packs
+        # the sampled version's pre-packed weights are not kept over the update, their memory is (for the next)
+        kept = kernels._packs.get(both.worker.model)  # (oneDNN's copies have no buffer: nothing is kept)
+        assert kept is None if layout == "onednn" else kept.packed == [] and kept.key is kernels._SPARE
+        memory.append(None if kept is None else kept.buffer.data_ptr())
+    assert len(set(memory)) == 1  # each version's copies went into the memory the one before left
     assert all(torch.equal(a, b) for a, b in zip(both.model.parameters(), learner.model.parameters()))
     with pytest.raises(WeightsError, match=r"handed v2; its learner holds v3"):
         both.set_weights(learner.get_weights().__class__(2, weights.buffer, weights.manifest, weights.checksum))
