@@ -852,8 +852,11 @@ class Trainer:
     def _started_on(self, actor, said: str | None) -> tuple[str, str | None]:
         """The node a (re)started actor runs on, waited for up to ray.timeout_s. Ray declares a lost node dead
         only after its heartbeats have been missed for a while, so the shortage it leaves is looked for again
-        every few seconds of the wait, and said when it shows, not when the wait ends."""
+        every few seconds of the wait, and said when it shows, not when the wait ends. The learner is asked its
+        version meanwhile: a node lost with the learner on it (at start, or mid-run with a worker) ends the run
+        at once (TrainingError), where it waited out ray.timeout_s for room and then found the learner dead."""
         ref, deadline = _node_of(actor), time.monotonic() + self.cfg.ray.timeout_s
+        probe = None if actor is self.learner else self.learner.get_version.remote()
         while True:
             try:
                 return ray.get(ref, timeout=max(0.0, min(5.0, deadline - time.monotonic()))), said
@@ -861,6 +864,13 @@ class Trainer:
                 if time.monotonic() >= deadline:
                     raise
                 said = self._say_shortage(said)
+            if probe is not None and ray.wait([probe], timeout=0)[0]:
+                try:
+                    ray.get(probe, timeout=self.cfg.ray.timeout_s)
+                except WORKER_FAULTS as e:
+                    raise TrainingError(f"the learner's actor died ({type(e).__name__}; its node lost?) while "
+                                        "waiting for a rollout worker to start, so the run stops") from None
+                probe = self.learner.get_version.remote()
 
     def broadcast(self, weights_ref, version: int) -> None:
         """Hand one weights object to every worker; check each now holds `version`. A worker that died is

@@ -186,6 +186,32 @@ def test_a_trainer_that_fails_to_start_frees_what_it_reserved(ray_session, tmp_p
     assert len(new) == 1 and set(new.values()) == {"REMOVED"}, new
 
 
+
+class NeverStarts(RolloutWorker):
+    """A replacement that never gets going, as one waiting for a node to join after its node was lost."""
+
+    def __init__(self, *args, **kwargs):
+        import time
+
+        time.sleep(3600)
+
+
+def test_a_learner_lost_while_a_replacement_waits_for_room_stops_the_run_at_once(ray_session, tmp_path):
+    """A node lost with the learner and a worker on it (a helper's trial, during start-up): the replacement worker
+    waited out ray.timeout_s for a node to join (300 s), and then the run found the learner dead. The wait now
+    asks the learner too, and stops the run as soon as it is found dead."""
+    ray = ray_session
+    cfg = small_config("rollout.num_workers=1", "ray.timeout_s=120")
+    trainer = Trainer(cfg, tmp_path, plan_placement(cfg, cpus=2, gpus=0))
+    try:
+        ray.kill(trainer.learner, no_restart=True)
+        trainer.worker_class = NeverStarts
+        with pytest.raises(TrainingError, match=r"the learner's actor died \(ActorDiedError; its node lost\?\) while "
+                                                r"waiting for a rollout worker to start, so the run stops"):
+            trainer.restart_worker(0, "died (ActorDiedError)")
+    finally:
+        trainer.close()
+
 class RaisesAtStart(RolloutWorker):
     """A rollout worker whose constructor raises, as one does on a node that cannot read the run's files."""
 
