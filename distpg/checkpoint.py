@@ -140,8 +140,8 @@ def resume_hint(run_dir: Path, steps: int, last_step: int | None = None) -> str:
         return "no run folder was kept"
     ckpt = latest(run_dir)
     if ckpt is None:
-        return (f"no checkpoint was written yet (run.checkpoint_every): distpg train --resume {run_dir} starts it "
-                "over from step 0")
+        return (f"no checkpoint was written yet (run.checkpoint_every): {resume_command(run_dir)} starts it over "
+                "from step 0")
     step = run_state(ckpt)["step"]
     if last_step is None:
         last_step = last_logged_step(run_dir / "metrics.jsonl")
@@ -149,9 +149,16 @@ def resume_hint(run_dir: Path, steps: int, last_step: int | None = None) -> str:
         return f"the run had reached its last step ({step}, checkpointed): nothing is lost"
     if step == last_step:
         return (f"the latest checkpoint is step {step}, the last step done: nothing is lost; continue with: "
-                f"distpg train --resume {run_dir}")
-    return (f"the steps after the latest checkpoint (step {step}) are lost; continue with: "
-            f"distpg train --resume {run_dir}")
+                f"{resume_command(run_dir)}")
+    return f"the steps after the latest checkpoint (step {step}) are lost; continue with: {resume_command(run_dir)}"
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`: `distpg train --resume`, or in a Ray job (whose log is
+    read where the job was submitted) the submission that runs it as a job again, `cluster/submit.sh --resume`."""
+    from distpg.config import in_job_copy
+
+    return f"{'cluster/submit.sh' if in_job_copy() else 'distpg train'} --resume {run_dir}"
 
 
 def last_logged_step(path: Path, tail: int = 1 << 16) -> int | None:

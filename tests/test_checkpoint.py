@@ -78,3 +78,24 @@ def test_checkpoint_files_get_the_umask_mode_not_safetensors_0600(tmp_path):
         os.umask(old)
     modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
     assert modes["model.safetensors"] == modes["state.json"] == 0o644, modes
+
+
+def test_the_resume_hint_of_a_ray_job_names_the_submission(tmp_path, monkeypatch):
+    """A job's log is read where it was submitted, and its driver ran in Ray's copy of the working dir on the
+    head: its hint names `cluster/submit.sh --resume` (a helper, stopping a job with `ray job stop`, was told
+    `distpg train --resume`, which runs the driver where it is typed). Anywhere else, `distpg train --resume`."""
+    cfg = small_config("run.steps=9")
+    run = tmp_path / "run"
+    checkpoint.save(run, 3, Learner(cfg).state(), 3, {"recent_rewards": []})
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in range(1, 6)))
+    assert checkpoint.resume_hint(run, 9).endswith(f"(step 3) are lost; continue with: distpg train --resume {run}")
+    job_copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    job_copy.mkdir(parents=True)
+    monkeypatch.chdir(job_copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # as Ray sets it for a job's entrypoint
+    assert checkpoint.resume_hint(run, 9).endswith(f"continue with: cluster/submit.sh --resume {run}")
+    assert checkpoint.resume_hint(tmp_path / "fresh", 9) == "no run folder was kept"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert checkpoint.resume_hint(empty, 9) == ("no checkpoint was written yet (run.checkpoint_every): "
+                                                f"cluster/submit.sh --resume {empty} starts it over from step 0")
