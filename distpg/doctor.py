@@ -78,6 +78,10 @@ def probe(address: str, timeout: float, source: str) -> None:
     from ray._private.services import canonicalize_bootstrap_address
 
     token_check()
+    if address.lower().startswith(("http://", "https://")):  # Ray's own message of it was cut to its first line
+        raise DoctorError(f"{source} {address!r} is an HTTP address (the dashboard's or the job API server's, "
+                          "which `ray job submit` takes): give the GCS address, HOST:PORT, e.g. the RAY_ADDRESS "
+                          "that cluster/local-cluster.sh prints, or 10.0.0.5:6379")
     parsed = parse_address(address) if ":" in address else None
     if parsed is None or not str(parsed[1]).isdigit():
         raise DoctorError(f"{source} {address!r} is not HOST:PORT (the GCS address, e.g. the RAY_ADDRESS "
@@ -204,7 +208,7 @@ def connect(address: str | None, timeout: float, source: str) -> str | None:
     `distpg train` would (dashboard on 127.0.0.1). Returns the dashboard URL. A connect that outlives `timeout`
     ends the process with exit 1: ray.init cannot be interrupted otherwise."""
     ray_env_defaults()
-    if address and address != "auto" and "://" not in address:  # as `distpg train` (init_ray) probes it
+    if address and address != "auto" and not address.startswith("ray://"):  # as `distpg train` (init_ray) probes it
         probe(address, min(timeout, 5.0), source)
     done = threading.Event()
 

@@ -501,7 +501,8 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
     ray_env_defaults()
     job = {"job_config": JobConfig(_py_driver_sys_path=list(code_paths))} if code_paths else {}
     if address:
-        if address != "auto" and "://" not in address:  # ray.init would retry an unreachable GCS for minutes
+        if address != "auto" and not address.startswith("ray://"):  # ray.init would retry an unreachable GCS
+            # for minutes (Ray Client's ray:// address is for its server, not a GCS)
             try:
                 probe(address, timeout=min(10.0, cfg.ray.timeout_s), source=source)
             except DoctorError as e:

@@ -135,6 +135,10 @@ def test_the_addresses_ray_init_takes_besides_host_port_are_tried_as_distpg_trai
     ("headnode", "LOCALHOST:1", "LOCALHOST:1", "--address 'headnode'"),
     (None, "headnode", "LOCALHOST:1", "ray.address 'headnode'"),  # the config's field before the environment's
     (None, None, "headnode", "$RAY_ADDRESS 'headnode'"),
+    # the job API server's address where the GCS's belongs: Ray's message of it, many lines, was cut to its first
+    # by doctor ("To fix this, either:") and said RAY_ADDRESS for an --address
+    ("http://127.0.0.1:8265", None, "LOCALHOST:1", "--address 'http://127.0.0.1:8265' is an HTTP address"),
+    (None, "HTTPS://head:8265", "LOCALHOST:1", "ray.address 'HTTPS://head:8265' is an HTTP address"),
 ])
 def test_a_malformed_address_is_named_by_what_gave_it(flag, setting, env, named, monkeypatch, capsys, tmp_path):
     """The "is not HOST:PORT" message of `distpg train`, `doctor` and `scale` said --address also where the address
@@ -144,7 +148,7 @@ def test_a_malformed_address_is_named_by_what_gave_it(flag, setting, env, named,
     from tests.conftest import small_config
 
     monkeypatch.setenv("RAY_ADDRESS", env)
-    says = f"{named} is not HOST:PORT"
+    says = named if "HTTP" in named else f"{named} is not HOST:PORT"
     overrides = [] if setting is None else [f"ray.address={setting}"]
     with pytest.raises(TrainingError, match=re.escape(says)):  # where `distpg train` joins the cluster
         init_ray(small_config(*overrides), flag)
