@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from distpg.config import ConfigError
@@ -59,6 +60,7 @@ def _fmt_duration(seconds: float) -> str:
 
 
 EVALS = "eval.jsonl"  # in the run folder, with run.eval_every: one record per evaluation
+RATE_WINDOW = 50  # steps: the progress line's steps/s (and ETA) are over the last this many steps of the attempt
 
 
 class MetricsLogger:
@@ -81,6 +83,8 @@ class MetricsLogger:
         kept = read_records(path) if start_step and path.exists() else []
         self.t_offset = next((float(r["time_s"]) for r in reversed(kept) if r["step"] <= start_step), 0.0)
         self._jsonl = open(path, "a")
+        # (step, seconds into this attempt) of the last steps logged, from the attempt's start: see `_print`
+        self._recent: deque[tuple[int, float]] = deque([(start_step, 0.0)], maxlen=RATE_WINDOW + 1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -92,6 +96,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float], samples: list[tuple[str, str, float]] | None = None) -> dict:
         """Record step `step` (1-based: steps completed). Returns the record written."""
         record = {"step": step, "time_s": round(self.t_offset + time.time() - self.t_start, 4), **metrics}
+        self._recent.append((step, record["time_s"] - self.t_offset))
         self._jsonl.write(record_line(record))
         self._jsonl.flush()
         if self._tb is not None:
@@ -124,8 +129,10 @@ class MetricsLogger:
         return record
 
     def _print(self, r: dict) -> None:
-        done = r["step"] - self.start_step
-        rate = done / max(r["time_s"] - self.t_offset, 1e-9)  # of this attempt
+        # over the last RATE_WINDOW steps of this attempt (its start while fewer): a run slowed for a while (a node
+        # lost, a worker replaced) shows its speed again within that many steps, not the whole run's average
+        (s0, t0), (s1, t1) = self._recent[0], self._recent[-1]
+        rate = (s1 - s0) / max(t1 - t0, 1e-9)
         eta = (self.total_steps - r["step"]) / rate if rate > 0 else 0.0
         if self.max_time_s is not None:
             eta = min(eta, max(0.0, self.max_time_s - (r["time_s"] - self.t_offset)))

@@ -97,3 +97,25 @@ def test_the_eta_is_a_bound_where_the_run_may_stop_sooner(tmp_path, monkeypatch,
                    "learner/loss": 0.0, "perf/rollout_s": 0.0, "perf/learn_s": 0.0, "perf/sync_s": 0.0})
     logger.close()
     assert out.getvalue().rstrip().endswith(f"| {eta}"), out.getvalue()
+
+
+def test_the_rate_and_eta_follow_the_last_steps_not_the_whole_attempt(tmp_path, monkeypatch):
+    """A run slowed for a while (a helper's node outage on a cluster) showed 1.04 steps/s and an ETA of minutes
+    for the ~45 s it had left: both were over the whole attempt. They are over the last RATE_WINDOW steps."""
+    import io
+
+    from distpg import metrics
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
+    out = io.StringIO()
+    logger = metrics.MetricsLogger(tmp_path, total_steps=100, tensorboard=False, print_every=70, stream=out)
+    row = {"rollout/reward_mean": 0.3, "rollout/reward_std": 0.0, "rollout/length_mean": 4.0, "learner/loss": 0.0,
+           "perf/rollout_s": 0.0, "perf/learn_s": 0.0, "perf/sync_s": 0.0}
+    for step in range(1, 71):  # 10 steps of 10 s (the outage), then 60 of 0.1 s
+        clock[0] += 10.0 if step <= 10 else 0.1
+        logger.log(step, row)
+    logger.close()
+    assert metrics.RATE_WINDOW < 60
+    line = out.getvalue().strip()
+    assert "| 10.00 steps/s |" in line and line.endswith("| ETA 0m03s"), line  # 30 steps left at 10 steps/s
