@@ -1004,6 +1004,7 @@ class Trainer:
         self.writer = RolloutWriter(self.run_dir / "rollouts", cfg.log.rollout_flush_every) if cfg.log.rollouts \
             else None
         self.t_start, self.worker_busy_s, self.learner_busy_s = time.perf_counter(), 0.0, 0.0
+        self.said_failure, self.unsaid_failures = (None, None), 0  # `say_failed`: (step, error type) said last
         ledger = self.run_dir / LEDGER
         if cfg.log.ledger and start_step and ledger.exists():  # cut to the checkpoint by prepare_run_dir
             import pyarrow.parquet as pq
@@ -1086,9 +1087,34 @@ class Trainer:
             raise
 
     # -------------------------------------------------------------------------------------- logging
+    def say_failed(self, step: int, batches: list[pa.RecordBatch]) -> None:
+        """A warning for a step some of whose rewards failed (raised, returned no number, timed out: masked, no
+        gradient), naming the first failure: a reward function that raised on 40% of the samples trained on
+        silently, its error kept nowhere (a helper's trial). Said at the first such step, and again where the
+        error's type changes or log.print_every steps have gone by, with the count of the failures in between.
+        (A worker's share that no reward scored because every one failed still stops the run: see `rewards`.)"""
+        failed = sum(b.num_rows - int(pc.sum(b.column("reward_ok")).as_py() or 0)
+                     - int((b.schema.metadata or {}).get(b"not_scored", 0)) for b in batches)
+        if not failed:
+            return
+        total = sum(b.num_rows for b in batches)
+        where, error = next(((m[b"failed_for"].decode(), m[b"failed_with"].decode()) for b in batches
+                             if b"failed_with" in (m := b.schema.metadata or {})), ("", "not named"))
+        self.unsaid_failures += failed
+        kind = error.split(":", 1)[0]  # the exception's type (its message may name the sample), or the fault
+        last_step, last_kind = self.said_failure
+        if last_step is not None and kind == last_kind and step - last_step < self.cfg.log.print_every:
+            return
+        since = "" if last_step is None or self.unsaid_failures == failed else \
+            f" ({self.unsaid_failures} in all since step {last_step}'s warning)"
+        print(f"distpg: warning: step {step}: the reward failed for {failed} of its {total} samples{since}; they are "
+              f"masked and carry no gradient (rollout/failed_rewards); the first {where}: {error}", flush=True)
+        self.said_failure, self.unsaid_failures = (step, kind), 0
+
     def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:
         cfg = self.cfg
         say_not_scored(step, batches)
+        self.say_failed(step, batches)
         stats = rollout_stats(batches)
         rollout_tokens = stats.pop("_tokens")
         self.worker_busy_s += sum(_meta_seconds(b) for b in batches)

@@ -51,6 +51,20 @@ def not_scored(errors: list[str]) -> int:
     return sum(e in NOT_SCORED for e in errors)
 
 
+def first_failure(prompts: list[str], completions: list[str], ok: list[bool], errors: list[str],
+                  width: int = 80) -> tuple[str, str] | None:
+    """The first sample whose reward failed (raised, returned garbage, timed out; not one that no function
+    scored, `NOT_SCORED`): ('for prompt P and completion C', its error), P and C cut to `width` characters; None
+    if there is none. `ok`, `errors` as `score` returns them."""
+    failed = [i for i, good in enumerate(ok) if not good]
+    k = next((k for k, e in enumerate(errors) if e not in NOT_SCORED), None)
+    if k is None:
+        return None
+    i = failed[k]
+    cut = lambda s: repr(s if len(s) <= width else s[:width] + "...")  # noqa: E731
+    return f"for prompt {cut(prompts[i])} and completion {cut(completions[i])}", errors[k]
+
+
 FLOAT32_MAX = 3.4028234663852886e38  # rewards are stored and learned from as float32
 
 

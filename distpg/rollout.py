@@ -137,7 +137,8 @@ class RolloutWorker:
         Returns:
             a RecordBatch of P·G rows (prompt-major) whose policy_version is the version sampled with, with
             `sync_s` (receiving and loading `weights`), `gen_s`, `reward_s` and `not_scored` (how many of its
-            samples no reward function scored, each returning None; masked as failed) in its schema metadata.
+            samples no reward function scored, each returning None; masked as failed) in its schema metadata,
+            and `failed_for`, `failed_with` where a reward failed (`rewards.first_failure`).
         """
         t_sync = time.perf_counter()
         if weights is not None:
@@ -190,4 +191,6 @@ class RolloutWorker:
                                         pa.array(parts.get(name, [None] * len(rep_prompts)), pa.float32()))
         meta = {b"sync_s": str(t0 - t_sync).encode(), b"gen_s": str(t1 - t0).encode(),
                 b"reward_s": str(t2 - t1).encode(), b"not_scored": str(rewards.not_scored(errors)).encode()}
+        if (failure := rewards.first_failure(rep_prompts, texts, ok, errors)) is not None:
+            meta[b"failed_for"], meta[b"failed_with"] = (s.encode() for s in failure)  # `Trainer.say_failed`
         return batch.replace_schema_metadata(meta)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -246,3 +247,36 @@ def test_relative_paths_reach_workers_that_run_in_another_folder(ray_session, tm
     summary = train(cfg, tmp_path / "run")
     assert summary["steps"] == 1
     assert "prompts_path: p.jsonl" in (tmp_path / "run" / "config.yaml").read_text()  # the run's config as given
+
+
+def test_a_reward_function_that_raises_on_some_samples_is_said_with_its_error(ray_session, tmp_path, capsys):
+    """A reward function raising on part of the samples: those are masked (no gradient, rollout/failed_rewards)
+    and the run goes on, as before, but now with a warning that names the first failure's prompt, completion and
+    error (a helper's run trained on with 40% of its rewards failing, the error kept nowhere). It is said at the
+    first such step, then again only once log.print_every steps have gone by (or the error's type changes), with
+    the failures in between counted."""
+    words = ["ant", "bee", "cat", "owl", "fox", "gnu", "yak", "dog", "hen", "pig", "cow", "rat"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}:"}) + "\n" for w in words))
+    cfg = small_config("task.name=prompts", f"task.prompts_path={prompts}", "task.num_eval=2",
+                       "task.reward=tests.user_rewards:raises_on_vowel", "rollout.max_new_tokens=4",
+                       "run.steps=8", "log.print_every=3", "run.checkpoint_every=8")
+    capsys.readouterr()
+    train(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    failed = {r["step"]: r["rollout/failed_rewards"]
+              for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    said, unsaid, expected = None, 0, []  # the rule: the first, then once 3 steps (print_every) have gone by
+    for step in sorted(failed):
+        unsaid += failed[step]
+        if failed[step] and (said is None or step - said >= 3):
+            expected.append((step, failed[step], unsaid if said is not None and unsaid != failed[step] else None,
+                             said))
+            said, unsaid = step, 0
+    warned = re.findall(r"distpg: warning: step (\d+): the reward failed for (\d+) of its 16 samples(.*)", out)
+    assert len(expected) >= 2 and [(int(s), int(n)) for s, n, _ in warned] == [e[:2] for e in expected], out
+    for (_, _, between, before), (_, _, rest) in zip(expected, warned):
+        assert (f" ({between} in all since step {before}'s warning)" in rest) == (between is not None), rest
+        first = re.search(r"the first for prompt 'say (\w+):' and completion '.*': RuntimeError: my bug on '(\w+)'$",
+                          rest)
+        assert first and first[1] == first[2] and first[1][0] in "aeiou", rest

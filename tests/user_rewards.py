@@ -102,3 +102,11 @@ async def async_judge_too(prompt, completion, reference):
 def forgot_return(prompt, completion, reference):
     """A reward function missing its `return`: it gives None (TRL's "does not apply") for every sample."""
     float(len(completion))
+
+
+def raises_on_vowel(prompt, completion, reference):
+    """A user's bug on some samples: raises for a word starting with a vowel, else the completion's length."""
+    word = prompt.split()[-1][:-1]
+    if word[0] in "aeiou":
+        raise RuntimeError(f"my bug on {word!r}")
+    return float(len(completion))
