@@ -107,6 +107,9 @@ def _eval(args) -> int:
         print(f"distpg: eval failed: {e}", file=sys.stderr)
         return 1
     failed = f" ({res.failed} of {res.num_prompts} rewards failed, left out)" if res.failed else ""
+    if res.first_failure is not None:  # the error itself, which the samples' 'reward failed' does not say
+        print(f"distpg: warning: {res.failed} of the {res.num_prompts} rewards failed; the first {res.first_failure}",
+              flush=True)
     which, one = ("held-out prompts", "held-out prompt") if args.prompts is None else \
         (f"prompts of {args.prompts}", "prompt")
     if res.exact_match is None:
@@ -126,6 +129,7 @@ def _eval(args) -> int:
                   "task": cfg.task.name, "temperature": args.temperature, "seed": args.seed,
                   "num_prompts": res.num_prompts, "reward_mean": res.reward_mean, "exact_match": res.exact_match,
                   "prompts_with_reference": res.with_target, "failed_rewards": res.failed,
+                  "first_failure": res.first_failure,
                   "reward_parts": res.reward_parts, "prompts_path": args.prompts, "left_out": res.left_out,
                   "samples": [{"prompt": p, "completion": c, "target": t, "reward": r} for p, c, t, r in res.samples]}
         checkpoint.write_atomic(out, json.dumps(record, indent=1) + "\n")

@@ -28,6 +28,7 @@ class EvalResult:
     left_out: int = 0  # prompts of a --prompts file too long for the model with the run's completion budget
     reward_parts: dict[str, float | None] = field(default_factory=dict)  # several reward functions: each one's
     # mean over the prompts it scored (None: it scored none)
+    first_failure: str | None = None  # the first failed reward: 'for prompt P and completion C: ERROR'
 
 
 def eval_metrics(res: EvalResult) -> dict:
@@ -135,6 +136,8 @@ def evaluate(cfg: Config, model: GPT, temperature: float = 0.0, seed: int = 0, b
         with_target=len(matched),
         reward_parts={name: _mean([v for v in values if v is not None]) for name, values in parts.items()},
         left_out=dropped,
+        first_failure=None if (first := rewards.first_failure(prompts, completions, ok, errors)) is None
+        else ": ".join(first),
     )
 
 

@@ -108,12 +108,18 @@ def test_failed_rewards_are_counted_and_shown_as_failed_not_as_zero(tmp_path, ca
                           f"{cfg.run.steps}, run.seed={cfg.run.seed}); greedy\n")
     assert f"({sum(bad)} of {len(bad)} rewards failed, left out)" in out
     assert out.count("reward failed)") == sum(bad)
+    # the error itself, of the first that failed (the samples only say "failed")
+    first = next(i for i, b in enumerate(bad) if b)
+    prompt, completion = result.samples[first][:2]
+    named = f"for prompt {prompt!r} and completion {completion!r}: KeyError: {prompt!r}"
+    assert result.first_failure == named
+    assert f"distpg: warning: {sum(bad)} of the {len(bad)} rewards failed; the first {named}\n" in out
     # --json: the same figures and every sample, the failed rewards as null
     assert main(["eval", str(run), "--samples", "0", "--json", str(tmp_path / "eval.json")]) == 0
     data = json.loads((tmp_path / "eval.json").read_text())
     assert data["step"] == 1 and data["run_seed"] == cfg.run.seed and data["temperature"] == 0.0
     assert data["reward_mean"] == result.reward_mean and data["exact_match"] == result.exact_match
-    assert data["failed_rewards"] == sum(bad) and data["num_prompts"] == len(bad)
+    assert data["failed_rewards"] == sum(bad) and data["num_prompts"] == len(bad) and data["first_failure"] == named
     assert [(s["prompt"], s["completion"], s["target"], s["reward"]) for s in data["samples"]] == result.samples
     assert f"wrote {tmp_path / 'eval.json'}" in capsys.readouterr().out
     for bad, says in ((str(tmp_path / "no" / "eval.json"), f"no folder {str(tmp_path / 'no')!r}"),
