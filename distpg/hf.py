@@ -15,6 +15,8 @@ checkpoints (the Hub's `gpt2`) also store each layer's causal mask as `h.N.attn.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -36,11 +38,24 @@ ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # config.json's names of a GPT
 _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints, not parameters
 
 
+def not_a_folder(folder: Path) -> str:
+    """Why `folder` is no model folder: where a relative path was looked for, and for a name like a Hugging Face
+    Hub id ('gpt2', 'org/name') that nothing is downloaded."""
+    said = f"{str(folder)!r} is {'a file, not a folder' if folder.exists() else 'not a folder'}"
+    if not folder.is_absolute():
+        said += f" (looked for from the current folder, {os.getcwd()})"
+    if not folder.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(folder)):
+        said += ("; distpg reads a local folder and downloads nothing: save the model there first (transformers' "
+                 "save_pretrained, where the Hub is reachable), or make a tiny one with python -m "
+                 "distpg.examples.make_tiny_gpt2 DIR")
+    return said
+
+
 def read_config(folder: str | Path) -> dict:
     """config.json of a GPT-2 folder, checked for what distpg's GPT can represent. Raises ValueError."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a folder")
+        raise ValueError(not_a_folder(folder))
     # a run's copy has no weights; a sharded checkpoint has them in the files its index names
     needed = [f for f in FILES if f != "model.safetensors" or not (is_snapshot(folder) or (folder / INDEX).is_file())]
     missing = [f for f in needed if not (folder / f).is_file()]

@@ -695,3 +695,22 @@ def test_train_from_a_gpt2_folder_with_your_own_prompts(ray_session, tmp_path, c
     p = cli("eval", str(run), cwd=tmp_path)
     assert p.returncode == 2 and "has changed since the run started: notes.txt (added), tokenizer.json (changed), " \
         "tokenizer_config.json (removed), against what" in p.stderr, p.stderr
+
+
+def test_a_hub_id_or_a_relative_path_that_is_no_folder_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """model.init_from=gpt2 (a Hub id, as a TRL user writes it) said only "'gpt2' is not a folder"; a relative
+    path did not say from which folder it was taken (a helper ran a config from another folder)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(init_from="openai-community/gpt2")
+    assert str(e.value) == (
+        f"model.init_from='openai-community/gpt2': 'openai-community/gpt2' is not a folder (looked for from the "
+        f"current folder, {tmp_path}); distpg reads a local folder and downloads nothing: save the model there "
+        "first (transformers' save_pretrained, where the Hub is reachable), or make a tiny one with python -m "
+        "distpg.examples.make_tiny_gpt2 DIR")
+    (tmp_path / "weights.safetensors").write_text("")
+    with pytest.raises(ConfigError, match=r"^model.init_from='weights.safetensors': 'weights.safetensors' is a "
+                                          r"file, not a folder \(looked for from the current folder, .*\)$"):
+        ModelConfig(init_from="weights.safetensors")
+    with pytest.raises(ConfigError, match=r"^model.init_from='/nowhere/gpt2': '/nowhere/gpt2' is not a folder$"):
+        ModelConfig(init_from="/nowhere/gpt2")
