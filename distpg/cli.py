@@ -225,9 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="plot learning curves of run folders into a PNG (needs matplotlib)")
     pl.add_argument("runs", nargs="+", help="run folders")
     pl.add_argument("-o", "--out", default="curve.png", help="PNG to write")
-    pl.add_argument("--metric", default="rollout/reward_mean")
+    pl.add_argument("--metric", default="rollout/reward_mean",
+                    help="a metric of metrics.jsonl, or an eval/ one (eval/reward_mean, eval/exact_match) of "
+                         "eval.jsonl (run.eval_every)")
     pl.add_argument("--title")
-    pl.add_argument("--smooth", type=number(int, 1), default=1, help="trailing moving average over this many steps")
+    pl.add_argument("--smooth", type=number(int, 1), default=1,
+                    help="trailing moving average over this many points (steps, or evaluations)")
     pl.set_defaults(func=_plot)
 
     from distpg.bench import add_arguments as bench_arguments

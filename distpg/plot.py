@@ -7,18 +7,22 @@ import math
 from pathlib import Path
 
 from distpg.config import ConfigError
-from distpg.metrics import read_records
+from distpg.metrics import EVALS, read_records
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The step records of a run folder's metrics.jsonl, as `distpg.metrics.read_records` reads them: a last
-    line cut off (a run killed, or being written, as it is read) is left out, any other bad line named."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: Path, evals: bool = False) -> list[dict]:
+    """The step records of a run folder's metrics.jsonl (`evals`: the evaluations of its eval.jsonl, written with
+    run.eval_every), as `distpg.metrics.read_records` reads them: a last line cut off (a run killed, or being
+    written, as it is read) is left out, any other bad line named."""
+    path = Path(run_dir) / (EVALS if evals else "metrics.jsonl")
     if not path.exists():
+        if evals and (Path(run_dir) / "metrics.jsonl").exists():
+            raise FileNotFoundError(f"{str(path)!r} not found: the run scored no held-out prompts while training "
+                                    "(run.eval_every was null); an eval/ metric needs them")
         raise FileNotFoundError(f"{str(path)!r} not found: not a distpg run folder")
     records = read_records(path)
     if not records:
-        raise ConfigError(f"{str(path)!r} holds no step yet")
+        raise ConfigError(f"{str(path)!r} holds no {'evaluation' if evals else 'step'} yet")
     return records
 
 
@@ -50,11 +54,14 @@ def labels(run_dirs: list[Path]) -> list[str]:
 def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mean", title: str | None = None,
               smooth: int = 1) -> Path:
     """One PNG: `metric` against time_s (left) and step (right), one line per run, optionally smoothed by a
-    trailing moving average of `smooth` steps."""
-    runs = [(Path(run), read_metrics(run)) for run in run_dirs]  # bad folders are named before plotting
+    trailing moving average of `smooth` points. An eval/ metric (eval/reward_mean, eval/exact_match, ...) is read
+    from the runs' eval.jsonl, one point per evaluation (run.eval_every)."""
+    evals = metric.startswith("eval/")
+    runs = [(Path(run), read_metrics(run, evals)) for run in run_dirs]  # bad folders are named before plotting
     for run, records in runs:
         if any(metric not in r for r in records):
-            names = sorted(set().union(*records) - {"step", "time_s"})
+            names = sorted(k for k in set().union(*records) - {"step", "time_s"}
+                           if all(isinstance(r.get(k), (int, float, type(None))) for r in records))
             raise ConfigError(f"--metric {metric!r} is not in every record of {str(run)!r}; its metrics: "
                               f"{', '.join(names)}")
     try:
@@ -68,10 +75,10 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
     for (_, records), label in zip(runs, labels([run for run, _ in runs])):
         values = _smooth([math.nan if r[metric] is None else r[metric] for r in records], max(1, smooth))  # null: NaN
         ax_t.plot([r["time_s"] for r in records], values, label=label)
-        ax_s.plot([r["step"] for r in records], values, label=label)
+        ax_s.plot([r["step"] for r in records], values, label=label, marker="o" if evals else None)
     ax_t.set_xlabel("wall-clock seconds since the first step")
     ax_s.set_xlabel("step")
-    ax_t.set_ylabel(metric + (f" ({smooth}-step moving average)" if smooth > 1 else ""))
+    ax_t.set_ylabel(metric + (f" ({smooth}-point moving average)" if smooth > 1 else ""))
     for ax in (ax_t, ax_s):
         ax.grid(alpha=0.3)
     ax_s.legend(fontsize=8)

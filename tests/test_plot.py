@@ -64,3 +64,32 @@ def test_legend_labels_tell_runs_with_the_same_folder_name_apart(tmp_path):
             tmp_path / "sweep" / "lr3e-3" / "seed1"]
     assert labels(runs) == ["lr1e-3/seed0", "lr3e-3/seed0", "seed1"]
     assert labels([tmp_path / "a", tmp_path / "b", tmp_path / "a"]) == ["a", "b", "a"]  # a folder given twice
+
+
+def test_an_eval_metric_plots_the_runs_evaluations(tmp_path):
+    """--metric eval/reward_mean (a helper tried it) said the metric was in no record of metrics.jsonl: the
+    evaluations of run.eval_every are in eval.jsonl, which an eval/ metric now reads, one point per evaluation."""
+    import io
+
+    pytest.importorskip("matplotlib")
+    from distpg.metrics import MetricsLogger
+    from distpg.plot import read_metrics
+
+    run = write(tmp_path / "run", [json.dumps({"step": s, "time_s": s, "rollout/reward_mean": 0.1 * s})
+                                   for s in range(1, 5)])
+    logger = MetricsLogger(run, total_steps=4, tensorboard=False, print_every=10, stream=io.StringIO())
+    for step, reward in ((2, 0.25), (4, 0.75)):  # as run.eval_every=2 writes them
+        logger.log_eval(step, {"version": step, "eval/reward_mean": reward, "eval/exact_match": None,
+                               "eval/failed_rewards": 0, "eval/num_prompts": 8, "eval/left_out": 0})
+    logger.close()
+    assert [(r["step"], r["eval/reward_mean"]) for r in read_metrics(run, evals=True)] == [(2, 0.25), (4, 0.75)]
+    assert plot_runs([run], tmp_path / "eval.png", metric="eval/reward_mean").stat().st_size > 0
+    with pytest.raises(ConfigError, match=r"--metric 'eval/nope' is not in every record .*: eval/exact_match, "
+                                          r"eval/failed_rewards, eval/left_out, eval/num_prompts, eval/reward_mean, "
+                                          r"version$"):
+        plot_runs([run], tmp_path / "x.png", metric="eval/nope")
+    plain = write(tmp_path / "plain", [json.dumps({"step": 1, "time_s": 1, "rollout/reward_mean": 0.1})])
+    with pytest.raises(FileNotFoundError, match=r"eval.jsonl' not found: the run scored no held-out prompts while "
+                                                r"training \(run.eval_every was null\)"):
+        plot_runs([plain], tmp_path / "x.png", metric="eval/reward_mean")
+    assert not (tmp_path / "x.png").exists()
