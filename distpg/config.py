@@ -228,8 +228,10 @@ class LearnerConfig:
                            "prompt groups (PPO's mini-batches; split afresh at random in each later pass), the "
                            "baselines computed over the whole batch first")
     max_consecutive_skips: int = _f(
-        10, "updates skipped in a row for a non-finite loss or gradient before the run stops (an update with "
-        "learner.epochs x learner.mini_batches optimizer steps counts once, however many of them were skipped)")
+        10, "updates skipped in a row for a non-finite loss or gradient, or for having no sample whose reward was "
+        "scored (every one failed: timeouts, a dead reward process, a service down), before the run stops (an "
+        "update with learner.epochs x learner.mini_batches optimizer steps counts once, however many of them were "
+        "skipped)")
     dtype: str = _f(
         "float32", "precision of the learner's forward and backward passes: bfloat16 runs their matrix products "
         "under torch.autocast in bfloat16, while the parameters, gradients and Adam's state stay float32 (mixed "

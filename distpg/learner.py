@@ -27,6 +27,7 @@ from distpg.generate import filters
 from distpg.memory import retain_freed_memory
 from distpg.model import forward_shared_prompts, token_logprobs
 from distpg.policy import initial_policy, task_for
+from distpg.rewards import RewardError
 from distpg.weights import FlatParams, WeightsMessage
 
 
@@ -188,6 +189,15 @@ class Learner:
         scale = algo.whiten(torch.ones_like(adv), b.rewards.view(-1, G), ok, ac.whiten).reshape(B)
         adv, valid = adv.reshape(B) * scale, valid.reshape(B)
 
+        unscored = not bool(b.ok.any())  # every reward of the step failed (timeouts, a dead child, a service down)
+        if unscored and self.consecutive_skips >= lc.max_consecutive_skips:  # raised before anything changes
+            why = next((m[b"failed_with"].decode() for m in (x.schema.metadata or {} for x in batches)
+                        if b"failed_with" in m), "no reward function scored them")
+            raise RewardError(
+                f"no sample's reward was scored in {self.consecutive_skips + 1} steps in a row (the last: {why}); "
+                f"learner.max_consecutive_skips={lc.max_consecutive_skips}: nothing is learned from such steps. Fix "
+                "the reward function or what it calls, then resume from the latest checkpoint")
+
         # The version counts updates attempted: a skipped one publishes unchanged weights under the next
         # version, so version == step always holds (the async schedule relies on it).
         self.version += 1
@@ -227,8 +237,11 @@ class Learner:
                 else:
                     skipped = step
         # learner.max_consecutive_skips counts updates: one with a skipped optimizer step (a non-finite loss or
-        # gradient), however many of its epochs x mini_batches steps were, is one skipped update
-        if skipped is not None:
+        # gradient), however many of its epochs x mini_batches steps were, is one skipped update; so is one
+        # whose rewards all failed (checked above, before the update)
+        if unscored:
+            self.consecutive_skips += 1
+        elif skipped is not None:
             self.consecutive_skips += 1
             limit = lc.max_consecutive_skips
             if self.consecutive_skips > limit:

@@ -5,7 +5,9 @@ import multiprocessing as mp
 import re
 import time
 
+import pyarrow as pa
 import pytest
+import torch
 
 from distpg.config import TaskConfig
 from distpg.learner import Learner
@@ -84,23 +86,59 @@ def test_a_reward_that_kills_its_own_process_is_contained():
     assert no_children_left()
 
 
+def test_steps_whose_rewards_all_failed_stop_the_run_after_max_consecutive_skips_with_the_error():
+    """A reward that timed out on every sample had a run "succeed" with reward nan at every step (a helper's
+    trial): such a step teaches nothing. learner.max_consecutive_skips of them in a row are let go (a service
+    down for a while); the next raises the last failure before the update changes anything (the version stays:
+    the driver checkpoints the step before), and a step with a scored reward resets the count."""
+    from distpg.rollout import RolloutWorker
+
+    cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: hang}", "rollout.num_workers=1",
+                       "rollout.reward_timeout_s=0.5", "learner.max_consecutive_skips=1")
+    learner, worker = Learner(cfg), RolloutWorker(cfg, 0)
+    weights = learner.get_weights()
+    hung = worker.sample(["abca", "bcda"], [0, 1], seed=0, weights=weights)
+    assert not any(hung.column("reward_ok").to_pylist())
+    learner.learn(hung)  # the first is let go
+    assert learner.version == 1 and learner.consecutive_skips == 1
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    with pytest.raises(RewardError, match=re.escape(
+            "no sample's reward was scored in 2 steps in a row (the last: the reward function did not finish within "
+            "rollout.reward_timeout_s=0.5s); learner.max_consecutive_skips=1: nothing is learned")):
+        learner.learn(hung)
+    assert learner.version == 1 and all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+    scored = hung.set_column(hung.schema.get_field_index("reward_ok"), "reward_ok",
+                             pa.array([True] * hung.num_rows))  # as if the service came back
+    learner.learn(scored)
+    assert learner.version == 2 and learner.consecutive_skips == 0
+    learner.learn(hung)  # let go again
+    assert learner.version == 3
+
+
 @pytest.mark.ray
 @pytest.mark.slow  # end to end; the default run checks its parts more cheaply (the docstring)
-def test_training_goes_on_through_a_hanging_reward(ray_session, tmp_path):
-    """A reward function that hangs on every sample: each step's samples are masked and counted, and the run goes
-    on. Its parts in the default run: the reward child killed at rollout.reward_timeout_s, in this process
-    (test_a_hanging_reward_is_killed_at_the_timeout), and a run going on through rewards that fail in their child,
-    masked and counted each step (test_the_prompts_tasks_reward_function_runs_in_a_child_by_default)."""
+def test_training_goes_on_through_a_hanging_reward_then_stops(ray_session, tmp_path, capsys):
+    """A reward function that hangs on every sample: each step's samples are masked, counted and said, and the
+    run goes on for learner.max_consecutive_skips steps, then stops with the error. Its parts in the default run:
+    the reward child killed at rollout.reward_timeout_s, in this process (test_a_hanging_reward_is_killed_at_the_
+    timeout), the learner's count (test_steps_whose_rewards_all_failed_stop_the_run_after_max_consecutive_skips_
+    with_the_error), and a run going on through rewards that fail in their child, masked and counted each step
+    (test_the_prompts_tasks_reward_function_runs_in_a_child_by_default)."""
     cfg = small_config("task.name=tests.user_task:misbehaving", "task.params={fault: hang}",
-                       "rollout.reward_timeout_s=1", "run.steps=2")
+                       "rollout.reward_timeout_s=1", "run.steps=5", "learner.max_consecutive_skips=2")
     t0 = time.perf_counter()
-    train(cfg, tmp_path / "r")
+    with pytest.raises(TrainingError, match=r"learner update of step 3 failed: RewardError: no sample's reward was "
+                                            r"scored in 3 steps in a row \(the last: the reward function did not "
+                                            r"finish within rollout.reward_timeout_s=1s\)") as e:
+        train(cfg, tmp_path / "r")
     elapsed = time.perf_counter() - t0
+    assert e.value.last_step == 2
     recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]
     assert all(r["rollout/failed_rewards"] == 16 for r in recs)  # every sample masked, counted
     assert [r["policy/version"] for r in recs] == [1, 2]
-    assert elapsed < 2 * (1 + 30) + 60  # not the hour the reward function asked for
+    assert "distpg: warning: step 1: the reward failed for 16 of its 16 samples" in capsys.readouterr().out
+    assert elapsed < 3 * (1 + 30) + 60  # not the hour the reward function asked for
 
 
 @pytest.mark.ray
