@@ -198,9 +198,18 @@ RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_task_events_shutdown_fl
 
 
 def ray_env_defaults() -> None:
-    """Put `RAY_ENV_DEFAULTS` in this process's environment where it sets none of them, before ray.init."""
+    """Put `RAY_ENV_DEFAULTS` in this process's environment where it sets none of them, before ray.init; and where
+    standard output is no terminal (a file, a pipe, a job's log), RAY_COLOR_PREFIX=0: the actors' lines that Ray
+    forwards to the driver come without the terminal colour codes it wraps them in otherwise (seen in a helper's
+    piped output as ESC[36m(RolloutWorker pid=...)ESC[0m)."""
     for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    try:
+        terminal = sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        terminal = False
+    if not terminal:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def connect(address: str | None, timeout: float, source: str) -> str | None:

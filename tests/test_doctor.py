@@ -298,3 +298,50 @@ def test_the_local_runtime_listens_on_loopback_only_and_doctor_reports_it_and_a_
     assert [lv for lv, t in findings if "does not fit" in t] == [FAIL], findings
     assert all(lv == OK for lv, t in findings if "versions" in t or " on the driver and every node" in t)
     assert any("the GCS (port" in t for _, t in findings), findings  # a local runtime: on this machine
+
+
+def test_actor_lines_come_without_colour_codes_where_stdout_is_no_terminal(monkeypatch):
+    """Ray wraps the actors' lines it forwards in terminal colour codes, also into a file or a pipe (a helper's
+    piped run read ESC[36m(RolloutWorker pid=...)ESC[0m): RAY_COLOR_PREFIX=0 there, unless the user set it."""
+    import io
+
+    from distpg.doctor import ray_env_defaults
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    ray_env_defaults()
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's own choice stays
+    ray_env_defaults()
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"
+    monkeypatch.delenv("RAY_COLOR_PREFIX")
+    master, terminal = os.openpty()
+    with open(terminal, "w") as tty, open(master, "rb"):
+        monkeypatch.setattr(sys, "stdout", tty)
+        ray_env_defaults()
+        assert "RAY_COLOR_PREFIX" not in os.environ  # on a terminal, Ray's colours
+
+
+ACTOR_PRINTS = """
+import ray
+from distpg.orchestrator import start_local_ray, stop_local_ray
+start_local_ray(num_cpus=1, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+@ray.remote(num_cpus=0)
+class Speaker:
+    def say(self):
+        print("hello from the actor", flush=True)
+a = Speaker.remote()
+ray.get(a.say.remote())
+import time; time.sleep(2)  # the line reaches the driver through the log monitor
+stop_local_ray()
+"""
+
+
+@pytest.mark.slow  # ~10 s: a local runtime; the default run checks the setting (the test above)
+def test_a_piped_runs_actor_lines_carry_no_colour_codes():
+    p = subprocess.run([sys.executable, "-c", ACTOR_PRINTS], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env={**{k: v for k, v in os.environ.items() if k != "RAY_COLOR_PREFIX"},
+                                      "PYTHONPATH": str(ROOT)})
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "hello from the actor" in out, out[-2000:]
+    assert "\x1b[" not in out, out[-2000:]
