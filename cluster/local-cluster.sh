@@ -6,6 +6,7 @@
 #   cluster/local-cluster.sh start [N]   start a head and N worker nodes (default 2); prints the addresses
 #   cluster/local-cluster.sh stop        stop every process of this cluster (and nothing else)
 #   cluster/local-cluster.sh status      `ray status` of this cluster
+#   cluster/local-cluster.sh env         export lines for a client shell: eval "$(cluster/local-cluster.sh env)"
 #   cluster/local-cluster.sh stop-node I kill worker node I (SIGKILL, its whole process tree): a node lost
 #   cluster/local-cluster.sh start-node I start worker node I (again, after stop-node, or a new one): a node
 #                                        joining, with the CPUs and object store the others were started with
@@ -146,6 +147,7 @@ case "${1:-}" in
     echo "RAY_ADDRESS=$ADDRESS                   # for distpg train --address / distpg doctor / ray.init"
     echo "RAY_API_SERVER_ADDRESS=$(cat "$DIR/dashboard")   # for ray job submit (cluster/submit.sh)"
     [ -f "$DIR/auth_token" ] && echo "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token   # clients need the token"
+    echo "for this shell: eval \"\$(DISTPG_CLUSTER_DIR=$DIR $0 env)\""
     ;;
   stop)
     pids="$(cluster_pids)"
@@ -188,11 +190,18 @@ case "${1:-}" in
     { cat "$DIR/pids" 2>/dev/null; pgrep -f -- "$DIR/node_$I/"; } | sort -u > "$DIR/pids.new" && mv "$DIR/pids.new" "$DIR/pids"
     echo "node $I joined $ADDRESS ($CPUS CPU)"
     ;;
+  env)
+    [ -f "$DIR/address" ] || { echo "no cluster state under $DIR" >&2; exit 1; }
+    echo "export RAY_ADDRESS=$(cat "$DIR/address") RAY_API_SERVER_ADDRESS=$(cat "$DIR/dashboard")"
+    if [ -f "$DIR/auth_token" ]; then
+      echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token"
+    fi
+    ;;
   status)
     [ -f "$DIR/address" ] || { echo "no cluster state under $DIR" >&2; exit 1; }
     [ -f "$DIR/auth_token" ] && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
     RAY_ADDRESS="$(cat "$DIR/address")" timeout "$TIMEOUT" "$RAY" status
     ;;
   *)
-    sed -n '2,12p' "$0"; exit 2 ;;
+    sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -145,6 +145,17 @@ def test_every_port_of_every_node_is_on_loopback(cluster):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+
+def test_env_exports_what_a_client_shell_needs(cluster):
+    """`eval "$(cluster/local-cluster.sh env)"` (start prints that line) sets the address, the job API server's
+    address and the token, which `start` printed as lines to retype (a helper's trial)."""
+    env, cluster_dir, _ = cluster
+    p = sh("bash", "-c", 'eval "$(cluster/local-cluster.sh env)" && env', env=env)
+    assert p.returncode == 0, p.stderr
+    exported = dict(line.split("=", 1) for line in p.stdout.splitlines() if line.startswith("RAY_"))
+    want = {k: v for k, v in client_env(env, cluster_dir).items() if k.startswith("RAY_")}
+    assert exported == {**want, "RAY_API_SERVER_ADDRESS": (cluster_dir / "dashboard").read_text().strip()}
+
 @pytest.mark.slow  # ~8 s: a job of its own; test_cli's Ray-copy test covers the check in this process
 def test_a_raw_job_without_an_absolute_run_dir_is_refused(cluster):
     """`ray job submit ... -- distpg train` without --run-dir: the job would write into Ray's temporary copy of
