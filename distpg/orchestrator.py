@@ -1099,7 +1099,7 @@ class Trainer:
             return
         total = sum(b.num_rows for b in batches)
         where, error = next(((m[b"failed_for"].decode(), m[b"failed_with"].decode()) for b in batches
-                             if b"failed_with" in (m := b.schema.metadata or {})), ("", "not named"))
+                             if b"failed_with" in (m := b.schema.metadata or {})), ("", ""))
         self.unsaid_failures += failed
         kind = error.split(":", 1)[0]  # the exception's type (its message may name the sample), or the fault
         last_step, last_kind = self.said_failure
@@ -1107,8 +1107,9 @@ class Trainer:
             return
         since = "" if last_step is None or self.unsaid_failures == failed else \
             f" ({self.unsaid_failures} in all since step {last_step}'s warning)"
+        first = f"; the first {where}: {error}" if where else ""
         print(f"distpg: warning: step {step}: the reward failed for {failed} of its {total} samples{since}; they are "
-              f"masked and carry no gradient (rollout/failed_rewards); the first {where}: {error}", flush=True)
+              f"masked and carry no gradient (rollout/failed_rewards){first}", flush=True)
         self.said_failure, self.unsaid_failures = (step, kind), 0
 
     def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:
