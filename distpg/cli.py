@@ -18,7 +18,7 @@ from pathlib import Path
 
 from distpg.cliargs import number
 from distpg.config import ConfigError, describe, in_job_copy, load_config, load_run_config
-from distpg.stopping import how_stopped, signals_stop_command, stop_signal
+from distpg.stopping import as_signalled, how_stopped, signals_stop_command, stop_signal
 
 
 def _train(args) -> int:
@@ -301,6 +301,7 @@ def _stopped(e: KeyboardInterrupt, then: str = "") -> int:
     `then` after it, and exit status 130, or 128 + the signal's number (143, 129) as for a process the signal
     ended. The signal is ignored from here on: the runtime is cleaned up, and a repeat would only lose the
     message."""
+    e = as_signalled(e)  # a bare one that Ray raised on SIGTERM or SIGHUP
     sig, how = stop_signal(e), how_stopped(e)
     if sig is not None:
         signal.signal(sig, signal.SIG_IGN)

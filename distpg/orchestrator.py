@@ -64,6 +64,7 @@ from distpg.rewards import RewardError
 from distpg.rollout import RolloutWorker, sampling_params
 from distpg.stopping import (
     SIGNALLED,
+    as_signalled,
     ctrl_c_after_it,
     interrupt_handler,
     put_back,
@@ -1715,8 +1716,8 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
             shutil.rmtree(run_dir, ignore_errors=True)
             ended = "was stopped" if isinstance(e, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, SIGHUP
             print(f"distpg: removed the run folder {run_dir}: the run {ended} before its first step", flush=True)
-        if isinstance(e, KeyboardInterrupt) and e.args != tuple(SIGNALLED) and SIGNALLED:
-            raise KeyboardInterrupt(SIGNALLED[0]) from None  # Ray's own, raised on our signal: said as it (143...)
+        if isinstance(e, KeyboardInterrupt) and (named := as_signalled(e)) is not e:
+            raise named from None  # Ray's own, raised on our signal: said as it (143...)
         raise
     finally:
         sigint = said_and_ignored_while_stopping(handlers) if handlers is not None else None

@@ -73,9 +73,16 @@ def stop_signal(e: KeyboardInterrupt) -> signal.Signals | None:
     return next((s for s in STOP_SIGNALS if e.args == (s.name,)), None)
 
 
+def as_signalled(e: KeyboardInterrupt) -> KeyboardInterrupt:
+    """`e`, or where it is the bare KeyboardInterrupt that Ray raised out of a blocking call on a signal that
+    `interrupt_handler` took (SIGNALLED), one with that signal's name."""
+    return KeyboardInterrupt(SIGNALLED[0]) if SIGNALLED and e.args != tuple(SIGNALLED) else e
+
+
 def how_stopped(e: KeyboardInterrupt) -> str:
-    """'stopped by SIGTERM' / 'stopped by SIGHUP', or 'interrupted' (Ctrl-C), as distpg says a stop."""
-    sig = stop_signal(e)
+    """'stopped by SIGTERM' / 'stopped by SIGHUP', or 'interrupted' (Ctrl-C), as distpg says a stop (a bare
+    KeyboardInterrupt that Ray raised on one of those signals included: `as_signalled`)."""
+    sig = stop_signal(as_signalled(e))
     return f"stopped by {sig.name}" if sig is not None else "interrupted"
 
 
@@ -142,8 +149,8 @@ def signals_stop_command() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as e:
-        if SIGNALLED and e.args != tuple(SIGNALLED):
-            raise KeyboardInterrupt(SIGNALLED[0]) from None
+        if (named := as_signalled(e)) is not e:
+            raise named from None
         raise
     finally:
         if handlers is not None:

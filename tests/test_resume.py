@@ -326,6 +326,21 @@ def test_a_sighup_stops_the_run_as_sigterm_does_off_its_hung_up_terminal(stop_ha
         os.close(terminal)
 
 
+
+def test_a_bare_interrupt_that_ray_raised_on_a_signal_is_said_as_that_signal(stop_handlers_put_back, monkeypatch):
+    """A SIGTERM landing in a blocking Ray call comes out of it as a bare KeyboardInterrupt (Ray raises its own on
+    the pending signal): `distpg bench` wrote "stopped": "interrupted" for it while the command said SIGTERM (a
+    helper's trial). Every way of saying a stop names the signal that `interrupt_handler` took."""
+    from distpg.cli import _stopped
+
+    monkeypatch.setattr(stopping, "SIGNALLED", ["SIGTERM"])
+    bare = KeyboardInterrupt()
+    assert stopping.how_stopped(bare) == "stopped by SIGTERM"
+    assert stopping.as_signalled(bare).args == ("SIGTERM",)
+    assert _stopped(bare) == 143
+    monkeypatch.setattr(stopping, "SIGNALLED", [])
+    assert stopping.how_stopped(bare) == "interrupted" and _stopped(bare) == 130  # a Ctrl-C
+
 def test_a_sighup_to_a_run_whose_terminal_is_open_keeps_it_and_nohup_is_obeyed(stop_handlers_put_back):
     """`kill -HUP` to a run whose terminal is still there stops it with the hint still printed there; a run under
     `nohup` (SIGHUP ignored) is left to ignore it."""
