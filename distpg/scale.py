@@ -473,6 +473,7 @@ def main(args: argparse.Namespace) -> int:
         meta["stopped"] = f"{stop[0]}: {how_stopped(e) if isinstance(e, KeyboardInterrupt) else e}"
     files = write_outputs(asked, out, meta)
     print(format_table(points))
+    print(f"tokens/s, traj/s: {meta['tokens_per_s']}; train traj/s: per second of the run")  # a mode's meaning
     print("wrote " + ", ".join(str(f) for f in files))
     if stop is not None:
         _raise_stop(stop, f"the {len(points)} point(s) measured before it are in {out}/scaling.*")

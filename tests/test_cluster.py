@@ -365,6 +365,8 @@ def test_scale_on_the_cluster_sweeps_nodes(cluster, tmp_path):
         ("1", "2", False), ("1", "6", True), ("2", "2", False), ("2", "6", True)]
     assert (out / "scaling.png").stat().st_size > 10_000
     assert "3 node(s)" in data["where"]
+    # what the table's throughput columns count, which differs by mode (a helper read async's as sync's)
+    assert "tokens/s, traj/s: per second of the rollout phase; train traj/s: per second of the run" in p.stdout
 
 
 def test_strict_spread_puts_each_actor_on_a_node_of_its_own_or_is_refused_up_front(cluster, tmp_path):

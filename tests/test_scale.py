@@ -136,6 +136,8 @@ def test_scale_on_plain_local_ray(tmp_path, mode):
                        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "efficiency" in p.stdout and "wrote " in p.stdout and f"{mode} mode" in p.stdout
+    basis = "of the rollout phase" if mode == "sync" else "of the run (async: the phases overlap)"
+    assert f"tokens/s, traj/s: per second {basis}; train traj/s: per second of the run" in p.stdout
     data = json.loads((tmp_path / "scaling.json").read_text())
     assert data["where"].startswith("local Ray") and data["scaling"] == "weak" and data["mode"] == mode
     assert data["sweep"] == {"workers": [1, 2], "nodes": "auto", "cpus_per_worker": 1.0, "prompts_per_worker": 4,
