@@ -453,7 +453,9 @@ def main(args: argparse.Namespace) -> int:
         stop_local_ray()
     points = [best(ps) for ps in tries.values()]
     if not points and stop is None:
-        raise ConfigError("no point of the sweep fits the cluster; lower --workers or --cpus-per-worker")
+        first = skipped[0]  # the reason may be other than size (a strict placement strategy, a pinned resource)
+        raise ConfigError(f"no point of the sweep fits the cluster; {_label(first.workers, first.nodes)}: "
+                          f"{first.skipped}")
     if not points:
         _raise_stop(stop, "no point was measured before it")
     add_efficiency(points)

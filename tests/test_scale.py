@@ -309,3 +309,19 @@ def test_a_lost_head_during_a_sweep_says_which_point_ran_and_which_runs_were_don
                               f"{runs / 'n2-w2-r1'}; the runs done before it (w1-r0, n2-w2-r0, w1-r1) are in {runs}, "
                               "each with its metrics.jsonl, but no scaling.* was written")
     assert not any("--resume" in s for s in said)
+
+
+@pytest.mark.ray
+def test_a_sweep_no_point_of_which_fits_says_why(tmp_path):
+    """Every point skipped under STRICT_SPREAD on one node: the error said "lower --workers or --cpus-per-worker",
+    which would not help (a helper's trial); it now gives the first point's own reason."""
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "distpg", "scale", "--workers", "1,2", "--steps", "3", "--warmup", "1",
+                        "--set", "ray.placement_strategy=STRICT_SPREAD", "--out", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert ("distpg: error: no point of the sweep fits the cluster; 1 worker(s): does not fit the cluster: "
+            "ray.placement_strategy=STRICT_SPREAD puts each of the learner and 1 rollout worker actor(s) on a node "
+            "of its own") in p.stderr, p.stderr
+    assert "lower --workers" not in p.stderr
