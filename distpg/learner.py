@@ -27,7 +27,7 @@ from distpg.generate import filters
 from distpg.memory import retain_freed_memory
 from distpg.model import forward_shared_prompts, token_logprobs
 from distpg.policy import initial_policy, task_for
-from distpg.rewards import RewardError
+from distpg.rewards import RewardError, failure_in
 from distpg.weights import FlatParams, WeightsMessage
 
 
@@ -191,8 +191,7 @@ class Learner:
 
         unscored = not bool(b.ok.any())  # every reward of the step failed (timeouts, a dead child, a service down)
         if unscored and self.consecutive_skips >= lc.max_consecutive_skips:  # raised before anything changes
-            why = next((m[b"failed_with"].decode() for m in (x.schema.metadata or {} for x in batches)
-                        if b"failed_with" in m), "no reward function scored them")
+            why = failure[1] if (failure := failure_in(batches)) else "no reward function scored them"
             raise RewardError(
                 f"no sample's reward was scored in {self.consecutive_skips + 1} steps in a row (the last: {why}); "
                 f"learner.max_consecutive_skips={lc.max_consecutive_skips}: nothing is learned from such steps. Fix "

@@ -65,6 +65,20 @@ def first_failure(prompts: list[str], completions: list[str], ok: list[bool], er
     return f"for prompt {cut(prompts[i])} and completion {cut(completions[i])}", errors[k]
 
 
+# the keys under which a rollout batch's schema metadata names its first failed reward (`first_failure`)
+FAILED_FOR, FAILED_WITH = b"failed_for", b"failed_with"
+
+
+def failure_in(batches) -> tuple[str, str] | None:
+    """The first failed reward that one of `batches` (rollout RecordBatches, in order) names in its metadata, as
+    `first_failure` gives it; None where none does."""
+    for b in batches:
+        meta = b.schema.metadata or {}
+        if FAILED_WITH in meta:
+            return meta[FAILED_FOR].decode(), meta[FAILED_WITH].decode()
+    return None
+
+
 FLOAT32_MAX = 3.4028234663852886e38  # rewards are stored and learned from as float32
 
 

@@ -192,5 +192,5 @@ class RolloutWorker:
         meta = {b"sync_s": str(t0 - t_sync).encode(), b"gen_s": str(t1 - t0).encode(),
                 b"reward_s": str(t2 - t1).encode(), b"not_scored": str(rewards.not_scored(errors)).encode()}
         if (failure := rewards.first_failure(rep_prompts, texts, ok, errors)) is not None:
-            meta[b"failed_for"], meta[b"failed_with"] = (s.encode() for s in failure)  # `Trainer.say_failed`
+            meta[rewards.FAILED_FOR], meta[rewards.FAILED_WITH] = (s.encode() for s in failure)  # `rewards.failure_in`
         return batch.replace_schema_metadata(meta)
