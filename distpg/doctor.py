@@ -235,7 +235,10 @@ def connect(address: str | None, timeout: float, source: str) -> str | None:
     watchdog.start()
     try:
         if address:
-            ctx = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            from distpg.stopping import kept_across_ray_init
+
+            with kept_across_ray_init():  # a `distpg scale` on a cluster keeps its SIGTERM and SIGHUP handlers
+                ctx = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         else:
             from distpg.orchestrator import start_local_ray
 

@@ -74,7 +74,6 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.stop_reward, self.max_time_s = stop_reward, max_time_s
         self.print_every = print_every
-        self.start_step = start_step
         self.stream = stream or sys.stdout
         self.t_start = time.time()
         # a resumed run's time_s goes on from that of its checkpoint's step (the file is cut there), so that

@@ -60,13 +60,13 @@ from distpg.config import (
 from distpg.learner import Learner
 from distpg.metrics import EVALS, MetricsLogger, cut_records, read_records
 from distpg.policy import task_for
-from distpg.rewards import RewardError
+from distpg.rewards import RewardError, failure_in
 from distpg.rollout import RolloutWorker, sampling_params
 from distpg.stopping import (
     SIGNALLED,
     as_signalled,
     ctrl_c_after_it,
-    interrupt_handler,
+    kept_across_ray_init,
     put_back,
     said_and_ignored_while_stopping,
     signals_interrupt,
@@ -509,7 +509,8 @@ def init_ray(cfg: Config, address: str | None, code_paths: Sequence[str] = ()) -
             except DoctorError as e:
                 raise TrainingError(str(e)) from None
         try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True, **job)
+            with kept_across_ray_init():
+                ray.init(address=address, logging_level="WARNING", log_to_driver=True, **job)
         except (ConnectionError, RayError, ValueError) as e:
             raise TrainingError(f"cannot connect to the Ray cluster at {address_text(address, source)}: "
                                 f"{e}{auth_hint()}") from None
@@ -531,17 +532,13 @@ def start_local_ray(**kwargs):
     inherit.) Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to keep Ray's default. Both are restored afterwards,
     so joining a real cluster later in this process is unaffected.
 
-    The runtime's processes are started in process groups of their own (see `_own_process_groups`). Where
-    `signals_interrupt` had set its handlers, they are set again after ray.init (which replaces SIGTERM's)."""
+    The runtime's processes are started in process groups of their own (see `_own_process_groups`); distpg's
+    signal handlers stay (`kept_across_ray_init`)."""
     from distpg.doctor import ray_env_defaults
 
     ray_env_defaults()
-    ours = signal.getsignal(signal.SIGTERM) is interrupt_handler
-    with _loopback_node(), _own_process_groups():
-        ctx = ray.init(address="local", **kwargs)
-    if ours:  # ray.init put its own SIGTERM handler (Ray's crash report) in place of `signals_interrupt`'s
-        signals_interrupt()
-    return ctx
+    with _loopback_node(), _own_process_groups(), kept_across_ray_init():
+        return ray.init(address="local", **kwargs)
 
 
 @contextmanager
@@ -1099,8 +1096,7 @@ class Trainer:
         if not failed:
             return
         total = sum(b.num_rows for b in batches)
-        where, error = next(((m[b"failed_for"].decode(), m[b"failed_with"].decode()) for b in batches
-                             if b"failed_with" in (m := b.schema.metadata or {})), ("", ""))
+        where, error = failure_in(batches) or ("", "")
         self.unsaid_failures += failed
         kind = error.split(":", 1)[0]  # the exception's type (its message may name the sample), or the fault
         last_step, last_kind = self.said_failure
@@ -1700,11 +1696,11 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
     local = not ray.is_initialized() and not cluster_address(cfg, address)
     SIGNALLED.clear()
     try:
-        handlers = signals_interrupt()  # before ray.init too: a SIGTERM while the runtime starts stops it as Ctrl-C
+        # before ray.init: a SIGTERM while the runtime starts stops it as Ctrl-C (init_ray keeps them after it)
+        handlers = signals_interrupt()
         with ctrl_c_after_it():
             # a caller's runtime is reused
             started = False if ray.is_initialized() else init_ray(cfg, address, code_paths)
-        signals_interrupt()  # again: ray.init put its own SIGTERM handler (Ray's crash report) in place of the first
         gcs_watch = watch_gcs(head_lost)  # through the cleanup below too, which needs the GCS
         res = ray.cluster_resources()
         placement = plan_placement(cfg, res.get("CPU", 0), res.get("GPU", 0), nodes=cluster_nodes())

@@ -95,6 +95,16 @@ def put_back(handlers: dict) -> None:
 
 
 @contextmanager
+def kept_across_ray_init() -> Iterator[None]:
+    """Around a `ray.init`: where `signals_interrupt` had set its handlers, they are set again after it (ray.init
+    puts Ray's own SIGTERM handler, its crash report, in place of theirs)."""
+    ours = signal.getsignal(signal.SIGTERM) is interrupt_handler
+    yield
+    if ours:
+        signals_interrupt()
+
+
+@contextmanager
 def ctrl_c_after_it() -> Iterator[None]:
     """A Ctrl-C (SIGINT) during this block takes effect at its end (main thread only). Ray's processes ignore a
     terminal's Ctrl-C, so a local runtime that `ray.init` is starting finishes starting and is then stopped whole;
@@ -139,19 +149,15 @@ def said_and_ignored_while_stopping(handlers: dict) -> dict:
 @contextmanager
 def signals_stop_command() -> Iterator[None]:
     """For a command made of several runs or measurements (`distpg bench`, `distpg scale`): while the block runs,
-    SIGTERM and SIGHUP stop it as Ctrl-C does (`signals_interrupt`; a `ray.init` by `start_local_ray` keeps them so),
-    a bare KeyboardInterrupt that Ray raised on one of them is re-raised with its name (the exit status tells
-    which), and the handlers are put back at the end. Before, `distpg bench` ended in Ray's SIGTERM handler (exit
+    SIGTERM and SIGHUP stop it as Ctrl-C does (`signals_interrupt`; distpg's `ray.init` calls keep them so:
+    `kept_across_ray_init`), and the handlers are put back at the end (a bare KeyboardInterrupt that Ray raised on
+    one of them is said as that signal: `as_signalled`). Before, `distpg bench` ended in Ray's SIGTERM handler (exit
     status 15, the results measured so far lost) and died at once on SIGHUP, and `distpg scale` died on a SIGHUP
     between two of its runs."""
     SIGNALLED.clear()
     handlers = signals_interrupt()
     try:
         yield
-    except KeyboardInterrupt as e:
-        if (named := as_signalled(e)) is not e:
-            raise named from None
-        raise
     finally:
         if handlers is not None:
             put_back(handlers)
