@@ -18,6 +18,7 @@ import pyarrow as pa
 from distpg import kernels
 from distpg.config import Config
 from distpg.learner import Learner
+from distpg.rewards import RewardError, step_failure
 from distpg.rollout import RolloutWorker
 from distpg.weights import WeightsError, WeightsMessage
 
@@ -78,6 +79,10 @@ class ColocatedLearner(Learner):
 
     def step(self, prompts: list[str], prompt_ids: list[int], seed: int) -> tuple[pa.RecordBatch, dict]:
         """A whole synchronous step when worker 0 is the only worker: sample with the current weights, learn
-        from the batch. Returns (batch, metrics); nothing is published (no other process needs weights)."""
+        from the batch. Returns (batch, metrics); nothing is published (no other process needs weights).
+        Raises RewardError, learning nothing, where the reward functions failed on every sample (the batch is the
+        whole step: see `rewards.step_failure`)."""
         batch = self.sample(prompts, prompt_ids, seed)
+        if (why := step_failure(self.cfg.task.name, [batch])) is not None:
+            raise RewardError(why)
         return batch, self.learn(batch)

@@ -60,7 +60,7 @@ from distpg.config import (
 from distpg.learner import Learner
 from distpg.metrics import EVALS, MetricsLogger, cut_records, read_records
 from distpg.policy import task_for
-from distpg.rewards import RewardError, failure_in
+from distpg.rewards import RewardError, failure_in, step_failure
 from distpg.rollout import RolloutWorker, sampling_params
 from distpg.stopping import (
     SIGNALLED,
@@ -917,7 +917,16 @@ class Trainer:
                     raise task_failure(f"rollout of step {step}", e) from None
         for w, (_, batch) in done.items():
             self.check_version(step, w, batch)
-        return [done[w][0] for w in range(n)], [done[w][1] for w in range(n)]
+        batches = [done[w][1] for w in range(n)]
+        if (failure := self.reward_failure(step, batches)) is not None:
+            raise failure
+        return [done[w][0] for w in range(n)], batches
+
+    def reward_failure(self, step: int, batches: list[pa.RecordBatch]) -> RewardFailure | None:
+        """The error that stops the run where the reward functions failed on every sample of step `step` (its
+        rollout `batches`, all of them; see `rewards.step_failure`), else None."""
+        why = step_failure(self.cfg.task.name, batches)
+        return None if why is None else RewardFailure(f"rollout of step {step} failed: RewardError: {why}")
 
     def check_version(self, step: int, wid: int, batch: pa.RecordBatch, version: int | None = None) -> None:
         """Raise TrainingError unless worker `wid` sampled its share of `step` with the version it was handed
@@ -1090,7 +1099,7 @@ class Trainer:
         gradient), naming the first failure: a reward function that raised on 40% of the samples trained on
         silently, its error kept nowhere (a helper's trial). Said at the first such step, and again where the
         error's type changes or log.print_every steps have gone by, with the count of the failures in between.
-        (A worker's share that no reward scored because every one failed still stops the run: see `rewards`.)"""
+        (A step no reward of which was scored because the functions failed stops the run: `reward_failure`.)"""
         failed = sum(b.num_rows - int(pc.sum(b.column("reward_ok")).as_py() or 0)
                      - int((b.schema.metadata or {}).get(b"not_scored", 0)) for b in batches)
         if not failed:
@@ -1316,6 +1325,11 @@ class AsyncPipeline:
         self.parts.setdefault(s, {})[w] = (ref, batch)
         if len(self.parts[s]) == len(self.t.workers):
             self.rollout_t[s] = time.perf_counter() - self.rollout_t[s]
+            failure = self.t.reward_failure(s, [self.parts[s][k][1] for k in range(len(self.t.workers))])
+            if failure is not None:  # as a share's error above
+                self.failure = failure
+                if self.update is None:
+                    raise failure from None
 
     def on_update(self) -> dict:
         s, metrics_ref, weights_ref, t_launch = self.update

@@ -17,12 +17,14 @@ its batch is marked failed; the worker goes on. A user's code (a "module:attr" t
 reward functions) runs this way by default (`rollout.reward_isolation: auto`); the built-in tasks are pure
 Python and run in-process.
 
-If no sample of a batch was scored and the functions *failed* on some (raised, returned garbage), the reward
-function is broken rather than unlucky: `RewardError` is raised with the first failure, and the run stops with
-that message. A batch that no function scored only because each returned None is not an error here: None
-says a function does not apply, and TRL warns and trains on (the driver says how many samples of a step got no
-reward, and stops where none of the run's first step did: see `NOT_SCORED`). Timeouts and dead children are
-infrastructure faults: those samples are masked and training goes on.
+If no sample of a training step was scored and the functions *failed* on some (raised, returned garbage), the
+reward function is broken rather than unlucky: the run stops with the first failure (`step_failure`, read by the
+driver from the step's batches, whatever the number of workers that sampled it; `score` raises `RewardError` for
+one batch scored alone, as `distpg eval` does). Samples that no function scored only because each returned None
+are no error here: None says a function does not apply, and TRL warns and trains on (the driver says how many
+samples of a step got no reward, and stops where none of the run's first step did: see `NOT_SCORED`). Timeouts
+and dead children are infrastructure faults: those samples are masked and training goes on (a run of steps with
+nothing scored stops at learner.max_consecutive_skips).
 """
 
 from __future__ import annotations
@@ -46,9 +48,20 @@ NOT_SCORED = ("returned None: no reward for this sample",
               "every reward function returned None for this sample (none applies to it)")
 
 
+# the error text of every sample of a batch whose reward child hung past the timeout or died (`score_in_subprocess`):
+# an infrastructure fault, not the function failing
+TIMED_OUT, DIED = "the reward function did not finish within rollout.reward_timeout_s=", "the reward process died"
+
+
 def not_scored(errors: list[str]) -> int:
     """How many of the failures `errors` (as `score` returns them) are samples no function scored (`NOT_SCORED`)."""
     return sum(e in NOT_SCORED for e in errors)
+
+
+def function_failures(errors: list[str]) -> int:
+    """How many of the failures `errors` (as `score` returns them) are the functions' own (they raised or returned
+    no number): neither samples no function scored (`NOT_SCORED`) nor a hung or dead child's (`TIMED_OUT`, `DIED`)."""
+    return sum(e not in NOT_SCORED and not e.startswith((TIMED_OUT, DIED)) for e in errors)
 
 
 def first_failure(prompts: list[str], completions: list[str], ok: list[bool], errors: list[str],
@@ -65,8 +78,9 @@ def first_failure(prompts: list[str], completions: list[str], ok: list[bool], er
     return f"for prompt {cut(prompts[i])} and completion {cut(completions[i])}", errors[k]
 
 
-# the keys under which a rollout batch's schema metadata names its first failed reward (`first_failure`)
-FAILED_FOR, FAILED_WITH = b"failed_for", b"failed_with"
+# the keys under which a rollout batch's schema metadata names its first failed reward (`first_failure`), and
+# counts its samples whose functions failed (`function_failures`; absent where none did)
+FAILED_FOR, FAILED_WITH, FUNCTION_FAILED = b"failed_for", b"failed_with", b"function_failed"
 
 
 def failure_in(batches) -> tuple[str, str] | None:
@@ -77,6 +91,23 @@ def failure_in(batches) -> tuple[str, str] | None:
         if FAILED_WITH in meta:
             return meta[FAILED_FOR].decode(), meta[FAILED_WITH].decode()
     return None
+
+
+def step_failure(task_name: str, batches) -> str | None:
+    """Why a training step stops the run, where no sample of it was scored and the reward functions failed on
+    some (raised, returned no number): its samples' count and the first such failure, from the metadata of the
+    step's rollout `batches` (RecordBatches, in worker order). None where any sample was scored, or where each
+    failure is a sample no function scored or a hung or dead reward child (masked; see the module's docstring).
+    Per step, not per worker's batch: how many workers share a step does not change what stops a run."""
+    first = next((b for b in batches if FUNCTION_FAILED in (b.schema.metadata or {})), None)
+    if first is None or any(any(b.column("reward_ok").to_pylist()) for b in batches):
+        return None
+    n = sum(b.num_rows for b in batches)
+    none = sum(int((b.schema.metadata or {}).get(b"not_scored", 0)) for b in batches)
+    where, error = failure_in([first])
+    return (f"the reward of task {task_name!r} failed on all {n} samples of the step"
+            + (f" ({none} of them got None from every function)" if none else "")
+            + f"; first failure, {where}: {error}")
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # rewards are stored and learned from as float32
@@ -259,16 +290,16 @@ def score_in_subprocess(task, prompts: list[str], completions: list[str], timeou
         if recv.poll(timeout_s):
             result = recv.recv()
         else:
-            problem = f"the reward function did not finish within rollout.reward_timeout_s={timeout_s:g}s"
+            problem = f"{TIMED_OUT}{timeout_s:g}s"
     except (EOFError, OSError):
-        problem = "the reward process died"
+        problem = DIED
     finally:
         recv.close()
         if child.is_alive():
             child.kill()
         child.join(timeout=10)
     if result is None:
-        if problem == "the reward process died":
+        if problem == DIED:
             problem += f" (exit code {child.exitcode})"
         n = len(prompts)
         return [0.0] * n, [False] * n, [problem] * n, {}, problem
@@ -276,18 +307,20 @@ def score_in_subprocess(task, prompts: list[str], completions: list[str], timeou
 
 
 def score(task, prompts: list[str], completions: list[str], isolation: str = "none", timeout_s: float = 30.0,
-          completion_ids: list | None = None) -> tuple[list[float], list[bool], list[str], dict]:
+          completion_ids: list | None = None, check: bool = True) -> tuple[list[float], list[bool], list[str], dict]:
     """Rewards for (prompt, completion) pairs.
 
     Args:
         isolation: "none" (in this process) or "process" (a killable child with a timeout).
         completion_ids: each completion's token ids, for the functions that take them (TRL's completion_ids).
+        check: raise where every sample failed (below); False for a rollout worker's share of a step, which the
+            driver checks with the step's other shares (`step_failure`).
     Returns:
         rewards (0.0 where failed), ok flags, the error text of each failure (in order), and with several reward
         functions each one's values by name (None where it gave none; {} when the child hung or died).
     Raises:
-        RewardError when no sample was scored and the functions failed (raised, returned garbage) on some; not
-        where each returned None (does not apply) on every sample: those are masked.
+        RewardError (with `check`) when no sample was scored and the functions failed (raised, returned garbage)
+        on some; not where each returned None (does not apply) on every sample: those are masked.
     """
     if not prompts:
         return [], [], [], {}
@@ -298,7 +331,7 @@ def score(task, prompts: list[str], completions: list[str], isolation: str = "no
     else:
         rewards, ok, errors, parts = score_each(task, prompts, completions, completion_ids)
     none = not_scored(errors)
-    if not any(ok) and none < len(prompts):  # every sample failed (ok False: errors[i] is sample i's)
+    if check and not any(ok) and none < len(prompts):  # every sample failed (ok False: errors[i] is sample i's)
         several = "functions" if reward_parts(task) else "function"
         i = next(i for i, e in enumerate(errors) if e not in NOT_SCORED)
         raise RewardError(

@@ -138,7 +138,9 @@ class RolloutWorker:
             a RecordBatch of P·G rows (prompt-major) whose policy_version is the version sampled with, with
             `sync_s` (receiving and loading `weights`), `gen_s`, `reward_s` and `not_scored` (how many of its
             samples no reward function scored, each returning None; masked as failed) in its schema metadata,
-            and `failed_for`, `failed_with` where a reward failed (`rewards.first_failure`).
+            and `failed_for`, `failed_with` where a reward failed (`rewards.first_failure`), `function_failed`
+            where the functions failed on some samples (raised, returned no number). A share whose every reward
+            failed is returned too: whether that stops the run is decided per step (`rewards.step_failure`).
         """
         t_sync = time.perf_counter()
         if weights is not None:
@@ -167,7 +169,7 @@ class RolloutWorker:
         t1 = time.perf_counter()
         rep_prompts = [p for p in prompts for _ in range(G)]
         reward, ok, errors, parts = rewards.score(self.task, rep_prompts, texts, self.reward_isolation,
-                                                  self.cfg.rollout.reward_timeout_s, completion_tokens)
+                                                  self.cfg.rollout.reward_timeout_s, completion_tokens, check=False)
         t2 = time.perf_counter()
         batch = make_batch(
             {
@@ -193,4 +195,6 @@ class RolloutWorker:
                 b"reward_s": str(t2 - t1).encode(), b"not_scored": str(rewards.not_scored(errors)).encode()}
         if (failure := rewards.first_failure(rep_prompts, texts, ok, errors)) is not None:
             meta[rewards.FAILED_FOR], meta[rewards.FAILED_WITH] = (s.encode() for s in failure)  # `rewards.failure_in`
+        if broken := rewards.function_failures(errors):  # `rewards.step_failure`
+            meta[rewards.FUNCTION_FAILED] = str(broken).encode()
         return batch.replace_schema_metadata(meta)

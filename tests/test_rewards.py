@@ -115,6 +115,60 @@ def test_steps_whose_rewards_all_failed_stop_the_run_after_max_consecutive_skips
     assert learner.version == 3
 
 
+def shares(cfg, step: int) -> list[tuple[list[str], list[int]]]:
+    """The prompts and ids of each worker's share of `step`, as the driver splits them."""
+    from distpg.orchestrator import split, step_prompts
+
+    prompts, ids = step_prompts(make_task(cfg.task), cfg, step)
+    n = cfg.rollout.num_workers
+    return list(zip(split(prompts, n), split(ids, n)))
+
+
+def test_whether_failed_rewards_stop_the_run_is_decided_per_step_not_per_workers_share():
+    """A reward function that raised on every sample of one worker's share stopped the run (RewardError in that
+    worker), so the more workers shared a step, the likelier a partly failing function stopped it. It is the
+    step's samples that count: that share is masked where another share of the step was scored, and the run
+    stops where none was, naming the first failure; timeouts and samples no function applies to do not."""
+    from distpg.rewards import step_failure
+    from distpg.rollout import RolloutWorker
+
+    cfg = small_config("task.name=tests.user_task:misbehaving", "rollout.num_workers=2")
+    (p0, i0), (p1, i1) = shares(cfg, 1)
+    cfg = small_config("task.name=tests.user_task:misbehaving", "rollout.num_workers=2",
+                       f"task.params={{fault: listed, prompts: {json.dumps(p0)}}}")
+    worker = RolloutWorker(cfg, 0)  # samples both shares (a worker's id only labels its rows)
+    worker.set_weights(Learner(cfg).get_weights())
+    b0, b1 = worker.sample(p0, i0, seed=0), worker.sample(p1, i1, seed=1)  # no RewardError from the worker
+    assert not any(b0.column("reward_ok").to_pylist()) and all(b1.column("reward_ok").to_pylist())
+    assert step_failure(cfg.task.name, [b0, b1]) is None  # the step learns from the second share
+    why = step_failure(cfg.task.name, [b0])  # had the first share been the whole step
+    assert why.startswith("the reward of task 'tests.user_task:misbehaving' failed on all 8 samples of the step; "
+                          f"first failure, for prompt {p0[0]!r} and completion ")
+    assert why.endswith(f": KeyError: {p0[0]!r}")
+    for fault in ("hang", "nan"):  # a hung child's samples, and samples no function scored, are masked
+        cfg = small_config("task.name=tests.user_task:misbehaving", f"task.params={{fault: {fault}}}",
+                           "rollout.reward_timeout_s=0.5")
+        worker = RolloutWorker(cfg, 0)
+        worker.set_weights(Learner(cfg).get_weights())
+        batch = worker.sample(["zab=", "zcd="], [0, 1], seed=0)  # "nan": None for prompts from "m" on
+        assert not any(batch.column("reward_ok").to_pylist()) and step_failure(cfg.task.name, [batch]) is None
+
+
+@pytest.mark.ray
+def test_a_share_whose_every_reward_failed_is_masked_where_the_rest_of_the_step_was_scored(ray_session, tmp_path,
+                                                                                         capsys):
+    """End to end with 2 workers: the function raises on every prompt of worker 0's share of step 1, so that
+    share is all failed; the run trains on, the 8 samples masked, counted and said."""
+    cfg = small_config("task.name=tests.user_task:misbehaving", "rollout.num_workers=2", "run.steps=2")
+    (p0, _), _ = shares(cfg, 1)
+    cfg = small_config("task.name=tests.user_task:misbehaving", "rollout.num_workers=2", "run.steps=2",
+                       f"task.params={{fault: listed, prompts: {json.dumps(p0)}}}")
+    assert train(cfg, tmp_path / "r")["steps"] == 2
+    first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rollout/failed_rewards"] == 8 and first["policy/version"] == 1
+    assert "distpg: warning: step 1: the reward failed for 8 of its 16 samples" in capsys.readouterr().out
+
+
 @pytest.mark.ray
 @pytest.mark.slow  # end to end; the default run checks its parts more cheaply (the docstring)
 def test_training_goes_on_through_a_hanging_reward_then_stops(ray_session, tmp_path, capsys):

@@ -67,6 +67,8 @@ class Misbehaving(Echo):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.fault == "some_raise" and prompt[0] < "m":
             raise KeyError(prompt)
+        if self.fault == "listed" and prompt in self.params["prompts"]:
+            raise KeyError(prompt)
         if self.fault == "after":  # fails on every sample once `calls` samples were scored (a service going down)
             with open(self.params["counter"], "a+") as f:
                 f.seek(0)
