@@ -502,6 +502,36 @@ def _validate(cfg: Config) -> None:
                           "\"\\n\" for a newline)")
 
 
+# settings that only some values of another put to use: (section, field, the section.field that decides, those
+# values in words, whether a value of it puts the field to use)
+DEPENDENT = (
+    ("algo", "max_staleness", "run.mode", "=async", lambda v: v == "async"),
+    ("algo", "staleness_schedule", "run.mode", "=async", lambda v: v == "async"),
+    ("algo", "ema_decay", "algo.baseline", "=ema", lambda v: v == "ema"),
+    ("algo", "value_coef", "algo.baseline", "=value", lambda v: v == "value"),
+    ("algo", "kl_estimator", "algo.kl_coef", ">0", lambda v: v > 0),
+    ("algo", "is_cap", "algo.off_policy", "=truncated", lambda v: v == "truncated"),
+    ("algo", "clip_eps", "algo.off_policy", "=clipped", lambda v: v == "clipped"),
+    ("algo", "dual_clip", "algo.off_policy", "=clipped", lambda v: v == "clipped"),
+    ("learner", "min_lr_ratio", "learner.lr_schedule", "=linear or cosine", lambda v: v in ("linear", "cosine")),
+)
+
+
+def inert_settings(cfg: Config) -> list[str]:
+    """The settings given another value than their default that this config never uses, each said as
+    'algo.ema_decay=0.99 has no effect: it applies only with algo.baseline=ema (here algo.baseline=group)'. A setting
+    silently ignored looks like one that did nothing (a helper's algo.max_staleness in a sync run)."""
+    said = []
+    for section, name, decider, when, used in DEPENDENT:
+        value = getattr(getattr(cfg, section), name)
+        default = next(f.default for f in dataclasses.fields(getattr(cfg, section)) if f.name == name)
+        now = getattr(getattr(cfg, decider.split(".")[0]), decider.split(".")[1])
+        if value != default and not used(now):
+            said.append(f"{section}.{name}={value} has no effect: it applies only with {decider}{when} (here "
+                        f"{decider}={now})")
+    return said
+
+
 def _listed(value: str | list | None) -> list:
     """A field that takes one string, a list of them, or null, as a list (one, several, or none)."""
     return [value] if isinstance(value, str) else list(value or [])

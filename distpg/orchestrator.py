@@ -52,6 +52,7 @@ from distpg.config import (
     absolute_run_paths,
     dump_run_config,
     in_job_copy,
+    inert_settings,
     node_resources,
     run_origin,
     snapshot_prompts,
@@ -1668,6 +1669,8 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
     this run's resume hint)."""
     task = task_for(cfg)
     validate_with_task(cfg, task)
+    for note in inert_settings(cfg):
+        print(f"distpg: note: {note}", flush=True)
     address_given = cluster_address(cfg, address)
     if not address_given and not ray.is_initialized():  # a local runtime: check the fit before starting Ray
         import torch

@@ -76,10 +76,13 @@ def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
 
 
 def test_bad_config_exits_2_without_starting_ray(tmp_path):
-    p = distpg("train", "--set", "rollout.num_workers=3", "--set", "ray.num_cpus=2",
+    p = distpg("train", "--set", "rollout.num_workers=3", "--set", "ray.num_cpus=2", "--set", "algo.max_staleness=3",
                "--run-dir", str(tmp_path / "r"), timeout=60)
     assert p.returncode == 2
     assert "rollout.num_workers=3 workers" in p.stderr and "the Ray cluster has 2" in p.stderr
+    # a setting this run never uses is said first (config.inert_settings)
+    assert p.stdout.startswith("distpg: note: algo.max_staleness=3 has no effect: it applies only with "
+                               "run.mode=async (here run.mode=sync)\n")
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
 
 

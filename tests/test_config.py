@@ -8,6 +8,7 @@ from distpg.config import (
     ConfigError,
     config_from_dict,
     dump_config,
+    inert_settings,
     load_config,
     load_run_config,
     merge_overrides,
@@ -415,3 +416,34 @@ def test_a_kill_while_a_resume_cuts_metrics_jsonl_loses_no_step_it_keeps(tmp_pat
     monkeypatch.setattr(Path, "write_text", real)
     assert prepare_run_dir(load_run_config(run / "config.yaml"), run, resume=True) == 4
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# for each setting that another decides the use of: a value other than its default, a value of that other which
+# puts it to use, one which does not
+INERT = {"algo.max_staleness": ("3", "run.mode=async", "run.mode=sync"),
+         "algo.staleness_schedule": ("exact", "run.mode=async", "run.mode=sync"),
+         "algo.ema_decay": ("0.99", "algo.baseline=ema", "algo.baseline=group"),
+         "algo.value_coef": ("0.1", "algo.baseline=value", "algo.baseline=none"),
+         "algo.kl_estimator": ("k1", "algo.kl_coef=0.1", "algo.kl_coef=0.0"),
+         "algo.is_cap": ("2.0", "algo.off_policy=truncated", "algo.off_policy=clipped"),
+         "algo.clip_eps": ("0.1", "algo.off_policy=clipped", "algo.off_policy=none"),
+         "algo.dual_clip": ("4.0", "algo.off_policy=clipped", "algo.off_policy=truncated"),
+         "learner.min_lr_ratio": ("0.1", "learner.lr_schedule=cosine", "learner.lr_schedule=constant")}
+
+
+@pytest.mark.parametrize("key", INERT)
+def test_a_setting_the_config_never_uses_is_named_with_what_would_use_it(key):
+    value, using, unused = INERT[key]
+    notes = inert_settings(cfg_with(f"{key}={value}", unused))
+    assert len(notes) == 1 and notes[0].startswith(f"{key}={value} has no effect: it applies only with "
+                                                   f"{using.split('=')[0]}")
+    assert notes[0].endswith(f"(here {unused})")
+    assert inert_settings(cfg_with(f"{key}={value}", using)) == []  # put to use: nothing said
+    assert inert_settings(cfg_with(unused)) == []  # at its default: nothing said
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_configs_set_nothing_they_do_not_use(path):
+    if "init_from" in path.read_text():
+        pytest.skip("reads a model folder (made by python -m distpg.examples.make_tiny_gpt2)")
+    assert inert_settings(load_config(path)) == []
