@@ -186,7 +186,8 @@ class AlgoConfig:
                      ("none", "batch", "group"))
     loss_agg: str = _f("seq_sum", "seq_sum: -1/B sum_i sum_t A log pi (unbiased); token_mean: divide by the "
                        "number of tokens (length-weighted, biased)", ("seq_sum", "token_mean"))
-    ema_decay: float = _f(0.9, "ema baseline: b <- decay * b + (1 - decay) * batch mean reward")
+    ema_decay: float = _f(0.9, "ema baseline: b <- decay * b + (1 - decay) * batch mean reward (b starts at the first "
+                           "batch's mean; that batch itself uses b = 0)")
     max_staleness: int = _f(1, "async: a batch is at most this many policy versions older than the learner")
     staleness_schedule: str = _f(
         "newest", "async: the policy version step s is sampled with: newest (the newest a worker has been handed, "

@@ -351,8 +351,8 @@ class Learner:
                 v = values if baseline is None else baseline[chunk, : L - 1]
                 sample_adv = algo.value_advantages(returns[chunk], v) * scale[chunk, None]
                 err = torch.where(grad_mask, values - returns[chunk, None], 0.0)
-                value_loss = ac.value_coef * (err**2).sum() / max(1, num_tokens)
-                loss = loss + value_loss
+                value_loss = (err**2).sum() / max(1, num_tokens)  # logged as it is (TRL's loss/value_avg)
+                loss = loss + ac.value_coef * value_loss
                 value_loss_sum += value_loss.item()
             anchor = (b.policy_logprobs if pi_old is None else pi_old)[chunk, 1:L]
             if fresh is not None:

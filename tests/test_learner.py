@@ -91,6 +91,24 @@ def test_the_value_loss_does_not_change_the_policys_clipped_gradient():
     assert float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in head_big]))) <= 0.5 + 1e-5
 
 
+def test_the_logged_value_loss_is_the_value_heads_squared_error_before_its_coefficient():
+    """learner/value_loss was logged times algo.value_coef, which a TRL or OpenRLHF user reads as the raw error
+    (a helper's trial): it is the mean over completion tokens of (V - R)^2, and learner/loss adds value_coef times
+    it. The same first update with two coefficients: the same value loss, the losses apart by the coefficients'
+    difference times it, and (the value head starts at zero) the mean of R^2 over the samples' tokens."""
+    metrics = {}
+    for coef in (0.5, 2.0):
+        learner, worker = setup("algo.baseline=value", f"algo.value_coef={coef}")
+        batch = worker.sample(["abcd=", "bbca=", "ddda="], [0, 1, 2], seed=3)
+        metrics[coef], _ = learner.update(batch)
+    assert metrics[0.5]["learner/value_loss"] == metrics[2.0]["learner/value_loss"] > 0
+    assert metrics[2.0]["learner/loss"] - metrics[0.5]["learner/loss"] == pytest.approx(
+        1.5 * metrics[0.5]["learner/value_loss"], rel=1e-5)
+    r = torch.tensor(batch.column("reward").to_pylist(), dtype=torch.float64)
+    tokens = torch.tensor([len(t) for t in batch.column("completion_tokens").to_pylist()], dtype=torch.float64)
+    assert metrics[0.5]["learner/value_loss"] == pytest.approx(float((r**2 * tokens).sum() / tokens.sum()), rel=1e-5)
+
+
 @pytest.mark.parametrize("steps", [[], ["learner.epochs=2", "learner.mini_batches=2"]], ids=["one-step", "2x2-steps"])
 def test_too_many_consecutive_skips_stop_with_a_clear_message(steps):
     """learner.max_consecutive_skips counts updates: with learner.epochs x learner.mini_batches optimizer steps
