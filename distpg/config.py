@@ -520,8 +520,9 @@ DEPENDENT = (
 
 def inert_settings(cfg: Config) -> list[str]:
     """The settings given another value than their default that this config never uses, each said as
-    'algo.ema_decay=0.99 has no effect: it applies only with algo.baseline=ema (here algo.baseline=group)'. A setting
-    silently ignored looks like one that did nothing (a helper's algo.max_staleness in a sync run)."""
+    'algo.ema_decay=0.99 has no effect: it applies only with algo.baseline=ema (here algo.baseline=group)', and a
+    warmup longer than the run (its peak rate never used). A setting silently ignored looks like one that did
+    nothing (helpers' trials: algo.max_staleness in a sync run, learner.warmup_steps=50 in a 12-step run)."""
     said = []
     for section, name, decider, when, used in DEPENDENT:
         value = getattr(getattr(cfg, section), name)
@@ -530,6 +531,10 @@ def inert_settings(cfg: Config) -> list[str]:
         if value != default and not used(now):
             said.append(f"{section}.{name}={value} has no effect: it applies only with {decider}{when} (here "
                         f"{decider}={now})")
+    lc, steps = cfg.learner, cfg.run.steps
+    if lc.warmup_steps >= steps:  # update k takes warmup factor (k - 1) / warmup_steps (algo.lr_factor)
+        said.append(f"learner.warmup_steps={lc.warmup_steps} keeps the learning rate below learner.lr={lc.lr:g} for "
+                    f"the whole run (run.steps={steps}: at most {(steps - 1) / lc.warmup_steps:.0%} of it)")
     return said
 
 

@@ -1143,8 +1143,7 @@ class Trainer:
         }
         samples = None
         if cfg.log.samples and (step % cfg.log.sample_every == 0 or step == 1):
-            first = batches[0].slice(0, cfg.log.samples).to_pydict()
-            samples = list(zip(first["prompt_text"], first["completion_text"], first["reward"]))
+            samples = sample_texts(batches, cfg.log.samples, cfg.rollout.group_size)
         return self.logger.log(step, metrics, samples)
 
     def write_ledger(self) -> None:
@@ -1395,6 +1394,16 @@ def say_not_scored(step: int, batches: list[pa.RecordBatch]) -> None:
     if n:
         print(f"distpg: warning: step {step}: {n} of its {total} samples got no reward (every reward function "
               "returned None: none applies to them); they are masked and carry no gradient", flush=True)
+
+
+def sample_texts(batches: list[pa.RecordBatch], n: int, group_size: int) -> list[tuple[str, str, float]]:
+    """`n` of a step's samples as (prompt, completion, reward), for TensorBoard's text: the first sample of each
+    prompt in turn, then the second..., so that they show as many prompts as `n` allows (the first `n` rows were
+    all one prompt's group: four answers to one question)."""
+    table = pa.Table.from_batches(batches)  # prompt-major: row i is sample i % G of prompt i // G
+    rows = sorted(range(table.num_rows), key=lambda i: (i % group_size, i))[:n]
+    picked = table.take(rows).select(["prompt_text", "completion_text", "reward"]).to_pydict()
+    return list(zip(picked["prompt_text"], picked["completion_text"], picked["reward"]))
 
 
 def rollout_stats(batches: list[pa.RecordBatch]) -> dict:

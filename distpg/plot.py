@@ -76,7 +76,7 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
         values = _smooth([math.nan if r[metric] is None else r[metric] for r in records], max(1, smooth))  # null: NaN
         ax_t.plot([r["time_s"] for r in records], values, label=label)
         ax_s.plot([r["step"] for r in records], values, label=label, marker="o" if evals else None)
-    ax_t.set_xlabel("wall-clock seconds since the first step")
+    ax_t.set_xlabel("wall-clock seconds of training (time_s)")
     ax_s.set_xlabel("step")
     ax_t.set_ylabel(metric + (f" ({smooth}-point moving average)" if smooth > 1 else ""))
     for ax in (ax_t, ax_s):

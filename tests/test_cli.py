@@ -155,7 +155,10 @@ def test_train_then_eval_of_the_readmes_own_task_from_its_folder_without_pythonp
     assert "rollout/reward_mean" in tags["scalars"] and "perf/sync_s" in tags["scalars"]
     assert [e.step for e in acc.Scalars("rollout/reward_mean")] == list(range(1, 7))
     assert acc.Scalars("rollout/reward_mean")[-1].value == pytest.approx(records[-1]["rollout/reward_mean"])
-    assert "samples/text_summary" in tags["tensors"]  # sample completions as text
+    assert "samples/text_summary" in tags["tensors"]  # sample completions as text, of as many prompts as they can
+    text = acc.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    shown = [line.split("`")[1] for line in text.split("\n\n")]
+    assert len(shown) == 4 and len(set(shown)) == 4, text
 
     table = pq.read_table(run / "rollouts")
     assert table.num_rows == 6 * 8 * 4

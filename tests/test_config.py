@@ -442,6 +442,13 @@ def test_a_setting_the_config_never_uses_is_named_with_what_would_use_it(key):
     assert inert_settings(cfg_with(unused)) == []  # at its default: nothing said
 
 
+def test_a_warmup_longer_than_the_run_is_said():
+    assert inert_settings(cfg_with("learner.warmup_steps=50", "run.steps=12")) == [
+        "learner.warmup_steps=50 keeps the learning rate below learner.lr=0.001 for the whole run (run.steps=12: at "
+        "most 22% of it)"]  # update 12 takes 11/50 of the peak
+    assert inert_settings(cfg_with("learner.warmup_steps=11", "run.steps=12")) == []  # update 12 takes the peak
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_the_shipped_configs_set_nothing_they_do_not_use(path):
     if "init_from" in path.read_text():
