@@ -1012,7 +1012,8 @@ class Trainer:
         self.writer = RolloutWriter(self.run_dir / "rollouts", cfg.log.rollout_flush_every) if cfg.log.rollouts \
             else None
         self.t_start, self.worker_busy_s, self.learner_busy_s = time.perf_counter(), 0.0, 0.0
-        self.said_failure, self.unsaid_failures = (None, None), 0  # `say_failed`: (step, error type) said last
+        # `say_failed`, `say_not_scored`: when each kind of warning was said last
+        self.failures, self.unscored = Throttle(cfg.log.print_every), Throttle(cfg.log.print_every)
         ledger = self.run_dir / LEDGER
         if cfg.log.ledger and start_step and ledger.exists():  # cut to the checkpoint by prepare_run_dir
             import pyarrow.parquet as pq
@@ -1107,21 +1108,16 @@ class Trainer:
             return
         total = sum(b.num_rows for b in batches)
         where, error = failure_in(batches) or ("", "")
-        self.unsaid_failures += failed
-        kind = error.split(":", 1)[0]  # the exception's type (its message may name the sample), or the fault
-        last_step, last_kind = self.said_failure
-        if last_step is not None and kind == last_kind and step - last_step < self.cfg.log.print_every:
+        # kind: the exception's type (its message may name the sample), or the fault
+        if (since := self.failures.due(step, failed, error.split(":", 1)[0])) is None:
             return
-        since = "" if last_step is None or self.unsaid_failures == failed else \
-            f" ({self.unsaid_failures} in all since step {last_step}'s warning)"
         first = f"; the first {where}: {error}" if where else ""
         print(f"distpg: warning: step {step}: the reward failed for {failed} of its {total} samples{since}; they are "
               f"masked and carry no gradient (rollout/failed_rewards){first}", flush=True)
-        self.said_failure, self.unsaid_failures = (step, kind), 0
 
     def log_step(self, step: int, batches: list[pa.RecordBatch], lm: dict, timing: dict) -> dict:
         cfg = self.cfg
-        say_not_scored(step, batches)
+        say_not_scored(step, batches, self.unscored)
         self.say_failed(step, batches)
         stats = rollout_stats(batches)
         rollout_tokens = stats.pop("_tokens")
@@ -1376,13 +1372,33 @@ class AsyncPipeline:
             self.issue(s, w)
 
 
-def say_not_scored(step: int, batches: list[pa.RecordBatch]) -> None:
+class Throttle:
+    """When to say a warning that may hold for many steps: at the first step with some, then again once `every`
+    steps (log.print_every) have gone by or the kind changes (a new error type), counting what went unsaid."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.said, self.kind, self.unsaid = every, None, None, 0
+
+    def due(self, step: int, count: int, kind: str = "") -> str | None:
+        """Step `step` has `count` of the warning's cases: None where it is not to be said now, else what the
+        warning adds: '' or ' (N in all since step S's warning)'."""
+        self.unsaid += count
+        if self.said is not None and kind == self.kind and step - self.said < self.every:
+            return None
+        since = "" if self.said is None or self.unsaid == count else \
+            f" ({self.unsaid} in all since step {self.said}'s warning)"
+        self.said, self.kind, self.unsaid = step, kind, 0
+        return since
+
+
+def say_not_scored(step: int, batches: list[pa.RecordBatch], throttle: Throttle) -> None:
     """A step's samples that no reward function scored (each returned None: it does not apply) are masked, as
     failed ones (`reward_ok` false, in `rollout/failed_rewards`, no gradient); said with a warning, as TRL warns
-    where every function returned None, and the run goes on. Where not one sample of the run's first step was
-    scored, the functions return nothing at all (a forgotten `return`, which returns None): TrainingError.
-    Only the first step is checked so: a later step whose samples none applies to is a warning, and a resumed
-    run, which never redoes the first step, goes on where the uninterrupted one went on."""
+    where every function returned None (at the first such step and as `throttle` says after it: a function that
+    applies to half the prompts said so at every step), and the run goes on. Where not one sample of the run's
+    first step was scored, the functions return nothing at all (a forgotten `return`, which returns None):
+    TrainingError. Only the first step is checked so: a later step whose samples none applies to is a warning,
+    and a resumed run, which never redoes the first step, goes on where the uninterrupted one went on."""
     n = sum(int((b.schema.metadata or {}).get(b"not_scored", 0)) for b in batches)
     total = sum(b.num_rows for b in batches)
     if n == total and step == 1:
@@ -1391,9 +1407,9 @@ def say_not_scored(step: int, batches: list[pa.RecordBatch]) -> None:
                             "not apply to a sample (TRL's convention), and none applied to any of them: return a "
                             "number for the samples a function scores (if they apply to so few prompts that a "
                             "step can miss them all, another run.seed draws another first step)")
-    if n:
-        print(f"distpg: warning: step {step}: {n} of its {total} samples got no reward (every reward function "
-              "returned None: none applies to them); they are masked and carry no gradient", flush=True)
+    if n and (since := throttle.due(step, n)) is not None:
+        print(f"distpg: warning: step {step}: {n} of its {total} samples got no reward{since} (every reward "
+              "function returned None: none applies to them); they are masked and carry no gradient", flush=True)
 
 
 def sample_texts(batches: list[pa.RecordBatch], n: int, group_size: int) -> list[tuple[str, str, float]]:

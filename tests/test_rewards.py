@@ -342,7 +342,7 @@ def test_none_for_every_sample_of_the_first_step_is_a_forgotten_return_and_later
     step, the driver stops the run, saying so, rather than train on nothing with a warning a step; at a later
     step it is a warning (a resumed run never redoes the first step: it stops where the uninterrupted one
     would). The worker's batch, scored in its reward child, says how many samples no function scored."""
-    from distpg.orchestrator import say_not_scored
+    from distpg.orchestrator import Throttle, say_not_scored
     from distpg.rollout import RolloutWorker
 
     prompts = tmp_path / "p.jsonl"
@@ -355,9 +355,14 @@ def test_none_for_every_sample_of_the_first_step_is_a_forgotten_return_and_later
     assert batch.schema.metadata[b"not_scored"] == b"8"
     with pytest.raises(TrainingError, match="every reward function returned None for all 8 samples of the run's "
                                             "first step: a function that forgot its `return` does that"):
-        say_not_scored(1, [batch])
-    say_not_scored(2, [batch])
-    assert "distpg: warning: step 2: 8 of its 8 samples got no reward" in capsys.readouterr().out
+        say_not_scored(1, [batch], Throttle(3))
+    throttle = Throttle(3)  # log.print_every=3: said at step 2, then at 5 with the count of steps 3-5
+    for step in range(2, 7):
+        say_not_scored(step, [batch], throttle)
+    out = capsys.readouterr().out
+    warned = re.findall(r"distpg: warning: step (\d+): 8 of its 8 samples got no reward"
+                        r"( \(\d+ in all since step \d+'s warning\))? \(every", out)
+    assert warned == [("2", ""), ("5", " (24 in all since step 2's warning)")]
 
 
 @pytest.mark.ray
