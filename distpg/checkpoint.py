@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,7 +26,10 @@ STEP_PREFIX = "step_"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing or incomplete."""
+    """A checkpoint is missing, incomplete or damaged."""
+
+
+REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")  # a checkpoint's files (value_head: optional)
 
 
 def same_mode_as(path: Path, like: Path) -> None:
@@ -70,13 +74,70 @@ def save(run_dir: Path, step: int, learner_state: dict, keep: int, run_state: di
     return final
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+def complete(path: Path) -> bool:
+    return all((Path(path) / name).is_file() for name in REQUIRED)
+
+
+def named_latest(run_dir: Path) -> str | None:
+    """The checkpoint folder name that RUN_DIR/checkpoints/latest holds, or None without that file."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None: the one `latest` names, or where that is missing or
+    incomplete (deleted by hand: a resume started the run over from step 0, its logs cut, while older complete
+    checkpoints sat beside it), the complete step_N folder of the highest step."""
+    root = Path(run_dir) / "checkpoints"
+    if (named := named_latest(run_dir)) and complete(root / named):
+        return root / named
+    found = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if complete(p)) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def check(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Raise CheckpointError, naming the file, where checkpoint `path` cannot be read whole: a file missing,
+    state.json not its JSON, a safetensors header or the optimizer's archive cut or corrupt; or where its policy's
+    tensors differ from `shapes` (names and shapes, `model.tensor_shapes` of the run's config: a config.yaml whose
+    model was edited). Reads the headers and the archive's index, not the tensors, so it is cheap before Ray starts
+    (a damaged file surfaced as a traceback, from the learner's actor, after the runtime had started)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
+
+    def damaged(name: str, e: Exception) -> CheckpointError:
+        return CheckpointError(f"checkpoint {str(path)!r} is damaged: {name} cannot be read ({type(e).__name__}: "
+                               f"{e}); delete the folder to resume from the run's previous complete checkpoint")
+
+    try:
+        state = run_state(path)
+        int(state["step"]), int(state["version"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise damaged("state.json", e) from None
+    held = {}
+    for name in ("model.safetensors", "value_head.safetensors"):
+        if name == "model.safetensors" or (path / name).exists():
+            try:
+                with safe_open(str(path / name), "pt") as f:
+                    if name == "model.safetensors":
+                        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except Exception as e:  # safetensors' own error types (SafetensorError), OSError
+                raise damaged(name, e) from None
+    try:
+        with zipfile.ZipFile(path / "optimizer.pt") as z:  # torch.save's format: a zip archive, its index at the end
+            z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise damaged("optimizer.pt", e) from None
+    if shapes is not None and held != shapes:
+        diff = sorted(k for k in held.keys() | shapes.keys() if held.get(k) != shapes.get(k))
+        said = ", ".join(f"{k} {held.get(k, 'absent')} there, {shapes.get(k, 'absent')} by the config"
+                         for k in diff[:3]) + (f" (and {len(diff) - 3} more)" if len(diff) > 3 else "")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a policy of another shape than the run's config "
+                              f"describes: {said}; the model fields of config.yaml (model.*) must stay as the run "
+                              "started")
 
 
 def run_state(path: Path) -> dict:
@@ -87,7 +148,7 @@ def run_state(path: Path) -> dict:
 def load(path: Path) -> tuple[dict, dict]:
     """(learner state for Learner.load_state, run state) from a checkpoint folder. Never unpickles objects."""
     path = Path(path)
-    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+    for name in REQUIRED:
         if not (path / name).exists():
             raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
     state = run_state(path)
@@ -125,8 +186,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _retain(root: Path, keep: int, protect: str) -> None:
-    complete = sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "state.json").exists())
-    for p in complete[: max(0, len(complete) - keep)]:
+    done = sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and complete(p))
+    for p in done[: max(0, len(done) - keep)]:
         if p.name != protect:
             shutil.rmtree(p, ignore_errors=True)
 

@@ -76,6 +76,7 @@ def load_policy(path: Path) -> tuple[Config, GPT]:
     run_dir, ckpt = resolve_checkpoint(path)
     cfg = load_run_config(run_dir / "config.yaml", weights=False)  # the checkpoint's weights go in
     _, model = initial_policy(cfg)
+    checkpoint.check(ckpt, {k: tuple(v.shape) for k, v in model.state_dict().items()})  # names what does not fit
     model.load_state_dict(checkpoint.load_model_weights(ckpt))
     return cfg, model.eval()
 

@@ -423,6 +423,24 @@ def _attention_mask(T: int, pos: int, key_mask: torch.Tensor | None, device) -> 
     return mask
 
 
+def policy_shape(model_cfg, vocab_size: int) -> ModelShape:
+    """The shape of the policy a `ModelConfig` describes (`policy_from_config`), without building it: that of the
+    GPT-2 folder `model_cfg.init_from` (its config.json), else of the fields with the tokenizer's `vocab_size`."""
+    if model_cfg.init_from:
+        from distpg.hf import read_shape
+
+        return read_shape(model_cfg.init_from)
+    return ModelShape(vocab_size=vocab_size, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
+                      n_embd=model_cfg.n_embd, n_positions=model_cfg.n_positions)
+
+
+def tensor_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The name and shape of each tensor of a policy's state dict (a checkpoint's model.safetensors), allocating
+    nothing."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(shape).state_dict().items()}
+
+
 def build_model(shape: ModelShape, seed: int) -> GPT:
     """A freshly initialised policy; the same seed gives the same parameters."""
     with torch.random.fork_rng(devices=[]):
@@ -450,11 +468,4 @@ def policy_from_config(model_cfg, vocab_size: int, seed: int, device: str = "cpu
             raise ValueError(f"model.init_from={model_cfg.init_from!r}: the tokenizer has {vocab_size} tokens, "
                              f"the model only {model.shape.vocab_size}")
         return model.to(device)
-    shape = ModelShape(
-        vocab_size=vocab_size,
-        n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head,
-        n_embd=model_cfg.n_embd,
-        n_positions=model_cfg.n_positions,
-    )
-    return build_model(shape, seed).to(device)
+    return build_model(policy_shape(model_cfg, vocab_size), seed).to(device)

@@ -60,6 +60,7 @@ from distpg.config import (
 )
 from distpg.learner import Learner
 from distpg.metrics import EVALS, MetricsLogger, cut_records, read_records
+from distpg.model import policy_shape, tensor_shapes
 from distpg.policy import task_for
 from distpg.rewards import RewardError, failure_in, step_failure
 from distpg.rollout import RolloutWorker, sampling_params
@@ -1527,10 +1528,12 @@ def provenance(start_step: int) -> dict:
             "argv": sys.argv, "cwd": os.getcwd(), "host": socket.gethostname(), "platform": platform.platform()}
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, shapes: dict | None = None) -> int:
     """Write the resolved config of a new run in its (locked) folder; on resume, return the step to continue
-    from, after forgetting what the interrupted run logged past it. Either way add a line of `provenance`."""
-    start = _prepare_run_dir(cfg, run_dir, resume)
+    from, after forgetting what the interrupted run logged past it. Either way add a line of `provenance`.
+    On resume the checkpoint is checked first (`checkpoint.check`, against the policy's tensor `shapes` if
+    given): CheckpointError, with nothing changed, where it cannot be read or does not fit the config."""
+    start = _prepare_run_dir(cfg, run_dir, resume, shapes)
     import json
 
     import yaml
@@ -1586,7 +1589,7 @@ def _changes(before: dict, after: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, shapes: dict | None) -> int:
     if not resume:
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; use --resume {run_dir} to "
@@ -1606,6 +1609,12 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
             snapshot_base(cfg.model.init_from, run_dir)
         return 0
     ckpt = checkpoint.latest(run_dir)
+    if ckpt is not None:
+        checkpoint.check(ckpt, shapes)
+        if (named := checkpoint.named_latest(run_dir)) != ckpt.name:
+            print(f"distpg: {run_dir / 'checkpoints' / 'latest'} names "
+                  + (f"{named}, which is missing or incomplete" if named else "no checkpoint (the file is missing)")
+                  + f"; resuming from {ckpt.name}, the newest complete checkpoint", flush=True)
     # no checkpoint yet (stopped before run.checkpoint_every): it starts over from step 0, as it began
     start = 0 if ckpt is None else int(checkpoint.run_state(ckpt)["step"])
     if ckpt is None:
@@ -1710,8 +1719,9 @@ def train(cfg: Config, run_dir: Path, address: str | None = None, resume: bool =
         if resume and (summary := ended_run(cfg, run_dir)) is not None:
             return summary
         try:
-            start_step = prepare_run_dir(cfg, run_dir, resume)
-        except ConfigError:  # refused before anything was written: leave the folder as it was found
+            shapes = tensor_shapes(policy_shape(cfg.model, task.tokenizer.vocab_size)) if resume else None
+            start_step = prepare_run_dir(cfg, run_dir, resume, shapes)
+        except (ConfigError, checkpoint.CheckpointError):  # refused before anything was written: leave the folder
             if not had_lock:
                 (run_dir / LOCK).unlink(missing_ok=True)
                 if created and not any(run_dir.iterdir()):

@@ -99,3 +99,118 @@ def test_the_resume_hint_of_a_ray_job_names_the_submission(tmp_path, monkeypatch
     empty.mkdir()
     assert checkpoint.resume_hint(empty, 9) == ("no checkpoint was written yet (run.checkpoint_every): "
                                                 f"cluster/submit.sh --resume {empty} starts it over from step 0")
+
+
+def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    """`latest` naming a folder deleted by hand (or cut short) had a resume start the run over from step 0, its
+    logs cut, with complete checkpoints beside it: the newest complete one is taken instead."""
+    state = learner_state()
+    for step in (2, 4, 6):
+        checkpoint.save(tmp_path, step, state, keep=3)
+    root = tmp_path / "checkpoints"
+    assert checkpoint.latest(tmp_path) == root / "step_000006"
+    os.remove(root / "step_000006" / "optimizer.pt")  # incomplete
+    assert checkpoint.latest(tmp_path) == root / "step_000004"
+    (root / "latest").write_text("step_000009\n")  # names none
+    assert checkpoint.latest(tmp_path) == root / "step_000004" and checkpoint.named_latest(tmp_path) == "step_000009"
+    os.remove(root / "latest")
+    assert checkpoint.latest(tmp_path) == root / "step_000004" and checkpoint.named_latest(tmp_path) is None
+
+
+@pytest.mark.parametrize("name, damage, error", [
+    ("state.json", lambda p: p.write_text("{bad"), "JSONDecodeError"),
+    ("state.json", lambda p: p.write_text("{}"), "KeyError: 'step'"),
+    ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100]), "SafetensorError"),
+    ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-100]), "SafetensorError"),
+    ("optimizer.pt", lambda p: p.write_bytes(p.read_bytes()[:-100]), "BadZipFile"),
+    ("optimizer.pt", lambda p: p.write_bytes(b""), "BadZipFile"),
+])
+def test_a_damaged_checkpoint_file_is_named_without_reading_the_tensors(tmp_path, name, damage, error):
+    path = checkpoint.save(tmp_path, 3, learner_state(), keep=3)
+    checkpoint.check(path)  # whole: nothing to say
+    damage(path / name)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"step_000003' is damaged: {name} cannot be read \({error}"):
+        checkpoint.check(path)
+
+
+def test_a_checkpoint_of_another_model_shape_is_named_before_loading(tmp_path):
+    from distpg.model import ModelShape, policy_shape, tensor_shapes
+
+    path = checkpoint.save(tmp_path, 3, learner_state(), keep=3)
+    cfg = small_config()
+    held = tensor_shapes(policy_shape(cfg.model, Learner(cfg).vocab_size))
+    checkpoint.check(path, held)
+    wider = tensor_shapes(ModelShape(vocab_size=Learner(cfg).vocab_size, n_layer=cfg.model.n_layer,
+                                     n_head=cfg.model.n_head, n_embd=2 * cfg.model.n_embd,
+                                     n_positions=cfg.model.n_positions))
+    n = cfg.model.n_embd
+    with pytest.raises(checkpoint.CheckpointError, match=rf"holds a policy of another shape than the run's config "
+                                                         rf"describes: h.0.attn.c_attn.bias \({3 * n},\) there, "
+                                                         rf"\({6 * n},\) by the config, "):
+        checkpoint.check(path, wider)
+
+
+def run_with_checkpoints(tmp_path, steps=(2, 4), logged=5):
+    """A run folder as `distpg train` leaves it, without Ray: config, provenance, checkpoints of `steps` of the
+    default config's learner, metrics of steps 1..`logged`."""
+    import json
+
+    from distpg.config import load_config
+    from distpg.orchestrator import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config()
+    prepare_run_dir(cfg, run, resume=False)
+    state = Learner(cfg).state()
+    for step in steps:
+        state["version"] = step
+        checkpoint.save(run, step, state, keep=3)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "time_s": k}) + "\n"
+                                               for k in range(1, logged + 1)))
+    return cfg, run
+
+
+def test_a_resume_whose_latest_checkpoint_is_gone_continues_from_the_newest_complete_one(tmp_path, capsys):
+    from distpg.orchestrator import prepare_run_dir
+
+    cfg, run = run_with_checkpoints(tmp_path)
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    assert prepare_run_dir(cfg, run, resume=True) == 2  # not 0, with the run's logs cut to nothing
+    assert f"{run / 'checkpoints' / 'latest'} names step_000004, which is missing or incomplete; resuming from " \
+           "step_000002, the newest complete checkpoint" in capsys.readouterr().out
+    assert [line for line in (run / "metrics.jsonl").read_text().splitlines()] == [
+        '{"step": 1, "time_s": 1}', '{"step": 2, "time_s": 2}']
+
+
+@pytest.mark.parametrize("fault", ["damaged", "reshaped"])
+def test_a_resume_of_a_damaged_or_reshaped_checkpoint_is_refused_before_ray_starts_changing_nothing(tmp_path, fault):
+    """A cut model.safetensors, or a config.yaml whose model was edited, surfaced as a traceback (or a resume
+    hint naming the same failing command) from the learner's actor after Ray had started, and the failed start
+    had added to provenance.jsonl: now exit 2 before Ray, naming the file or the tensors, the folder untouched."""
+    import subprocess
+    import sys
+
+    from distpg.orchestrator import PROVENANCE
+
+    _, run = run_with_checkpoints(tmp_path)
+    if fault == "damaged":
+        weights = run / "checkpoints" / "step_000004" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])
+        said = f"checkpoint '{run / 'checkpoints' / 'step_000004'}' is damaged: model.safetensors cannot be read"
+    else:
+        text = (run / "config.yaml").read_text()
+        assert text.count("n_embd: 64") == 1
+        (run / "config.yaml").write_text(text.replace("n_embd: 64", "n_embd: 128"))
+        said = "holds a policy of another shape than the run's config describes: "
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-m", "distpg", "train", "--resume", str(run)], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith(f"distpg: error: {said}" if fault == "damaged" else
+                                                     "distpg: error: checkpoint "), p.stderr
+    assert said in p.stderr and "Traceback" not in p.stderr and "Ray" not in p.stdout
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # metrics, provenance as found
+    assert (run / PROVENANCE).exists()

@@ -399,9 +399,10 @@ def test_a_kill_while_a_resume_cuts_metrics_jsonl_loses_no_step_it_keeps(tmp_pat
     run.mkdir()
     prepare_run_dir(load_config(), run, resume=False)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time_s": float(s)}) + "\n" for s in range(1, 7)))
-    (run / "checkpoints" / "step_000004").mkdir(parents=True)
-    (run / "checkpoints" / "step_000004" / "state.json").write_text(json.dumps({"step": 4}))
-    (run / "checkpoints" / "latest").write_text("step_000004\n")
+    from distpg import checkpoint
+    from distpg.learner import Learner
+
+    checkpoint.save(run, 4, {**Learner(load_config()).state(), "version": 4}, keep=3)
     real = Path.write_text
 
     def killed_midway(self, data, *args, **kwargs):
