@@ -781,8 +781,14 @@ def run(args: argparse.Namespace) -> dict:
     if bad:
         raise ConfigError(f"distpg bench: unknown benchmark {bad[0]!r}; allowed: "
                           f"{', '.join(BENCHES + EXTRA_BENCHES)}, all")
-    if not Path(args.json).resolve().parent.is_dir():  # found out now, not after minutes of benchmarks
+    # found out now, not after minutes of benchmarks
+    if not Path(args.json).resolve().parent.is_dir():
         raise ConfigError(f"distpg bench: --json {args.json!r}: no folder {str(Path(args.json).parent)!r}")
+    if Path(args.json).is_dir():
+        raise ConfigError(f"distpg bench: --json {args.json!r} is a folder; give a file name (e.g. "
+                          f"{Path(args.json) / 'bench.json'})")
+    _names(args.sampler_sizes, SAMPLER_CASES, "--sampler-sizes")
+    _names(args.weight_sizes, WEIGHT_SIZES, "--weight-sizes")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("distpg bench: --device cuda, but torch sees no CUDA device (torch "
                           f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
@@ -824,7 +830,7 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], out: dict, quick: bo
     extra = tuple(b for b in EXTRA_BENCHES if b in args.benches)
     if "sampler" in chosen:
         print("sampler: distpg generate vs transformers generate(), same weights", flush=True)
-        sizes = ["quick"] if quick else _names(args.sampler_sizes, SAMPLER_CASES)
+        sizes = ["quick"] if quick else _names(args.sampler_sizes, SAMPLER_CASES, "--sampler-sizes")
         res = out["results"]["sampler"] = []
         for s in sizes:
             res.append(bench_sampler(s, repeats, args.threads, args.device))
@@ -876,7 +882,7 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
             print("weights: one version to N workers vs one plain ray.put + ray.get of the same bytes", flush=True)
             res = out["results"]["weights"] = []
             workers = [1, 2] if quick else args.workers
-            for size in ["quick"] if quick else _names(args.weight_sizes, WEIGHT_SIZES):
+            for size in ["quick"] if quick else _names(args.weight_sizes, WEIGHT_SIZES, "--weight-sizes"):
                 for f in bench_weights(size, workers, repeats if quick else max(repeats, 7)):
                     res.append(f)
                     print_figure(f)
@@ -894,9 +900,10 @@ def _with_ray(chosen, args, out, quick: bool, repeats: int, sets: list[str]) -> 
             stop_local_ray()
 
 
-def _names(csv: str, known: dict) -> list[str]:
+def _names(csv: str, known: dict, option: str) -> list[str]:
     names = [s.strip() for s in csv.split(",") if s.strip()]
     bad = [n for n in names if n not in known]
-    if bad:
-        raise ConfigError(f"distpg bench: unknown size {bad[0]!r}; allowed: {', '.join(known)}")
+    if bad or not names:
+        raise ConfigError(f"distpg bench: {option} {csv!r}: " + (f"unknown size {bad[0]!r}" if bad else "no size")
+                          + f"; allowed: {', '.join(known)} (comma-separated)")
     return names

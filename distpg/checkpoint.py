@@ -173,10 +173,14 @@ def write_atomic(path: Path, text: str) -> None:
     """`path` holds `text` whole, or stays as it was if the process dies meanwhile: written to a temporary
     name beside it, flushed to disk, then renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # whole on disk before it takes the name
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # whole on disk before it takes the name
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, `path` a folder: nothing of the try left beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -293,6 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `distpg eval RUN | head`: the reader has what it wanted
         _stdout_gone()
         return 141
+    except OSError as e:  # a path that cannot be written: a read-only or full disk, a file where a folder goes
+        print(f"distpg: error: {os_error(e)}", file=sys.stderr)
+        return 1
+
+
+def os_error(e: OSError) -> str:
+    """An OSError as one line naming its path(s): '[Errno 30] Read-only file system: 'ro/run''."""
+    paths = " -> ".join(repr(str(p)) for p in (e.filename, e.filename2) if p is not None)
+    return f"{e.strerror or type(e).__name__}" + (f": {paths}" if paths else "") + \
+        (f" (errno {e.errno})" if e.errno is not None else "")
 
 
 def _stopped(e: KeyboardInterrupt, then: str = "") -> int:

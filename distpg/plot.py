@@ -69,8 +69,17 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "rollout/reward_mea
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise ImportError("distpg plot needs matplotlib: pip install 'distpg[plot]'") from None
+    if out.is_dir():
+        raise ConfigError(f"-o {str(out)!r} is a folder; give a file name (e.g. {out / 'curve.png'})")
+    if not out.suffix:  # matplotlib would write OUT.png and the line below name OUT
+        out = out.with_suffix(".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in kinds:
+        raise ConfigError(f"-o {str(out)!r}: matplotlib writes no {out.suffix!r} file; allowed: "
+                          + ", ".join(f".{k}" for k in sorted(kinds)))
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for (_, records), label in zip(runs, labels([run for run, _ in runs])):
         values = _smooth([math.nan if r[metric] is None else r[metric] for r in records], max(1, smooth))  # null: NaN

@@ -167,11 +167,32 @@ def test_the_step_floors_echoes_return_what_was_kept_after_fetching_the_handed_v
     assert _echo(actor, ("batch", "metrics")) == (batch, metrics)
 
 
-def test_bench_rejects_unknown_names(tmp_path):
+def test_bench_rejects_unknown_names_and_a_json_path_it_could_not_write_before_it_starts(tmp_path, capsys):
+    """A folder as --json, or no size, were found out after the benchmarks had run (the figures lost, a temporary
+    file left beside the folder), or not at all (a bench that ran nothing, printed "done" and replaced
+    bench.json): each is refused up front, and a weights size is checked with a sampler bench too."""
     from distpg.cli import main
 
-    assert main(["bench", "nonsense", "--json", str(tmp_path / "x.json")]) == 2
-    assert main(["bench", "sampler", "--sampler-sizes", "huge", "--json", str(tmp_path / "x.json")]) == 2
+    json_path = ["--json", str(tmp_path / "x.json")]
+    assert main(["bench", "nonsense", *json_path]) == 2
+    assert main(["bench", "sampler", "--sampler-sizes", "huge", *json_path]) == 2
+    assert "distpg bench: --sampler-sizes 'huge': unknown size 'huge'; allowed: tiny, " in capsys.readouterr().err
+    assert main(["bench", "sampler", "--sampler-sizes", " , ", *json_path]) == 2
+    assert "distpg bench: --sampler-sizes ' , ': no size; allowed: " in capsys.readouterr().err
+    assert main(["bench", "sampler", "--weight-sizes", "gpt3", *json_path]) == 2
+    assert "distpg bench: --weight-sizes 'gpt3': unknown size 'gpt3'" in capsys.readouterr().err
+    assert main(["bench", "sampler", "--sampler-sizes", "quick", "--json", str(tmp_path)]) == 2
+    assert f"--json {str(tmp_path)!r} is a folder; give a file name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_write_atomic_leaves_nothing_beside_a_path_it_could_not_write(tmp_path):
+    from distpg.checkpoint import write_atomic
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_atomic(tmp_path / "taken", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
 # ---------------------------------------------------------------- the fast paths the benchmarks measure

@@ -75,6 +75,14 @@ def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
     assert p.stderr.rstrip().endswith(f"distpg train --resume {tmp_path / 'r'} starts it over from step 0")
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    """A --run-dir under a file (or on a read-only disk) was an OSError's traceback from the run folder's lock."""
+    (tmp_path / "afile").write_text("")
+    p = distpg("train", "--run-dir", str(tmp_path / "afile" / "r"), timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr == f"distpg: error: Not a directory: {str(tmp_path / 'afile' / 'r')!r} (errno 20)\n"
+
+
 def test_bad_config_exits_2_without_starting_ray(tmp_path):
     p = distpg("train", "--set", "rollout.num_workers=3", "--set", "ray.num_cpus=2", "--set", "algo.max_staleness=3",
                "--run-dir", str(tmp_path / "r"), timeout=60)

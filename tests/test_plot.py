@@ -93,3 +93,21 @@ def test_an_eval_metric_plots_the_runs_evaluations(tmp_path):
                                                 r"training \(run.eval_every was null\)"):
         plot_runs([plain], tmp_path / "x.png", metric="eval/reward_mean")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_output_matplotlib_cannot_write_is_refused_before_drawing_and_the_file_written_is_named(tmp_path, capsys):
+    """-o FOLDER wrote FOLDER.png and said 'wrote FOLDER'; -o p.txt was matplotlib's traceback after the work."""
+    pytest.importorskip("matplotlib")
+    from distpg.cli import main
+
+    run = write(tmp_path / "run", [json.dumps({"step": s, "time_s": s, "rollout/reward_mean": 0.1 * s})
+                                   for s in (1, 2)])
+    (tmp_path / "adir").mkdir()
+    assert main(["plot", str(run), "-o", str(tmp_path / "adir")]) == 2
+    assert f"-o {str(tmp_path / 'adir')!r} is a folder; give a file name" in capsys.readouterr().err
+    assert main(["plot", str(run), "-o", str(tmp_path / "p.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"-o {str(tmp_path / 'p.txt')!r}: matplotlib writes no '.txt' file; allowed: " in err and ".png" in err
+    assert main(["plot", str(run), "-o", str(tmp_path / "curve")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'curve.png'}\n" and (tmp_path / "curve.png").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "curve.png", "run"]
