@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="a run folder (uses its latest checkpoint) or a checkpoint folder")
     e.add_argument("--samples", type=number(int, 0), default=8, help="sample completions to print")
     e.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 decodes greedily")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=number(int, 0, maximum=2**64 - 1), default=0,
+                   help="seed of the sampling with --temperature above 0 (as run.seed: 0 to 2**64 - 1)")
     e.add_argument("--json", metavar="FILE", help="also write the figures and every held-out sample (prompt, "
                    "completion, target, reward; null where the reward failed) to FILE as JSON")
     e.add_argument("--initial", action="store_true", help="score the policy the run folder's config starts from "

@@ -7,8 +7,8 @@ import argparse
 import math
 
 
-def number(kind: type = int, minimum: float = 0, above: bool = False):
-    """An argparse `type`: `kind` (int or float) at least `minimum` (above it, if `above`)."""
+def number(kind: type = int, minimum: float = 0, above: bool = False, maximum: float | None = None):
+    """An argparse `type`: `kind` (int or float) at least `minimum` (above it, if `above`), at most `maximum`."""
 
     def parse(text: str):
         try:
@@ -20,6 +20,8 @@ def number(kind: type = int, minimum: float = 0, above: bool = False):
             raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
         if value < minimum or (above and value == minimum):
             raise argparse.ArgumentTypeError(f"{text!r}: must be {'above' if above else 'at least'} {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at most {maximum}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

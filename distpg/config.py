@@ -666,7 +666,18 @@ def default_config_path() -> Path:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (default: the embedded one), apply --set overrides, validate."""
     _, data = _read_yaml(Path(path) if path is not None else default_config_path())
-    return config_from_dict(merge_overrides(data, overrides or []))
+    return _from_file(data, overrides, path)
+
+
+def _from_file(data: dict, overrides: list[str] | None, path: str | os.PathLike | None) -> Config:
+    """The config of a file's mapping `data` with `overrides`; a ConfigError names the file (`path`; None: the
+    embedded default, which the error cannot come from, so it names nothing)."""
+    try:
+        return config_from_dict(merge_overrides(data, overrides or []))
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{e} (in {str(path)!r}{' or --set' if overrides else ''})") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -701,7 +712,9 @@ def _read_yaml(path: Path) -> tuple[str, dict]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        # PyYAML names a text it was handed as "<unicode string>": the message names the file already
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: "
+                          f"{str(e).replace('in ' + chr(34) + '<unicode string>' + chr(34) + ', ', 'at ')}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
     return text, data
@@ -815,7 +828,7 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None,
     if isinstance(init, str) and init.strip():
         _check_base(data, init, Path(path).parent, weights)
     _check_prompts(data, Path(path).parent)
-    return config_from_dict(merge_overrides(data, overrides or []))
+    return _from_file(data, overrides, path)
 
 
 def _check_base(data: dict, init: str, run_dir: Path, weights: bool) -> None:

@@ -99,6 +99,9 @@ def test_bad_config_exits_2_without_starting_ray(tmp_path):
     (["eval", "run", "--samples", "-1"], "argument --samples: '-1': must be at least 0"),
     (["eval", "run", "--temperature", "nan"], "argument --temperature: 'nan': must be a finite number"),
     (["eval", "run", "--temperature", "inf"], "argument --temperature: 'inf': must be a finite number"),
+    (["eval", "run", "--seed", "99999999999999999999999"],  # torch's OverflowError, after loading the policy
+     "argument --seed: '99999999999999999999999': must be at most 18446744073709551615"),
+    (["eval", "run", "--seed", "-1"], "argument --seed: '-1': must be at least 0"),
     (["doctor", "--timeout", "nan"], "argument --timeout: 'nan': must be a finite number"),
     (["bench", "weights", "--workers", "0"], "argument --workers: '0': every entry must be at least 1"),
     (["bench", "sampler", "--threads", "0"], "argument --threads: '0': must be at least 1"),

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -184,10 +185,16 @@ def test_a_stop_string_escape_outside_double_quotes_is_refused_with_both_spellin
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: [unclosed\n")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    with pytest.raises(ConfigError, match="is not valid YAML") as e:
         load_config(bad)
+    assert "at line 1, column 6" in str(e.value) and "<unicode string>" not in str(e.value)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
+    bad.write_text("run:\n  steps: abc\n")  # a value: the file is named, as a run's config.yaml on --resume
+    with pytest.raises(ConfigError, match=re.escape(f"run.steps='abc': expected int, got str (in {str(bad)!r})")):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=re.escape(f"expected int, got str (in {str(bad)!r} or --set)")):
+        load_run_config(bad, ["run.seed=1"])
 
 
 def test_a_key_or_section_given_twice_in_a_config_file_is_an_error_not_a_silent_override(tmp_path):

@@ -164,6 +164,9 @@ def test_match_reference_partial_credit():
         ({"reward": "tests.user_broken_import:score"},
          r"task.reward='tests.user_broken_import:score': importing module 'tests.user_broken_import' raised "
          r"RuntimeError: REWARD_API_KEY is not set \(at .*user_broken_import.py:4\)"),
+        ({"reward": "tests.user_exits:score"},  # ended distpg with status 3 and not a word
+         r"task.reward='tests.user_exits:score': importing module 'tests.user_exits' raised SystemExit: 3 "
+         r"\(at .*user_exits.py:6\)"),
         ({"reward": "tests.user_rewards:NOT_CALLABLE"}, r"'NOT_CALLABLE' is a int, not a function"),
         ({"reward": "tests.user_rewards:two_arguments"},
          r"two_arguments\(prompt, completion\) cannot be called as reward\(prompt, completion, reference\)"),

@@ -24,7 +24,8 @@ def load_attr(spec: str, field: str):
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"{field}={spec!r}: cannot import module {module_name!r}: {e}") from None
-    except Exception as e:  # a user's module may raise anything at import (a SyntaxError, a missing API key)
+    except (Exception, SystemExit) as e:  # a user's module may raise anything at import (a SyntaxError, a missing
+        # API key), or call sys.exit(), which ended distpg with the module's status and not a word
         frames = traceback.extract_tb(e.__traceback__)
         where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames and not isinstance(e, SyntaxError) else ""
         raise ValueError(f"{field}={spec!r}: importing module {module_name!r} raised {type(e).__name__}: {e}"
