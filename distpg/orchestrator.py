@@ -1760,7 +1760,9 @@ def _train_in(cfg: Config, run_dir: Path, address: str | None, start_step: int, 
         print(describe_run(cfg, trainer, placement, res, started), flush=True)
         return trainer.run(start_step)
     except BaseException as e:
-        if created and not (run_dir / "metrics.jsonl").exists():  # failed or stopped before its first step
+        # failed or stopped before its first step was logged (metrics.jsonl is opened, empty, before step 1: a
+        # run whose first step failed kept a folder that a second try with the same --run-dir was refused for)
+        if created and checkpoint.last_logged_step(run_dir / "metrics.jsonl") is None:
             shutil.rmtree(run_dir, ignore_errors=True)
             ended = "was stopped" if isinstance(e, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, SIGHUP
             print(f"distpg: removed the run folder {run_dir}: the run {ended} before its first step", flush=True)
