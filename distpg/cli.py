@@ -42,6 +42,8 @@ def _train(args) -> int:
             raise ConfigError(f"this job runs in Ray's temporary copy of its working dir ({os.getcwd()}), which jobs "
                               "share and the cluster deletes: a run folder there (the default runs/..., or a "
                               "relative --run-dir) would be lost; pass --run-dir with an absolute path on the head")
+        if args.run_dir is not None and not args.run_dir.strip():  # '' took the default folder, unsaid
+            raise ConfigError("--run-dir '': give a folder, or leave --run-dir out for runs/TASK-TIME")
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir or f"runs/{cfg.task.name.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
         if run_dir.exists() and not run_dir.is_dir():

@@ -355,10 +355,14 @@ def _build(cls, data: Any, where: str):
         if not _type_ok(value, tp):
             allowed = f"; allowed are {', '.join(map(str, choices))}" if choices else ""
             # YAML reads off/on/no/yes as booleans and 1e3 (no dot) as a string
-            hint = (" (YAML reads off/on/no/yes as true/false: quote the value)" if isinstance(value, bool) else
+            hint = (" (YAML reads yes/no/on/off as true/false: quote the value)" if isinstance(value, bool) else
                     f" (YAML reads {value} as text: write {float(value):g} in full)"
-                    if isinstance(value, str) and tp is int and _is_float_text(value) else "")
-            raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}{allowed}{hint}")
+                    if isinstance(value, str) and tp is int and _is_float_text(value) else
+                    " (YAML reads 'key: value' as a mapping: quote the value)" if isinstance(value, dict) and
+                    str in (tp, *typing.get_args(tp)) else " (YAML reads an empty value as null)" if value is None
+                    else "")
+            shown, got = ("null", "null") if value is None else (repr(value), type(value).__name__)
+            raise ConfigError(f"{path}={shown}: expected {_type_name(tp)}, got {got}{allowed}{hint}")
         if isinstance(value, float) and not math.isfinite(value):  # nan and inf pass the range checks
             raise ConfigError(f"{path}={value!r}: must be a finite number")
         if choices and value not in choices:
@@ -466,7 +470,15 @@ def _validate(cfg: Config) -> None:
         "learner.num_cpus": (cfg.learner.num_cpus, 0.0, None),
         "learner.num_gpus": (cfg.learner.num_gpus, 0.0, None),
         "ray.timeout_s": (cfg.ray.timeout_s, 1e-3, None),
+        "log.samples": (cfg.log.samples, 0, None),
     }
+    # optional numbers: null, or a value in range (0 would be as good as null for num_cpus, and a stop at once for
+    # max_time_s: said rather than taken)
+    optional = {"run.max_time_s": (cfg.run.max_time_s, "above 0 (seconds), or null for no limit"),
+                "ray.num_cpus": (cfg.ray.num_cpus, "at least 1, or null for this machine's CPUs")}
+    for path, (value, allowed) in optional.items():
+        if value is not None and not value > 0:  # nan too
+            raise ConfigError(f"{path}={value}: must be {allowed}")
     for path, (value, lo, hi) in ranges.items():
         if value != value or value < lo or (hi is not None and value > hi):
             allowed = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
@@ -705,6 +717,10 @@ def _read_yaml(path: Path) -> tuple[str, dict]:
     """A config file's text and its mapping of sections. Raises ConfigError."""
     try:
         text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        run = " (a run folder: continue it with distpg train --resume FOLDER)" if (path / "config.yaml").is_file() \
+            else ""
+        raise ConfigError(f"config file {str(path)!r} is a folder{run}") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
     except UnicodeDecodeError as e:

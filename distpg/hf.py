@@ -60,6 +60,9 @@ def read_config(folder: str | Path) -> dict:
     needed = [f for f in FILES if f != "model.safetensors" or not (is_snapshot(folder) or (folder / INDEX).is_file())]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
+        if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():  # a distpg run folder
+            raise ValueError(f"{str(folder)!r} is a distpg run folder, not a GPT-2 folder: write its policy as one "
+                             f"with distpg export {folder} OUT_DIR, then start from OUT_DIR")
         raise ValueError(f"{str(folder)!r} lacks {', '.join(missing)} (a GPT-2 folder holds {', '.join(FILES)}; "
                          f"a sharded one {INDEX} and its files in place of model.safetensors)"
                          + "".join(_conversion_hint(folder, f) for f in missing))

@@ -78,6 +78,17 @@ def test_failing_reward_function_exits_nonzero_with_one_paragraph(tmp_path):
     assert p.stderr.rstrip().endswith("no run folder was kept") and not (tmp_path / "r").exists()
 
 
+def test_an_empty_run_dir_and_a_run_folder_as_config_are_refused_saying_what_to_give(tmp_path, capsys):
+    from distpg.cli import main
+
+    assert main(["train", "--run-dir", ""]) == 2  # took runs/TASK-TIME, unsaid
+    assert "--run-dir '': give a folder, or leave --run-dir out for runs/TASK-TIME" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("")
+    assert main(["train", str(tmp_path)]) == 2  # "Is a directory"
+    assert f"config file {str(tmp_path)!r} is a folder (a run folder: continue it with distpg train --resume FOLDER)" \
+        in capsys.readouterr().err
+
+
 def test_a_run_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path):
     """A --run-dir under a file (or on a read-only disk) was an OSError's traceback from the run folder's lock."""
     (tmp_path / "afile").write_text("")

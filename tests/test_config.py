@@ -63,14 +63,23 @@ def test_resolved_config_round_trips(tmp_path):
         ("learner.lr_schedule=cosine_with_restarts", "learner.lr_schedule='cosine_with_restarts': allowed are "
                                                      "constant, linear, cosine"),
         ("learner.warmup_steps=-5", "learner.warmup_steps=-5: must be at least 0"),
+        # accepted before: a stop at step 1, all CPUs, a placement error naming learner.num_cpus, no sample texts
+        ("run.max_time_s=-1", "run.max_time_s=-1.0: must be above 0 (seconds), or null for no limit"),
+        ("run.max_time_s=0", "run.max_time_s=0.0: must be above 0 (seconds), or null for no limit"),
+        ("ray.num_cpus=0", "ray.num_cpus=0: must be at least 1, or null for this machine's CPUs"),
+        ("ray.num_cpus=-3", "ray.num_cpus=-3: must be at least 1, or null for this machine's CPUs"),
+        ("log.samples=-1", "log.samples=-1: must be at least 0"),
         ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio=1.5: must be between 0.0 and 1.0"),
         ("rollout.temperature=0", "rollout.temperature=0: must be above 0 (1.0 samples from the policy itself); "
                                   "0 would sample greedily: every sample of a prompt the same"),
         ("rollout.temperature=-0.5", "rollout.temperature=-0.5: must be above 0"),
         ("model.n_head=3", "model.n_embd=64 must be divisible by model.n_head=3"),
         ("algo.whiten=off", "algo.whiten=False: expected str, got bool; allowed are none, batch, group (YAML reads "
-                            "off/on/no/yes as true/false: quote the value)"),
-        ("algo.baseline=null", "algo.baseline=None: expected str, got NoneType; allowed are none, ema, group"),
+                            "yes/no/on/off as true/false: quote the value)"),
+        ("algo.baseline=null", "algo.baseline=null: expected str, got null; allowed are none, ema, group"),
+        ("run.steps=", "run.steps=null: expected int, got null (YAML reads an empty value as null)"),
+        ("task.name=mytask:", "task.name={'mytask': None}: expected str, got dict (YAML reads 'key: value' as a "
+                              "mapping: quote the value)"),
         ("run.steps=1e3", "run.steps='1e3': expected int, got str (YAML reads 1e3 as text: write 1000 in full)"),
         # nan and inf pass every range check: an infinite learning rate made NaN weights and an
         # index-out-of-bounds error in the sampler a step later

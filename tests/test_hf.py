@@ -461,6 +461,8 @@ def test_config_takes_the_shape_from_the_folder(hf_folder):
         ("bin", {}, r"lacks model.safetensors .*; it holds pytorch_model.bin and distpg reads only safetensors"),
         ("slow tokenizer", {}, r"lacks tokenizer.json .*; it holds vocab.json and merges.txt .*: write tokenizer.json "
                                r"with AutoTokenizer.from_pretrained\('.*copy'\).save_pretrained\('.*copy'\)"),
+        ("run folder", {}, r"'.*copy' is a distpg run folder, not a GPT-2 folder: write its policy as one with "
+                           r"distpg export .*copy OUT_DIR, then start from OUT_DIR"),
     ],
 )
 def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
@@ -503,6 +505,11 @@ def test_config_errors_name_init_from(hf_folder, tmp_path, setup, kw, message):
                 n: f"model-0000{1 + (n == 'transformer.wte.weight')}-of-00002.safetensors" for n in names}}))
         elif setup == "bin":
             (target / "model.safetensors").rename(target / "pytorch_model.bin")
+        elif setup == "run folder":  # a run's folder given as the policy to start from
+            for name in ("config.json", "model.safetensors", "tokenizer.json"):
+                (target / name).unlink()
+            (target / "config.yaml").write_text("run: {}\n")
+            (target / "checkpoints").mkdir()
         elif setup == "slow tokenizer":
             (target / "tokenizer.json").unlink()
             (target / "vocab.json").write_text("{}")
