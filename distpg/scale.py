@@ -364,10 +364,39 @@ def _start_ray(args: argparse.Namespace, base: Config, workers: list[int]) -> st
             raise ConfigError(str(e)) from None
         return f"Ray cluster at {address}"
     logical = max(os.cpu_count() or 1, int(np.ceil(base.learner.num_cpus + max(workers) * args.cpus_per_worker)))
+    if (note := crowded(max(workers), os.cpu_count() or 1, available_memory())) is not None:
+        print(f"distpg scale: warning: {note}", flush=True)
     from distpg.orchestrator import start_local_ray
 
     start_local_ray(num_cpus=logical, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return f"local Ray, {logical} logical CPUs"
+
+
+ACTOR_BYTES = 400 << 20  # an actor with torch and the default policy: 416 MB resident (a worker and a learner)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def crowded(workers: int, cores: int, memory: int | None) -> str | None:
+    """What a local sweep up to `workers` rollout workers on this machine's `cores` and available `memory` risks,
+    or None: a process per worker, started whatever the cores (a local sweep gives Ray as many logical CPUs as
+    its largest point needs), which past the memory ends with the kernel killing processes."""
+    need = (workers + 1) * ACTOR_BYTES  # and the learner's
+    if memory is not None and need > memory:
+        return (f"--workers {workers}: the largest point starts {workers + 1} processes of about "
+                f"{ACTOR_BYTES >> 20} MB each, {need / 2**30:.1f} GiB, more than the {memory / 2**30:.1f} GiB "
+                "this machine has available: lower --workers, or sweep on a cluster")
+    if workers > 8 * cores:
+        return (f"--workers {workers}: the largest point runs {workers} rollout workers on {cores} cores, "
+                f"{workers / cores:.0f} per core: its figures measure the cores' sharing more than distpg")
+    return None
 
 
 def node_counts_text(text: str) -> str:
@@ -402,6 +431,8 @@ def check_out(out: Path) -> None:
     Ray started and earlier points ran) and its scaling.* files would be replaced."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a folder (created if missing)")
+    if (out / "config.yaml").is_file() and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"--out {str(out)!r} is a training run's folder; give a new or empty folder")
     held = sorted(n for n in ("runs", "scaling.csv", "scaling.json", "scaling.png") if (out / n).exists())
     if held:
         raise ConfigError(f"--out {str(out)!r} already holds a sweep ({', '.join(held)}); give a new or empty folder")

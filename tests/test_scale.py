@@ -280,6 +280,25 @@ def test_scale_refuses_an_out_folder_with_an_earlier_sweep_before_ray_starts(tmp
     (tmp_path / "notes.txt").write_text("mine")  # anything else in the folder is fine; a file is not a folder
     with pytest.raises(ConfigError, match=r"--out '.*notes.txt' is a file"):
         main(scale_args("--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "notes.txt")))
+    run = tmp_path / "a_run"  # a training run's folder: its scaling.* files would have gone in beside its own
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {}\n")
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"--out '.*a_run' is a training run's folder; give a new or empty folder"):
+        main(scale_args("--workers", "1", "--steps", "2", "--warmup", "1", "--out", str(run)))
+
+
+def test_a_local_sweep_past_the_machines_memory_or_far_past_its_cores_is_warned_about():
+    """--workers 100 on 2 cores started 101 processes of ~400 MB without a word (a helper stopped it at 60 s)."""
+    from distpg.scale import ACTOR_BYTES, crowded
+
+    gib = 2**30
+    assert crowded(100, 2, 23 * gib).startswith(
+        f"--workers 100: the largest point starts 101 processes of about {ACTOR_BYTES >> 20} MB each, 39.5 GiB, more "
+        "than the 23.0 GiB this machine has available: lower --workers")
+    assert crowded(20, 2, 23 * gib) == ("--workers 20: the largest point runs 20 rollout workers on 2 cores, 10 per "
+                                        "core: its figures measure the cores' sharing more than distpg")
+    assert crowded(16, 2, 23 * gib) is None and crowded(16, 2, None) is None  # 8 per core, 6.6 GiB: nothing said
 
 
 def test_a_lost_head_during_a_sweep_says_which_point_ran_and_which_runs_were_done(monkeypatch, tmp_path):
