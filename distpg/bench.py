@@ -775,6 +775,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
 
 
+# the benchmarks each option serves (its help says so too)
+OPTION_USERS = {"max_staleness": ("async",), "race": ("async",), "policy": ("variance",), "batches": ("variance",),
+                "sampler_sizes": ("sampler",), "threads": ("sampler",), "device": ("sampler",),
+                "weight_sizes": ("weights",), "workers": ("weights",), "steps": ("step",),
+                "set": ("step", "learner", "async", "variance")}
+
+
+def unused_options(args: argparse.Namespace, benches: set[str]) -> list[str]:
+    """Options given another value than their default that none of the `benches` run uses (e.g. --max-staleness
+    with sampler), and --threads past this machine's cores: taken silently, they looked like settings that did
+    nothing (a helper's trial)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])  # string defaults converted by their types, as the given values are
+    said = []
+    for name, users in OPTION_USERS.items():
+        if getattr(args, name) != getattr(defaults, name) and not benches & set(users):
+            said.append(f"--{name.replace('_', '-')} has no effect here: it is for {' and '.join(users)}, which "
+                        "this run does not include")
+    cores = os.cpu_count() or 1
+    if "sampler" in benches and args.threads > cores:
+        said.append(f"--threads {args.threads} is more than this machine's {cores} cores: the threads share them")
+    return said
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the chosen benchmarks, print each figure as it comes, write the JSON; returns the results."""
     bad = [b for b in args.benches if b not in (*BENCHES, *EXTRA_BENCHES, "all")]
@@ -796,6 +821,8 @@ def run(args: argparse.Namespace) -> dict:
         chosen = BENCHES
     else:
         chosen = tuple(b for b in BENCHES if b in args.benches)
+    for note in unused_options(args, {*chosen, *(b for b in args.benches if b in EXTRA_BENCHES)}):
+        print(f"distpg bench: note: {note}", flush=True)
     quick = args.quick
     repeats = 1 if quick else args.repeats
     sets = (["task.length=4", "task.alphabet=abcd", "rollout.prompts_per_step=4", "rollout.group_size=2"]

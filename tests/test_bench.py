@@ -186,6 +186,22 @@ def test_bench_rejects_unknown_names_and_a_json_path_it_could_not_write_before_i
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
+def test_options_that_no_chosen_bench_uses_are_said():
+    from distpg.bench import add_arguments, unused_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert unused_options(parser.parse_args(["sampler"]), {"sampler"}) == []  # the defaults: nothing said
+    args = parser.parse_args(["sampler", "--max-staleness", "5", "--policy", "runs/x", "--workers", "1,2",
+                              "--threads", "1000"])
+    assert unused_options(args, {"sampler"}) == [
+        "--max-staleness has no effect here: it is for async, which this run does not include",
+        "--policy has no effect here: it is for variance, which this run does not include",
+        "--workers has no effect here: it is for weights, which this run does not include",
+        f"--threads 1000 is more than this machine's {os.cpu_count()} cores: the threads share them"]
+    assert unused_options(args, {"sampler", "async", "variance", "weights"}) == [unused_options(args, {"sampler"})[-1]]
+
+
 def test_write_atomic_leaves_nothing_beside_a_path_it_could_not_write(tmp_path):
     from distpg.checkpoint import write_atomic
 
