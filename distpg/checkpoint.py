@@ -78,6 +78,13 @@ def complete(path: Path) -> bool:
     return all((Path(path) / name).is_file() for name in REQUIRED)
 
 
+def _require(path: Path) -> None:
+    """CheckpointError naming the first of the `REQUIRED` files that checkpoint `path` lacks."""
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
+
+
 def named_latest(run_dir: Path) -> str | None:
     """The checkpoint folder name that RUN_DIR/checkpoints/latest holds, or None without that file."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
@@ -104,28 +111,28 @@ def check(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     from safetensors import safe_open
 
     path = Path(path)
-    for name in REQUIRED:
-        if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
+    _require(path)
 
     def damaged(name: str, e: Exception) -> CheckpointError:
         return CheckpointError(f"checkpoint {str(path)!r} is damaged: {name} cannot be read ({type(e).__name__}: "
                                f"{e}); delete the folder to resume from the run's previous complete checkpoint")
+
+    def header(name: str) -> dict[str, tuple[int, ...]]:
+        """The name and shape of each tensor of the safetensors file `name`, from its header."""
+        try:
+            with safe_open(str(path / name), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:  # safetensors' own error types (SafetensorError), OSError
+            raise damaged(name, e) from None
 
     try:
         state = run_state(path)
         int(state["step"]), int(state["version"])
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise damaged("state.json", e) from None
-    held = {}
-    for name in ("model.safetensors", "value_head.safetensors"):
-        if name == "model.safetensors" or (path / name).exists():
-            try:
-                with safe_open(str(path / name), "pt") as f:
-                    if name == "model.safetensors":
-                        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            except Exception as e:  # safetensors' own error types (SafetensorError), OSError
-                raise damaged(name, e) from None
+    held = header("model.safetensors")
+    if (path / "value_head.safetensors").exists():
+        header("value_head.safetensors")
     try:
         with zipfile.ZipFile(path / "optimizer.pt") as z:  # torch.save's format: a zip archive, its index at the end
             z.infolist()
@@ -148,9 +155,7 @@ def run_state(path: Path) -> dict:
 def load(path: Path) -> tuple[dict, dict]:
     """(learner state for Learner.load_state, run state) from a checkpoint folder. Never unpickles objects."""
     path = Path(path)
-    for name in REQUIRED:
-        if not (path / name).exists():
-            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
+    _require(path)
     state = run_state(path)
     learner_state = {
         "model": load_file(str(path / "model.safetensors")),
